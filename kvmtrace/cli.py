@@ -1,0 +1,61 @@
+"""Command line: ``kvmtrace SUBCOMMAND ...``; each subcommand lives in kvmtrace.commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import KvmtraceError
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+# Subcommand name -> module under kvmtrace.commands exposing register(subparsers) and
+# run(args) -> int.
+COMMANDS = ("doctor", "workload", "top", "record", "replay", "export")
+
+EPILOG = """examples:
+  kvmtrace doctor                       # is this host ready?
+  kvmtrace workload --vcpus 2 --pages 1000 --json
+  kvmtrace top                          # live per-ring view (Hit q to quit)
+  kvmtrace record -o run.kvt -- kvmtrace workload --vcpus 2
+  kvmtrace replay run.kvt               # cross-check the rings against the model
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvmtrace",
+        description="Observe the KVM dirty ring (KVM_CAP_DIRTY_LOG_RING) per vCPU.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvmtrace {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"kvmtrace.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KvmtraceError as err:
+        print(f"kvmtrace {args.command}: error: {err}", file=sys.stderr)
+        return err.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

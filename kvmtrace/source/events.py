@@ -1,0 +1,62 @@
+"""The event record every source yields: a numpy structured array of :data:`EVENT_DTYPE`.
+
+The layout is the BPF side's ``struct kt_event`` (probes/kvmtrace.h) byte for byte, so
+records read from a BPF ring buffer are a zero-copy view. Importers of ftrace and perf
+text fill the same fields they can and leave the rest at their "unknown" values.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+__all__ = [
+    "EVENT_DTYPE",
+    "Kind",
+    "VM_UNKNOWN",
+    "RING_UNKNOWN",
+    "empty",
+]
+
+
+class Kind(enum.IntEnum):
+    """``KT_*`` in probes/kvmtrace.h."""
+
+    PUSH = 1  #: kvm:kvm_dirty_ring_push, fired after dirty_index++
+    RESET = 2  #: kvm:kvm_dirty_ring_reset, once per ring per KVM_RESET_DIRTY_RINGS
+    EXIT = 3  #: kvm:kvm_dirty_ring_exit, a soft-full exit (KVM_EXIT_DIRTY_RING_FULL = 31)
+    STALL = 4  #: from exit 31 reaching userspace to the vCPU's next KVM_RUN; value = ns
+    RESET_LAT = 5  #: duration of one KVM_RESET_DIRTY_RINGS ioctl; value = ns
+    RING_SIZE = 6  #: KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]); value = bytes, slot = cap
+
+
+VM_UNKNOWN = -1
+RING_UNKNOWN = -1
+
+#: struct kt_event (48 bytes). ts: ns, CLOCK_MONOTONIC. value: push offset (page within
+#: the slot) or a duration in ns or ring bytes, by kind. slot: ``as_id << 16 | slot id``.
+EVENT_DTYPE = np.dtype(
+    [
+        ("ts", "<u8"),
+        ("value", "<u8"),
+        ("pid", "<u4"),
+        ("tid", "<u4"),
+        ("dirty_index", "<u4"),
+        ("reset_index", "<u4"),
+        ("slot", "<u4"),
+        ("ring", "<i4"),
+        ("vm", "<i4"),
+        ("kind", "u1"),
+        ("pad", "V3"),
+    ]
+)
+assert EVENT_DTYPE.itemsize == 48
+
+
+def empty(n: int = 0) -> np.ndarray:
+    """n zeroed events with ``ring`` and ``vm`` set to unknown."""
+    ev = np.zeros(n, dtype=EVENT_DTYPE)
+    ev["ring"] = RING_UNKNOWN
+    ev["vm"] = VM_UNKNOWN
+    return ev

@@ -1,0 +1,59 @@
+"""Shared fixtures. ``require(feature_ok, reason)`` skips a test when the host lacks a
+kernel feature, and fails it instead when KVMTRACE_REQUIRE_KERNEL=1 (as in .ci/run)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "samples"
+REQUIRE_KERNEL = os.environ.get("KVMTRACE_REQUIRE_KERNEL") == "1"
+
+
+def require(ok: bool, reason: str) -> None:
+    """Skip (or, under KVMTRACE_REQUIRE_KERNEL=1, fail) unless ``ok``."""
+    if ok:
+        return
+    if REQUIRE_KERNEL:
+        pytest.fail(f"KVMTRACE_REQUIRE_KERNEL=1 but {reason}")
+    pytest.skip(reason)
+
+
+def have_kvm_ring() -> tuple[bool, str]:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "no usable /dev/kvm"
+    return True, ""
+
+
+@pytest.fixture
+def kvm() -> None:
+    """A test that runs a real guest with the dirty ring."""
+    ok, why = have_kvm_ring()
+    require(ok, why)
+
+
+@pytest.fixture
+def bpf_root() -> None:
+    """A test that loads BPF probes: root, tracefs, bcc."""
+    require(os.geteuid() == 0, "not root: BPF needs root")
+    require(Path("/sys/kernel/tracing/events/kvm").is_dir(), "tracefs not mounted")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        require(False, "bcc (python3-bpfcc) does not import")
+
+
+@pytest.fixture
+def samples() -> Path:
+    if not SAMPLES.is_dir():
+        pytest.skip(f"shared samples not found at {SAMPLES}")
+    return SAMPLES
+
+
+def kvmtrace_cmd(*args: str) -> list[str]:
+    """argv that runs this checkout's kvmtrace with the test's interpreter."""
+    return [sys.executable, "-m", "kvmtrace", *args]

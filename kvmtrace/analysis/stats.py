@@ -1,0 +1,79 @@
+"""Per-ring counters, the common currency of every view.
+
+A :class:`Snapshot` holds cumulative counters since the source started, per ring, keyed by
+:class:`RingKey` (VMM pid, VM file descriptor in that process, ring index = vCPU index of
+``struct kvm_dirty_ring``). Views take two snapshots and derive rates and percentiles
+themselves; sources never compute rates.
+
+Histograms are log2 buckets of nanoseconds: bucket i counts values v with
+``2**i <= v < 2**(i+1)`` (bucket 0 also holds 0), :data:`HIST_BUCKETS` of them, matching
+the BPF side's ``bpf_log2l`` buckets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+__all__ = ["HIST_BUCKETS", "RingKey", "RingCounters", "VmInfo", "Snapshot", "hist_percentile"]
+
+HIST_BUCKETS = 40
+
+
+class RingKey(NamedTuple):
+    pid: int
+    vm: int  # VM fd in the VMM process; -1 unknown
+    ring: int  # kvm_dirty_ring.index (vCPU index)
+
+
+@dataclass
+class RingCounters:
+    """Cumulative counters of one ring (struct kvm_dirty_ring), all since the source began."""
+
+    pushes: int = 0
+    resets: int = 0  # kvm_dirty_ring_reset events (one per ring per KVM_RESET_DIRTY_RINGS)
+    entries_reset: int = 0  # sum of reset_index advances
+    soft_full_exits: int = 0
+    dirty_index: int = 0  # last seen (free-running u32)
+    reset_index: int = 0
+    max_used: int = 0  # max over time of dirty_index - reset_index
+    lost: int = 0  # pushes beyond size (entries overwritten) seen by this ring
+    size: int | None = None  # entries; None = unknown
+    stall_hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
+    stall_ns: int = 0  # total
+    reset_lat_hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
+
+    @property
+    def used(self) -> int:
+        return (self.dirty_index - self.reset_index) & 0xFFFFFFFF
+
+
+@dataclass
+class VmInfo:
+    pid: int
+    vm: int
+    comm: str = ""
+    name: str | None = None  # QEMU -name, cloud-hypervisor/firecracker id, ...
+    ring_bytes: int | None = None
+
+
+@dataclass
+class Snapshot:
+    time_ns: int  # CLOCK_MONOTONIC of the snapshot (live) or of the last event (files)
+    rings: dict[RingKey, RingCounters] = field(default_factory=dict)
+    vms: dict[tuple[int, int], VmInfo] = field(default_factory=dict)
+    lost_events: int = 0  # events the kernel side could not deliver or count
+
+
+def hist_percentile(hist: list[int], q: float) -> int | None:
+    """Upper bound (ns) of the log2 bucket holding quantile q (0..1); None if empty."""
+    total = sum(hist)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= rank and n:
+            return 1 << (i + 1)
+    return 1 << len(hist)

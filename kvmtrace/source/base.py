@@ -1,0 +1,69 @@
+"""The two source interfaces every view reads from.
+
+- :class:`EventSource`: a stream of :data:`~kvmtrace.source.events.EVENT_DTYPE` batches
+  (a recording, an imported ftrace or ``perf script`` text, the live BPF ring buffer).
+- :class:`SnapshotSource`: cumulative per-ring counters at points in time
+  (:class:`~kvmtrace.analysis.stats.Snapshot`), read from live in-kernel BPF maps or
+  computed from any EventSource by :class:`~kvmtrace.analysis.stats.Aggregator`.
+
+``top``, ``replay`` and exports take either kind through these interfaces, so they cannot
+tell a live kernel from a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..analysis.stats import Snapshot
+
+__all__ = ["SourceMeta", "EventSource", "SnapshotSource"]
+
+
+@dataclass
+class SourceMeta:
+    """What a source knows about where its events came from.
+
+    ring_entries maps (pid, vm) -> ring size in entries (struct kvm_dirty_gfn, 16 bytes
+    each); a key (pid, -1) or (-1, -1) is a default for that pid or for everything.
+    """
+
+    kind: str  # "recording", "ftrace", "perf-script", "live"
+    kernel_release: str | None = None
+    host: str | None = None
+    start_time: float | None = None  # wall clock, seconds since the epoch
+    hooks: dict[str, str] = field(default_factory=dict)  # event name -> "raw_tp"/"tp"/...
+    tracepoint_formats: dict[str, str] = field(default_factory=dict)
+    ring_entries: dict[tuple[int, int], int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def ring_size(self, pid: int, vm: int) -> int | None:
+        for key in ((pid, vm), (pid, -1), (-1, -1)):
+            if key in self.ring_entries:
+                return self.ring_entries[key]
+        return None
+
+
+class EventSource(Protocol):
+    meta: SourceMeta
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """Events in time order, as EVENT_DTYPE arrays of any length."""
+        ...
+
+    @property
+    def lost(self) -> int:
+        """Events the producer could not deliver (known once batches() is exhausted)."""
+        ...
+
+
+class SnapshotSource(Protocol):
+    meta: SourceMeta
+
+    def snapshot(self) -> Snapshot:
+        """Cumulative counters now (live) or at the source's current position."""
+        ...

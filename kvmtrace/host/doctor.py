@@ -1,0 +1,184 @@
+"""Preflight: is this host ready for kvmtrace? One :class:`Check` per requirement.
+
+Each check says ok or not, what was found, and the exact command that fixes it. Checks
+marked ``required=False`` describe optional extras (kprobes, fentry, perf) that add detail
+on kernels that have them; kvmtrace works without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from ..errors import MissingFeature
+from . import features, headers, tracefs
+
+__all__ = ["Check", "run_checks", "ready"]
+
+SETUP_FIX = "run tools/setup.sh as root"
+KVM_CAP_DIRTY_LOG_RING = 192
+KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225  # Linux 6.3+, arm64 (needs a bitmap as well)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _root() -> Check:
+    ok = os.geteuid() == 0
+    return Check("root", ok, "euid 0" if ok else f"euid {os.geteuid()}", "sudo kvmtrace ...")
+
+
+def _kvm() -> list[Check]:
+    from ..vmm import kvm as k  # the built-in VMM's ioctl layer
+    from ..vmm.vm import _open_kvm as open_kvm  # TODO: public
+    from ..vmm.vm import probe_ring_caps
+
+    ring_fix = "a kernel with KVM_CAP_DIRTY_LOG_RING (Linux 5.11+ on x86)"
+    try:
+        fd = open_kvm()
+    except MissingFeature as err:
+        return [
+            Check("/dev/kvm", False, err.message, err.fix or ""),
+            Check("dirty ring", False, "no /dev/kvm", ring_fix),
+        ]
+    try:
+        api = k.ioctl(fd, k.KVM_GET_API_VERSION)
+        caps = probe_ring_caps(fd)
+        plain = k.ioctl(fd, k.KVM_CHECK_EXTENSION, k.KVM_CAP_DIRTY_LOG_RING)
+        bitmap = k.ioctl(fd, k.KVM_CHECK_EXTENSION, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
+    finally:
+        os.close(fd)
+    checks = [Check("/dev/kvm", api == 12, f"API version {api}", "a KVM with API version 12")]
+    if caps.max_bytes:
+        detail = (
+            f"max {caps.max_bytes} bytes ({caps.max_bytes // 16} entries); "
+            f"plain {'yes' if plain else 'no'}, "
+            f"ACQ_REL {'yes' if caps.cap == k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL else 'no'}, "
+            f"WITH_BITMAP {'yes' if bitmap else 'no'}"
+        )
+        checks.append(Check("dirty ring", True, detail))
+    else:
+        checks.append(Check("dirty ring", False, "KVM_CAP_DIRTY_LOG_RING not offered", ring_fix))
+    return checks
+
+
+def _tracefs() -> list[Check]:
+    root = tracefs.find_tracefs()
+    checks = [
+        Check(
+            "tracefs",
+            root is not None,
+            str(root) if root else "not mounted",
+            tracefs.MOUNT_FIX,
+        )
+    ]
+    for system, name in tracefs.DIRTY_RING_EVENTS:
+        present = root is not None and tracefs.has_event(system, name, root)
+        if root is None:
+            detail = "tracefs not mounted"
+        else:
+            detail = "present" if present else "missing"
+        fix = tracefs.MOUNT_FIX if root is None else "a kernel with this tracepoint (5.11+)"
+        checks.append(Check(f"{system}:{name}", present, detail, fix))
+    return checks
+
+
+def _bcc() -> Check:
+    try:
+        import bcc  # noqa: F401
+    except ImportError as err:
+        return Check("bcc", False, f"import failed: {err}", "apt-get install python3-bpfcc")
+    version = getattr(bcc, "__version__", "?")
+    return Check("bcc", True, f"version {version}")
+
+
+def _headers() -> Check:
+    found = headers.find_headers()
+    if found is None:
+        return Check("kernel headers", False, "none for " + os.uname().release, SETUP_FIX)
+    how = {
+        "system": "matching distribution headers",
+        "env": "BCC_KERNEL_SOURCE",
+        "fallback": "generic distribution headers, private tree",
+    }[found.how]
+    return Check("kernel headers", True, f"{found.path} ({how})")
+
+
+def _features() -> list[Check]:
+    f = features.detect()
+    return [
+        Check(
+            "raw tracepoints",
+            f.raw_tracepoint,
+            "BPF_PROG_TYPE_RAW_TRACEPOINT loads" if f.raw_tracepoint else "unavailable",
+            "none needed: kvmtrace falls back to tracepoints",
+            required=False,
+        ),
+        Check(
+            "BTF",
+            f.btf,
+            "/sys/kernel/btf/vmlinux" if f.btf else "missing",
+            "CONFIG_DEBUG_INFO_BTF=y (needed for raw tracepoints only)",
+            required=False,
+        ),
+        Check(
+            "kprobes",
+            f.kprobes,
+            "available" if f.kprobes else "CONFIG_KPROBES off",
+            "optional extra detail only",
+            required=False,
+        ),
+        Check(
+            "fentry/fexit",
+            f.fentry,
+            "available" if f.fentry else "tracing programs refused",
+            "optional extra detail only",
+            required=False,
+        ),
+    ]
+
+
+def _perf() -> Check:
+    path = shutil.which("perf")
+    return Check(
+        "perf",
+        path is not None,
+        path or "not installed",
+        "apt-get install linux-perf (a peer for cross-checks)",
+        required=False,
+    )
+
+
+CHECKS: tuple[Callable[[], Check | list[Check]], ...] = (
+    _root,
+    _kvm,
+    _tracefs,
+    _bcc,
+    _headers,
+    _features,
+    _perf,
+)
+
+
+def run_checks() -> list[Check]:
+    out: list[Check] = []
+    for check in CHECKS:
+        result = check()
+        out.extend(result if isinstance(result, list) else [result])
+    return out
+
+
+def ready(checks: list[Check]) -> bool:
+    """True when every required check passed."""
+    return all(c.ok for c in checks if c.required)

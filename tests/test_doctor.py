@@ -1,0 +1,66 @@
+"""`kvmtrace doctor` tells the truth about this host, and about hosts that lack things
+(simulated for real: tracefs unmounted in a private mount namespace, a non-root user)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import kvmtrace_cmd, require
+
+from kvmtrace.host.doctor import ready, run_checks
+
+
+def _doctor(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, *kvmtrace_cmd("doctor", *args)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_doctor_ready_on_this_host(kvm, bpf_root):
+    checks = run_checks()
+    missing = [c.name for c in checks if c.required and not c.ok]
+    assert missing == []
+    assert ready(checks)
+    proc = _doctor()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(len(line) <= 80 for line in proc.stdout.splitlines())
+    assert proc.stdout.splitlines()[-1] == "ready"
+
+
+def test_doctor_json_names_every_tracepoint(kvm, bpf_root):
+    proc = _doctor("--json")
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == 1 and doc["ready"] is True
+    names = {c["name"] for c in doc["checks"]}
+    for event in ("kvm_dirty_ring_push", "kvm_dirty_ring_reset", "kvm_dirty_ring_exit",
+                  "kvm_userspace_exit"):
+        assert f"kvm:{event}" in names
+    ring = next(c for c in doc["checks"] if c["name"] == "dirty ring")
+    assert "1048576 bytes" in ring["detail"]  # KVM_CHECK_EXTENSION(192) on this kernel
+
+
+def test_doctor_without_tracefs_prints_mount_fix(bpf_root):
+    unshare = shutil.which("unshare")
+    require(unshare is not None, "util-linux unshare missing")
+    script = "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; " \
+             'exec "$@"'
+    proc = _doctor(prefix=(unshare, "--mount", "--propagation", "private", "sh", "-c", script,
+                           "sh"))
+    assert proc.returncode == 2
+    assert "MISSING tracefs" in proc.stdout
+    assert "fix: mount -t tracefs nodev /sys/kernel/tracing" in proc.stdout
+
+
+def test_doctor_not_root(kvm):
+    if os.geteuid() != 0:
+        pytest.skip("already not root")
+    setpriv = shutil.which("setpriv")
+    require(setpriv is not None, "util-linux setpriv missing")
+    proc = _doctor(prefix=(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    root_line = next(line for line in proc.stdout.splitlines() if " root " in f" {line} ")
+    assert root_line.startswith("MISSING")

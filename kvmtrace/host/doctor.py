@@ -41,8 +41,7 @@ def _root() -> Check:
 
 def _kvm() -> list[Check]:
     from ..vmm import kvm as k  # the built-in VMM's ioctl layer
-    from ..vmm.vm import _open_kvm as open_kvm  # TODO: public
-    from ..vmm.vm import probe_ring_caps
+    from ..vmm.vm import open_kvm, probe_ring_caps
 
     ring_fix = "a kernel with KVM_CAP_DIRTY_LOG_RING (Linux 5.11+ on x86)"
     try:

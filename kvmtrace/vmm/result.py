@@ -1,0 +1,131 @@
+"""What a workload run reports: per-ring ground truth, JSON and an 80-column text summary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["RingResult", "WorkloadResult"]
+
+
+@dataclass
+class RingResult:
+    """Ground truth for one vCPU's dirty ring (``struct kvm_dirty_ring`` of vCPU ``index``).
+
+    pages_written: guest writes that could dirty a page (exact, from the guest's counter).
+    harvested: entries the VMM collected; distinct: distinct (slot, offset) among them.
+    soft_full_exits: KVM_EXIT_DIRTY_RING_FULL (31) returns seen by userspace.
+    stall_ns: time from KVM_RUN returning exit 31 to the next KVM_RUN call (ns).
+    run_ns: wall time of the vCPU thread's run loop (ns). kvm_runs: KVM_RUN calls.
+    entries_reset: harvested entries a later KVM_RESET_DIRTY_RINGS covered.
+    lost_suspected: distinct pages written but never harvested.
+    unexpected: harvested entries that are not pages this vCPU wrote (should be 0).
+    """
+
+    index: int
+    tid: int = 0
+    pages_written: int = 0
+    harvested: int = 0
+    distinct: int = 0
+    soft_full_exits: int = 0
+    stall_ns: int = 0
+    run_ns: int = 0
+    kvm_runs: int = 0
+    entries_reset: int = 0
+    lost_suspected: int = 0
+    unexpected: int = 0
+    halted: bool = False
+    livelock: bool = False
+    exits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pushes_per_s(self) -> float:
+        """Harvested entries per second of this vCPU's run."""
+        return self.harvested * 1e9 / self.run_ns if self.run_ns else 0.0
+
+
+@dataclass
+class WorkloadResult:
+    """The whole run; ``to_json()`` is the ground truth later tests compare against.
+
+    ``vm_fd`` is the VM's fd number in process ``pid``; ``cap`` is the capability enabled
+    (192 KVM_CAP_DIRTY_LOG_RING, 223 KVM_CAP_DIRTY_LOG_RING_ACQ_REL). ``resets`` counts
+    KVM_RESET_DIRTY_RINGS ioctls and ``reset_returned`` sums what they returned (entries).
+    """
+
+    pid: int
+    vm_fd: int
+    cap: int
+    ring_bytes: int
+    ring_entries: int
+    soft_limit: int
+    vcpus: int
+    pages: int
+    passes: int
+    duration_s: float | None
+    pattern: str
+    seed: int
+    exit_every: int
+    harvest: str
+    reaper_ms: float
+    harvest_delay_us: float
+    rings: list[RingResult]
+    resets: int = 0
+    reset_returned: int = 0
+    livelock: bool = False
+    wall_ns: int = 0
+    harvest_log: list[list[tuple[int, int]]] | None = None
+
+    @property
+    def entries_reset(self) -> int:
+        return sum(r.entries_reset for r in self.rings)
+
+    @property
+    def lost_suspected(self) -> int:
+        return sum(r.lost_suspected for r in self.rings)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("harvest_log")
+        data["entries_reset"] = self.entries_reset
+        data["lost_suspected"] = self.lost_suspected
+        return data
+
+    def to_json(self) -> str:
+        """One JSON object (one line)."""
+        return json.dumps(self.to_dict(), sort_keys=False)
+
+    def harvest_dump(self) -> dict[str, Any]:
+        """Per ring, every harvested [slot, offset] in harvest order (needs the log kept)."""
+        log = self.harvest_log or [[] for _ in self.rings]
+        return {"pid": self.pid, "vm_fd": self.vm_fd, "ring_entries": self.ring_entries,
+                "rings": [{"index": r.index, "harvested": [list(e) for e in entries]}
+                          for r, entries in zip(self.rings, log, strict=True)]}
+
+    def summary(self) -> str:
+        """A short text report, at most 80 columns wide."""
+        how = f"{self.passes} pass(es)" if self.duration_s is None else f"{self.duration_s} s"
+        lines = [
+            f"kvmtrace workload: pid {self.pid}, vm fd {self.vm_fd}, cap {self.cap}, "
+            f"{self.vcpus} vCPU(s)",
+            f"ring {self.ring_bytes} B = {self.ring_entries} entries (soft limit "
+            f"{self.soft_limit}); {self.pages} pages/vCPU {self.pattern}, {how}",
+            f"exit every {self.exit_every or 'never'}; harvest {self.harvest}; "
+            f"{self.resets} resets; {self.wall_ns / 1e9:.3f} s"
+            + ("; LIVELOCK" if self.livelock else ""),
+            "",
+            f"{'ring':>4} {'written':>9} {'harvested':>9} {'distinct':>8} {'lost':>6} "
+            f"{'full':>5} {'stall ms':>9} {'run ms':>8} {'push/s':>9}",
+        ]
+        for r in self.rings:
+            lines.append(
+                f"{r.index:>4} {r.pages_written:>9} {r.harvested:>9} {r.distinct:>8} "
+                f"{r.lost_suspected:>6} {r.soft_full_exits:>5} {r.stall_ns / 1e6:>9.2f} "
+                f"{r.run_ns / 1e6:>8.1f} {r.pushes_per_s:>9.0f}")
+        if self.lost_suspected:
+            lines.append(f"{self.lost_suspected} written page(s) never harvested: "
+                         "the ring overflowed")
+        if self.livelock:
+            lines.append("livelock: exit 31 kept coming, nothing to harvest; run ended")
+        return "\n".join(lines)

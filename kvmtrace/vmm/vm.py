@@ -1,0 +1,264 @@
+"""VM, vCPU and dirty-ring objects of the built-in VMM (ctypes ioctl + mmap on /dev/kvm).
+
+Setup order (the kernel requires the ring before any vCPU exists): KVM_CREATE_VM,
+KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING[_ACQ_REL], args[0] = ring bytes), one memory slot
+with KVM_MEM_LOG_DIRTY_PAGES, then KVM_CREATE_VCPU and the mmaps of ``struct kvm_run``
+(offset 0) and of the ring (offset KVM_DIRTY_LOG_PAGE_OFFSET pages) on each vCPU fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..errors import KvmtraceError, MissingFeature, UsageError
+from . import kvm as k
+
+__all__ = ["DirtyRing", "RingCaps", "probe_ring_caps", "check_ring_bytes", "open_kvm", "Vm", "Vcpu",
+           "describe_oserror"]
+
+KVM_DEV = "/dev/kvm"
+
+
+class DirtyRing:
+    """A VMM's view of one vCPU's ``struct kvm_dirty_gfn`` array and its fetch index.
+
+    ``buf`` is any writable buffer of ``entries`` * 16 bytes (the vCPU fd's mmap, or a
+    bytearray in tests). ``fetch`` counts entries harvested so far (it wraps only through
+    the mask, like the kernel's u32 indices).
+    """
+
+    def __init__(self, buf: mmap.mmap | bytearray | memoryview, entries: int) -> None:
+        if entries <= 0 or entries & (entries - 1):
+            raise ValueError(f"ring entries {entries} is not a power of two")
+        view = memoryview(buf)
+        if view.nbytes < entries * k.DIRTY_GFN_BYTES:
+            raise ValueError("ring buffer smaller than entries * 16 bytes")
+        self.entries = entries
+        self.mask = entries - 1
+        self.fetch = 0
+        self._u32 = view.cast("B").cast("I")
+        self._u64 = view.cast("B").cast("Q")
+
+    def peek(self, index: int) -> tuple[int, int, int]:
+        """(flags, slot, offset) of the entry at ring index ``index`` (masked)."""
+        i = index & self.mask
+        return self._u32[4 * i], self._u32[4 * i + 1], self._u64[2 * i + 1]
+
+    def harvest(self, limit: int | None = None) -> list[tuple[int, int]]:
+        """Collect DIRTY entries from the fetch index on, marking each RESET.
+
+        Stops at the first entry without KVM_DIRTY_GFN_F_DIRTY, or after ``limit`` entries
+        (default: one ring's worth, so a ring the kernel keeps filling cannot hold us).
+        Returns the (slot, offset) pairs in ring order. x86 is TSO, so plain loads/stores
+        give the acquire/release ordering KVM_CAP_DIRTY_LOG_RING_ACQ_REL asks for.
+        """
+        u32, u64, mask = self._u32, self._u64, self.mask
+        out: list[tuple[int, int]] = []
+        budget = self.entries if limit is None else limit
+        fetch = self.fetch
+        while len(out) < budget:
+            i = fetch & mask
+            if not u32[4 * i] & k.KVM_DIRTY_GFN_F_DIRTY:
+                break
+            out.append((u32[4 * i + 1], u64[2 * i + 1]))
+            u32[4 * i] = k.KVM_DIRTY_GFN_F_RESET
+            fetch += 1
+        self.fetch = fetch
+        return out
+
+    def release(self) -> None:
+        """Drop the buffer views (needed before an mmap can be closed)."""
+        self._u32.release()
+        self._u64.release()
+
+
+@dataclass(frozen=True)
+class RingCaps:
+    """What KVM_CHECK_EXTENSION says about the dirty ring: the cap to enable (223 when
+    offered, else 192) and the largest ring in bytes (0 = no dirty ring)."""
+
+    cap: int
+    max_bytes: int
+
+
+def probe_ring_caps(fd: int) -> RingCaps:
+    """Ask ``fd`` (/dev/kvm or a VM fd) for the dirty-ring capabilities."""
+    for cap in (k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, k.KVM_CAP_DIRTY_LOG_RING):
+        size = k.ioctl(fd, k.KVM_CHECK_EXTENSION, cap)
+        if size > 0:
+            return RingCaps(cap, size)
+    return RingCaps(0, 0)
+
+
+def check_ring_bytes(ring_bytes: int, max_bytes: int | None = None) -> None:
+    """Raise UsageError unless ``ring_bytes`` is a power of two in [4096, max_bytes]."""
+    if ring_bytes < k.PAGE_SIZE or ring_bytes & (ring_bytes - 1):
+        raise UsageError(f"ring size {ring_bytes} bytes is not a power of two >= 4096",
+                         "use e.g. --ring-bytes 4096 (256 entries) or --ring-entries 512")
+    if max_bytes is not None and ring_bytes > max_bytes:
+        raise UsageError(f"ring size {ring_bytes} bytes exceeds this kernel's maximum "
+                         f"{max_bytes}", f"use --ring-bytes {max_bytes} or less")
+
+
+def open_kvm() -> int:
+    """Open /dev/kvm read-write; MissingFeature (one line + fix) when that is impossible."""
+    try:
+        return os.open(KVM_DEV, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MissingFeature(f"{KVM_DEV} does not exist",
+                             "load kvm (modprobe kvm_intel or kvm_amd)") from None
+    except PermissionError:
+        raise MissingFeature(f"no read/write access to {KVM_DEV}",
+                             "run as root or add yourself to the kvm group") from None
+    except OSError as err:
+        raise MissingFeature(f"cannot open {KVM_DEV}: {err.strerror}") from None
+
+
+
+
+class Vcpu:
+    """One vCPU: its fd, the mmap'ed ``struct kvm_run`` and its dirty ring."""
+
+    def __init__(self, vm: Vm, index: int) -> None:
+        self.index = index
+        self.fd = k.ioctl(vm.fd, k.KVM_CREATE_VCPU, index)
+        self._run = mmap.mmap(self.fd, vm.run_size, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self._ring_map = mmap.mmap(self.fd, vm.ring_bytes, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE,
+                                   offset=k.KVM_DIRTY_LOG_PAGE_OFFSET * k.PAGE_SIZE)
+        self.ring = DirtyRing(self._ring_map, vm.ring_bytes // k.DIRTY_GFN_BYTES)
+
+    def run(self) -> int:
+        """KVM_RUN once (GIL released); returns ``kvm_run.exit_reason``.
+        Raises OSError(EINTR) when a signal or ``immediate_exit`` stopped it."""
+        k.ioctl(self.fd, k.KVM_RUN)
+        return int.from_bytes(self._run[k.KVM_RUN_EXIT_REASON:k.KVM_RUN_EXIT_REASON + 4],
+                              "little")
+
+    def set_immediate_exit(self, value: bool) -> None:
+        self._run[k.KVM_RUN_IMMEDIATE_EXIT] = 1 if value else 0
+
+    def io_exit(self) -> k.KvmIo:
+        """The ``io`` member of the exit union (valid after KVM_EXIT_IO)."""
+        size = ctypes.sizeof(k.KvmIo)
+        return k.KvmIo.from_buffer_copy(self._run[k.KVM_RUN_IO:k.KVM_RUN_IO + size])
+
+    def get_regs(self) -> k.KvmRegs:
+        regs = k.KvmRegs()
+        k.ioctl_ptr(self.fd, k.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, values: dict[str, int]) -> None:
+        regs = k.KvmRegs()
+        for name, value in values.items():
+            setattr(regs, name, value)
+        k.ioctl_ptr(self.fd, k.KVM_SET_REGS, regs)
+
+    def enter_protected_mode(self) -> None:
+        """CR0.PE = 1, flat 4 GiB code (selector 8) and data (selector 16) segments."""
+        sregs = k.KvmSregs()
+        k.ioctl_ptr(self.fd, k.KVM_GET_SREGS, sregs)
+        flat = {"base": 0, "limit": 0xFFFFFFFF, "present": 1, "dpl": 0, "db": 1, "s": 1,
+                "l": 0, "g": 1, "avl": 0, "unusable": 0}
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            seg = getattr(sregs, name)
+            for field, value in flat.items():
+                setattr(seg, field, value)
+            seg.type = 11 if name == "cs" else 3  # code exec/read/accessed, data rw/accessed
+            seg.selector = 8 if name == "cs" else 16
+        sregs.cr0 |= 1
+        k.ioctl_ptr(self.fd, k.KVM_SET_SREGS, sregs)
+
+    def close(self) -> None:
+        self.ring.release()
+        self._ring_map.close()
+        self._run.close()
+        os.close(self.fd)
+
+
+class Vm:
+    """A VM with the dirty ring enabled and one dirty-logged memory slot at GPA 0.
+
+    ``fd`` is the VM's file descriptor number in this process (BPF identifies VMs by it).
+    """
+
+    def __init__(self, ring_bytes: int, memory_bytes: int) -> None:
+        self.kvm_fd = open_kvm()
+        self.fd = -1
+        self.vcpus: list[Vcpu] = []
+        self.memory: mmap.mmap | None = None
+        self._mem_anchor: ctypes.c_char | None = None
+        try:
+            self._setup(ring_bytes, memory_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, ring_bytes: int, memory_bytes: int) -> None:
+        api = k.ioctl(self.kvm_fd, k.KVM_GET_API_VERSION)
+        if api != 12:
+            raise MissingFeature(f"unexpected KVM API version {api} (want 12)")
+        self.fd = k.ioctl(self.kvm_fd, k.KVM_CREATE_VM, 0)
+        caps = probe_ring_caps(self.fd)
+        if not caps.cap:
+            raise MissingFeature("this kernel's KVM has no dirty ring "
+                                 "(KVM_CAP_DIRTY_LOG_RING)", "use Linux 5.11 or newer")
+        check_ring_bytes(ring_bytes, caps.max_bytes)
+        self.cap, self.max_ring_bytes, self.ring_bytes = caps.cap, caps.max_bytes, ring_bytes
+        enable = k.KvmEnableCap(cap=caps.cap)
+        enable.args[0] = ring_bytes
+        k.ioctl_ptr(self.fd, k.KVM_ENABLE_CAP, enable)
+        self.run_size = k.ioctl(self.kvm_fd, k.KVM_GET_VCPU_MMAP_SIZE)
+        self.memory = mmap.mmap(-1, memory_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                mmap.PROT_READ | mmap.PROT_WRITE)
+        self._mem_anchor = ctypes.c_char.from_buffer(self.memory)
+        region = k.KvmUserspaceMemoryRegion(
+            slot=0, flags=k.KVM_MEM_LOG_DIRTY_PAGES, guest_phys_addr=0,
+            memory_size=memory_bytes, userspace_addr=ctypes.addressof(self._mem_anchor))
+        k.ioctl_ptr(self.fd, k.KVM_SET_USER_MEMORY_REGION, region)
+
+    def add_vcpus(self, count: int) -> list[Vcpu]:
+        for _ in range(count):
+            self.vcpus.append(Vcpu(self, len(self.vcpus)))
+        return self.vcpus
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: recycle every ring's RESET-flagged entries (all vCPUs).
+        Returns the number of entries the kernel reset."""
+        return k.ioctl(self.fd, k.KVM_RESET_DIRTY_RINGS)
+
+    def __iter__(self) -> Iterator[Vcpu]:
+        return iter(self.vcpus)
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._mem_anchor = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self.kvm_fd >= 0:
+            os.close(self.kvm_fd)
+            self.kvm_fd = -1
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def describe_oserror(what: str, err: OSError) -> KvmtraceError:
+    """Turn a failed KVM ioctl into a one-line user error."""
+    name = errno.errorcode.get(err.errno or 0, str(err.errno))
+    return KvmtraceError(f"{what} failed: {name} ({err.strerror})")

@@ -27,11 +27,65 @@ struct kt_event {
 	__u32 tid;
 	__u32 dirty_index;  /* after the event                                              */
 	__u32 reset_index;  /* after the event                                              */
-	__u32 slot;         /* KT_PUSH: memslot id (as_id << 16 | id); KT_RING_SIZE: cap    */
+	__u32 slot;         /* KT_PUSH: memslot id (as_id << 16 | id); KT_RING_SIZE: cap;   */
+	                    /* KT_EXIT: vcpu_id                                             */
 	__s32 ring;
 	__s32 vm;
 	__u8  kind;
 	__u8  pad[3];
 };
+
+/*
+ * In-kernel aggregation (probes/dirty_ring.bpf.c), read by kvmtrace/bpf/live.py through the
+ * numpy dtypes in kvmtrace/bpf/layout.py. Histograms: bucket i counts durations v (ns) with
+ * 2^i <= v < 2^(i+1); bucket 0 also holds 0, the last bucket everything above.
+ */
+#define KT_HIST_BUCKETS 40
+
+/* Map `rings`: one entry per dirty ring (struct kvm_dirty_ring) seen. */
+struct kt_ring_key {
+	__u32 pid;          /* tgid of the VMM                                              */
+	__s32 vm;           /* VM fd in that process, -1 unknown                            */
+	__s32 ring;         /* kvm_dirty_ring.index (vcpu_idx)                              */
+};
+
+struct kt_ring_val {
+	__u64 pushes;           /* kvm_dirty_ring_push events                               */
+	__u64 resets;           /* kvm_dirty_ring_reset events                              */
+	__u64 entries_reset;    /* sum of reset_index advances over the reset events        */
+	__u64 soft_full_exits;  /* kvm_dirty_ring_exit events                               */
+	__u64 stalls;           /* completed stalls (exit 31 .. next KVM_RUN)               */
+	__u64 stall_ns;         /* their total duration, ns                                 */
+	__u64 overwritten;      /* pushes seen with used > size (entries overwritten)       */
+	__u64 last_ts;          /* bpf_ktime_get_ns() of the last event, ns                 */
+	__u32 dirty_index;      /* last seen                                                */
+	__u32 reset_index;      /* last seen                                                */
+	__u32 reset_base;       /* reset_index after the last reset event                   */
+	__u32 max_used;         /* max of dirty_index - reset_index seen at pushes          */
+	__u32 size;             /* entries (struct kvm_dirty_gfn, 16 bytes each); 0 unknown */
+	__u32 exit_used_min;    /* smallest used seen at a soft-full exit; 0 none           */
+	__u64 stall_hist[KT_HIST_BUCKETS];
+};
+
+/* Map `vms`: one entry per VM (VMM pid, VM fd) seen. */
+struct kt_vm_key {
+	__u32 pid;
+	__s32 vm;
+};
+
+struct kt_vm_val {
+	__u64 ring_bytes;       /* from KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING*); 0 unknown   */
+	__u32 cap;              /* 192 (DIRTY_LOG_RING) or 223 (..._ACQ_REL); 0 unknown      */
+	__u32 vcpus;            /* KVM_CREATE_VCPU calls seen                               */
+	__u64 reset_ioctls;     /* completed KVM_RESET_DIRTY_RINGS ioctls                   */
+	__u64 reset_ns;         /* their total duration, ns                                 */
+	__u64 reset_entries;    /* sum of their return values (entries reset)               */
+	__u64 reset_lat_hist[KT_HIST_BUCKETS];
+};
+
+/* Per-CPU array `lost`: what the probes could not deliver or count. */
+#define KT_LOST_EVENTS 0    /* ring buffer reserve failed (buffer full)                 */
+#define KT_LOST_MAPS   1    /* a map was full: a ring, VM or thread was not tracked     */
+#define KT_LOST_SLOTS  2
 
 #endif /* KVMTRACE_H */

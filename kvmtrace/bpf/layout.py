@@ -1,0 +1,55 @@
+"""numpy twins of the map structs in probes/kvmtrace.h (tests/test_layout.py checks them).
+
+Map keys and values are decoded from their raw bytes with these dtypes, so a change on the
+C side that is not mirrored here fails the layout test instead of silently misreading.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..analysis.stats import HIST_BUCKETS
+
+__all__ = ["RING_KEY_DTYPE", "RING_VAL_DTYPE", "VM_KEY_DTYPE", "VM_VAL_DTYPE", "LOST_SLOTS"]
+
+LOST_SLOTS = 2  # KT_LOST_EVENTS, KT_LOST_MAPS
+
+#: struct kt_ring_key (12 bytes)
+RING_KEY_DTYPE = np.dtype([("pid", "<u4"), ("vm", "<i4"), ("ring", "<i4")])
+
+#: struct kt_ring_val; times in ns, indices are free-running u32, size in entries.
+RING_VAL_DTYPE = np.dtype(
+    [
+        ("pushes", "<u8"),
+        ("resets", "<u8"),
+        ("entries_reset", "<u8"),
+        ("soft_full_exits", "<u8"),
+        ("stalls", "<u8"),
+        ("stall_ns", "<u8"),
+        ("overwritten", "<u8"),
+        ("last_ts", "<u8"),
+        ("dirty_index", "<u4"),
+        ("reset_index", "<u4"),
+        ("reset_base", "<u4"),
+        ("max_used", "<u4"),
+        ("size", "<u4"),
+        ("exit_used_min", "<u4"),
+        ("stall_hist", "<u8", (HIST_BUCKETS,)),
+    ]
+)
+
+#: struct kt_vm_key (8 bytes)
+VM_KEY_DTYPE = np.dtype([("pid", "<u4"), ("vm", "<i4")])
+
+#: struct kt_vm_val; ring_bytes from KVM_ENABLE_CAP, reset times in ns.
+VM_VAL_DTYPE = np.dtype(
+    [
+        ("ring_bytes", "<u8"),
+        ("cap", "<u4"),
+        ("vcpus", "<u4"),
+        ("reset_ioctls", "<u8"),
+        ("reset_ns", "<u8"),
+        ("reset_entries", "<u8"),
+        ("reset_lat_hist", "<u8", (HIST_BUCKETS,)),
+    ]
+)

@@ -1,0 +1,90 @@
+"""LiveSource: the running kernel as a SnapshotSource.
+
+Each :meth:`LiveSource.snapshot` reads the probes' in-kernel maps once (cost grows with
+the number of rings, not with the event rate), resolves VMs the probes could not identify
+(vm = -1: created before tracing started) to the process's only KVM VM fd (remembered
+after the process exits, until the watcher reports the exit), and fills each
+VM's :class:`~kvmtrace.analysis.stats.VmInfo` (comm, QEMU ``-name`` and the like).
+
+With ``watch=True`` a :class:`~kvmtrace.bpf.vmident.ProcWatcher` notices VMM processes
+exiting; their map entries are dropped one snapshot later, so the last snapshot before
+the drop still holds their final counts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..analysis.stats import Snapshot, VmInfo
+from ..source.base import SourceMeta
+from .loader import Probes
+from .vmident import ProcWatcher, VmIdentity, resolve_vm
+
+__all__ = ["LiveSource"]
+
+
+class LiveSource:
+    """SnapshotSource over :class:`~kvmtrace.bpf.loader.Probes` (loads them unless given)."""
+
+    def __init__(
+        self,
+        *,
+        pid: int = 0,
+        hook: str = "auto",
+        probes: Probes | None = None,
+        watch: bool = False,
+    ) -> None:
+        self.probes = probes if probes is not None else Probes(pid=pid, hook=hook)
+        uname = os.uname()
+        self.meta = SourceMeta(
+            kind="live",
+            kernel_release=uname.release,
+            host=uname.nodename,
+            start_time=time.time(),
+            hooks=dict(self.probes.hooks),
+            tracepoint_formats=self.probes.tracepoint_formats(),
+        )
+        self._ident = VmIdentity()
+        self._watcher = ProcWatcher() if watch else None
+        self._exited: set[int] = set()
+        self._vm_of: dict[int, int] = {}  # pid -> resolved VM fd, kept until it exits
+
+    def _resolve(self, pid: int) -> int:
+        fd = self._vm_of.get(pid, -1)
+        if fd < 0:
+            fd = resolve_vm(pid)
+            if fd >= 0:
+                self._vm_of[pid] = fd
+        return fd
+
+    def snapshot(self) -> Snapshot:
+        for pid in self._exited:  # exited before the previous snapshot, which kept them
+            self.probes.forget(pid)
+            self._ident.forget(pid)
+            self._vm_of.pop(pid, None)
+        self._exited.clear()
+        if self._watcher is not None:
+            self._exited = {e.pid for e in self._watcher.poll(0.0) if e.kind == "exit"}
+        snap = self.probes.snapshot(resolve=self._resolve)
+        vms: dict[tuple[int, int], VmInfo] = {}
+        for pid, vm in {(k.pid, k.vm) for k in snap.rings} | set(snap.vms):
+            known = snap.vms.get((pid, vm))
+            vms[(pid, vm)] = self._ident.info(pid, vm, known.ring_bytes if known else None)
+        snap.vms = vms
+        for key, counters in snap.rings.items():
+            if counters.size is not None:
+                self.meta.ring_entries[(key.pid, key.vm)] = counters.size
+        return snap
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self.probes.close()
+
+    def __enter__(self) -> LiveSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

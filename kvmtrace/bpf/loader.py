@@ -1,0 +1,325 @@
+"""Compile probes/dirty_ring.bpf.c with bcc, attach it, and read its maps.
+
+Every option reaches the C side as a ``-D`` define (never by editing the C text): the pid
+filter, aggregation and event output switches, ring buffer pages, the hook of each event
+(raw tracepoint or tracepoint) and, for raw tracepoints, the byte offsets of the members of
+``struct kvm_dirty_ring`` / ``struct kvm_vcpu`` taken from the running kernel's BTF.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..analysis.stats import RingCounters, RingKey, Snapshot, VmInfo
+from ..errors import KvmtraceError, MissingFeature, UsageError
+from ..host import tracefs
+from ..host.btf import Btf, load_vmlinux
+from ..host.features import detect
+from ..host.headers import use_headers
+from ..source.events import EVENT_DTYPE
+from .layout import LOST_SLOTS, RING_KEY_DTYPE, RING_VAL_DTYPE, VM_KEY_DTYPE, VM_VAL_DTYPE
+
+__all__ = ["PROBES_DIR", "SOURCE", "HOOKS", "Probes", "preflight", "select_hooks", "infer_entries",
+           "merge_rows"]
+
+PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
+SOURCE = PROBES_DIR / "dirty_ring.bpf.c"
+HOOKS = ("auto", "raw_tp", "tp")
+GFN_BYTES = 16  # struct kvm_dirty_gfn
+
+# event -> (TP_PROTO argument types a raw tracepoint program expects, -D switch)
+_RAW = {
+    "kvm_dirty_ring_push": (("struct kvm_dirty_ring *", "u32", "u64"), "KT_RAW_PUSH"),
+    "kvm_dirty_ring_reset": (("struct kvm_dirty_ring *",), "KT_RAW_RESET"),
+    "kvm_dirty_ring_exit": (("struct kvm_vcpu *",), "KT_RAW_EXIT"),
+    "kvm_userspace_exit": (("u32", "int"), "KT_RAW_UEXIT"),
+}
+_SYSCALL_EVENTS = ("sys_enter_ioctl", "sys_exit_ioctl")
+_MAP_DTYPES = {"rings": (RING_KEY_DTYPE, RING_VAL_DTYPE), "vms": (VM_KEY_DTYPE, VM_VAL_DTYPE)}
+_BCC_FIX = (
+    "apt-get install python3-bpfcc and use a venv made with --system-site-packages "
+    "(tools/setup.sh does both)"
+)
+
+
+def preflight() -> None:
+    """Check what loading the probes needs; raise MissingFeature naming the exact fix."""
+    if os.geteuid() != 0:
+        raise MissingFeature("loading BPF probes needs root", "run kvmtrace as root (sudo)")
+    root = tracefs.require_tracefs()
+    for system, name in tracefs.DIRTY_RING_EVENTS:
+        tracefs.event_format(system, name, root)  # raises MissingFeature naming the event
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise MissingFeature("bcc (BPF Compiler Collection) does not import", _BCC_FIX) from None
+    use_headers()
+
+
+def _raw_defines(btf: Btf, event: str) -> list[str] | None:
+    """-D defines a raw tracepoint program of ``event`` needs, or None if BTF disagrees."""
+    want, _switch = _RAW[event]
+    try:
+        got = tuple(t.removeprefix("__") for t, _n in btf.tracepoint_proto(event))
+        ring = {m: btf.offsetof("kvm_dirty_ring", m)
+                for m in ("dirty_index", "reset_index", "size", "index")}
+        vcpu_ring = btf.offsetof("kvm_vcpu", "dirty_ring")
+        vcpu_id = btf.offsetof("kvm_vcpu", "vcpu_id")
+    except KeyError:
+        return None
+    if got != want:
+        return None
+    return [
+        f"-DKT_OFF_RING_DIRTY={ring['dirty_index']}",
+        f"-DKT_OFF_RING_RESET={ring['reset_index']}",
+        f"-DKT_OFF_RING_SIZE={ring['size']}",
+        f"-DKT_OFF_RING_INDEX={ring['index']}",
+        f"-DKT_OFF_RING_SPAN={max(ring.values()) + 4}",
+        f"-DKT_OFF_VCPU_RING={vcpu_ring}",
+        f"-DKT_OFF_VCPU_ID={vcpu_id}",
+    ]
+
+
+def select_hooks(hook: str = "auto") -> tuple[dict[str, str], list[str]]:
+    """Choose raw tracepoint or tracepoint per event: (hooks, cflags).
+
+    ``auto`` takes a raw tracepoint wherever the kernel attaches one and its BTF confirms
+    the TP_PROTO and the struct members; ``raw_tp`` insists (MissingFeature otherwise);
+    ``tp`` uses tracepoints only.
+    """
+    if hook not in HOOKS:
+        raise UsageError(f"unknown hook {hook!r}", f"use one of {', '.join(HOOKS)}")
+    hooks: dict[str, str] = {}
+    cflags: list[str] = []
+    btf: Btf | None = None
+    if hook != "tp" and detect().raw_tracepoint:
+        try:
+            btf = load_vmlinux()
+        except MissingFeature:
+            if hook == "raw_tp":
+                raise
+    raw_flags: set[str] = set()
+    for event, (_want, switch) in _RAW.items():
+        defines = _raw_defines(btf, event) if btf is not None else None
+        if defines is None and hook == "raw_tp":
+            raise MissingFeature(
+                f"no raw tracepoint for kvm:{event} on this kernel (needs BPF raw tracepoints "
+                "and BTF describing it)",
+                "use hook 'tp' (or 'auto')",
+            )
+        hooks[event] = "raw_tp" if defines else "tp"
+        cflags.append(f"-D{switch}={1 if defines else 0}")
+        raw_flags.update(defines or ())
+    for event in _SYSCALL_EVENTS:
+        hooks[event] = "syscall_tp"
+    return hooks, cflags + sorted(raw_flags)
+
+
+def infer_entries(exit_used_min: int) -> int | None:
+    """Ring entries implied by the smallest ``used`` seen at a soft-full exit, or None.
+
+    KVM sets soft_limit = entries - reserved, reserved = 64 (KVM_DIRTY_RING_RSVD_ENTRIES)
+    plus the CPU's dirty-log buffer (512 with Intel PML). An exit usually happens at exactly
+    the soft limit; only a unique power-of-two answer of at least 256 entries counts, anything
+    else stays unknown rather than guessed.
+    """
+    if exit_used_min <= 0:
+        return None
+    found = {n for n in (exit_used_min + 64, exit_used_min + 576) if n >= 256 and not n & (n - 1)}
+    return found.pop() if len(found) == 1 else None
+
+
+_SUMMED = ("pushes", "resets", "entries_reset", "soft_full_exits", "stalls", "stall_ns",
+           "overwritten")
+_LATEST = ("dirty_index", "reset_index", "reset_base", "last_ts")
+
+
+def merge_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two struct kt_ring_val (as dicts) of one ring seen under two keys, combined: counts
+    add up, indices come from the one with the later event, sizes and maxima combine."""
+    latest = a if a["last_ts"] >= b["last_ts"] else b
+    out = {name: a[name] + b[name] for name in _SUMMED}
+    out.update({name: latest[name] for name in _LATEST})
+    out["max_used"] = max(a["max_used"], b["max_used"])
+    out["size"] = a["size"] or b["size"]
+    mins = [m for m in (a["exit_used_min"], b["exit_used_min"]) if m]
+    out["exit_used_min"] = min(mins) if mins else 0
+    out["stall_hist"] = [x + y for x, y in zip(a["stall_hist"], b["stall_hist"], strict=True)]
+    return out
+
+
+class Probes:
+    """The loaded, attached probes. ``snapshot()`` reads the aggregation maps once."""
+
+    def __init__(
+        self,
+        *,
+        pid: int = 0,
+        emit_events: bool = False,
+        ringbuf_pages: int = 4096,
+        aggregate: bool = True,
+        hook: str = "auto",
+    ) -> None:
+        if pid < 0:
+            raise UsageError(f"bad pid {pid}", "give a process id, or 0 for every process")
+        if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
+            raise UsageError(
+                f"ring buffer pages must be a power of two, not {ringbuf_pages}",
+                "use e.g. 4096 (16 MiB with 4 KiB pages)",
+            )
+        preflight()
+        self.pid = pid
+        self.emit_events = emit_events
+        self.aggregate = aggregate
+        self.hooks, cflags = select_hooks(hook)
+        cflags += [f"-I{PROBES_DIR}", f"-DKT_PID={pid}"]
+        if aggregate:
+            cflags.append("-DKT_AGGREGATE")
+        if emit_events:
+            cflags += ["-DKT_EMIT_EVENTS", f"-DKT_RINGBUF_PAGES={ringbuf_pages}"]
+        self.cflags = cflags
+        from bcc import BPF
+
+        t0 = time.monotonic()
+        try:
+            self._bpf: Any = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
+        except Exception as err:  # bcc raises bare Exception for compile and load errors
+            raise KvmtraceError(
+                f"could not compile or attach {SOURCE.name}: {err}",
+                "run tools/setup.sh (kernel headers for bcc); the compiler output is above",
+            ) from None
+        self.load_seconds = time.monotonic() - t0
+        self._rb_open = False
+
+    # -- maps ---------------------------------------------------------------------------
+
+    def read_map(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """All entries of map ``rings`` or ``vms`` as (keys, values) numpy arrays of
+        RING_KEY_DTYPE/RING_VAL_DTYPE or VM_KEY_DTYPE/VM_VAL_DTYPE (one batch syscall
+        where the kernel has BPF_MAP_LOOKUP_BATCH)."""
+        key_dtype, val_dtype = _MAP_DTYPES[name]
+        table = self._bpf[name.encode()]
+        try:
+            items = list(table.items_lookup_batch())
+        except Exception:  # bcc raises bare Exception on kernels without batch lookup
+            items = list(table.items())
+        keys = np.frombuffer(b"".join(bytes(k) for k, _v in items), key_dtype)
+        vals = np.frombuffer(b"".join(bytes(v) for _k, v in items), val_dtype)
+        return keys, vals
+
+    def lost(self) -> int:
+        """Sum over CPUs and slots of the per-CPU ``lost`` counters."""
+        table = self._bpf[b"lost"]
+        return sum(int(x) for i in range(LOST_SLOTS) for x in table[ctypes.c_int(i)])
+
+    def snapshot(self, resolve: Callable[[int], int] | None = None) -> Snapshot:
+        """The maps now, as cumulative per-ring counters.
+
+        ``resolve(pid)`` names the VM fd of rings the probes saw with vm = -1 (VMs created
+        before tracing started; -1 = leave them); their counters merge with those of the
+        resolved key (resets always know the VM fd, pushes of such VMs do not).
+        Ring size: read from ``struct kvm_dirty_ring`` (raw tracepoints), else from the VM's
+        KVM_ENABLE_CAP, else inferred from soft-full exits (:func:`infer_entries`), else
+        None. KVM_RESET_DIRTY_RINGS latency is per VM: it is reported on the pseudo ring
+        ``RingKey(pid, vm, -1)``, as kvmtrace.analysis.aggregate does for events.
+        """
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        vkeys, vvals = self.read_map("vms")
+        rkeys, rvals = self.read_map("rings")
+        snap = Snapshot(time_ns=now, lost_events=self.lost())
+        vm_bytes: dict[tuple[int, int], int] = {}
+        for k, v in zip(vkeys, vvals, strict=True):
+            pid, vm = int(k["pid"]), int(k["vm"])
+            vm_bytes[(pid, vm)] = int(v["ring_bytes"])
+            snap.vms[(pid, vm)] = VmInfo(pid=pid, vm=vm, ring_bytes=int(v["ring_bytes"]) or None)
+            if v["reset_ioctls"]:
+                snap.rings[RingKey(pid, vm, -1)] = RingCounters(
+                    size=int(v["ring_bytes"]) // GFN_BYTES or None,
+                    reset_lat_hist=[int(x) for x in v["reset_lat_hist"]],
+                )
+        rows: dict[RingKey, dict[str, Any]] = {}
+        fds: dict[int, int] = {}
+        for k, v in zip(rkeys, rvals, strict=True):
+            key = RingKey(int(k["pid"]), int(k["vm"]), int(k["ring"]))
+            if key.vm == -1 and resolve is not None:
+                if key.pid not in fds:
+                    fds[key.pid] = resolve(key.pid)
+                if fds[key.pid] >= 0:
+                    key = key._replace(vm=fds[key.pid])
+            row = {name: v[name].tolist() for name in RING_VAL_DTYPE.names}
+            rows[key] = merge_rows(rows[key], row) if key in rows else row
+        for key, v in rows.items():
+            size = (v["size"] or vm_bytes.get((key.pid, key.vm), 0) // GFN_BYTES
+                    or infer_entries(v["exit_used_min"]))
+            snap.rings[key] = RingCounters(
+                pushes=v["pushes"],
+                resets=v["resets"],
+                entries_reset=v["entries_reset"],
+                soft_full_exits=v["soft_full_exits"],
+                dirty_index=v["dirty_index"],
+                reset_index=v["reset_index"],
+                max_used=v["max_used"],
+                lost=v["overwritten"],
+                size=size,
+                stall_hist=list(v["stall_hist"]),
+                stall_ns=v["stall_ns"],
+            )
+        return snap
+
+    def forget(self, pid: int) -> None:
+        """Drop the map entries of an exited process (rings, VMs, vCPU fds)."""
+        for name in (b"rings", b"vms", b"vcpus"):
+            table = self._bpf[name]
+            for key in [k for k in table.keys() if k.pid == pid]:
+                del table[key]
+
+    # -- events -------------------------------------------------------------------------
+
+    def ringbuf_fd(self) -> int:
+        """The fd of the BPF_MAP_TYPE_RINGBUF map ``events`` (for an mmap reader)."""
+        if not self.emit_events:
+            raise UsageError("the probes were loaded without event output",
+                             "construct Probes(emit_events=True)")
+        return int(self._bpf[b"events"].map_fd)
+
+    def poll_events(self, timeout_ms: int = 0) -> np.ndarray:
+        """Events waiting in the ring buffer, through bcc's per-record callback (about
+        1 M events/s: fine for tests and small traces; use an mmap reader for volume)."""
+        self.ringbuf_fd()  # raises UsageError unless loaded with emit_events
+        if not self._rb_open:
+
+            def _cb(_ctx: Any, data: Any, size: int) -> None:
+                self._rb_sink.append(ctypes.string_at(data, size))
+
+            self._rb_cb = _cb  # keep the callback alive as long as the probes
+            self._bpf[b"events"].open_ring_buffer(_cb)
+            self._rb_open = True
+        got: list[bytes] = []
+        self._rb_sink = got
+        if timeout_ms:
+            self._bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self._bpf.ring_buffer_consume()
+        return np.frombuffer(b"".join(got), EVENT_DTYPE).copy()
+
+    def tracepoint_formats(self) -> dict[str, str]:
+        """``system:name`` -> tracefs format text of every hooked event."""
+        return {f"{s}:{n}": tracefs.event_format(s, n) for s, n in tracefs.DIRTY_RING_EVENTS}
+
+    def close(self) -> None:
+        bpf, self._bpf = getattr(self, "_bpf", None), None
+        if bpf is not None:
+            bpf.cleanup()
+
+    def __enter__(self) -> Probes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,176 @@
+"""VM identity: which process a VM lives in, what it is called, and VMs coming and going.
+
+A VM is (VMM pid, the VMM's file descriptor of the VM). The probes learn the fd from the
+VMM's ioctls when the VM is created while tracing; for older VMs they report vm = -1 and
+:func:`resolve_vm` takes the process's only ``anon_inode:kvm-vm`` fd when there is exactly
+one. Names come from the command line: QEMU's ``-name`` (``guest=`` or the first field),
+Firecracker's ``--id``, cloud-hypervisor's ``--api-socket`` file name (libvirt names it
+after the domain). :class:`ProcWatcher` reports process exec/exit through the kernel's
+process connector (pyroute2.ProcEventSocket) so a live view can notice VMMs without
+polling /proc; it is optional and stays out of the map-reading path.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..analysis.stats import VmInfo
+
+__all__ = [
+    "KVM_VM_LINK",
+    "vm_fds",
+    "resolve_vm",
+    "cmdline",
+    "comm",
+    "vm_name",
+    "VmIdentity",
+    "ProcEvent",
+    "ProcWatcher",
+]
+
+KVM_VM_LINK = "anon_inode:kvm-vm"
+PROC = Path("/proc")
+
+
+def vm_fds(pid: int) -> list[int]:
+    """File descriptors of ``pid`` that are KVM VMs (empty if the process is gone)."""
+    fds = []
+    try:
+        entries = os.listdir(PROC / str(pid) / "fd")
+    except OSError:
+        return []
+    for name in entries:
+        try:
+            if os.readlink(PROC / str(pid) / "fd" / name) == KVM_VM_LINK:
+                fds.append(int(name))
+        except OSError:
+            continue
+    return sorted(fds)
+
+
+def resolve_vm(pid: int) -> int:
+    """The VM fd of a process with exactly one VM, else -1."""
+    fds = vm_fds(pid)
+    return fds[0] if len(fds) == 1 else -1
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = (PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def comm(pid: int) -> str:
+    try:
+        return (PROC / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _opt(argv: list[str], *names: str) -> str | None:
+    """Value of the first ``NAME VALUE`` or ``NAME=VALUE`` among names."""
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1 :]
+    return None
+
+
+def _qemu_name(value: str) -> str | None:
+    # QEMU option syntax: fields split by ',', a literal comma is written ',,'.
+    fields = value.replace(",,", "\0").split(",")
+    fields = [f.replace("\0", ",") for f in fields]
+    for f in fields:
+        if f.startswith("guest="):
+            return f[len("guest=") :] or None
+    return fields[0] if fields and "=" not in fields[0] and fields[0] else None
+
+
+def vm_name(argv: list[str]) -> str | None:
+    """The VM's name from a VMM command line, or None."""
+    if not argv:
+        return None
+    prog = os.path.basename(argv[0])
+    if "qemu" in prog or "-name" in argv:
+        value = _opt(argv, "-name", "--name")
+        if value:
+            return _qemu_name(value)
+    if "firecracker" in prog:
+        return _opt(argv, "--id")
+    if "cloud-hypervisor" in prog:
+        sock = _opt(argv, "--api-socket")
+        if sock:
+            path = dict(p.split("=", 1) for p in sock.split(",") if "=" in p).get("path", sock)
+            base = os.path.basename(path)
+            for suffix in ("-socket", ".sock", ".socket"):
+                base = base.removesuffix(suffix)
+            return base or None
+    return None
+
+
+class VmIdentity:
+    """Caches per process what /proc says (comm, name); ``forget`` when it exits."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[str, str | None]] = {}
+
+    def info(self, pid: int, vm: int, ring_bytes: int | None = None) -> VmInfo:
+        if pid not in self._cache:
+            self._cache[pid] = (comm(pid), vm_name(cmdline(pid)))
+        c, name = self._cache[pid]
+        return VmInfo(pid=pid, vm=vm, comm=c, name=name, ring_bytes=ring_bytes)
+
+    def forget(self, pid: int) -> None:
+        self._cache.pop(pid, None)
+
+
+@dataclass(frozen=True)
+class ProcEvent:
+    kind: str  # "exec" or "exit"
+    pid: int  # tgid
+    tid: int
+
+
+class ProcWatcher:
+    """Process exec/exit notifications from the kernel's process connector (root only).
+
+    ``poll(timeout)`` returns what arrived, waiting at most ``timeout`` seconds; thread
+    exits are filtered out (only whole processes, pid == tid).
+    """
+
+    def __init__(self) -> None:
+        from pyroute2 import ProcEventSocket
+
+        self._sock = ProcEventSocket()
+        self._sock.bind()
+        self._sock.control(True)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def poll(self, timeout: float = 0.0) -> list[ProcEvent]:
+        out: list[ProcEvent] = []
+        wait = timeout
+        while select.select([self._sock], [], [], wait)[0]:
+            wait = 0.0
+            data = self._sock.recv(65536)
+            for msg in self._sock.marshal.parse(data):
+                event = msg.get("event")
+                if event not in ("PROC_EVENT_EXEC", "PROC_EVENT_EXIT"):
+                    continue
+                pid, tid = int(msg["process_tgid"]), int(msg["process_pid"])
+                if event == "PROC_EVENT_EXIT" and pid != tid:
+                    continue
+                out.append(ProcEvent("exec" if event == "PROC_EVENT_EXEC" else "exit", pid, tid))
+        return out
+
+    def close(self) -> None:
+        # Closing unsubscribes; control(False) would wait for a reply that never comes.
+        self._sock.close()

@@ -1,0 +1,448 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kvmtrace probes on the KVM dirty ring (bcc dialect; kvmtrace/bpf/loader.py compiles it).
+ *
+ * Hooks: kvm:kvm_dirty_ring_{push,reset,exit} and kvm:kvm_userspace_exit, each as a raw
+ * tracepoint (KT_RAW_<EVENT>=1, struct offsets from BTF as -D defines) or as a tracepoint
+ * (fields from the tracefs format); syscalls:sys_{enter,exit}_ioctl for the VM identity,
+ * the ring size (KVM_ENABLE_CAP), the end of a soft-full stall (KVM_RUN) and the reset
+ * latency (KVM_RESET_DIRTY_RINGS).
+ *
+ * VM identity: the VM is the VMM's file descriptor of it. KVM_CREATE_VCPU on a VM fd maps
+ * (pid, vcpu fd) -> VM fd; KVM_RUN on a vCPU fd gives its thread the VM fd; pushes and
+ * exits happen on that thread inside KVM_RUN. A reset runs inside KVM_RESET_DIRTY_RINGS on
+ * the VM fd. VMs created before tracing started get vm = -1 (user space resolves them).
+ *
+ * Options (-D): KT_PID (0 = every process), KT_AGGREGATE (count into the maps),
+ * KT_EMIT_EVENTS with KT_RINGBUF_PAGES and KT_RB_FLAGS (every event as a struct kt_event
+ * into the ring buffer `events`), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes).
+ */
+#include <uapi/linux/ptrace.h>
+#include "kvmtrace.h"
+#include "dirty_ring_defs.h"
+
+BPF_HASH(rings, struct kt_ring_key, struct kt_ring_val, KT_MAX_RINGS);
+BPF_HASH(vms, struct kt_vm_key, struct kt_vm_val, KT_MAX_VMS);
+BPF_TABLE("lru_hash", struct kt_vcpu_key, struct kt_vcpu_val, vcpus, KT_MAX_VCPUS);
+BPF_TABLE("lru_hash", u32, struct kt_tid, tids, KT_MAX_TIDS);
+BPF_ARRAY(zero_ring, struct kt_ring_val, 1);   /* never written: initial values */
+BPF_ARRAY(zero_vm, struct kt_vm_val, 1);
+BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS);
+#ifdef KT_EMIT_EVENTS
+BPF_RINGBUF_OUTPUT(events, KT_RINGBUF_PAGES);
+#endif
+
+static __always_inline void kt_lost(u32 slot)
+{
+	u64 *n = lost.lookup(&slot);
+
+	if (n)
+		(*n)++;   /* per-CPU slot: no atomic needed */
+}
+
+static __always_inline void kt_emit(u8 kind, u64 ts, u32 pid, u32 tid, s32 vm, s32 ring,
+				    u32 dirty, u32 reset, u32 slot, u64 value)
+{
+#ifdef KT_EMIT_EVENTS
+	struct kt_event *e = events.ringbuf_reserve(sizeof(struct kt_event));
+
+	if (!e) {
+		kt_lost(KT_LOST_EVENTS);
+		return;
+	}
+	*e = (struct kt_event){ .ts = ts, .value = value, .pid = pid, .tid = tid,
+				.dirty_index = dirty, .reset_index = reset, .slot = slot,
+				.ring = ring, .vm = vm, .kind = kind };
+	events.ringbuf_submit(e, KT_RB_FLAGS);
+#endif
+}
+
+static __always_inline struct kt_tid *kt_thread(u32 tid)
+{
+	struct kt_tid *t = tids.lookup(&tid);
+
+	if (t)
+		return t;
+	struct kt_tid init = { .vm = -1, .ring = -1 };
+
+	tids.insert(&tid, &init);
+	t = tids.lookup(&tid);
+	if (!t)
+		kt_lost(KT_LOST_MAPS);
+	return t;
+}
+
+static __always_inline struct kt_vm_val *kt_vm(u32 pid, s32 vm)
+{
+	struct kt_vm_key key = { .pid = pid, .vm = vm };
+	struct kt_vm_val *v = vms.lookup(&key);
+	u32 zero = 0;
+
+	if (v)
+		return v;
+	struct kt_vm_val *init = zero_vm.lookup(&zero);
+
+	if (!init)
+		return 0;
+	vms.insert(&key, init);
+	v = vms.lookup(&key);
+	if (!v)
+		kt_lost(KT_LOST_MAPS);
+	return v;
+}
+
+/* Ring entries of a VM from its KVM_ENABLE_CAP; 0 unknown. */
+static __always_inline u32 kt_vm_entries(u32 pid, s32 vm)
+{
+	struct kt_vm_key key = { .pid = pid, .vm = vm };
+	struct kt_vm_val *v = vms.lookup(&key);
+
+	return v ? v->ring_bytes >> 4 : 0;   /* struct kvm_dirty_gfn: 16 bytes */
+}
+
+/* The ring's counters, created on first sight with reset_base = reset_index now. */
+static __always_inline struct kt_ring_val *kt_ring(u32 pid, s32 vm, s32 ring, u32 reset,
+						   u32 size)
+{
+	struct kt_ring_key key = { .pid = pid, .vm = vm, .ring = ring };
+	struct kt_ring_val *v = rings.lookup(&key);
+	u32 zero = 0;
+
+	if (v)
+		return v;
+	struct kt_ring_val *init = zero_ring.lookup(&zero);
+
+	if (!init)
+		return 0;
+	int fresh = rings.insert(&key, init) == 0;
+
+	v = rings.lookup(&key);
+	if (!v) {
+		kt_lost(KT_LOST_MAPS);
+		return 0;
+	}
+	if (fresh) {
+		v->reset_base = reset;
+		v->size = size ? size : kt_vm_entries(pid, vm);
+	}
+	return v;
+}
+
+#define KT_SELF()                                                   \
+	u64 id = bpf_get_current_pid_tgid();                            \
+	u32 pid = id >> 32, tid = (u32)id;                              \
+	if (KT_PID && pid != KT_PID)                                    \
+		return 0
+
+static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot, u64 offset,
+				      u32 size)
+{
+	KT_SELF();
+	u64 now = bpf_ktime_get_ns();
+	s32 vm = -1;
+	struct kt_tid *t = kt_thread(tid);
+
+	if (t) {
+		vm = t->vm;
+		t->ring = index;
+	}
+#ifdef KT_AGGREGATE
+	struct kt_ring_val *v = kt_ring(pid, vm, index, reset, size);
+
+	if (v) {
+		u32 used = dirty - reset;
+
+		if (!v->pushes && !v->resets)   /* first push: a ring first seen at an exit */
+			v->reset_base = reset;
+		if (dirty == 1 && v->pushes) {  /* a new ring under a reused VM fd */
+			v->reset_base = reset;
+			v->size = size ? size : kt_vm_entries(pid, vm);
+		}
+		__sync_fetch_and_add(&v->pushes, 1);
+		v->dirty_index = dirty;
+		v->reset_index = reset;
+		if (used > v->max_used)
+			v->max_used = used;
+		if (size)
+			v->size = size;
+		if (v->size && used > v->size)
+			__sync_fetch_and_add(&v->overwritten, 1);
+		v->last_ts = now;
+	}
+#endif
+	kt_emit(KT_PUSH, now, pid, tid, vm, index, dirty, reset, slot, offset);
+	return 0;
+}
+
+static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size)
+{
+	KT_SELF();
+	u64 now = bpf_ktime_get_ns();
+	s32 vm = -1;
+	struct kt_tid *t = tids.lookup(&tid);
+
+	if (t && t->pend_cmd == KT_KVM_RESET_RINGS)
+		vm = t->pend_fd;
+#ifdef KT_AGGREGATE
+	/*
+	 * A ring first seen here: its reset_index before this reset is unknown, unless the
+	 * ring's pushes were counted under vm = -1 (a VM older than the probes).
+	 */
+	struct kt_ring_key key = { .pid = pid, .vm = vm, .ring = index };
+	u32 base = reset;
+
+	if (vm >= 0 && !rings.lookup(&key)) {
+		struct kt_ring_key anon = { .pid = pid, .vm = -1, .ring = index };
+		struct kt_ring_val *a = rings.lookup(&anon);
+
+		if (a)
+			base = a->reset_index;
+	}
+	struct kt_ring_val *v = kt_ring(pid, vm, index, base, size);
+
+	if (v) {
+		u32 advance = reset - v->reset_base;
+
+		v->reset_base = reset;
+		__sync_fetch_and_add(&v->resets, 1);
+		__sync_fetch_and_add(&v->entries_reset, advance);
+		v->dirty_index = dirty;
+		v->reset_index = reset;
+		if (size)
+			v->size = size;
+		v->last_ts = now;
+	}
+#endif
+	kt_emit(KT_RESET, now, pid, tid, vm, index, dirty, reset, 0, 0);
+	return 0;
+}
+
+/* exact: dirty/reset/index were read from the vCPU's ring (raw tracepoint). */
+static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dirty, u32 reset)
+{
+	KT_SELF();
+	u64 now = bpf_ktime_get_ns();
+	s32 vm = -1;
+	struct kt_tid *t = tids.lookup(&tid);
+
+	if (t)
+		vm = t->vm;
+	if (!exact)   /* the ring this thread last pushed to, else vcpu_id */
+		index = (t && t->ring >= 0) ? t->ring : vcpu_id;
+#ifdef KT_AGGREGATE
+	struct kt_ring_val *v = kt_ring(pid, vm, index, reset, 0);
+
+	if (v) {
+		if (!exact) {
+			dirty = v->dirty_index;
+			reset = v->reset_index;
+		}
+		u32 used = dirty - reset;
+
+		__sync_fetch_and_add(&v->soft_full_exits, 1);
+		if (used && (!v->exit_used_min || used < v->exit_used_min))
+			v->exit_used_min = used;
+		v->last_ts = now;
+	}
+#endif
+	kt_emit(KT_EXIT, now, pid, tid, vm, index, dirty, reset, vcpu_id, 0);
+	return 0;
+}
+
+static __always_inline int kt_on_userspace_exit(u32 reason, int err)
+{
+	if (reason != KT_EXIT_RING_FULL || err < 0)
+		return 0;
+	KT_SELF();
+	struct kt_tid *t = kt_thread(tid);
+
+	if (t)
+		t->stall_ts = bpf_ktime_get_ns();
+	return 0;
+}
+
+#if KT_RAW_PUSH
+RAW_TRACEPOINT_PROBE(kvm_dirty_ring_push)
+{
+	/* TP_PROTO(struct kvm_dirty_ring *ring, u32 slot, u64 offset) */
+	u64 r[(KT_OFF_RING_SPAN + 7) / 8] = {};   /* 8-aligned copy of the ring's head */
+
+	bpf_probe_read_kernel(r, sizeof(r), (void *)ctx->args[0]);
+	return kt_on_push((s32)KT_U32(r, KT_OFF_RING_INDEX), KT_U32(r, KT_OFF_RING_DIRTY),
+			  KT_U32(r, KT_OFF_RING_RESET), (u32)ctx->args[1], ctx->args[2],
+			  KT_U32(r, KT_OFF_RING_SIZE));
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_dirty_ring_push)
+{
+	return kt_on_push(args->index, args->dirty_index, args->reset_index, args->slot,
+			  args->offset, 0);
+}
+#endif
+
+#if KT_RAW_RESET
+RAW_TRACEPOINT_PROBE(kvm_dirty_ring_reset)
+{
+	/* TP_PROTO(struct kvm_dirty_ring *ring) */
+	u64 r[(KT_OFF_RING_SPAN + 7) / 8] = {};   /* 8-aligned copy of the ring's head */
+
+	bpf_probe_read_kernel(r, sizeof(r), (void *)ctx->args[0]);
+	return kt_on_reset((s32)KT_U32(r, KT_OFF_RING_INDEX), KT_U32(r, KT_OFF_RING_DIRTY),
+			   KT_U32(r, KT_OFF_RING_RESET), KT_U32(r, KT_OFF_RING_SIZE));
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_dirty_ring_reset)
+{
+	return kt_on_reset(args->index, args->dirty_index, args->reset_index, 0);
+}
+#endif
+
+#if KT_RAW_EXIT
+RAW_TRACEPOINT_PROBE(kvm_dirty_ring_exit)
+{
+	/* TP_PROTO(struct kvm_vcpu *vcpu) */
+	u64 r[(KT_OFF_RING_SPAN + 7) / 8] = {};   /* 8-aligned copy of the ring's head */
+	s32 vcpu_id = -1;
+	void *vcpu = (void *)ctx->args[0];
+
+	bpf_probe_read_kernel(&vcpu_id, sizeof(vcpu_id), vcpu + KT_OFF_VCPU_ID);
+	bpf_probe_read_kernel(r, sizeof(r), vcpu + KT_OFF_VCPU_RING);
+	return kt_on_exit(vcpu_id, 1, (s32)KT_U32(r, KT_OFF_RING_INDEX),
+			  KT_U32(r, KT_OFF_RING_DIRTY), KT_U32(r, KT_OFF_RING_RESET));
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_dirty_ring_exit)
+{
+	return kt_on_exit(args->vcpu_id, 0, -1, 0, 0);
+}
+#endif
+
+#if KT_RAW_UEXIT
+RAW_TRACEPOINT_PROBE(kvm_userspace_exit)
+{
+	/* TP_PROTO(__u32 reason, int errno) */
+	return kt_on_userspace_exit((u32)ctx->args[0], (int)ctx->args[1]);
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
+{
+	return kt_on_userspace_exit(args->reason, args->errno);
+}
+#endif
+
+/* KVM_RUN ends a pending stall: account it to the ring the thread last pushed to. */
+static __always_inline void kt_stall_end(u64 now, u32 pid, u32 tid, struct kt_tid *t)
+{
+	u64 ns = now - t->stall_ts;
+
+	t->stall_ts = 0;
+#ifdef KT_AGGREGATE
+	struct kt_ring_key key = { .pid = pid, .vm = t->vm, .ring = t->ring };
+	struct kt_ring_val *v = rings.lookup(&key);
+
+	if (v) {
+		__sync_fetch_and_add(&v->stalls, 1);
+		__sync_fetch_and_add(&v->stall_ns, ns);
+		__sync_fetch_and_add(&v->stall_hist[kt_bucket(ns)], 1);
+	}
+#endif
+	kt_emit(KT_STALL, now, pid, tid, t->vm, t->ring, 0, 0, 0, ns);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+	u32 cmd = args->cmd;
+
+	if (cmd != KT_KVM_RUN && cmd != KT_KVM_CREATE_VCPU && cmd != KT_KVM_RESET_RINGS &&
+	    cmd != KT_KVM_ENABLE_CAP)
+		return 0;
+	KT_SELF();
+	s32 fd = args->fd;
+	u64 now = bpf_ktime_get_ns();
+	struct kt_tid *t = kt_thread(tid);
+
+	if (!t)
+		return 0;
+	if (cmd == KT_KVM_RUN) {
+		struct kt_vcpu_key vk = { .pid = pid, .fd = fd };
+		struct kt_vcpu_val *vc = vcpus.lookup(&vk);
+
+		if (vc)
+			t->vm = vc->vm;
+		if (t->stall_ts)
+			kt_stall_end(now, pid, tid, t);
+		return 0;
+	}
+	if (cmd == KT_KVM_ENABLE_CAP) {
+		u32 cap = 0;
+		u64 bytes = 0;
+		void *arg = (void *)args->arg;
+
+		/* struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ... } */
+		bpf_probe_read_user(&cap, sizeof(cap), arg);
+		bpf_probe_read_user(&bytes, sizeof(bytes), arg + 8);
+		if (cap != KT_CAP_RING && cap != KT_CAP_RING_ACQ_REL)
+			return 0;
+		t->pend_cap = cap;
+		t->pend_val = bytes;
+	} else if (cmd == KT_KVM_CREATE_VCPU) {
+		t->pend_val = args->arg;
+	}
+	t->pend_cmd = cmd;
+	t->pend_fd = fd;
+	t->pend_ts = now;
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+	KT_SELF();
+	struct kt_tid *t = tids.lookup(&tid);
+
+	if (!t || !t->pend_cmd)
+		return 0;
+	u32 cmd = t->pend_cmd;
+	s64 ret = args->ret;
+	u64 now = bpf_ktime_get_ns();
+
+	t->pend_cmd = 0;
+	if (cmd == KT_KVM_CREATE_VCPU) {
+		if (ret < 0)
+			return 0;
+		struct kt_vcpu_key vk = { .pid = pid, .fd = (s32)ret };
+		struct kt_vcpu_val vc = { .vm = t->pend_fd, .vcpu_id = (u32)t->pend_val };
+
+		if (vcpus.update(&vk, &vc))
+			kt_lost(KT_LOST_MAPS);
+		struct kt_vm_val *v = kt_vm(pid, t->pend_fd);
+
+		if (v)
+			__sync_fetch_and_add(&v->vcpus, 1);
+	} else if (cmd == KT_KVM_ENABLE_CAP) {
+		if (ret != 0)
+			return 0;
+		struct kt_vm_val *v = kt_vm(pid, t->pend_fd);
+
+		if (v) {
+			v->ring_bytes = t->pend_val;
+			v->cap = t->pend_cap;
+		}
+		kt_emit(KT_RING_SIZE, now, pid, tid, t->pend_fd, -1, 0, 0, t->pend_cap,
+			t->pend_val);
+	} else if (cmd == KT_KVM_RESET_RINGS) {
+		u64 ns = now - t->pend_ts;
+#ifdef KT_AGGREGATE
+		struct kt_vm_val *v = kt_vm(pid, t->pend_fd);
+
+		if (v) {
+			__sync_fetch_and_add(&v->reset_ioctls, 1);
+			__sync_fetch_and_add(&v->reset_ns, ns);
+			if (ret > 0)
+				__sync_fetch_and_add(&v->reset_entries, ret);
+			__sync_fetch_and_add(&v->reset_lat_hist[kt_bucket(ns)], 1);
+		}
+#endif
+		kt_emit(KT_RESET_LAT, now, pid, tid, t->pend_fd, -1, 0, 0, 0, ns);
+	}
+	return 0;
+}

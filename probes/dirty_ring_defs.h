@@ -1,0 +1,81 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Option defaults, KVM constants, per-thread/vCPU structs and map-free helpers of
+ * dirty_ring.bpf.c. Code that touches maps stays in the .c file: bcc rewrites
+ * ``map.lookup()`` and friends in the main file only.
+ */
+#ifndef KT_DIRTY_RING_DEFS_H
+#define KT_DIRTY_RING_DEFS_H
+
+#ifndef KT_PID
+#define KT_PID 0
+#endif
+#ifndef KT_RINGBUF_PAGES
+#define KT_RINGBUF_PAGES 4096
+#endif
+#ifndef KT_RB_FLAGS
+#define KT_RB_FLAGS 0
+#endif
+#ifndef KT_MAX_RINGS
+#define KT_MAX_RINGS 8192
+#endif
+#ifndef KT_MAX_VMS
+#define KT_MAX_VMS 1024
+#endif
+#ifndef KT_MAX_VCPUS
+#define KT_MAX_VCPUS 16384
+#endif
+#ifndef KT_MAX_TIDS
+#define KT_MAX_TIDS 16384
+#endif
+
+/* include/uapi/linux/kvm.h */
+#define KT_KVM_RUN             0xAE80
+#define KT_KVM_CREATE_VCPU     0xAE41
+#define KT_KVM_RESET_RINGS     0xAEC7
+#define KT_KVM_ENABLE_CAP      0x4068AEA3
+#define KT_CAP_RING            192
+#define KT_CAP_RING_ACQ_REL    223
+#define KT_EXIT_RING_FULL      31
+
+/* Per thread: the VM and ring it runs, a pending stall, a pending ioctl. */
+struct kt_tid {
+	__u64 stall_ts;      /* exit 31 returned to userspace at this time; 0 = none      */
+	__u64 pend_ts;       /* sys_enter_ioctl of the pending cmd                        */
+	__u64 pend_val;      /* KVM_ENABLE_CAP: args[0] (ring bytes); KVM_CREATE_VCPU: id  */
+	__u32 pend_cmd;      /* 0 = no pending ioctl of interest                          */
+	__s32 pend_fd;
+	__s32 vm;            /* VM fd of the vCPU this thread last entered with KVM_RUN    */
+	__s32 ring;          /* ring index this thread last pushed to                     */
+	__u32 pend_cap;
+	__u32 pad;
+};
+
+struct kt_vcpu_key {
+	__u32 pid;
+	__s32 fd;            /* vCPU fd */
+};
+
+struct kt_vcpu_val {
+	__s32 vm;            /* VM fd */
+	__u32 vcpu_id;
+};
+
+/* A u32 member at byte offset off (a multiple of 4) of a copied struct. */
+#define KT_U32(buf, off) (*(u32 *)((u8 *)(buf) + (off)))
+
+/* log2 bucket of a duration in ns (see KT_HIST_BUCKETS). */
+static __always_inline u32 kt_bucket(u64 v)
+{
+	u32 r = 0;
+
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8)  { v >>= 8;  r += 8; }
+	if (v >> 4)  { v >>= 4;  r += 4; }
+	if (v >> 2)  { v >>= 2;  r += 2; }
+	if (v >> 1)  { r += 1; }
+	return r < KT_HIST_BUCKETS ? r : KT_HIST_BUCKETS - 1;
+}
+
+#endif /* KT_DIRTY_RING_DEFS_H */

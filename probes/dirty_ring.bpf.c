@@ -27,7 +27,7 @@ BPF_TABLE("lru_hash", struct kt_vcpu_key, struct kt_vcpu_val, vcpus, KT_MAX_VCPU
 BPF_TABLE("lru_hash", u32, struct kt_tid, tids, KT_MAX_TIDS);
 BPF_ARRAY(zero_ring, struct kt_ring_val, 1);   /* never written: initial values */
 BPF_ARRAY(zero_vm, struct kt_vm_val, 1);
-BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS);
+BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS + 1);  /* + the wakeup counter */
 #ifdef KT_EMIT_EVENTS
 BPF_RINGBUF_OUTPUT(events, KT_RINGBUF_PAGES);
 #endif
@@ -53,7 +53,19 @@ static __always_inline void kt_emit(u8 kind, u64 ts, u32 pid, u32 tid, s32 vm, s
 	*e = (struct kt_event){ .ts = ts, .value = value, .pid = pid, .tid = tid,
 				.dirty_index = dirty, .reset_index = reset, .slot = slot,
 				.ring = ring, .vm = vm, .kind = kind };
+#if KT_RB_WAKE_EVERY > 0
+	/* Wake the reader once per KT_RB_WAKE_EVERY records of this CPU, not per record:
+	 * it also polls on a timer. (bcc 0.26 has no ringbuf_query() to ask the fill.) */
+	u32 slot_n = KT_LOST_SLOTS;   /* the slot after the lost counters */
+	u64 *n = lost.lookup(&slot_n);
+	u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (n && ++(*n) % KT_RB_WAKE_EVERY == 0)
+		flags = BPF_RB_FORCE_WAKEUP;
+	events.ringbuf_submit(e, flags);
+#else
 	events.ringbuf_submit(e, KT_RB_FLAGS);
+#endif
 #endif
 }
 

@@ -16,6 +16,10 @@
 #ifndef KT_RB_FLAGS
 #define KT_RB_FLAGS 0
 #endif
+/* > 0: no wakeup per record, one per this many records of a CPU (a polling reader) */
+#ifndef KT_RB_WAKE_EVERY
+#define KT_RB_WAKE_EVERY 0
+#endif
 #ifndef KT_MAX_RINGS
 #define KT_MAX_RINGS 8192
 #endif

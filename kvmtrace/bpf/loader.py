@@ -166,7 +166,10 @@ class Probes:
         ringbuf_pages: int = 4096,
         aggregate: bool = True,
         hook: str = "auto",
+        wake_every: int = 0,
     ) -> None:
+        """``wake_every`` > 0: the BPF side wakes a ring-buffer reader once per that many
+        records of a CPU (for a reader that also polls on a timer), not after every one."""
         if pid < 0:
             raise UsageError(f"bad pid {pid}", "give a process id, or 0 for every process")
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
@@ -183,7 +186,8 @@ class Probes:
         if aggregate:
             cflags.append("-DKT_AGGREGATE")
         if emit_events:
-            cflags += ["-DKT_EMIT_EVENTS", f"-DKT_RINGBUF_PAGES={ringbuf_pages}"]
+            cflags += ["-DKT_EMIT_EVENTS", f"-DKT_RINGBUF_PAGES={ringbuf_pages}",
+                       f"-DKT_RB_WAKE_EVERY={max(0, int(wake_every))}"]
         self.cflags = cflags
         from bcc import BPF
 

@@ -1,0 +1,437 @@
+"""kvmtrace recordings (``.kvt``): writer and reader of the file format in docs/FORMAT.md.
+
+A recording is a file header followed by self-delimiting blocks, each with a length and a
+CRC-32, appended with one ``write()`` each: META (the :class:`~.base.SourceMeta` as JSON,
+the last one wins), EVENTS (a compressed columnar block of
+:data:`~kvmtrace.source.events.EVENT_DTYPE` events, see :mod:`.recording_codec`), LOST
+(cumulative count of events the producer could not deliver) and END (totals, written by
+:meth:`RecordingWriter.close`). A writer killed at any instant leaves a file readable up to
+its last complete block; the reader ignores a torn tail and says so in
+:attr:`Recording.truncated`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import UsageError
+from .base import SourceMeta
+from .events import EVENT_DTYPE
+from .recording_codec import MAX_BLOCK_EVENTS, decode_events, encode_events
+
+__all__ = [
+    "MAGIC",
+    "FORMAT_VERSION",
+    "BlockType",
+    "RecordingWriter",
+    "Recording",
+    "open_recording",
+    "is_recording",
+    "meta_to_dict",
+    "meta_from_dict",
+]
+
+MAGIC = b"\x89KVT\r\n\x1a\n"
+FORMAT_VERSION = (1, 0)  # (major, minor): a reader refuses a newer major
+FILE_HEADER = struct.Struct("<8sHHI")  # magic, major, minor, flags
+BLOCK_HEADER = struct.Struct("<4sBBHIIIQQI")  # see docs/FORMAT.md
+BLOCK_SYNC = b"KTBK"
+MAX_RAW_BYTES = 1 << 28  # refuse blocks that would inflate beyond 256 MiB
+
+
+class BlockType:
+    META = 1
+    EVENTS = 2
+    LOST = 3
+    END = 4
+
+
+_CODEC_NONE, _CODEC_ZLIB = 0, 1
+_LOST = struct.Struct("<Q")
+
+
+def meta_to_dict(meta: SourceMeta) -> dict[str, Any]:
+    """SourceMeta as JSON-safe data; ring_entries becomes [[pid, vm, entries], ...]."""
+    d = asdict(meta)
+    d["ring_entries"] = [[int(p), int(v), int(e)] for (p, v), e in meta.ring_entries.items()]
+    return d
+
+
+def meta_from_dict(d: dict[str, Any]) -> SourceMeta:
+    """Inverse of :func:`meta_to_dict` (unknown keys land in ``extra``)."""
+    known = {"kind", "kernel_release", "host", "start_time", "hooks", "tracepoint_formats",
+             "ring_entries", "extra"}
+    extra = dict(d.get("extra") or {})
+    extra.update({k: v for k, v in d.items() if k not in known})
+    return SourceMeta(
+        kind=str(d.get("kind", "recording")),
+        kernel_release=d.get("kernel_release"),
+        host=d.get("host"),
+        start_time=d.get("start_time"),
+        hooks=dict(d.get("hooks") or {}),
+        tracepoint_formats=dict(d.get("tracepoint_formats") or {}),
+        ring_entries={(int(p), int(v)): int(e) for p, v, e in d.get("ring_entries") or []},
+        extra=extra,
+    )
+
+
+def _block(btype: int, payload: bytes, count: int = 0, ts_min: int = 0, ts_max: int = 0,
+           level: int = 6) -> bytes:
+    codec = _CODEC_NONE
+    stored = payload
+    if level > 0:
+        stored = zlib.compress(payload, level)
+        codec = _CODEC_ZLIB
+    head = BLOCK_HEADER.pack(BLOCK_SYNC, btype, codec, 0, len(stored), len(payload), count,
+                             ts_min, ts_max, 0)[:-4]
+    crc = zlib.crc32(stored, zlib.crc32(head))
+    return head + struct.pack("<I", crc) + stored
+
+
+class RecordingWriter:
+    """Appends events to a recording at ``path`` (created or truncated).
+
+    ``write()`` buffers; a block is encoded and written once ``block_events`` events are
+    pending or on ``flush()``. Call ``flush()`` at least once a second so that a SIGKILL
+    loses at most the last second. ``close()`` (or leaving a ``with`` block, also through
+    KeyboardInterrupt/SystemExit) writes the END block; make SIGTERM raise SystemExit to get
+    a clean close on it. ``fsync=True`` also survives power loss, at a cost per flush.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], meta: SourceMeta, *,
+                 block_events: int = 1 << 16, level: int = 3, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.meta = meta_from_dict(meta_to_dict(meta))  # a private copy
+        self.block_events = min(max(1, int(block_events)), MAX_BLOCK_EVENTS)
+        self.level = level
+        self.fsync = fsync
+        self.events = 0
+        self.lost = 0
+        self.blocks = 0
+        self.bytes_written = 0
+        self.ts_first: int | None = None
+        self.ts_last: int | None = None
+        self._pending: list[np.ndarray] = []
+        self._npending = 0
+        self._lost_written = 0
+        self._meta_dirty = False
+        self._created = time.time()
+        try:
+            self._fd: int | None = os.open(
+                self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
+            )
+        except OSError as err:
+            raise UsageError(f"cannot create {self.path}: {err.strerror}",
+                             "give a writable output path") from None
+        self._write(FILE_HEADER.pack(MAGIC, *FORMAT_VERSION, 0))
+        self._write_meta()
+
+    # -- public API -------------------------------------------------------------------
+    def write(self, events: np.ndarray) -> None:
+        """Queue events (EVENT_DTYPE, in time order); writes full blocks as they fill."""
+        self._check_open()
+        ev = np.asarray(events)
+        if ev.dtype != EVENT_DTYPE:
+            raise UsageError(f"cannot record events of dtype {ev.dtype}",
+                             "pass arrays of kvmtrace.source.events.EVENT_DTYPE")
+        if len(ev) == 0:
+            return
+        self._pending.append(ev.reshape(-1).copy())
+        self._npending += len(ev)
+        if self._npending >= self.block_events:
+            self._write_events(whole_blocks_only=True)
+
+    def add_lost(self, n: int) -> None:
+        """Count ``n`` more events the producer could not deliver."""
+        self.lost += int(n)
+
+    def update_meta(self, **fields: Any) -> None:
+        """Change meta fields learnt later (e.g. ``ring_entries={(pid, vm): 512}``).
+
+        Dict fields (ring_entries, hooks, tracepoint_formats, extra) are merged, the others
+        replaced. Written at the next flush.
+        """
+        for name, value in fields.items():
+            if not hasattr(self.meta, name) or name == "kind":
+                raise TypeError(f"update_meta: unknown SourceMeta field {name!r}")
+            current = getattr(self.meta, name)
+            if isinstance(current, dict):
+                current.update(value)
+            else:
+                setattr(self.meta, name, value)
+        self._meta_dirty = True
+
+    def flush(self) -> None:
+        """Write everything pending (events, lost count, meta) as complete blocks."""
+        self._check_open()
+        self._write_events(whole_blocks_only=False)
+        if self.lost != self._lost_written:
+            self._write(_block(BlockType.LOST, _LOST.pack(self.lost), level=0))
+            self._lost_written = self.lost
+        if self._meta_dirty:
+            self._write_meta()
+        if self.fsync:
+            assert self._fd is not None
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Flush and write the END block with totals. Safe to call twice."""
+        if self._fd is None:
+            return
+        try:
+            self.flush()
+            end = {"events": self.events, "lost": self.lost, "blocks": self.blocks,
+                   "ts_first": self.ts_first, "ts_last": self.ts_last,
+                   "end_time": time.time()}
+            self._write(_block(BlockType.END, json.dumps(end).encode(), level=0))
+        finally:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def __enter__(self) -> RecordingWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- internals ---------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._fd is None:
+            raise ValueError("recording writer is closed")
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.bytes_written += len(data)
+
+    def _write_meta(self) -> None:
+        d = meta_to_dict(self.meta)
+        d["extra"] = dict(d["extra"])
+        d["extra"].setdefault("source_kind", self.meta.kind)
+        d.update(kind="recording", format="kvmtrace-recording",
+                 format_version=list(FORMAT_VERSION), writer=f"kvmtrace {__version__}",
+                 created=self._created)
+        if self.meta.host is None:
+            d["host"] = socket.gethostname()
+        if self.meta.kernel_release is None:
+            d["kernel_release"] = os.uname().release
+        if self.meta.start_time is None:
+            d["start_time"] = self._created
+        payload = json.dumps(d, default=str, sort_keys=True).encode()
+        self._write(_block(BlockType.META, payload, level=self.level))
+        self._meta_dirty = False
+
+    def _write_events(self, whole_blocks_only: bool) -> None:
+        if not self._pending:
+            return
+        ev = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        b = self.block_events
+        nfull = len(ev) // b
+        cut = nfull * b if whole_blocks_only else len(ev)
+        for start in range(0, cut, b):
+            self._write_block(ev[start : min(start + b, cut)])
+        rest = ev[cut:]
+        self._pending = [rest] if len(rest) else []
+        self._npending = len(rest)
+
+    def _write_block(self, ev: np.ndarray) -> None:
+        start = 0
+        for payload in encode_events(ev, self.level):
+            n = struct.unpack_from("<I", payload)[0]
+            ts = ev["ts"][start : start + n]
+            lo, hi = int(ts.min()), int(ts.max())
+            self._write(_block(BlockType.EVENTS, payload, n, lo, hi, level=0))
+            start += n
+            self.events += n
+            self.blocks += 1
+            self.ts_first = lo if self.ts_first is None else min(self.ts_first, lo)
+            self.ts_last = hi if self.ts_last is None else max(self.ts_last, hi)
+
+
+class Recording:
+    """A recording opened for reading; an EventSource (kvmtrace/source/base.py).
+
+    Known at open (one pass over block headers): ``meta``, ``events`` (complete events),
+    ``lost``, ``blocks``, ``ts_first``/``ts_last`` (ns), ``complete`` (END block present),
+    ``truncated`` (no END block: the writer was killed, or the file was cut) and
+    ``torn_bytes`` (bytes of an incomplete last block, ignored).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.meta = SourceMeta(kind="recording")
+        self.version: tuple[int, int] = (0, 0)
+        self.events = 0
+        self.blocks = 0
+        self.complete = False
+        self.torn_bytes = 0
+        self.ts_first: int | None = None
+        self.ts_last: int | None = None
+        self.end: dict[str, Any] | None = None
+        self._lost = 0
+        self._index: list[tuple[int, int]] = []  # (offset of header, events) of EVENTS blocks
+        self._scan()
+
+    @property
+    def lost(self) -> int:
+        return self._lost
+
+    @property
+    def truncated(self) -> bool:
+        return not self.complete
+
+    def batches(self) -> Iterator[np.ndarray]:
+        """Events block by block, in file order (= time order), one block in memory."""
+        with open(self.path, "rb", buffering=0) as f:
+            for offset, _count in self._index:
+                f.seek(offset)
+                head = f.read(BLOCK_HEADER.size)
+                fields = BLOCK_HEADER.unpack(head)
+                stored = f.read(fields[4])
+                yield self._decode_events(offset, head, fields, stored)
+
+    def read_all(self) -> np.ndarray:
+        """Every event at once (unbounded memory: for small recordings and tests)."""
+        parts = list(self.batches())
+        return np.concatenate(parts) if parts else np.empty(0, EVENT_DTYPE)
+
+    # -- internals ---------------------------------------------------------------------
+    def _fail(self, what: str) -> UsageError:
+        return UsageError(f"{self.path}: {what}",
+                          "give a recording written by 'kvmtrace record'")
+
+    def _scan(self) -> None:
+        try:
+            f = open(self.path, "rb")
+        except OSError as err:
+            raise UsageError(f"cannot open {self.path}: {err.strerror}",
+                             "check the path") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(FILE_HEADER.size)
+            if head[: len(MAGIC)] != MAGIC[: len(head)] or len(head) < len(MAGIC):
+                raise self._fail("not a kvmtrace recording (bad magic bytes)")
+            if len(head) < FILE_HEADER.size:
+                self.torn_bytes = len(head)
+                return
+            _, major, minor, _ = FILE_HEADER.unpack(head)
+            if major > FORMAT_VERSION[0]:
+                raise UsageError(
+                    f"{self.path}: recording format {major}.{minor} is newer than this "
+                    f"kvmtrace reads ({FORMAT_VERSION[0]}.x)", "upgrade kvmtrace")
+            self.version = (major, minor)
+            pos = FILE_HEADER.size
+            while pos < size:
+                if not self._scan_block(f, pos, size):
+                    self.torn_bytes = size - pos
+                    break
+                pos = f.tell()
+            if self.end is not None:
+                self._lost = max(self._lost, int(self.end.get("lost", 0)))
+
+    def _scan_block(self, f: Any, pos: int, size: int) -> bool:
+        """Index the block at ``pos``; False if it is incomplete or damaged (a torn tail)."""
+        f.seek(pos)
+        head = f.read(BLOCK_HEADER.size)
+        if len(head) < BLOCK_HEADER.size or self.complete:
+            return False
+        fields = BLOCK_HEADER.unpack(head)
+        sync, btype, codec, _, stored_len, raw_len, count, ts_min, ts_max, _ = fields
+        end = pos + BLOCK_HEADER.size + stored_len
+        if (sync != BLOCK_SYNC or btype not in (1, 2, 3, 4) or codec > _CODEC_ZLIB
+                or raw_len > MAX_RAW_BYTES or end > size):
+            return False
+        if btype == BlockType.EVENTS and end < size:
+            f.seek(end)  # not the last block: its CRC is checked when it is decoded
+        else:
+            stored = f.read(stored_len)
+            try:
+                payload = self._payload(pos, head, fields, stored)
+            except UsageError:
+                return False
+            if btype == BlockType.META:
+                try:
+                    self.meta = meta_from_dict(self._parse_json(payload, "META"))
+                except (TypeError, ValueError, AttributeError):
+                    raise self._fail("damaged META block") from None
+            elif btype == BlockType.LOST:
+                self._lost = _LOST.unpack(payload)[0]
+            elif btype == BlockType.END:
+                self.end = self._parse_json(payload, "END")
+                self.complete = True
+        if btype == BlockType.EVENTS:
+            self._index.append((pos, count))
+            self.events += count
+            self.blocks += 1
+            self.ts_first = ts_min if self.ts_first is None else min(self.ts_first, ts_min)
+            self.ts_last = ts_max if self.ts_last is None else max(self.ts_last, ts_max)
+        return True
+
+    def _parse_json(self, payload: bytes, what: str) -> dict[str, Any]:
+        try:
+            d = json.loads(payload)
+        except ValueError:
+            d = None
+        if not isinstance(d, dict):
+            raise self._fail(f"damaged {what} block")
+        return d
+
+    def _payload(self, pos: int, head: bytes, fields: tuple[Any, ...], stored: bytes) -> bytes:
+        _, _, codec, _, stored_len, raw_len, _, _, _, crc = fields
+        if len(stored) != stored_len or zlib.crc32(stored, zlib.crc32(head[:-4])) != crc:
+            raise self._fail(f"damaged block at byte {pos} (CRC mismatch)")
+        if codec == _CODEC_NONE:
+            return stored
+        try:
+            payload = zlib.decompress(stored, bufsize=max(raw_len, 1))
+        except zlib.error:
+            raise self._fail(f"damaged block at byte {pos} (bad zlib data)") from None
+        if len(payload) != raw_len:
+            raise self._fail(f"damaged block at byte {pos} (length mismatch)")
+        return payload
+
+    def _decode_events(self, pos: int, head: bytes, fields: tuple[Any, ...],
+                       stored: bytes) -> np.ndarray:
+        payload = self._payload(pos, head, fields, stored)
+        try:
+            ev = decode_events(payload)
+        except ValueError as err:
+            raise self._fail(f"block at byte {pos}: {err}") from None
+        if len(ev) != fields[6]:
+            raise self._fail(f"block at byte {pos}: {len(ev)} events, header says {fields[6]}")
+        return ev
+
+
+def open_recording(path: str | os.PathLike[str]) -> Recording:
+    """Open a recording; UsageError (one line) if it is missing or not a recording."""
+    return Recording(path)
+
+
+def is_recording(path: str | os.PathLike[str]) -> bool:
+    """True if the file starts with the recording magic bytes (never raises)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False

@@ -1,0 +1,327 @@
+"""Columnar codec of one EVENTS block of a kvmtrace recording (docs/FORMAT.md).
+
+A block of :data:`~kvmtrace.source.events.EVENT_DTYPE` events (``struct kt_event``) is
+stored column by column:
+
+- the *group* of an event is its (pid, tid, vm, ring, kind); the block's distinct groups
+  form a small table and each event stores only its group number (1 or 2 bytes, none when
+  the block has one group);
+- ``ts`` (ns) is delta-coded in time order;
+- ``value``, ``dirty_index``, ``reset_index`` and ``slot`` are delta-coded within their
+  group (events taken group by group, in time order within a group): per ring, a push's
+  dirty_index is the previous one + 1 and its offset often the previous + 1. A column that
+  is constant within every group is stored once per group;
+- a delta column is frame-of-reference coded: ``delta - lo`` in the number of bits (0 to
+  64) that is cheapest overall, the values that do not fit stored as *patches* (position,
+  full delta); whole bytes are split into byte planes (all low bytes, then all second
+  bytes, ...), the remaining bits into bit planes (numpy packbits);
+- every byte stream (group numbers, patches, planes) is zlib-compressed if that at least
+  halves it, else stored: inflating barely compressible bytes costs more time than it
+  saves space, and random low bytes stored as they are cost nothing to decode.
+
+Decoding is a fixed number of numpy passes per column, no per-event Python. Arithmetic
+wraps modulo the field width, so every u32/u64 value round-trips. The ``pad`` bytes are
+not stored and decode as zeros.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+from ..errors import UsageError
+from .events import EVENT_DTYPE
+
+__all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "encode_events", "decode_events"]
+
+#: One row of a block's group table (20 bytes).
+GROUP_DTYPE = np.dtype(
+    [("pid", "<u4"), ("tid", "<u4"), ("vm", "<i4"), ("ring", "<i4"), ("kind", "u1"),
+     ("pad", "V3")]
+)
+assert GROUP_DTYPE.itemsize == 20
+_KEYS = ("pid", "tid", "vm", "ring", "kind")
+
+#: Coded columns, in storage order: (field, unsigned dtype, delta within group?).
+DELTA_COLUMNS: tuple[tuple[str, np.dtype, bool], ...] = (
+    ("ts", np.dtype("<u8"), False),
+    ("value", np.dtype("<u8"), True),
+    ("dirty_index", np.dtype("<u4"), True),
+    ("reset_index", np.dtype("<u4"), True),
+    ("slot", np.dtype("<u4"), True),
+)
+_SIGNED = {4: np.dtype("<i4"), 8: np.dtype("<i8")}
+
+_BLOCK = struct.Struct("<IIBBH")  # events, groups, group-number bytes, columns, reserved
+_COLUMN = struct.Struct("<BBHIQ")  # mode, bits, reserved, patches, lo
+_STREAM = struct.Struct("<BII")  # codec (0 stored, 1 zlib), stored bytes, raw bytes
+_MODE_DELTA, _MODE_GROUP_CONST = 0, 1
+_DIRTY_RESET = np.dtype({"names": ["both"], "formats": ["<u8"],
+                         "offsets": [EVENT_DTYPE.fields["dirty_index"][1]],
+                         "itemsize": EVENT_DTYPE.itemsize})
+assert EVENT_DTYPE.fields["reset_index"][1] == EVENT_DTYPE.fields["dirty_index"][1] + 4
+MAX_BLOCK_EVENTS = 1 << 16  # so that group numbers fit in 2 bytes
+_MAX_BIT_PLANES = 2  # 3..7 leftover bits take a byte plane: faster to decode
+_MIN_RATIO = 2.0  # compress a stream only if zlib at least halves it (inflate is slow)
+
+
+def _put_stream(data: bytes, out: list[bytes], level: int) -> None:
+    if level > 0 and len(data) >= 64:
+        # a 4 KiB probe first: most incompressible planes are rejected cheaply
+        if len(data) <= 8192 or len(zlib.compress(data[:4096], 1)) * _MIN_RATIO <= 4096 * 1.1:
+            z = zlib.compress(data, level)
+            if len(z) * _MIN_RATIO <= len(data):
+                out += [_STREAM.pack(1, len(z), len(data)), z]
+                return
+    out += [_STREAM.pack(0, len(data), len(data)), data]
+
+
+def _dense(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, index of each element among them) of an integer array."""
+    lo, hi = int(x.min()), int(x.max())
+    if hi - lo < 1 << 20:
+        off = (x - x.dtype.type(lo)).astype(np.intp) if lo else x.astype(np.intp)
+        present = np.zeros(hi - lo + 1, bool)
+        present[off] = True
+        lut = np.cumsum(present, dtype=np.intp) - 1
+        return np.flatnonzero(present).astype(x.dtype) + x.dtype.type(lo), lut[off]
+    vals, idx = np.unique(x, return_inverse=True)
+    return vals, idx.ravel()
+
+
+def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group table, group number of each event): distinct (pid, tid, vm, ring, kind)."""
+    n = len(ev)
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for key in _KEYS:
+        col = ev[key]
+        change[1:] |= col[1:] != col[:-1]
+    starts = np.flatnonzero(change)
+    runs = np.diff(np.append(starts, n))
+    # one int64 key per run head, mixing the dense index of each field (mixed radix)
+    fields = [_dense(ev[name][starts]) for name in _KEYS]
+    radix = 1
+    for vals, _ in fields:
+        radix *= len(vals)
+    if radix < 1 << 62:
+        key = np.zeros(len(starts), np.int64)
+        for vals, idx in fields:
+            key = key * len(vals) + idx
+        keys, inverse = _dense(key)
+        table = np.zeros(len(keys), GROUP_DTYPE)
+        rest = keys.copy()
+        for name, (vals, _) in zip(reversed(_KEYS), reversed(fields), strict=True):
+            table[name] = vals[rest % len(vals)]
+            rest //= len(vals)
+    else:  # very many distinct values: compare the rows' bytes
+        heads = np.zeros(len(starts), dtype=GROUP_DTYPE)
+        for name in _KEYS:
+            heads[name] = ev[name][starts]
+        table, inverse = np.unique(heads.view("V20"), return_inverse=True)
+        table = table.view(GROUP_DTYPE)
+    gid_dtype = np.uint8 if len(table) <= 256 else np.uint16
+    return table, np.repeat(inverse.astype(gid_dtype).ravel(), runs)
+
+
+def _delta(v: np.ndarray) -> np.ndarray:
+    d = np.empty(len(v), v.dtype)
+    d[0] = v[0]
+    np.subtract(v[1:], v[:-1], out=d[1:])
+    return d
+
+
+def _choose(d: np.ndarray) -> tuple[int, int]:
+    """(lo, bits) minimising n * bits / 8 + (4 + itemsize) bytes per patch."""
+    n = len(d)
+    full = d.dtype.itemsize
+    signed = d.view(_SIGNED[full])
+    sample = np.sort(signed[:: max(1, n // 4096)])  # lo candidates: a low quantile, the mode
+    vals, counts = np.unique(sample, return_counts=True)
+    cands = {int(sample[len(sample) >> 9]), int(vals[np.argmax(counts)])}
+    best = (0, 8 * full, n * full)
+    for lo in sorted(cands):
+        lo &= (1 << (8 * full)) - 1
+        r = d - d.dtype.type(lo)
+        # bit length of each residual (frexp is exact enough to choose a width)
+        hist = np.bincount(np.frexp(r.astype(np.float64))[1], minlength=8 * full + 2)
+        above = n - np.cumsum(hist)  # above[b] = residuals needing more than b bits
+        for bits in range(8 * full):
+            if bits % 8 > _MAX_BIT_PLANES:
+                continue
+            cost = n * bits // 8 + int(above[bits]) * (4 + full)
+            if cost < best[2]:
+                best = (lo, bits, cost)
+    return best[0], best[1]
+
+
+def _encode_delta(v: np.ndarray, out: list[bytes], level: int) -> None:
+    d = _delta(v)
+    n = len(d)
+    full = d.dtype.itemsize
+    lo, bits = _choose(d)
+    r = d - d.dtype.type(lo)
+    if bits < 8 * full:
+        pos = np.flatnonzero(r >= d.dtype.type(1 << bits))
+    else:
+        pos = np.empty(0, np.intp)
+    out.append(_COLUMN.pack(_MODE_DELTA, bits, 0, len(pos), lo))
+    if len(pos):
+        _put_stream(pos.astype("<u4").tobytes() + d[pos].tobytes(), out, level)
+        r[pos] = 0
+    planes = r.view(np.uint8).reshape(n, full)
+    for j in range(bits // 8):
+        _put_stream(planes[:, j].tobytes(), out, level)
+    if bits % 8:
+        top = planes[:, bits // 8]
+        for k in range(bits % 8):
+            _put_stream(np.packbits((top >> k) & 1).tobytes(), out, level)
+
+
+def _encode_one(ev: np.ndarray, level: int) -> bytes:
+    n = len(ev)
+    table, gid = _groups(ev)
+    ngroups = len(table)
+    gid_width = 0 if ngroups == 1 else gid.dtype.itemsize
+    out: list[bytes] = [_BLOCK.pack(n, ngroups, gid_width, len(DELTA_COLUMNS), 0),
+                        table.tobytes()]
+    order = starts = None
+    if gid_width:
+        _put_stream(gid.tobytes(), out, level)
+        order = np.argsort(gid, kind="stable")
+        starts = np.concatenate(([0], np.cumsum(np.bincount(gid, minlength=ngroups))[:-1]))
+    for name, dtype, grouped in DELTA_COLUMNS:
+        col = ev[name].view(dtype)
+        if grouped:
+            if order is not None:
+                col = col[order]
+            heads = col[starts] if starts is not None else col[:1]
+            if starts is None:
+                const = bool((col == col[0]).all())
+            else:
+                const = bool((col == np.repeat(heads, np.diff(np.append(starts, n)))).all())
+            if const:
+                out += [_COLUMN.pack(_MODE_GROUP_CONST, 0, 0, 0, 0), heads.tobytes()]
+                continue
+        _encode_delta(np.ascontiguousarray(col), out, level)
+    return b"".join(out)
+
+
+def encode_events(ev: np.ndarray, level: int = 3) -> list[bytes]:
+    """EVENTS block payloads holding ``ev``, one per :data:`MAX_BLOCK_EVENTS` events.
+    ``level``: zlib level of the streams (0 = store)."""
+    if ev.dtype != EVENT_DTYPE:
+        raise UsageError(f"events have dtype {ev.dtype}, expected EVENT_DTYPE")
+    return [_encode_one(ev[i : i + MAX_BLOCK_EVENTS], level)
+            for i in range(0, len(ev), MAX_BLOCK_EVENTS)]
+
+
+class _Reader:
+    """Cursor over a block payload."""
+
+    def __init__(self, payload: bytes | bytearray | memoryview) -> None:
+        self.buf = memoryview(payload)
+        self.off = 0
+
+    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
+        vals = st.unpack_from(self.buf, self.off)
+        self.off += st.size
+        return vals
+
+    def array(self, dtype: np.dtype | type, count: int) -> np.ndarray:
+        arr = np.frombuffer(self.buf, dtype, count, self.off)
+        self.off += arr.nbytes
+        return arr
+
+    def stream(self, expect: int) -> memoryview | bytes:
+        codec, stored, raw = self.unpack(_STREAM)
+        if raw != expect or self.off + stored > len(self.buf):
+            raise ValueError("bad stream length")
+        data = self.buf[self.off : self.off + stored]
+        self.off += stored
+        if codec == 0:
+            return data
+        if codec != 1:
+            raise ValueError(f"unknown stream codec {codec}")
+        try:
+            out = zlib.decompress(data, bufsize=max(raw, 1))
+        except zlib.error as err:
+            raise ValueError(f"bad zlib stream: {err}") from None
+        if len(out) != raw:
+            raise ValueError("bad stream length")
+        return out
+
+
+def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
+                  lo: int) -> np.ndarray:
+    full = dtype.itemsize
+    if bits > 8 * full:
+        raise ValueError(f"bad column width {bits} bits")
+    pos = vals = None
+    if npatch:
+        raw = rd.stream(npatch * (4 + full))
+        pos = np.frombuffer(raw, "<u4", npatch)
+        vals = np.frombuffer(raw, dtype, npatch, 4 * npatch)
+    lo_t = dtype.type(lo)
+    nbytes, nbits = divmod(bits, 8)
+    if nbytes:
+        d = np.add(np.frombuffer(rd.stream(n), np.uint8), lo_t, dtype=dtype)
+        for j in range(1, nbytes):
+            plane = np.frombuffer(rd.stream(n), np.uint8)
+            d += np.left_shift(plane, dtype.type(8 * j), dtype=dtype)
+    else:
+        d = np.full(n, lo_t, dtype)
+    if nbits:
+        top = np.zeros(n, np.uint8)
+        for k in range(nbits):
+            plane = np.unpackbits(np.frombuffer(rd.stream((n + 7) // 8), np.uint8), count=n)
+            top |= plane << np.uint8(k)
+        d += np.left_shift(top, dtype.type(8 * nbytes), dtype=dtype)
+    if pos is not None:
+        d[pos] = vals
+    return np.cumsum(d, dtype=dtype, out=d)
+
+
+def decode_events(payload: bytes | bytearray | memoryview) -> np.ndarray:
+    """Events of one EVENTS block payload; ValueError if it is malformed."""
+    rd = _Reader(payload)
+    try:
+        n, ngroups, gid_width, ncols, _ = rd.unpack(_BLOCK)
+        if ncols != len(DELTA_COLUMNS) or gid_width not in (0, 1, 2) or ngroups < 1:
+            raise ValueError("bad block header")
+        table = rd.array(GROUP_DTYPE, ngroups)
+        tmpl = np.zeros(ngroups, EVENT_DTYPE)
+        for key in _KEYS:
+            tmpl[key] = table[key]
+        gid = order = None
+        if gid_width:
+            gid = np.frombuffer(rd.stream(n * gid_width), f"<u{gid_width}")
+            order = np.argsort(gid, kind="stable")
+        cols: dict[str, np.ndarray] = {}
+        for name, dtype, grouped in DELTA_COLUMNS:
+            mode, width, _, npatch, lo = rd.unpack(_COLUMN)
+            if mode == _MODE_GROUP_CONST and grouped:
+                tmpl[name] = rd.array(dtype, ngroups)
+            elif mode == _MODE_DELTA:
+                cols[name] = _decode_delta(rd, n, dtype, width, npatch, lo)
+            else:
+                raise ValueError(f"bad column mode {mode}")
+        if rd.off != len(rd.buf):
+            raise ValueError("trailing bytes")
+        ev = tmpl.take(gid) if gid is not None else tmpl.take(np.zeros(n, np.intp))
+        if order is not None and "dirty_index" in cols and "reset_index" in cols:
+            # adjacent u32 fields: one u64 scatter instead of two
+            both = cols.pop("dirty_index").astype(np.uint64)
+            both |= np.left_shift(cols.pop("reset_index"), np.uint64(32), dtype=np.uint64)
+            ev.view(_DIRTY_RESET)["both"][order] = both
+        for name, v in cols.items():
+            field = ev[name]
+            if order is not None and name != "ts":
+                field[order] = v
+            else:
+                field[:] = v
+    except (struct.error, ValueError, TypeError, IndexError) as err:
+        raise ValueError(f"malformed EVENTS block: {err}") from None
+    return ev

@@ -1,18 +1,294 @@
-"""`kvmtrace top` (not built yet)."""
+"""``kvmtrace top``: per-ring view of the dirty ring, interactive, batch (text or NDJSON) or
+as a Prometheus exporter. The data comes from one SnapshotSource: the live in-kernel maps
+(:class:`kvmtrace.bpf.live.LiveSource`) or, with ``--replay FILE``, an
+:class:`~kvmtrace.analysis.aggregate.ReplaySource` over any recording or imported trace.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from ..errors import KvmtraceError
+from ..analysis.rates import compute_interval
+from ..analysis.stats import Snapshot
+from ..errors import UsageError
+from ..source.base import SnapshotSource, SourceMeta
+from ..views.top_render import SORT_KEYS, render_top
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "TopOptions", "parse_options"]
+
+EXAMPLES = """examples:
+  kvmtrace top                          # interactive (h: help, q: quit)
+  kvmtrace top -p 4321 -d 2             # one VMM process, refresh every 2 s
+  kvmtrace top -b -n 5 -d 1 --json      # 5 NDJSON lines, one per second, for scripts
+  kvmtrace top --prometheus :9877       # metrics on http://127.0.0.1:9877/metrics
+  kvmtrace top -b --replay run.kvt      # the same view over a recording, as fast as it goes
+"""
+LONG_RUN_S = 10.0  # batch runs at least this long say how to end them
+
+
+@dataclass
+class TopOptions:
+    """Validated ``top`` arguments."""
+
+    pid: int = 0
+    delay: float = 1.0
+    count: int | None = None
+    batch: bool = False
+    json: bool = False
+    sort: str = "push"
+    prometheus: tuple[str, int] | None = None
+    replay: str | None = None
+    ring_entries: int | None = None
+    ring_bytes: int | None = None
+    hook: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("top", help="(not built yet)")
+    p = sub.add_parser(
+        "top",
+        help="live per-ring view of the dirty ring (like top)",
+        description="One row per dirty ring (vCPU) and a total per VM: size, used and fill, "
+        "max used, pushes/s, soft-full exits/s, stall p99, resets/s, entries per reset, "
+        "reset p99, lost entries. Interactive, batch (-b, text or --json) or Prometheus.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Values are parsed in parse_options() so a bad one is a single error line (exit 2).
+    p.add_argument("-p", "--pid", default="0", metavar="PID", help="only this VMM process")
+    p.add_argument("-d", "--delay", default="1", metavar="SECS", help="refresh interval (1)")
+    p.add_argument("-n", "--iterations", metavar="COUNT", help="stop after COUNT refreshes")
+    p.add_argument("-b", "--batch", action="store_true", help="print instead of curses")
+    p.add_argument("--json", action="store_true", help="batch NDJSON, one object per interval")
+    p.add_argument("-s", "--sort", default="push", metavar="KEY",
+                   help=f"sort column: {', '.join(SORT_KEYS)} (push)")
+    p.add_argument("--prometheus", metavar="ADDR:PORT",
+                   help="serve /metrics (':PORT' = 127.0.0.1)")
+    p.add_argument("--replay", metavar="FILE", help="a recording or ftrace/perf-script text")
+    p.add_argument("--ring-entries", metavar="N", help="ring size for --replay text traces")
+    p.add_argument("--ring-bytes", metavar="B", help="ring size in bytes, ditto")
+    p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
     p.set_defaults(func=run)
 
 
+def _int(value: str | None, flag: str, low: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value, 0)
+    except ValueError:
+        n = low - 1
+    if n < low:
+        raise UsageError(f"bad {flag} {value!r}", f"give an integer >= {low}")
+    return n
+
+
+def parse_options(args: argparse.Namespace) -> TopOptions:
+    """Check every value; raise UsageError (one line, exit 2) on the first bad one."""
+    from ..views.prometheus import parse_listen
+
+    try:
+        delay = float(args.delay)
+    except ValueError:
+        delay = -1.0
+    low = 1e-6 if args.replay else 0.01  # a file's time can be stepped finely
+    if not low <= delay <= 86400:
+        raise UsageError(f"bad -d {args.delay!r}", f"give seconds between {low:g} and 86400")
+    if args.sort not in SORT_KEYS:
+        raise UsageError(f"unknown sort key {args.sort!r}", f"use one of {', '.join(SORT_KEYS)}")
+    if args.hook not in ("auto", "raw_tp", "tp"):
+        raise UsageError(f"unknown --hook {args.hook!r}", "use auto, raw_tp or tp")
+    opts = TopOptions(
+        pid=_int(args.pid, "-p", 0) or 0,
+        delay=delay,
+        count=_int(args.iterations, "-n", 1),
+        batch=bool(args.batch or args.json),
+        json=bool(args.json),
+        sort=args.sort,
+        prometheus=parse_listen(args.prometheus) if args.prometheus else None,
+        replay=args.replay,
+        ring_entries=_int(args.ring_entries, "--ring-entries", 1),
+        ring_bytes=_int(args.ring_bytes, "--ring-bytes", 16),
+        hook=args.hook,
+    )
+    if (opts.ring_entries or opts.ring_bytes) and not opts.replay:
+        raise UsageError("--ring-entries/--ring-bytes only apply to --replay",
+                         "the live view learns ring sizes from KVM_ENABLE_CAP")
+    return opts
+
+
+class _Latest:
+    """SnapshotSource handing out the last snapshot the main loop took (Prometheus next to a
+    replay or a batch loop: one reader of the source, scrapes see what the loop printed)."""
+
+    def __init__(self, meta: SourceMeta, snap: Snapshot) -> None:
+        self.meta = meta
+        self.snap = snap
+
+    def snapshot(self) -> Snapshot:
+        return self.snap
+
+
+def _open(opts: TopOptions) -> tuple[SnapshotSource, str]:
+    if opts.replay:
+        from ..analysis.aggregate import ReplaySource
+        from ..source.detect import open_source
+
+        events = open_source(opts.replay, ring_entries=opts.ring_entries,
+                             ring_bytes=opts.ring_bytes)
+        return ReplaySource(events, int(opts.delay * 1e9), pid=opts.pid), "replay"
+    from ..bpf.live import LiveSource
+    from ..bpf.loader import Probes, preflight
+
+    preflight()
+    probes = Probes(pid=opts.pid, hook=opts.hook)
+    try:  # notice VMMs exiting (process connector), so their rows go away
+        return LiveSource(probes=probes, watch=True), "live"
+    except (OSError, ImportError):
+        return LiveSource(probes=probes), "live"
+
+
+def _clock(label: str) -> Callable[[Snapshot], str]:
+    """Title clock: wall time live; for a file, time since the file's first snapshot."""
+    if label == "live":
+        return lambda snap: time.strftime("%H:%M:%S")
+    t0: list[int] = []
+
+    def since_start(snap: Snapshot) -> str:
+        if not t0:
+            t0.append(snap.time_ns)
+        return f"t+{(snap.time_ns - t0[0]) / 1e9:.3f}s"
+
+    return since_start
+
+
+def _wall(source: SnapshotSource, label: str, first: Snapshot, snap: Snapshot) -> float | None:
+    if label == "live":
+        return time.time()
+    start = source.meta.start_time
+    return None if start is None else start + (snap.time_ns - first.time_ns) / 1e9
+
+
+def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading.Lock,
+           latest: _Latest | None, *, emit: bool = True) -> int:
+    """Take a snapshot every ``opts.delay`` s (a replay without a server: as fast as it
+    goes), print each interval (NDJSON or text) when ``emit``, publish it to ``latest``."""
+    from ..views.topjson import interval_json
+
+    replay = label == "replay"
+    width = shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else 80
+    if latest is not None:
+        first = latest.snap
+    else:
+        with lock:
+            first = source.snapshot()
+    prev = first
+    clock = _clock(label)
+    clock(first)
+    hooks = dict(source.meta.hooks)
+    due = time.monotonic()
+    done = 0
+    while opts.count is None or done < opts.count:
+        if not replay or latest is not None:
+            due += opts.delay
+            time.sleep(max(0.0, due - time.monotonic()))
+        with lock:
+            cur = source.snapshot()
+        if latest is not None:
+            latest.snap = cur
+        iv = compute_interval(prev, cur, pid=opts.pid)
+        if emit and opts.json:
+            obj = interval_json(iv, wall_time=_wall(source, label, first, cur))
+            print(json.dumps(obj, separators=(",", ":")), flush=True)
+        elif emit:
+            lines = render_top(iv, width, None, opts.sort, clock=clock(cur),
+                               source=label, hooks=hooks, pid=opts.pid)
+            print("\n".join(lines) + "\n", flush=True)
+        prev = cur
+        done += 1
+        if replay and getattr(source, "done", False):
+            break
+    return 0
+
+
+def _serve_only(opts: TopOptions, source: SnapshotSource, label: str,
+                lock: threading.Lock, latest: _Latest | None) -> int:
+    """Prometheus alone: scrapes read the live source; a replay plays in real time."""
+    if latest is not None:
+        _batch(opts, source, label, lock, latest, emit=False)
+    while True:  # until Ctrl-C / SIGTERM (a replay keeps serving its final state)
+        time.sleep(3600)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
-    raise KvmtraceError("'kvmtrace top' is not built yet")
+    opts = parse_options(args)
+    if not opts.batch and not opts.prometheus and not sys.stdout.isatty():
+        raise UsageError("the interactive view needs a terminal",
+                         "use -b for batch text, or -b --json for scripts")
+    source, label = _open(opts)
+    lock = threading.Lock()
+    exporter = None
+    try:
+        unbounded = opts.count is None or opts.count * opts.delay >= LONG_RUN_S
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # end cleanly, terminal restored
+        latest = None
+        if opts.prometheus:
+            from ..views.prometheus import Exporter
+
+            if label == "replay" or opts.batch:  # serve what the loop read last
+                with lock:
+                    latest = _Latest(source.meta, source.snapshot())
+            exporter = Exporter(latest or source, *opts.prometheus, lock=lock)
+            host, port = exporter.address
+            where = f"[{host}]" if ":" in host else host
+            print(f"kvmtrace top: serving http://{where}:{port}/metrics", file=sys.stderr,
+                  flush=True)
+            exporter.start()
+        if (opts.batch or opts.prometheus) and label == "live" and unbounded:
+            print("Hit Ctrl-C to end.", file=sys.stderr, flush=True)
+        if opts.batch:
+            return _batch(opts, source, label, lock, latest)
+        if opts.prometheus:
+            return _serve_only(opts, source, label, lock, latest)
+        from ..views.top_curses import TopState, run_curses
+
+        return run_curses(
+            source,
+            opts.delay,
+            state=TopState(sort_key=opts.sort, pid=opts.pid),
+            source_label=label,
+            hooks=dict(source.meta.hooks),
+            clock=_clock(label),
+            end_status=(lambda: "end of file (q: quit)" if getattr(source, "done", False)
+                        else None),
+            count=opts.count,
+        )
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if exporter is not None:
+            exporter.close()
+        _close(source)
+
+
+def _close(source: SnapshotSource, timeout_s: float = 5.0) -> None:
+    """Close the source without ever hanging the exit: what a close leaves undone (BPF
+    links, netlink sockets) the kernel undoes when the process ends."""
+    close = getattr(source, "close", None)
+    if callable(close):
+        worker = threading.Thread(target=close, daemon=True)
+        worker.start()
+        worker.join(timeout_s)

@@ -1,0 +1,254 @@
+"""Per-ring counters computed in user space from any event stream.
+
+:class:`Aggregator` turns :data:`~kvmtrace.source.events.EVENT_DTYPE` batches into the same
+cumulative :class:`~kvmtrace.analysis.stats.Snapshot` counters the in-kernel BPF maps keep,
+so ``top`` runs over a recording or an imported ftrace/``perf script`` text exactly as over
+the live kernel. :class:`ReplaySource` wraps an EventSource as a SnapshotSource that moves
+through the file's time by a fixed step per :meth:`~ReplaySource.snapshot` call.
+
+Semantics (per ring = ``struct kvm_dirty_ring`` of one vCPU, keyed by (pid, vm fd, index)):
+
+- ``pushes``: kvm_dirty_ring_push events; ``soft_full_exits``: kvm_dirty_ring_exit events;
+  ``resets``: kvm_dirty_ring_reset events (one per ring per KVM_RESET_DIRTY_RINGS ioctl).
+- ``entries_reset``: sum over reset events of the ring's ``reset_index`` advance since the
+  ring's previous push/reset event (u32 arithmetic). A ring whose first event is a reset
+  counts 0 for it: its earlier ``reset_index`` is unknown.
+- ``dirty_index``/``reset_index``: last seen on a push or reset event; ``max_used``: the
+  largest ``dirty_index - reset_index`` seen on any of them, in entries.
+- ``lost``: pushes that left ``used > size`` (the entry overwrote an unharvested one);
+  only counted while the ring size is known.
+- ``stall_hist``/``stall_ns``: KT_STALL durations in ns. ``reset_lat_hist``: KT_RESET_LAT
+  durations in ns; the ioctl is VM-wide (event ring -1), so like the in-kernel ``vms`` map
+  it is kept per VM and every ring of the VM carries the VM's histogram.
+- ring ``size`` (entries of 16-byte ``struct kvm_dirty_gfn``): from KT_RING_SIZE events
+  (``value`` = ring bytes, per VM), else from :meth:`SourceMeta.ring_size`, else None.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import numpy as np
+
+from ..source.base import EventSource, SourceMeta
+from ..source.events import Kind
+from .stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo
+
+__all__ = ["Aggregator", "ReplaySource", "log2_buckets", "GFN_BYTES"]
+
+GFN_BYTES = 16  #: sizeof(struct kvm_dirty_gfn)
+_U32 = np.int64(0xFFFFFFFF)
+# 2**1 .. 2**(HIST_BUCKETS-1): searchsorted(side="right") gives floor(log2 v) for v >= 1.
+_POW2 = np.array([1 << i for i in range(1, HIST_BUCKETS)], dtype=np.uint64)
+
+
+def log2_buckets(values: np.ndarray) -> np.ndarray:
+    """Histogram (length HIST_BUCKETS) of ns values in log2 buckets, like bpf_log2l.
+
+    Bucket i counts ``2**i <= v < 2**(i+1)``; bucket 0 also holds 0; the last bucket holds
+    everything above.
+    """
+    idx = np.searchsorted(_POW2, values.astype(np.uint64, copy=False), side="right")
+    return np.bincount(idx, minlength=HIST_BUCKETS)[:HIST_BUCKETS]
+
+
+class Aggregator:
+    """Cumulative per-ring counters fed with EVENT_DTYPE batches in time order.
+
+    ``pid``: keep only events of this VMM process (0 = all). ``meta`` supplies ring sizes the
+    events do not carry (``--ring-entries``/``--ring-bytes`` of imported text).
+    """
+
+    def __init__(self, meta: SourceMeta | None = None, *, pid: int = 0) -> None:
+        self.meta = meta if meta is not None else SourceMeta(kind="events")
+        self.pid = pid
+        self.lost_events = 0
+        self.events = 0  #: events fed (after the pid filter)
+        self.time_ns = 0  #: ts of the last event fed
+        self._rings: dict[RingKey, RingCounters] = {}
+        self._have_index: set[RingKey] = set()
+        self._vms: dict[tuple[int, int], VmInfo] = {}
+        self._reset_lat: dict[tuple[int, int], list[int]] = {}
+
+    # -- feeding --------------------------------------------------------------------------
+    def feed(self, events: np.ndarray) -> None:
+        """Add one batch (EVENT_DTYPE, time order) to the counters."""
+        if self.pid:
+            events = events[events["pid"] == self.pid]
+        if len(events) == 0:
+            return
+        self.events += len(events)
+        self.time_ns = max(self.time_ns, int(events["ts"][-1]))
+        kinds = events["kind"]
+        per_vm = (kinds == Kind.RING_SIZE) | (kinds == Kind.RESET_LAT)
+        if per_vm.any():
+            self._vm_events(events[per_vm])
+            events = events[~per_vm]
+            if len(events) == 0:
+                return
+        keys = np.empty(len(events), dtype=[("pid", "<u4"), ("vm", "<i4"), ("ring", "<i4")])
+        keys["pid"], keys["vm"], keys["ring"] = events["pid"], events["vm"], events["ring"]
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        if len(uniq) == 1:
+            self._feed_ring(self._ring(uniq[0]), events)
+            return
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(1, len(uniq)))
+        for key, part in zip(uniq, np.split(order, bounds), strict=True):
+            self._feed_ring(self._ring(key), events[part])
+
+    def add_lost(self, n: int) -> None:
+        """Events the producer could not deliver (a source's ``lost``)."""
+        self.lost_events += int(n)
+
+    def _vm_events(self, events: np.ndarray) -> None:
+        lat = events[events["kind"] == Kind.RESET_LAT]
+        for pid, vm in {(int(p), int(v)) for p, v in zip(lat["pid"], lat["vm"], strict=True)}:
+            mine = lat[(lat["pid"] == pid) & (lat["vm"] == vm)]
+            hist = self._reset_lat.setdefault((pid, vm), [0] * HIST_BUCKETS)
+            _add_hist(hist, log2_buckets(mine["value"]))
+            self._vm(pid, vm)
+        for ev in events[events["kind"] == Kind.RING_SIZE]:
+            self._ring_size_event(int(ev["pid"]), int(ev["vm"]), int(ev["value"]))
+
+    def _ring_size_event(self, pid: int, vm: int, ring_bytes: int) -> None:
+        info = self._vm(pid, vm)
+        info.ring_bytes = ring_bytes
+        for key, counters in self._rings.items():
+            if key.pid == pid and key.vm == vm:
+                counters.size = ring_bytes // GFN_BYTES
+
+    def _vm(self, pid: int, vm: int) -> VmInfo:
+        info = self._vms.get((pid, vm))
+        if info is None:
+            info = self._vms[(pid, vm)] = VmInfo(pid=pid, vm=vm, comm=self._comm(pid))
+        return info
+
+    def _comm(self, pid: int) -> str:
+        comms = self.meta.extra.get("comm")
+        if isinstance(comms, dict):
+            return str(comms.get(pid, comms.get(str(pid), "")))
+        return ""
+
+    def _ring(self, key: np.void) -> tuple[RingKey, RingCounters]:
+        rk = RingKey(int(key["pid"]), int(key["vm"]), int(key["ring"]))
+        counters = self._rings.get(rk)
+        if counters is None:
+            info = self._vm(rk.pid, rk.vm)
+            size = None
+            if info.ring_bytes:
+                size = info.ring_bytes // GFN_BYTES
+            else:
+                size = self.meta.ring_size(rk.pid, rk.vm)
+            counters = self._rings[rk] = RingCounters(size=size)
+        return rk, counters
+
+    def _feed_ring(self, ring: tuple[RingKey, RingCounters], ev: np.ndarray) -> None:
+        key, c = ring
+        kinds = ev["kind"]
+        is_push = kinds == Kind.PUSH
+        is_reset = kinds == Kind.RESET
+        c.pushes += int(is_push.sum())
+        c.resets += int(is_reset.sum())
+        c.soft_full_exits += int((kinds == Kind.EXIT).sum())
+        indexed = is_push | is_reset
+        if indexed.any():
+            self._feed_indices(key, c, ev[indexed], is_reset[indexed])
+        stalls = ev["value"][kinds == Kind.STALL]
+        if len(stalls):
+            c.stall_ns += int(stalls.sum(dtype=np.uint64))
+            _add_hist(c.stall_hist, log2_buckets(stalls))
+
+    def _feed_indices(
+        self, key: RingKey, c: RingCounters, ev: np.ndarray, is_reset: np.ndarray
+    ) -> None:
+        di = ev["dirty_index"].astype(np.int64)
+        ri = ev["reset_index"].astype(np.int64)
+        used = (di - ri) & _U32
+        c.max_used = max(c.max_used, int(used.max()))
+        if c.size is not None:
+            c.lost += int((used[~is_reset] > c.size).sum())
+        if is_reset.any():
+            first = c.reset_index if key in self._have_index else int(ri[0])
+            prev = np.concatenate(([first], ri[:-1]))
+            c.entries_reset += int(((ri - prev) & _U32)[is_reset].sum())
+        c.dirty_index, c.reset_index = int(di[-1]), int(ri[-1])
+        self._have_index.add(key)
+
+    # -- reading --------------------------------------------------------------------------
+    def snapshot(self, time_ns: int | None = None) -> Snapshot:
+        """A copy of the counters now; ``time_ns`` defaults to the last event's ts."""
+        rings = copy.deepcopy(self._rings)
+        for key, c in rings.items():
+            hist = self._reset_lat.get((key.pid, key.vm))
+            if hist is not None:
+                c.reset_lat_hist = list(hist)
+        return Snapshot(
+            time_ns=self.time_ns if time_ns is None else time_ns,
+            rings=rings,
+            vms=copy.deepcopy(self._vms),
+            lost_events=self.lost_events,
+        )
+
+
+def _add_hist(dst: list[int], add: np.ndarray) -> None:
+    for i in np.flatnonzero(add):
+        dst[i] += int(add[i])
+
+
+class ReplaySource:
+    """A SnapshotSource over an EventSource: file time advances ``step_ns`` per snapshot.
+
+    The first :meth:`snapshot` is the empty state at the first event's ts; each later call
+    feeds the events of the next ``step_ns`` of file time and returns the state at the end of
+    that window (``time_ns`` = window end; the last window ends at the last event's ts).
+    Once :attr:`done`, further calls return the final state again.
+    """
+
+    def __init__(self, source: EventSource, step_ns: int, *, pid: int = 0) -> None:
+        if step_ns <= 0:
+            raise ValueError("step_ns must be positive")
+        self.source = source
+        self.meta = source.meta
+        self.step_ns = int(step_ns)
+        self.agg = Aggregator(source.meta, pid=pid)
+        self._batches: Iterator[np.ndarray] = iter(source.batches())
+        self._pending: np.ndarray | None = None
+        self._exhausted = False
+        self._until: int | None = None
+        self._time = 0
+
+    @property
+    def done(self) -> bool:
+        """True once every event of the source has been fed."""
+        return self._exhausted and (self._pending is None or len(self._pending) == 0)
+
+    def _fill(self) -> bool:
+        while self._pending is None or len(self._pending) == 0:
+            try:
+                self._pending = next(self._batches)
+            except StopIteration:
+                self._exhausted = True
+                self._pending = None
+                return False
+        return True
+
+    def snapshot(self) -> Snapshot:
+        if self._until is None:
+            self._until = int(self._pending["ts"][0]) if self._fill() else 0
+            self._time = self._until
+            return self.agg.snapshot(self._time)
+        if not self.done:
+            self._until += self.step_ns
+            while self._fill():
+                assert self._pending is not None
+                cut = int(np.searchsorted(self._pending["ts"], self._until, side="left"))
+                self.agg.feed(self._pending[:cut])
+                self._pending = self._pending[cut:]
+                if len(self._pending):
+                    break
+            self._time = self._until if not self.done else max(self._time, self.agg.time_ns)
+            if self.done:
+                self.agg.lost_events = int(self.source.lost)
+        return self.agg.snapshot(self._time)

@@ -1,0 +1,283 @@
+"""Per-interval rates and percentiles from two cumulative :class:`Snapshot` objects.
+
+Rates are the counter delta divided by the interval in seconds; percentiles are those of the
+interval, taken from the delta of the log2 ns histograms (:func:`hist_percentile`, so a
+percentile is the upper bound of its power-of-two bucket). Cumulative fields stay cumulative
+(since the source started, or since ``baseline`` when the view was told to reset counters).
+
+KVM_RESET_DIRTY_RINGS latency is VM-wide: the in-kernel maps (and the Aggregator) keep one
+histogram per VM and every ring of the VM carries a copy, so a VM's reset histogram is the
+element-wise maximum over its rings (:func:`vm_reset_hist`), not their sum. A ring index
+below 0 ("the VM, ring unknown") becomes a ring row only when it carries ring events (pushes,
+exits, resets, stalls); its reset-latency histogram still feeds the VM's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo, hist_percentile
+
+__all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract", "vm_reset_hist"]
+
+
+@dataclass
+class RingRates:
+    """One ring (struct kvm_dirty_ring) over one interval. Counts in entries or events."""
+
+    pid: int
+    vm: int
+    index: int  # kvm_dirty_ring.index (vCPU index); -1 unknown
+    size: int | None  # entries; None unknown
+    used: int  # dirty_index - reset_index now, entries
+    max_used: int
+    pushes: int  # cumulative
+    soft_full_exits: int
+    resets: int
+    entries_reset: int
+    lost: int
+    stall_ns: int  # cumulative total, ns
+    interval_s: float
+    d_pushes: int  # deltas over the interval
+    d_soft_full_exits: int
+    d_resets: int
+    d_entries_reset: int
+    d_lost: int
+    stall_p50_ns: int | None  # interval percentiles (log2 bucket upper bound), None if none
+    stall_p99_ns: int | None
+    reset_p99_ns: int | None
+    stall_hist: list[int] = field(default_factory=list)  # interval delta
+    reset_lat_hist: list[int] = field(default_factory=list)  # interval delta
+    stall_hist_total: list[int] = field(default_factory=list)  # cumulative
+
+    @property
+    def fill_pct(self) -> float | None:
+        """used / size in percent; None when the size is unknown."""
+        return 100.0 * self.used / self.size if self.size else None
+
+    @property
+    def push_rate(self) -> float:
+        """Pushes per second over the interval (0 for a zero-length interval)."""
+        return _rate(self.d_pushes, self.interval_s)
+
+    @property
+    def exit_rate(self) -> float:
+        return _rate(self.d_soft_full_exits, self.interval_s)
+
+    @property
+    def reset_rate(self) -> float:
+        return _rate(self.d_resets, self.interval_s)
+
+    @property
+    def lost_rate(self) -> float:
+        return _rate(self.d_lost, self.interval_s)
+
+    @property
+    def entries_per_reset(self) -> float | None:
+        """Entries reset per reset event in the interval; None without resets."""
+        return self.d_entries_reset / self.d_resets if self.d_resets > 0 else None
+
+
+@dataclass
+class VmRates(RingRates):
+    """Totals of one VM: sums of its rings (size: per ring when all agree, else None)."""
+
+    comm: str = ""
+    name: str | None = None
+    ring_bytes: int | None = None
+    rings: int = 0
+
+    @property
+    def fill_pct(self) -> float | None:
+        """used over the entries of all the VM's rings, in percent; None when unknown."""
+        return 100.0 * self.used / (self.size * self.rings) if self.size and self.rings else None
+
+
+@dataclass
+class Interval:
+    time_ns: int
+    interval_s: float
+    rings: list[RingRates]
+    vms: list[VmRates]
+    lost_events: int  # cumulative
+    lost_events_rate: float
+
+    def total(self) -> VmRates:
+        """All VMs together."""
+        total = _total(list(self.vms), -1, -1, VmInfo(pid=-1, vm=-1), self.interval_s,
+                       across_vms=True)
+        total.rings = sum(v.rings for v in self.vms)
+        return total
+
+
+def _delta_hist(cur: list[int], prev: list[int] | None) -> list[int]:
+    if prev is None:
+        return list(cur)
+    return [max(0, a - b) for a, b in zip(cur, prev, strict=True)]
+
+
+def _rate(delta: int, seconds: float) -> float:
+    return delta / seconds if seconds > 0 else 0.0
+
+
+def _ring_rates(key: RingKey, cur: RingCounters, prev: RingCounters | None, dt: float) -> RingRates:
+    p = prev or RingCounters()
+    stall = _delta_hist(cur.stall_hist, prev.stall_hist if prev else None)
+    rlat = _delta_hist(cur.reset_lat_hist, prev.reset_lat_hist if prev else None)
+    return RingRates(
+        pid=key.pid,
+        vm=key.vm,
+        index=key.ring,
+        size=cur.size,
+        used=cur.used,
+        max_used=cur.max_used,
+        pushes=cur.pushes,
+        soft_full_exits=cur.soft_full_exits,
+        resets=cur.resets,
+        entries_reset=cur.entries_reset,
+        lost=cur.lost,
+        stall_ns=cur.stall_ns,
+        interval_s=dt,
+        d_pushes=cur.pushes - p.pushes,
+        d_soft_full_exits=cur.soft_full_exits - p.soft_full_exits,
+        d_resets=cur.resets - p.resets,
+        d_entries_reset=cur.entries_reset - p.entries_reset,
+        d_lost=cur.lost - p.lost,
+        stall_p50_ns=hist_percentile(stall, 0.50),
+        stall_p99_ns=hist_percentile(stall, 0.99),
+        reset_p99_ns=hist_percentile(rlat, 0.99),
+        stall_hist=stall,
+        reset_lat_hist=rlat,
+        stall_hist_total=list(cur.stall_hist),
+    )
+
+
+def _sum_hist(hists: list[list[int]]) -> list[int]:
+    out = [0] * HIST_BUCKETS
+    for h in hists:
+        for i, n in enumerate(h):
+            out[i] += n
+    return out
+
+
+def vm_reset_hist(hists: list[list[int]]) -> list[int]:
+    """One VM's reset-latency histogram from its rings' copies: element-wise maximum."""
+    out = [0] * HIST_BUCKETS
+    for h in hists:
+        out = [max(a, b) for a, b in zip(out, h, strict=True)]
+    return out
+
+
+def _total(parts: list[RingRates], pid: int, vm: int, info: VmInfo, dt: float,
+           *, across_vms: bool = False) -> VmRates:
+    sizes = {r.size for r in parts if r.index >= 0}
+    stall = _sum_hist([r.stall_hist for r in parts])
+    hists = [r.reset_lat_hist for r in parts]
+    rlat = _sum_hist(hists) if across_vms else vm_reset_hist(hists)
+    return VmRates(
+        pid=pid,
+        vm=vm,
+        index=-1,
+        size=sizes.pop() if len(sizes) == 1 else None,
+        used=sum(r.used for r in parts),
+        max_used=max((r.max_used for r in parts), default=0),
+        pushes=sum(r.pushes for r in parts),
+        soft_full_exits=sum(r.soft_full_exits for r in parts),
+        resets=sum(r.resets for r in parts),
+        entries_reset=sum(r.entries_reset for r in parts),
+        lost=sum(r.lost for r in parts),
+        stall_ns=sum(r.stall_ns for r in parts),
+        interval_s=dt,
+        d_pushes=sum(r.d_pushes for r in parts),
+        d_soft_full_exits=sum(r.d_soft_full_exits for r in parts),
+        d_resets=sum(r.d_resets for r in parts),
+        d_entries_reset=sum(r.d_entries_reset for r in parts),
+        d_lost=sum(r.d_lost for r in parts),
+        stall_p50_ns=hist_percentile(stall, 0.50),
+        stall_p99_ns=hist_percentile(stall, 0.99),
+        reset_p99_ns=hist_percentile(rlat, 0.99),
+        stall_hist=stall,
+        reset_lat_hist=rlat,
+        stall_hist_total=_sum_hist([r.stall_hist_total for r in parts]),
+        comm=info.comm,
+        name=info.name,
+        ring_bytes=info.ring_bytes,
+        rings=sum(1 for r in parts if _is_ring_row(r)),
+    )
+
+
+def _is_ring_row(r: RingRates) -> bool:
+    return r.index >= 0 or bool(r.pushes or r.soft_full_exits or r.resets or r.stall_ns)
+
+
+def subtract(cur: Snapshot, base: Snapshot) -> Snapshot:
+    """``cur`` with the cumulative counters of ``base`` taken off (the view's "reset
+    counters"). Indices, used, size and max_used stay as they are (max_used is a maximum
+    since the start, not resettable from user space)."""
+    rings: dict[RingKey, RingCounters] = {}
+    for key, c in cur.rings.items():
+        b = base.rings.get(key)
+        if b is None:
+            rings[key] = c
+            continue
+        rings[key] = RingCounters(
+            pushes=c.pushes - b.pushes,
+            resets=c.resets - b.resets,
+            entries_reset=c.entries_reset - b.entries_reset,
+            soft_full_exits=c.soft_full_exits - b.soft_full_exits,
+            dirty_index=c.dirty_index,
+            reset_index=c.reset_index,
+            max_used=c.max_used,
+            lost=c.lost - b.lost,
+            size=c.size,
+            stall_hist=_delta_hist(c.stall_hist, b.stall_hist),
+            stall_ns=c.stall_ns - b.stall_ns,
+            reset_lat_hist=_delta_hist(c.reset_lat_hist, b.reset_lat_hist),
+        )
+    return Snapshot(
+        time_ns=cur.time_ns,
+        rings=rings,
+        vms=cur.vms,
+        lost_events=cur.lost_events - base.lost_events,
+    )
+
+
+def compute_interval(prev: Snapshot | None, cur: Snapshot, *, pid: int = 0) -> Interval:
+    """Rates over ``prev`` -> ``cur`` (``prev`` None: since the start, interval 0 s).
+
+    ``pid`` keeps only that VMM process (0 = all). Rings are ordered by (pid, vm, index);
+    VMs by (pid, vm).
+    """
+    dt = (cur.time_ns - prev.time_ns) / 1e9 if prev is not None else 0.0
+    dt = max(dt, 0.0)
+    per_vm: dict[tuple[int, int], list[RingRates]] = {}
+    for key in sorted(cur.rings):
+        if pid and key.pid != pid:
+            continue
+        old = prev.rings.get(key) if prev is not None else None
+        per_vm.setdefault((key.pid, key.vm), []).append(
+            _ring_rates(key, cur.rings[key], old, dt)
+        )
+    rings: list[RingRates] = []
+    vms: list[VmRates] = []
+    for (vpid, vm), parts in per_vm.items():
+        info = cur.vms.get((vpid, vm)) or VmInfo(pid=vpid, vm=vm)
+        total = _total(parts, vpid, vm, info, dt)
+        vm_reset_p99 = total.reset_p99_ns
+        for r in parts:
+            if not _is_ring_row(r):
+                continue
+            if r.reset_p99_ns is None:
+                r.reset_p99_ns = vm_reset_p99
+            rings.append(r)
+        if total.rings:
+            vms.append(total)
+    lost_prev = prev.lost_events if prev is not None else 0
+    return Interval(
+        time_ns=cur.time_ns,
+        interval_s=dt,
+        rings=rings,
+        vms=vms,
+        lost_events=cur.lost_events,
+        lost_events_rate=_rate(cur.lost_events - lost_prev, dt),
+    )

@@ -1,0 +1,98 @@
+"""Batch JSON of ``kvmtrace top -b --json``: one object per interval, one line each (NDJSON).
+
+Schema 1 (all counts in ring entries or events; times in ns unless the name says ``_s``)::
+
+    {"schema": 1, "time": <unix seconds; null when unknown (a trace without a start time)>,
+     "time_ns": <source clock: CLOCK_MONOTONIC live, the trace's clock for files>,
+     "interval_s": <seconds>, "lost_events": <cumulative>,
+     "rings": [{"pid", "vm", "index", "size" (entries, null unknown), "used", "max_used",
+                "fill_pct" (null unknown), "pushes", "soft_full_exits", "resets",
+                "entries_reset", "lost", "stall_ns" (cumulative since start),
+                "push_rate", "exit_rate", "reset_rate", "lost_rate" (per second),
+                "entries_per_reset" (interval; null without resets),
+                "stall_p50_ns", "stall_p99_ns", "reset_p99_ns" (interval; null if none),
+                "stall_hist" (cumulative log2 buckets: [i] counts 2**i <= ns < 2**(i+1))}],
+     "vms": [{"pid", "vm", "comm", "name", "ring_bytes", "rings", and the ring fields
+              summed over the VM's rings ("resets" counts ring resets: one per ring per
+              KVM_RESET_DIRTY_RINGS ioctl)}]}
+
+``vm`` is the VM's file descriptor in the VMM process (-1 unknown); ``index`` is
+``kvm_dirty_ring.index`` (the vCPU index, -1 unknown).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..analysis.rates import Interval, RingRates, VmRates
+
+__all__ = ["SCHEMA", "ring_json", "vm_json", "interval_json", "dumps_interval"]
+
+SCHEMA = 1
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def ring_json(r: RingRates) -> dict[str, Any]:
+    """One ring's entry of ``rings``."""
+    return {
+        "pid": r.pid,
+        "vm": r.vm,
+        "index": r.index,
+        "size": r.size,
+        "used": r.used,
+        "max_used": r.max_used,
+        "fill_pct": _round(r.fill_pct),
+        "pushes": r.pushes,
+        "soft_full_exits": r.soft_full_exits,
+        "resets": r.resets,
+        "entries_reset": r.entries_reset,
+        "lost": r.lost,
+        "stall_ns": r.stall_ns,
+        "push_rate": _round(r.push_rate),
+        "exit_rate": _round(r.exit_rate),
+        "reset_rate": _round(r.reset_rate),
+        "lost_rate": _round(r.lost_rate),
+        "entries_per_reset": _round(r.entries_per_reset),
+        "stall_p50_ns": r.stall_p50_ns,
+        "stall_p99_ns": r.stall_p99_ns,
+        "reset_p99_ns": r.reset_p99_ns,
+        "stall_hist": r.stall_hist_total,
+    }
+
+
+def vm_json(v: VmRates) -> dict[str, Any]:
+    """One VM's entry of ``vms``: identity plus the ring fields summed."""
+    out: dict[str, Any] = {
+        "pid": v.pid,
+        "vm": v.vm,
+        "comm": v.comm,
+        "name": v.name,
+        "ring_bytes": v.ring_bytes,
+        "rings": v.rings,
+    }
+    body = ring_json(v)
+    del body["pid"], body["vm"], body["index"]
+    out.update(body)
+    return out
+
+
+def interval_json(iv: Interval, *, wall_time: float | None = None) -> dict[str, Any]:
+    """The schema-1 object of one interval; ``wall_time`` (unix seconds) or null."""
+    return {
+        "schema": SCHEMA,
+        "time": None if wall_time is None else round(wall_time, 3),
+        "time_ns": iv.time_ns,
+        "interval_s": round(iv.interval_s, 6),
+        "lost_events": iv.lost_events,
+        "rings": [ring_json(r) for r in iv.rings],
+        "vms": [vm_json(v) for v in iv.vms],
+    }
+
+
+def dumps_interval(iv: Interval, *, wall_time: float | None = None) -> str:
+    """One NDJSON line (no trailing newline)."""
+    return json.dumps(interval_json(iv, wall_time=wall_time), separators=(",", ":"))

@@ -1,0 +1,249 @@
+"""``kvmtrace top`` against the built-in VMM on the real kernel (fixtures kvm + bpf_root).
+
+Every top here filters by the pid of its own workload (``-p``). The pid is known before the
+VM exists: a holder process starts first, ``top -p HOLDER`` attaches (its first output line
+says it is ready), then the holder ``exec``s the workload, which keeps the pid. So the VM
+always starts after ``top``, and the ring size must come from KVM_ENABLE_CAP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import pytest
+from conftest import ROOT, have_kvm_ring, kvmtrace_cmd, require
+
+from kvmtrace.analysis.stats import HIST_BUCKETS, hist_percentile
+
+pytestmark = pytest.mark.kernel
+
+HOLD = "import os, sys; sys.stdin.read(1); os.execv(sys.executable, sys.argv[1:])"
+BASE = ["--vcpus", "2", "--ring-bytes", "4096", "--pages", "1000", "--exit-every", "1", "--json"]
+DELAY_US = 20_000  # injected before each harvest: every stall is at least this long
+
+
+def held(workload_args: list[str]) -> subprocess.Popen:
+    """A process that becomes ``kvmtrace workload ...`` (same pid) once released."""
+    argv = [sys.executable, "-c", HOLD, *kvmtrace_cmd("workload", *workload_args)]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+
+
+def release(proc: subprocess.Popen) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(b"g")
+    proc.stdin.flush()
+
+
+class Lines:
+    """Lines of a pipe, read by a thread, handed out with a timeout."""
+
+    def __init__(self, pipe) -> None:
+        self.q: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
+
+    def _pump(self, pipe) -> None:
+        for line in pipe:
+            self.q.put(line)
+        self.q.put(None)
+
+    def get(self, timeout: float = 60.0) -> str:
+        line = self.q.get(timeout=timeout)
+        assert line is not None, "top ended early"
+        return line
+
+
+@dataclass
+class Run:
+    truth: dict
+    lines: list[dict]
+    final: dict = field(default_factory=dict)  # the last interval holding our rings
+    scraped: str = ""
+
+
+def run_with_top(workload_args: list[str], *, prometheus: bool = False) -> Run:
+    wl = held(workload_args)
+    extra = ["--prometheus", "127.0.0.1:0"] if prometheus else []
+    top = subprocess.Popen(
+        kvmtrace_cmd("top", "-b", "--json", "-p", str(wl.pid), "-d", "1", *extra),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        url = ""
+        if prometheus:
+            err = Lines(top.stderr).get()
+            assert err.startswith("kvmtrace top: serving http://127.0.0.1:"), err
+            url = err.split()[-1]
+        out = Lines(top.stdout)
+        lines = [json.loads(out.get())]  # attached and counting
+        assert lines[0]["rings"] == []
+        release(wl)
+        stdout, stderr = wl.communicate(timeout=120)
+        assert wl.returncode == 0, stderr
+        truth = json.loads(stdout)
+        scraped = ""
+        while True:  # until the exited VMM's rows go away (or 3 intervals after its end)
+            lines.append(json.loads(out.get()))
+            if prometheus and lines[-1]["rings"] and not scraped:
+                with urllib.request.urlopen(url, timeout=10) as resp:
+                    scraped = resp.read().decode()
+            seen = [i for i, ln in enumerate(lines) if ln["rings"]]
+            if seen and (not lines[-1]["rings"] or len(lines) - seen[-1] > 3):
+                break
+        final = lines[seen[-1]]
+        return Run(truth, lines, final, scraped)
+    finally:
+        top.terminate()
+        top.wait(timeout=30)
+        if wl.poll() is None:
+            wl.kill()
+            wl.wait()
+
+
+def check_ground_truth(run: Run) -> None:
+    truth, final = run.truth, run.final
+    rings = {r["index"]: r for r in final["rings"]}
+    assert sorted(rings) == [r["index"] for r in truth["rings"]]
+    for gt in truth["rings"]:
+        r = rings[gt["index"]]
+        assert (r["pid"], r["vm"]) == (truth["pid"], truth["vm_fd"])
+        assert r["size"] == truth["ring_entries"]
+        assert r["pushes"] == gt["harvested"]
+        assert r["soft_full_exits"] == gt["soft_full_exits"]
+        assert r["entries_reset"] == gt["entries_reset"] == gt["harvested"]
+        assert r["resets"] == truth["resets"]  # every ioctl resets every ring
+        assert (r["lost"], r["used"]) == (0, 0)
+        assert sum(r["stall_hist"]) == gt["soft_full_exits"]
+    (vm,) = final["vms"]
+    assert (vm["ring_bytes"], vm["rings"]) == (truth["ring_bytes"], truth["vcpus"])
+    assert vm["pushes"] == sum(r["harvested"] for r in truth["rings"])
+
+
+def require_live() -> None:
+    """The checks of the ``kvm`` and ``bpf_root`` fixtures, for a module-scoped fixture."""
+    ok, why = have_kvm_ring()
+    require(ok, why)
+    require(os.geteuid() == 0, "not root: BPF needs root")
+    require(os.path.isdir("/sys/kernel/tracing/events/kvm"), "tracefs not mounted")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        require(False, "bcc (python3-bpfcc) does not import")
+
+
+@pytest.fixture(scope="module")
+def default_run() -> Run:
+    require_live()
+    return run_with_top(BASE, prometheus=True)
+
+
+def test_cumulative_counts_equal_ground_truth(default_run: Run):
+    check_ground_truth(default_run)
+    truth = default_run.truth
+    for r in default_run.final["rings"]:
+        assert r["max_used"] == truth["soft_limit"]  # exits exactly at the soft limit
+    # the per-interval push rates add up to the pushes (rate * interval per line)
+    total = sum(r["push_rate"] * ln["interval_s"] for ln in default_run.lines
+                for r in ln["rings"])
+    assert round(total) == sum(r["harvested"] for r in truth["rings"])
+
+
+def test_prometheus_scrape_equals_ground_truth(default_run: Run):
+    text = default_run.scraped.splitlines()
+    truth = default_run.truth
+    for gt in truth["rings"]:
+        sel = f'pid="{truth["pid"]}",vm="{truth["vm_fd"]}",ring="{gt["index"]}"'
+        values = {ln.split("{")[0]: int(float(ln.split()[-1])) for ln in text
+                  if sel in ln and "_bucket" not in ln}
+        assert values["kvmtrace_ring_pushes_total"] == gt["harvested"]
+        assert values["kvmtrace_ring_soft_full_exits_total"] == gt["soft_full_exits"]
+        assert values["kvmtrace_ring_entries_reset_total"] == gt["entries_reset"]
+        assert values["kvmtrace_ring_size_entries"] == truth["ring_entries"]
+        assert values["kvmtrace_ring_stall_seconds_count"] == gt["soft_full_exits"]
+
+
+def _stall_p50(run: Run) -> int:
+    hist = [sum(r["stall_hist"][i] for r in run.final["rings"]) for i in range(HIST_BUCKETS)]
+    p50 = hist_percentile(hist, 0.5)
+    assert p50 is not None
+    return p50
+
+
+def test_stalls_longer_with_harvest_delay(default_run: Run):
+    slow = run_with_top([*BASE, "--harvest-delay-us", str(DELAY_US)])
+    check_ground_truth(slow)
+    floor_bucket = (DELAY_US * 1000).bit_length() - 1  # 20 ms lies in bucket 24
+    for r in slow.final["rings"]:
+        assert sum(r["stall_hist"][:floor_bucket]) == 0  # no stall below the injected delay
+        assert r["stall_ns"] >= r["soft_full_exits"] * DELAY_US * 1000
+    assert _stall_p50(slow) > _stall_p50(default_run)
+
+
+def test_stalls_longer_with_lazy_harvest(default_run: Run):
+    lazy = run_with_top([*BASE, "--harvest", "lazy", "--reaper-ms", "20"])
+    check_ground_truth(lazy)
+    per_stall = [sum(r["stall_ns"] for r in run.final["rings"])
+                 / sum(r["soft_full_exits"] for r in run.final["rings"])
+                 for run in (lazy, default_run)]
+    assert per_stall[0] > 4 * per_stall[1], per_stall  # ~10 ms (reaper) vs ~0.1-1 ms
+
+
+def _screen(sock: str, target: str) -> str:
+    return subprocess.run(["tmux", "-L", sock, "capture-pane", "-p", "-t", target],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def _wait_screen(sock: str, target: str, *needles: str, timeout: float = 60) -> str:
+    end = time.monotonic() + timeout
+    while True:
+        screen = _screen(sock, target)
+        if all(n in screen for n in needles):
+            return screen
+        assert time.monotonic() < end, f"never saw {needles} on:\n{screen}"
+        time.sleep(0.2)
+
+
+def test_interactive_in_tmux(kvm, bpf_root, tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed (tools/setup.sh --test installs it)")
+    wl = held([*BASE, "--duration", "4"])
+    sock, target = f"kvmtrace-test-{os.getpid()}", "top"
+    rc_file = tmp_path / "rc"
+    cmd = " ".join(kvmtrace_cmd("top", "-p", str(wl.pid), "-d", "0.5"))
+    try:
+        subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-s", target, "-x", "80",
+                        "-y", "24", f"cd {ROOT} && {cmd}; echo $? > {rc_file}"], check=True)
+        _wait_screen(sock, target, f"Waiting for pid {wl.pid}", "sort push")
+        release(wl)
+        screen = _wait_screen(sock, target, "  vcpu0", "  vcpu1")
+        rows = [ln.split() for ln in screen.splitlines()]
+        assert ["VM/VCPU", "SIZE", "USED", "FIL%", "MAXU", "PUSH/s", "EXIT/s", "STL99",
+                "RST/s", "E/RST", "RST99", "LOST"] in rows
+        vcpus = [r for r in rows if r and r[0] in ("vcpu0", "vcpu1")]
+        assert [r[1] for r in vcpus] == ["256", "256"]  # ring size learnt from ENABLE_CAP
+        assert any(r and r[0].startswith(f"{wl.pid}:") for r in rows)  # the VM total row
+        subprocess.run(["tmux", "-L", sock, "send-keys", "-t", target, "s"], check=True)
+        _wait_screen(sock, target, "sort exit v")
+        subprocess.run(["tmux", "-L", sock, "send-keys", "-t", target, "<", "<"], check=True)
+        _wait_screen(sock, target, "sort max v")  # exit -> push -> max
+        subprocess.run(["tmux", "-L", sock, "send-keys", "-t", target, "h"], check=True)
+        _wait_screen(sock, target, "reset counters")
+        subprocess.run(["tmux", "-L", sock, "send-keys", "-t", target, "x", "q"], check=True)
+        end = time.monotonic() + 30
+        while not (rc_file.exists() and rc_file.read_text().strip()):
+            assert time.monotonic() < end, "top did not quit on q"
+            time.sleep(0.1)
+        assert rc_file.read_text().strip() == "0"
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
+        if wl.poll() is None:
+            wl.kill()
+        wl.wait()

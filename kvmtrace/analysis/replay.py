@@ -1,0 +1,229 @@
+"""Replay: rebuild every dirty ring (``struct kvm_dirty_ring``) of an event stream over time.
+
+Works on any :class:`~kvmtrace.source.base.EventSource` (recording, imported ftrace or
+``perf script`` text, live). Per ring it checks the stream against the kernel's rules and
+reports anomalies (see :mod:`kvmtrace.model.reference`, whose semantics this follows
+exactly, vectorised per ring and per batch: :mod:`.ringbulk`, :mod:`.ringstate`), totals,
+the multiset digest of harvested (slot, offset) entries, dirty rate and working set per
+vCPU (:mod:`.workingset`), and optionally the exits another ring size would have caused
+(:mod:`.simulate`). State is bounded: per ring, its entries (at most 65536) and counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..model.results import Anomaly, RingId, RingResult
+from ..model.ring import KVM_DIRTY_RING_RSVD_ENTRIES, infer_size, valid_entries
+from ..source.base import EventSource, SourceMeta
+from ..source.events import Kind
+from .ringbulk import Cols, feed_ring
+from .ringstate import FastRing
+from .simulate import RingSizeSim, SimResult
+from .workingset import HotPage, RingWs, WorkingSet
+
+__all__ = ["Replay", "ReplayReport", "replay_source"]
+
+_PUSH, _RESET, _EXIT = int(Kind.PUSH), int(Kind.RESET), int(Kind.EXIT)
+
+
+@dataclass
+class ReplayReport:
+    source_kind: str
+    events: int
+    lost: int
+    reserved: int
+    rings: list[RingResult]
+    anomalies: list[Anomaly]
+    window_ns: int
+    workingset: dict[RingId, RingWs] = field(default_factory=dict)
+    hottest: dict[tuple[int, int], list[HotPage]] = field(default_factory=dict)
+    simulation: SimResult | None = None
+    harvested: dict[RingId, list[tuple[int, int]]] | None = None
+
+    @property
+    def clean(self) -> bool:
+        return not self.anomalies and not self.lost
+
+    @property
+    def exit_status(self) -> int:
+        """0 clean, 1 anomalies (or events lost by the producer)."""
+        return 0 if self.clean else 1
+
+
+class Replay:
+    """Feed EVENT_DTYPE batches in time order with :meth:`feed`, then :meth:`finish`.
+
+    ``meta`` supplies ring sizes the events do not carry; ``reserved`` is the kernel's
+    reserve (64; 576 on Intel hosts with PML); ``keep_harvest`` keeps every harvested
+    entry (memory grows with the trace) for ``--dump-harvest``.
+    """
+
+    def __init__(self, meta: SourceMeta | None = None, *,
+                 reserved: int = KVM_DIRTY_RING_RSVD_ENTRIES, keep_harvest: bool = False,
+                 window_ns: int = 1_000_000_000, simulate_entries: int | None = None,
+                 pages: bool = True) -> None:
+        self.meta = meta or SourceMeta(kind="unknown")
+        self.reserved = reserved
+        self.keep = keep_harvest
+        self.rings: dict[RingId, FastRing] = {}
+        self.vm_size: dict[tuple[int, int], tuple[int, str]] = {}
+        self.events = 0
+        self.ws = WorkingSet(window_ns) if pages else None
+        self.sim = RingSizeSim(simulate_entries, reserved) if simulate_entries else None
+
+    # -- sizes ------------------------------------------------------------------------
+    def _size_of(self, pid: int, vm: int) -> tuple[int | None, str]:
+        if (pid, vm) not in self.vm_size:
+            size = self.meta.ring_size(pid, vm)
+            if size is not None:
+                self.vm_size[(pid, vm)] = (size, "meta")
+        return self.vm_size.get((pid, vm), (None, "unknown"))
+
+    def _ring(self, key: RingId) -> FastRing:
+        r = self.rings.get(key)
+        if r is None:
+            size, source = self._size_of(key[0], key[1])
+            r = self.rings[key] = FastRing(key, size, source, self.reserved, self.keep)
+        return r
+
+    def _set_vm_size(self, pid: int, vm: int, size: int, source: str, ts: int) -> None:
+        self.vm_size[(pid, vm)] = (size, source)
+        for key, r in self.rings.items():
+            if key[:2] == (pid, vm) and r.res.size != size:
+                r.set_size(size, source, ts)
+
+    # -- feeding ----------------------------------------------------------------------
+    def feed(self, ev: np.ndarray) -> None:
+        n = len(ev)
+        if not n:
+            return
+        self.events += n
+        if self.sim is not None:
+            self.sim.feed(ev)
+        kind = ev["kind"]
+        barriers = self._barriers(ev, kind)
+        pos = 0
+        for b in barriers:
+            if b > pos:
+                self._segment(ev[pos:b])
+            self._barrier(ev[b])
+            pos = b + 1
+        if pos < n:
+            self._segment(ev[pos:] if pos else ev)
+
+    def _barriers(self, ev: np.ndarray, kind: np.ndarray) -> list[int]:
+        """Events to take one by one, in order: ring sizes, and soft-full exits of VMs
+        whose size is still unknown (the first one infers it for the whole VM)."""
+        out = np.flatnonzero(kind == Kind.RING_SIZE).tolist()
+        xs = np.flatnonzero(kind == _EXIT)
+        if len(xs):
+            pv = zip(ev["pid"][xs].tolist(), ev["vm"][xs].tolist(), strict=True)
+            unknown = {k for k in set(pv) if self._size_of(*k)[0] is None}
+            if unknown:
+                out += [int(x) for x in xs
+                        if (int(ev["pid"][x]), int(ev["vm"][x])) in unknown]
+        return sorted(out)
+
+    def _barrier(self, e: np.void) -> None:
+        pid, vm, ts = int(e["pid"]), int(e["vm"]), int(e["ts"])
+        if int(e["kind"]) == Kind.RING_SIZE:
+            size = int(e["value"]) // 16
+            if valid_entries(size) and self._size_of(pid, vm) != (size, "trace"):
+                self._set_vm_size(pid, vm, size, "trace", ts)
+            return
+        r = self._ring((pid, vm, int(e["ring"])))
+        if self._size_of(pid, vm)[0] is None and r.started:
+            mx = max(x.res.max_used for k, x in self.rings.items() if k[:2] == (pid, vm))
+            size = infer_size(mx, r.used(), self.reserved)
+            if size is not None:
+                self._set_vm_size(pid, vm, size, "inferred", ts)
+        r.on_exit(ts)
+
+    def _segment(self, ev: np.ndarray) -> None:
+        kind = ev["kind"]
+        if int(kind.max()) > Kind.STALL or int(kind.min()) < _PUSH:
+            ev = ev[(kind >= _PUSH) & (kind <= Kind.STALL)]
+            if not len(ev):
+                return
+        for key, sel in self._groups(ev):
+            g = ev[sel]
+            c = Cols(g["ts"], g["kind"], g["dirty_index"].astype(np.int64),
+                     g["reset_index"].astype(np.int64), g["slot"], g["value"])
+            feed_ring(self._ring(key), c)
+            if self.ws is not None:
+                p = c.kind == _PUSH
+                if p.all():
+                    self.ws.add(key, c.ts, c.slot, c.off)
+                else:
+                    self.ws.add(key, c.ts[p], c.slot[p], c.off[p])
+
+    @staticmethod
+    def _groups(ev: np.ndarray) -> Iterable[tuple[RingId, slice | np.ndarray]]:
+        pid, vm, ring = ev["pid"], ev["vm"], ev["ring"]
+        p0, v0 = int(pid[0]), int(vm[0])
+        if (pid == p0).all() and (vm == v0).all():
+            lo, hi = int(ring.min()), int(ring.max())
+            if lo == hi:
+                return [((p0, v0, lo), slice(None))]
+            if hi - lo < 64:
+                out = []
+                for r in range(lo, hi + 1):
+                    sel = np.flatnonzero(ring == r)
+                    if len(sel):
+                        out.append(((p0, v0, r), sel))
+                return out
+        keys = np.stack([pid.astype(np.int64), vm.astype(np.int64), ring.astype(np.int64)], 1)
+        uk, inv = np.unique(keys, axis=0, return_inverse=True)
+        inv = inv.ravel()
+        order = np.argsort(inv, kind="stable")
+        cuts = np.searchsorted(inv[order], np.arange(len(uk) + 1))
+        return [((int(k[0]), int(k[1]), int(k[2])), order[cuts[i]:cuts[i + 1]])
+                for i, k in enumerate(uk.tolist())]
+
+    # -- results ----------------------------------------------------------------------
+    def finish(self, lost: int = 0, source_kind: str | None = None) -> ReplayReport:
+        anomalies: list[Anomaly] = []
+        for r in self.rings.values():
+            r.finish()
+            anomalies.extend(r.anomalies)
+        anomalies.sort(key=lambda a: (a.time_ns, a.ring, a.kind.value))
+        keys = sorted(self.rings)
+        report = ReplayReport(
+            source_kind=source_kind or self.meta.kind,
+            events=self.events,
+            lost=lost,
+            reserved=self.reserved,
+            rings=[self.rings[k].res for k in keys],
+            anomalies=anomalies,
+            window_ns=self.ws.window_ns if self.ws else 0,
+        )
+        if self.ws is not None:
+            self.ws.finish()
+            report.workingset = dict(self.ws.rings)
+            report.hottest = self.ws.hottest()
+        if self.sim is not None:
+            report.simulation = self.sim.finish(keys, self._mean_stalls())
+        if self.keep:
+            report.harvested = {k: self.rings[k].harvested() for k in keys}
+        return report
+
+    def _mean_stalls(self) -> dict[tuple[int, int], float | None]:
+        acc: dict[tuple[int, int], list[int]] = {}
+        for key, r in self.rings.items():
+            d = r.res.stalls if r.res.stalls.count else r.res.exit_to_push
+            a = acc.setdefault(key[:2], [0, 0])
+            a[0] += d.total_ns
+            a[1] += d.count
+        return {k: (t / c if c else None) for k, (t, c) in acc.items()}
+
+
+def replay_source(source: EventSource, **options: object) -> ReplayReport:
+    """Replay a whole source; ``options`` as for :class:`Replay`."""
+    rp = Replay(source.meta, **options)  # type: ignore[arg-type]
+    for batch in source.batches():
+        rp.feed(batch)
+    return rp.finish(lost=source.lost, source_kind=source.meta.kind)

@@ -1,0 +1,366 @@
+"""The reference replay: one event at a time through :class:`~.ring.DirtyRing` models.
+
+Slow and plain on purpose: it defines what the fast, vectorised replay
+(:mod:`kvmtrace.analysis.replay`) must compute, and the tests compare the two field by
+field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring index):
+
+- the first push or reset event starts the model at that event's indices; entries pushed
+  before it are live with unknown content;
+- a push moves dirty_index by one. A jump forward is a *gap* (push events the trace lost;
+  the missing entries are pushed with unknown content), a jump back is *backwards* (the
+  model resyncs to the event);
+- ``reset_index`` on any event is the kernel's: an advance collects entries
+  reset_index..new (the model marks them RESET and runs the kernel's reset walk), and
+  those are the *harvested* entries. An advance past dirty_index is *reset_beyond*; a
+  retreat is *backwards*. An advance shown by a push but by no later reset event is a
+  *gap* (reset events lost), reported at the end;
+- a push onto a live entry overwrites it: *overflow*, one anomaly per episode (until a
+  reset brings used back to at most size), listing the overwritten (slot, offset);
+- a push made while ``used >= soft_limit`` counts as past the soft limit; if the episode
+  (used >= soft_limit until a reset brings it below) ends with no soft-full exit: *no_exit*;
+- a soft-full exit while reset_index has not moved since the ring's previous exit is a
+  *livelock*, one anomaly per episode (until reset progress), counting the exits;
+- the ring size comes from KT_RING_SIZE events, else the source's meta, else it is
+  inferred for the whole VM at its first soft-full exit (:func:`~.ring.infer_size`);
+  until then rings are modelled with KVM_DIRTY_RING_MAX_ENTRIES entries (exact for
+  harvests) and overflow/soft-limit checks wait for the size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..source.base import SourceMeta
+from ..source.events import Kind
+from .digest import MultisetDigest
+from .results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
+from .ring import (
+    KVM_DIRTY_GFN_F_DIRTY,
+    KVM_DIRTY_RING_MAX_ENTRIES,
+    KVM_DIRTY_RING_RSVD_ENTRIES,
+    UNKNOWN_SLOT,
+    DirtyRing,
+    infer_size,
+    s32,
+    u32,
+    valid_entries,
+)
+
+__all__ = ["ReferenceReplay", "ReferenceResult"]
+
+A = AnomalyKind
+
+
+@dataclass
+class ReferenceResult:
+    rings: dict[RingId, RingResult]
+    anomalies: list[Anomaly]
+    harvested: dict[RingId, list[tuple[int, int]]] = field(default_factory=dict)
+
+
+class _Track:
+    def __init__(self, key: RingId, size: int | None, source: str, reserved: int) -> None:
+        self.key = key
+        self.reserved = reserved
+        self.res = RingResult(ring=key, size=size, size_source=source)
+        self.ring: DirtyRing | None = None
+        self.digest = MultisetDigest()
+        self.harvest: list[tuple[int, int]] = []
+        self.anomalies: list[Anomaly] = []
+        self.overflow: Anomaly | None = None
+        self.soft: dict | None = None  # exited, past, first (ts, di, ri), max_used
+        self.last_exit_reset: int | None = None
+        self.livelock: Anomaly | None = None
+        self.exit_ts: int | None = None
+        self.unconfirmed: tuple[int, int, int, int] | None = None  # ts, di, from, to
+
+    @property
+    def cap(self) -> int:
+        return self.res.size or KVM_DIRTY_RING_MAX_ENTRIES
+
+    def used(self) -> int:
+        assert self.ring is not None
+        return s32(self.ring.dirty_index - self.ring.reset_index)
+
+    def _new_ring(self, size: int) -> DirtyRing:
+        return DirtyRing(size, self.key[2], self.reserved, fill_slot=UNKNOWN_SLOT)
+
+    def start(self, dirty: int, reset: int) -> None:
+        r = self.ring = self._new_ring(self.cap)
+        r.dirty_index, r.reset_index = dirty, reset
+        for k in range(min(max(s32(dirty - reset), 0), self.cap)):
+            r.entry_at(dirty - 1 - k).flags = KVM_DIRTY_GFN_F_DIRTY
+        self._soft_check()
+
+    def anomaly(self, kind: AnomalyKind, ts: int, di: int, ri: int, count: int,
+                **extra: object) -> Anomaly:
+        a = Anomaly(kind, self.key, ts, di, ri, count, extra=dict(extra))
+        self.anomalies.append(a)
+        return a
+
+    # -- pushes ---------------------------------------------------------------------
+    def _push(self, ts: int, slot: int, offset: int) -> None:
+        r = self.ring
+        assert r is not None
+        before = self.used()
+        lost = r.push(slot, offset)
+        after = self.used()
+        size = self.res.size
+        if lost is not None:
+            self.res.overwritten += 1
+            if self.overflow is None:
+                self.overflow = self.anomaly(A.OVERFLOW, ts, r.dirty_index, r.reset_index, 0,
+                                             size=self.cap, max_used=after)
+            ov = self.overflow
+            ov.count += 1
+            ov.extra["max_used"] = max(ov.extra["max_used"], after)
+            if len(ov.entries) < LIST_CAP:
+                ov.entries.append((lost.slot, lost.offset))
+        if size is not None:
+            self._soft_check()
+            ep = self.soft
+            if ep is not None:
+                ep["max_used"] = max(ep["max_used"], after)
+                if before >= size - self.reserved and not ep["exited"]:
+                    ep["past"] += 1
+                    if ep["first"] is None:
+                        ep["first"] = (ts, r.dirty_index, r.reset_index)
+
+    def _fill_gap(self, ts: int, n: int) -> None:
+        assert self.ring is not None
+        fill = min(n, self.cap)
+        self.ring.dirty_index = u32(self.ring.dirty_index + n - fill)
+        for _ in range(fill):
+            self._push(ts, UNKNOWN_SLOT, 0)
+
+    def _sync_dirty(self, ts: int, dirty: int, ri: int, event: str) -> None:
+        """Bring the model's dirty_index to ``dirty`` (the value before a push, or the
+        reset event's)."""
+        r = self.ring
+        assert r is not None
+        d = s32(dirty - r.dirty_index)
+        if d > 0:
+            expected = u32(r.dirty_index + (1 if event == "push" else 0))
+            got = u32(dirty + (1 if event == "push" else 0))
+            self.anomaly(A.GAP, ts, got, ri, d, index="dirty_index", expected=expected,
+                         got=got, event=event)
+            self.res.lost_pushes += d
+            self._fill_gap(ts, d)
+        elif d < 0:
+            after = u32(dirty + (1 if event == "push" else 0))
+            self.anomaly(A.BACKWARDS, ts, after, ri, -d, index="dirty_index",
+                         before=r.dirty_index, after=after, event=event)
+            r.dirty_index = dirty
+
+    def on_push(self, ts: int, di: int, ri: int, slot: int, offset: int) -> None:
+        self._seen(ts)
+        if self.ring is None:
+            self.start(u32(di - 1), ri)
+        self._sync_dirty(ts, u32(di - 1), ri, "push")
+        self._sync_reset(ts, ri, "push")
+        self._push(ts, slot, offset)
+        self.res.pushes += 1
+        self._indices(di, ri)
+        if self.exit_ts is not None:
+            self.res.exit_to_push.add(ts - self.exit_ts)
+            self.exit_ts = None
+
+    # -- resets ---------------------------------------------------------------------
+    def on_reset(self, ts: int, di: int, ri: int) -> None:
+        self._seen(ts)
+        self.res.resets += 1
+        if self.ring is None:
+            self.start(di, ri)
+        else:
+            self._sync_dirty(ts, di, ri, "reset")
+            if self.unconfirmed is not None and s32(ri - self.unconfirmed[3]) >= 0:
+                self.unconfirmed = None
+            self._sync_reset(ts, ri, "reset")
+        self._indices(di, ri)
+
+    def _sync_reset(self, ts: int, ri: int, event: str) -> None:
+        r = self.ring
+        assert r is not None
+        d = s32(ri - r.reset_index)
+        if d < 0:
+            self.anomaly(A.BACKWARDS, ts, r.dirty_index, ri, -d, index="reset_index",
+                         before=r.reset_index, after=ri, event=event)
+            r.reset_index = ri
+        elif d > 0:
+            beyond = s32(ri - r.dirty_index)
+            if beyond > 0:
+                self.anomaly(A.RESET_BEYOND, ts, r.dirty_index, ri, beyond)
+            if event == "push" and self.unconfirmed is None:
+                self.unconfirmed = (ts, r.dirty_index, r.reset_index, ri)
+            elif event == "push":
+                self.unconfirmed = self.unconfirmed[:3] + (ri,)
+            skip = d - min(d, self.cap)
+            self.res.harvested_unknown += skip
+            r.reset_index = u32(r.reset_index + skip)
+            r.mark_reset(r.reset_index, d - skip)
+            for slot, offset in r.reset():
+                if slot == UNKNOWN_SLOT:
+                    self.res.harvested_unknown += 1
+                else:
+                    self.res.harvested += 1
+                    self.digest.add(slot, offset)
+                    self.harvest.append((slot, offset))
+            assert r.reset_index == ri
+            self.res.entries_reset += d
+            self.livelock = None
+        else:
+            return
+        if self.overflow is not None and self.used() <= self.cap:
+            self.overflow = None
+        self._soft_check()
+
+    # -- soft limit, exits, stalls ------------------------------------------------------
+    def _soft_check(self) -> None:
+        size = self.res.size
+        if size is None or self.ring is None:
+            return
+        used = self.used()
+        if used >= size - self.reserved and self.soft is None:
+            self.soft = {"exited": False, "past": 0, "first": None, "max_used": used}
+        elif used < size - self.reserved and self.soft is not None:
+            self.close_soft()
+
+    def close_soft(self) -> None:
+        ep, self.soft = self.soft, None
+        if ep is not None and not ep["exited"] and ep["past"]:
+            ts, di, ri = ep["first"]
+            self.anomaly(A.NO_EXIT, ts, di, ri, ep["past"],
+                         soft_limit=self.res.size - self.reserved, max_used=ep["max_used"])
+
+    def on_exit(self, ts: int) -> None:
+        self._seen(ts)
+        self.res.soft_full_exits += 1
+        if self.soft is not None:
+            self.soft["exited"] = True
+        if self.ring is not None:
+            cur = self.ring.reset_index
+            if self.last_exit_reset is not None and cur == self.last_exit_reset:
+                if self.livelock is None:
+                    self.livelock = self.anomaly(A.LIVELOCK, ts, self.ring.dirty_index, cur,
+                                                 1, used=self.used())
+                self.livelock.count += 1
+            self.last_exit_reset = cur
+        self.exit_ts = ts
+
+    def set_size(self, size: int, source: str, ts: int) -> None:
+        old = self.ring
+        self.res.size, self.res.size_source = size, source
+        if old is None:
+            return
+        new = self._new_ring(size)
+        new.dirty_index, new.reset_index = old.dirty_index, old.reset_index
+        for k in range(min(size, old.size)):
+            i = u32(old.dirty_index - 1 - k)
+            e, n = old.entry_at(i), new.entry_at(i)
+            n.flags, n.slot, n.offset = e.flags, e.slot, e.offset
+        self.ring = new
+        lost_n = s32(old.dirty_index - size - old.reset_index)
+        for k in range(min(max(lost_n, 0), old.size)):
+            e = old.entry_at(old.reset_index + k)
+            if not e.flags:
+                continue
+            self.res.overwritten += 1
+            if self.overflow is None:
+                self.overflow = self.anomaly(A.OVERFLOW, ts, old.dirty_index, old.reset_index,
+                                             0, size=size, max_used=self.used())
+            self.overflow.count += 1
+            if len(self.overflow.entries) < LIST_CAP:
+                self.overflow.entries.append((e.slot, e.offset))
+        self._soft_check()
+
+    def _seen(self, ts: int) -> None:
+        if self.res.first_ns is None:
+            self.res.first_ns = ts
+        self.res.last_ns = ts
+
+    def _indices(self, di: int, ri: int) -> None:
+        self.res.dirty_index, self.res.reset_index = di, ri
+        self.res.max_used = max(self.res.max_used, s32(di - ri))
+
+    def finish(self) -> None:
+        self.close_soft()
+        if self.unconfirmed is not None:
+            ts, di, frm, to = self.unconfirmed
+            self.anomaly(A.GAP, ts, di, to, 1, index="reset_index", expected=frm, got=to,
+                         event="push")
+
+
+class ReferenceReplay:
+    """Feed EVENT_DTYPE batches in time order, then :meth:`finish`."""
+
+    def __init__(self, meta: SourceMeta | None = None, *,
+                 reserved: int = KVM_DIRTY_RING_RSVD_ENTRIES) -> None:
+        self.meta = meta or SourceMeta(kind="unknown")
+        self.reserved = reserved
+        self.tracks: dict[RingId, _Track] = {}
+        self.vm_size: dict[tuple[int, int], tuple[int, str]] = {}
+
+    def _vm_size(self, pid: int, vm: int) -> tuple[int | None, str]:
+        if (pid, vm) not in self.vm_size:
+            size = self.meta.ring_size(pid, vm)
+            if size is not None:
+                self.vm_size[(pid, vm)] = (size, "meta")
+        return self.vm_size.get((pid, vm), (None, "unknown"))
+
+    def track(self, key: RingId) -> _Track:
+        t = self.tracks.get(key)
+        if t is None:
+            size, source = self._vm_size(key[0], key[1])
+            t = self.tracks[key] = _Track(key, size, source, self.reserved)
+        return t
+
+    def _set_vm_size(self, pid: int, vm: int, size: int, source: str, ts: int) -> None:
+        self.vm_size[(pid, vm)] = (size, source)
+        for key, t in self.tracks.items():
+            if key[:2] == (pid, vm) and t.res.size != size:
+                t.set_size(size, source, ts)
+
+    def feed(self, events: Iterable[np.void] | np.ndarray) -> None:
+        for e in events:
+            kind, ts = int(e["kind"]), int(e["ts"])
+            pid, vm, ring = int(e["pid"]), int(e["vm"]), int(e["ring"])
+            di, ri = int(e["dirty_index"]), int(e["reset_index"])
+            if kind == Kind.RING_SIZE:
+                size = int(e["value"]) // 16
+                if not valid_entries(size):
+                    continue
+                if self._vm_size(pid, vm)[0] != size or self.vm_size[(pid, vm)][1] != "trace":
+                    self._set_vm_size(pid, vm, size, "trace", ts)
+                continue
+            if kind not in (Kind.PUSH, Kind.RESET, Kind.EXIT, Kind.STALL):
+                continue
+            t = self.track((pid, vm, ring))
+            if kind == Kind.PUSH:
+                t.on_push(ts, di, ri, int(e["slot"]), int(e["value"]))
+            elif kind == Kind.RESET:
+                t.on_reset(ts, di, ri)
+            elif kind == Kind.EXIT:
+                if self._vm_size(pid, vm)[0] is None and t.ring is not None:
+                    mx = max(x.res.max_used for k, x in self.tracks.items() if k[:2] == (pid, vm))
+                    size = infer_size(mx, t.used(), self.reserved)
+                    if size is not None:
+                        self._set_vm_size(pid, vm, size, "inferred", ts)
+                t.on_exit(ts)
+            else:
+                t.res.stalls.add(int(e["value"]))
+
+    def finish(self) -> ReferenceResult:
+        anomalies: list[Anomaly] = []
+        for t in self.tracks.values():
+            t.finish()
+            t.res.harvest_sum1, t.res.harvest_sum2 = t.digest.sum1, t.digest.sum2
+            anomalies.extend(t.anomalies)
+        anomalies.sort(key=lambda a: (a.time_ns, a.ring, a.kind.value))
+        return ReferenceResult(
+            rings={k: t.res for k, t in sorted(self.tracks.items())},
+            anomalies=anomalies,
+            harvested={k: sorted(t.harvest) for k, t in sorted(self.tracks.items())},
+        )

@@ -1,0 +1,176 @@
+"""What a replay finds per ring: :class:`Anomaly` and :class:`RingResult`.
+
+Shared by the reference replay (:mod:`kvmtrace.model.reference`) and the fast one
+(:mod:`kvmtrace.analysis.replay`) so that both can be compared field by field. A ring is
+keyed by (VMM pid, VM fd, ring index = ``kvm_dirty_ring.index`` = vCPU index); pid 0 and
+vm -1 mean unknown (plain ftrace/perf text).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AnomalyKind", "Anomaly", "RingResult", "RingId", "LIST_CAP", "Durations"]
+
+RingId = tuple[int, int, int]  # (pid, vm, ring index)
+
+HIST_BUCKETS = 40  #: as kvmtrace.analysis.stats
+
+#: overwritten entries an overflow anomaly lists at most (the count is always exact)
+LIST_CAP = 100_000
+
+
+class AnomalyKind(enum.StrEnum):
+    OVERFLOW = "overflow"  #: used > size: unharvested entries overwritten, dirty pages lost
+    NO_EXIT = "no_exit"  #: pushes past the soft limit and no soft-full exit followed
+    GAP = "gap"  #: dirty_index/reset_index jumped: the trace lost events
+    RESET_BEYOND = "reset_beyond"  #: reset_index passed dirty_index
+    BACKWARDS = "backwards"  #: an index went back
+    LIVELOCK = "livelock"  #: repeated soft-full exits with no reset progress
+
+
+@dataclass
+class Anomaly:
+    """One finding. ``time_ns``: the event's timestamp (ns, the trace's clock);
+    ``dirty_index``/``reset_index``: the ring's indices at that event; ``count``: how many
+    (entries, events or exits, by kind); ``entries``: (slot, offset) overwritten (overflow);
+    ``extra``: kind-specific numbers used by :attr:`detail`."""
+
+    kind: AnomalyKind
+    ring: RingId
+    time_ns: int
+    dirty_index: int
+    reset_index: int
+    count: int = 0
+    entries: list[tuple[int, int]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def detail(self) -> str:
+        """One plain sentence."""
+        x, n = self.extra, self.count
+        k = self.kind
+        if k is AnomalyKind.OVERFLOW:
+            shown = ", ".join(f"({s}, {o:#x})" for s, o in self.entries[:4])
+            more = f" and {n - 4} more" if n > 4 else ""
+            return (
+                f"ring overflow: used reached {x['max_used']} > size {x['size']}, "
+                f"{n} unharvested entries overwritten (dirty pages lost): {shown}{more}"
+            )
+        if k is AnomalyKind.NO_EXIT:
+            return (
+                f"{n} pushes past the soft limit {x['soft_limit']} (used up to "
+                f"{x['max_used']}) and no soft-full exit: the vCPU kept running on a "
+                f"soft-full ring"
+            )
+        if k is AnomalyKind.GAP:
+            what = x["index"]
+            return (
+                f"{what} jumped from {x['expected']:#x} to {x['got']:#x} at a {x['event']} "
+                f"event: {n} {'push' if what == 'dirty_index' else 'reset'} "
+                f"event(s) lost by the trace"
+            )
+        if k is AnomalyKind.RESET_BEYOND:
+            return (
+                f"reset_index {self.reset_index:#x} passed dirty_index {self.dirty_index:#x} "
+                f"by {n}: the VMM marked entries it never got as harvested"
+            )
+        if k is AnomalyKind.BACKWARDS:
+            return (
+                f"{x['index']} went backwards: {x['before']:#x} then {x['after']:#x} at a "
+                f"{x['event']} event (the model resynced to the event)"
+            )
+        return (
+            f"{n} soft-full exits without reset progress (reset_index stuck at "
+            f"{self.reset_index:#x}, used {x['used']}): the VMM re-enters a full ring"
+        )
+
+    def key(self) -> tuple[Any, ...]:
+        """Everything that identifies the finding (for comparing two replays)."""
+        return (self.kind.value, self.ring, self.time_ns, self.dirty_index, self.reset_index,
+                self.count, tuple(self.entries), tuple(sorted(self.extra.items())))
+
+
+@dataclass
+class Durations:
+    """Count, total, max and log2 histogram of durations in ns (bucket i: 2**i <= v <
+    2**(i+1), bucket 0 also holds 0), bounded however many are added."""
+
+    count: int = 0
+    total_ns: int = 0
+    max_ns: int = 0
+    hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
+
+    def add(self, ns: int) -> None:
+        ns = max(0, int(ns))
+        self.count += 1
+        self.total_ns += ns
+        self.max_ns = max(self.max_ns, ns)
+        self.hist[min(max(ns.bit_length() - 1, 0), HIST_BUCKETS - 1)] += 1
+
+    def add_many(self, ns: np.ndarray) -> None:
+        """Add an array of durations (ns, < 2**53); same result as add() one by one."""
+        if not len(ns):
+            return
+        v = np.maximum(ns.astype(np.int64), 0)
+        self.count += len(v)
+        self.total_ns += int(v.sum())
+        self.max_ns = max(self.max_ns, int(v.max()))
+        b = np.frexp(v.astype(np.float64))[1] - 1
+        b = np.clip(b, 0, HIST_BUCKETS - 1)
+        for i, n in enumerate(np.bincount(b, minlength=HIST_BUCKETS)):
+            self.hist[i] += int(n)
+
+    def mean_ns(self) -> float | None:
+        return self.total_ns / self.count if self.count else None
+
+    def quantile_ns(self, q: float) -> int | None:
+        """Upper bound (ns) of the bucket holding quantile q (0..1)."""
+        if not self.count:
+            return None
+        seen = 0
+        for i, n in enumerate(self.hist):
+            seen += n
+            if n and seen >= q * self.count:
+                return min(1 << (i + 1), self.max_ns)
+        return self.max_ns
+
+    def key(self) -> tuple[int, int, int, tuple[int, ...]]:
+        return (self.count, self.total_ns, self.max_ns, tuple(self.hist))
+
+
+@dataclass
+class RingResult:
+    """Per ring totals over the whole replay (``struct kvm_dirty_ring`` of one vCPU)."""
+
+    ring: RingId
+    pushes: int = 0  #: kvm_dirty_ring_push events seen
+    lost_pushes: int = 0  #: pushes the trace did not show (dirty_index gaps)
+    resets: int = 0  #: kvm_dirty_ring_reset events
+    entries_reset: int = 0  #: sum of reset_index advances (entries collected)
+    soft_full_exits: int = 0  #: kvm_dirty_ring_exit events (or exit reason 31)
+    max_used: int = 0  #: max of dirty_index - reset_index seen on any event
+    size: int | None = None  #: entries; None if unknown
+    size_source: str = "unknown"  #: "trace", "meta", "inferred", "unknown"
+    dirty_index: int = 0  #: last
+    reset_index: int = 0  #: last
+    overwritten: int = 0  #: entries overwritten before harvest (dirty pages lost)
+    harvested: int = 0  #: entries collected by resets whose content the model knew
+    harvested_unknown: int = 0  #: entries collected whose content the trace never showed
+    harvest_sum1: int = 0  #: order-independent multiset hash of harvested (slot, offset)
+    harvest_sum2: int = 0
+    first_ns: int | None = None
+    last_ns: int | None = None
+    stalls: Durations = field(default_factory=Durations)  #: KT_STALL events (ns)
+    exit_to_push: Durations = field(default_factory=Durations)  #: exit -> next push (ns)
+
+    def compare_key(self) -> tuple[Any, ...]:
+        return (self.ring, self.pushes, self.lost_pushes, self.resets, self.entries_reset,
+                self.soft_full_exits, self.max_used, self.size, self.dirty_index,
+                self.reset_index, self.overwritten, self.harvested, self.harvested_unknown,
+                self.harvest_sum1, self.harvest_sum2, self.first_ns, self.last_ns,
+                self.stalls.key(), self.exit_to_push.key())

@@ -1,0 +1,81 @@
+"""Open a trace file whatever it is: a kvmtrace recording, tracefs text or ``perf script``.
+
+Detection looks at the first MiB: the recording magic bytes; else the first line that
+prints a dirty-ring event decides between ``perf script`` (``kvm:kvm_dirty_ring_...`` after
+``comm tid [cpu] time:``) and tracefs (``comm-tid [cpu] flags time: kvm_dirty_ring_...``,
+or a ``# tracer:`` header). Anything else is a :class:`~kvmtrace.errors.UsageError`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ..errors import KvmtraceError, UsageError
+from .base import EventSource
+from .ftrace import FtraceSource
+from .perfscript import PerfScriptSource
+from .textsource import resolve_ring_entries
+
+__all__ = ["open_source", "detect_format"]
+
+HEAD_BYTES = 1 << 20
+RECORDING_MAGIC = b"\x89KVT\r\n\x1a\n"  # also kvmtrace.source.recording.MAGIC
+_PERF_LINE = re.compile(
+    rb"^[ \t]*\S[^\n]*?[ \t]\d+(?:/\d+)?[ \t]+(?:\[\d+\][ \t]+)?\d+\.\d+:[ \t]+"
+    rb"(?:\d+[ \t]+)?kvm:kvm_(?:dirty_ring_|userspace_exit)", re.M)
+_FTRACE_LINE = re.compile(
+    rb"^[^\n]*?-\d+[ \t]+(?:\([ \t]*[\d-]+\)[ \t]+)?\[\d+\][^\n]*?\d+\.\d+: "
+    rb"kvm_(?:dirty_ring_|userspace_exit)", re.M)
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """"recording", "ftrace" or "perf-script"; UsageError when it is none of them."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    except IsADirectoryError:
+        raise UsageError(f"{p} is a directory", "give a trace file") from None
+    except OSError as err:
+        raise UsageError(f"cannot read {p}: {err.strerror}", "give a readable file") from None
+    if head.startswith(RECORDING_MAGIC):
+        return "recording"
+    if head.startswith(b"PERFILE2"):
+        raise UsageError(f"{p} is a perf.data file",
+                         f"convert it first: perf script -i {p} > {p}.txt")
+    if b"\0" in head[:4096]:
+        raise UsageError(f"{p} is neither a kvmtrace recording nor trace text",
+                         "give a .kvt recording, a tracefs trace or perf script output")
+    pm, fm = _PERF_LINE.search(head), _FTRACE_LINE.search(head)
+    if pm and (not fm or pm.start() <= fm.start()):
+        return "perf-script"
+    if fm or head.lstrip().startswith(b"# tracer:"):
+        return "ftrace"
+    raise UsageError(f"no dirty-ring events recognised at the start of {p}",
+                     "trace kvm:kvm_dirty_ring_push/reset/exit with tracefs or perf, or "
+                     "record with 'kvmtrace record'")
+
+
+def open_source(path: str | os.PathLike[str], *, ring_entries: int | None = None,
+                ring_bytes: int | None = None) -> EventSource:
+    """An EventSource for ``path``. ``ring_entries``/``ring_bytes`` give the ring size
+    when the trace does not (a default for every VM: meta.ring_entries[(-1, -1)])."""
+    fmt = detect_format(path)
+    if fmt == "ftrace":
+        return FtraceSource(path, ring_entries=ring_entries, ring_bytes=ring_bytes)
+    if fmt == "perf-script":
+        return PerfScriptSource(path, ring_entries=ring_entries, ring_bytes=ring_bytes)
+    entries = resolve_ring_entries(ring_entries, ring_bytes)
+    try:
+        from .recording import open_recording
+    except ImportError as err:
+        raise KvmtraceError(f"{path} is a kvmtrace recording but this build cannot read "
+                            f"recordings ({err})",
+                            "update kvmtrace (kvmtrace.source.recording is missing)"
+                            ) from None
+    src = open_recording(path)
+    if entries:
+        src.meta.ring_entries.setdefault((-1, -1), entries)
+    return src

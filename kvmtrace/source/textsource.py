@@ -1,0 +1,178 @@
+"""Common part of the ftrace and ``perf script`` importers: an EventSource over a text file.
+
+The file is read in chunks cut at line ends (memory stays bounded by the chunk size) and
+scanned with :func:`~.textscan.scan`. What the text can and cannot tell:
+
+- ``ts``: the printed ``seconds.fraction`` in ns (the trace clock, ``local`` by default for
+  tracefs, perf's ``perf_clock``; comparable within one file only).
+- ``tid``: the printed thread id. ``pid`` (the VMM's tgid) only when printed (tracefs
+  ``options/record-tgid``, ``perf script -F pid,tid,...``); otherwise 0 = unknown for every
+  event, so a trace of several VMMs looks like one process (resets of a VM come from any
+  of its threads, so a thread id cannot stand in for the process).
+- ``vm`` is -1 (unknown): the text does not say which VM a ring belongs to.
+- a soft-full exit is ``kvm_dirty_ring_exit`` (ring = its ``vcpu_id``; this assumes
+  vcpu_id equals the ring index ``vcpu_idx``, true for kvmtrace's own VMM and for VMMs
+  that number vCPUs from 0 in creation order) or, when that event was not recorded,
+  ``kvm_userspace_exit`` with reason 31 (ring = the one the same thread last pushed to).
+  When both are recorded, the second one of a pair (same thread) is dropped.
+- ring sizes are not in the text: ``ring_entries``/``ring_bytes`` supply a default
+  (:attr:`SourceMeta.ring_entries` key (-1, -1)); the replay infers the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..model.ring import GFN_BYTES, KVM_DIRTY_RING_MAX_ENTRIES, MIN_RING_BYTES
+from .base import SourceMeta
+from .events import EVENT_DTYPE, VM_UNKNOWN, Kind
+from .textscan import K_DREXIT, K_PUSH, K_RESET, K_UEXIT, Scanned, scan
+
+__all__ = ["TextSource", "resolve_ring_entries"]
+
+_LOST = re.compile(rb"CPU:\s*\d+ \[LOST (\d+) EVENTS\]")
+
+
+def resolve_ring_entries(ring_entries: int | None, ring_bytes: int | None) -> int | None:
+    """Entries from ``--ring-entries`` / ``--ring-bytes`` (either or both, must agree)."""
+    from_bytes = None
+    if ring_bytes is not None:
+        if ring_bytes < MIN_RING_BYTES or ring_bytes & (ring_bytes - 1):
+            raise UsageError(f"--ring-bytes {ring_bytes} is not a power of two >= 4096",
+                             "give the ring bytes the VMM enabled, e.g. --ring-bytes 65536")
+        from_bytes = ring_bytes // GFN_BYTES
+    if ring_entries is not None:
+        if ring_entries < MIN_RING_BYTES // GFN_BYTES or ring_entries & (ring_entries - 1):
+            raise UsageError(f"--ring-entries {ring_entries} is not a power of two >= 256",
+                             "one entry is 16 bytes: --ring-entries 4096 = 64 KiB")
+        if from_bytes is not None and from_bytes != ring_entries:
+            raise UsageError(f"--ring-entries {ring_entries} and --ring-bytes {ring_bytes} "
+                             "disagree", "give only one of them")
+        from_bytes = ring_entries
+    if from_bytes is not None and from_bytes > KVM_DIRTY_RING_MAX_ENTRIES:
+        raise UsageError(f"ring of {from_bytes} entries is above KVM's maximum 65536",
+                         "use at most --ring-bytes 1048576")
+    return from_bytes
+
+
+class TextSource:
+    """EventSource over a tracefs or ``perf script`` text file (see module docstring)."""
+
+    kind = "text"
+    perf = False
+
+    def __init__(self, path: str | os.PathLike[str], *, ring_entries: int | None = None,
+                 ring_bytes: int | None = None, chunk_bytes: int = 16 << 20) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UsageError(f"cannot read {self.path}: no such file",
+                             "give the path of a trace file")
+        entries = resolve_ring_entries(ring_entries, ring_bytes)
+        self.meta = SourceMeta(
+            kind=self.kind,
+            ring_entries={(-1, -1): entries} if entries else {},
+            extra={"path": str(self.path)},
+        )
+        self.chunk_bytes = max(1 << 16, chunk_bytes)
+        self._lost = 0
+        self.bad_lines = 0  #: lines naming a dirty-ring event that could not be parsed
+        self.dropped_exits = 0  #: kvm_userspace_exit(31) paired with kvm_dirty_ring_exit
+        self._lone = False  # an exit 31 came without kvm_dirty_ring_exit
+
+    @property
+    def lost(self) -> int:
+        """Events the kernel reported lost (tracefs ``[LOST n EVENTS]`` lines)."""
+        return self._lost
+
+    def batches(self) -> Iterator[np.ndarray]:
+        self._lost = self.bad_lines = self.dropped_exits = 0
+        self._lone = False
+        pending: set[int] = set()  # tids whose kvm_dirty_ring_exit awaits its exit 31
+        tid_ring: dict[int, int] = {}
+        rest = b""
+        with open(self.path, "rb") as f:
+            while True:
+                data = f.read(self.chunk_bytes)
+                if not data:
+                    break
+                data = rest + data
+                cut = data.rfind(b"\n") + 1
+                if not cut:
+                    rest = data
+                    continue
+                rest = data[cut:]
+                ev = self._chunk(data[:cut], pending, tid_ring)
+                if len(ev):
+                    yield ev
+        if rest.strip():
+            ev = self._chunk(rest + b"\n", pending, tid_ring)
+            if len(ev):
+                yield ev
+
+    def _chunk(self, buf: bytes, pending: set[int], tid_ring: dict[int, int]) -> np.ndarray:
+        if b"[LOST " in buf:
+            self._lost += sum(int(m) for m in _LOST.findall(buf))
+        sc = scan(buf, self.perf)
+        self.bad_lines += sc.bad
+        keep = self._exits(sc, pending, tid_ring)
+        n = len(sc.kind) if keep is None else int(keep.sum())
+        ev = np.zeros(n, dtype=EVENT_DTYPE)
+        sel = slice(None) if keep is None else keep
+        kind = sc.kind[sel]
+        ev["ts"] = sc.ts[sel]
+        ev["pid"] = sc.pid[sel]
+        ev["tid"] = sc.tid[sel]
+        ev["ring"] = sc.ring[sel]
+        ev["vm"] = VM_UNKNOWN
+        ev["dirty_index"] = sc.di[sel]
+        ev["reset_index"] = sc.ri[sel]
+        is_push = kind == K_PUSH
+        ev["slot"] = np.where(is_push, sc.slot[sel], 0)
+        ev["value"] = np.where(is_push, sc.off[sel], np.uint64(0))
+        exits = (kind == K_DREXIT) | (kind == K_UEXIT)
+        ev["slot"][exits] = np.maximum(sc.ring[sel][exits], 0)
+        ev["kind"] = np.select([is_push, kind == K_RESET, exits],
+                               [Kind.PUSH, Kind.RESET, Kind.EXIT], 0)
+        ts = ev["ts"]
+        if len(ts) > 1 and (ts[1:] < ts[:-1]).any():
+            ev = ev[np.argsort(ts, kind="stable")]
+        return ev
+
+    def _exits(self, sc: Scanned, pending: set[int], tid_ring: dict[int, int]
+               ) -> np.ndarray | None:
+        """Pair kvm_dirty_ring_exit with kvm_userspace_exit(31) per thread; give a lone
+        exit 31 the ring its thread pushed to last. Returns a keep mask (None: all)."""
+        xs = np.flatnonzero(sc.kind >= K_DREXIT)
+        pushes = np.flatnonzero(sc.kind == K_PUSH) if len(xs) or self._lone else None
+        keep = None
+        for i in xs.tolist():
+            tid = int(sc.tid[i])
+            if sc.kind[i] == K_DREXIT:
+                pending.add(tid)
+                continue
+            if keep is None:
+                keep = np.ones(len(sc.kind), bool)
+            if tid in pending:
+                pending.discard(tid)
+                keep[i] = False
+                self.dropped_exits += 1
+                continue
+            self._lone = True
+            assert pushes is not None
+            before = pushes[pushes < i]
+            mine = before[sc.tid[before] == tid]
+            if len(mine):
+                tid_ring[tid] = int(sc.ring[mine[-1]])
+            sc.ring[i] = tid_ring.get(tid, -1)
+        if self._lone and pushes is not None and len(pushes):
+            tids = sc.tid[pushes][::-1]
+            uniq, first = np.unique(tids, return_index=True)
+            rings = sc.ring[pushes][::-1][first]
+            tid_ring.update(zip(uniq.tolist(), rings.tolist(), strict=True))
+        return keep

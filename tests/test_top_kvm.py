@@ -247,3 +247,45 @@ def test_interactive_in_tmux(kvm, bpf_root, tmp_path):
         if wl.poll() is None:
             wl.kill()
         wl.wait()
+
+
+def test_batch_follows_a_command_to_its_end(kvm, bpf_root):
+    """``top -b --json -- WORKLOAD``: stdout is NDJSON only (the command's output goes to
+    stderr), the last interval is the one in which the command exited, and it holds the
+    workload's ground truth exactly."""
+    proc = subprocess.run(kvmtrace_cmd("top", "-b", "--json", "-d", "0.5", "--",
+                                       *kvmtrace_cmd("workload", *BASE)),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    truth = json.loads(proc.stderr)
+    last = json.loads(proc.stdout.splitlines()[-1])
+    rings = sorted(last["rings"], key=lambda r: r["index"])
+    assert [r["pid"] for r in rings] == [truth["pid"]] * 2
+    for r, t in zip(rings, truth["rings"], strict=True):
+        assert r["size"] == truth["ring_entries"] == 256
+        assert r["pushes"] == t["harvested"] == 1000
+        assert r["soft_full_exits"] == t["soft_full_exits"]
+        assert r["entries_reset"] == t["entries_reset"] == 1000
+        assert r["lost"] == 0
+
+
+def test_interactive_command_shows_its_output_after_quit(kvm, bpf_root):
+    """The README's main job: ``top -- workload`` in an 80x24 terminal; after q the
+    workload's own summary appears on the terminal."""
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux not installed (tools/setup.sh --test installs it)")
+    sock, target = f"kvmtrace-test-cmd-{os.getpid()}", "top"
+    cmd = " ".join(kvmtrace_cmd("top", "-d", "0.5", "--",
+                                *kvmtrace_cmd("workload", *BASE[:-1], "--duration", "2")))
+    try:
+        subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-s", target, "-x", "80",
+                        "-y", "24", f"cd {ROOT} && {cmd}; echo rc=$?; sleep 60"], check=True)
+        screen = _wait_screen(sock, target, "  vcpu0", "  vcpu1", "command exited with status 0")
+        vcpus = [ln.split() for ln in screen.splitlines()
+                 if ln.split()[:1] in (["vcpu0"], ["vcpu1"])]
+        assert [r[1] for r in vcpus] == ["256", "256"]
+        subprocess.run(["tmux", "-L", sock, "send-keys", "-t", target, "q"], check=True)
+        screen = _wait_screen(sock, target, "rc=0", timeout=30)
+        assert "kvmtrace workload: pid" in screen and "harvest on-full" in screen
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..host.child import PausedChild
 from ..source.events import Kind
 from ..source.live import LiveEvents
 from ..source.recording import RecordingWriter
@@ -64,39 +62,18 @@ class RecordSummary:
                 f"{self.lost} lost, {self.bytes} bytes ({per:.2f} bytes/event) to {path}")
 
 
-# Runs in the child: wait for the go byte on fd argv[1], then become COMMAND (same pid).
-_WAITER = "import os,sys;os.read(int(sys.argv[1]),1);os.execvp(sys.argv[2],sys.argv[2:])"
-
-
-def _spawn_paused(command: list[str]) -> tuple[subprocess.Popen[bytes], int]:
-    """Start COMMAND held before exec, so its pid can filter the probes before it runs.
-    Returns the process and the fd to write one byte to, which lets it exec."""
-    if shutil.which(command[0]) is None:
-        raise UsageError(f"command not found: {command[0]}", "give a program on PATH or a path")
-    r, w = os.pipe()
-    try:
-        proc = subprocess.Popen([sys.executable, "-c", _WAITER, str(r), *command], pass_fds=(r,))
-    finally:
-        os.close(r)
-    return proc, w
-
-
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
            command: list[str] | None = None, ringbuf_pages: int = 4096, hook: str = "auto",
            flush_s: float = 1.0, quiet: bool = False) -> RecordSummary:
     """Record until Ctrl-C/SIGTERM, ``duration`` seconds, or COMMAND's exit."""
-    child: subprocess.Popen[bytes] | None = None
-    go_fd = -1
-    if command:
-        child, go_fd = _spawn_paused(command)
+    child = PausedChild(command) if command else None
+    if child is not None:
         pid = pid or child.pid
     try:
         source = LiveEvents(pid=pid, ringbuf_pages=ringbuf_pages, hook=hook)
     except BaseException:
         if child is not None:
-            child.kill()
-            os.close(go_fd)
-            child.wait()
+            child.stop(kill=True)
         raise
     stop = source.stop
     old = {s: signal.signal(s, lambda *_: stop()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -106,8 +83,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
         with source, RecordingWriter(output, source.meta) as writer:
             writer.flush()  # the header and meta are on disk before the first event
             if child is not None:
-                os.write(go_fd, b"g")
-                os.close(go_fd)
+                child.release()
             elif not quiet:
                 print("Recording dirty-ring events... Hit Ctrl-C to end.", file=sys.stderr)
             last_flush = time.monotonic()
@@ -133,9 +109,8 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        if child is not None and child.poll() is None:
-            child.terminate()
-            child.wait()
+        if child is not None:
+            child.stop()
     return RecordSummary(events=events, lost=lost, bytes=output.stat().st_size,
                          seconds=time.monotonic() - t0, pushes=pushes,
                          child_status=child.returncode if child is not None else None)

@@ -11,6 +11,7 @@ import json
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 from ..analysis.rates import compute_interval
 from ..analysis.stats import Snapshot
 from ..errors import UsageError
+from ..host.child import PausedChild
 from ..source.base import SnapshotSource, SourceMeta
 from ..views.top_render import SORT_KEYS, render_top
 
@@ -31,6 +33,7 @@ EXAMPLES = """examples:
   kvmtrace top -b -n 5 -d 1 --json      # 5 NDJSON lines, one per second, for scripts
   kvmtrace top --prometheus :9877       # metrics on http://127.0.0.1:9877/metrics
   kvmtrace top -b --replay run.kvt      # the same view over a recording, as fast as it goes
+  kvmtrace top -- kvmtrace workload --vcpus 2 --duration 30   # watch one command's VMs
 """
 LONG_RUN_S = 10.0  # batch runs at least this long say how to end them
 
@@ -50,6 +53,7 @@ class TopOptions:
     ring_entries: int | None = None
     ring_bytes: int | None = None
     hook: str = "auto"
+    command: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ring-entries", metavar="N", help="ring size for --replay text traces")
     p.add_argument("--ring-bytes", metavar="B", help="ring size in bytes, ditto")
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="run COMMAND, show only its VMs, stop (batch) when it exits; its "
+                   "output goes to stderr in batch mode and is shown after the view ends")
     p.set_defaults(func=run)
 
 
@@ -120,6 +127,13 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         ring_bytes=_int(args.ring_bytes, "--ring-bytes", 16),
         hook=args.hook,
     )
+    command = list(getattr(args, "command", None) or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    if command and (opts.replay or opts.pid):
+        raise UsageError("-- COMMAND cannot be combined with --replay or -p",
+                         "top -- COMMAND follows COMMAND's own process")
+    opts.command = command
     if (opts.ring_entries or opts.ring_bytes) and not opts.replay:
         raise UsageError("--ring-entries/--ring-bytes only apply to --replay",
                          "the live view learns ring sizes from KVM_ENABLE_CAP")
@@ -138,7 +152,7 @@ class _Latest:
         return self.snap
 
 
-def _open(opts: TopOptions) -> tuple[SnapshotSource, str]:
+def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotSource, str]:
     if opts.replay:
         from ..analysis.aggregate import ReplaySource
         from ..source.detect import open_source
@@ -150,7 +164,9 @@ def _open(opts: TopOptions) -> tuple[SnapshotSource, str]:
     from ..bpf.loader import Probes, preflight
 
     preflight()
-    probes = Probes(pid=opts.pid, hook=opts.hook)
+    probes = Probes(pid=child.pid if child else opts.pid, hook=opts.hook)
+    if child is not None:  # keep its rows after it exits: the final state stays on screen
+        return LiveSource(probes=probes), "live"
     try:  # notice VMMs exiting (process connector), so their rows go away
         return LiveSource(probes=probes, watch=True), "live"
     except (OSError, ImportError):
@@ -179,9 +195,11 @@ def _wall(source: SnapshotSource, label: str, first: Snapshot, snap: Snapshot) -
 
 
 def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading.Lock,
-           latest: _Latest | None, *, emit: bool = True) -> int:
+           latest: _Latest | None, *, emit: bool = True, child: PausedChild | None = None
+           ) -> int:
     """Take a snapshot every ``opts.delay`` s (a replay without a server: as fast as it
-    goes), print each interval (NDJSON or text) when ``emit``, publish it to ``latest``."""
+    goes), print each interval (NDJSON or text) when ``emit``, publish it to ``latest``.
+    With ``child``, the interval in which it exits is the last one."""
     from ..views.topjson import interval_json
 
     replay = label == "replay"
@@ -200,7 +218,10 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
     while opts.count is None or done < opts.count:
         if not replay or latest is not None:
             due += opts.delay
-            time.sleep(max(0.0, due - time.monotonic()))
+            while child is not None and child.poll() is None and time.monotonic() < due:
+                time.sleep(min(0.05, max(0.0, due - time.monotonic())))
+            time.sleep(max(0.0, due - time.monotonic()) if child is None else 0.0)
+        exited = child is not None and child.poll() is not None
         with lock:
             cur = source.snapshot()
         if latest is not None:
@@ -215,7 +236,7 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
             print("\n".join(lines) + "\n", flush=True)
         prev = cur
         done += 1
-        if replay and getattr(source, "done", False):
+        if exited or (replay and getattr(source, "done", False)):
             break
     return 0
 
@@ -238,7 +259,21 @@ def run(args: argparse.Namespace) -> int:
     if not opts.batch and not opts.prometheus and not sys.stdout.isatty():
         raise UsageError("the interactive view needs a terminal",
                          "use -b for batch text, or -b --json for scripts")
-    source, label = _open(opts)
+    child = captured = None
+    if opts.command:
+        if opts.batch:
+            child = PausedChild(opts.command, stdout=sys.stderr.fileno())
+        else:  # the screen is ours: keep its output until the view ends
+            captured = tempfile.TemporaryFile()
+            child = PausedChild(opts.command, stdout=captured, stderr=captured)
+    try:
+        source, label = _open(opts, child)
+    except BaseException:
+        if child is not None:
+            child.stop(kill=True)
+        raise
+    if child is not None:
+        child.release()
     lock = threading.Lock()
     exporter = None
     try:
@@ -257,10 +292,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"kvmtrace top: serving http://{where}:{port}/metrics", file=sys.stderr,
                   flush=True)
             exporter.start()
-        if (opts.batch or opts.prometheus) and label == "live" and unbounded:
+        if (opts.batch or opts.prometheus) and label == "live" and unbounded and not child:
             print("Hit Ctrl-C to end.", file=sys.stderr, flush=True)
         if opts.batch:
-            return _batch(opts, source, label, lock, latest)
+            return _batch(opts, source, label, lock, latest, child=child)
         if opts.prometheus:
             return _serve_only(opts, source, label, lock, latest)
         from ..views.top_curses import TopState, run_curses
@@ -272,8 +307,7 @@ def run(args: argparse.Namespace) -> int:
             source_label=label,
             hooks=dict(source.meta.hooks),
             clock=_clock(label),
-            end_status=(lambda: "end of file (q: quit)" if getattr(source, "done", False)
-                        else None),
+            end_status=lambda: _end_status(source, child),
             count=opts.count,
         )
     except KeyboardInterrupt:
@@ -282,6 +316,21 @@ def run(args: argparse.Namespace) -> int:
         if exporter is not None:
             exporter.close()
         _close(source)
+        if child is not None:
+            child.stop()
+        if captured is not None:
+            captured.seek(0)
+            sys.stdout.flush()
+            shutil.copyfileobj(captured, sys.stdout.buffer)
+            sys.stdout.flush()
+
+
+def _end_status(source: SnapshotSource, child: PausedChild | None) -> str | None:
+    if getattr(source, "done", False):
+        return "end of file (q: quit)"
+    if child is not None and child.poll() is not None:
+        return f"command exited with status {child.returncode} (q: quit)"
+    return None
 
 
 def _close(source: SnapshotSource, timeout_s: float = 5.0) -> None:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"kvmtrace {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"kvmtrace.commands.{name}")
         module.register(sub)
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KvmtraceError as err:
-        print(f"kvmtrace {args.command}: error: {err}", file=sys.stderr)
+        print(f"kvmtrace {args.subcommand}: error: {err}", file=sys.stderr)
         return err.status
     except KeyboardInterrupt:
         return 130

@@ -145,14 +145,18 @@ class Replay:
 
     def _segment(self, ev: np.ndarray) -> None:
         kind = ev["kind"]
+        valid = None
         if int(kind.max()) > Kind.STALL or int(kind.min()) < _PUSH:
-            ev = ev[(kind >= _PUSH) & (kind <= Kind.STALL)]
-            if not len(ev):
+            valid = (kind >= _PUSH) & (kind <= Kind.STALL)
+            if not valid.any():
                 return
-        for key, sel in self._groups(ev):
-            g = ev[sel]
-            c = Cols(g["ts"], g["kind"], g["dirty_index"].astype(np.int64),
-                     g["reset_index"].astype(np.int64), g["slot"], g["value"])
+        # Contiguous columns first: fancy indexing of the 48-byte structured records is
+        # ~20x slower than gathering plain columns.
+        cols = Cols(np.ascontiguousarray(ev["ts"]), np.ascontiguousarray(kind),
+                    ev["dirty_index"].astype(np.int64), ev["reset_index"].astype(np.int64),
+                    np.ascontiguousarray(ev["slot"]), np.ascontiguousarray(ev["value"]))
+        for key, sel in self._groups(ev, valid):
+            c = cols if sel is None else cols.take(sel)
             feed_ring(self._ring(key), c)
             if self.ws is not None:
                 p = c.kind == _PUSH
@@ -162,26 +166,35 @@ class Replay:
                     self.ws.add(key, c.ts[p], c.slot[p], c.off[p])
 
     @staticmethod
-    def _groups(ev: np.ndarray) -> Iterable[tuple[RingId, slice | np.ndarray]]:
+    def _groups(ev: np.ndarray, valid: np.ndarray | None
+                ) -> Iterable[tuple[RingId, np.ndarray | None]]:
+        """(ring, indices of its events in ``ev`` or None for all of them) per ring, over
+        the events ``valid`` selects (all when None)."""
         pid, vm, ring = ev["pid"], ev["vm"], ev["ring"]
         p0, v0 = int(pid[0]), int(vm[0])
         if (pid == p0).all() and (vm == v0).all():
-            lo, hi = int(ring.min()), int(ring.max())
+            rv = ring if valid is None else ring[valid]
+            lo, hi = int(rv.min()), int(rv.max())
             if lo == hi:
-                return [((p0, v0, lo), slice(None))]
+                return [((p0, v0, lo), None if valid is None else np.flatnonzero(valid))]
             if hi - lo < 64:
                 out = []
                 for r in range(lo, hi + 1):
-                    sel = np.flatnonzero(ring == r)
+                    m = ring == r
+                    if valid is not None:
+                        m &= valid
+                    sel = np.flatnonzero(m)
                     if len(sel):
                         out.append(((p0, v0, r), sel))
                 return out
-        keys = np.stack([pid.astype(np.int64), vm.astype(np.int64), ring.astype(np.int64)], 1)
+        idx = np.arange(len(ev)) if valid is None else np.flatnonzero(valid)
+        keys = np.stack([pid[idx].astype(np.int64), vm[idx].astype(np.int64),
+                         ring[idx].astype(np.int64)], 1)
         uk, inv = np.unique(keys, axis=0, return_inverse=True)
         inv = inv.ravel()
         order = np.argsort(inv, kind="stable")
         cuts = np.searchsorted(inv[order], np.arange(len(uk) + 1))
-        return [((int(k[0]), int(k[1]), int(k[2])), order[cuts[i]:cuts[i + 1]])
+        return [((int(k[0]), int(k[1]), int(k[2])), idx[order[cuts[i]:cuts[i + 1]]])
                 for i, k in enumerate(uk.tolist())]
 
     # -- results ----------------------------------------------------------------------

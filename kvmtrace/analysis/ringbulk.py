@@ -39,6 +39,11 @@ class Cols:
     def __len__(self) -> int:
         return len(self.kind)
 
+    def take(self, sel: np.ndarray) -> Cols:
+        """The events at indices ``sel``."""
+        return Cols(self.ts[sel], self.kind[sel], self.di[sel], self.ri[sel], self.slot[sel],
+                    self.off[sel])
+
 
 def _s32(x: np.ndarray) -> np.ndarray:
     return ((x + 0x80000000) & M32) - 0x80000000

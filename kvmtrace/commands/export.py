@@ -22,7 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="convert a recording to Parquet or a Perfetto timeline",
-        description=__doc__,
+        description="Convert a recording (or imported ftrace / perf script text) to "
+        "Parquet, one row per event, for DuckDB, Polars or Spark; or to a Chrome JSON "
+        "timeline for the Perfetto UI: per-vCPU ring occupancy counters, soft-full stall "
+        "slices, resets.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

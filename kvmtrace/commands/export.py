@@ -22,10 +22,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="convert a recording to Parquet or a Perfetto timeline",
-        description="Convert a recording (or imported ftrace / perf script text) to "
-        "Parquet, one row per event, for DuckDB, Polars or Spark; or to a Chrome JSON "
-        "timeline for the Perfetto UI: per-vCPU ring occupancy counters, soft-full stall "
-        "slices, resets.",
+        description="Convert a recording (or imported ftrace / perf script text) to Parquet,\n"
+        "one row per event, for DuckDB, Polars or Spark; or to a Chrome JSON timeline\n"
+        "for the Perfetto UI: per-vCPU ring occupancy counters, soft-full stall slices,\n"
+        "resets.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -3,9 +3,13 @@ kernel feature, and fails it instead when KVMTRACE_REQUIRE_KERNEL=1 (as in .ci/r
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,3 +61,40 @@ def samples() -> Path:
 def kvmtrace_cmd(*args: str) -> list[str]:
     """argv that runs this checkout's kvmtrace with the test's interpreter."""
     return [sys.executable, "-m", "kvmtrace", *args]
+
+
+def require_kvm_bpf() -> None:
+    """The checks of the ``kvm`` and ``bpf_root`` fixtures, callable from module-scoped
+    fixtures (which cannot use function-scoped ones)."""
+    ok, why = have_kvm_ring()
+    require(ok, why)
+    require(os.geteuid() == 0, "not root: BPF needs root")
+    require(Path("/sys/kernel/tracing/events/kvm").is_dir(), "tracefs not mounted")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        require(False, "bcc (python3-bpfcc) does not import")
+
+
+@dataclass
+class RecordedRun:
+    """One ``kvmtrace record -o path -- kvmtrace workload --json --dump-harvest ...``."""
+
+    truth: dict[str, Any]  # the workload's --json object
+    dump: dict[str, Any]  # the workload's --dump-harvest file
+    path: Path  # the recording
+
+
+def record_workload(out_dir: Path, *workload: str, timeout: float = 120) -> RecordedRun:
+    """Record a ``kvmtrace workload`` run (args ``workload``) into ``out_dir/run.kvt``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out, truth, dump = out_dir / "run.kvt", out_dir / "truth.json", out_dir / "harvest.json"
+    cmd = kvmtrace_cmd("record", "-o", str(out), "--",
+                       *kvmtrace_cmd("workload", "--json", "--dump-harvest", str(dump),
+                                     *workload))
+    with truth.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True,
+                              timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return RecordedRun(json.loads(truth.read_text()), json.loads(dump.read_text()), out)

@@ -11,7 +11,6 @@ vCPU (:mod:`.workingset`), and optionally the exits another ring size would have
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,18 +101,27 @@ class Replay:
         if not n:
             return
         self.events += n
+        if self.ws is not None and self.ws.t0 is None:
+            self.ws.t0 = int(ev["ts"][0])  # windows count from the trace's first event
         if self.sim is not None:
             self.sim.feed(ev)
-        kind = ev["kind"]
-        barriers = self._barriers(ev, kind)
+        # Contiguous columns once per batch: numpy ops and gathers on the 48-byte
+        # structured records' fields are several times slower than on plain columns.
+        cols = Cols(np.ascontiguousarray(ev["ts"]), np.ascontiguousarray(ev["kind"]),
+                    np.ascontiguousarray(ev["dirty_index"]),
+                    np.ascontiguousarray(ev["reset_index"]),
+                    np.ascontiguousarray(ev["slot"]), np.ascontiguousarray(ev["value"]))
+        ring = np.ascontiguousarray(ev["ring"])
+        pid, vm = ev["pid"], ev["vm"]
+        one_vm = bool((pid == pid[0]).all() and (vm == vm[0]).all())
         pos = 0
-        for b in barriers:
+        for b in self._barriers(ev, cols.kind):
             if b > pos:
-                self._segment(ev[pos:b])
+                self._segment(ev, cols, ring, one_vm, pos, b)
             self._barrier(ev[b])
             pos = b + 1
         if pos < n:
-            self._segment(ev[pos:] if pos else ev)
+            self._segment(ev, cols, ring, one_vm, pos, n)
 
     def _barriers(self, ev: np.ndarray, kind: np.ndarray) -> list[int]:
         """Events to take one by one, in order: ring sizes, and soft-full exits of VMs
@@ -143,50 +151,63 @@ class Replay:
                 self._set_vm_size(pid, vm, size, "inferred", ts)
         r.on_exit(ts)
 
-    def _segment(self, ev: np.ndarray) -> None:
-        kind = ev["kind"]
+    def _segment(self, ev: np.ndarray, cols: Cols, ring: np.ndarray, one_vm: bool, a: int,
+                 b: int) -> None:
+        """Events a..b of a batch (no barrier among them), ring by ring."""
+        c = cols if (a, b) == (0, len(cols)) else cols.slice(a, b)
+        kind = c.kind
         valid = None
         if int(kind.max()) > Kind.STALL or int(kind.min()) < _PUSH:
             valid = (kind >= _PUSH) & (kind <= Kind.STALL)
             if not valid.any():
                 return
-        # Contiguous columns first: fancy indexing of the 48-byte structured records is
-        # ~20x slower than gathering plain columns.
-        cols = Cols(np.ascontiguousarray(ev["ts"]), np.ascontiguousarray(kind),
-                    ev["dirty_index"].astype(np.int64), ev["reset_index"].astype(np.int64),
-                    np.ascontiguousarray(ev["slot"]), np.ascontiguousarray(ev["value"]))
-        for key, sel in self._groups(ev, valid):
-            c = cols if sel is None else cols.take(sel)
-            feed_ring(self._ring(key), c)
+        if one_vm:
+            groups = self._groups_one_vm(int(ev["pid"][0]), int(ev["vm"][0]), ring[a:b],
+                                         valid)
+        else:
+            groups = self._groups(ev[a:b], valid)
+        for key, sel in groups:
+            g = c if sel is None else c.take(sel)
+            feed_ring(self._ring(key), g)
             if self.ws is not None:
-                p = c.kind == _PUSH
+                p = g.kind == _PUSH
                 if p.all():
-                    self.ws.add(key, c.ts, c.slot, c.off)
+                    self.ws.add(key, g.ts, g.slot, g.off)
                 else:
-                    self.ws.add(key, c.ts[p], c.slot[p], c.off[p])
+                    self.ws.add(key, g.ts[p], g.slot[p], g.off[p])
+
+    @staticmethod
+    def _groups_one_vm(pid: int, vm: int, ring: np.ndarray, valid: np.ndarray | None
+                       ) -> list[tuple[RingId, np.ndarray | None]]:
+        """As :meth:`_groups` for events of one VM (``ring``: contiguous ring indices)."""
+        rv = ring if valid is None else ring[valid]
+        lo, hi = int(rv.min()), int(rv.max())
+        if lo == hi:
+            return [((pid, vm, lo), None if valid is None else np.flatnonzero(valid))]
+        if hi - lo >= 64:
+            idx = np.arange(len(ring)) if valid is None else np.flatnonzero(valid)
+            order = np.argsort(rv, kind="stable")
+            rs = rv[order]
+            cuts = np.flatnonzero(rs[1:] != rs[:-1]) + 1
+            return [((pid, vm, int(rs[x])), idx[order[x:y]])
+                    for x, y in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rs)],
+                                    strict=True)]
+        out: list[tuple[RingId, np.ndarray | None]] = []
+        for r in range(lo, hi + 1):
+            m = ring == r
+            if valid is not None:
+                m &= valid
+            sel = np.flatnonzero(m)
+            if len(sel):
+                out.append(((pid, vm, r), sel))
+        return out
 
     @staticmethod
     def _groups(ev: np.ndarray, valid: np.ndarray | None
-                ) -> Iterable[tuple[RingId, np.ndarray | None]]:
-        """(ring, indices of its events in ``ev`` or None for all of them) per ring, over
-        the events ``valid`` selects (all when None)."""
+                ) -> list[tuple[RingId, np.ndarray | None]]:
+        """(ring, indices of its events in ``ev``) per ring, over the events ``valid``
+        selects (all when None), rings in (pid, vm, index) order."""
         pid, vm, ring = ev["pid"], ev["vm"], ev["ring"]
-        p0, v0 = int(pid[0]), int(vm[0])
-        if (pid == p0).all() and (vm == v0).all():
-            rv = ring if valid is None else ring[valid]
-            lo, hi = int(rv.min()), int(rv.max())
-            if lo == hi:
-                return [((p0, v0, lo), None if valid is None else np.flatnonzero(valid))]
-            if hi - lo < 64:
-                out = []
-                for r in range(lo, hi + 1):
-                    m = ring == r
-                    if valid is not None:
-                        m &= valid
-                    sel = np.flatnonzero(m)
-                    if len(sel):
-                        out.append(((p0, v0, r), sel))
-                return out
         idx = np.arange(len(ev)) if valid is None else np.flatnonzero(valid)
         keys = np.stack([pid[idx].astype(np.int64), vm[idx].astype(np.int64),
                          ring[idx].astype(np.int64)], 1)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model.ring import s32
 from ..source.events import Kind
 from .ringstate import M32, FastRing
 
@@ -31,8 +32,8 @@ class Cols:
 
     ts: np.ndarray  # u64 ns
     kind: np.ndarray  # u8
-    di: np.ndarray  # i64 (u32 values)
-    ri: np.ndarray  # i64 (u32 values)
+    di: np.ndarray  # u32 dirty_index
+    ri: np.ndarray  # u32 reset_index
     slot: np.ndarray  # u32
     off: np.ndarray  # u64 (event value)
 
@@ -40,13 +41,31 @@ class Cols:
         return len(self.kind)
 
     def take(self, sel: np.ndarray) -> Cols:
-        """The events at indices ``sel``."""
-        return Cols(self.ts[sel], self.kind[sel], self.di[sel], self.ri[sel], self.slot[sel],
-                    self.off[sel])
+        """The events at indices ``sel`` (copies)."""
+        return Cols(*(np.take(x, sel) for x in (self.ts, self.kind, self.di, self.ri,
+                                                 self.slot, self.off)))
+
+    def slice(self, a: int, b: int) -> Cols:
+        """Events a..b (views)."""
+        return Cols(self.ts[a:b], self.kind[a:b], self.di[a:b], self.ri[a:b],
+                    self.slot[a:b], self.off[a:b])
+
+
+@dataclass
+class _Pre:
+    """What :func:`_clean_prefix` computed over the pushes and resets of ``c[a:]``, for
+    :func:`_bulk` to reuse when the clean stretch is all of it."""
+
+    ib: np.ndarray | None  # positions of the pushes/resets; None: every event is one
+    di: np.ndarray  # u32, at ib
+    ri: np.ndarray  # u32, at ib
+    used: np.ndarray  # i32 dirty_index - reset_index (serial arithmetic), at ib
+    push: np.ndarray  # bool, at ib
 
 
 def _s32(x: np.ndarray) -> np.ndarray:
-    return ((x + 0x80000000) & M32) - 0x80000000
+    """u32 differences as signed (serial-number arithmetic), without a copy."""
+    return x.astype(np.uint32, copy=False).view(np.int32)
 
 
 def feed_ring(ring: FastRing, c: Cols) -> None:
@@ -59,9 +78,9 @@ def feed_ring(ring: FastRing, c: Cols) -> None:
             _slow(ring, c, i, j + 1)
             i = j + 1
             continue
-        k = _clean_prefix(ring, c, i)
+        k, pre = _clean_prefix(ring, c, i)
         if k:
-            _bulk(ring, c, i, i + k)
+            _bulk(ring, c, i, i + k, pre if i + k == n else None)
             i += k
         if i < n:
             resets = np.flatnonzero(c.kind[i:] == _RESET)
@@ -91,74 +110,91 @@ def _slow(ring: FastRing, c: Cols, a: int, b: int) -> None:
         i += 1
 
 
-def _clean_prefix(ring: FastRing, c: Cols, a: int) -> int:
+def _pushes_resets(ring: FastRing, c: Cols, a: int, b: int) -> _Pre | None:
+    kind = c.kind[a:b]
+    push = kind == _PUSH
+    ibm = push | (kind == _RESET)
+    nib = int(np.count_nonzero(ibm))
+    if not nib:
+        return None
+    if nib == len(kind):
+        ib = None
+        di, ri = c.di[a:b], c.ri[a:b]
+    else:
+        ib = np.flatnonzero(ibm)
+        di, ri, push = c.di[a:b][ib], c.ri[a:b][ib], push[ib]
+    return _Pre(ib, di, ri, _s32(di - ri), push)
+
+
+def _clean_prefix(ring: FastRing, c: Cols, a: int) -> tuple[int, _Pre | None]:
     """How many events from ``a`` form a clean stretch (see the module docstring)."""
     if ring.overflow is not None:
-        return 0
+        return 0, None
     if ring.irregular:
         n = min(max(ring.used(), 0), ring.cap)
         expect = np.zeros(ring.cap, dtype=bool)
         ring.fill(expect, ring.reset, n, True)
         if n != ring.used() or not np.array_equal(expect, ring.live):
-            return 0
+            return 0, None
         ring.irregular = False
-    kind = c.kind[a:]
-    ibm = (kind == _PUSH) | (kind == _RESET)
-    ib = np.flatnonzero(ibm)
-    if not len(ib):
-        return len(kind)
-    di, ri = c.di[a:][ib], c.ri[a:][ib]
-    push = kind[ib] == _PUSH
-    pdi = np.empty_like(di)
-    pri = np.empty_like(ri)
-    pdi[0], pri[0] = ring.dirty, ring.reset
-    pdi[1:], pri[1:] = di[:-1], ri[:-1]
-    used = _s32(di - ri)
-    step = _s32(ri - pri)
-    ok_push = (di == ((pdi + 1) & M32)) & (ri == pri) & (used <= ring.cap)
-    ok_reset = (di == pdi) & (step >= 0) & (used >= 0)
-    ok = np.where(push, ok_push, ok_reset)
-    if ok.all():
-        return len(kind)
-    return int(ib[int(np.argmin(ok))])
+    n = len(c) - a
+    pre = _pushes_resets(ring, c, a, len(c))
+    if pre is None:
+        return n, None
+    di, ri, used, push = pre.di, pre.ri, pre.used, pre.push
+    dd = np.diff(di, prepend=np.uint32(ring.dirty))  # u32: 1 after a push, 0 at a reset
+    dr = _s32(np.diff(ri, prepend=np.uint32(ring.reset)))
+    bad = (dd != push) | np.where(push, (dr != 0) | (used > ring.cap), (dr < 0) | (used < 0))
+    if not bad.any():
+        return n, pre
+    j = int(np.argmax(bad))
+    return (j if pre.ib is None else int(pre.ib[j])), None
 
 
-def _bulk(ring: FastRing, c: Cols, a: int, b: int) -> None:
+def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None) -> None:
     kind = c.kind[a:b]
     ts = c.ts[a:b]
     res = ring.res
-    ibm = (kind == _PUSH) | (kind == _RESET)
-    ppos = np.flatnonzero(kind == _PUSH)
-    xpos = np.flatnonzero(kind == _EXIT)
-    spos = np.flatnonzero(kind == _STALL)
-    ib = np.flatnonzero(ibm)
-    seenm = ibm | (kind == _EXIT)
-    if seenm.any():
-        sp = np.flatnonzero(seenm)
-        ring.seen(ts[sp[0]], ts[sp[-1]])
+    if pre is None:
+        pre = _pushes_resets(ring, c, a, b)
+    if pre is not None and pre.ib is None:  # pushes and resets only
+        ib = np.arange(b - a)
+        ppos = np.flatnonzero(pre.push)
+        xpos = spos = ib[:0]
+        ring.seen(ts[0], ts[-1])
+    else:
+        ppos = np.flatnonzero(kind == _PUSH)
+        xpos = np.flatnonzero(kind == _EXIT)
+        spos = np.flatnonzero(kind == _STALL)
+        ib = pre.ib if pre is not None else ppos[:0]
+        first = min(int(ib[0]) if len(ib) else b - a, int(xpos[0]) if len(xpos) else b - a)
+        if first < b - a:
+            last = max(int(ib[-1]) if len(ib) else -1, int(xpos[-1]) if len(xpos) else -1)
+            ring.seen(ts[first], ts[last])
     if len(spos):
         res.stalls.add_many(c.off[a:b][spos])
     d0, r0 = ring.dirty, ring.reset
-    if len(ib):
-        di, ri = c.di[a:b][ib], c.ri[a:b][ib]
-        used = _s32(di - ri)
+    if pre is not None:
+        di, ri, used = pre.di, pre.ri, pre.used
         ring.indices(di[-1], ri[-1], int(used.max()))
         d1, r1 = int(di[-1]), int(ri[-1])
     else:
-        di = ri = used = np.zeros(0, dtype=np.int64)
+        di = ri = c.di[:0]
+        used = _s32(di)
         d1, r1 = d0, r0
     np_ = len(ppos)
     res.pushes += np_
     res.resets += len(ib) - np_
     res.soft_full_exits += len(xpos)
     if ring.unconfirmed is not None and len(ib) > np_:
-        rr = ri[kind[ib] == _RESET]
-        if (_s32(rr - ring.unconfirmed[3]) >= 0).any():
+        rr = ri[~pre.push]  # type: ignore[union-attr]
+        if (_s32(rr - np.uint32(ring.unconfirmed[3])) >= 0).any():
             ring.unconfirmed = None
     # harvest and storage
-    adv = int(_s32(np.int64(r1 - r0)))
+    adv = s32(r1 - r0)
+    u_old = s32(d0 - r0)
     if adv > 0:
-        old_n = max(0, min(adv, int(_s32(np.int64(d0 - r0)))))
+        old_n = max(0, min(adv, u_old))
         if old_n:
             ring.collect(r0, old_n)
         new_n = adv - old_n
@@ -171,16 +207,14 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int) -> None:
         start = (d1 - k) & M32
         ring.put(ring.slot, start, c.slot[a:b][ppos[-k:]])
         ring.put(ring.off, start, c.off[a:b][ppos[-k:]])
-        ring.fill(ring.live, r0, max(0, int(_s32(np.int64(d0 - r0)))), False)
-        ring.fill(ring.live, r1, max(0, int(_s32(np.int64(d1 - r1)))), True)
-    elif adv > 0:
-        ring.fill(ring.live, r0, max(0, int(_s32(np.int64(d0 - r0)))), False)
-        ring.fill(ring.live, r1, max(0, int(_s32(np.int64(d1 - r1)))), True)
+    if np_ or adv > 0:
+        ring.fill(ring.live, r0, max(0, u_old), False)
+        ring.fill(ring.live, r1, max(0, s32(d1 - r1)), True)
     ring.dirty, ring.reset = d1, r1
     if len(xpos) or ring.exit_ts is not None:
         _exits(ring, ts, ppos, xpos, ib, di, ri, d0, r0, r1)
     if res.size is not None:
-        _soft(ring, kind, ts, c.di[a:b], c.ri[a:b], ibm, used, int(_s32(np.int64(d0 - r0))))
+        _soft(ring, kind, ts, c.di[a:b], c.ri[a:b], ib, xpos, used, u_old)
 
 
 def _exits(ring: FastRing, ts: np.ndarray, ppos: np.ndarray, xpos: np.ndarray,
@@ -211,43 +245,62 @@ def _exits(ring: FastRing, ts: np.ndarray, ppos: np.ndarray, xpos: np.ndarray,
 
 
 def _soft(ring: FastRing, kind: np.ndarray, ts: np.ndarray, cdi: np.ndarray,
-          cri: np.ndarray, ibm: np.ndarray, used_ib: np.ndarray, u0: int) -> None:
+          cri: np.ndarray, ib: np.ndarray, xpos: np.ndarray, used_ib: np.ndarray,
+          u0: int) -> None:
     """Soft-limit episodes (used >= soft_limit) over a clean stretch, as the reference:
     an episode opens at the push reaching the limit, closes when a reset brings used
-    below it; pushes made at used >= limit before any exit of the episode are past it."""
+    below it; pushes made at used >= limit before any exit of the episode are past it.
+
+    Only the events at or above the limit are looked at: the stretch's pushes/resets
+    (``ib``, with ``used_ib``) and soft-full exits (``xpos``, at the used of the push or
+    reset before them, else ``u0``), merged in event order by their rank among both."""
     limit = ring.res.size - ring.reserved  # type: ignore[operator]
-    if ring.soft is None and (not len(used_ib) or int(used_ib.max()) < limit):
+    is_open = ring.soft is not None
+    if not is_open and (not len(used_ib) or int(used_ib.max()) < limit):
         return
-    ev = np.flatnonzero(ibm | (kind == _EXIT))
-    if not len(ev):
+    n_ev = len(ib) + len(xpos)
+    if not n_ev:
         return
-    isib = ibm[ev]
-    carry = np.maximum.accumulate(np.where(isib, np.arange(len(ev)), -1))
-    u_ib = np.zeros(len(ev), dtype=np.int64)
-    u_ib[isib] = used_ib
-    u = np.where(carry >= 0, u_ib[np.maximum(carry, 0)], u0)
-    inn = u >= limit
-    prev = np.empty_like(inn)
-    prev[0] = ring.soft is not None
-    prev[1:] = inn[:-1]
-    start = inn & ~prev
+    pi_in = np.flatnonzero(used_ib >= limit)
+    pos = [ib[pi_in]]
+    ranks = [pi_in + (np.searchsorted(xpos, ib[pi_in]) if len(xpos) else 0)]
+    us = [used_ib[pi_in]]
+    if len(xpos):
+        j = np.searchsorted(ib, xpos) - 1
+        ux = np.where(j >= 0, used_ib[np.maximum(j, 0)] if len(ib) else u0, u0)
+        xin = np.flatnonzero(ux >= limit)
+        pos.append(xpos[xin])
+        ranks.append(xin + j[xin] + 1)
+        us.append(ux[xin])
+    pos_a, rank, u = np.concatenate(pos), np.concatenate(ranks), np.concatenate(us)
+    if not len(rank):
+        if is_open:
+            ring.close_soft()
+        return
+    if len(pos) > 1:
+        order = np.argsort(rank, kind="stable")
+        pos_a, rank, u = pos_a[order], rank[order], u[order]
+    prev = np.empty(len(rank), dtype=bool)
+    prev[0] = is_open and rank[0] == 0
+    prev[1:] = rank[1:] == rank[:-1] + 1
+    start = ~prev
     ep = np.cumsum(start)
-    ek = kind[ev]
-    ex_in = (ek == _EXIT) & inn
+    ek = kind[pos_a]
+    ex_in = ek == _EXIT
     cnt = np.cumsum(ex_in)
     base = np.maximum.accumulate(np.where(start, cnt - ex_in, 0))
     exited = (cnt - base) > 0
-    if ring.soft is not None and ring.soft["exited"]:
+    if is_open and ring.soft["exited"]:  # type: ignore[index]
         exited |= ep == 0
-    push_in = (ek == _PUSH) & inn
+    push_in = ek == _PUSH
     past = push_in & (u > limit) & ~exited
     n_ep = int(ep[-1]) + 1
-    last_ep = int(ep[-1]) if inn[-1] else -1
+    last_ep = int(ep[-1]) if rank[-1] == n_ev - 1 else -1
     past_n = np.bincount(ep[past], minlength=n_ep)
     has_exit = np.bincount(ep[ex_in], minlength=n_ep) > 0
     todo = set(np.flatnonzero((past_n > 0) & ~has_exit).tolist())
     todo.discard(0)
-    if ring.soft is not None:
+    if is_open:
         todo.add(0)
     if last_ep > 0:
         todo.add(last_ep)
@@ -267,7 +320,7 @@ def _soft(ring: FastRing, kind: np.ndarray, ts: np.ndarray, cdi: np.ndarray,
         st["past"] += int(past_n[e])
         st["max_used"] = max(st["max_used"], mx)
         if st["first"] is None and past_n[e]:
-            k = int(ev[pi[lo:hi][past[pi[lo:hi]]][0]])
+            k = int(pos_a[pi[lo:hi][past[pi[lo:hi]]][0]])
             st["first"] = (int(ts[k]), int(cdi[k]), int(cri[k]))
         ring.soft = st
         if e != last_ep:

@@ -356,10 +356,11 @@ class FastRing:
         self.res.harvest_sum1, self.res.harvest_sum2 = self.digest.sum1, self.digest.sum2
 
     def harvested(self) -> list[tuple[int, int]]:
-        """All harvested (slot, offset), sorted (only with keep_harvest)."""
+        """All harvested (slot, offset) in the order resets collected them, i.e. ring
+        order, as a VMM harvests (only with keep_harvest; entries of unknown content
+        are left out)."""
         if not self.harvest_parts:
             return []
-        s = np.concatenate([p[0] for p in self.harvest_parts]).astype(np.uint64)
+        s = np.concatenate([p[0] for p in self.harvest_parts])
         o = np.concatenate([p[1] for p in self.harvest_parts])
-        order = np.lexsort((o, s))
-        return list(zip(s[order].tolist(), o[order].tolist(), strict=True))
+        return list(zip(s.tolist(), o.tolist(), strict=True))

@@ -40,7 +40,7 @@ class RingWs:
     pushes: int = 0
     first_ns: int | None = None
     last_ns: int | None = None
-    cur: int = -1
+    cur: int | None = None  #: window being filled (index from WorkingSet.t0; may be < 0)
     cur_pushes: int = 0
     bitmaps: dict[int, np.ndarray] = field(default_factory=dict)
     touched: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -69,11 +69,12 @@ class WorkingSet:
         self.t0: int | None = None
         self.rings: dict[RingId, RingWs] = {}
         self.counts: dict[tuple[int, int, int], np.ndarray] = {}  # (pid, vm, slot)
-        self.stamps: dict[tuple[int, int, int], np.ndarray] = {}
         self.count_overflow: Counter[tuple[int, int, int, int]] = Counter()
 
     def add(self, key: RingId, ts: np.ndarray, slot: np.ndarray, off: np.ndarray) -> None:
-        if not len(ts):
+        """Pushes of ring ``key`` in time order: ts (ns), slot (u32), offset (page)."""
+        n = len(ts)
+        if not n:
             return
         if self.t0 is None:
             self.t0 = int(ts[0])
@@ -83,43 +84,76 @@ class WorkingSet:
         if rw.first_ns is None:
             rw.first_ns = int(ts[0])
         rw.last_ns = int(ts[-1])
-        rw.pushes += len(ts)
-        w = (ts.astype(np.int64) - self.t0) // self.window_ns
-        cuts = np.flatnonzero(w[1:] != w[:-1]) + 1 if w[0] != w[-1] else np.zeros(0, int)
-        bounds = [0, *cuts.tolist(), len(ts)]
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            wi = int(w[a])
-            if wi != rw.cur:
-                self._close(rw)
-                rw.cur = wi
-            rw.cur_pushes += b - a
-            self._mark(rw, slot[a:b], off[a:b])
-        self._count(key, slot, off)
-
-    def _by_slot(self, slot: np.ndarray) -> list[tuple[int, np.ndarray | slice]]:
-        s0 = int(slot[0])
-        if (slot == s0).all():
-            return [(s0, slice(None))]
-        return [(int(s), np.flatnonzero(slot == s)) for s in np.unique(slot)]
-
-    def _mark(self, rw: RingWs, slot: np.ndarray, off: np.ndarray) -> None:
+        rw.pushes += n
+        w0 = (int(ts[0]) - self.t0) // self.window_ns
+        w1 = (int(ts[-1]) - self.t0) // self.window_ns
+        wins = list(range(w0, w1 + 1))
+        bounds = [0, n]
+        if w1 != w0:  # window edges by binary search (ts is sorted)
+            edges = np.array([max(0, self.t0 + w * self.window_ns) for w in wins[1:]],
+                             dtype=np.uint64)
+            bounds = [0, *np.searchsorted(ts, edges).tolist(), n]
+        parts = []  # per slot: slot, its offsets (intp), window cuts into them
         for s, sel in self._by_slot(slot):
-            o = off[sel]
+            o = off if sel is None else off[sel]
+            cuts = bounds if sel is None else np.searchsorted(sel, bounds).tolist()
             big = o >= self.max_pages
             if big.any():
-                rw.overflow.update((s, int(x)) for x in o[big])
-                o = o[~big]
-                if not len(o):
-                    continue
+                self._big_count(key, s, o[big])
+                small = o[~big]
+                if len(small):
+                    self._count(key, s, small.astype(np.intp))
+                parts.append((s, o, cuts, True))
+                continue
             o = o.astype(np.intp)
-            lo, hi = int(o.min()), int(o.max()) + 1
-            bm = rw.bitmaps[s] = _grow(rw.bitmaps.get(s, np.zeros(0, bool)), hi, self.max_pages)
-            bm[o] = True
-            t = rw.touched.get(s)
-            rw.touched[s] = (lo, hi) if t is None else (min(t[0], lo), max(t[1], hi))
+            self._count(key, s, o)
+            parts.append((s, o, cuts, False))
+        for k, wi in enumerate(wins):
+            a, b = bounds[k], bounds[k + 1]
+            if a == b:
+                continue
+            self._window(rw, wi)
+            rw.cur_pushes += b - a
+            for s, o, cuts, has_big in parts:
+                seg = o[cuts[k]:cuts[k + 1]]
+                if not len(seg):
+                    continue
+                if has_big:
+                    big = seg >= self.max_pages
+                    rw.overflow.update((s, int(x)) for x in seg[big])
+                    seg = seg[~big].astype(np.intp)
+                    if not len(seg):
+                        continue
+                self._mark(rw, s, seg)
+
+    def _window(self, rw: RingWs, wi: int) -> None:
+        if wi != rw.cur:
+            self._close(rw)
+            rw.cur = wi
+
+    @staticmethod
+    def _by_slot(slot: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
+        s0 = int(slot[0])
+        if int(slot[-1]) == s0 and (slot == s0).all():
+            return [(s0, None)]
+        return [(int(s), np.flatnonzero(slot == s)) for s in np.unique(slot)]
+
+    def _big_count(self, key: RingId, s: int, o: np.ndarray) -> None:
+        """Push counts of pages beyond max_pages (a Counter: slow, exact)."""
+        self.count_overflow.update((key[0], key[1], s, int(x)) for x in o)
+
+    def _mark(self, rw: RingWs, s: int, o: np.ndarray) -> None:
+        lo, hi = int(o.min()), int(o.max()) + 1
+        bm = rw.bitmaps.get(s)
+        if bm is None or hi > len(bm):
+            bm = rw.bitmaps[s] = _grow(np.zeros(0, bool) if bm is None else bm, hi,
+                                       self.max_pages)
+        bm[o] = True
+        t = rw.touched.get(s)
+        rw.touched[s] = (lo, hi) if t is None else (min(t[0], lo), max(t[1], hi))
 
     def _close(self, rw: RingWs) -> None:
-        if rw.cur < 0:
+        if rw.cur is None:
             return
         uniq = len(rw.overflow)
         for s, (lo, hi) in rw.touched.items():
@@ -131,43 +165,30 @@ class WorkingSet:
         rw.windows.append((rw.cur, rw.cur_pushes, uniq))
         rw.cur_pushes = 0
 
-    def _count(self, key: RingId, slot: np.ndarray, off: np.ndarray) -> None:
-        pid, vm = key[0], key[1]
-        for s, sel in self._by_slot(slot):
-            o = off[sel]
-            big = o >= self.max_pages
-            if big.any():
-                self.count_overflow.update((pid, vm, s, int(x)) for x in o[big])
-                o = o[~big]
-                if not len(o):
-                    continue
-            o = o.astype(np.intp)
-            ck = (pid, vm, s)
-            need = int(o.max()) + 1
-            cnt = self.counts[ck] = _grow(self.counts.get(ck, np.zeros(0, np.uint32)), need,
-                                          self.max_pages)
-            st = self.stamps[ck] = _grow(self.stamps.get(ck, np.zeros(0, np.uint32)), need,
-                                         self.max_pages)
-            ar = np.arange(len(o), dtype=np.uint32)
-            st[o] = ar
-            win = st[o] == ar
-            cnt[o] += np.uint32(1)  # once per distinct page (buffered fancy add)
-            if not win.all():
-                np.add.at(cnt, o[~win], np.uint32(1))
+    def _count(self, key: RingId, s: int, o: np.ndarray) -> None:
+        ck = (key[0], key[1], s)
+        cnt = self.counts.get(ck)
+        need = int(o.max()) + 1
+        if cnt is None or need > len(cnt):
+            cnt = self.counts[ck] = _grow(np.zeros(0, np.uint32) if cnt is None else cnt,
+                                          need, self.max_pages)
+        np.add.at(cnt, o, np.uint32(1))  # unbuffered: repeated pages count each time
 
     def finish(self) -> None:
         for rw in self.rings.values():
             self._close(rw)
-            rw.cur = -1
+            rw.cur = None
 
     def hottest(self, top: int = 10) -> dict[tuple[int, int], list[HotPage]]:
         """Per VM (pid, vm): the ``top`` pages by pushes (ties: lower slot, offset first)."""
         out: dict[tuple[int, int], list[HotPage]] = {}
-        for (pid, vm, s), cnt in self.counts.items():
+        for (pid, vm, s), cnt in sorted(self.counts.items()):
             nz = np.flatnonzero(cnt)
             if len(nz) > top:
                 kth = np.partition(cnt[nz], len(nz) - top)[len(nz) - top]
-                nz = nz[cnt[nz] >= kth]
+                above = nz[cnt[nz] > kth]
+                ties = nz[cnt[nz] == kth][: top - len(above)]  # lowest offsets first
+                nz = np.concatenate([above, ties])
             out.setdefault((pid, vm), []).extend(HotPage(s, int(o), int(cnt[o])) for o in nz)
         for (pid, vm, s, o), n in self.count_overflow.items():
             out.setdefault((pid, vm), []).append(HotPage(s, o, n))

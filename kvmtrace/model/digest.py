@@ -35,20 +35,32 @@ def entry_hashes(slot: int, offset: int) -> tuple[int, int]:
 
 
 def _mix_np(x: np.ndarray) -> np.ndarray:
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(_C1)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(_C2)
-    return x ^ (x >> np.uint64(31))
+    """splitmix64's finaliser, in place on a u64 array of our own (returns it)."""
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(_C1)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(_C2)
+    x ^= x >> np.uint64(31)
+    return x
 
 
 def entry_hashes_np(slots: np.ndarray, offsets: np.ndarray) -> tuple[int, int]:
     """Sums (mod 2**64) of both hashes over arrays of slots (u32) and offsets (u64)."""
-    if not len(slots):
+    n = len(slots)
+    if not n:
         return 0, 0
     with np.errstate(over="ignore"):
-        a = _mix_np(slots.astype(np.uint64) ^ np.uint64(_SLOT_SALT))
-        h1 = _mix_np(a ^ offsets.astype(np.uint64, copy=False))
-        h2 = _mix_np(h1 + np.uint64(_H2_SALT))
-        return int(h1.sum(dtype=np.uint64)), int(h2.sum(dtype=np.uint64))
+        s0 = int(slots[0])
+        if int(slots[-1]) == s0 and (slots == s0).all():  # one memslot: mix it once
+            h1 = offsets.astype(np.uint64, copy=True)
+            h1 ^= np.uint64(_mix(s0 ^ _SLOT_SALT))
+        else:
+            h1 = _mix_np(slots.astype(np.uint64) ^ np.uint64(_SLOT_SALT))
+            h1 ^= offsets.astype(np.uint64, copy=False)
+        _mix_np(h1)
+        s1 = int(h1.sum(dtype=np.uint64))
+        h1 += np.uint64(_H2_SALT)
+        return s1, int(_mix_np(h1).sum(dtype=np.uint64))
 
 
 def digest_of(count: int, sum1: int, sum2: int) -> str:

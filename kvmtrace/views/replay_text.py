@@ -1,0 +1,153 @@
+"""Text report of ``kvmtrace replay``: at most 80 columns, one section per concern.
+
+Sections: header (source, events, lost, span), per-ring counters (``struct kvm_dirty_ring``
+of each vCPU: size and where it came from, pushes, resets, entries reset, soft-full exits,
+max used), per-ring stalls and harvest digest, anomalies (time from the first event, ring,
+indices, one sentence each), dirty rate and working set per vCPU, hottest pages per VM and
+the ``--simulate-ring-entries`` comparison. Times: ms/us from the trace's ns.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from ..analysis.replay import ReplayReport
+from ..model.digest import digest_of
+from ..model.results import Durations, RingId
+from .replay_json import ring_span
+
+__all__ = ["render_text", "WIDTH", "MAX_ANOMALIES"]
+
+WIDTH = 80
+MAX_ANOMALIES = 40  #: anomalies listed in text (all of them are in --json)
+
+
+def _ms(ns: float | None) -> str:
+    if ns is None:
+        return "-"
+    if ns < 1e6:
+        return f"{ns / 1e3:.0f}us"
+    return f"{ns / 1e6:.1f}ms" if ns < 1e9 else f"{ns / 1e9:.2f}s"
+
+
+def _who(key: RingId) -> tuple[str, str]:
+    pid, vm = key[0], key[1]
+    return (str(pid) if pid else "?"), (str(vm) if vm >= 0 else "?")
+
+
+def _fit(line: str) -> str:
+    return line if len(line) <= WIDTH else line[: WIDTH - 1] + "~"
+
+
+def _header(report: ReplayReport, file: str | None, truncated: bool) -> list[str]:
+    start, end = ring_span(report)
+    span = "-" if start is None or end is None else _ms(end - start)
+    out = [f"kvmtrace replay: {file}" if file else "kvmtrace replay",
+           f"source {report.source_kind}, {report.events} events, {report.lost} lost, "
+           f"span {span}",
+           f"{len(report.rings)} ring(s); KVM reserve {report.reserved} entries "
+           f"(soft limit = size - {report.reserved})"]
+    if truncated:
+        out.append("warning: the recording ends early (writer killed?); replayed what it holds")
+    if report.lost:
+        out.append(f"warning: the producer lost {report.lost} events: counts are lower bounds")
+    return out
+
+
+def _rings(report: ReplayReport) -> list[str]:
+    out = ["", f"{'ring':>4} {'pid':>7} {'vm':>3} {'size':>6} {'(from)':<9}{'pushes':>10} "
+               f"{'resets':>7} {'reset ent':>10} {'exits':>6} {'maxuse':>6}"]
+    for r in report.rings:
+        pid, vm = _who(r.ring)
+        size = "?" if r.size is None else str(r.size)
+        out.append(_fit(
+            f"{r.ring[2]:>4} {pid:>7} {vm:>3} {size:>6} {'(' + r.size_source + ')':<9}"
+            f"{r.pushes:>10} {r.resets:>7} {r.entries_reset:>10} {r.soft_full_exits:>6} "
+            f"{r.max_used:>6}"))
+    out += ["", f"{'ring':>4} {'stalls':>7} {'p50':>8} {'p99':>8} {'max':>8} {'lost push':>9} "
+                f"{'overwrit':>8} {'harvested':>10}  digest"]
+    for r in report.rings:
+        d: Durations = r.stalls if r.stalls.count else r.exit_to_push
+        what = "" if r.stalls.count or not d.count else "*"
+        dig = digest_of(r.harvested, r.harvest_sum1, r.harvest_sum2)[:8]
+        out.append(_fit(
+            f"{r.ring[2]:>4} {str(d.count) + what:>7} {_ms(d.quantile_ns(0.5)):>8} "
+            f"{_ms(d.quantile_ns(0.99)):>8} {_ms(d.max_ns if d.count else None):>8} "
+            f"{r.lost_pushes:>9} {r.overwritten:>8} {r.harvested:>10}  {dig}"))
+    if any(not r.stalls.count and r.exit_to_push.count for r in report.rings):
+        out.append("* no stall events: time from soft-full exit to the ring's next push")
+    return out
+
+
+def _anomalies(report: ReplayReport) -> list[str]:
+    if not report.anomalies:
+        return ["", "no anomalies: every ring behaved as the model says"]
+    start = ring_span(report)[0] or 0
+    out = ["", f"anomalies ({len(report.anomalies)}):"]
+    for a in report.anomalies[:MAX_ANOMALIES]:
+        pid, vm = _who(a.ring)
+        out.append(_fit(
+            f"  +{(a.time_ns - start) / 1e9:.6f}s {a.kind.value} ring {a.ring[2]} pid {pid} "
+            f"vm {vm} dirty {a.dirty_index:#x} reset {a.reset_index:#x}"))
+        out += textwrap.wrap(a.detail, WIDTH, initial_indent="      ",
+                             subsequent_indent="      ", break_on_hyphens=False)
+    if len(report.anomalies) > MAX_ANOMALIES:
+        out.append(f"  ... and {len(report.anomalies) - MAX_ANOMALIES} more (all in --json)")
+    return out
+
+
+def _workingset(report: ReplayReport) -> list[str]:
+    if not report.workingset:
+        return []
+    out = ["", f"dirty rate and working set per vCPU (windows of {_ms(report.window_ns)}):",
+           f"{'ring':>4} {'pid':>7} {'vm':>3} {'pushes':>10} {'push/s':>10} {'peak/s':>10} "
+           f"{'ws mean':>9} {'ws max':>8} {'windows':>7}"]
+    for key in sorted(report.workingset):
+        ws = report.workingset[key]
+        pid, vm = _who(key)
+        distinct = [w[2] for w in ws.windows]
+        rate = ws.rate()
+        peak = max((w[1] for w in ws.windows), default=0) * 1e9 / report.window_ns
+        mean = f"{sum(distinct) / len(distinct):.0f}" if distinct else "-"
+        out.append(_fit(
+            f"{key[2]:>4} {pid:>7} {vm:>3} {ws.pushes:>10} "
+            f"{'-' if rate is None else f'{rate:.0f}':>10} {peak:>10.0f} {mean:>9} "
+            f"{max(distinct, default=0):>8} {len(ws.windows):>7}"))
+    return out
+
+
+def _hottest(report: ReplayReport, top: int) -> list[str]:
+    out: list[str] = []
+    for (pid, vm), pages in sorted(report.hottest.items()):
+        p, v = _who((pid, vm, 0))
+        out += ["", f"hottest pages of pid {p} vm {v} (pushes = times re-dirtied + 1):",
+                f"{'slot':>8} {'offset':>14} {'pushes':>10}"]
+        out += [f"{h.slot:>8} {h.offset:>#14x} {h.pushes:>10}" for h in pages[:top]]
+    return out
+
+
+def _simulation(report: ReplayReport) -> list[str]:
+    sim = report.simulation
+    if sim is None:
+        return []
+    actual = {r.ring: r.soft_full_exits for r in report.rings}
+    out = ["", f"with a ring of {sim.entries} entries (soft limit {sim.soft_limit}): "
+               f"{sim.total_exits} soft-full exits, trace had {sum(actual.values())}",
+           f"{'ring':>4} {'pid':>7} {'vm':>3} {'sim exits':>10} {'trace exits':>12} "
+           f"{'est. stall':>11}"]
+    for key, n in sorted(sim.exits.items()):
+        pid, vm = _who(key)
+        out.append(f"{key[2]:>4} {pid:>7} {vm:>3} {n:>10} {actual.get(key, 0):>12} "
+                   f"{_ms(sim.stall_ns.get(key)):>11}")
+    out.append("model:")
+    for a in sim.assumptions:
+        out += textwrap.wrap(a, WIDTH, initial_indent="  - ", subsequent_indent="    ")
+    return out
+
+
+def render_text(report: ReplayReport, *, file: str | None = None, top: int = 10,
+                truncated: bool = False) -> str:
+    """The whole text report (lines of at most :data:`WIDTH` columns)."""
+    lines = (_header(report, file, truncated) + _rings(report) + _anomalies(report)
+             + _workingset(report) + _hottest(report, top) + _simulation(report))
+    return "\n".join(_fit(line) for line in lines)

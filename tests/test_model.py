@@ -1,0 +1,404 @@
+"""The ring model (kvmtrace.model.ring), every anomaly kind of the replay with exact time,
+ring and indices, and the vectorised Replay against the plain ReferenceReplay on random
+streams (seeded), split into batches at every position. No kernel needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvmtrace.analysis.replay import Replay, ReplayReport
+from kvmtrace.model.reference import ReferenceReplay, ReferenceResult
+from kvmtrace.model.results import AnomalyKind
+from kvmtrace.model.ring import (
+    KVM_DIRTY_GFN_F_DIRTY,
+    KVM_DIRTY_GFN_F_RESET,
+    DirtyRing,
+    infer_size,
+    soft_limit_of,
+    valid_entries,
+)
+from kvmtrace.model.synth import SynthVm, bulk_stream
+from kvmtrace.source.base import SourceMeta
+from kvmtrace.source.events import Kind
+
+A = AnomalyKind
+PID, VM = 1000, 7
+
+
+# -- the ring model ----------------------------------------------------------------------
+def test_push_writes_then_increments_dirty_index():
+    r = DirtyRing(256, index=3)
+    assert (r.size, r.soft_limit, r.dirty_index, r.reset_index, r.used) == (256, 192, 0, 0, 0)
+    assert r.push(1, 0x10) is None
+    assert (r.dirty_index, r.used) == (1, 1)
+    e = r.entries[0]
+    assert (e.flags, e.slot, e.offset) == (KVM_DIRTY_GFN_F_DIRTY, 1, 0x10)
+
+
+def test_soft_limit_is_size_minus_reserve_and_full_at_size():
+    assert soft_limit_of(256) == 192 and soft_limit_of(512) == 448
+    assert soft_limit_of(4096, 576) == 3520  # Intel PML adds 512 to the reserve
+    r = DirtyRing(256)
+    for k in range(191):
+        r.push(0, k)
+    assert not r.soft_full()
+    r.push(0, 191)
+    assert r.soft_full() and not r.full() and r.used == 192
+    for k in range(192, 256):
+        r.push(0, k)
+    assert r.full() and r.used == 256
+    lost = r.push(0, 256)  # the kernel only WARNs: the oldest live entry is overwritten
+    assert lost is not None and (lost.slot, lost.offset) == (0, 0)
+    assert r.used == 257
+
+
+def test_reset_collects_consecutive_reset_flagged_entries_from_reset_index():
+    r = DirtyRing(256)
+    for k in range(10):
+        r.push(0, k)
+    assert r.reset() == []  # nothing harvested yet: nothing collected
+    assert r.harvest(limit=4) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    r.entry_at(6).flags = KVM_DIRTY_GFN_F_RESET  # flagged, but after a gap
+    assert r.reset() == [(0, 0), (0, 1), (0, 2), (0, 3)]  # stops at entry 4
+    assert (r.reset_index, r.used) == (4, 6)
+    assert r.entry_at(0).flags == 0 and r.entry_at(6).flags == KVM_DIRTY_GFN_F_RESET
+
+
+def test_reset_event_fires_per_ring_also_when_nothing_collected():
+    vm = SynthVm(256, vcpus=3, pid=PID, vm=VM)
+    vm.push(1, 0, 5)
+    vm.harvest()
+    collected = vm.reset()
+    assert collected == [[], [(0, 5)], []]
+    ev = vm.events()
+    resets = ev[ev["kind"] == Kind.RESET]
+    assert resets["ring"].tolist() == [0, 1, 2]
+    assert resets["dirty_index"].tolist() == [0, 1, 0]
+    assert resets["reset_index"].tolist() == [0, 1, 0]
+    push = ev[ev["kind"] == Kind.PUSH][0]
+    assert (int(push["dirty_index"]), int(push["reset_index"])) == (1, 0)  # after ++
+
+
+def test_infer_size_and_valid_entries():
+    assert infer_size(448, 448) == 512  # exit at the soft limit of 512
+    assert infer_size(192, 192) == 256
+    assert infer_size(300, 300) == 256  # overflowed before exiting: the upper bound
+    assert infer_size(10, 10) is None  # too early to be a soft-full exit
+    assert [valid_entries(x) for x in (128, 256, 300, 512, 65536, 131072)] == [
+        False, True, False, True, True, False]
+
+
+# -- anomalies, one by one ---------------------------------------------------------------
+def replay(ev: np.ndarray, meta: SourceMeta | None = None, **kw: object) -> ReplayReport:
+    rp = Replay(meta, **kw)  # type: ignore[arg-type]
+    rp.feed(ev)
+    return rp.finish()
+
+
+def push_ts(ev: np.ndarray, dirty_index: int, ring: int = 0) -> int:
+    sel = (ev["kind"] == Kind.PUSH) & (ev["dirty_index"] == dirty_index) & (ev["ring"] == ring)
+    (i,) = np.flatnonzero(sel)
+    return int(ev["ts"][i])
+
+
+def pages(n: int, base: int = 0x100) -> list[tuple[int, int]]:
+    return [(1, base + k) for k in range(n)]
+
+
+def test_clean_stream_has_no_anomaly():
+    vm = SynthVm(256, vcpus=2, pid=PID, vm=VM)
+    vm.ring_size_event()
+    for _ in range(3):
+        vm.run(0, pages(500), exit_every=1)
+        vm.run(1, pages(300, 0x1000), exit_every=3)
+    vm.harvest()
+    vm.reset()
+    rep = replay(vm.events())
+    assert rep.anomalies == [] and rep.exit_status == 0
+    r0, r1 = rep.rings
+    assert (r0.pushes, r1.pushes) == (1500, 900)
+    assert r0.entries_reset == r0.harvested == 1500 and r1.harvested == 900
+    assert r0.size == 256 and r0.size_source == "trace"
+
+
+def test_overflow_names_exactly_the_overwritten_entries():
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    ps = pages(300)
+    vm.run(0, ps, exit_every=0)  # a tight loop: no guest exit, no soft-full exit
+    ev = vm.events()
+    rep = replay(ev)
+    assert [a.kind for a in rep.anomalies] == [A.NO_EXIT, A.OVERFLOW]  # in time order
+    ov = next(a for a in rep.anomalies if a.kind is A.OVERFLOW)
+    assert ov.ring == (PID, VM, 0)
+    assert (ov.time_ns, ov.dirty_index, ov.reset_index) == (push_ts(ev, 257), 257, 0)
+    assert ov.count == 44 and ov.entries == ps[:44]
+    assert rep.rings[0].overwritten == 44 and rep.rings[0].max_used == 300
+    assert "44 unharvested entries overwritten" in ov.detail
+
+
+def test_pushes_past_soft_limit_without_exit():
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    vm.run(0, pages(200), exit_every=0)  # 8 pushes past the soft limit 192, no exit
+    vm.harvest()
+    vm.reset()
+    ev = vm.events()
+    (a,) = replay(ev).anomalies
+    assert a.kind is A.NO_EXIT and a.ring == (PID, VM, 0)
+    # the push made at used = 192 is the first one past the limit: dirty_index 193
+    assert (a.time_ns, a.dirty_index, a.reset_index, a.count) == (push_ts(ev, 193), 193, 0, 8)
+    assert a.extra == {"soft_limit": 192, "max_used": 200}
+
+
+def test_soft_full_exit_at_the_limit_is_clean():
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    vm.run(0, pages(192), exit_every=0)
+    assert vm.enter(0)
+    vm.harvest()
+    vm.reset()
+    rep = replay(vm.events())
+    assert rep.anomalies == [] and rep.rings[0].soft_full_exits == 1
+
+
+def test_gap_when_push_events_are_lost():
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    vm.run(0, pages(100), exit_every=1)
+    ev = vm.events()
+    drop = np.flatnonzero((ev["kind"] == Kind.PUSH) & (ev["dirty_index"] >= 50)
+                          & (ev["dirty_index"] <= 52))
+    ev = np.delete(ev, drop)
+    (a,) = replay(ev).anomalies
+    assert a.kind is A.GAP and a.ring == (PID, VM, 0)
+    assert (a.time_ns, a.dirty_index, a.reset_index, a.count) == (push_ts(ev, 53), 53, 0, 3)
+    assert (a.extra["index"], a.extra["expected"], a.extra["got"]) == ("dirty_index", 50, 53)
+
+
+def test_reset_beyond_dirty_index():
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    vm.run(0, pages(10), exit_every=1)
+    vm._emit(Kind.RESET, 0, 10, 15)  # the kernel's reset_index passed dirty_index
+    ev = vm.events()
+    (a,) = replay(ev).anomalies
+    assert a.kind is A.RESET_BEYOND
+    assert (a.time_ns, a.dirty_index, a.reset_index, a.count) == (int(ev["ts"][-1]), 10, 15, 5)
+
+
+def test_indices_going_backwards():
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    vm.run(0, pages(10), exit_every=1)
+    vm._emit(Kind.RESET, 0, 5, 0)  # dirty_index 10 -> 5
+    ev = vm.events()
+    (a,) = replay(ev).anomalies
+    assert a.kind is A.BACKWARDS
+    assert (a.time_ns, a.dirty_index, a.reset_index, a.count) == (int(ev["ts"][-1]), 5, 0, 5)
+    assert (a.extra["index"], a.extra["before"], a.extra["after"]) == ("dirty_index", 10, 5)
+
+
+def test_livelock_exits_without_reset_progress():
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    vm.run(0, pages(192), exit_every=0)
+    for _ in range(4):
+        assert vm.enter(0)  # the VMM re-enters without harvesting
+    ev = vm.events()
+    (a,) = replay(ev).anomalies
+    exits = ev["ts"][ev["kind"] == Kind.EXIT]
+    assert a.kind is A.LIVELOCK and a.ring == (PID, VM, 0)
+    assert (a.time_ns, a.dirty_index, a.reset_index, a.count) == (int(exits[1]), 192, 0, 4)
+    assert a.extra == {"used": 192}
+
+
+def test_size_inferred_from_first_soft_full_exit():
+    vm = SynthVm(512, pid=PID, vm=VM)
+    vm.run(0, pages(1000), exit_every=1)
+    rep = replay(vm.events())
+    assert (rep.rings[0].size, rep.rings[0].size_source) == (512, "inferred")
+    rep = replay(vm.events(), SourceMeta(kind="x", ring_entries={(-1, -1): 1024}))
+    assert (rep.rings[0].size, rep.rings[0].size_source) == (1024, "meta")
+
+
+# -- the vectorised replay against the reference ------------------------------------------
+def random_stream(seed: int) -> np.ndarray:
+    """A VM driven at random: runs with and without exits (overflow, no-exit), partial
+    harvests, livelock-like re-entries, then events dropped, duplicated or reordered."""
+    rng = np.random.default_rng(seed)
+    entries = int(rng.choice([256, 512]))
+    vm = SynthVm(entries, vcpus=int(rng.integers(1, 4)), pid=PID, vm=VM)
+    if rng.random() < 0.7:
+        vm.ring_size_event()
+    for _ in range(int(rng.integers(3, 12))):
+        v = int(rng.integers(0, len(vm.rings)))
+        n = int(rng.integers(1, entries + 100))
+        offs = rng.integers(0, 400, n).tolist()
+        vm.run(v, [(int(rng.integers(0, 2)), o) for o in offs],
+               exit_every=int(rng.choice([0, 1, 1, 4])))
+        if rng.random() < 0.3:
+            vm.enter(v)
+        if rng.random() < 0.5:
+            lim = None if rng.random() < 0.5 else int(rng.integers(0, entries))
+            vm.harvest(limit=lim)
+            vm.reset()
+        if rng.random() < 0.2:
+            vm.stall(v, int(rng.integers(0, 10**6)))
+        if rng.random() < 0.1:  # a reset event whose reset_index passed dirty_index
+            d = vm.rings[v].dirty_index
+            vm._emit(Kind.RESET, v, d, d + int(rng.integers(1, 5)))
+    ev = vm.events()
+    if rng.random() < 0.5 and len(ev) > 10:  # lose a few events
+        ev = np.delete(ev, rng.choice(len(ev), int(rng.integers(1, 6)), replace=False))
+    if rng.random() < 0.2 and len(ev) > 10:  # an index going back
+        i = int(rng.integers(1, len(ev)))
+        ev = np.insert(ev, i, ev[i // 2])
+        ev["ts"] = np.sort(ev["ts"])
+    return ev
+
+
+def assert_agree(fast: ReplayReport, ref: ReferenceResult) -> None:
+    assert [r.compare_key() for r in fast.rings] == [r.compare_key() for r in ref.rings.values()]
+    assert [a.key() for a in fast.anomalies] == [a.key() for a in ref.anomalies]
+    assert fast.harvested is not None
+    assert {k: sorted(v) for k, v in fast.harvested.items()} == ref.harvested
+
+
+def reference(ev: np.ndarray, meta: SourceMeta | None = None) -> ReferenceResult:
+    rr = ReferenceReplay(meta)
+    rr.feed(ev)
+    return rr.finish()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_replay_agrees_with_reference_on_random_streams(seed: int):
+    ev = random_stream(seed)
+    ref = reference(ev)
+    rng = np.random.default_rng(1000 + seed)
+    cuts = np.sort(rng.choice(np.arange(1, len(ev)), min(8, len(ev) - 1), replace=False))
+    for batches in ([ev], np.split(ev, cuts)):
+        rp = Replay(keep_harvest=True)
+        for b in batches:
+            rp.feed(b)
+        assert_agree(rp.finish(), ref)
+
+
+@pytest.mark.parametrize("seed", [3, 11, 17])
+def test_fast_replay_agrees_at_every_batch_boundary(seed: int):
+    ev = random_stream(seed)[:700]
+    ref = reference(ev)
+    for k in range(1, len(ev)):
+        rp = Replay(keep_harvest=True)
+        rp.feed(ev[:k])
+        rp.feed(ev[k:])
+        assert_agree(rp.finish(), ref)
+
+
+def test_fast_replay_agrees_on_overflow_at_every_boundary():
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    vm.run(0, pages(300), exit_every=0)
+    vm.harvest()
+    vm.reset()
+    vm.run(0, pages(250, 0x800), exit_every=1)
+    ev = vm.events()
+    ref = reference(ev)
+    # after the overflow the VMM's harvest cursor finds no DIRTY entry: livelock
+    assert [a.kind for a in ref.anomalies] == [A.NO_EXIT, A.OVERFLOW, A.LIVELOCK]
+    for k in range(1, len(ev)):
+        rp = Replay(keep_harvest=True)
+        rp.feed(ev[:k])
+        rp.feed(ev[k:])
+        assert_agree(rp.finish(), ref)
+
+
+def test_fast_replay_agrees_on_a_bulk_stream_with_meta_size():
+    ev = bulk_stream(6, rings=3, entries=512)
+    meta = SourceMeta(kind="x", ring_entries={(PID, VM): 512})
+    ref = reference(ev, meta)
+    rp = Replay(meta, keep_harvest=True)
+    for b in np.array_split(ev, 13):
+        rp.feed(b)
+    rep = rp.finish()
+    assert_agree(rep, ref)
+    assert rep.anomalies == []
+    assert [r.pushes for r in rep.rings] == [6 * 448] * 3
+
+
+# -- working set and hottest pages against plain Python ----------------------------------
+@pytest.mark.parametrize("seed, max_pages", [(1, 1 << 24), (2, 1 << 24), (3, 300)])
+def test_working_set_and_hottest_match_plain_python(seed: int, max_pages: int):
+    from collections import Counter
+
+    from kvmtrace.analysis.workingset import WorkingSet
+
+    rng = np.random.default_rng(seed)
+    window = 1000
+    n = 5000
+    ts = np.sort(rng.integers(0, 20 * window, n)).astype(np.uint64) + np.uint64(7)
+    ring = rng.integers(0, 3, n)
+    slot = rng.choice([0, 1, 5], n).astype(np.uint32)
+    off = rng.integers(0, 500, n).astype(np.uint64)
+    ws = WorkingSet(window, max_pages=max_pages)
+    cuts = np.sort(rng.choice(np.arange(1, n), 9, replace=False))
+    for part in np.split(np.arange(n), cuts):
+        for r in range(3):
+            sel = part[ring[part] == r]
+            ws.add((PID, VM, r), ts[sel], slot[sel], off[sel])
+    ws.finish()
+    t0 = ws.t0  # the first push it was given (ring 0's first of the first batch)
+    assert t0 == int(ts[np.flatnonzero(ring == 0)[0]])
+    for r in range(3):
+        sel = np.flatnonzero(ring == r)
+        want: dict[int, tuple[int, set]] = {}
+        for i in sel:
+            w = (int(ts[i]) - t0) // window
+            p, pages_ = want.get(w, (0, set()))
+            pages_.add((int(slot[i]), int(off[i])))
+            want[w] = (p + 1, pages_)
+        got = ws.rings[(PID, VM, r)].windows
+        assert got == [(w, p, len(s)) for w, (p, s) in sorted(want.items())]
+        assert ws.rings[(PID, VM, r)].pushes == len(sel)
+    counts = Counter(zip(slot.tolist(), off.tolist(), strict=True))
+    want_hot = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    got_hot = ws.hottest(10)[(PID, VM)]
+    assert [((h.slot, h.offset), h.pushes) for h in got_hot] == want_hot
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_fast_replay_agrees_with_several_vms_and_far_apart_rings(seed: int):
+    a, b = random_stream(seed), random_stream(seed + 100)
+    b["pid"], b["vm"] = PID + 1, VM + 1
+    c = random_stream(seed + 200)
+    c["ring"] = np.where(c["ring"] >= 0, c["ring"] * 70, c["ring"])  # rings 0, 70, 140
+    for mix in (np.concatenate([a, b]), c):
+        mix = mix[np.argsort(mix["ts"], kind="stable")]
+        ref = reference(mix)
+        for parts in (1, 7):
+            rp = Replay(keep_harvest=True)
+            for part in np.array_split(mix, parts):
+                rp.feed(part)
+            assert_agree(rp.finish(), ref)
+
+
+def test_harvest_digest_numpy_equals_scalar_and_ignores_order():
+    from kvmtrace.model.digest import MultisetDigest
+
+    rng = np.random.default_rng(9)
+    for slots in (np.full(500, 3, np.uint32), rng.integers(0, 1 << 17, 500).astype(np.uint32)):
+        offs = rng.integers(0, 1 << 40, 500).astype(np.uint64)
+        one = MultisetDigest()
+        for s, o in zip(slots.tolist(), offs.tolist(), strict=True):
+            one.add(s, o)
+        bulk = MultisetDigest()
+        perm = rng.permutation(500)
+        for part in np.array_split(perm, 3):
+            bulk.add_np(slots[part], offs[part])
+        assert (bulk.count, bulk.sum1, bulk.sum2) == (one.count, one.sum1, one.sum2)
+        assert bulk.hexdigest() == one.hexdigest()
+        other = MultisetDigest()
+        other.add_np(slots[:-1], offs[:-1])
+        other.add(int(slots[-1]), int(offs[-1]) + 1)
+        assert other.hexdigest() != one.hexdigest()

@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Benchmark of ``kvmtrace replay``'s engine on one core: events/s and peak RSS.
+
+    .venv/bin/python tools/bench_replay.py [--events N] [--vcpus V] [--big N]
+
+Measured on a workload-like stream (tools/bench_format.py ``synthetic()``: vCPUs pushing
+with jitter, soft-full exits, stalls, periodic resets of every ring) written to a recording:
+
+  decode            reading the recording alone (Recording.batches())
+  replay            replay_source() over the file, decode included (what the command does)
+  replay, no pages  the same without dirty rate / working set / hottest pages
+  engine only       Replay.feed() on batches decoded beforehand
+
+``--big N`` (N defaults to 100_000_000 when the flag has no value) writes an N-event
+recording in bounded memory (bulk_stream cycles from kvmtrace.model.synth, shifted in time
+and index so that the file stays one clean trace) and replays it in a child process that
+reports its peak RSS (VmHWM; ru_maxrss too, which on Linux inherits the parent's peak).
+Goals (issue C): >= 20 M events/s, 100 M events < 1 GiB.
+Prints figures and ratios to the goals; asserts nothing. The machine may be busy: best of
+``--repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from bench_format import synthetic  # noqa: E402
+
+from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
+from kvmtrace.model.ring import KVM_DIRTY_RING_RSVD_ENTRIES  # noqa: E402
+from kvmtrace.model.synth import bulk_stream  # noqa: E402
+from kvmtrace.source.base import SourceMeta  # noqa: E402
+from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
+
+GOAL_RATE = 20e6  # events/s
+GOAL_RSS = 1 << 30  # bytes, for 100 M events
+
+
+def pin_one_core() -> None:
+    try:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    except (AttributeError, OSError):
+        pass
+
+
+def best_of(repeat: int, fn) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
+    ev = synthetic(n, vcpus=vcpus)
+    path = tmp / "bench.kvt"
+    with RecordingWriter(path, SourceMeta(kind="bench")) as w:
+        w.write(ev)
+    batches = list(open_recording(path).batches())
+    report = replay_source(open_recording(path))
+
+    def decode() -> None:
+        for _ in open_recording(path).batches():
+            pass
+
+    def engine() -> None:
+        rp = Replay()
+        for b in batches:
+            rp.feed(b)
+        rp.finish()
+
+    rows = [
+        ("decode", best_of(repeat, decode)),
+        ("replay", best_of(repeat, lambda: replay_source(open_recording(path)))),
+        ("replay, no pages", best_of(repeat, lambda: replay_source(open_recording(path),
+                                                                   pages=False))),
+        ("engine only", best_of(repeat, engine)),
+    ]
+    print(f"stream: {len(ev)} events, {vcpus} vCPUs, {len(report.rings)} rings, "
+          f"{sum(r.pushes for r in report.rings)} pushes, {len(report.anomalies)} anomalies "
+          f"(the generator's), {path.stat().st_size / len(ev):.2f} B/event on disk")
+    for name, secs in rows:
+        rate = len(ev) / secs
+        print(f"  {name:<18} {rate / 1e6:7.2f} M events/s  {secs / len(ev) * 1e9:6.1f} ns/event"
+              f"  goal ratio {rate / GOAL_RATE:5.2f}")
+
+
+def write_big(n: int, path: Path) -> None:
+    """n events of bulk_stream cycles, chunk by chunk (bounded memory)."""
+    rings, entries = 4, 4096
+    limit = entries - KVM_DIRTY_RING_RSVD_ENTRIES
+    cycles = 64
+    chunk = bulk_stream(cycles, rings=rings, entries=entries)
+    span = int(chunk["ts"][-1] - chunk["ts"][0]) + 50
+    step = cycles * limit
+    written = k = 0
+    with RecordingWriter(path, SourceMeta(kind="bench")) as w:
+        while written < n:
+            part = chunk[: n - written].copy()
+            part["ts"] += np.uint64(k * span)
+            # u32 indices wrap like the kernel's
+            part["dirty_index"] += np.uint32((k * step) & 0xFFFFFFFF)
+            part["reset_index"] += np.uint32((k * step) & 0xFFFFFFFF)
+            w.write(part)
+            written += len(part)
+            k += 1
+
+
+def child(path: str) -> int:
+    pin_one_core()
+    t0 = time.perf_counter()
+    rep = replay_source(open_recording(path))
+    secs = time.perf_counter() - t0
+    # ru_maxrss keeps the parent's peak across fork+exec on Linux; VmHWM is this image's
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = rss
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    print(json.dumps({"events": rep.events, "secs": secs, "rss": hwm, "ru_maxrss": rss,
+                      "anomalies": len(rep.anomalies), "rings": len(rep.rings)}))
+    return 0
+
+
+def big(n: int, tmp: Path) -> None:
+    path = tmp / "big.kvt"
+    t0 = time.perf_counter()
+    write_big(n, path)
+    wsecs = time.perf_counter() - t0
+    p = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True,
+                       text=True, check=True)
+    d = json.loads(p.stdout)
+    print(f"big: {n} events, {path.stat().st_size / 2**20:.0f} MiB on disk "
+          f"(written in {wsecs:.0f} s); replay in a child: {d['secs']:.1f} s = "
+          f"{d['events'] / d['secs'] / 1e6:.2f} M events/s, peak RSS "
+          f"{d['rss'] / 2**20:.0f} MiB (VmHWM; goal < 1024 MiB for 100 M: ratio "
+          f"{d['rss'] / GOAL_RSS:.2f}; ru_maxrss {d['ru_maxrss'] / 2**20:.0f} MiB includes "
+          f"the parent's peak at fork), {d['anomalies']} anomalies, {d['rings']} rings")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=4_000_000)
+    ap.add_argument("--vcpus", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--big", type=int, nargs="?", const=100_000_000, default=0,
+                    metavar="N", help="also write and replay an N-event file (100 M)")
+    ap.add_argument("--child", metavar="FILE", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+    pin_one_core()
+    print(f"one core (affinity {sorted(os.sched_getaffinity(0))}), load average "
+          f"{os.getloadavg()[0]:.2f}; goal {GOAL_RATE / 1e6:.0f} M events/s")
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
+        throughput(args.events, args.vcpus, args.repeat, Path(d))
+        if args.big:
+            big(args.big, Path(d))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
 """Aggregator, ReplaySource and rates: exact counters on synthetic streams and the shared
-real-kernel samples (/work/shared/samples, facts from their README)."""
+real-kernel samples (tests/data/samples, facts from their README)."""
 
 from __future__ import annotations
 

@@ -7,9 +7,11 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
-from conftest import kvmtrace_cmd, require
+from conftest import ROOT, kvmtrace_cmd, require
 
 from kvmtrace.host.doctor import ready, run_checks
 
@@ -59,8 +61,24 @@ def test_doctor_not_root(kvm):
         pytest.skip("already not root")
     setpriv = shutil.which("setpriv")
     require(setpriv is not None, "util-linux setpriv missing")
-    proc = _doctor(prefix=(setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"))
-    assert proc.returncode == 2
+    # the checkout (and its .venv) may sit below a directory only root can enter (/root,
+    # mktemp -d): run a world-readable copy of the package with the system Python, which
+    # has bcc the same way the venv has it (Debian's python3-bpfcc)
+    copy = Path(tempfile.mkdtemp(prefix="kvmtrace-nobody-"))
+    try:
+        shutil.copytree(ROOT / "kvmtrace", copy / "kvmtrace",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for d, _, files in os.walk(copy):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        proc = subprocess.run(
+            [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+             "-m", "kvmtrace", "doctor"], capture_output=True, text=True, timeout=60,
+            cwd="/", env={**os.environ, "PYTHONPATH": str(copy)})
+    finally:
+        shutil.rmtree(copy)
+    assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     root_line = next(line for line in proc.stdout.splitlines() if " root " in f" {line} ")
     assert root_line.startswith("MISSING")

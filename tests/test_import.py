@@ -1,5 +1,5 @@
 """Importers of the kernel's own text (tracefs ``trace``, ``perf script``) through the
-replay: the shared samples (/work/shared/samples) give exactly the counts their README
+replay: the shared samples (tests/data/samples) give exactly the counts their README
 states; perf script variants made by editing the sample; bad inputs are one-line errors
 with exit status 2. No kernel needed."""
 

@@ -7,7 +7,7 @@ Streams measured:
   seq      workload-like: vCPUs push dirty_index +1 per ring, sequential offsets, ts steps
            of ~10 us with jitter, soft-full exits, stalls and periodic resets of every ring;
   random   the same with random offsets (a random-access guest);
-  samples  the real kernel text in ../shared/samples, parsed crudely here.
+  samples  the real kernel text in tests/data/samples, parsed crudely here.
 ``--big N`` also writes and replays an N-event file, reporting the reader's peak RSS.
 :func:`synthetic` is imported by the tests as ground truth.
 """
@@ -31,7 +31,7 @@ from kvmtrace.source.base import SourceMeta  # noqa: E402
 from kvmtrace.source.events import EVENT_DTYPE, Kind, empty  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
 
-SAMPLES = ROOT.parent / "shared" / "samples"
+SAMPLES = ROOT / "tests" / "data" / "samples"
 
 
 def synthetic(n: int, vcpus: int = 4, pattern: str = "seq", ring_entries: int = 512,

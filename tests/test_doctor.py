@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy
 import pytest
 from conftest import ROOT, kvmtrace_cmd, require
 
@@ -62,12 +63,16 @@ def test_doctor_not_root(kvm):
     setpriv = shutil.which("setpriv")
     require(setpriv is not None, "util-linux setpriv missing")
     # the checkout (and its .venv) may sit below a directory only root can enter (/root,
-    # mktemp -d): run a world-readable copy of the package with the system Python, which
+    # mktemp -d): run a world-readable copy of the package (and numpy) with the system Python, which
     # has bcc the same way the venv has it (Debian's python3-bpfcc)
     copy = Path(tempfile.mkdtemp(prefix="kvmtrace-nobody-"))
     try:
         shutil.copytree(ROOT / "kvmtrace", copy / "kvmtrace",
                         ignore=shutil.ignore_patterns("__pycache__"))
+        site = Path(numpy.__file__).parents[1]  # the venv's numpy (and its bundled libs)
+        for name in ("numpy", "numpy.libs"):
+            if (site / name).is_dir():
+                shutil.copytree(site / name, copy / name)
         for d, _, files in os.walk(copy):
             os.chmod(d, 0o755)
             for f in files:

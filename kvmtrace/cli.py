@@ -14,7 +14,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Subcommand name -> module under kvmtrace.commands exposing register(subparsers) and
 # run(args) -> int.
-COMMANDS = ("doctor", "workload", "top", "record", "replay", "export")
+COMMANDS = ("doctor", "workload", "top", "record", "replay", "export", "compare")
 
 EPILOG = """examples:
   kvmtrace doctor                       # is this host ready?
@@ -22,6 +22,7 @@ EPILOG = """examples:
   kvmtrace top                          # live per-ring view (Hit q to quit)
   kvmtrace record -o run.kvt -- kvmtrace workload --vcpus 2
   kvmtrace replay run.kvt               # cross-check the rings against the model
+  kvmtrace compare before.kvt after.kvt # stalls or dirty rate regressed?
 """
 
 

@@ -89,7 +89,7 @@ class Aggregator:
                 return
         keys = np.empty(len(events), dtype=[("pid", "<u4"), ("vm", "<i4"), ("ring", "<i4")])
         keys["pid"], keys["vm"], keys["ring"] = events["pid"], events["vm"], events["ring"]
-        uniq, inverse = np.unique(keys, return_inverse=True)
+        uniq, inverse = _unique_keys(keys)
         if len(uniq) == 1:
             self._feed_ring(self._ring(uniq[0]), events)
             return
@@ -190,6 +190,19 @@ class Aggregator:
             vms=copy.deepcopy(self._vms),
             lost_events=self.lost_events,
         )
+
+
+def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(keys, return_inverse=True)`` of (pid, vm, ring) records, through one
+    uint64 per key when vm and ring fit in 16 bits (sorting records is ~20x slower)."""
+    vm, ring = keys["vm"], keys["ring"]
+    if min(vm.min(), ring.min()) >= -1 and max(vm.max(), ring.max()) < 0xFFFF:
+        packed = ((keys["pid"].astype(np.uint64) << np.uint64(32))
+                  | ((vm + 1).astype(np.uint64) << np.uint64(16)) | (ring + 1).astype(np.uint64))
+        _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
+        return keys[first], inverse.ravel()
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    return uniq, inverse.ravel()
 
 
 def _add_hist(dst: list[int], add: np.ndarray) -> None:

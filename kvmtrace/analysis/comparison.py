@@ -1,0 +1,201 @@
+"""Compare two :class:`~kvmtrace.analysis.compare.Profile` objects metric by metric.
+
+For every ring index present in either trace (and the ``"all"`` row) each metric gets the
+base value, the new value, ``ratio = new / base`` and a verdict:
+
+- ``"regression"`` / ``"improvement"``: the change exceeds the threshold (default 10 %) in
+  the bad / good direction and, for percentiles of a distribution, the bootstrap interval
+  of the percentile difference excludes zero
+  (:func:`~kvmtrace.analysis.distribution.percentile_shift`), so noise gives no verdict;
+- ``"same"``: a metric with a direction that did neither;
+- None: nothing to judge (a value missing on one side, or a metric without a direction:
+  pushes, entries per reset, the maximum of a distribution; stall percentiles when one
+  trace has measured stalls and the other only derived ones).
+
+Directions: push rate (dirty pages per second) higher is better; stall and reset-latency
+percentiles, soft-full exits per 10k pushes, max used, overwritten entries and lost events
+lower is better. A ratio with a zero base is None (and the change is infinite unless the
+new value is zero too); a ratio of two equal values is 1.0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .compare import ALL, Profile, RingProfile
+from .distribution import Reservoir, Shift, percentile_shift, percentiles
+
+__all__ = [
+    "SCHEMA",
+    "DEFAULT_THRESHOLD_PCT",
+    "Verdict",
+    "MetricRow",
+    "Comparison",
+    "compare_profiles",
+]
+
+SCHEMA = 1  #: version of Comparison.to_dict()
+DEFAULT_THRESHOLD_PCT = 10.0
+QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+
+
+class Verdict:
+    REGRESSION = "regression"
+    IMPROVEMENT = "improvement"
+    SAME = "same"
+
+
+@dataclass
+class MetricRow:
+    """One metric of one ring row. ``unit``: "count", "entries", "1/s", "ns", "per 10k"."""
+
+    name: str
+    ring: int | str  #: ring index, or "all"
+    unit: str
+    base: float | None
+    new: float | None
+    ratio: float | None  #: new / base
+    change_pct: float | None  #: 100 * (new - base) / base; inf when base is 0 < new
+    verdict: str | None
+    significant: bool | None = None  #: percentiles only: the bootstrap's answer
+
+    def to_dict(self) -> dict[str, Any]:
+        change = self.change_pct
+        return {"name": self.name, "ring": self.ring, "unit": self.unit,
+                "base": self.base, "new": self.new, "ratio": self.ratio,
+                "change_pct": None if change is None or np.isinf(change) else change,
+                "verdict": self.verdict, "significant": self.significant}
+
+
+@dataclass
+class Comparison:
+    """Everything ``kvmtrace compare`` reports."""
+
+    base: Profile
+    new: Profile
+    base_path: str
+    new_path: str
+    threshold_pct: float
+    rows: list[MetricRow] = field(default_factory=list)
+
+    @property
+    def stalls_comparable(self) -> bool:
+        """False when one trace's stalls are measured and the other's derived (then the
+        stall percentiles get no verdict)."""
+        a, b = self.base.stall_source, self.new.stall_source
+        return a is None or b is None or a == b
+
+    @property
+    def regressions(self) -> list[MetricRow]:
+        return [r for r in self.rows if r.verdict == Verdict.REGRESSION]
+
+    @property
+    def improvements(self) -> list[MetricRow]:
+        return [r for r in self.rows if r.verdict == Verdict.IMPROVEMENT]
+
+    @property
+    def exit_status(self) -> int:
+        """1 when a regression was found, else 0."""
+        return 1 if self.regressions else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` object (plain JSON types; no NaN or infinity)."""
+        return {
+            "schema": SCHEMA,
+            "base": _side(self.base, self.base_path),
+            "new": _side(self.new, self.new_path),
+            "threshold_pct": self.threshold_pct,
+            "stalls_comparable": self.stalls_comparable,
+            "regressions": len(self.regressions),
+            "improvements": len(self.improvements),
+            "metrics": [r.to_dict() for r in self.rows],
+        }
+
+
+def _side(p: Profile, path: str) -> dict[str, Any]:
+    return {"path": path, "source": p.kind, "events": p.events, "span_ns": p.span_ns,
+            "lost": p.lost_events, "stall_source": p.stall_source, "sampled": p.sampled}
+
+
+# (name, unit, direction: +1 higher is better, -1 lower is better, 0 none, getter)
+_Getter = Callable[[RingProfile, Profile], float | None]
+_SCALARS: tuple[tuple[str, str, int, _Getter], ...] = (
+    ("pushes", "count", 0, lambda r, p: r.pushes),
+    ("push rate", "1/s", +1, lambda r, p: r.push_rate(p.span_ns)),
+    ("soft-full exits/10k", "per 10k", -1, lambda r, p: r.exits_per_10k),
+    ("entries per reset", "entries", 0, lambda r, p: r.entries_per_reset),
+    ("max used", "entries", -1, lambda r, p: r.max_used),
+    ("overwritten", "entries", -1, lambda r, p: r.overwritten),
+)
+
+
+def compare_profiles(base: Profile, new: Profile, *, base_path: str = "", new_path: str = "",
+                     threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> Comparison:
+    """Every metric of every ring row of ``base`` and ``new``, with verdicts."""
+    cmp = Comparison(base, new, base_path, new_path, threshold_pct)
+    keys = sorted({k for k in (*base.rings, *new.rings) if isinstance(k, int)})
+    for key in (*keys, ALL):
+        rb, rn = base.rings.get(key), new.rings.get(key)
+        for name, unit, sign, get in _SCALARS:
+            vb = None if rb is None else get(rb, base)
+            vn = None if rn is None else get(rn, new)
+            cmp.rows.append(_row(name, key, unit, vb, vn, sign, threshold_pct))
+        cmp.rows += _dist_rows("stall", key, rb and rb.stall_ns, rn and rn.stall_ns,
+                               threshold_pct, judge=cmp.stalls_comparable)
+        if key == ALL:
+            cmp.rows += _dist_rows("reset latency", key, rb and rb.reset_lat_ns,
+                                   rn and rn.reset_lat_ns, threshold_pct)
+    cmp.rows.append(_row("lost events", ALL, "count", base.lost_events, new.lost_events, -1,
+                         threshold_pct))
+    return cmp
+
+
+def _dist_rows(what: str, key: int | str, rb: Reservoir | None, rn: Reservoir | None,
+               threshold_pct: float, judge: bool = True) -> list[MetricRow]:
+    """Percentile rows (judged with the bootstrap unless not ``judge``), then max and
+    count (no verdict)."""
+    nb, nn = (0 if r is None else r.seen for r in (rb, rn))
+    if nb == 0 and nn == 0:
+        return []
+    vb = rb.values if rb is not None and nb else None
+    vn = rn.values if rn is not None and nn else None
+    qs = [q for _, q in QUANTILES] + [1.0]
+    pb = percentiles(vb, qs) if vb is not None else None
+    pn = percentiles(vn, qs) if vn is not None else None
+    shifts: list[Shift] | None = None
+    if vb is not None and vn is not None:
+        shifts = percentile_shift(vb, vn, [q for _, q in QUANTILES])
+    rows = []
+    for i, (label, _) in enumerate(QUANTILES):
+        sig = shifts[i].significant if shifts is not None else False
+        rows.append(_row(f"{what} {label}", key, "ns", pb and pb[i], pn and pn[i],
+                         -1 if judge else 0,
+                         threshold_pct, significant=sig))
+    rows.append(_row(f"{what} max", key, "ns", pb and pb[-1], pn and pn[-1], 0,
+                     threshold_pct))
+    rows.append(_row(f"{what} count", key, "count", nb, nn, 0, threshold_pct))
+    return rows
+
+
+def _row(name: str, key: int | str, unit: str, base: float | None, new: float | None,
+         sign: int, threshold_pct: float, *, significant: bool | None = None) -> MetricRow:
+    ratio = change = None
+    if base is not None and new is not None:
+        if base == new:
+            ratio, change = 1.0, 0.0
+        elif base:
+            ratio = new / base
+            change = 100.0 * (new - base) / base
+        else:
+            change = float("inf") if new > 0 else float("-inf")
+    verdict = None
+    if sign and change is not None:
+        verdict = Verdict.SAME
+        if abs(change) > threshold_pct and significant is not False:
+            worse = (change > 0) == (sign < 0)
+            verdict = Verdict.REGRESSION if worse else Verdict.IMPROVEMENT
+    return MetricRow(name, key, unit, base, new, ratio, change, verdict, significant)

@@ -102,6 +102,9 @@ def synthetic(n: int, vcpus: int = 4, pattern: str = "seq", ring_entries: int = 
             reset[i] = dirty[i]
             ev[i] = (t_end + 1000 + 500 * i, entries, pid, pid, dirty[i], reset[i], 0, i, vm,
                      Kind.RESET, b"")
+            # the next period's pushes come after this ring's reset (their reset_index is
+            # the new one): never before it, even with a push late in this period
+            clock[i] = max(clock[i], t_end + 1001 + 500 * i)
         ev[vcpus] = (t_end + lat, lat, pid, pid, 0, 0, 0, -1, vm, Kind.RESET_LAT, b"")
         m = vcpus + 1
         for i in range(vcpus):

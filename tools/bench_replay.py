@@ -6,10 +6,13 @@
 Measured on a workload-like stream (tools/bench_format.py ``synthetic()``: vCPUs pushing
 with jitter, soft-full exits, stalls, periodic resets of every ring) written to a recording:
 
-  decode            reading the recording alone (Recording.batches())
-  replay            replay_source() over the file, decode included (what the command does)
-  replay, no pages  the same without dirty rate / working set / hottest pages
-  engine only       Replay.feed() on batches decoded beforehand
+  decode            reading the recording alone: as EVENT_DTYPE records (batches()) and
+                    as stored columns (column_batches())
+  replay            the whole replay, decode included: records through Replay.feed()
+                    (the path of imported text) and columns through Replay.feed_columns()
+                    (replay_source(), what the command does on a recording)
+  no pages          the same without dirty rate / working set / hottest pages
+  engine            Replay alone on blocks decoded beforehand, both ways
 
 ``--big N`` (N defaults to 100_000_000 when the flag has no value) writes an N-event
 recording in bounded memory (bulk_stream cycles from kvmtrace.model.synth, shifted in time
@@ -66,16 +69,30 @@ def best_of(repeat: int, fn) -> float:
     return best
 
 
+def replay_records(path: Path, **kw: object) -> None:
+    """The record path: EVENT_DTYPE batches through Replay.feed (imports, live)."""
+    src = open_recording(path)
+    rp = Replay(src.meta, **kw)  # type: ignore[arg-type]
+    for b in src.batches():
+        rp.feed(b)
+    rp.finish(lost=src.lost)
+
+
 def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
     ev = synthetic(n, vcpus=vcpus)
     path = tmp / "bench.kvt"
     with RecordingWriter(path, SourceMeta(kind="bench")) as w:
         w.write(ev)
     batches = list(open_recording(path).batches())
+    blocks = list(open_recording(path).column_batches())
     report = replay_source(open_recording(path))
 
     def decode() -> None:
         for _ in open_recording(path).batches():
+            pass
+
+    def decode_columns() -> None:
+        for _ in open_recording(path).column_batches():
             pass
 
     def engine() -> None:
@@ -84,20 +101,37 @@ def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
             rp.feed(b)
         rp.finish()
 
+    def engine_columns() -> None:
+        rp = Replay()
+        for b in blocks:
+            rp.feed_columns(b)
+        rp.finish()
+
     rows = [
-        ("decode", best_of(repeat, decode)),
-        ("replay", best_of(repeat, lambda: replay_source(open_recording(path)))),
-        ("replay, no pages", best_of(repeat, lambda: replay_source(open_recording(path),
-                                                                   pages=False))),
-        ("engine only", best_of(repeat, engine)),
+        ("decode, records", best_of(repeat, decode)),
+        ("decode, columns", best_of(repeat, decode_columns)),
+        ("replay, records", best_of(repeat, lambda: replay_records(path))),
+        ("replay, columns", best_of(repeat, lambda: replay_source(open_recording(path)))),
+        ("no pages, records", best_of(repeat, lambda: replay_records(path, pages=False))),
+        ("no pages, columns", best_of(repeat, lambda: replay_source(open_recording(path),
+                                                                    pages=False))),
+        ("engine, records", best_of(repeat, engine)),
+        ("engine, columns", best_of(repeat, engine_columns)),
     ]
     print(f"stream: {len(ev)} events, {vcpus} vCPUs, {len(report.rings)} rings, "
-          f"{sum(r.pushes for r in report.rings)} pushes, {len(report.anomalies)} anomalies "
-          f"(the generator's), {path.stat().st_size / len(ev):.2f} B/event on disk")
-    for name, secs in rows:
-        rate = len(ev) / secs
-        print(f"  {name:<18} {rate / 1e6:7.2f} M events/s  {secs / len(ev) * 1e9:6.1f} ns/event"
+          f"{sum(r.pushes for r in report.rings)} pushes, {len(report.anomalies)} anomalies, "
+          f"{path.stat().st_size / len(ev):.2f} B/event on disk")
+    print("  (records: EVENT_DTYPE batches through Replay.feed, the path of imported text;\n"
+          "   columns: the recording's blocks through Replay.feed_columns, what replay does;\n"
+          "   engine: Replay alone on blocks decoded beforehand)")
+    secs = dict(rows)
+    for name, t in rows:
+        rate = len(ev) / t
+        print(f"  {name:<18} {rate / 1e6:7.2f} M events/s  {t / len(ev) * 1e9:6.1f} ns/event"
               f"  goal ratio {rate / GOAL_RATE:5.2f}")
+    print(f"  columns / records: replay {secs['replay, records'] / secs['replay, columns']:.2f}x"
+          f", decode {secs['decode, records'] / secs['decode, columns']:.2f}x, engine "
+          f"{secs['engine, records'] / secs['engine, columns']:.2f}x")
 
 
 def write_big(n: int, path: Path) -> None:

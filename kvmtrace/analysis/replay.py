@@ -7,6 +7,8 @@ exactly, vectorised per ring and per batch: :mod:`.ringbulk`, :mod:`.ringstate`)
 the multiset digest of harvested (slot, offset) entries, dirty rate and working set per
 vCPU (:mod:`.workingset`), and optionally the exits another ring size would have caused
 (:mod:`.simulate`). State is bounded: per ring, its entries (at most 65536) and counters.
+A recording is read as stored, column by column (:meth:`Replay.feed_columns`,
+:mod:`.colfeed`), without building 48-byte records; both ways give the same report.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from ..model.results import Anomaly, RingId, RingResult
 from ..model.ring import KVM_DIRTY_RING_RSVD_ENTRIES, infer_size, valid_entries
 from ..source.base import EventSource, SourceMeta
 from ..source.events import Kind
+from ..source.recording_decode import BlockParts
+from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
 from .ringbulk import Cols, feed_ring
 from .ringstate import FastRing
 from .simulate import RingSizeSim, SimResult
@@ -54,7 +58,8 @@ class ReplayReport:
 
 
 class Replay:
-    """Feed EVENT_DTYPE batches in time order with :meth:`feed`, then :meth:`finish`.
+    """Feed EVENT_DTYPE batches in time order with :meth:`feed` (or a recording's blocks
+    with :meth:`feed_columns`; the two may be mixed), then :meth:`finish`.
 
     ``meta`` supplies ring sizes the events do not carry; ``reserved`` is the kernel's
     reserve (64; 576 on Intel hosts with PML); ``keep_harvest`` keeps every harvested
@@ -73,6 +78,10 @@ class Replay:
         self.events = 0
         self.ws = WorkingSet(window_ns) if pages else None
         self.sim = RingSizeSim(simulate_entries, reserved) if simulate_entries else None
+        # feed_columns: per ring, columns of consecutive blocks fed together (fewer,
+        # larger steps; bounded by COLUMN_BATCH events)
+        self._pending: dict[RingId, list[RingCols]] = {}
+        self._npending = 0
 
     # -- sizes ------------------------------------------------------------------------
     def _size_of(self, pid: int, vm: int) -> tuple[int | None, str]:
@@ -100,6 +109,7 @@ class Replay:
         n = len(ev)
         if not n:
             return
+        self._flush_columns()
         self.events += n
         if self.ws is not None and self.ws.t0 is None:
             self.ws.t0 = int(ev["ts"][0])  # windows count from the trace's first event
@@ -122,6 +132,48 @@ class Replay:
             pos = b + 1
         if pos < n:
             self._segment(ev, cols, ring, one_vm, pos, n)
+
+    def feed_columns(self, parts: BlockParts) -> None:
+        """As :meth:`feed` for one block of a recording as stored (columnar, see
+        :mod:`.colfeed`); the same report, without building EVENT_DTYPE records. Blocks
+        with events taken one by one (ring sizes, exits of VMs of unknown size) and
+        ``simulate_entries`` go through :meth:`feed`."""
+        t = parts.table
+        kinds = t["kind"]
+        if self.sim is not None or (kinds == Kind.RING_SIZE).any() or any(
+                self._size_of(int(p), int(v))[0] is None
+                for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
+                                    t["vm"][kinds == _EXIT].tolist(), strict=True))):
+            self.feed(parts.events())
+            return
+        if not parts.n:
+            return
+        self.events += parts.n
+        if self.ws is not None and self.ws.t0 is None:
+            self.ws.t0 = int(parts.ts[0])
+        for key, has_pushes in ring_keys(t):
+            self._ring(key)  # rings and their working sets in order of appearance
+            if self.ws is not None and has_pushes:
+                self.ws.ring(key)
+        for rc in ring_columns(parts):
+            self._pending.setdefault(rc.key, []).append(rc)
+        self._npending += parts.n
+        if self._npending >= COLUMN_BATCH:
+            self._flush_columns()
+
+    def _flush_columns(self) -> None:
+        pending, self._pending, self._npending = self._pending, {}, 0
+        for key, parts in pending.items():
+            rc = parts[0] if len(parts) == 1 else join_ring_cols(parts)
+            feed_ring(self.rings[key], rc.cols,
+                      None if rc.pushes is None else (rc.pushes[1], rc.pushes[2]))
+            if self.ws is not None:
+                if rc.pushes is not None:
+                    self.ws.add(key, *rc.pushes)
+                else:
+                    g = rc.cols
+                    p = g.kind == _PUSH
+                    self.ws.add(key, g.ts[p], g.slot[p], g.off[p])
 
     def _barriers(self, ev: np.ndarray, kind: np.ndarray) -> list[int]:
         """Events to take one by one, in order: ring sizes, and soft-full exits of VMs
@@ -220,6 +272,7 @@ class Replay:
 
     # -- results ----------------------------------------------------------------------
     def finish(self, lost: int = 0, source_kind: str | None = None) -> ReplayReport:
+        self._flush_columns()
         anomalies: list[Anomaly] = []
         for r in self.rings.values():
             r.finish()
@@ -258,6 +311,11 @@ class Replay:
 def replay_source(source: EventSource, **options: object) -> ReplayReport:
     """Replay a whole source; ``options`` as for :class:`Replay`."""
     rp = Replay(source.meta, **options)  # type: ignore[arg-type]
-    for batch in source.batches():
-        rp.feed(batch)
+    columns = getattr(source, "column_batches", None)
+    if columns is not None and rp.sim is None:
+        for parts in columns():
+            rp.feed_columns(parts)
+    else:
+        for batch in source.batches():
+            rp.feed(batch)
     return rp.finish(lost=source.lost, source_kind=source.meta.kind)

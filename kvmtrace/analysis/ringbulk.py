@@ -6,9 +6,12 @@ dirty_index and moves reset_index forward but not past it, no overflow episode i
 the live flags equal the ``[reset_index, dirty_index)`` window. Then the reference
 semantics reduce to index arithmetic: counters are sums, the harvested entries are those
 of indices reset_start..reset_end (old ones from the ring arrays, new ones straight from
-the batch's pushes), soft-limit episodes are runs of ``used >= soft_limit``. Only soft-full
-exits (rare) are looked at one by one. Anything else goes to :class:`~.ringstate.FastRing`
-event by event (pushes still in vectorised runs) up to the ring's next reset event.
+the batch's pushes), soft-limit episodes are runs of ``used >= soft_limit`` (soft-full
+exits and episodes: :mod:`.ringexits`). Anything else goes to
+:class:`~.ringstate.FastRing` event by event (pushes still in vectorised runs) up to the
+ring's next reset event. The test for a clean stretch is a few passes over the pushes and
+resets (:func:`_all_clean`); the exact first irregular event is only looked for when it
+fails.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 from ..model.ring import s32
 from ..source.events import Kind
+from .ringexits import PushPos, exits, soft
 from .ringstate import M32, FastRing
 
 __all__ = ["Cols", "feed_ring"]
@@ -61,6 +65,11 @@ class _Pre:
     ri: np.ndarray  # u32, at ib
     used: np.ndarray  # i32 dirty_index - reset_index (serial arithmetic), at ib
     push: np.ndarray  # bool, at ib
+    max_used: int | None = None  # used.max(), once computed
+    xpos: np.ndarray | None = None  # positions of the soft-full exits
+    spos: np.ndarray | None = None  # positions of the stalls
+    other: np.ndarray | None = None  # positions of every event but the pushes
+    rpos: np.ndarray | None = None  # positions of the resets (among ib)
 
 
 def _s32(x: np.ndarray) -> np.ndarray:
@@ -68,28 +77,35 @@ def _s32(x: np.ndarray) -> np.ndarray:
     return x.astype(np.uint32, copy=False).view(np.int32)
 
 
-def feed_ring(ring: FastRing, c: Cols) -> None:
-    """Process all of ``c`` (one ring, time order)."""
-    n, i = len(c), 0
+def feed_ring(ring: FastRing, c: Cols,
+              pushes: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    """Process all of ``c`` (one ring, time order). ``pushes``: the slot and offset of
+    its pushes alone, in order, when the caller has them: they are then read from there,
+    never from ``c.slot``/``c.off`` at pushes (which may hold anything)."""
+    n, i, pi = len(c), 0, 0
     while i < n:
         if not ring.started:
             ib = np.flatnonzero((c.kind[i:] == _PUSH) | (c.kind[i:] == _RESET))
             j = i + int(ib[0]) if len(ib) else n - 1
-            _slow(ring, c, i, j + 1)
+            pi = _slow(ring, c, i, j + 1, pushes, pi)
             i = j + 1
             continue
         k, pre = _clean_prefix(ring, c, i)
         if k:
-            _bulk(ring, c, i, i + k, pre if i + k == n else None)
+            pi += _bulk(ring, c, i, i + k, pre if i + k == n else None,
+                        None if pushes is None else (pushes[0], pushes[1], pi))
             i += k
         if i < n:
             resets = np.flatnonzero(c.kind[i:] == _RESET)
             j = i + int(resets[0]) if len(resets) else n - 1
-            _slow(ring, c, i, j + 1)
+            pi = _slow(ring, c, i, j + 1, pushes, pi)
             i = j + 1
 
 
-def _slow(ring: FastRing, c: Cols, a: int, b: int) -> None:
+def _slow(ring: FastRing, c: Cols, a: int, b: int,
+          pushes: tuple[np.ndarray, np.ndarray] | None, pi: int) -> int:
+    """Events a..b one by one (runs of pushes at once); ``pi``: pushes before ``a``
+    (index into ``pushes``). Returns the pushes before ``b``."""
     kind = c.kind
     i = a
     while i < b:
@@ -97,7 +113,12 @@ def _slow(ring: FastRing, c: Cols, a: int, b: int) -> None:
         if k == _PUSH:
             rest = np.flatnonzero(kind[i:b] != _PUSH)
             e = i + int(rest[0]) if len(rest) else b
-            ring.push_run(c.ts[i:e], c.di[i:e], c.ri[i:e], c.slot[i:e], c.off[i:e])
+            if pushes is None:
+                slot, off = c.slot[i:e], c.off[i:e]
+            else:
+                slot, off = pushes[0][pi:pi + e - i], pushes[1][pi:pi + e - i]
+            ring.push_run(c.ts[i:e], c.di[i:e], c.ri[i:e], slot, off)
+            pi += e - i
             i = e
             continue
         ts = int(c.ts[i])
@@ -108,22 +129,34 @@ def _slow(ring: FastRing, c: Cols, a: int, b: int) -> None:
         elif k == _STALL:
             ring.res.stalls.add(int(c.off[i]))
         i += 1
+    return pi
 
 
 def _pushes_resets(ring: FastRing, c: Cols, a: int, b: int) -> _Pre | None:
     kind = c.kind[a:b]
     push = kind == _PUSH
-    ibm = push | (kind == _RESET)
-    nib = int(np.count_nonzero(ibm))
-    if not nib:
-        return None
-    if nib == len(kind):
+    other = np.flatnonzero(kind != _PUSH)  # resets, exits, stalls: few
+    okind = kind[other]
+    xpos, spos = other[okind == _EXIT], other[okind == _STALL]
+    rpos = other[okind == _RESET]
+    if not len(xpos) and not len(spos):
+        if not len(kind):
+            return None
         ib = None
         di, ri = c.di[a:b], c.ri[a:b]
     else:
+        ibm = push.copy()
+        ibm[rpos] = True
         ib = np.flatnonzero(ibm)
-        di, ri, push = c.di[a:b][ib], c.ri[a:b][ib], push[ib]
-    return _Pre(ib, di, ri, _s32(di - ri), push)
+        if not len(ib):
+            return None
+        # the resets' places among pushes and resets: minus the exits/stalls before them
+        rpos = rpos - np.searchsorted(np.union1d(xpos, spos), rpos)
+        di, ri = np.take(c.di[a:b], ib), np.take(c.ri[a:b], ib)
+        push = np.ones(len(ib), dtype=bool)
+        push[rpos] = False
+    return _Pre(ib, di, ri, _s32(di - ri), push, xpos=xpos, spos=spos, other=other,
+                rpos=rpos)
 
 
 def _clean_prefix(ring: FastRing, c: Cols, a: int) -> tuple[int, _Pre | None]:
@@ -141,6 +174,8 @@ def _clean_prefix(ring: FastRing, c: Cols, a: int) -> tuple[int, _Pre | None]:
     pre = _pushes_resets(ring, c, a, len(c))
     if pre is None:
         return n, None
+    if _all_clean(ring, pre):
+        return n, pre
     di, ri, used, push = pre.di, pre.ri, pre.used, pre.push
     dd = np.diff(di, prepend=np.uint32(ring.dirty))  # u32: 1 after a push, 0 at a reset
     dr = _s32(np.diff(ri, prepend=np.uint32(ring.reset)))
@@ -151,22 +186,62 @@ def _clean_prefix(ring: FastRing, c: Cols, a: int) -> tuple[int, _Pre | None]:
     return (j if pre.ib is None else int(pre.ib[j])), None
 
 
-def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None) -> None:
+def _all_clean(ring: FastRing, pre: _Pre) -> bool:
+    """A sufficient test that every push/reset of ``pre`` is clean, in few passes (the
+    exact first bad event is found by the caller otherwise): dirty_index steps are at most
+    1 and add up to the number of pushes, zero at each reset; reset_index only moves, and
+    forward, at resets; 0 <= used <= size throughout."""
+    di, ri, push = pre.di, pre.ri, pre.push
+    m = len(di)
+    assert pre.rpos is not None
+    npush = m - len(pre.rpos)
+    d_first, r_first = int(di[0]), int(ri[0])
+    if ((d_first - ring.dirty) & M32) != (1 if push[0] else 0):
+        return False
+    dr0 = (r_first - ring.reset) & M32
+    if (push[0] and dr0) or dr0 >= 1 << 31:
+        return False
+    if m > 1:
+        dd = di[1:] - di[:-1]
+        if int(dd.max()) > 1 or ((int(di[-1]) - d_first) & M32) != npush - bool(push[0]):
+            return False
+        rs = pre.rpos[pre.rpos > 0] - 1  # resets after the first event, in dd/dr
+        if len(rs) and dd[rs].any():
+            return False
+        dr = ri[1:] - ri[:-1]
+        nz = int(np.count_nonzero(dr))
+        if nz:
+            drr = dr[rs]
+            if np.count_nonzero(drr) != nz or (_s32(drr) < 0).any():
+                return False
+    pre.max_used = int(pre.used.view(np.uint32).max())
+    return pre.max_used <= ring.cap
+
+
+def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
+          pushes: tuple[np.ndarray, np.ndarray, int] | None = None) -> int:
+    """The clean stretch a..b; returns its number of pushes."""
     kind = c.kind[a:b]
     ts = c.ts[a:b]
     res = ring.res
     if pre is None:
         pre = _pushes_resets(ring, c, a, b)
+    if pre is not None and pre.other is not None:
+        pp = PushPos(pre.other, b - a)
+    else:
+        pp = PushPos(np.flatnonzero(kind != _PUSH), b - a)
+    ppos = None if pushes is not None else np.flatnonzero(kind == _PUSH)
     if pre is not None and pre.ib is None:  # pushes and resets only
         ib = np.arange(b - a)
-        ppos = np.flatnonzero(pre.push)
         xpos = spos = ib[:0]
         ring.seen(ts[0], ts[-1])
     else:
-        ppos = np.flatnonzero(kind == _PUSH)
-        xpos = np.flatnonzero(kind == _EXIT)
-        spos = np.flatnonzero(kind == _STALL)
-        ib = pre.ib if pre is not None else ppos[:0]
+        if pre is not None and pre.xpos is not None and pre.spos is not None:
+            xpos, spos = pre.xpos, pre.spos
+        else:
+            xpos = np.flatnonzero(kind == _EXIT)
+            spos = np.flatnonzero(kind == _STALL)
+        ib = pre.ib if pre is not None else xpos[:0]
         first = min(int(ib[0]) if len(ib) else b - a, int(xpos[0]) if len(xpos) else b - a)
         if first < b - a:
             last = max(int(ib[-1]) if len(ib) else -1, int(xpos[-1]) if len(xpos) else -1)
@@ -176,13 +251,13 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None) -> None:
     d0, r0 = ring.dirty, ring.reset
     if pre is not None:
         di, ri, used = pre.di, pre.ri, pre.used
-        ring.indices(di[-1], ri[-1], int(used.max()))
+        ring.indices(di[-1], ri[-1], int(used.max()) if pre.max_used is None else pre.max_used)
         d1, r1 = int(di[-1]), int(ri[-1])
     else:
         di = ri = c.di[:0]
         used = _s32(di)
         d1, r1 = d0, r0
-    np_ = len(ppos)
+    np_ = len(pp)
     res.pushes += np_
     res.resets += len(ib) - np_
     res.soft_full_exits += len(xpos)
@@ -199,131 +274,31 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None) -> None:
             ring.collect(r0, old_n)
         new_n = adv - old_n
         if new_n:
-            ring.add_harvest(c.slot[a:b][ppos[:new_n]], c.off[a:b][ppos[:new_n]])
+            if pushes is not None:
+                ps, po, p0 = pushes
+                ring.add_harvest(ps[p0:p0 + new_n], po[p0:p0 + new_n])
+            else:
+                assert ppos is not None
+                ring.add_harvest(c.slot[a:b][ppos[:new_n]], c.off[a:b][ppos[:new_n]])
         res.entries_reset += adv
         ring.livelock = None if not len(xpos) else ring.livelock
     if np_:
         k = min(np_, ring.cap)
         start = (d1 - k) & M32
-        ring.put(ring.slot, start, c.slot[a:b][ppos[-k:]])
-        ring.put(ring.off, start, c.off[a:b][ppos[-k:]])
+        if pushes is not None:
+            ps, po, p0 = pushes
+            ring.put(ring.slot, start, ps[p0 + np_ - k:p0 + np_])
+            ring.put(ring.off, start, po[p0 + np_ - k:p0 + np_])
+        else:
+            assert ppos is not None
+            ring.put(ring.slot, start, c.slot[a:b][ppos[-k:]])
+            ring.put(ring.off, start, c.off[a:b][ppos[-k:]])
     if np_ or adv > 0:
         ring.fill(ring.live, r0, max(0, u_old), False)
         ring.fill(ring.live, r1, max(0, s32(d1 - r1)), True)
     ring.dirty, ring.reset = d1, r1
     if len(xpos) or ring.exit_ts is not None:
-        _exits(ring, ts, ppos, xpos, ib, di, ri, d0, r0, r1)
+        exits(ring, ts, pp, xpos, ib, di, ri, d0, r0, r1)
     if res.size is not None:
-        _soft(ring, kind, ts, c.di[a:b], c.ri[a:b], ib, xpos, used, u_old)
-
-
-def _exits(ring: FastRing, ts: np.ndarray, ppos: np.ndarray, xpos: np.ndarray,
-           ib: np.ndarray, dis: np.ndarray, ris: np.ndarray, d0: int, r0: int,
-           r1: int) -> None:
-    """Soft-full exits: livelock episodes and exit -> next push times, in event order."""
-    res = ring.res
-    if ring.exit_ts is not None and len(ppos) and (not len(xpos) or ppos[0] < xpos[0]):
-        res.exit_to_push.add(int(ts[ppos[0]]) - ring.exit_ts)
-        ring.exit_ts = None
-    if not len(xpos):
-        return
-    j = np.searchsorted(ib, xpos) - 1
-    prev_reset = r0
-    nxt = np.searchsorted(ppos, xpos)
-    for q, x in enumerate(xpos.tolist()):
-        dx, rx = (int(dis[j[q]]), int(ris[j[q]])) if j[q] >= 0 else (d0, r0)
-        if rx != prev_reset:
-            ring.livelock = None
-        prev_reset = rx
-        ring.exit_livelock(int(ts[x]), dx, rx)
-        p = int(nxt[q])
-        if p < len(ppos) and (q + 1 == len(xpos) or ppos[p] < xpos[q + 1]):
-            res.exit_to_push.add(int(ts[ppos[p]]) - int(ts[x]))
-    if r1 != prev_reset:
-        ring.livelock = None
-    ring.exit_ts = int(ts[xpos[-1]]) if nxt[-1] >= len(ppos) else None
-
-
-def _soft(ring: FastRing, kind: np.ndarray, ts: np.ndarray, cdi: np.ndarray,
-          cri: np.ndarray, ib: np.ndarray, xpos: np.ndarray, used_ib: np.ndarray,
-          u0: int) -> None:
-    """Soft-limit episodes (used >= soft_limit) over a clean stretch, as the reference:
-    an episode opens at the push reaching the limit, closes when a reset brings used
-    below it; pushes made at used >= limit before any exit of the episode are past it.
-
-    Only the events at or above the limit are looked at: the stretch's pushes/resets
-    (``ib``, with ``used_ib``) and soft-full exits (``xpos``, at the used of the push or
-    reset before them, else ``u0``), merged in event order by their rank among both."""
-    limit = ring.res.size - ring.reserved  # type: ignore[operator]
-    is_open = ring.soft is not None
-    if not is_open and (not len(used_ib) or int(used_ib.max()) < limit):
-        return
-    n_ev = len(ib) + len(xpos)
-    if not n_ev:
-        return
-    pi_in = np.flatnonzero(used_ib >= limit)
-    pos = [ib[pi_in]]
-    ranks = [pi_in + (np.searchsorted(xpos, ib[pi_in]) if len(xpos) else 0)]
-    us = [used_ib[pi_in]]
-    if len(xpos):
-        j = np.searchsorted(ib, xpos) - 1
-        ux = np.where(j >= 0, used_ib[np.maximum(j, 0)] if len(ib) else u0, u0)
-        xin = np.flatnonzero(ux >= limit)
-        pos.append(xpos[xin])
-        ranks.append(xin + j[xin] + 1)
-        us.append(ux[xin])
-    pos_a, rank, u = np.concatenate(pos), np.concatenate(ranks), np.concatenate(us)
-    if not len(rank):
-        if is_open:
-            ring.close_soft()
-        return
-    if len(pos) > 1:
-        order = np.argsort(rank, kind="stable")
-        pos_a, rank, u = pos_a[order], rank[order], u[order]
-    prev = np.empty(len(rank), dtype=bool)
-    prev[0] = is_open and rank[0] == 0
-    prev[1:] = rank[1:] == rank[:-1] + 1
-    start = ~prev
-    ep = np.cumsum(start)
-    ek = kind[pos_a]
-    ex_in = ek == _EXIT
-    cnt = np.cumsum(ex_in)
-    base = np.maximum.accumulate(np.where(start, cnt - ex_in, 0))
-    exited = (cnt - base) > 0
-    if is_open and ring.soft["exited"]:  # type: ignore[index]
-        exited |= ep == 0
-    push_in = ek == _PUSH
-    past = push_in & (u > limit) & ~exited
-    n_ep = int(ep[-1]) + 1
-    last_ep = int(ep[-1]) if rank[-1] == n_ev - 1 else -1
-    past_n = np.bincount(ep[past], minlength=n_ep)
-    has_exit = np.bincount(ep[ex_in], minlength=n_ep) > 0
-    todo = set(np.flatnonzero((past_n > 0) & ~has_exit).tolist())
-    todo.discard(0)
-    if is_open:
-        todo.add(0)
-    if last_ep > 0:
-        todo.add(last_ep)
-    if not todo:
-        return
-    pi = np.flatnonzero(push_in)
-    pe = ep[pi]
-    for e in sorted(todo):
-        lo, hi = np.searchsorted(pe, e), np.searchsorted(pe, e, side="right")
-        mx = int(u[pi[lo:hi]].max()) if hi > lo else -1
-        if e == 0:
-            st = ring.soft
-            assert st is not None
-        else:
-            st = {"exited": False, "past": 0, "first": None, "max_used": int(u[pi[lo]])}
-        st["exited"] = st["exited"] or bool(has_exit[e])
-        st["past"] += int(past_n[e])
-        st["max_used"] = max(st["max_used"], mx)
-        if st["first"] is None and past_n[e]:
-            k = int(pos_a[pi[lo:hi][past[pi[lo:hi]]][0]])
-            st["first"] = (int(ts[k]), int(cdi[k]), int(cri[k]))
-        ring.soft = st
-        if e != last_ep:
-            ring.close_soft()
-    if last_ep < 0:
-        ring.soft = None
+        soft(ring, kind, ts, c.di[a:b], c.ri[a:b], ib, xpos, used, u_old)
+    return np_

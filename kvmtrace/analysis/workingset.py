@@ -14,13 +14,14 @@ exact); typical guests stay far below the default 2**24 pages (64 GiB per slot).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..model.results import RingId
 
-__all__ = ["WorkingSet", "RingWs", "HotPage"]
+__all__ = ["WorkingSet", "RingWs", "HotPage", "PushTimes"]
 
 
 def _grow(arr: np.ndarray, need: int, limit: int) -> np.ndarray:
@@ -30,6 +31,32 @@ def _grow(arr: np.ndarray, need: int, limit: int) -> np.ndarray:
     out = np.zeros(size, dtype=arr.dtype)
     out[: len(arr)] = arr
     return out
+
+
+def _kth_largest(v: np.ndarray, k: int) -> int:
+    """The k-th largest of ``v`` (push counts, 1 <= k <= len(v)). Counts are small and
+    often equal, where np.partition degrades: a histogram of them when it is small."""
+    mx = int(v.max())
+    if mx > 4 * len(v) + 4096:
+        return int(np.partition(v, len(v) - k)[len(v) - k])
+    at_least = np.cumsum(np.bincount(v, minlength=mx + 1)[::-1])[::-1]  # [c]: # >= c
+    return int(np.flatnonzero(at_least >= k)[-1])
+
+
+@dataclass(frozen=True)
+class PushTimes:
+    """Sorted push timestamps (ns) known by their count and ends; ``make()`` builds the
+    array, which :meth:`WorkingSet.add` only needs when the pushes span windows."""
+
+    n: int
+    first: int
+    last: int
+    make: Callable[[], np.ndarray]
+
+    @staticmethod
+    def of(ts: np.ndarray) -> PushTimes:
+        n = len(ts)
+        return PushTimes(n, int(ts[0]) if n else 0, int(ts[-1]) if n else 0, lambda: ts)
 
 
 @dataclass
@@ -71,50 +98,59 @@ class WorkingSet:
         self.counts: dict[tuple[int, int, int], np.ndarray] = {}  # (pid, vm, slot)
         self.count_overflow: Counter[tuple[int, int, int, int]] = Counter()
 
-    def add(self, key: RingId, ts: np.ndarray, slot: np.ndarray, off: np.ndarray) -> None:
-        """Pushes of ring ``key`` in time order: ts (ns), slot (u32), offset (page)."""
-        n = len(ts)
-        if not n:
-            return
-        if self.t0 is None:
-            self.t0 = int(ts[0])
+    def ring(self, key: RingId) -> RingWs:
+        """The ring's state (created empty the first time)."""
         rw = self.rings.get(key)
         if rw is None:
             rw = self.rings[key] = RingWs()
+        return rw
+
+    def add(self, key: RingId, ts: np.ndarray | PushTimes, slot: np.ndarray,
+            off: np.ndarray) -> None:
+        """Pushes of ring ``key`` in time order: ts (ns), slot (u32), offset (page)."""
+        pt = ts if isinstance(ts, PushTimes) else PushTimes.of(ts)
+        n = pt.n
+        if not n:
+            return
+        if self.t0 is None:
+            self.t0 = pt.first
+        rw = self.ring(key)
         if rw.first_ns is None:
-            rw.first_ns = int(ts[0])
-        rw.last_ns = int(ts[-1])
+            rw.first_ns = pt.first
+        rw.last_ns = pt.last
         rw.pushes += n
-        w0 = (int(ts[0]) - self.t0) // self.window_ns
-        w1 = (int(ts[-1]) - self.t0) // self.window_ns
+        w0 = (pt.first - self.t0) // self.window_ns
+        w1 = (pt.last - self.t0) // self.window_ns
         wins = list(range(w0, w1 + 1))
         bounds = [0, n]
         if w1 != w0:  # window edges by binary search (ts is sorted)
             edges = np.array([max(0, self.t0 + w * self.window_ns) for w in wins[1:]],
                              dtype=np.uint64)
-            bounds = [0, *np.searchsorted(ts, edges).tolist(), n]
-        parts = []  # per slot: slot, its offsets (intp), window cuts into them
+            bounds = [0, *np.searchsorted(pt.make(), edges).tolist(), n]
+        parts = []  # per slot: slot, its offsets (intp), window cuts into them, range
         for s, sel in self._by_slot(slot):
             o = off if sel is None else off[sel]
             cuts = bounds if sel is None else np.searchsorted(sel, bounds).tolist()
-            big = o >= self.max_pages
-            if big.any():
+            lo, hi = int(o.min()), int(o.max()) + 1
+            if hi > self.max_pages:
+                big = o >= self.max_pages
                 self._big_count(key, s, o[big])
                 small = o[~big]
                 if len(small):
-                    self._count(key, s, small.astype(np.intp))
-                parts.append((s, o, cuts, True))
+                    small = small.astype(np.intp)
+                    self._count(key, s, small, int(small.max()) + 1)
+                parts.append((s, o, cuts, True, None))
                 continue
             o = o.astype(np.intp)
-            self._count(key, s, o)
-            parts.append((s, o, cuts, False))
+            self._count(key, s, o, hi)
+            parts.append((s, o, cuts, False, (lo, hi) if len(wins) == 1 else None))
         for k, wi in enumerate(wins):
             a, b = bounds[k], bounds[k + 1]
             if a == b:
                 continue
             self._window(rw, wi)
             rw.cur_pushes += b - a
-            for s, o, cuts, has_big in parts:
+            for s, o, cuts, has_big, span in parts:
                 seg = o[cuts[k]:cuts[k + 1]]
                 if not len(seg):
                     continue
@@ -124,7 +160,7 @@ class WorkingSet:
                     seg = seg[~big].astype(np.intp)
                     if not len(seg):
                         continue
-                self._mark(rw, s, seg)
+                self._mark(rw, s, seg, span)
 
     def _window(self, rw: RingWs, wi: int) -> None:
         if wi != rw.cur:
@@ -142,8 +178,9 @@ class WorkingSet:
         """Push counts of pages beyond max_pages (a Counter: slow, exact)."""
         self.count_overflow.update((key[0], key[1], s, int(x)) for x in o)
 
-    def _mark(self, rw: RingWs, s: int, o: np.ndarray) -> None:
-        lo, hi = int(o.min()), int(o.max()) + 1
+    def _mark(self, rw: RingWs, s: int, o: np.ndarray,
+              span: tuple[int, int] | None = None) -> None:
+        lo, hi = (int(o.min()), int(o.max()) + 1) if span is None else span
         bm = rw.bitmaps.get(s)
         if bm is None or hi > len(bm):
             bm = rw.bitmaps[s] = _grow(np.zeros(0, bool) if bm is None else bm, hi,
@@ -165,10 +202,10 @@ class WorkingSet:
         rw.windows.append((rw.cur, rw.cur_pushes, uniq))
         rw.cur_pushes = 0
 
-    def _count(self, key: RingId, s: int, o: np.ndarray) -> None:
+    def _count(self, key: RingId, s: int, o: np.ndarray, need: int) -> None:
+        """Count pushes of pages ``o`` (all < ``need``)."""
         ck = (key[0], key[1], s)
         cnt = self.counts.get(ck)
-        need = int(o.max()) + 1
         if cnt is None or need > len(cnt):
             cnt = self.counts[ck] = _grow(np.zeros(0, np.uint32) if cnt is None else cnt,
                                           need, self.max_pages)
@@ -185,7 +222,7 @@ class WorkingSet:
         for (pid, vm, s), cnt in sorted(self.counts.items()):
             nz = np.flatnonzero(cnt)
             if len(nz) > top:
-                kth = np.partition(cnt[nz], len(nz) - top)[len(nz) - top]
+                kth = _kth_largest(cnt[nz], top)
                 above = nz[cnt[nz] > kth]
                 ties = nz[cnt[nz] == kth][: top - len(above)]  # lowest offsets first
                 nz = np.concatenate([above, ties])

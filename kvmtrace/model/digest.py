@@ -34,13 +34,18 @@ def entry_hashes(slot: int, offset: int) -> tuple[int, int]:
     return h1, _mix((h1 + _H2_SALT) & _M64)
 
 
-def _mix_np(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser, in place on a u64 array of our own (returns it)."""
-    x ^= x >> np.uint64(30)
+def _mix_np(x: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+    """splitmix64's finaliser, in place on a u64 array of our own (returns it); ``tmp``:
+    scratch of the same shape, else allocated."""
+    t = np.empty_like(x) if tmp is None else tmp
+    np.right_shift(x, np.uint64(30), out=t)
+    x ^= t
     x *= np.uint64(_C1)
-    x ^= x >> np.uint64(27)
+    np.right_shift(x, np.uint64(27), out=t)
+    x ^= t
     x *= np.uint64(_C2)
-    x ^= x >> np.uint64(31)
+    np.right_shift(x, np.uint64(31), out=t)
+    x ^= t
     return x
 
 
@@ -52,15 +57,15 @@ def entry_hashes_np(slots: np.ndarray, offsets: np.ndarray) -> tuple[int, int]:
     with np.errstate(over="ignore"):
         s0 = int(slots[0])
         if int(slots[-1]) == s0 and (slots == s0).all():  # one memslot: mix it once
-            h1 = offsets.astype(np.uint64, copy=True)
-            h1 ^= np.uint64(_mix(s0 ^ _SLOT_SALT))
+            h1 = np.bitwise_xor(offsets, np.uint64(_mix(s0 ^ _SLOT_SALT)), dtype=np.uint64)
         else:
             h1 = _mix_np(slots.astype(np.uint64) ^ np.uint64(_SLOT_SALT))
             h1 ^= offsets.astype(np.uint64, copy=False)
-        _mix_np(h1)
+        tmp = np.empty_like(h1)
+        _mix_np(h1, tmp)
         s1 = int(h1.sum(dtype=np.uint64))
         h1 += np.uint64(_H2_SALT)
-        return s1, int(_mix_np(h1).sum(dtype=np.uint64))
+        return s1, int(_mix_np(h1, tmp).sum(dtype=np.uint64))
 
 
 def digest_of(count: int, sum1: int, sum2: int) -> str:

@@ -30,7 +30,8 @@ from .. import __version__
 from ..errors import UsageError
 from .base import SourceMeta
 from .events import EVENT_DTYPE
-from .recording_codec import MAX_BLOCK_EVENTS, decode_events, encode_events
+from .recording_codec import MAX_BLOCK_EVENTS, encode_events
+from .recording_decode import BlockParts, decode_parts
 
 __all__ = [
     "MAGIC",
@@ -303,13 +304,19 @@ class Recording:
 
     def batches(self) -> Iterator[np.ndarray]:
         """Events block by block, in file order (= time order), one block in memory."""
+        for parts in self.column_batches():
+            yield parts.events()
+
+    def column_batches(self) -> Iterator[BlockParts]:
+        """As :meth:`batches`, each block as its columns (group-major, as stored), without
+        building EVENT_DTYPE records: what replay reads."""
         with open(self.path, "rb", buffering=0) as f:
             for offset, _count in self._index:
                 f.seek(offset)
                 head = f.read(BLOCK_HEADER.size)
                 fields = BLOCK_HEADER.unpack(head)
                 stored = f.read(fields[4])
-                yield self._decode_events(offset, head, fields, stored)
+                yield self._decode_parts(offset, head, fields, stored)
 
     def read_all(self) -> np.ndarray:
         """Every event at once (unbounded memory: for small recordings and tests)."""
@@ -411,16 +418,16 @@ class Recording:
             raise self._fail(f"damaged block at byte {pos} (length mismatch)")
         return payload
 
-    def _decode_events(self, pos: int, head: bytes, fields: tuple[Any, ...],
-                       stored: bytes) -> np.ndarray:
+    def _decode_parts(self, pos: int, head: bytes, fields: tuple[Any, ...],
+                      stored: bytes) -> BlockParts:
         payload = self._payload(pos, head, fields, stored)
         try:
-            ev = decode_events(payload)
+            parts = decode_parts(payload)
         except ValueError as err:
             raise self._fail(f"block at byte {pos}: {err}") from None
-        if len(ev) != fields[6]:
-            raise self._fail(f"block at byte {pos}: {len(ev)} events, header says {fields[6]}")
-        return ev
+        if parts.n != fields[6]:
+            raise self._fail(f"block at byte {pos}: {parts.n} events, header says {fields[6]}")
+        return parts
 
 
 def open_recording(path: str | os.PathLike[str]) -> Recording:

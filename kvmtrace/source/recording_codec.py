@@ -19,7 +19,8 @@ stored column by column:
   halves it, else stored: inflating barely compressible bytes costs more time than it
   saves space, and random low bytes stored as they are cost nothing to decode.
 
-Decoding is a fixed number of numpy passes per column, no per-event Python. Arithmetic
+Decoding (:mod:`.recording_decode`) is a fixed number of numpy passes per column, no
+per-event Python. Arithmetic
 wraps modulo the field width, so every u32/u64 value round-trips. The ``pad`` bytes are
 not stored and decode as zeros.
 """
@@ -34,7 +35,7 @@ import numpy as np
 from ..errors import UsageError
 from .events import EVENT_DTYPE
 
-__all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "encode_events", "decode_events"]
+__all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "encode_events"]
 
 #: One row of a block's group table (20 bytes).
 GROUP_DTYPE = np.dtype(
@@ -216,112 +217,3 @@ def encode_events(ev: np.ndarray, level: int = 3) -> list[bytes]:
         raise UsageError(f"events have dtype {ev.dtype}, expected EVENT_DTYPE")
     return [_encode_one(ev[i : i + MAX_BLOCK_EVENTS], level)
             for i in range(0, len(ev), MAX_BLOCK_EVENTS)]
-
-
-class _Reader:
-    """Cursor over a block payload."""
-
-    def __init__(self, payload: bytes | bytearray | memoryview) -> None:
-        self.buf = memoryview(payload)
-        self.off = 0
-
-    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
-        vals = st.unpack_from(self.buf, self.off)
-        self.off += st.size
-        return vals
-
-    def array(self, dtype: np.dtype | type, count: int) -> np.ndarray:
-        arr = np.frombuffer(self.buf, dtype, count, self.off)
-        self.off += arr.nbytes
-        return arr
-
-    def stream(self, expect: int) -> memoryview | bytes:
-        codec, stored, raw = self.unpack(_STREAM)
-        if raw != expect or self.off + stored > len(self.buf):
-            raise ValueError("bad stream length")
-        data = self.buf[self.off : self.off + stored]
-        self.off += stored
-        if codec == 0:
-            return data
-        if codec != 1:
-            raise ValueError(f"unknown stream codec {codec}")
-        try:
-            out = zlib.decompress(data, bufsize=max(raw, 1))
-        except zlib.error as err:
-            raise ValueError(f"bad zlib stream: {err}") from None
-        if len(out) != raw:
-            raise ValueError("bad stream length")
-        return out
-
-
-def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
-                  lo: int) -> np.ndarray:
-    full = dtype.itemsize
-    if bits > 8 * full:
-        raise ValueError(f"bad column width {bits} bits")
-    pos = vals = None
-    if npatch:
-        raw = rd.stream(npatch * (4 + full))
-        pos = np.frombuffer(raw, "<u4", npatch)
-        vals = np.frombuffer(raw, dtype, npatch, 4 * npatch)
-    lo_t = dtype.type(lo)
-    nbytes, nbits = divmod(bits, 8)
-    if nbytes:
-        d = np.add(np.frombuffer(rd.stream(n), np.uint8), lo_t, dtype=dtype)
-        for j in range(1, nbytes):
-            plane = np.frombuffer(rd.stream(n), np.uint8)
-            d += np.left_shift(plane, dtype.type(8 * j), dtype=dtype)
-    else:
-        d = np.full(n, lo_t, dtype)
-    if nbits:
-        top = np.zeros(n, np.uint8)
-        for k in range(nbits):
-            plane = np.unpackbits(np.frombuffer(rd.stream((n + 7) // 8), np.uint8), count=n)
-            top |= plane << np.uint8(k)
-        d += np.left_shift(top, dtype.type(8 * nbytes), dtype=dtype)
-    if pos is not None:
-        d[pos] = vals
-    return np.cumsum(d, dtype=dtype, out=d)
-
-
-def decode_events(payload: bytes | bytearray | memoryview) -> np.ndarray:
-    """Events of one EVENTS block payload; ValueError if it is malformed."""
-    rd = _Reader(payload)
-    try:
-        n, ngroups, gid_width, ncols, _ = rd.unpack(_BLOCK)
-        if ncols != len(DELTA_COLUMNS) or gid_width not in (0, 1, 2) or ngroups < 1:
-            raise ValueError("bad block header")
-        table = rd.array(GROUP_DTYPE, ngroups)
-        tmpl = np.zeros(ngroups, EVENT_DTYPE)
-        for key in _KEYS:
-            tmpl[key] = table[key]
-        gid = order = None
-        if gid_width:
-            gid = np.frombuffer(rd.stream(n * gid_width), f"<u{gid_width}")
-            order = np.argsort(gid, kind="stable")
-        cols: dict[str, np.ndarray] = {}
-        for name, dtype, grouped in DELTA_COLUMNS:
-            mode, width, _, npatch, lo = rd.unpack(_COLUMN)
-            if mode == _MODE_GROUP_CONST and grouped:
-                tmpl[name] = rd.array(dtype, ngroups)
-            elif mode == _MODE_DELTA:
-                cols[name] = _decode_delta(rd, n, dtype, width, npatch, lo)
-            else:
-                raise ValueError(f"bad column mode {mode}")
-        if rd.off != len(rd.buf):
-            raise ValueError("trailing bytes")
-        ev = tmpl.take(gid) if gid is not None else tmpl.take(np.zeros(n, np.intp))
-        if order is not None and "dirty_index" in cols and "reset_index" in cols:
-            # adjacent u32 fields: one u64 scatter instead of two
-            both = cols.pop("dirty_index").astype(np.uint64)
-            both |= np.left_shift(cols.pop("reset_index"), np.uint64(32), dtype=np.uint64)
-            ev.view(_DIRTY_RESET)["both"][order] = both
-        for name, v in cols.items():
-            field = ev[name]
-            if order is not None and name != "ts":
-                field[order] = v
-            else:
-                field[:] = v
-    except (struct.error, ValueError, TypeError, IndexError) as err:
-        raise ValueError(f"malformed EVENTS block: {err}") from None
-    return ev

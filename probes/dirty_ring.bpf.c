@@ -15,7 +15,10 @@
  *
  * Options (-D): KT_PID (0 = every process), KT_AGGREGATE (count into the maps),
  * KT_EMIT_EVENTS with KT_RINGBUF_PAGES and KT_RB_FLAGS (every event as a struct kt_event
- * into the ring buffer `events`), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes).
+ * into the ring buffer `events`), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes), KT_NO_PUSH
+ * (light mode: no program on kvm_dirty_ring_push at all, so the probes' cost does not
+ * grow with the push rate; each reset fills in pushes, used and overflow from its indices,
+ * see kt_light_reset() in dirty_ring_defs.h).
  */
 #include <uapi/linux/ptrace.h>
 #include "kvmtrace.h"
@@ -146,6 +149,7 @@ static __always_inline struct kt_ring_val *kt_ring(u32 pid, s32 vm, s32 ring, u3
 	if (KT_PID && pid != KT_PID)                                    \
 		return 0
 
+#ifndef KT_NO_PUSH
 static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot, u64 offset,
 				      u32 size)
 {
@@ -185,6 +189,7 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 	kt_emit(KT_PUSH, now, pid, tid, vm, index, dirty, reset, slot, offset);
 	return 0;
 }
+#endif /* !KT_NO_PUSH */
 
 static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size)
 {
@@ -209,10 +214,16 @@ static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size
 
 		if (a)
 			base = a->reset_index;
+		else if (kt_vm_entries(pid, vm))   /* VM created while tracing: from index 0 */
+			base = 0;
 	}
 	struct kt_ring_val *v = kt_ring(pid, vm, index, base, size);
 
 	if (v) {
+#ifdef KT_NO_PUSH
+		/* first reset of a VM created before tracing: its earlier pushes are unknown */
+		kt_light_reset(v, dirty, !v->resets && !kt_vm_entries(pid, vm));
+#endif
 		u32 advance = reset - v->reset_base;
 
 		v->reset_base = reset;
@@ -239,8 +250,15 @@ static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dir
 
 	if (t)
 		vm = t->vm;
-	if (!exact)   /* the ring this thread last pushed to, else vcpu_id */
+	/*
+	 * Not exact: the ring this thread last pushed to, else (light mode, no push probe)
+	 * vcpu_id: kvm_vm_ioctl_create_vcpu() passes the vCPU id to kvm_dirty_ring_alloc() as
+	 * the ring's index, so both agree (the built-in VMM and QEMU alike).
+	 */
+	if (!exact)
 		index = (t && t->ring >= 0) ? t->ring : vcpu_id;
+	if (t)
+		t->ring = index;   /* the stall that follows is this ring's (kt_stall_end) */
 #ifdef KT_AGGREGATE
 	struct kt_ring_val *v = kt_ring(pid, vm, index, reset, 0);
 
@@ -250,6 +268,10 @@ static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dir
 			reset = v->reset_index;
 		}
 		u32 used = dirty - reset;
+#ifdef KT_NO_PUSH
+		if (!exact)
+			used = 0;   /* indices of the last reset, not of now: no size inference */
+#endif
 
 		__sync_fetch_and_add(&v->soft_full_exits, 1);
 		if (used && (!v->exit_used_min || used < v->exit_used_min))
@@ -273,7 +295,9 @@ static __always_inline int kt_on_userspace_exit(u32 reason, int err)
 	return 0;
 }
 
-#if KT_RAW_PUSH
+#ifdef KT_NO_PUSH
+/* light mode: kvm_dirty_ring_push is not hooked */
+#elif KT_RAW_PUSH
 RAW_TRACEPOINT_PROBE(kvm_dirty_ring_push)
 {
 	/* TP_PROTO(struct kvm_dirty_ring *ring, u32 slot, u64 offset) */

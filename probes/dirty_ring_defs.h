@@ -82,4 +82,43 @@ static __always_inline u32 kt_bucket(u64 v)
 	return r < KT_HIST_BUCKETS ? r : KT_HIST_BUCKETS - 1;
 }
 
+/*
+ * Light mode (KT_NO_PUSH): ring v's push-side counters, worked out at one of its
+ * kvm_dirty_ring_reset events (dirty = its dirty_index), before the reset handler moves
+ * v's indices on. Then v->reset_base is the reset_index before this reset and
+ * v->dirty_index the dirty_index at the previous reset (0 for a ring not seen before).
+ *   pushes      += dirty_index advance since the previous reset;
+ *   max_used     = max of dirty_index - reset_index before the reset (used at that time);
+ *   overwritten += entries pushed more than size past the oldest entry not yet reset
+ *                  (the ring overflowed: their slots were reused), each counted once.
+ * from_here: the ring's pushes so far are unknown (its first reset seen, of a VM created
+ * before tracing; a VM created while tracing started at index 0): count from this reset on.
+ */
+static __always_inline void kt_light_reset(struct kt_ring_val *v, u32 dirty, int from_here)
+{
+	if ((s32)(dirty - v->dirty_index) < 0) {   /* a new ring under a reused VM fd */
+		v->dirty_index = 0;
+		v->reset_base = 0;
+	}
+	if (from_here)
+		v->dirty_index = dirty;
+	u32 from = v->reset_base;
+	u32 used = dirty - from;
+
+	if (v->size) {
+		/* entries below prev_dirty - size were counted at an earlier reset */
+		u32 seen = v->dirty_index - v->size;
+
+		if (v->resets && (s32)(seen - from) > 0)
+			from = seen;
+		s32 over = (s32)(dirty - v->size - from);
+
+		if (over > 0)
+			__sync_fetch_and_add(&v->overwritten, over);
+	}
+	__sync_fetch_and_add(&v->pushes, dirty - v->dirty_index);
+	if (used > v->max_used)
+		v->max_used = used;
+}
+
 #endif /* KT_DIRTY_RING_DEFS_H */

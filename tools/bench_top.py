@@ -9,9 +9,11 @@ exits) over a 1 MiB ring with a reaper thread harvesting every 10 ms, so pages a
 again as fast as they are given back. Pushes/s = harvested entries of all rings / run time,
 from the workload's own JSON. top runs as ``top -b --json -p PID -d SECS``, attached before
 the VM exists; its CPU is utime + stime from /proc over the workload's run only (the BPF
-compile before it is left out and reported on its own).
+compile before it is left out and reported on its own). With ``--light`` top runs as
+``top --light`` (no probe on every push).
 
     .venv/bin/python tools/bench_top.py [--pairs 3] [--duration 5] [--delay 1] [--config tight]
+                                        [--light]
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def pushes_per_s(result: dict) -> float:
     return pushes * 1e9 / max(r["run_ns"] for r in result["rings"])
 
 
-def one_run(config: str, duration: float, delay: float, with_top: bool) -> dict:
+def one_run(config: str, duration: float, delay: float, with_top: bool,
+            light: bool = False) -> dict:
     extra = ["--duration", str(duration)] if config == "reaper" else []
     wl_argv = kvmtrace("workload", *CONFIGS[config], *extra, "--json")
     wl = subprocess.Popen([sys.executable, "-c", HOLD, *wl_argv], stdin=subprocess.PIPE,
@@ -65,7 +68,8 @@ def one_run(config: str, duration: float, delay: float, with_top: bool) -> dict:
         if with_top:
             t0 = time.monotonic()
             top = subprocess.Popen(
-                kvmtrace("top", "-b", "--json", "-p", str(wl.pid), "-d", str(delay)),
+                kvmtrace("top", "-b", "--json", "-p", str(wl.pid), "-d", str(delay),
+                         *(["--light"] if light else [])),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
             assert top.stdout is not None
             first = top.stdout.readline()  # attached (BPF compiled and loaded)
@@ -108,12 +112,14 @@ def main() -> int:
     ap.add_argument("--delay", type=float, default=1.0, help="top refresh, seconds (1)")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="tight",
                     help="workload: tight (one pass, default) or reaper (sustained)")
+    ap.add_argument("--light", action="store_true", help="run top --light (no push probe)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_top: needs root (BPF)", file=sys.stderr)
         return 2
     print(f"workload: {' '.join(CONFIGS[args.config])}"
           + (f" --duration {args.duration:g}" if args.config == "reaper" else ""))
+    print(f"top: {'top --light (no push probe)' if args.light else 'top (all probes)'}")
     print(f"{'run':>3} {'top':>4} {'pushes/s':>10} {'pushes/cpu-s':>12} {'top CPU %':>9} "
           f"{'attach s':>8}")
     wall_ratios: list[float] = []
@@ -123,7 +129,7 @@ def main() -> int:
     for i in range(args.pairs):
         pair = []
         for with_top in (False, True):
-            r = one_run(args.config, args.duration, args.delay, with_top)
+            r = one_run(args.config, args.duration, args.delay, with_top, args.light)
             rates[with_top].append(r["pushes_per_s"])
             pair.append(r)
             cpu = f"{r['top_cpu_pct']:.2f}" if with_top else "-"

@@ -44,6 +44,7 @@ class LiveSource:
             start_time=time.time(),
             hooks=dict(self.probes.hooks),
             tracepoint_formats=self.probes.tracepoint_formats(),
+            extra={"mode": self.probes.mode},  # "light": no push probe (Probes docs)
         )
         self._ident = VmIdentity()
         self._watcher = ProcWatcher() if watch else None

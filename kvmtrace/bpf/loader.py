@@ -167,9 +167,19 @@ class Probes:
         aggregate: bool = True,
         hook: str = "auto",
         wake_every: int = 0,
+        push_probe: bool = True,
     ) -> None:
         """``wake_every`` > 0: the BPF side wakes a ring-buffer reader once per that many
-        records of a CPU (for a reader that also polls on a timer), not after every one."""
+        records of a CPU (for a reader that also polls on a timer), not after every one.
+
+        ``push_probe=False`` is light mode (``mode == "light"``): nothing is attached to
+        kvm:kvm_dirty_ring_push (compiled with -DKT_NO_PUSH), so the probes cost nothing per
+        push. Each ring's pushes (dirty_index advance), used, max_used (used just before a
+        reset) and overwritten entries are then updated at its kvm_dirty_ring_reset events
+        only; a ring of a VM created before the probes counts pushes from its first reset
+        seen. With a tracepoint exit hook, soft-full exits go to ring ``vcpu_id`` (the
+        kernel makes the vCPU id the ring's index at KVM_CREATE_VCPU; true for the built-in
+        VMM and QEMU). Not for event output (there would be no pushes)."""
         if pid < 0:
             raise UsageError(f"bad pid {pid}", "give a process id, or 0 for every process")
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
@@ -177,12 +187,19 @@ class Probes:
                 f"ring buffer pages must be a power of two, not {ringbuf_pages}",
                 "use e.g. 4096 (16 MiB with 4 KiB pages)",
             )
+        if emit_events and not push_probe:
+            raise UsageError("event output needs the push probe",
+                             "drop push_probe=False (light mode is for the aggregated view)")
         preflight()
         self.pid = pid
+        self.mode = "full" if push_probe else "light"
         self.emit_events = emit_events
         self.aggregate = aggregate
         self.hooks, cflags = select_hooks(hook)
         cflags += [f"-I{PROBES_DIR}", f"-DKT_PID={pid}"]
+        if not push_probe:
+            del self.hooks["kvm_dirty_ring_push"]
+            cflags.append("-DKT_NO_PUSH")
         if aggregate:
             cflags.append("-DKT_AGGREGATE")
         if emit_events:

@@ -31,6 +31,7 @@ EXAMPLES = """examples:
   kvmtrace top                          # interactive (h: help, q: quit)
   kvmtrace top -p 4321 -d 2             # one VMM process, refresh every 2 s
   kvmtrace top -b -n 5 -d 1 --json      # 5 NDJSON lines, one per second, for scripts
+  kvmtrace top --light                  # no per-push probe: for production push rates
   kvmtrace top --prometheus :9877       # metrics on http://127.0.0.1:9877/metrics
   kvmtrace top -b --replay run.kvt      # the same view over a recording, as fast as it goes
   kvmtrace top -- kvmtrace workload --vcpus 2 --duration 30   # watch one command's VMs
@@ -53,6 +54,7 @@ class TopOptions:
     ring_entries: int | None = None
     ring_bytes: int | None = None
     hook: str = "auto"
+    light: bool = False
     command: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -81,6 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ring-entries", metavar="N", help="ring size for --replay text traces")
     p.add_argument("--ring-bytes", metavar="B", help="ring size in bytes, ditto")
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
+    p.add_argument("--light", action="store_true",
+                   help="no probe on every push (cost independent of the push rate): "
+                   "pushes, used, max used and lost are updated at each ring's resets "
+                   "only (the JSON says \"mode\": \"light\"); rings of VMs older than "
+                   "top count pushes from their first reset seen")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="run COMMAND, show only its VMs, stop (batch) when it exits; its "
                    "output goes to stderr in batch mode and is shown after the view ends")
@@ -126,7 +133,11 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         ring_entries=_int(args.ring_entries, "--ring-entries", 1),
         ring_bytes=_int(args.ring_bytes, "--ring-bytes", 16),
         hook=args.hook,
+        light=bool(getattr(args, "light", False)),
     )
+    if opts.light and opts.replay:
+        raise UsageError("--light only applies to the live view",
+                         "drop --light: a replay reads every recorded event anyway")
     command = list(getattr(args, "command", None) or [])
     if command and command[0] == "--":
         command = command[1:]
@@ -164,7 +175,8 @@ def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotS
     from ..bpf.loader import Probes, preflight
 
     preflight()
-    probes = Probes(pid=child.pid if child else opts.pid, hook=opts.hook)
+    probes = Probes(pid=child.pid if child else opts.pid, hook=opts.hook,
+                    push_probe=not opts.light)
     if child is not None:  # keep its rows after it exits: the final state stays on screen
         return LiveSource(probes=probes), "live"
     try:  # notice VMMs exiting (process connector), so their rows go away
@@ -213,6 +225,7 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
     clock = _clock(label)
     clock(first)
     hooks = dict(source.meta.hooks)
+    mode = str(source.meta.extra.get("mode", "full"))
     due = time.monotonic()
     done = 0
     while opts.count is None or done < opts.count:
@@ -228,11 +241,11 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
             latest.snap = cur
         iv = compute_interval(prev, cur, pid=opts.pid)
         if emit and opts.json:
-            obj = interval_json(iv, wall_time=_wall(source, label, first, cur))
+            obj = interval_json(iv, wall_time=_wall(source, label, first, cur), mode=mode)
             print(json.dumps(obj, separators=(",", ":")), flush=True)
         elif emit:
             lines = render_top(iv, width, None, opts.sort, clock=clock(cur),
-                               source=label, hooks=hooks, pid=opts.pid)
+                               source=label, hooks=hooks, pid=opts.pid, mode=mode)
             print("\n".join(lines) + "\n", flush=True)
         prev = cur
         done += 1
@@ -309,6 +322,7 @@ def run(args: argparse.Namespace) -> int:
             clock=_clock(label),
             end_status=lambda: _end_status(source, child),
             count=opts.count,
+            mode=str(source.meta.extra.get("mode", "full")),
         )
     except KeyboardInterrupt:
         return 0

@@ -92,8 +92,10 @@ def run_curses(
     clock: Callable[[Snapshot], str] | None = None,
     end_status: Callable[[], str | None] | None = None,
     count: int | None = None,
+    mode: str = "full",
 ) -> int:
-    """Run the interactive view until ``q`` (or ``count`` refreshes). Returns 0."""
+    """Run the interactive view until ``q`` (or ``count`` refreshes). Returns 0.
+    ``mode`` ``light``: the header says pushes/used are known at resets only."""
     import curses
 
     st = state or TopState()
@@ -112,7 +114,7 @@ def run_curses(
         refreshes = 0
         while True:
             _draw(scr, iv, st, source_label, hooks, clock(cur) if clock else "",
-                  end_status() if end_status else None)
+                  end_status() if end_status else None, mode)
             scr.timeout(max(0, int((due - time.monotonic()) * 1000)))
             ch = scr.getch()
             if ch != -1 and not st.handle_key(ch):
@@ -148,6 +150,7 @@ def _draw(
     hooks: dict[str, str] | None,
     clock: str,
     end_status: str | None,
+    mode: str = "full",
 ) -> None:
     import curses
 
@@ -165,6 +168,7 @@ def _draw(
         status=st.status or end_status,
         show_help=st.show_help,
         pid=st.pid,
+        mode=mode,
     )
     scr.erase()
     for y, line in enumerate(lines[:height]):

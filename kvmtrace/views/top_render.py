@@ -215,17 +215,20 @@ def render_top(
     status: str | None = None,
     show_help: bool = False,
     pid: int = 0,
+    mode: str = "full",
 ) -> list[str]:
     """The screen for ``iv`` as at most ``height`` lines (None: no limit) of at most
     ``width`` characters. ``clock`` is the time shown in the title, ``source`` names the data
     source, ``hooks`` maps event -> hook kind, ``status`` replaces the hooks line (messages,
-    prompts), ``pid`` is the active filter (shown only)."""
+    prompts), ``pid`` is the active filter (shown only), ``mode`` ``light`` says that pushes
+    and used are known at resets only (``top --light``)."""
     width = max(width, 20)
     total = iv.total()
     arrow = "^" if reverse else "v"
     title = f"kvmtrace top - {clock}" if clock else "kvmtrace top"
     every = fmt_ns(round(iv.interval_s * 1e9)) if iv.interval_s > 0 else "-"
-    title += f"  {source}  every {every}  sort {sort_key} {arrow}"
+    light = mode == "light"
+    title += f"  {source}{' light' if light else ''}  every {every}  sort {sort_key} {arrow}"
     if pid:
         title += f"  pid {pid}"
     summary = (
@@ -234,6 +237,8 @@ def render_top(
         f"  lost {fmt_count(total.lost)}  events lost {iv.lost_events}"
     )
     third = status if status is not None else (_hooks_line(hooks) or "h: help  q: quit")
+    if light and status is None:
+        third = "light: push/used as of the last reset; " + third
     lines = [title, summary, third]
     label_w, cols = _layout(width)
     lines.append(_title_row(label_w, cols))

@@ -2,7 +2,8 @@
 
 Schema 1 (all counts in ring entries or events; times in ns unless the name says ``_s``)::
 
-    {"schema": 1, "time": <unix seconds; null when unknown (a trace without a start time)>,
+    {"schema": 1, "mode": "full" | "light",
+     "time": <unix seconds; null when unknown (a trace without a start time)>,
      "time_ns": <source clock: CLOCK_MONOTONIC live, the trace's clock for files>,
      "interval_s": <seconds>, "lost_events": <cumulative>,
      "rings": [{"pid", "vm", "index", "size" (entries, null unknown), "used", "max_used",
@@ -16,6 +17,9 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
               summed over the VM's rings ("resets" counts ring resets: one per ring per
               KVM_RESET_DIRTY_RINGS ioctl)}]}
 
+``mode`` is ``light`` for ``top --light`` (no push probe): a ring's pushes, used, max_used
+and lost are then updated at its resets only, so they lag by up to one harvest cycle and
+push_rate is the dirty_index advance seen at the interval's resets; ``full`` otherwise.
 ``vm`` is the VM's file descriptor in the VMM process (-1 unknown); ``index`` is
 ``kvm_dirty_ring.index`` (the vCPU index, -1 unknown).
 """
@@ -80,10 +84,12 @@ def vm_json(v: VmRates) -> dict[str, Any]:
     return out
 
 
-def interval_json(iv: Interval, *, wall_time: float | None = None) -> dict[str, Any]:
+def interval_json(iv: Interval, *, wall_time: float | None = None,
+                  mode: str = "full") -> dict[str, Any]:
     """The schema-1 object of one interval; ``wall_time`` (unix seconds) or null."""
     return {
         "schema": SCHEMA,
+        "mode": mode,
         "time": None if wall_time is None else round(wall_time, 3),
         "time_ns": iv.time_ns,
         "interval_s": round(iv.interval_s, 6),
@@ -93,6 +99,6 @@ def interval_json(iv: Interval, *, wall_time: float | None = None) -> dict[str, 
     }
 
 
-def dumps_interval(iv: Interval, *, wall_time: float | None = None) -> str:
+def dumps_interval(iv: Interval, *, wall_time: float | None = None, mode: str = "full") -> str:
     """One NDJSON line (no trailing newline)."""
-    return json.dumps(interval_json(iv, wall_time=wall_time), separators=(",", ":"))
+    return json.dumps(interval_json(iv, wall_time=wall_time, mode=mode), separators=(",", ":"))

@@ -104,3 +104,17 @@ def test_record_bad_output_dir_one_line(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+def test_existing_recording_is_kept_as_old(tmp_path, kvm, bpf_root):
+    """Like perf record: a second record to the same file keeps the first as FILE.old."""
+    truth1, _, out = _record(tmp_path, "--vcpus", "1", "--ring-bytes", "4096", "--pages", "10",
+                             "--exit-every", "1")
+    first = out.read_bytes()
+    truth2, _, out2 = _record(tmp_path, "--vcpus", "1", "--ring-bytes", "4096", "--pages",
+                              "20", "--exit-every", "1")
+    assert out2 == out
+    old = tmp_path / "run.kvt.old"
+    assert old.read_bytes() == first
+    pushes = [int((open_recording(p).read_all()["kind"] == Kind.PUSH).sum()) for p in (old, out)]
+    assert pushes == [truth1["rings"][0]["harvested"], truth2["rings"][0]["harvested"]] == [10, 20]

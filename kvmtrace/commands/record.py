@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -124,7 +125,13 @@ def run(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist", "create it or pick another -o")
     if args.duration is not None and args.duration <= 0:
-        raise UsageError("--duration must be positive")
+        raise UsageError("--duration must be positive", "give seconds, e.g. --duration 10")
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory", "give a file name, e.g. -o run.kvt")
+    if out.exists() and out.stat().st_size:  # like perf record: never overwrite a recording
+        backup = out.with_name(out.name + ".old")
+        os.replace(out, backup)
+        print(f"kvmtrace record: moved the existing {out} to {backup}", file=sys.stderr)
     summary = record(out, pid=args.pid, duration=args.duration, command=command or None,
                      ringbuf_pages=args.ringbuf_pages, hook=args.hook)
     print(summary.line(str(out)), file=sys.stderr)

@@ -56,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as err:  # last resort: an I/O error no command turned into advice
+        where = f": {err.filename}" if err.filename else ""
+        print(f"kvmtrace {args.subcommand}: error: {err.strerror or err}{where}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

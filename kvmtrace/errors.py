@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["KvmtraceError", "UsageError", "MissingFeature"]
+__all__ = ["KvmtraceError", "UsageError", "MissingFeature", "OutputError"]
 
 
 class KvmtraceError(Exception):
@@ -25,3 +25,9 @@ class UsageError(KvmtraceError):
 
 class MissingFeature(KvmtraceError):
     """The host lacks something kvmtrace needs (root, /dev/kvm, tracefs, bcc, a tracepoint)."""
+
+
+class OutputError(KvmtraceError):
+    """Writing output failed part-way (disk full, I/O error); what was written is kept."""
+
+    status = 1

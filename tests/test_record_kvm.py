@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -10,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import kvmtrace_cmd
 
 from kvmtrace.source.events import Kind
@@ -118,3 +121,33 @@ def test_existing_recording_is_kept_as_old(tmp_path, kvm, bpf_root):
     assert old.read_bytes() == first
     pushes = [int((open_recording(p).read_all()["kind"] == Kind.PUSH).sum()) for p in (old, out)]
     assert pushes == [truth1["rings"][0]["harvested"], truth2["rings"][0]["harvested"]] == [10, 20]
+
+
+def test_disk_full_stops_cleanly_and_keeps_whole_blocks(tmp_path, kvm, bpf_root):
+    """ENOSPC part-way (a 1 MiB tmpfs in a private mount namespace): one line, exit 1, and
+    the file is cut back to its last whole block, holding exactly the events the line says."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("util-linux unshare missing")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    out = mnt / "r.kvt"
+    keep = tmp_path / "kept.kvt"
+    record = " ".join(kvmtrace_cmd("record", "-o", str(out), "--", *kvmtrace_cmd(
+        "workload", "--vcpus", "2", "--ring-bytes", "65536", "--pages", "20000", "--passes",
+        "40", "--exit-every", "64", "--pattern", "random")))
+    script = (f"mount -t tmpfs -o size=1m kvmtrace-test {mnt} && {record} >/dev/null; "
+              f"rc=$?; cp {out} {keep}; exit $rc")
+    proc = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr
+    saved = int(re.search(r"ends after (\d+) events", lines[0]).group(1))
+    rec = open_recording(keep)
+    assert rec.torn_bytes == 0 and rec.truncated
+    ev = rec.read_all()
+    assert len(ev) == saved > 0
+    for ring in (0, 1):  # a prefix of every ring's pushes: 1, 2, 3, ...
+        di = ev["dirty_index"][(ev["kind"] == Kind.PUSH) & (ev["ring"] == ring)]
+        assert np.array_equal(di, np.arange(1, len(di) + 1))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 from .base import SourceMeta
 from .events import EVENT_DTYPE
 from .recording_codec import MAX_BLOCK_EVENTS, encode_events
@@ -130,6 +130,7 @@ class RecordingWriter:
         self._lost_written = 0
         self._meta_dirty = False
         self._created = time.time()
+        self._failed: OutputError | None = None
         try:
             self._fd: int | None = os.open(
                 self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
@@ -193,6 +194,8 @@ class RecordingWriter:
         if self._fd is None:
             return
         try:
+            if self._failed:  # the file ends at its last whole block: leave it so
+                return
             self.flush()
             end = {"events": self.events, "lost": self.lost, "blocks": self.blocks,
                    "ts_first": self.ts_first, "ts_last": self.ts_last,
@@ -219,11 +222,26 @@ class RecordingWriter:
             raise ValueError("recording writer is closed")
 
     def _write(self, data: bytes) -> None:
+        """Append one whole block; on a write error (disk full, I/O error) cut the file back
+        to the end of the last whole block, so it stays readable, and stop writing."""
+        if self._failed:
+            raise self._failed
         assert self._fd is not None
         view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as err:
+            try:
+                os.ftruncate(self._fd, self.bytes_written)
+            except OSError:
+                pass
+            self._failed = OutputError(
+                f"cannot write {self.path}: {err.strerror}; the recording ends after "
+                f"{self.events} events", "free space or record elsewhere; "
+                "'kvmtrace replay' reads what the file holds")
+            raise self._failed from None
         self.bytes_written += len(data)
 
     def _write_meta(self) -> None:

@@ -47,6 +47,7 @@ from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
 from kvmtrace.model.ring import KVM_DIRTY_RING_RSVD_ENTRIES  # noqa: E402
 from kvmtrace.model.synth import bulk_stream  # noqa: E402
 from kvmtrace.source.base import SourceMeta  # noqa: E402
+from kvmtrace.source.events import Kind  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
 
 GOAL_RATE = 20e6  # events/s
@@ -80,8 +81,14 @@ def replay_records(path: Path, **kw: object) -> None:
 
 def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
     ev = synthetic(n, vcpus=vcpus)
+    # as `kvmtrace record` writes it: the ring sizes it saw (KVM_ENABLE_CAP) in the meta
+    sizes = ev[ev["kind"] == Kind.RING_SIZE]
+    entries = {(int(e["pid"]), int(e["vm"])): int(e["value"]) // 16 for e in sizes}
     path = tmp / "bench.kvt"
-    with RecordingWriter(path, SourceMeta(kind="bench")) as w:
+    with RecordingWriter(path, SourceMeta(kind="bench", ring_entries=entries)) as w:
+        w.write(ev)
+    bare = tmp / "bench-bare.kvt"  # sizes only from the RING_SIZE events in the stream
+    with RecordingWriter(bare, SourceMeta(kind="bench")) as w:
         w.write(ev)
     batches = list(open_recording(path).batches())
     blocks = list(open_recording(path).column_batches())
@@ -112,6 +119,7 @@ def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
         ("decode, columns", best_of(repeat, decode_columns)),
         ("replay, records", best_of(repeat, lambda: replay_records(path))),
         ("replay, columns", best_of(repeat, lambda: replay_source(open_recording(path)))),
+        ("replay, no meta", best_of(repeat, lambda: replay_source(open_recording(bare)))),
         ("no pages, records", best_of(repeat, lambda: replay_records(path, pages=False))),
         ("no pages, columns", best_of(repeat, lambda: replay_source(open_recording(path),
                                                                     pages=False))),
@@ -123,6 +131,7 @@ def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
           f"{path.stat().st_size / len(ev):.2f} B/event on disk")
     print("  (records: EVENT_DTYPE batches through Replay.feed, the path of imported text;\n"
           "   columns: the recording's blocks through Replay.feed_columns, what replay does;\n"
+          "   no meta: the same without ring sizes in the file's meta, learnt from events;\n"
           "   engine: Replay alone on blocks decoded beforehand)")
     secs = dict(rows)
     for name, t in rows:

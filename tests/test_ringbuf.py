@@ -152,6 +152,30 @@ def test_real_ringbuf_full(bpf_root: None) -> None:
     b.cleanup()
 
 
+@pytest.mark.kernel
+def test_real_ringbuf_edge_triggered_wait(bpf_root: None) -> None:
+    """edge=True: wait() reports the producer's wakeups, not pending data. The filler
+    submits with flags 0: the kernel wakes the reader only for a record submitted while the
+    reader had consumed everything before it."""
+    b, fn = compile_filler()
+    with RingBufReader(b[b"events"].map_fd) as level, \
+            RingBufReader(b[b"events"].map_fd, edge=True) as rb:
+        assert rb.wait(0) is False
+        prog_test_run(fn.fd, repeat=1)  # reader caught up: the first record wakes it
+        assert rb.wait(0) is True
+        assert rb.wait(0) is False  # data still pending, but no new wakeup
+        assert level.wait(0) is True  # level-triggered: pending data is enough
+        prog_test_run(fn.fd, repeat=2)  # not caught up: no wakeup at all
+        assert rb.wait(0) is False
+        got = rb.read()  # everything accumulated, in one batch
+        np.testing.assert_array_equal(got, expected(0, 3 * PER_RUN))
+        assert rb.pending_bytes() == 0 and level.wait(0) is False
+        prog_test_run(fn.fd, repeat=1)  # caught up again: woken again
+        assert rb.wait(0) is True
+        np.testing.assert_array_equal(rb.read(), expected(3 * PER_RUN, PER_RUN))
+    b.cleanup()
+
+
 def test_not_a_ringbuf() -> None:
     with pytest.raises(UsageError):
         RingBufReader(0)  # stdin is not a BPF map

@@ -12,6 +12,13 @@ and prints the median dirtying rate (guest page writes per second per vCPU, from
 workload's own JSON) of each, the slowdown ratios, events lost, and bytes per event.
 Goals: kvmtrace <= 5 % slower than none and below perf; 0 lost; <= 3 bytes/event.
 
+Then the tracer process's own CPU (utime + stime of `kvmtrace record` or `perf record`,
+all threads, not its child workload), from /proc/PID/stat sampled every 20 ms: while the
+workload ran (from the tracer's output file appearing to its child's exit), per recorded
+event and as % of one core over that wall time; and in all (read after the tracer exited,
+before it is reaped: waitid WNOWAIT), start-up (probe compilation) and exit included.
+/proc/PID/stat counts clock ticks (10 ms): the figures are summed over all rounds.
+
     .venv/bin/python tools/bench_record.py [--rounds 3] [--seconds 3] [--vcpus 2]
 """
 
@@ -25,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,18 +57,77 @@ def rate(truth: dict) -> float:
     return statistics.mean(r["pages_written"] / (r["run_ns"] / 1e9) for r in truth["rings"])
 
 
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of process ``pid`` alone (all its threads, no children), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S  # stat fields 14 and 15
+
+
+def children(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def run_traced(cmd: list[str], out: Path, tmp: Path) -> tuple[str, str, int, dict]:
+    """Run ``cmd`` (a tracer writing ``out`` while its child workload runs); its stdout,
+    stderr, exit status and its own CPU: at start-up (until ``out`` appeared), while its
+    child ran (``cpu_s`` over ``wall_s``), and in all."""
+    with open(tmp / "stdout", "w+") as so, open(tmp / "stderr", "w+") as se:
+        proc = subprocess.Popen(cmd, stdout=so, stderr=se, text=True)
+        t0 = time.monotonic()
+        cpu0 = cpu1 = start = end = None
+        child = None
+        # sample every 20 ms until the child has exited; never reap the tracer here
+        while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+            now = time.monotonic()
+            if now - t0 > 600:
+                proc.kill()
+            if cpu0 is None:
+                if out.exists() and out.stat().st_size:
+                    cpu0, start = cpu_s(proc.pid), now
+            elif child is None:
+                kids = children(proc.pid)
+                child = kids[0] if kids else None
+            elif child not in children(proc.pid):
+                break
+            else:
+                cpu1, end = cpu_s(proc.pid), now
+            time.sleep(0.02)
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
+        total = cpu_s(proc.pid)
+        rc = proc.wait()
+        so.seek(0)
+        se.seek(0)
+        usage = {"start_s": cpu0 or 0.0, "cpu_s": (cpu1 or 0.0) - (cpu0 or 0.0),
+                 "wall_s": (end or 0.0) - (start or 0.0), "total_s": total}
+        return so.read(), se.read(), rc, usage
+
+
 def run_once(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
     out = tmp / f"{mode}.data"
+    out.unlink(missing_ok=True)
     cmd = workload(args)
     if mode == "kvmtrace":
         cmd = [*KVMTRACE, "record", "-o", str(out), "--", *cmd]
     elif mode == "perf":
         cmd = ["perf", "record", "-q", *PERF_EVENTS, "-o", str(out), "--", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode}: exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    truth = json.loads(proc.stdout)
-    res = {"rate": rate(truth), "pushes": sum(r["pages_written"] for r in truth["rings"])}
+    if mode == "none":
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        stdout, stderr, rc, usage = proc.stdout, proc.stderr, proc.returncode, {}
+    else:
+        stdout, stderr, rc, usage = run_traced(cmd, out, tmp)
+    if rc != 0:
+        raise SystemExit(f"{mode}: exit {rc}: {stderr.strip()[-500:]}")
+    truth = json.loads(stdout)
+    res = {"rate": rate(truth), "pushes": sum(r["pages_written"] for r in truth["rings"]),
+           **usage}
     if mode == "kvmtrace":
         rec = open_recording(out)
         events = 0
@@ -106,6 +173,20 @@ def main() -> int:
         per = f"{size / ev:.2f}" if ev else "-"
         print(f"{mode:<10}{med:>15,.0f}{(med / base - 1) * 100:>+8.1f}%{ev:>11}{lost:>7}"
               f"{per:>10}")
+    print("tracer's own CPU (not its workload's), summed over rounds: while the workload ran,"
+          " per event and % of a core; in all, with start-up and exit")
+    print(f"{'tracer':<10}{'running s':>10}{'ns/event':>10}{'% core':>8}{'start s':>9}"
+          f"{'total s':>9}{'ns/event':>10}")
+    for mode in modes[1:]:
+        rs = results[mode]
+        cpu = sum(r["cpu_s"] for r in rs)
+        ev = sum(r["events"] for r in rs)
+        wall = sum(r["wall_s"] for r in rs)
+        total = sum(r["total_s"] for r in rs)
+        start = sum(r["start_s"] for r in rs)
+        per, per_all = (f"{cpu / ev * 1e9:.0f}", f"{total / ev * 1e9:.0f}") if ev else "--"
+        print(f"{mode:<10}{cpu:>10.2f}{per:>10}{cpu / wall * 100 if wall else 0:>7.1f}%"
+              f"{start:>9.2f}{total:>9.2f}{per_all:>10}")
     k = results["kvmtrace"]
     missing = sum(r["pushes"] - r["rec_pushes"] for r in k)
     print(f"kvmtrace: guest page writes - recorded pushes = {missing} over all rounds "

@@ -213,9 +213,18 @@ class RingBufReader:
     keep) and frees their space in the ring. ``wait(timeout_ms)`` blocks in epoll until the
     kernel signals data. Counters: ``records``, ``discarded``, ``foreign`` (records of
     another size, skipped). Single consumer only, like the kernel's own contract.
+
+    ``edge=False``: ``wait()`` returns as soon as the ring holds any data (the map's poll is
+    level-triggered: ``ringbuf_map_poll`` reports EPOLLIN while producer_pos !=
+    consumer_pos). A consumer looping ``wait(); read()`` against a busy producer then wakes
+    for every few records. ``edge=True`` (EPOLLET): ``wait()`` returns only when the
+    producer has *woken* the reader since the last ``wait()`` (a submit with
+    ``BPF_RB_FORCE_WAKEUP``, or without flags when the reader had caught up), else at the
+    timeout; the caller then reads everything that accumulated, in large batches.
     """
 
-    def __init__(self, map_fd: int, dtype: np.dtype = EVENT_DTYPE) -> None:
+    def __init__(self, map_fd: int, dtype: np.dtype = EVENT_DTYPE, *,
+                 edge: bool = False) -> None:
         if platform.machine() != "x86_64":
             raise MissingFeature("the bulk ring-buffer reader relies on x86-64 memory ordering",
                                  "use bcc's ring_buffer_poll() on this architecture")
@@ -239,7 +248,8 @@ class RingBufReader:
         self._prod = np.frombuffer(self._data_map, dtype="<u8", count=1)
         self._data = np.frombuffer(self._data_map, dtype=np.uint8, offset=page)
         self._epoll = select.epoll()
-        self._epoll.register(map_fd, select.EPOLLIN)
+        self.edge = edge
+        self._epoll.register(map_fd, select.EPOLLIN | (select.EPOLLET if edge else 0))
 
     def pending_bytes(self) -> int:
         """Bytes between consumer_pos and producer_pos (committed or not)."""
@@ -262,7 +272,8 @@ class RingBufReader:
         return events
 
     def wait(self, timeout_ms: int = -1) -> bool:
-        """Block until the ring has data or timeout_ms passes (-1: forever). True if data."""
+        """Block until the ring has data (``edge``: until the producer wakes the reader) or
+        timeout_ms passes (-1: forever). True if woken, False at the timeout."""
         try:
             ready = self._epoll.poll(timeout_ms / 1000 if timeout_ms >= 0 else -1)
         except InterruptedError:

@@ -62,6 +62,7 @@ class BlockType:
 
 _CODEC_NONE, _CODEC_ZLIB = 0, 1
 _LOST = struct.Struct("<Q")
+_EVENT_BYTES = np.dtype((np.void, EVENT_DTYPE.itemsize))
 
 
 def meta_to_dict(meta: SourceMeta) -> dict[str, Any]:
@@ -110,10 +111,15 @@ class RecordingWriter:
     loses at most the last second. ``close()`` (or leaving a ``with`` block, also through
     KeyboardInterrupt/SystemExit) writes the END block; make SIGTERM raise SystemExit to get
     a clean close on it. ``fsync=True`` also survives power loss, at a cost per flush.
+
+    Pending events live in one preallocated block buffer (copied in as opaque 48-byte
+    items); a block's worth passed while the buffer is empty is encoded straight from the
+    caller's array. ``level``: zlib level of the EVENTS streams and META; 2 costs about
+    half the CPU of 3 for ~1.5 % more bytes on a live recording.
     """
 
     def __init__(self, path: str | os.PathLike[str], meta: SourceMeta, *,
-                 block_events: int = 1 << 16, level: int = 3, fsync: bool = False) -> None:
+                 block_events: int = 1 << 16, level: int = 2, fsync: bool = False) -> None:
         self.path = Path(path)
         self.meta = meta_from_dict(meta_to_dict(meta))  # a private copy
         self.block_events = min(max(1, int(block_events)), MAX_BLOCK_EVENTS)
@@ -125,7 +131,7 @@ class RecordingWriter:
         self.bytes_written = 0
         self.ts_first: int | None = None
         self.ts_last: int | None = None
-        self._pending: list[np.ndarray] = []
+        self._buf = np.empty(self.block_events, EVENT_DTYPE)  # pending events
         self._npending = 0
         self._lost_written = 0
         self._meta_dirty = False
@@ -149,12 +155,21 @@ class RecordingWriter:
         if ev.dtype != EVENT_DTYPE:
             raise UsageError(f"cannot record events of dtype {ev.dtype}",
                              "pass arrays of kvmtrace.source.events.EVENT_DTYPE")
-        if len(ev) == 0:
-            return
-        self._pending.append(ev.reshape(-1).copy())
-        self._npending += len(ev)
-        if self._npending >= self.block_events:
-            self._write_events(whole_blocks_only=True)
+        ev = ev.reshape(-1)
+        b = self.block_events
+        while len(ev):
+            if self._npending == 0 and len(ev) >= b:
+                self._write_block(ev[:b])  # encoded straight from the caller's array
+                ev = ev[b:]
+                continue
+            take = min(b - self._npending, len(ev))
+            # copied as opaque 48-byte items: much faster than field by field
+            self._buf.view(_EVENT_BYTES)[self._npending : self._npending + take] = \
+                ev[:take].view(_EVENT_BYTES)
+            self._npending += take
+            ev = ev[take:]
+            if self._npending == b:
+                self._write_events()
 
     def add_lost(self, n: int) -> None:
         """Count ``n`` more events the producer could not deliver."""
@@ -179,7 +194,7 @@ class RecordingWriter:
     def flush(self) -> None:
         """Write everything pending (events, lost count, meta) as complete blocks."""
         self._check_open()
-        self._write_events(whole_blocks_only=False)
+        self._write_events()
         if self.lost != self._lost_written:
             self._write(_block(BlockType.LOST, _LOST.pack(self.lost), level=0))
             self._lost_written = self.lost
@@ -261,18 +276,11 @@ class RecordingWriter:
         self._write(_block(BlockType.META, payload, level=self.level))
         self._meta_dirty = False
 
-    def _write_events(self, whole_blocks_only: bool) -> None:
-        if not self._pending:
-            return
-        ev = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
-        b = self.block_events
-        nfull = len(ev) // b
-        cut = nfull * b if whole_blocks_only else len(ev)
-        for start in range(0, cut, b):
-            self._write_block(ev[start : min(start + b, cut)])
-        rest = ev[cut:]
-        self._pending = [rest] if len(rest) else []
-        self._npending = len(rest)
+    def _write_events(self) -> None:
+        """Encode and write the pending events (at most one block)."""
+        if self._npending:
+            n, self._npending = self._npending, 0
+            self._write_block(self._buf[:n])
 
     def _write_block(self, ev: np.ndarray) -> None:
         start = 0

@@ -154,7 +154,7 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 				      u32 size)
 {
 	KT_SELF();
-	u64 now = bpf_ktime_get_ns();
+	u64 now = KT_EVENT_NOW();
 	s32 vm = -1;
 	struct kt_tid *t = kt_thread(tid);
 
@@ -183,7 +183,6 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 			v->size = size;
 		if (v->size && used > v->size)
 			__sync_fetch_and_add(&v->overwritten, 1);
-		v->last_ts = now;
 	}
 #endif
 	kt_emit(KT_PUSH, now, pid, tid, vm, index, dirty, reset, slot, offset);
@@ -194,7 +193,7 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size)
 {
 	KT_SELF();
-	u64 now = bpf_ktime_get_ns();
+	u64 now = KT_EVENT_NOW();
 	s32 vm = -1;
 	struct kt_tid *t = tids.lookup(&tid);
 
@@ -233,7 +232,6 @@ static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size
 		v->reset_index = reset;
 		if (size)
 			v->size = size;
-		v->last_ts = now;
 	}
 #endif
 	kt_emit(KT_RESET, now, pid, tid, vm, index, dirty, reset, 0, 0);
@@ -244,7 +242,7 @@ static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size
 static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dirty, u32 reset)
 {
 	KT_SELF();
-	u64 now = bpf_ktime_get_ns();
+	u64 now = KT_EVENT_NOW();
 	s32 vm = -1;
 	struct kt_tid *t = tids.lookup(&tid);
 
@@ -276,7 +274,6 @@ static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dir
 		__sync_fetch_and_add(&v->soft_full_exits, 1);
 		if (used && (!v->exit_used_min || used < v->exit_used_min))
 			v->exit_used_min = used;
-		v->last_ts = now;
 	}
 #endif
 	kt_emit(KT_EXIT, now, pid, tid, vm, index, dirty, reset, vcpu_id, 0);

@@ -65,6 +65,17 @@ struct kt_vcpu_val {
 	__u32 vcpu_id;
 };
 
+/*
+ * The time of a push, reset or exit event: only event output (KT_EMIT_EVENTS) needs it;
+ * the maps keep no timestamps (kvmtrace/bpf/loader.py merge_rows() orders two rows of one
+ * ring by their indices), so the aggregate-only path reads no clock.
+ */
+#ifdef KT_EMIT_EVENTS
+#define KT_EVENT_NOW() bpf_ktime_get_ns()
+#else
+#define KT_EVENT_NOW() 0
+#endif
+
 /* A u32 member at byte offset off (a multiple of 4) of a copied struct. */
 #define KT_U32(buf, off) (*(u32 *)((u8 *)(buf) + (off)))
 

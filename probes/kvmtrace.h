@@ -57,7 +57,6 @@ struct kt_ring_val {
 	__u64 stalls;           /* completed stalls (exit 31 .. next KVM_RUN)               */
 	__u64 stall_ns;         /* their total duration, ns                                 */
 	__u64 overwritten;      /* pushes seen with used > size (entries overwritten)       */
-	__u64 last_ts;          /* bpf_ktime_get_ns() of the last event, ns                 */
 	__u32 dirty_index;      /* last seen                                                */
 	__u32 reset_index;      /* last seen                                                */
 	__u32 reset_base;       /* reset_index after the last reset event                   */

@@ -407,14 +407,29 @@ def test_merge_rows_of_one_ring_under_two_keys() -> None:
         r.update(kw)
         return r
 
-    pushes = row(pushes=500, dirty_index=700, reset_index=400, last_ts=10, max_used=192,
+    # pushes of a VM older than the probes (vm -1), then a reset under its VM fd that
+    # harvested up to the last push: same dirty_index, the reset's reset_index is later
+    pushes = row(pushes=500, dirty_index=700, reset_index=400, reset_base=100, max_used=192,
                  exit_used_min=192, stalls=2, stall_ns=30, soft_full_exits=2,
                  stall_hist=[1, 1] + [0] * 38)
-    resets = row(resets=3, entries_reset=300, dirty_index=600, reset_index=600, last_ts=20,
-                 size=256, stall_hist=[0, 2] + [0] * 38)
-    m = merge_rows(pushes, resets)
-    assert (m["pushes"], m["resets"], m["entries_reset"], m["soft_full_exits"]) == (
-        500, 3, 300, 2)
-    assert (m["dirty_index"], m["reset_index"], m["last_ts"]) == (600, 600, 20)
-    assert (m["max_used"], m["size"], m["exit_used_min"]) == (192, 256, 192)
-    assert m["stall_hist"][:3] == [1, 3, 0] and m["stall_ns"] == 30
+    resets = row(resets=3, entries_reset=300, dirty_index=700, reset_index=600,
+                 reset_base=600, size=256, stall_hist=[0, 2] + [0] * 38)
+    for m in (merge_rows(pushes, resets), merge_rows(resets, pushes)):
+        assert (m["pushes"], m["resets"], m["entries_reset"], m["soft_full_exits"]) == (
+            500, 3, 300, 2)
+        assert (m["dirty_index"], m["reset_index"], m["reset_base"]) == (700, 600, 600)
+        assert (m["max_used"], m["size"], m["exit_used_min"]) == (192, 256, 192)
+        assert m["stall_hist"][:3] == [1, 3, 0] and m["stall_ns"] == 30
+    # a push after that reset: the push row is the later one, in either order
+    later = dict(pushes, pushes=501, dirty_index=701, reset_index=600)
+    for m in (merge_rows(later, resets), merge_rows(resets, later)):
+        assert (m["dirty_index"], m["reset_index"], m["pushes"]) == (701, 600, 501)
+    # indices are free-running u32: 0x10 comes after 0xFFFFFFF0
+    old = dict(resets, dirty_index=0xFFFF_FFF0, reset_index=0xFFFF_FF00)
+    new = dict(pushes, dirty_index=0x10, reset_index=0xFFFF_FFF0)
+    for m in (merge_rows(old, new), merge_rows(new, old)):
+        assert (m["dirty_index"], m["reset_index"]) == (0x10, 0xFFFF_FFF0)
+    # a row of soft-full exits only (light mode: no push probe) has no indices to offer
+    exits = row(soft_full_exits=4, exit_used_min=192)
+    for m in (merge_rows(exits, resets), merge_rows(resets, exits)):
+        assert (m["dirty_index"], m["reset_index"], m["soft_full_exits"]) == (700, 600, 4)

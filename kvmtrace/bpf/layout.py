@@ -27,7 +27,6 @@ RING_VAL_DTYPE = np.dtype(
         ("stalls", "<u8"),
         ("stall_ns", "<u8"),
         ("overwritten", "<u8"),
-        ("last_ts", "<u8"),
         ("dirty_index", "<u4"),
         ("reset_index", "<u4"),
         ("reset_base", "<u4"),

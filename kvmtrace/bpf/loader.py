@@ -138,13 +138,35 @@ def infer_entries(exit_used_min: int) -> int | None:
 
 _SUMMED = ("pushes", "resets", "entries_reset", "soft_full_exits", "stalls", "stall_ns",
            "overwritten")
-_LATEST = ("dirty_index", "reset_index", "reset_base", "last_ts")
+_LATEST = ("dirty_index", "reset_index", "reset_base")
+
+
+def _u32_after(x: int, y: int) -> int:
+    """Sign of x - y for free-running u32 indices (wrap-aware): 1 later, -1 earlier, 0 equal."""
+    d = (x - y) & 0xFFFF_FFFF
+    return 0 if d == 0 else (1 if d < 1 << 31 else -1)
+
+
+def _is_later(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether row ``a`` holds a ring state at least as late as row ``b``'s.
+
+    A ring's dirty_index and reset_index never go back, and a push moves dirty_index on, so
+    the later of two (push or reset) states has the larger dirty_index, or the same one and
+    a reset_index at least as large. A row that saw neither a push nor a reset (soft-full
+    exits only) carries no indices and is never the later one.
+    """
+    a_has, b_has = bool(a["pushes"] or a["resets"]), bool(b["pushes"] or b["resets"])
+    if a_has != b_has:
+        return a_has
+    order = _u32_after(a["dirty_index"], b["dirty_index"])
+    return (order or _u32_after(a["reset_index"], b["reset_index"])) >= 0
 
 
 def merge_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Two struct kt_ring_val (as dicts) of one ring seen under two keys, combined: counts
-    add up, indices come from the one with the later event, sizes and maxima combine."""
-    latest = a if a["last_ts"] >= b["last_ts"] else b
+    add up, indices come from the row with the later ring state (:func:`_is_later`), sizes
+    and maxima combine."""
+    latest = a if _is_later(a, b) else b
     out = {name: a[name] + b[name] for name in _SUMMED}
     out.update({name: latest[name] for name in _LATEST})
     out["max_used"] = max(a["max_used"], b["max_used"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import time
 
 import pytest
 from conftest import kvmtrace_cmd
@@ -166,3 +168,25 @@ def test_missing_dirty_ring_cap(kvm, monkeypatch):
 def test_ring_above_kernel_max_library(kvm):
     with pytest.raises(UsageError, match="maximum"):
         run_workload(WorkloadConfig(ring_bytes=1 << 30))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_run_like_duration(kvm, signum):
+    """SIGTERM/SIGINT (how `top -- workload` quits its child, and Ctrl-C) stop the vCPUs,
+    harvest the rings a last time and still print the result, exit 0: nothing is lost."""
+    proc = subprocess.Popen(kvmtrace_cmd("workload", "--vcpus", "2", "--ring-bytes", "4096",
+                                         "--pages", "2000", "--exit-every", "1",
+                                         "--duration", "60", "--json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    res = json.loads(out)
+    assert res["interrupted"] == signal.Signals(signum).name
+    assert res["wall_ns"] < 30e9 and res["reset_returned"] == res["entries_reset"]
+    for ring in res["rings"]:
+        assert ring["pages_written"] >= 2000  # 1.5 s is many passes
+        assert ring["distinct"] == 2000
+        assert ring["lost_suspected"] == 0 and ring["unexpected"] == 0
+        assert ring["harvested"] == ring["entries_reset"] <= ring["pages_written"]

@@ -76,6 +76,7 @@ class WorkloadResult:
     livelock: bool = False
     wall_ns: int = 0
     harvest_log: list[list[tuple[int, int]]] | None = None
+    interrupted: str | None = None  # "SIGINT"/"SIGTERM" when a signal ended the run early
 
     @property
     def entries_reset(self) -> int:
@@ -113,7 +114,8 @@ class WorkloadResult:
             f"{self.soft_limit}); {self.pages} pages/vCPU {self.pattern}, {how}",
             f"exit every {self.exit_every or 'never'}; harvest {self.harvest}; "
             f"{self.resets} resets; {self.wall_ns / 1e9:.3f} s"
-            + ("; LIVELOCK" if self.livelock else ""),
+            + ("; LIVELOCK" if self.livelock else "")
+            + (f"; ended early by {self.interrupted}" if self.interrupted else ""),
             "",
             f"{'ring':>4} {'written':>9} {'harvested':>9} {'distinct':>8} {'lost':>6} "
             f"{'full':>5} {'stall ms':>9} {'run ms':>8} {'push/s':>9}",

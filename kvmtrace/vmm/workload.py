@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import KvmtraceError, UsageError
 from . import kvm as k
@@ -246,6 +247,20 @@ def _install_stop_handler() -> tuple[bool, object]:
         return current not in (signal.SIG_DFL, signal.SIG_IGN, None), None
 
 
+def _install_end_handlers(run: _Run, interrupted: list[str]) -> dict[int, Any]:
+    """SIGINT/SIGTERM end the run as --duration does: the vCPUs stop, the rings are
+    harvested a last time and the result is reported (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def end(signum: int, _frame: object) -> None:
+        if not interrupted:
+            interrupted.append(signal.Signals(signum).name)
+        run.finished.set()
+
+    return {s: signal.signal(s, end) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 def run_workload(config: WorkloadConfig) -> WorkloadResult:
     """Create the VM, run the guest on ``config.vcpus`` threads, harvest, and report.
 
@@ -290,9 +305,13 @@ def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, vm: Vm,
         reaper.start()
     for thread in run.threads:
         thread.start()
+    interrupted: list[str] = []
+    old = _install_end_handlers(run, interrupted)
     try:
         run.finished.wait(cfg.duration_s)
     finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
         run.stop_all()
         for thread in run.threads:
             thread.join()
@@ -320,4 +339,5 @@ def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, vm: Vm,
         reaper_ms=cfg.reaper_ms, harvest_delay_us=cfg.harvest_delay_us,
         rings=[r.res for r in rings], resets=run.harvester.resets,
         reset_returned=run.harvester.reset_returned, livelock=run.livelock, wall_ns=wall,
-        harvest_log=[r.log or [] for r in rings] if cfg.keep_harvest else None)
+        harvest_log=[r.log or [] for r in rings] if cfg.keep_harvest else None,
+        interrupted=interrupted[0] if interrupted else None)

@@ -44,12 +44,7 @@ def kvm() -> None:
 @pytest.fixture
 def bpf_root() -> None:
     """A test that loads BPF probes: root, tracefs, bcc."""
-    require(os.geteuid() == 0, "not root: BPF needs root")
-    require(Path("/sys/kernel/tracing/events/kvm").is_dir(), "tracefs not mounted")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        require(False, "bcc (python3-bpfcc) does not import")
+    require_bpf()
 
 
 @pytest.fixture
@@ -68,6 +63,11 @@ def require_kvm_bpf() -> None:
     fixtures (which cannot use function-scoped ones)."""
     ok, why = have_kvm_ring()
     require(ok, why)
+    require_bpf()
+
+
+def require_bpf() -> None:
+    """Root, tracefs and bcc: what loading the probes needs."""
     require(os.geteuid() == 0, "not root: BPF needs root")
     require(Path("/sys/kernel/tracing/events/kvm").is_dir(), "tracefs not mounted")
     try:

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, have_kvm_ring, kvmtrace_cmd, require
+from conftest import ROOT, kvmtrace_cmd, require, require_kvm_bpf
 
 from kvmtrace.analysis.stats import RingKey
 from kvmtrace.errors import MissingFeature, UsageError
@@ -61,14 +61,7 @@ def run_traced(hook: str):
 
 @pytest.fixture(scope="module", params=["raw_tp", "tp"])
 def traced(request: pytest.FixtureRequest):
-    ok, why = have_kvm_ring()
-    require(ok, why)
-    require(os.geteuid() == 0, "not root: BPF needs root")
-    require(os.path.isdir("/sys/kernel/tracing/events/kvm"), "tracefs not mounted")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        require(False, "bcc (python3-bpfcc) does not import")
+    require_kvm_bpf()
     probes, truth, events = run_traced(request.param)
     snap = probes.snapshot()
     rings = probes.read_map("rings")

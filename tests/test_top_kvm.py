@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import ROOT, have_kvm_ring, kvmtrace_cmd, require
+from conftest import ROOT, kvmtrace_cmd, require_kvm_bpf
 
 from kvmtrace.analysis.stats import HIST_BUCKETS, hist_percentile
 
@@ -127,21 +127,9 @@ def check_ground_truth(run: Run) -> None:
     assert vm["pushes"] == sum(r["harvested"] for r in truth["rings"])
 
 
-def require_live() -> None:
-    """The checks of the ``kvm`` and ``bpf_root`` fixtures, for a module-scoped fixture."""
-    ok, why = have_kvm_ring()
-    require(ok, why)
-    require(os.geteuid() == 0, "not root: BPF needs root")
-    require(os.path.isdir("/sys/kernel/tracing/events/kvm"), "tracefs not mounted")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        require(False, "bcc (python3-bpfcc) does not import")
-
-
 @pytest.fixture(scope="module")
 def default_run() -> Run:
-    require_live()
+    require_kvm_bpf()
     return run_with_top(BASE, prometheus=True)
 
 

@@ -18,7 +18,14 @@
  * into the ring buffer `events`), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes), KT_NO_PUSH
  * (light mode: no program on kvm_dirty_ring_push at all, so the probes' cost does not
  * grow with the push rate; each reset fills in pushes, used and overflow from its indices,
- * see kt_light_reset() in dirty_ring_defs.h).
+ * see kt_light_reset() in dirty_ring_defs.h), KT_NO_FAST_PUSH (no fast path: every push
+ * takes the hash-map path, for comparison), KT_PUSH_SLOT_BITS (log2 of the fast-path slots).
+ *
+ * Fast path (KT_FAST_PUSH: raw push hook, aggregation without event output): a ring's push
+ * is counted in its slot of `push_slots` (struct kt_push_slot), found by hashing the ring's
+ * address: one array lookup instead of two hash lookups and a read of the ring. Used,
+ * max_used and overwritten entries then follow from the indices at resets (as in light mode)
+ * plus, between resets, in user space from dirty0 + pushes (kvmtrace/bpf/loader.py).
  */
 #include <uapi/linux/ptrace.h>
 #include "kvmtrace.h"
@@ -31,6 +38,14 @@ BPF_TABLE("lru_hash", u32, struct kt_tid, tids, KT_MAX_TIDS);
 BPF_ARRAY(zero_ring, struct kt_ring_val, 1);   /* never written: initial values */
 BPF_ARRAY(zero_vm, struct kt_vm_val, 1);
 BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS + 1);  /* + the wakeup counter */
+#if defined(KT_AGGREGATE) && !defined(KT_EMIT_EVENTS) && !defined(KT_NO_PUSH) && \
+	!defined(KT_NO_FAST_PUSH) && KT_RAW_PUSH
+#define KT_FAST_PUSH 1
+#endif
+#ifdef KT_FAST_PUSH
+BPF_ARRAY(push_slots, struct kt_push_slot, 1 << KT_PUSH_SLOT_BITS);
+BPF_ARRAY(vcpu_epoch, u32, 1);   /* KVM_CREATE_VCPU calls seen: a ring may be new memory */
+#endif
 #ifdef KT_EMIT_EVENTS
 BPF_RINGBUF_OUTPUT(events, KT_RINGBUF_PAGES);
 #endif
@@ -150,8 +165,71 @@ static __always_inline struct kt_ring_val *kt_ring(u32 pid, s32 vm, s32 ring, u3
 		return 0
 
 #ifndef KT_NO_PUSH
+#ifdef KT_FAST_PUSH
+static __always_inline u32 kt_slot_of(u64 ring_ptr)
+{
+	return (u32)((ring_ptr * 0x9E3779B97F4A7C15ULL) >> (64 - KT_PUSH_SLOT_BITS));
+}
+
+/* Count a push of the ring at ring_ptr in its slot if the ring owns it: 1 done, 0 not. */
+static __always_inline int kt_push_fast(u64 ring_ptr)
+{
+	u32 h = kt_slot_of(ring_ptr), zero = 0;
+	struct kt_push_slot *s = push_slots.lookup(&h);
+	u32 *epoch = vcpu_epoch.lookup(&zero);
+
+	if (!s || !epoch || s->ptr != ring_ptr || s->epoch != *epoch)
+		return 0;
+	s->pushes++;   /* a ring's pushes run one at a time, on its vCPU's thread */
+	return 1;
+}
+
+/*
+ * After a push of ring (key, dirty) at ring_ptr took the hash-map path: claim its slot if
+ * free; if the ring owns it but a vCPU was created since the claim, check that it is the
+ * same ring (its dirty_index went on from the slot's) or else a new ring at a freed one's
+ * address, whose slot counts move to the old ring's row before the slot is taken over.
+ * A slot owned by another address stays with it (that ring takes the hash-map path).
+ */
+static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 index, u32 dirty,
+					  u32 gen)
+{
+	u32 h = kt_slot_of(ring_ptr), zero = 0;
+	struct kt_push_slot *s = push_slots.lookup(&h);
+	u32 *epoch = vcpu_epoch.lookup(&zero);
+
+	if (!s || !epoch)
+		return;
+	if (s->ptr != ring_ptr) {
+		if (s->ptr || __sync_val_compare_and_swap(&s->ptr, 0, ring_ptr) != 0)
+			return;
+	} else if (dirty == s->dirty0 + (u32)s->pushes + 1) {
+		/* the same ring: keep counting here (this push is in its row) */
+		s->dirty0 = dirty - (u32)s->pushes;
+		s->epoch = *epoch;
+		return;
+	} else if (s->pushes) {
+		struct kt_ring_val *old = rings.lookup(&s->key);
+
+		if (old) {
+			__sync_fetch_and_add(&old->pushes, s->pushes);
+			if (old->gen == s->gen &&
+			    (s32)(s->dirty0 + (u32)s->pushes - old->dirty_index) > 0)
+				old->dirty_index = s->dirty0 + (u32)s->pushes;
+		}
+	}
+	s->pushes = 0;
+	s->dirty0 = dirty;
+	s->key.pid = pid;
+	s->key.vm = vm;
+	s->key.ring = index;
+	s->gen = gen;
+	s->epoch = *epoch;
+}
+#endif
+
 static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot, u64 offset,
-				      u32 size)
+				      u32 size, u64 ring_ptr)
 {
 	KT_SELF();
 	u64 now = KT_EVENT_NOW();
@@ -168,10 +246,14 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 	if (v) {
 		u32 used = dirty - reset;
 
-		if (!v->pushes && !v->resets)   /* first push: a ring first seen at an exit */
+		if (!v->pushes && !v->resets) {  /* first push: a ring first seen at an exit */
 			v->reset_base = reset;
-		if (dirty == 1 && v->pushes) {  /* a new ring under a reused VM fd */
+			v->reset_dirty = dirty - 1;
+		}
+		if (dirty == 1 && v->pushes) {   /* a new ring under a reused VM fd */
+			v->gen++;
 			v->reset_base = reset;
+			v->reset_dirty = 0;
 			v->size = size ? size : kt_vm_entries(pid, vm);
 		}
 		__sync_fetch_and_add(&v->pushes, 1);
@@ -181,9 +263,11 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 			v->max_used = used;
 		if (size)
 			v->size = size;
-		if (v->size && used > v->size)
-			__sync_fetch_and_add(&v->overwritten, 1);
 	}
+#ifdef KT_FAST_PUSH
+	if (v)
+		kt_push_claim(ring_ptr, pid, vm, index, dirty, v->gen);
+#endif
 #endif
 	kt_emit(KT_PUSH, now, pid, tid, vm, index, dirty, reset, slot, offset);
 	return 0;
@@ -222,6 +306,8 @@ static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size
 #ifdef KT_NO_PUSH
 		/* first reset of a VM created before tracing: its earlier pushes are unknown */
 		kt_light_reset(v, dirty, !v->resets && !kt_vm_entries(pid, vm));
+#else
+		kt_full_reset(v, dirty, !v->resets && !v->pushes);
 #endif
 		u32 advance = reset - v->reset_base;
 
@@ -298,18 +384,26 @@ static __always_inline int kt_on_userspace_exit(u32 reason, int err)
 RAW_TRACEPOINT_PROBE(kvm_dirty_ring_push)
 {
 	/* TP_PROTO(struct kvm_dirty_ring *ring, u32 slot, u64 offset) */
+#ifdef KT_FAST_PUSH
+#if KT_PID
+	if ((bpf_get_current_pid_tgid() >> 32) != KT_PID)
+		return 0;
+#endif
+	if (kt_push_fast(ctx->args[0]))
+		return 0;
+#endif
 	u64 r[(KT_OFF_RING_SPAN + 7) / 8] = {};   /* 8-aligned copy of the ring's head */
 
 	bpf_probe_read_kernel(r, sizeof(r), (void *)ctx->args[0]);
 	return kt_on_push((s32)KT_U32(r, KT_OFF_RING_INDEX), KT_U32(r, KT_OFF_RING_DIRTY),
 			  KT_U32(r, KT_OFF_RING_RESET), (u32)ctx->args[1], ctx->args[2],
-			  KT_U32(r, KT_OFF_RING_SIZE));
+			  KT_U32(r, KT_OFF_RING_SIZE), ctx->args[0]);
 }
 #else
 TRACEPOINT_PROBE(kvm, kvm_dirty_ring_push)
 {
 	return kt_on_push(args->index, args->dirty_index, args->reset_index, args->slot,
-			  args->offset, 0);
+			  args->offset, 0, 0);
 }
 #endif
 
@@ -420,6 +514,13 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		t->pend_val = bytes;
 	} else if (cmd == KT_KVM_CREATE_VCPU) {
 		t->pend_val = args->arg;
+#ifdef KT_FAST_PUSH
+		u32 zero = 0;
+		u32 *epoch = vcpu_epoch.lookup(&zero);
+
+		if (epoch)   /* before the new vCPU's ring exists */
+			__sync_fetch_and_add(epoch, 1);
+#endif
 	}
 	t->pend_cmd = cmd;
 	t->pend_fd = fd;

@@ -32,6 +32,9 @@
 #ifndef KT_MAX_TIDS
 #define KT_MAX_TIDS 16384
 #endif
+#ifndef KT_PUSH_SLOT_BITS
+#define KT_PUSH_SLOT_BITS 10
+#endif
 
 /* include/uapi/linux/kvm.h */
 #define KT_KVM_RUN             0xAE80
@@ -130,6 +133,44 @@ static __always_inline void kt_light_reset(struct kt_ring_val *v, u32 dirty, int
 	__sync_fetch_and_add(&v->pushes, dirty - v->dirty_index);
 	if (used > v->max_used)
 		v->max_used = used;
+}
+
+/*
+ * Full mode: ring v's used-based counters at one of its kvm_dirty_ring_reset events (dirty =
+ * its dirty_index), before the reset handler moves v's indices on, so v->reset_base is the
+ * reset_index before this reset. Used only grows between resets, so
+ *   max_used     = max with dirty - reset_base (used just before the reset);
+ *   overwritten += pushes in (reset_dirty, dirty] made with used > size, i.e. past index
+ *                  reset_base + size (each counted once; user space counts the pushes
+ *                  after the last reset the same way).
+ * from_here: this reset is the ring's first event (a VM created before tracing): the
+ * pushes before it are unknown and not counted. A dirty_index behind reset_base is a new
+ * ring under a reused VM fd (its first event a reset): it started at index 0.
+ */
+static __always_inline void kt_full_reset(struct kt_ring_val *v, u32 dirty, int from_here)
+{
+	if ((s32)(dirty - v->reset_base) < 0) {
+		v->gen++;
+		v->reset_base = 0;
+		v->reset_dirty = 0;
+	}
+	if (!from_here) {
+		u32 used = dirty - v->reset_base;
+
+		if (used > v->max_used)
+			v->max_used = used;
+		if (v->size) {
+			u32 from = v->reset_base + v->size;
+
+			if ((s32)(v->reset_dirty - from) > 0)
+				from = v->reset_dirty;
+			s32 over = (s32)(dirty - from);
+
+			if (over > 0)
+				__sync_fetch_and_add(&v->overwritten, over);
+		}
+	}
+	v->reset_dirty = dirty;
 }
 
 #endif /* KT_DIRTY_RING_DEFS_H */

@@ -56,14 +56,34 @@ struct kt_ring_val {
 	__u64 soft_full_exits;  /* kvm_dirty_ring_exit events                               */
 	__u64 stalls;           /* completed stalls (exit 31 .. next KVM_RUN)               */
 	__u64 stall_ns;         /* their total duration, ns                                 */
-	__u64 overwritten;      /* pushes seen with used > size (entries overwritten)       */
+	__u64 overwritten;      /* entries overwritten (pushed with used > size), counted   */
+	                        /* at resets up to reset_dirty (user space adds the rest)   */
 	__u32 dirty_index;      /* last seen                                                */
 	__u32 reset_index;      /* last seen                                                */
 	__u32 reset_base;       /* reset_index after the last reset event                   */
-	__u32 max_used;         /* max of dirty_index - reset_index seen at pushes          */
+	__u32 max_used;         /* max of dirty_index - reset_index at pushes and at resets */
 	__u32 size;             /* entries (struct kvm_dirty_gfn, 16 bytes each); 0 unknown */
 	__u32 exit_used_min;    /* smallest used seen at a soft-full exit; 0 none           */
+	__u32 reset_dirty;      /* pushes up to this dirty_index are in max_used/overwritten */
+	__u32 gen;              /* rings seen under this key - 1 (a new ring, reused VM fd)  */
 	__u64 stall_hist[KT_HIST_BUCKETS];
+};
+
+/*
+ * Array `push_slots` (full mode, raw push hook, aggregation only): the push program's fast
+ * path. Slot hash(ring) belongs to one struct kvm_dirty_ring, named by its kernel address;
+ * once claimed, that ring's pushes are counted here with no hash-map lookup and no read of
+ * the ring. The claim is re-checked whenever any vCPU was created since (the kernel may put
+ * a new ring where a freed one was). User space adds `pushes` to the row of `key` and, if
+ * the row's gen is still the slot's, takes dirty_index = dirty0 + pushes when later.
+ */
+struct kt_push_slot {
+	__u64 ptr;              /* struct kvm_dirty_ring * of the owner; 0 = free           */
+	__u64 pushes;           /* its pushes counted here (since the claim)                */
+	__u32 epoch;            /* value of `vcpu_epoch` when the claim was last checked    */
+	__u32 dirty0;           /* its dirty_index at the claim                             */
+	struct kt_ring_key key;
+	__u32 gen;              /* the row's gen at the claim: dirty0 + pushes is its ring's */
 };
 
 /* Map `vms`: one entry per VM (VMM pid, VM fd) seen. */

@@ -17,6 +17,7 @@ from conftest import ROOT, require
 from kvmtrace.analysis.stats import HIST_BUCKETS
 from kvmtrace.bpf.layout import (
     LOST_SLOTS,
+    PUSH_SLOT_DTYPE,
     RING_KEY_DTYPE,
     RING_VAL_DTYPE,
     VM_KEY_DTYPE,
@@ -30,6 +31,7 @@ STRUCTS = {
     "kt_ring_val": RING_VAL_DTYPE,
     "kt_vm_key": VM_KEY_DTYPE,
     "kt_vm_val": VM_VAL_DTYPE,
+    "kt_push_slot": PUSH_SLOT_DTYPE,
 }
 CONSTANTS = {
     "KT_HIST_BUCKETS": HIST_BUCKETS,

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..analysis.stats import HIST_BUCKETS
 
-__all__ = ["RING_KEY_DTYPE", "RING_VAL_DTYPE", "VM_KEY_DTYPE", "VM_VAL_DTYPE", "LOST_SLOTS"]
+__all__ = ["RING_KEY_DTYPE", "RING_VAL_DTYPE", "VM_KEY_DTYPE", "VM_VAL_DTYPE", "LOST_SLOTS",
+           "PUSH_SLOT_DTYPE"]
 
 LOST_SLOTS = 2  # KT_LOST_EVENTS, KT_LOST_MAPS
 
@@ -33,6 +34,8 @@ RING_VAL_DTYPE = np.dtype(
         ("max_used", "<u4"),
         ("size", "<u4"),
         ("exit_used_min", "<u4"),
+        ("reset_dirty", "<u4"),
+        ("gen", "<u4"),
         ("stall_hist", "<u8", (HIST_BUCKETS,)),
     ]
 )
@@ -50,5 +53,19 @@ VM_VAL_DTYPE = np.dtype(
         ("reset_ns", "<u8"),
         ("reset_entries", "<u8"),
         ("reset_lat_hist", "<u8", (HIST_BUCKETS,)),
+    ]
+)
+
+#: struct kt_push_slot (40 bytes): the push fast path's count for the ring at kernel
+#: address ``ptr`` (0: free slot), whose row is ``key``; its dirty_index is dirty0 + pushes
+#: while the row's ``gen`` is still the slot's.
+PUSH_SLOT_DTYPE = np.dtype(
+    [
+        ("ptr", "<u8"),
+        ("pushes", "<u8"),
+        ("epoch", "<u4"),
+        ("dirty0", "<u4"),
+        ("key", RING_KEY_DTYPE),
+        ("gen", "<u4"),
     ]
 )

@@ -26,6 +26,8 @@
  * address: one array lookup instead of two hash lookups and a read of the ring. Used,
  * max_used and overwritten entries then follow from the indices at resets (as in light mode)
  * plus, between resets, in user space from dirty0 + pushes (kvmtrace/bpf/loader.py).
+ * KT_FAST_VM (raw push hook, event output without aggregation): the same slots name the
+ * VM fd of a push's ring instead of the per-thread hash map.
  */
 #include <uapi/linux/ptrace.h>
 #include "kvmtrace.h"
@@ -38,11 +40,15 @@ BPF_TABLE("lru_hash", u32, struct kt_tid, tids, KT_MAX_TIDS);
 BPF_ARRAY(zero_ring, struct kt_ring_val, 1);   /* never written: initial values */
 BPF_ARRAY(zero_vm, struct kt_vm_val, 1);
 BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS + 1);  /* + the wakeup counter */
-#if defined(KT_AGGREGATE) && !defined(KT_EMIT_EVENTS) && !defined(KT_NO_PUSH) && \
-	!defined(KT_NO_FAST_PUSH) && KT_RAW_PUSH
-#define KT_FAST_PUSH 1
+#if !defined(KT_NO_PUSH) && !defined(KT_NO_FAST_PUSH) && KT_RAW_PUSH
+#if defined(KT_AGGREGATE) && !defined(KT_EMIT_EVENTS)
+#define KT_FAST_PUSH 1   /* top: a push is counted in its ring's slot, nothing else */
+#elif defined(KT_EMIT_EVENTS) && !defined(KT_AGGREGATE)
+#define KT_FAST_VM 1     /* record: a push takes its VM fd from its ring's slot */
 #endif
-#ifdef KT_FAST_PUSH
+#endif
+#if defined(KT_FAST_PUSH) || defined(KT_FAST_VM)
+#define KT_PUSH_SLOTS 1
 BPF_ARRAY(push_slots, struct kt_push_slot, 1 << KT_PUSH_SLOT_BITS);
 BPF_ARRAY(vcpu_epoch, u32, 1);   /* KVM_CREATE_VCPU calls seen: a ring may be new memory */
 #endif
@@ -165,20 +171,31 @@ static __always_inline struct kt_ring_val *kt_ring(u32 pid, s32 vm, s32 ring, u3
 		return 0
 
 #ifndef KT_NO_PUSH
-#ifdef KT_FAST_PUSH
+#ifdef KT_PUSH_SLOTS
 static __always_inline u32 kt_slot_of(u64 ring_ptr)
 {
 	return (u32)((ring_ptr * 0x9E3779B97F4A7C15ULL) >> (64 - KT_PUSH_SLOT_BITS));
 }
 
-/* Count a push of the ring at ring_ptr in its slot if the ring owns it: 1 done, 0 not. */
-static __always_inline int kt_push_fast(u64 ring_ptr)
+/* The slot of the ring at ring_ptr if the ring owns it (claim checked since the last
+ * vCPU creation), else 0. */
+static __always_inline struct kt_push_slot *kt_owned_slot(u64 ring_ptr)
 {
 	u32 h = kt_slot_of(ring_ptr), zero = 0;
 	struct kt_push_slot *s = push_slots.lookup(&h);
 	u32 *epoch = vcpu_epoch.lookup(&zero);
 
 	if (!s || !epoch || s->ptr != ring_ptr || s->epoch != *epoch)
+		return 0;
+	return s;
+}
+
+/* Count a push of the ring at ring_ptr in its slot if the ring owns it: 1 done, 0 not. */
+static __always_inline int kt_push_fast(u64 ring_ptr)
+{
+	struct kt_push_slot *s = kt_owned_slot(ring_ptr);
+
+	if (!s)
 		return 0;
 	s->pushes++;   /* a ring's pushes run one at a time, on its vCPU's thread */
 	return 1;
@@ -234,12 +251,25 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 	KT_SELF();
 	u64 now = KT_EVENT_NOW();
 	s32 vm = -1;
+#ifdef KT_FAST_VM
+	struct kt_push_slot *s = kt_owned_slot(ring_ptr);
+
+	if (s) {
+		s->pushes++;
+		vm = s->key.vm;
+	} else {
+#endif
 	struct kt_tid *t = kt_thread(tid);
 
 	if (t) {
 		vm = t->vm;
 		t->ring = index;
 	}
+#ifdef KT_FAST_VM
+	if (vm >= 0)   /* a VM older than the probes has no fd yet: not cached */
+		kt_push_claim(ring_ptr, pid, vm, index, dirty, 0);
+	}
+#endif
 #ifdef KT_AGGREGATE
 	struct kt_ring_val *v = kt_ring(pid, vm, index, reset, size);
 
@@ -514,7 +544,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		t->pend_val = bytes;
 	} else if (cmd == KT_KVM_CREATE_VCPU) {
 		t->pend_val = args->arg;
-#ifdef KT_FAST_PUSH
+#ifdef KT_PUSH_SLOTS
 		u32 zero = 0;
 		u32 *epoch = vcpu_epoch.lookup(&zero);
 

@@ -1,7 +1,8 @@
 """The push program's fast path (array slots by ring address) against its hash-map path.
 
 Both sets of probes are attached at once to the same VMM, so they see the same pushes: the
-snapshots must agree field by field, and the pushes must equal the workload's ground truth.
+snapshots (top) or the events (record) must agree field by field, and the pushes must equal
+the workload's ground truth.
 The VMM runs several VMs one after the other in one process, so new vCPUs (and their rings)
 are likely to reuse the memory, the VM fd and the ring keys of freed ones: the case where a
 slot's owner must be checked again.
@@ -19,6 +20,7 @@ import pytest
 from conftest import ROOT
 
 from kvmtrace.bpf.loader import Probes, add_push_slots, live_used_counts
+from kvmtrace.source.events import Kind
 
 pytestmark = pytest.mark.kernel
 
@@ -127,3 +129,43 @@ def test_live_used_counts_between_resets() -> None:
     row = _row(dirty_index=300, reset_index=280, reset_base=280, reset_dirty=290,
                max_used=192)
     assert live_used_counts(row, 256) == (192, 0)
+
+
+def test_record_takes_the_same_vm_from_slots(kvm, bpf_root) -> None:
+    """Event output: the VM fd of a push from its ring's slot (fast) or from the per-thread
+    map (hash): both sets of probes, attached at once, emit the same events (but for their
+    time stamps and measured durations)."""
+    child = subprocess.Popen([sys.executable, "-c", SEQUENTIAL_VMS, json.dumps(RUNS)],
+                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        kw = {"pid": child.pid, "hook": "raw_tp", "emit_events": True, "aggregate": False,
+              "ringbuf_pages": 1024}
+        fast, slow = Probes(**kw), Probes(**kw, fast_push=False)  # type: ignore[arg-type]
+    except BaseException:
+        child.kill()
+        child.wait()
+        raise
+    with fast, slow:
+        assert fast.fast_push and not slow.fast_push
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(b"go")
+        child.stdin.close()
+        truths = json.loads(child.stdout.read())
+        assert child.wait() == 0
+        got = [p.poll_events() for p in (fast, slow)]
+        assert fast.lost() == slow.lost() == 0
+    fields = ["kind", "pid", "tid", "vm", "ring", "dirty_index", "reset_index", "slot",
+              "value"]
+    for e in got:  # stall and reset-latency durations: each program reads its own clock
+        e["value"][np.isin(e["kind"], (Kind.STALL, Kind.RESET_LAT))] = 0
+    ev_fast, ev_slow = (Counter(map(tuple, e[fields].tolist())) for e in got)
+    assert ev_fast == ev_slow
+    pushes: Counter[tuple[int, int]] = Counter()
+    for e, n in ev_fast.items():
+        if e[0] == Kind.PUSH:
+            pushes[(e[3], e[4])] += n
+    want: Counter[tuple[int, int]] = Counter()
+    for t in truths:
+        for r in t["rings"]:
+            want[(t["vm_fd"], r["index"])] += r["pages_written"]
+    assert pushes == want

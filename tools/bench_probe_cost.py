@@ -13,7 +13,9 @@ the workload's ns per push (vCPU run time / pushes) measured in the same run:
   top-hash the same without the fast path: every push reads the ring and looks up two hash
           maps (how `top` counted before; the snapshots are the same)
   record  kvmtrace's probes emitting every event into the ring buffer, read and written to
-          a recording by a consumer thread (what `kvmtrace record` does)
+          a recording by a consumer thread (what `kvmtrace record` does): the VM fd of a
+          push from its ring's slot
+  record-hash the same, the VM fd from the per-thread hash map
   light   kvmtrace's probes without a push program (what `kvmtrace top --light` loads):
           the push path costs 0; the reset program's ns per reset is shown instead
 
@@ -121,11 +123,11 @@ def run_light(seconds: float) -> Row:
         return measure(p._bpf.funcs, seconds)
 
 
-def run_record(seconds: float) -> Row:
+def run_record(seconds: float, fast_push: bool = True) -> Row:
     from kvmtrace.source.live import LiveEvents
     from kvmtrace.source.recording import RecordingWriter
 
-    with tempfile.TemporaryDirectory() as tmp, LiveEvents() as src, \
+    with tempfile.TemporaryDirectory() as tmp, LiveEvents(fast_push=fast_push) as src, \
             RecordingWriter(Path(tmp) / "bench.kvt", src.meta) as writer:
         def consume() -> None:
             for batch in src.batches():
@@ -141,8 +143,12 @@ def run_record(seconds: float) -> Row:
             t.join()
 
 
+def run_record_hash(seconds: float) -> Row:
+    return run_record(seconds, fast_push=False)
+
+
 MODES = {"empty": run_empty, "top": run_top, "top-hash": run_top_hash, "light": run_light,
-         "record": run_record}
+         "record": run_record, "record-hash": run_record_hash}
 
 
 def main() -> int:
@@ -155,13 +161,13 @@ def main() -> int:
         return 2
     got: dict[str, list[Row]] = {m: [] for m in MODES}
     with bpf_stats():
-        print(f"{'round':>5} {'mode':>8} {'pushes':>9} {'push ns':>8} {'resets':>7} "
+        print(f"{'round':>5} {'mode':>11} {'pushes':>9} {'push ns':>8} {'resets':>7} "
               f"{'rst ns':>7} {'all ns/push':>11} {'ns/push':>8} {'share':>6}")
         for i in range(args.rounds):
             for mode, fn in MODES.items():
                 r = fn(args.seconds)
                 got[mode].append(r)
-                print(f"{i:>5} {mode:>8} {r.pushes:>9} {r.push_ns:>8.1f} {r.reset_runs:>7} "
+                print(f"{i:>5} {mode:>11} {r.pushes:>9} {r.push_ns:>8.1f} {r.reset_runs:>7} "
                       f"{r.reset_ns:>7.0f} {r.all_per_push:>11.1f} {r.ns_push:>8.0f} "
                       f"{100 * r.all_per_push / r.ns_push:>5.2f}%", flush=True)
     print()
@@ -170,7 +176,7 @@ def main() -> int:
         ns_run = statistics.median(r.push_ns for r in got[mode])
         ns_all = statistics.median(r.all_per_push for r in got[mode])
         ns_push = statistics.median(r.ns_push for r in got[mode])
-        line = (f"{mode:>8}: push program {ns_run:6.1f} ns/run (floor {floor:.1f}) = "
+        line = (f"{mode:>11}: push program {ns_run:6.1f} ns/run (floor {floor:.1f}) = "
                 f"{100 * ns_run / ns_push:4.1f} % of a push ({ns_push:.0f} ns); all programs "
                 f"{ns_all:6.1f} ns/push = {100 * ns_all / ns_push:5.2f} %")
         if mode == "light":

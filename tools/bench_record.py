@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Recording overhead, loss and size, side by side in one run (issue C, item 7).
 
-Runs the built-in workload at the highest push rate this machine reaches (tight guest loop,
-no I/O exits, 1 MiB rings) three ways, alternating, ROUNDS times each:
+Runs the built-in workload at the highest sustained push rate this machine reaches (tight
+guest loop, no I/O exits, 1 MiB rings, a reaper thread harvesting every 10 ms, as
+bench_top.py and bench_probe_cost.py) three ways, alternating, ROUNDS times each:
 
   none     the workload alone
   kvmtrace kvmtrace record -o FILE -- workload
@@ -48,8 +49,8 @@ PERF_EVENTS = ["-e", "kvm:kvm_dirty_ring_push", "-e", "kvm:kvm_dirty_ring_reset"
 
 def workload(args: argparse.Namespace) -> list[str]:
     return [*KVMTRACE, "workload", "--json", "--vcpus", str(args.vcpus), "--ring-bytes",
-            "1048576", "--pages", str(args.pages), "--exit-every", "0", "--duration",
-            str(args.seconds)]
+            "1048576", "--pages", str(args.pages), "--exit-every", "0", "--harvest", "reaper",
+            "--reaper-ms", "10", "--duration", str(args.seconds)]
 
 
 def rate(truth: dict) -> float:
@@ -149,7 +150,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--vcpus", type=int, default=2)
-    ap.add_argument("--pages", type=int, default=20000)
+    ap.add_argument("--pages", type=int, default=16000)
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_record: run as root (BPF and perf tracepoints)")
@@ -160,7 +161,7 @@ def main() -> int:
             for mode in modes if i % 2 == 0 else reversed(modes):
                 results[mode].append(run_once(mode, args, Path(tmp)))
     base = statistics.median(r["rate"] for r in results["none"])
-    print(f"workload: {args.vcpus} vCPUs, tight loop, 1 MiB rings, {args.seconds} s, "
+    print(f"workload: {args.vcpus} vCPUs, tight loop, reaper, 1 MiB rings, {args.seconds} s, "
           f"{args.rounds} rounds (median)")
     print(f"{'tracer':<10}{'writes/s/vCPU':>15}{'vs none':>9}{'events':>11}{'lost':>7}"
           f"{'bytes/ev':>10}")

@@ -234,11 +234,13 @@ class Probes:
         kernel makes the vCPU id the ring's index at KVM_CREATE_VCPU; true for the built-in
         VMM and QEMU). Not for event output (there would be no pushes).
 
-        ``fast_push`` (full mode with a raw push hook and no event output; ``fast_push``
-        attribute true when in use): a ring's pushes are counted in an array slot found by
-        its kernel address (struct kt_push_slot) instead of two hash-map lookups and a read
-        of the ring, about 60 ns less per push; False keeps every push on the hash-map path
-        (for comparison). The snapshots are the same either way."""
+        ``fast_push`` (a raw push hook, and aggregation or event output but not both;
+        ``fast_push`` attribute true when in use): each ring owns an array slot found by
+        its kernel address (struct kt_push_slot). Aggregating, a push is counted there
+        instead of through two hash-map lookups and a read of the ring (about 100 ns less
+        per push); emitting events, the slot names the push's VM fd instead of a per-thread
+        hash-map lookup. False keeps every push on the hash-map path (for comparison); the
+        snapshots and events are the same either way."""
         if pid < 0:
             raise UsageError(f"bad pid {pid}", "give a process id, or 0 for every process")
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
@@ -263,7 +265,7 @@ class Probes:
             cflags.append("-DKT_AGGREGATE")
         if not fast_push:
             cflags.append("-DKT_NO_FAST_PUSH")
-        self.fast_push = (fast_push and push_probe and aggregate and not emit_events
+        self.fast_push = (fast_push and push_probe and aggregate != emit_events
                           and self.hooks.get("kvm_dirty_ring_push") == "raw_tp")
         if emit_events:
             cflags += ["-DKT_EMIT_EVENTS", f"-DKT_RINGBUF_PAGES={ringbuf_pages}",

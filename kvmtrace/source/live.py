@@ -37,7 +37,7 @@ class LiveEvents:
     """
 
     def __init__(self, *, pid: int = 0, ringbuf_pages: int = 4096, hook: str = "auto",
-                 poll_ms: int = 100) -> None:
+                 poll_ms: int = 100, fast_push: bool = True) -> None:
         # Woken once per wake_every records of each CPU, else read every poll_ms: no wakeup
         # (and reader run) per event, which would compete with the vCPUs for CPUs. With
         # every CPU's share at most 1/8 of the ring, the reader is woken at least once per
@@ -45,7 +45,8 @@ class LiveEvents:
         records = ringbuf_pages * mmap.PAGESIZE // (EVENT_DTYPE.itemsize + 8)
         wake_every = max(1, records // 8 // (os.cpu_count() or 1))
         self.probes = Probes(pid=pid, emit_events=True, aggregate=False, hook=hook,
-                             ringbuf_pages=ringbuf_pages, wake_every=wake_every)
+                             ringbuf_pages=ringbuf_pages, wake_every=wake_every,
+                             fast_push=fast_push)
         # edge-triggered: a level-triggered wait returns while any record is in the ring, so
         # the loop would wake for every few records (median 10 per read was measured)
         self.reader = RingBufReader(self.probes.ringbuf_fd(), edge=True)

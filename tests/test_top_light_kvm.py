@@ -66,7 +66,7 @@ def test_light_counts_equal_ground_truth(kvm, bpf_root, hook):
 
 
 @pytest.mark.parametrize("mode", ["light", "full"])
-def test_light_overflow_counts_overwritten_entries(kvm, bpf_root, mode):
+def test_overflow_counts_overwritten_entries(kvm, bpf_root, mode):
     """Tight loop, 300 pushes into a 256-entry ring. Retried until a run overflows with no
     soft-full exit (most runs do): the VMM then resets once, at the end, with dirty_index
     300 and reset_index 0 before it, so dirty - reset - size = 44 entries were overwritten,
@@ -74,8 +74,8 @@ def test_light_overflow_counts_overwritten_entries(kvm, bpf_root, mode):
 
     When a soft-full exit comes in between (timing), lost_suspected also counts entries
     written after the ring wrapped into slots the VMM's harvest index had already passed:
-    stranded, not overwritten, and invisible in the ring's indices (the full probes' per-push
-    count does not see them either). Those runs only satisfy 0 < lost <= lost_suspected.
+    stranded, not overwritten, and invisible in the ring's indices (full mode's count does
+    not see them either). Those runs only satisfy 0 < lost <= lost_suspected.
 
     Full mode counts the same from its indices at resets (and between resets in user space),
     with its pushes counted live by the push program's fast path."""

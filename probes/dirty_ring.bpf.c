@@ -266,8 +266,7 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 		t->ring = index;
 	}
 #ifdef KT_FAST_VM
-	if (vm >= 0)   /* a VM older than the probes has no fd yet: not cached */
-		kt_push_claim(ring_ptr, pid, vm, index, dirty, 0);
+	kt_push_claim(ring_ptr, pid, vm, index, dirty, 0);
 	}
 #endif
 #ifdef KT_AGGREGATE

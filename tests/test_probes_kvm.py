@@ -152,17 +152,21 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root) -> None:
         assert child.poll() is None, "workload ended before it could be stopped"
         (vm,) = vm_fds(child.pid)
         source = LiveSource(probes=Probes(pid=child.pid, hook="tp", emit_events=True))
+        fast = LiveSource(probes=Probes(pid=child.pid, hook="raw_tp"))  # what top loads
         os.kill(child.pid, signal.SIGCONT)
         batches, raw_vms = [], set()
         while child.poll() is None:
             batches.append(source.probes.poll_events(20))
             source.snapshot()  # resolves while the process is alive
+            fast.snapshot()
             keys, _vals = source.probes.read_map("rings")
             raw_vms |= {int(k["vm"]) for k in keys}
         truth = json.loads(child.stdout.read())
         batches.append(source.probes.poll_events(0))
-        snap = source.snapshot()
+        snap, snap_fast = source.snapshot(), fast.snapshot()
+        assert fast.probes.fast_push
         source.close()
+        fast.close()
     finally:
         child.kill()
         child.wait()
@@ -180,6 +184,12 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root) -> None:
     assert ring.entries_reset == ring.reset_index - int(first["reset_index"])
     assert ring.size == truth["ring_entries"]
     assert snap.vms[(child.pid, vm)].comm.startswith("python")
+    # the push fast path (raw tracepoint, aggregation only) comes to the same counters
+    assert sorted(snap_fast.rings) == sorted(snap.rings)
+    fields = ("pushes", "resets", "entries_reset", "soft_full_exits", "dirty_index",
+              "reset_index", "max_used", "lost", "size")
+    got = snap_fast.rings[RingKey(child.pid, vm, 0)]
+    assert [getattr(got, f) for f in fields] == [getattr(ring, f) for f in fields]
 
 
 TWO_VMS = """

@@ -14,6 +14,9 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,12 +49,15 @@ FIELDS = ("pushes", "resets", "entries_reset", "soft_full_exits", "dirty_index",
           "reset_index", "max_used", "lost", "size")
 
 
-def test_fast_and_hash_paths_agree_on_sequential_vms(kvm, bpf_root) -> None:
+@contextmanager
+def fast_and_hash(**options: Any) -> Iterator[tuple[Probes, Probes, list[dict]]]:
+    """Run RUNS in one child process under two sets of probes attached at once, with and
+    without the fast path: (fast, hash, the runs' ground truths), the probes still open."""
     child = subprocess.Popen([sys.executable, "-c", SEQUENTIAL_VMS, json.dumps(RUNS)],
                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        fast = Probes(pid=child.pid, hook="raw_tp")
-        slow = Probes(pid=child.pid, hook="raw_tp", fast_push=False)
+        fast = Probes(pid=child.pid, hook="raw_tp", **options)
+        slow = Probes(pid=child.pid, hook="raw_tp", fast_push=False, **options)
     except BaseException:
         child.kill()
         child.wait()
@@ -63,6 +69,11 @@ def test_fast_and_hash_paths_agree_on_sequential_vms(kvm, bpf_root) -> None:
         child.stdin.close()
         truths = json.loads(child.stdout.read())
         assert child.wait() == 0
+        yield fast, slow, truths
+
+
+def test_fast_and_hash_paths_agree_on_sequential_vms(kvm, bpf_root) -> None:
+    with fast_and_hash() as (fast, slow, truths):
         got_fast, got_slow = fast.snapshot(), slow.snapshot()
         slots = fast.push_slots()
         keys, vals = fast.read_map("rings")
@@ -135,23 +146,8 @@ def test_record_takes_the_same_vm_from_slots(kvm, bpf_root) -> None:
     """Event output: the VM fd of a push from its ring's slot (fast) or from the per-thread
     map (hash): both sets of probes, attached at once, emit the same events (but for their
     time stamps and measured durations)."""
-    child = subprocess.Popen([sys.executable, "-c", SEQUENTIAL_VMS, json.dumps(RUNS)],
-                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        kw = {"pid": child.pid, "hook": "raw_tp", "emit_events": True, "aggregate": False,
-              "ringbuf_pages": 1024}
-        fast, slow = Probes(**kw), Probes(**kw, fast_push=False)  # type: ignore[arg-type]
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
-    with fast, slow:
-        assert fast.fast_push and not slow.fast_push
-        assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(b"go")
-        child.stdin.close()
-        truths = json.loads(child.stdout.read())
-        assert child.wait() == 0
+    with fast_and_hash(emit_events=True, aggregate=False, ringbuf_pages=1024) as (
+            fast, slow, truths):
         got = [p.poll_events() for p in (fast, slow)]
         assert fast.lost() == slow.lost() == 0
     fields = ["kind", "pid", "tid", "vm", "ring", "dirty_index", "reset_index", "slot",

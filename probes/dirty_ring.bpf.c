@@ -245,20 +245,18 @@ static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 ind
 }
 #endif
 
-static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot, u64 offset,
-				      u32 size, u64 ring_ptr)
+/* The VM fd (-1 unknown) of a push of ring index at ring_ptr on thread tid. */
+static __always_inline s32 kt_push_vm(u32 pid, u32 tid, s32 index, u32 dirty, u64 ring_ptr)
 {
-	KT_SELF();
-	u64 now = KT_EVENT_NOW();
-	s32 vm = -1;
 #ifdef KT_FAST_VM
 	struct kt_push_slot *s = kt_owned_slot(ring_ptr);
 
-	if (s) {
+	if (s) {   /* the ring's slot names it */
 		s->pushes++;
-		vm = s->key.vm;
-	} else {
+		return s->key.vm;
+	}
 #endif
+	s32 vm = -1;
 	struct kt_tid *t = kt_thread(tid);
 
 	if (t) {
@@ -267,8 +265,16 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 	}
 #ifdef KT_FAST_VM
 	kt_push_claim(ring_ptr, pid, vm, index, dirty, 0);
-	}
 #endif
+	return vm;
+}
+
+static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot, u64 offset,
+				      u32 size, u64 ring_ptr)
+{
+	KT_SELF();
+	u64 now = KT_EVENT_NOW();
+	s32 vm = kt_push_vm(pid, tid, index, dirty, ring_ptr);
 #ifdef KT_AGGREGATE
 	struct kt_ring_val *v = kt_ring(pid, vm, index, reset, size);
 

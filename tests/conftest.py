@@ -1,5 +1,6 @@
 """Shared fixtures. ``require(feature_ok, reason)`` skips a test when the host lacks a
-kernel feature, and fails it instead when KVMTRACE_REQUIRE_KERNEL=1 (as in .ci/run)."""
+kernel feature or a tool the test drives (the only way tests skip), and fails it instead
+when KVMTRACE_REQUIRE_KERNEL=1 (as in .ci/run)."""
 
 from __future__ import annotations
 

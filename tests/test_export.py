@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 from test_recording import META, synthetic
 
 from kvmtrace import cli
@@ -14,8 +15,16 @@ from kvmtrace.source.events import Kind, empty
 from kvmtrace.source.recording import RecordingWriter, meta_to_dict, open_recording
 from kvmtrace.views.perfetto import export_perfetto
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # a test dependency (pip install -e .[test]; tools/setup.sh --test)
+    pa = pq = None
+
+
+@pytest.fixture(autouse=True)
+def _pyarrow() -> None:
+    require(pa is not None, "pyarrow not installed (tools/setup.sh --test installs it)")
 
 
 def record(path: Path, ev: np.ndarray, lost: int = 0) -> Path:

@@ -7,6 +7,7 @@ import subprocess
 from array import array
 
 import pytest
+from conftest import require
 
 from kvmtrace.errors import UsageError
 from kvmtrace.vmm.guest import (
@@ -106,8 +107,8 @@ def test_tight_loop_has_no_out():
 
 
 def test_objdump_agrees(tmp_path):
-    if not shutil.which("objdump"):
-        pytest.skip("objdump not installed")
+    require(shutil.which("objdump") is not None,
+            "objdump not installed (tools/setup.sh --test installs binutils)")
     code = assemble(7, port=0x10)
     binary = tmp_path / "guest.bin"
     binary.write_bytes(code.code)

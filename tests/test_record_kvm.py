@@ -12,8 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
-from conftest import kvmtrace_cmd
+from conftest import kvmtrace_cmd, require
 
 from kvmtrace.source.events import Kind
 from kvmtrace.source.recording import open_recording
@@ -127,8 +126,7 @@ def test_disk_full_stops_cleanly_and_keeps_whole_blocks(tmp_path, kvm, bpf_root)
     """ENOSPC part-way (a 1 MiB tmpfs in a private mount namespace): one line, exit 1, and
     the file is cut back to its last whole block, holding exactly the events the line says."""
     unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("util-linux unshare missing")
+    require(unshare is not None, "util-linux unshare missing")
     mnt = tmp_path / "small"
     mnt.mkdir()
     out = mnt / "r.kvt"

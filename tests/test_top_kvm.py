@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import ROOT, kvmtrace_cmd, require_kvm_bpf
+from conftest import ROOT, kvmtrace_cmd, require, require_kvm_bpf
 
 from kvmtrace.analysis.stats import HIST_BUCKETS, hist_percentile
 
@@ -200,8 +200,8 @@ def _wait_screen(sock: str, target: str, *needles: str, timeout: float = 60) -> 
 
 
 def test_interactive_in_tmux(kvm, bpf_root, tmp_path):
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux not installed (tools/setup.sh --test installs it)")
+    require(shutil.which("tmux") is not None,
+            "tmux not installed (tools/setup.sh --test installs it)")
     wl = held([*BASE, "--duration", "4"])
     sock, target = f"kvmtrace-test-{os.getpid()}", "top"
     rc_file = tmp_path / "rc"
@@ -260,8 +260,8 @@ def test_batch_follows_a_command_to_its_end(kvm, bpf_root):
 def test_interactive_command_shows_its_output_after_quit(kvm, bpf_root):
     """The README's main job: ``top -- workload`` in an 80x24 terminal; after q the
     workload's own summary appears on the terminal."""
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux not installed (tools/setup.sh --test installs it)")
+    require(shutil.which("tmux") is not None,
+            "tmux not installed (tools/setup.sh --test installs it)")
     sock, target = f"kvmtrace-test-cmd-{os.getpid()}", "top"
     cmd = " ".join(kvmtrace_cmd("top", "-d", "0.5", "--",
                                 *kvmtrace_cmd("workload", *BASE[:-1], "--duration", "2")))

@@ -3,7 +3,8 @@
 # finds everything in place, and changes nothing.
 #
 #   tools/setup.sh          bcc, kernel headers for bcc, tracefs/debugfs, .venv with kvmtrace
-#   tools/setup.sh --test   the same plus what the test suite uses (perf, tmux, pytest, ruff)
+#   tools/setup.sh --test   the same plus what the test suite uses (perf, tmux, objdump, cc,
+#                           unshare, pytest, ruff, pyarrow)
 #
 # Everything it changes on the system is announced on a line starting with "setup: changed".
 set -euo pipefail
@@ -39,7 +40,7 @@ apt_has() { # is a package known to apt?
 
 # 1. bcc from the distribution (its Python bindings land in /usr/bin/python3's dist-packages).
 apt_install python3-bpfcc python3-venv
-if ((want_test)); then apt_install linux-perf tmux; fi
+if ((want_test)); then apt_install linux-perf tmux binutils gcc util-linux; fi
 
 # 2. Kernel headers that bcc can compile against.
 if [[ -e /lib/modules/$release/build/include ]]; then

@@ -336,8 +336,12 @@ def test_watcher_drops_exited_vmm_one_snapshot_later(kvm, bpf_root) -> None:
     truth = json.loads(child.stdout.read())
     child.wait()  # the connector's exit message is queued before the parent is notified
     last = source.snapshot()  # sees the exit, still reports the final counts
-    after = source.snapshot()  # the exited VMM's entries are gone
+    assert source.probes.fast_push
+    held_slots = len(source.probes.push_slots())
+    after = source.snapshot()  # the exited VMM's entries are gone, its slots free
+    freed = source.probes.push_slots()
     source.close()
+    assert held_slots == len(truth["rings"]) and len(freed) == 0
     pid, vm = truth["pid"], truth["vm_fd"]
     assert [last.rings[RingKey(pid, vm, r["index"])].pushes for r in truth["rings"]] == [
         r["harvested"] for r in truth["rings"]]

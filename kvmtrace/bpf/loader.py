@@ -49,7 +49,8 @@ _RAW = {
     "kvm_userspace_exit": (("u32", "int"), "KT_RAW_UEXIT"),
 }
 _SYSCALL_EVENTS = ("sys_enter_ioctl", "sys_exit_ioctl")
-_MAP_DTYPES = {"rings": (RING_KEY_DTYPE, RING_VAL_DTYPE), "vms": (VM_KEY_DTYPE, VM_VAL_DTYPE)}
+_MAP_DTYPES = {"rings": (RING_KEY_DTYPE, RING_VAL_DTYPE), "vms": (VM_KEY_DTYPE, VM_VAL_DTYPE),
+               "push_slots": (np.dtype("<u4"), PUSH_SLOT_DTYPE)}
 _BCC_FIX = (
     "apt-get install python3-bpfcc and use a venv made with --system-site-packages "
     "(tools/setup.sh does both)"
@@ -165,8 +166,8 @@ def merge_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for name in _LATEST:
         if a_has and b_has:
             out[name] = a[name] if _u32_after(a[name], b[name]) >= 0 else b[name]
-        else:
-            out[name] = (a if a_has or not b_has else b)[name]
+        else:  # the row with indices, if either has them
+            out[name] = (b if b_has else a)[name]
     out["max_used"] = max(a["max_used"], b["max_used"])
     out["size"] = a["size"] or b["size"]
     mins = [m for m in (a["exit_used_min"], b["exit_used_min"]) if m]
@@ -287,16 +288,19 @@ class Probes:
     # -- maps ---------------------------------------------------------------------------
 
     def read_map(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """All entries of map ``rings`` or ``vms`` as (keys, values) numpy arrays of
-        RING_KEY_DTYPE/RING_VAL_DTYPE or VM_KEY_DTYPE/VM_VAL_DTYPE (one batch syscall
-        where the kernel has BPF_MAP_LOOKUP_BATCH)."""
+        """All entries of map ``rings``, ``vms`` or ``push_slots`` as (keys, values) numpy
+        arrays of RING_KEY_DTYPE/RING_VAL_DTYPE, VM_KEY_DTYPE/VM_VAL_DTYPE or u32 index/
+        PUSH_SLOT_DTYPE (one batch syscall where the kernel has BPF_MAP_LOOKUP_BATCH)."""
         key_dtype, val_dtype = _MAP_DTYPES[name]
         table = self._bpf[name.encode()]
         try:
             items = list(table.items_lookup_batch())
         except Exception:  # bcc raises bare Exception on kernels without batch lookup
             items = list(table.items())
-        keys = np.frombuffer(b"".join(bytes(k) for k, _v in items), key_dtype)
+        if items and isinstance(items[0][0], int):  # an array's indices (batch lookup)
+            keys = np.array([k for k, _v in items], key_dtype)
+        else:
+            keys = np.frombuffer(b"".join(bytes(k) for k, _v in items), key_dtype)
         vals = np.frombuffer(b"".join(bytes(v) for _k, v in items), val_dtype)
         return keys, vals
 
@@ -304,12 +308,7 @@ class Probes:
         """The claimed slots of the push fast path (PUSH_SLOT_DTYPE; empty without it)."""
         if not self.fast_push:
             return np.zeros(0, PUSH_SLOT_DTYPE)
-        table = self._bpf[b"push_slots"]
-        try:
-            items = list(table.items_lookup_batch())
-        except Exception:  # bcc raises bare Exception on kernels without batch lookup
-            items = list(table.items())
-        slots = np.frombuffer(b"".join(bytes(v) for _k, v in items), PUSH_SLOT_DTYPE)
+        _index, slots = self.read_map("push_slots")
         return slots[slots["ptr"] != 0]
 
     def lost(self) -> int:
@@ -386,9 +385,9 @@ class Probes:
                 del table[key]
         if self.fast_push:
             table = self._bpf[b"push_slots"]
-            for index, slot in list(table.items()):
-                if slot.ptr and slot.key.pid == pid:
-                    table[index] = table.Leaf()  # zeros: free
+            index, slots = self.read_map("push_slots")
+            for i in index[(slots["ptr"] != 0) & (slots["key"]["pid"] == pid)]:
+                table[ctypes.c_int(int(i))] = table.Leaf()  # zeros: free
 
     # -- events -------------------------------------------------------------------------
 

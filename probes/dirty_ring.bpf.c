@@ -177,15 +177,28 @@ static __always_inline u32 kt_slot_of(u64 ring_ptr)
 	return (u32)((ring_ptr * 0x9E3779B97F4A7C15ULL) >> (64 - KT_PUSH_SLOT_BITS));
 }
 
+/* The slot for the ring at ring_ptr (whoever owns it) and the vCPU-creation epoch now;
+ * 0 when a lookup fails. */
+static __always_inline struct kt_push_slot *kt_slot(u64 ring_ptr, u32 *epoch)
+{
+	u32 h = kt_slot_of(ring_ptr), zero = 0;
+	struct kt_push_slot *s = push_slots.lookup(&h);
+	u32 *e = vcpu_epoch.lookup(&zero);
+
+	if (!s || !e)
+		return 0;
+	*epoch = *e;
+	return s;
+}
+
 /* The slot of the ring at ring_ptr if the ring owns it (claim checked since the last
  * vCPU creation), else 0. */
 static __always_inline struct kt_push_slot *kt_owned_slot(u64 ring_ptr)
 {
-	u32 h = kt_slot_of(ring_ptr), zero = 0;
-	struct kt_push_slot *s = push_slots.lookup(&h);
-	u32 *epoch = vcpu_epoch.lookup(&zero);
+	u32 epoch;
+	struct kt_push_slot *s = kt_slot(ring_ptr, &epoch);
 
-	if (!s || !epoch || s->ptr != ring_ptr || s->epoch != *epoch)
+	if (!s || s->ptr != ring_ptr || s->epoch != epoch)
 		return 0;
 	return s;
 }
@@ -211,11 +224,10 @@ static __always_inline int kt_push_fast(u64 ring_ptr)
 static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 index, u32 dirty,
 					  u32 gen)
 {
-	u32 h = kt_slot_of(ring_ptr), zero = 0;
-	struct kt_push_slot *s = push_slots.lookup(&h);
-	u32 *epoch = vcpu_epoch.lookup(&zero);
+	u32 epoch;
+	struct kt_push_slot *s = kt_slot(ring_ptr, &epoch);
 
-	if (!s || !epoch)
+	if (!s)
 		return;
 	if (s->ptr != ring_ptr) {
 		if (s->ptr || __sync_val_compare_and_swap(&s->ptr, 0, ring_ptr) != 0)
@@ -223,7 +235,7 @@ static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 ind
 	} else if (dirty == s->dirty0 + (u32)s->pushes + 1) {
 		/* the same ring: keep counting here (this push is in its row) */
 		s->dirty0 = dirty - (u32)s->pushes;
-		s->epoch = *epoch;
+		s->epoch = epoch;
 		return;
 	} else if (s->pushes) {
 		struct kt_ring_val *old = rings.lookup(&s->key);
@@ -241,7 +253,7 @@ static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 ind
 	s->key.vm = vm;
 	s->key.ring = index;
 	s->gen = gen;
-	s->epoch = *epoch;
+	s->epoch = epoch;
 }
 #endif
 

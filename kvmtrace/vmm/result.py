@@ -18,12 +18,25 @@ class RingResult:
     soft_full_exits: KVM_EXIT_DIRTY_RING_FULL (31) returns seen by userspace.
     stall_ns: time from KVM_RUN returning exit 31 to the next KVM_RUN call (ns).
     run_ns: wall time of the vCPU thread's run loop (ns). kvm_runs: KVM_RUN calls.
-    entries_reset: harvested entries a later KVM_RESET_DIRTY_RINGS covered.
-    lost_suspected: distinct pages written but never harvested.
+    entries_reset: harvested entries the kernel reset, read back from the ring after each
+    KVM_RESET_DIRTY_RINGS (exact also when a signal cut a call short).
+    reset_events: KVM_RESET_DIRTY_RINGS calls whose walk finished this ring, i.e. the
+    ``kvm_dirty_ring_reset`` tracepoints it got (an interrupted call emits none for the ring
+    it stopped in, nor for the rings after it).
+    lost_suspected: distinct pages written but never harvested; lost_pages: those pages as
+    sorted [slot, offset] pairs (overwritten by an overflow or stranded after one).
+    left_dirty: entries still flagged DIRTY in the ring after the final harvest (pushed,
+    not overwritten, never harvested: 0 unless an overflow left the ring stuck).
     unexpected: harvested entries that are not pages this vCPU wrote (should be 0).
+    vm_fd, vm_gen, cycle: the VM's fd, how many earlier VMs of this run had that fd, and
+    the --vm-cycles round (0-based). migrations / cpus: re-pins to another CPU by
+    --migrate-ms and the CPUs the thread was pinned to.
     """
 
     index: int
+    vm_fd: int = -1
+    vm_gen: int = 0
+    cycle: int = 0
     tid: int = 0
     pages_written: int = 0
     harvested: int = 0
@@ -35,9 +48,14 @@ class RingResult:
     entries_reset: int = 0
     lost_suspected: int = 0
     unexpected: int = 0
+    reset_events: int = 0
+    left_dirty: int = 0
+    migrations: int = 0
     halted: bool = False
     livelock: bool = False
     exits: dict[str, int] = field(default_factory=dict)
+    cpus: list[int] = field(default_factory=list)
+    lost_pages: list[list[int]] = field(default_factory=list)
 
     @property
     def pushes_per_s(self) -> float:
@@ -49,9 +67,15 @@ class RingResult:
 class WorkloadResult:
     """The whole run; ``to_json()`` is the ground truth later tests compare against.
 
-    ``vm_fd`` is the VM's fd number in process ``pid``; ``cap`` is the capability enabled
-    (192 KVM_CAP_DIRTY_LOG_RING, 223 KVM_CAP_DIRTY_LOG_RING_ACQ_REL). ``resets`` counts
-    KVM_RESET_DIRTY_RINGS ioctls and ``reset_returned`` sums what they returned (entries).
+    ``vm_fd`` is the first VM's fd number in process ``pid``; ``cap`` is the capability
+    enabled (192 KVM_CAP_DIRTY_LOG_RING, 223 KVM_CAP_DIRTY_LOG_RING_ACQ_REL). ``resets``
+    counts KVM_RESET_DIRTY_RINGS ioctls (retries included) and ``reset_returned`` sums what
+    they returned (entries). ``rings`` holds every ring of every VM of every cycle in
+    (cycle, VM, index) order; ``vm_runs`` one entry per VM per cycle. ``reset_eintr``:
+    calls a signal cut short (seen in the rings, or errno EINTR), each retried;
+    ``reset_mismatch``: calls whose return value differs from the entries read back as
+    reset (0 unless the kernel and the VMM disagree); ``interrupts_sent``: signals sent by
+    --interrupt-resets.
     """
 
     pid: int
@@ -77,6 +101,14 @@ class WorkloadResult:
     wall_ns: int = 0
     harvest_log: list[list[tuple[int, int]]] | None = None
     interrupted: str | None = None  # "SIGINT"/"SIGTERM" when a signal ended the run early
+    vms: int = 1
+    vm_cycles: int = 1
+    migrate_ms: float | None = None
+    interrupt_resets: bool = False
+    reset_eintr: int = 0
+    reset_mismatch: int = 0
+    interrupts_sent: int = 0
+    vm_runs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def entries_reset(self) -> int:
@@ -98,10 +130,14 @@ class WorkloadResult:
         return json.dumps(self.to_dict(), sort_keys=False)
 
     def harvest_dump(self) -> dict[str, Any]:
-        """Per ring, every harvested [slot, offset] in harvest order (needs the log kept)."""
+        """Per ring, every harvested [slot, offset] in harvest order (needs the log kept).
+        Top-level ``vm_fd`` is null when the rings belong to several VMs."""
         log = self.harvest_log or [[] for _ in self.rings]
-        return {"pid": self.pid, "vm_fd": self.vm_fd, "ring_entries": self.ring_entries,
-                "rings": [{"index": r.index, "harvested": [list(e) for e in entries]}
+        vms = {(r.vm_fd, r.vm_gen) for r in self.rings}
+        return {"pid": self.pid, "vm_fd": self.vm_fd if len(vms) <= 1 else None,
+                "ring_entries": self.ring_entries,
+                "rings": [{"index": r.index, "vm_fd": r.vm_fd, "vm_gen": r.vm_gen,
+                           "cycle": r.cycle, "harvested": [list(e) for e in entries]}
                           for r, entries in zip(self.rings, log, strict=True)]}
 
     def summary(self) -> str:

@@ -71,6 +71,20 @@ class DirtyRing:
         self.fetch = fetch
         return out
 
+    def flags_range(self, start: int, count: int) -> list[int]:
+        """``flags`` of the ``count`` entries from ring index ``start`` on (masked, so the
+        range may wrap; ``count`` <= entries): 0 free, 1 DIRTY (pushed), 2 RESET (harvested)."""
+        if not 0 <= count <= self.entries:
+            raise ValueError(f"flags_range count {count} outside 0..{self.entries}")
+        first = start & self.mask
+        flags = self._u32[0::4]
+        head = min(count, self.entries - first)
+        out = flags[first:first + head].tolist()
+        if count > head:
+            out += flags[:count - head].tolist()
+        flags.release()
+        return out
+
     def release(self) -> None:
         """Drop the buffer views (needed before an mmap can be closed)."""
         self._u32.release()
@@ -117,8 +131,6 @@ def open_kvm() -> int:
                              "run as root or add yourself to the kvm group") from None
     except OSError as err:
         raise MissingFeature(f"cannot open {KVM_DEV}: {err.strerror}") from None
-
-
 
 
 class Vcpu:
@@ -186,10 +198,13 @@ class Vm:
     """A VM with the dirty ring enabled and one dirty-logged memory slot at GPA 0.
 
     ``fd`` is the VM's file descriptor number in this process (BPF identifies VMs by it).
+    ``kvm_fd``: an open /dev/kvm to create the VM with (kept open by the caller); by
+    default the VM opens /dev/kvm itself and closes it with the VM.
     """
 
-    def __init__(self, ring_bytes: int, memory_bytes: int) -> None:
-        self.kvm_fd = open_kvm()
+    def __init__(self, ring_bytes: int, memory_bytes: int, kvm_fd: int | None = None) -> None:
+        self._own_kvm_fd = kvm_fd is None
+        self.kvm_fd = open_kvm() if kvm_fd is None else kvm_fd
         self.fd = -1
         self.vcpus: list[Vcpu] = []
         self.memory: mmap.mmap | None = None
@@ -229,9 +244,20 @@ class Vm:
         return self.vcpus
 
     def reset_dirty_rings(self) -> int:
-        """KVM_RESET_DIRTY_RINGS: recycle every ring's RESET-flagged entries (all vCPUs).
-        Returns the number of entries the kernel reset."""
+        """KVM_RESET_DIRTY_RINGS: recycle every ring's RESET-flagged entries, vCPU by vCPU
+        in index order. Returns the number of entries the kernel reset.
+
+        Since Linux 6.16 (commit "KVM: Bail from the dirty ring reset flow if a signal is
+        pending") a pending signal stops the walk before the next entry; the ioctl still
+        returns the entries reset so far (not -EINTR), the interrupted ring emits no
+        ``kvm_dirty_ring_reset`` tracepoint and the rings after it are not visited. Raises
+        OSError on failure (a kernel that does return EINTR raises OSError(EINTR)).
+        """
         return k.ioctl(self.fd, k.KVM_RESET_DIRTY_RINGS)
+
+    @property
+    def vcpu_fds(self) -> list[int]:
+        return [vcpu.fd for vcpu in self.vcpus]
 
     def __iter__(self) -> Iterator[Vcpu]:
         return iter(self.vcpus)
@@ -247,9 +273,9 @@ class Vm:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-        if self.kvm_fd >= 0:
+        if self.kvm_fd >= 0 and self._own_kvm_fd:
             os.close(self.kvm_fd)
-            self.kvm_fd = -1
+        self.kvm_fd = -1
 
     def __enter__(self) -> Vm:
         return self

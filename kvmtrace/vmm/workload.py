@@ -1,12 +1,16 @@
-"""Run the built-in guest on N vCPU threads and harvest their dirty rings like a VMM.
+"""Run the built-in guest in N VMs of M vCPU threads each and harvest like a VMM.
 
 Harvest modes: ``on-full``: a vCPU harvests its own ring and resets on exit 31;
-``reaper``: a reaper thread harvests every ring every ``reaper_ms`` and vCPUs also harvest
-on exit 31; ``lazy``: on exit 31 a vCPU only waits for the reaper's next cycle. Every
-harvest+reset is serialized by one VM lock (KVM_RESET_DIRTY_RINGS acts on all rings). At
-the end, one final harvest of every ring and one reset account for every entry. A vCPU
-that gets exit 31 with nothing harvestable LIVELOCK_EXITS times in a row is a livelock
-(the ring overflowed): the run is reported and ended.
+``reaper``: a reaper thread per VM harvests every ring every ``reaper_ms`` and vCPUs also
+harvest on exit 31; ``lazy``: on exit 31 a vCPU only waits for the reaper's next cycle.
+Every harvest+reset of a VM is serialized by the VM's lock (KVM_RESET_DIRTY_RINGS acts on
+all its rings). At the end of a cycle, one final harvest of every ring and one reset per VM
+account for every entry. A vCPU that gets exit 31 LIVELOCK_EXITS times in a row with
+nothing harvested from its ring in between (by anyone) is a livelock (the ring overflowed
+and got stuck): that VM's vCPUs are stopped and the livelock reported.
+
+``vm_cycles`` > 1 closes every VM (vCPU fds, mmaps, VM fd) after a cycle and creates them
+again, so the kernel hands out the same fd numbers again.
 """
 
 from __future__ import annotations
@@ -22,20 +26,28 @@ from typing import Any
 from ..errors import KvmtraceError, UsageError
 from . import kvm as k
 from .guest import PATTERNS, GuestCode, GuestLayout, assemble
+from .harvest import Harvester, RingState
+from .helpers import Migrator, ResetInterrupter, usable_cpus
 from .result import RingResult, WorkloadResult
-from .vm import Vcpu, Vm, check_ring_bytes, describe_oserror
+from .vm import Vm, check_ring_bytes, describe_oserror, open_kvm
 
-__all__ = ["HARVEST_MODES", "LIVELOCK_EXITS", "STOP_SIGNAL", "WorkloadConfig", "run_workload"]
+__all__ = ["HARVEST_MODES", "LIVELOCK_EXITS", "STOP_SIGNAL", "MAX_VMS", "MAX_VM_CYCLES",
+           "WorkloadConfig", "run_workload"]
 
 HARVEST_MODES = ("on-full", "reaper", "lazy")
 LIVELOCK_EXITS = 3
-STOP_SIGNAL = signal.SIGUSR1  # kicks a vCPU thread out of KVM_RUN (EINTR)
+STOP_SIGNAL = signal.SIGUSR1  # kicks a thread out of KVM_RUN / KVM_RESET_DIRTY_RINGS
+MAX_VMS = 16
+MAX_VM_CYCLES = 1000
 
 
 @dataclass
 class WorkloadConfig:
-    """Shape of a run. ``passes`` is ignored when ``duration_s`` is set (run until then).
-    ``keep_harvest`` keeps every harvested (slot, offset) for ``harvest_dump()``."""
+    """Shape of a run. ``passes`` is ignored when ``duration_s`` is set (run until then;
+    per cycle with ``vm_cycles``). ``keep_harvest`` keeps every harvested (slot, offset)
+    for ``harvest_dump()``. ``migrate_ms``: re-pin each vCPU thread to another CPU every
+    that many ms (None: never). ``interrupt_resets``: signal the thread inside
+    KVM_RESET_DIRTY_RINGS so calls get cut short."""
 
     vcpus: int = 1
     ring_bytes: int = 4096
@@ -50,12 +62,20 @@ class WorkloadConfig:
     harvest_delay_us: float = 0.0
     start_delay_ms: float = 0.0
     keep_harvest: bool = False
+    vms: int = 1
+    vm_cycles: int = 1
+    migrate_ms: float | None = None
+    interrupt_resets: bool = False
 
     def validate(self) -> GuestLayout:
         """Check everything that does not need the kernel; returns the guest layout."""
         check_ring_bytes(self.ring_bytes)
         if not 1 <= self.vcpus <= 64:
             raise UsageError(f"--vcpus {self.vcpus} must be 1..64")
+        if not 1 <= self.vms <= MAX_VMS:
+            raise UsageError(f"--vms {self.vms} must be 1..{MAX_VMS}")
+        if not 1 <= self.vm_cycles <= MAX_VM_CYCLES:
+            raise UsageError(f"--vm-cycles {self.vm_cycles} must be 1..{MAX_VM_CYCLES}")
         if self.duration_s is None and not 1 <= self.passes <= 0xFFFFFFFF:
             raise UsageError(f"--passes {self.passes} must be 1..2**32-1",
                              "or use --duration S to run for a time")
@@ -74,108 +94,73 @@ class WorkloadConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative")
         if self.harvest != "on-full" and not self.reaper_ms > 0:
             raise UsageError("--reaper-ms must be > 0 with --harvest reaper or lazy")
+        if self.migrate_ms is not None:
+            if not self.migrate_ms > 0:
+                raise UsageError(f"--migrate-ms {self.migrate_ms} must be > 0")
+            if len(usable_cpus()) < 2:
+                raise UsageError("--migrate-ms needs at least 2 CPUs in this process's "
+                                 "affinity mask", "run without taskset, or drop --migrate-ms")
         return GuestLayout(self.vcpus, self.pages, self.pattern, self.seed)
 
 
-class _Ring:
-    """Mutable per-vCPU bookkeeping (result fields plus harvest state)."""
+class _VmRun:
+    """One VM of one cycle: its rings, harvester, stop flag and side threads."""
 
-    def __init__(self, vcpu: Vcpu, keep: bool) -> None:
-        self.vcpu = vcpu
-        self.res = RingResult(index=vcpu.index)
-        self.seen: set[tuple[int, int]] = set()
-        self.log: list[tuple[int, int]] | None = [] if keep else None
-        self.pending = 0  # harvested, not yet covered by a reset
-
-
-class _Harvester:
-    """Harvest + reset under one VM lock; counts resets and reaper cycles."""
-
-    def __init__(self, vm: Vm, rings: list[_Ring], delay_s: float) -> None:
-        self.vm, self.rings, self.delay_s = vm, rings, delay_s
-        self.lock = threading.Lock()
-        self.cycle = threading.Condition()
-        self.cycles = 0
-        self.resets = 0
-        self.reset_returned = 0
-
-    def harvest(self, rings: list[_Ring], always_reset: bool) -> int:
-        """Harvest ``rings`` then KVM_RESET_DIRTY_RINGS (if ``always_reset`` or any entry
-        was harvested). Returns the number of entries harvested."""
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        total = 0
-        with self.lock:
-            for ring in rings:
-                entries = ring.vcpu.ring.harvest()
-                ring.res.harvested += len(entries)
-                ring.pending += len(entries)
-                ring.seen.update(entries)
-                if ring.log is not None:
-                    ring.log.extend(entries)
-                total += len(entries)
-            if total or always_reset:
-                try:
-                    self.reset_returned += self.vm.reset_dirty_rings()
-                except OSError as err:
-                    raise describe_oserror("KVM_RESET_DIRTY_RINGS", err) from None
-                self.resets += 1
-                for ring in self.rings:  # the ioctl covers every ring of the VM
-                    ring.res.entries_reset += ring.pending
-                    ring.pending = 0
-        return total
-
-    def reaper_cycle(self) -> None:
-        self.harvest(self.rings, always_reset=False)
-        with self.cycle:
-            self.cycles += 1
-            self.cycle.notify_all()
-
-    def wait_for_reaper(self, ring: _Ring, stop: threading.Event) -> int:
-        """Lazy mode: block until the reaper completes a cycle; entries it took from ring."""
-        before = ring.res.harvested
-        with self.cycle:
-            target = self.cycles + 1
-            while self.cycles < target and not stop.is_set():
-                self.cycle.wait(0.05)
-        return ring.res.harvested - before
-
-
-class _Run:
-    """The threads of one run and how they stop."""
-
-    def __init__(self, cfg: WorkloadConfig, vm: Vm, rings: list[_Ring], code: GuestCode,
-                 can_signal: bool) -> None:
-        self.cfg, self.vm, self.rings, self.code = cfg, vm, rings, code
-        self.can_signal = can_signal
-        self.harvester = _Harvester(vm, rings, cfg.harvest_delay_us / 1e6)
+    def __init__(self, cfg: WorkloadConfig, vm: Vm, number: int, cycle: int, gen: int,
+                 code: GuestCode) -> None:
+        self.vm, self.number, self.cycle, self.gen, self.code = vm, number, cycle, gen, code
+        self.rings = [RingState(vcpu, RingResult(index=vcpu.index, vm_fd=vm.fd, vm_gen=gen,
+                                                 cycle=cycle), cfg.keep_harvest)
+                      for vcpu in vm.vcpus]
+        self.interrupter = (ResetInterrupter(STOP_SIGNAL, cfg.seed * 1000 + number)
+                            if cfg.interrupt_resets else None)
+        self.harvester = Harvester(vm, self.rings, cfg.harvest_delay_us / 1e6,
+                                   self.interrupter)
         self.stop = threading.Event()
-        self.finished = threading.Event()
         self.livelock = False
-        self.errors: list[BaseException] = []
-        self._alive = len(rings)
-        self._alive_lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
-    def vcpu_main(self, ring: _Ring) -> None:
+    def summary(self) -> dict[str, Any]:
+        h = self.harvester
+        return {"cycle": self.cycle, "vm_fd": self.vm.fd, "vm_gen": self.gen,
+                "vcpu_fds": self.vm.vcpu_fds, "resets": h.resets,
+                "reset_returned": h.reset_returned, "reset_eintr": h.reset_eintr,
+                "reset_mismatch": h.reset_mismatch,
+                "interrupts_sent": self.interrupter.sent if self.interrupter else 0,
+                "livelock": self.livelock}
+
+
+class _Cycle:
+    """The threads of one cycle (every VM at once) and how they stop."""
+
+    def __init__(self, cfg: WorkloadConfig, vms: list[_VmRun], can_signal: bool) -> None:
+        self.cfg, self.vms, self.can_signal = cfg, vms, can_signal
+        self.stop = threading.Event()
+        self.finished = threading.Event()
+        self.errors: list[BaseException] = []
+        self._alive = sum(len(v.rings) for v in vms)
+        self._alive_lock = threading.Lock()
+
+    def vcpu_main(self, vmr: _VmRun, ring: RingState) -> None:
         try:
-            self._vcpu_loop(ring)
+            self._vcpu_loop(vmr, ring)
         except BaseException as err:  # reported by run_workload in the main thread
             self.errors.append(err)
             self.stop_all()
         finally:
+            ring.done = True
             with self._alive_lock:
                 self._alive -= 1
                 if self._alive == 0:
                     self.finished.set()
 
-    def _vcpu_loop(self, ring: _Ring) -> None:
+    def _vcpu_loop(self, vmr: _VmRun, ring: RingState) -> None:
         res, vcpu, mode = ring.res, ring.vcpu, self.cfg.harvest
         res.tid = threading.get_native_id()
-        zero_streak = 0
+        streak = 0
         stalled_at: int | None = None
         start = time.monotonic_ns()
-        while not self.stop.is_set():
+        while not vmr.stop.is_set():
             if stalled_at is not None:
                 res.stall_ns += time.monotonic_ns() - stalled_at
                 stalled_at = None
@@ -183,7 +168,7 @@ class _Run:
             try:
                 reason = vcpu.run()
             except OSError as err:
-                if err.errno != errno.EINTR:
+                if err.errno != errno.EINTR:  # EINTR: a stop or an interrupt signal
                     raise describe_oserror(f"KVM_RUN on vCPU {vcpu.index}", err) from None
                 reason = k.KVM_EXIT_INTR
             name = k.EXIT_NAMES.get(reason, str(reason))
@@ -199,44 +184,51 @@ class _Run:
             stalled_at = time.monotonic_ns()
             res.soft_full_exits += 1
             if mode == "lazy":
-                got = self.harvester.wait_for_reaper(ring, self.stop)
+                vmr.harvester.wait_for_reaper(ring, vmr.stop)
             else:
-                got = self.harvester.harvest([ring], always_reset=True)
-            zero_streak = 0 if got else zero_streak + 1
-            if zero_streak >= LIVELOCK_EXITS:
-                res.livelock = self.livelock = True
-                self.stop_all()
+                vmr.harvester.harvest([ring], always_reset=True)
+            # livelock: nothing harvested from this ring (by anyone) since its last exit 31
+            streak = streak + 1 if res.harvested == ring.full_mark else 0
+            ring.full_mark = res.harvested
+            if streak >= LIVELOCK_EXITS:
+                res.livelock = vmr.livelock = True
+                self.stop_vm(vmr)
         now = time.monotonic_ns()
         if stalled_at is not None:
             res.stall_ns += now - stalled_at
         res.run_ns = now - start
         regs = vcpu.get_regs()
-        res.pages_written = self.code.writes_done(regs.rdx, regs.rip)
+        res.pages_written = vmr.code.writes_done(regs.rdx, regs.rip)
 
-    def reaper_main(self, done: threading.Event) -> None:
+    def reaper_main(self, vmr: _VmRun, done: threading.Event) -> None:
         try:
             while not done.wait(self.cfg.reaper_ms / 1e3):
-                self.harvester.reaper_cycle()
+                vmr.harvester.reaper_cycle()
         except BaseException as err:
             self.errors.append(err)
             self.stop_all()
 
-    def stop_all(self) -> None:
-        """Stop every vCPU: set immediate_exit, then signal threads that may be in KVM_RUN."""
-        self.stop.set()
-        for ring in self.rings:
+    def stop_vm(self, vmr: _VmRun) -> None:
+        """Stop one VM's vCPUs: immediate_exit, then signal threads that may be in KVM_RUN."""
+        vmr.stop.set()
+        for ring in vmr.rings:
             ring.vcpu.set_immediate_exit(True)
-        for thread in self.threads:
+        for thread in vmr.threads:
             if thread.is_alive() and thread.ident is not None and self.can_signal:
                 try:
                     signal.pthread_kill(thread.ident, STOP_SIGNAL)
                 except ProcessLookupError:
                     pass
+
+    def stop_all(self) -> None:
+        self.stop.set()
+        for vmr in self.vms:
+            self.stop_vm(vmr)
         self.finished.set()
 
 
 def _noop(_signum: int, _frame: object) -> None:
-    """SIGUSR1 handler: its only job is to make KVM_RUN return EINTR."""
+    """SIGUSR1 handler: its only job is to make KVM_RUN (or a reset) return early."""
 
 
 def _install_stop_handler() -> tuple[bool, object]:
@@ -247,7 +239,7 @@ def _install_stop_handler() -> tuple[bool, object]:
         return current not in (signal.SIG_DFL, signal.SIG_IGN, None), None
 
 
-def _install_end_handlers(run: _Run, interrupted: list[str]) -> dict[int, Any]:
+def _install_end_handlers(cycle: _Cycle, interrupted: list[str]) -> dict[int, Any]:
     """SIGINT/SIGTERM end the run as --duration does: the vCPUs stop, the rings are
     harvested a last time and the result is reported (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
@@ -256,13 +248,14 @@ def _install_end_handlers(run: _Run, interrupted: list[str]) -> dict[int, Any]:
     def end(signum: int, _frame: object) -> None:
         if not interrupted:
             interrupted.append(signal.Signals(signum).name)
-        run.finished.set()
+        cycle.finished.set()
 
     return {s: signal.signal(s, end) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 def run_workload(config: WorkloadConfig) -> WorkloadResult:
-    """Create the VM, run the guest on ``config.vcpus`` threads, harvest, and report.
+    """Create the VMs, run the guest on ``config.vcpus`` threads each, harvest, report;
+    ``config.vm_cycles`` times.
 
     Raises UsageError/MissingFeature (one line + fix) for bad settings or a host without
     /dev/kvm or the dirty ring.
@@ -272,72 +265,139 @@ def run_workload(config: WorkloadConfig) -> WorkloadResult:
     if config.start_delay_ms:
         time.sleep(config.start_delay_ms / 1e3)
     can_signal, old_handler = _install_stop_handler()
-    if not can_signal and config.exit_every == 0 and config.duration_s is not None:
-        raise UsageError("--exit-every 0 with --duration needs a SIGUSR1 handler",
-                         "call run_workload from the main thread")
+    if not can_signal and (config.interrupt_resets or (
+            config.exit_every == 0 and config.duration_s is not None)):
+        raise UsageError("--interrupt-resets, and --exit-every 0 with --duration, need a "
+                         "SIGUSR1 handler", "call run_workload from the main thread")
+    kvm_fd = open_kvm()
     try:
-        with Vm(config.ring_bytes, layout.memory_bytes) as vm:
-            return _run(config, layout, code, vm, can_signal)
+        return _run(config, layout, code, kvm_fd, can_signal)
     except OSError as err:
         raise describe_oserror("KVM setup", err) from None
     finally:
+        os.close(kvm_fd)
         if old_handler is not None:
             signal.signal(STOP_SIGNAL, old_handler)  # type: ignore[arg-type]
 
 
-def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, vm: Vm,
+def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, kvm_fd: int,
          can_signal: bool) -> WorkloadResult:
-    assert vm.memory is not None
-    layout.load(vm.memory, code)
     passes = 0 if cfg.duration_s is not None else cfg.passes
-    rings = [_Ring(vcpu, cfg.keep_harvest) for vcpu in vm.add_vcpus(cfg.vcpus)]
-    for ring in rings:
-        ring.vcpu.enter_protected_mode()
-        ring.vcpu.set_regs(layout.initial_regs(ring.vcpu.index, passes, cfg.exit_every))
-    run = _Run(cfg, vm, rings, code, can_signal)
-    run.threads = [threading.Thread(target=run.vcpu_main, args=(r,), name=f"vcpu{r.res.index}",
-                                    daemon=True) for r in rings]
-    reaper_done = threading.Event()
-    reaper = threading.Thread(target=run.reaper_main, args=(reaper_done,), name="reaper",
-                              daemon=True)
-    t0 = time.monotonic_ns()
-    if cfg.harvest != "on-full":
-        reaper.start()
-    for thread in run.threads:
-        thread.start()
+    fd_uses: dict[int, int] = {}
+    rings: list[RingState] = []
+    vm_runs: list[dict[str, Any]] = []
     interrupted: list[str] = []
-    old = _install_end_handlers(run, interrupted)
-    try:
-        run.finished.wait(cfg.duration_s)
-    finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
-        run.stop_all()
-        for thread in run.threads:
-            thread.join()
-        reaper_done.set()
-        if reaper.is_alive():
-            reaper.join()
-    run.harvester.harvest(rings, always_reset=True)
+    first: Vm | None = None
+    t0 = time.monotonic_ns()
+    for cycle in range(cfg.vm_cycles):
+        vms: list[Vm] = []
+        try:
+            for _ in range(cfg.vms):
+                vm = Vm(cfg.ring_bytes, layout.memory_bytes, kvm_fd)
+                vms.append(vm)
+                assert vm.memory is not None
+                layout.load(vm.memory, code)
+                for vcpu in vm.add_vcpus(cfg.vcpus):
+                    vcpu.enter_protected_mode()
+                    vcpu.set_regs(layout.initial_regs(vcpu.index, passes, cfg.exit_every))
+            runs = []
+            for number, vm in enumerate(vms):
+                runs.append(_VmRun(cfg, vm, number, cycle, fd_uses.get(vm.fd, 0), code))
+                fd_uses[vm.fd] = fd_uses.get(vm.fd, 0) + 1
+            _run_cycle(cfg, runs, can_signal, interrupted)
+            first = first or vms[0]
+            for vmr in runs:
+                _finish_rings(vmr, layout)
+                rings += vmr.rings
+                vm_runs.append(vmr.summary())
+        finally:
+            for vm in vms:
+                vm.close()
+        if interrupted:
+            break
     wall = time.monotonic_ns() - t0
-    if run.errors:
-        err = run.errors[0]
-        raise err if isinstance(err, KvmtraceError) else KvmtraceError(
-            f"vCPU thread failed: {err!r}", "this is a kvmtrace bug; report it") from err
-    for ring in rings:
-        written = {(0, page) for page in layout.written_pages(ring.res.index,
-                                                              ring.res.pages_written)}
-        ring.res.distinct = len(ring.seen)
-        ring.res.lost_suspected = len(written - ring.seen)
-        ring.res.unexpected = len(ring.seen - written)
     entries = cfg.ring_bytes // k.DIRTY_GFN_BYTES
+    assert first is not None
     return WorkloadResult(
-        pid=os.getpid(), vm_fd=vm.fd, cap=vm.cap, ring_bytes=cfg.ring_bytes,
+        pid=os.getpid(), vm_fd=vm_runs[0]["vm_fd"], cap=first.cap, ring_bytes=cfg.ring_bytes,
         ring_entries=entries, soft_limit=entries - k.KVM_DIRTY_RING_RSVD_ENTRIES,
         vcpus=cfg.vcpus, pages=cfg.pages, passes=passes, duration_s=cfg.duration_s,
         pattern=cfg.pattern, seed=cfg.seed, exit_every=cfg.exit_every, harvest=cfg.harvest,
         reaper_ms=cfg.reaper_ms, harvest_delay_us=cfg.harvest_delay_us,
-        rings=[r.res for r in rings], resets=run.harvester.resets,
-        reset_returned=run.harvester.reset_returned, livelock=run.livelock, wall_ns=wall,
+        rings=[r.res for r in rings], resets=sum(v["resets"] for v in vm_runs),
+        reset_returned=sum(v["reset_returned"] for v in vm_runs),
+        livelock=any(v["livelock"] for v in vm_runs), wall_ns=wall,
         harvest_log=[r.log or [] for r in rings] if cfg.keep_harvest else None,
-        interrupted=interrupted[0] if interrupted else None)
+        interrupted=interrupted[0] if interrupted else None, vms=cfg.vms,
+        vm_cycles=cfg.vm_cycles, migrate_ms=cfg.migrate_ms,
+        interrupt_resets=cfg.interrupt_resets,
+        reset_eintr=sum(v["reset_eintr"] for v in vm_runs),
+        reset_mismatch=sum(v["reset_mismatch"] for v in vm_runs),
+        interrupts_sent=sum(v["interrupts_sent"] for v in vm_runs), vm_runs=vm_runs)
+
+
+def _run_cycle(cfg: WorkloadConfig, runs: list[_VmRun], can_signal: bool,
+               interrupted: list[str]) -> None:
+    cycle = _Cycle(cfg, runs, can_signal)
+    side_done = threading.Event()
+    side: list[threading.Thread] = []
+    for vmr in runs:
+        vmr.threads = [threading.Thread(target=cycle.vcpu_main, args=(vmr, r), daemon=True,
+                                        name=f"vm{vmr.number}.vcpu{r.res.index}")
+                       for r in vmr.rings]
+        if cfg.harvest != "on-full":
+            side.append(threading.Thread(target=cycle.reaper_main, args=(vmr, side_done),
+                                         name=f"vm{vmr.number}.reaper", daemon=True))
+        if vmr.interrupter is not None:
+            side.append(threading.Thread(target=vmr.interrupter.main, args=(side_done,),
+                                         name=f"vm{vmr.number}.interrupter", daemon=True))
+    all_rings = [r for vmr in runs for r in vmr.rings]
+    migrator = None
+    if cfg.migrate_ms is not None:
+        migrator = Migrator(cfg.migrate_ms / 1e3,
+                            lambda: [0 if r.done else r.res.tid for r in all_rings],
+                            usable_cpus())
+        side.append(threading.Thread(target=migrator.main, args=(side_done,),
+                                     name="migrator", daemon=True))
+    for thread in side:
+        thread.start()
+    for vmr in runs:
+        for thread in vmr.threads:
+            thread.start()
+    old = _install_end_handlers(cycle, interrupted)
+    try:
+        cycle.finished.wait(cfg.duration_s)
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        cycle.stop_all()
+        for vmr in runs:
+            for thread in vmr.threads:
+                thread.join()
+        for vmr in runs:  # the reapers may still run: the harvester lock serializes
+            vmr.harvester.harvest(vmr.rings, always_reset=True)
+        side_done.set()
+        for thread in side:
+            thread.join()
+    if migrator is not None:
+        for i, ring in enumerate(all_rings):
+            ring.res.migrations = migrator.moves[i]
+            ring.res.cpus = sorted(migrator.cpus[i])
+    if cycle.errors:
+        err = cycle.errors[0]
+        raise err if isinstance(err, KvmtraceError) else KvmtraceError(
+            f"vCPU thread failed: {err!r}", "this is a kvmtrace bug; report it") from err
+
+
+def _finish_rings(vmr: _VmRun, layout: GuestLayout) -> None:
+    """Per ring: distinct, lost pages and entries left DIRTY, after the final harvest."""
+    for ring in vmr.rings:
+        res = ring.res
+        written = {(0, page) for page in layout.written_pages(res.index, res.pages_written)}
+        lost = written - ring.seen
+        res.distinct = len(ring.seen)
+        res.lost_suspected = len(lost)
+        res.lost_pages = [list(p) for p in sorted(lost)]
+        res.unexpected = len(ring.seen - written)
+        dirty = ring.vcpu.ring
+        res.left_dirty = dirty.flags_range(0, dirty.entries).count(k.KVM_DIRTY_GFN_F_DIRTY)

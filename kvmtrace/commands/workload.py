@@ -16,7 +16,12 @@ __all__ = ["register", "run", "config_from_args"]
 EPILOG = """examples:
   kvmtrace workload --vcpus 2 --pages 1000 --json
   kvmtrace workload --exit-every 0 --pages 300          # overflows a 256-entry ring
+  kvmtrace workload --exit-every 0 --pages 1000 --passes 3   # overflow, stuck ring
   kvmtrace workload --duration 2 --harvest lazy --reaper-ms 20
+  kvmtrace workload --exit-every 0 --harvest reaper --reaper-ms 1 --duration 2
+  kvmtrace workload --vms 2 --vcpus 2 --vm-cycles 3     # 2 VMs at once; fds reused
+  kvmtrace workload --ring-bytes 1048576 --pages 70000 --interrupt-resets
+  kvmtrace workload --vcpus 2 --duration 2 --migrate-ms 5
 """
 
 
@@ -50,6 +55,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="injected delay before each harvest (0)")
     p.add_argument("--start-delay-ms", type=float, default=0.0, metavar="MS",
                    help="sleep before creating the VM, so a tracer can attach (0)")
+    p.add_argument("--vms", type=int, default=1, metavar="N",
+                   help="VMs in this process, run together, each with --vcpus vCPUs (1)")
+    p.add_argument("--vm-cycles", type=int, default=1, metavar="K",
+                   help="close and recreate the VMs K times (same fd numbers) (1)")
+    p.add_argument("--migrate-ms", type=float, metavar="MS",
+                   help="re-pin every vCPU thread to another CPU every MS ms")
+    p.add_argument("--interrupt-resets", action="store_true",
+                   help="signal the harvesting thread inside KVM_RESET_DIRTY_RINGS so "
+                   "calls are cut short (they are retried; see reset_eintr)")
     p.add_argument("--pid-file", metavar="PATH", help="write this process's pid here first")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--dump-harvest", metavar="FILE",
@@ -75,7 +89,8 @@ def config_from_args(args: argparse.Namespace) -> WorkloadConfig:
         duration_s=args.duration, pattern=args.pattern, seed=args.seed,
         exit_every=args.exit_every, harvest=args.harvest, reaper_ms=args.reaper_ms,
         harvest_delay_us=args.harvest_delay_us, start_delay_ms=args.start_delay_ms,
-        keep_harvest=bool(args.dump_harvest))
+        keep_harvest=bool(args.dump_harvest), vms=args.vms, vm_cycles=args.vm_cycles,
+        migrate_ms=args.migrate_ms, interrupt_resets=args.interrupt_resets)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,6 +23,9 @@ class RingResult:
     reset_events: KVM_RESET_DIRTY_RINGS calls whose walk finished this ring, i.e. the
     ``kvm_dirty_ring_reset`` tracepoints it got (an interrupted call emits none for the ring
     it stopped in, nor for the rings after it).
+    distinct_written: distinct pages the guest wrote (= pages_written when no page was
+    written twice; then each write pushed once, as the slot starts dirty-logged, and
+    pages_written = harvested + lost_suspected exactly).
     lost_suspected: distinct pages written but never harvested; lost_pages: those pages as
     sorted [slot, offset] pairs (overwritten by an overflow or stranded after one).
     left_dirty: entries still flagged DIRTY in the ring after the final harvest (pushed,
@@ -39,6 +42,7 @@ class RingResult:
     cycle: int = 0
     tid: int = 0
     pages_written: int = 0
+    distinct_written: int = 0
     harvested: int = 0
     distinct: int = 0
     soft_full_exits: int = 0

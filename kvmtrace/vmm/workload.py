@@ -396,6 +396,7 @@ def _finish_rings(vmr: _VmRun, layout: GuestLayout) -> None:
         written = {(0, page) for page in layout.written_pages(res.index, res.pages_written)}
         lost = written - ring.seen
         res.distinct = len(ring.seen)
+        res.distinct_written = len(written)
         res.lost_suspected = len(lost)
         res.lost_pages = [list(p) for p in sorted(lost)]
         res.unexpected = len(ring.seen - written)

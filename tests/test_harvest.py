@@ -10,6 +10,7 @@ import pytest
 from kvmtrace.errors import UsageError
 from kvmtrace.vmm.kvm import KVM_DIRTY_GFN_F_DIRTY as DIRTY
 from kvmtrace.vmm.kvm import KVM_DIRTY_GFN_F_RESET as RESET
+from kvmtrace.vmm.reset import CallOutcome, RingReset, attribute_reset, ring_reset
 from kvmtrace.vmm.result import RingResult, WorkloadResult
 from kvmtrace.vmm.vm import DirtyRing, check_ring_bytes
 from kvmtrace.vmm.workload import WorkloadConfig
@@ -119,6 +120,7 @@ def test_check_ring_bytes_max():
     dict(vcpus=0), dict(vcpus=65), dict(passes=0), dict(duration_s=0.0),
     dict(pattern="zipf"), dict(harvest="eager"), dict(exit_every=-1), dict(reaper_ms=-1),
     dict(harvest="lazy", reaper_ms=0), dict(ring_bytes=5000), dict(pages=0),
+    dict(vms=0), dict(vms=17), dict(vm_cycles=0), dict(migrate_ms=0.0),
 ])
 def test_config_rejects(kwargs):
     with pytest.raises(UsageError):
@@ -153,3 +155,92 @@ def test_summary_fits_80_columns():
     text = _result().summary()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "never harvested" in text
+
+
+def test_summary_several_vms_and_cycles():
+    """Two VMs x two cycles, the fd reused: rows name cycle and VM (5, 5#1), within 80."""
+    res = _result()
+    res.vms, res.vm_cycles, res.reset_eintr, res.interrupt_resets = 2, 2, 3, True
+    res.migrate_ms = 5.0
+    res.rings = [RingResult(index=0, vm_fd=fd, vm_gen=cycle, cycle=cycle,
+                            pages_written=123456789, harvested=123456789, run_ns=10**9,
+                            left_dirty=1 if fd == 9 else 0)
+                 for cycle in (0, 1) for fd in (5, 9)]
+    text = res.summary()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    rows = [line.split()[:3] for line in text.splitlines() if line[:2] in (" 0", " 1")]
+    assert rows == [["0", "5", "0"], ["0", "9", "0"], ["1", "5#1", "0"], ["1", "9#1", "0"]]
+    assert "2 VMs x 2 vCPU(s), 2 cycles" in text
+    assert "3 reset(s) cut short by a signal" in text
+    assert "2 ring(s) ended with pushed entries" in text
+
+
+def test_dump_names_vm_of_each_ring():
+    res = _result()
+    res.rings[1].vm_fd, res.rings[1].vm_gen = 6, 0
+    dump = res.harvest_dump()
+    assert dump["vm_fd"] is None
+    assert [(r["vm_fd"], r["vm_gen"], r["cycle"]) for r in dump["rings"]] == [(-1, 0, 0),
+                                                                               (6, 0, 0)]
+
+
+def _harvested_ring(k: FakeKernel, pushes: int) -> DirtyRing:
+    for off in range(pushes):
+        k.push(0, off)
+    ring = DirtyRing(k.buf, k.entries)
+    assert len(ring.harvest()) == pushes
+    return ring
+
+
+def test_reset_read_back_whole_range():
+    k = FakeKernel(8)
+    ring = _harvested_ring(k, 5)
+    assert k.reset(0) == 5
+    assert ring_reset(ring, 5) == RingReset(5, False)
+    assert ring_reset(ring, 0) == RingReset(0, False)
+
+
+def test_reset_read_back_cut_by_signal():
+    """The kernel cleared 2 of 5 harvested entries, then saw the signal: 3 stay RESET."""
+    k = FakeKernel(8)
+    ring = _harvested_ring(k, 5)
+    for i in range(2):
+        struct.pack_into("<I", k.buf, 16 * i, 0)
+    assert ring_reset(ring, 5) == RingReset(2, True)
+
+
+def test_reset_read_back_overwritten_before_reset():
+    """A push landed on the oldest harvested entry before the reset: the kernel's walk
+    ends there (not a signal), nothing of this ring was reset."""
+    k = FakeKernel(4)
+    ring = _harvested_ring(k, 4)
+    k.push(0, 99)  # dirty_index 4 -> slot 0, on top of a RESET entry
+    assert ring_reset(ring, 4) == RingReset(0, False)
+
+
+def test_reset_read_back_repushed_after_reset():
+    k = FakeKernel(4)
+    ring = _harvested_ring(k, 4)
+    assert k.reset(0) == 4
+    k.push(0, 99)
+    assert ring_reset(ring, 4) == RingReset(4, False)
+
+
+def test_attribute_reset_cut_in_second_ring():
+    """vCPU order: ring 0 done (tracepoint), ring 1 cut after 1 entry, ring 2 not
+    visited: 2 rings' worth of tracepoints is only 1."""
+    kernels = [FakeKernel(8) for _ in range(3)]
+    rings = [_harvested_ring(k, 3) for k in kernels]
+    assert kernels[0].reset(0) == 3
+    struct.pack_into("<I", kernels[1].buf, 0, 0)
+    out = attribute_reset([(r, 3) for r in rings])
+    assert out == CallOutcome([3, 1, 0], 1, 1) and out.total == 4
+
+
+def test_flags_range_wraps():
+    k = FakeKernel(4)
+    ring = _harvested_ring(k, 3)
+    k.push(0, 7)
+    assert ring.flags_range(2, 4) == [RESET, DIRTY, RESET, RESET]
+    with pytest.raises(ValueError):
+        ring.flags_range(0, 5)

@@ -145,29 +145,55 @@ class WorkloadResult:
                           for r, entries in zip(self.rings, log, strict=True)]}
 
     def summary(self) -> str:
-        """A short text report, at most 80 columns wide."""
+        """A short text report, at most 80 columns wide: one row per ring, with its cycle
+        (``cy``) and VM (fd, ``5#1`` for the second VM under fd 5)."""
         how = f"{self.passes} pass(es)" if self.duration_s is None else f"{self.duration_s} s"
+        vms = (f"{self.vms} VMs x {self.vcpus} vCPU(s)" if self.vms > 1
+               else f"vm fd {self.vm_fd}, {self.vcpus} vCPU(s)")
+        cycles = f", {self.vm_cycles} cycles" if self.vm_cycles > 1 else ""
         lines = [
-            f"kvmtrace workload: pid {self.pid}, vm fd {self.vm_fd}, cap {self.cap}, "
-            f"{self.vcpus} vCPU(s)",
+            f"kvmtrace workload: pid {self.pid}, {vms}{cycles}, cap {self.cap}",
             f"ring {self.ring_bytes} B = {self.ring_entries} entries (soft limit "
             f"{self.soft_limit}); {self.pages} pages/vCPU {self.pattern}, {how}",
             f"exit every {self.exit_every or 'never'}; harvest {self.harvest}; "
             f"{self.resets} resets; {self.wall_ns / 1e9:.3f} s"
             + ("; LIVELOCK" if self.livelock else "")
             + (f"; ended early by {self.interrupted}" if self.interrupted else ""),
-            "",
-            f"{'ring':>4} {'written':>9} {'harvested':>9} {'distinct':>8} {'lost':>6} "
-            f"{'full':>5} {'stall ms':>9} {'run ms':>8} {'push/s':>9}",
         ]
+        extra = []
+        if self.interrupt_resets or self.reset_eintr:
+            extra.append(f"{self.reset_eintr} reset(s) cut short by a signal and retried "
+                         f"({self.interrupts_sent} sent)")
+        if self.migrate_ms is not None:
+            moves = sum(r.migrations for r in self.rings)
+            extra.append(f"vCPUs re-pinned every {self.migrate_ms:g} ms ({moves} moves)")
+        if self.reset_mismatch:
+            extra.append(f"{self.reset_mismatch} reset(s) returned another count than "
+                         "the rings show")
+        lines += extra
+        lines += ["", f"{'cy':>2} {'vm':>4} {'ring':>4} {'written':>9} {'harvested':>9} "
+                  f"{'distinct':>8} {'lost':>6} {'full':>5} {'stall ms':>8} {'run ms':>8} "
+                  f"{'push/s':>7}"]
         for r in self.rings:
+            vm = f"{r.vm_fd}#{r.vm_gen}" if r.vm_gen else str(r.vm_fd)
             lines.append(
-                f"{r.index:>4} {r.pages_written:>9} {r.harvested:>9} {r.distinct:>8} "
-                f"{r.lost_suspected:>6} {r.soft_full_exits:>5} {r.stall_ns / 1e6:>9.2f} "
-                f"{r.run_ns / 1e6:>8.1f} {r.pushes_per_s:>9.0f}")
+                f"{r.cycle:>2} {vm:>4} {r.index:>4} {r.pages_written:>9} {r.harvested:>9} "
+                f"{r.distinct:>8} {r.lost_suspected:>6} {r.soft_full_exits:>5} "
+                f"{r.stall_ns / 1e6:>8.2f} {r.run_ns / 1e6:>8.1f} {_rate(r.pushes_per_s):>7}")
         if self.lost_suspected:
             lines.append(f"{self.lost_suspected} written page(s) never harvested: "
                          "the ring overflowed")
+        stuck = sum(1 for r in self.rings if r.left_dirty)
+        if stuck:
+            lines.append(f"{stuck} ring(s) ended with pushed entries the harvest could not "
+                         "reach (stuck)")
         if self.livelock:
-            lines.append("livelock: exit 31 kept coming, nothing to harvest; run ended")
+            lines.append("livelock: exit 31 kept coming, nothing to harvest; VM stopped")
         return "\n".join(lines)
+
+
+def _rate(value: float) -> str:
+    """A rate in at most 7 characters: 123456, 1.23M, 1234.5G."""
+    if value < 1e6:
+        return f"{value:.0f}"
+    return f"{value / 1e6:.2f}M" if value < 1e9 else f"{value / 1e9:.1f}G"

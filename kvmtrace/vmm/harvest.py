@@ -54,6 +54,7 @@ class Harvester:
         self.reset_returned = 0
         self.reset_eintr = 0
         self.reset_mismatch = 0
+        self.mismatches: list[tuple[int, list[int], list[int]]] = []
 
     def harvest(self, rings: list[RingState], always_reset: bool) -> int:
         """Harvest ``rings`` then KVM_RESET_DIRTY_RINGS (if ``always_reset`` or any entry
@@ -90,18 +91,29 @@ class Harvester:
     def _reset(self) -> None:
         """KVM_RESET_DIRTY_RINGS until no call is cut short by a signal (lock held)."""
         for _ in range(MAX_RESET_RETRIES):
+            before = [r.pending for r in self.rings]
             returned, eintr = self._call()
             self.resets += 1
             out = attribute_reset([(r.vcpu.ring, r.pending) for r in self.rings])
-            for i, (ring, count) in enumerate(zip(self.rings, out.per_ring, strict=True)):
+            per_ring = out.per_ring
+            if returned is not None and returned != out.total:
+                holders = [i for i, n in enumerate(before) if n]
+                if len(holders) == 1 and returned <= before[holders[0]]:
+                    # one ring had entries to reset: the kernel's count is its count (the
+                    # read-back cannot tell a harvested entry pushed over before the reset
+                    # from one reset and pushed again, when every one of them was)
+                    per_ring = [returned if i == holders[0] else 0 for i in range(len(before))]
+                else:
+                    self.reset_mismatch += 1
+                    if len(self.mismatches) < 16:
+                        self.mismatches.append((returned, out.per_ring, before))
+            for i, (ring, count) in enumerate(zip(self.rings, per_ring, strict=True)):
                 ring.res.entries_reset += count
                 ring.pending -= count
                 if i < out.visited and (out.interrupted_at is not None or not eintr):
                     ring.res.reset_events += 1
             if returned is not None:
                 self.reset_returned += returned
-                if returned != out.total:
-                    self.reset_mismatch += 1
             if out.interrupted_at is None and not eintr:
                 return
             self.reset_eintr += 1

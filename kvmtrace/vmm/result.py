@@ -20,6 +20,8 @@ class RingResult:
     run_ns: wall time of the vCPU thread's run loop (ns). kvm_runs: KVM_RUN calls.
     entries_reset: harvested entries the kernel reset, read back from the ring after each
     KVM_RESET_DIRTY_RINGS (exact also when a signal cut a call short).
+    unreset: harvested entries the kernel never reset (its walk stopped at an entry the
+    ring's overflow pushed over them; 0 unless an overflow left the ring stuck).
     reset_events: KVM_RESET_DIRTY_RINGS calls whose walk finished this ring, i.e. the
     ``kvm_dirty_ring_reset`` tracepoints it got (an interrupted call emits none for the ring
     it stopped in, nor for the rings after it).
@@ -52,6 +54,7 @@ class RingResult:
     entries_reset: int = 0
     lost_suspected: int = 0
     unexpected: int = 0
+    unreset: int = 0
     reset_events: int = 0
     left_dirty: int = 0
     migrations: int = 0

@@ -374,11 +374,13 @@ def _run_cycle(cfg: WorkloadConfig, runs: list[_VmRun], can_signal: bool,
         for vmr in runs:
             for thread in vmr.threads:
                 thread.join()
-        for vmr in runs:  # the reapers may still run: the harvester lock serializes
-            vmr.harvester.harvest(vmr.rings, always_reset=True)
-        side_done.set()
-        for thread in side:
-            thread.join()
+        try:
+            for vmr in runs:  # the reapers may still run: the harvester lock serializes
+                vmr.harvester.harvest(vmr.rings, always_reset=True)
+        finally:  # no side thread may outlive the cycle: the VMs are closed next
+            side_done.set()
+            for thread in side:
+                thread.join()
     if migrator is not None:
         for i, ring in enumerate(all_rings):
             ring.res.migrations = migrator.moves[i]
@@ -400,5 +402,6 @@ def _finish_rings(vmr: _VmRun, layout: GuestLayout) -> None:
         res.lost_suspected = len(lost)
         res.lost_pages = [list(p) for p in sorted(lost)]
         res.unexpected = len(ring.seen - written)
+        res.unreset = ring.pending
         dirty = ring.vcpu.ring
         res.left_dirty = dirty.flags_range(0, dirty.entries).count(k.KVM_DIRTY_GFN_F_DIRTY)

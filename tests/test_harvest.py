@@ -10,7 +10,7 @@ import pytest
 from kvmtrace.errors import UsageError
 from kvmtrace.vmm.kvm import KVM_DIRTY_GFN_F_DIRTY as DIRTY
 from kvmtrace.vmm.kvm import KVM_DIRTY_GFN_F_RESET as RESET
-from kvmtrace.vmm.reset import CallOutcome, RingReset, attribute_reset, ring_reset
+from kvmtrace.vmm.reset import CallOutcome, RingReset, attribute_reset, reset_run, ring_reset
 from kvmtrace.vmm.result import RingResult, WorkloadResult
 from kvmtrace.vmm.vm import DirtyRing, check_ring_bytes
 from kvmtrace.vmm.workload import WorkloadConfig
@@ -195,9 +195,11 @@ def _harvested_ring(k: FakeKernel, pushes: int) -> DirtyRing:
 def test_reset_read_back_whole_range():
     k = FakeKernel(8)
     ring = _harvested_ring(k, 5)
+    assert reset_run(ring, 0) == 5
     assert k.reset(0) == 5
-    assert ring_reset(ring, 5) == RingReset(5, False)
-    assert ring_reset(ring, 0) == RingReset(0, False)
+    assert ring_reset(ring, 0, 5) == RingReset(5, False)
+    assert ring_reset(ring, 5, 0) == RingReset(0, False)
+    assert reset_run(ring, 5) == 0
 
 
 def test_reset_read_back_cut_by_signal():
@@ -206,7 +208,8 @@ def test_reset_read_back_cut_by_signal():
     ring = _harvested_ring(k, 5)
     for i in range(2):
         struct.pack_into("<I", k.buf, 16 * i, 0)
-    assert ring_reset(ring, 5) == RingReset(2, True)
+    assert ring_reset(ring, 0, 5) == RingReset(2, True)
+    assert reset_run(ring, 2) == 3
 
 
 def test_reset_read_back_overwritten_before_reset():
@@ -215,7 +218,8 @@ def test_reset_read_back_overwritten_before_reset():
     k = FakeKernel(4)
     ring = _harvested_ring(k, 4)
     k.push(0, 99)  # dirty_index 4 -> slot 0, on top of a RESET entry
-    assert ring_reset(ring, 4) == RingReset(0, False)
+    assert ring_reset(ring, 0, 4) == RingReset(0, False)
+    assert reset_run(ring, 0) == 0
 
 
 def test_reset_read_back_repushed_after_reset():
@@ -223,7 +227,22 @@ def test_reset_read_back_repushed_after_reset():
     ring = _harvested_ring(k, 4)
     assert k.reset(0) == 4
     k.push(0, 99)
-    assert ring_reset(ring, 4) == RingReset(4, False)
+    assert ring_reset(ring, 0, 4) == RingReset(4, False)
+
+
+def test_stuck_ring_has_an_empty_run():
+    """300 pushes into 256 entries, one harvest of 256, one reset: the kernel's reset index
+    (256) points at slot 0, cleared although entries 256..299 were pushed: nothing more
+    can ever be reset there, and no retry is due."""
+    k = FakeKernel(256)
+    for page in range(300):
+        k.push(0, page)
+    ring = DirtyRing(k.buf, 256)
+    assert len(ring.harvest()) == 256
+    assert k.reset(0) == 256
+    k.push(0, 300)
+    assert ring.harvest() == [] and reset_run(ring, 256) == 0
+    assert ring_reset(ring, 256, 0) == RingReset(0, False)
 
 
 def test_attribute_reset_cut_in_second_ring():
@@ -233,7 +252,7 @@ def test_attribute_reset_cut_in_second_ring():
     rings = [_harvested_ring(k, 3) for k in kernels]
     assert kernels[0].reset(0) == 3
     struct.pack_into("<I", kernels[1].buf, 0, 0)
-    out = attribute_reset([(r, 3) for r in rings])
+    out = attribute_reset([(r, 0, 3) for r in rings])
     assert out == CallOutcome([3, 1, 0], 1, 1) and out.total == 4
 
 

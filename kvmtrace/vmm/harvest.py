@@ -11,10 +11,11 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections import deque
 
 from ..errors import KvmtraceError
 from .helpers import ResetInterrupter
-from .reset import attribute_reset
+from .reset import attribute_reset, reset_run
 from .result import RingResult
 from .vm import Vcpu, Vm, describe_oserror
 
@@ -26,7 +27,6 @@ MAX_RESET_RETRIES = 10_000
 class RingState:
     """Mutable per-vCPU bookkeeping: the result fields plus harvest state.
 
-    ``pending``: entries harvested (RESET-flagged) that the kernel has not reset yet;
     ``full_mark``: ``res.harvested`` at this vCPU's previous exit 31 (livelock check).
     """
 
@@ -35,7 +35,6 @@ class RingState:
         self.res = res
         self.seen: set[tuple[int, int]] = set()
         self.log: list[tuple[int, int]] | None = [] if keep else None
-        self.pending = 0
         self.full_mark = -1
         self.done = False
 
@@ -55,6 +54,7 @@ class Harvester:
         self.reset_eintr = 0
         self.reset_mismatch = 0
         self.mismatches: list[tuple[int, list[int], list[int]]] = []
+        self.history: deque[tuple[object, ...]] = deque(maxlen=8)  # last calls, for bugs
 
     def harvest(self, rings: list[RingState], always_reset: bool) -> int:
         """Harvest ``rings`` then KVM_RESET_DIRTY_RINGS (if ``always_reset`` or any entry
@@ -66,7 +66,6 @@ class Harvester:
             for ring in rings:
                 entries = ring.vcpu.ring.harvest()
                 ring.res.harvested += len(entries)
-                ring.pending += len(entries)
                 ring.seen.update(entries)
                 if ring.log is not None:
                     ring.log.extend(entries)
@@ -89,27 +88,32 @@ class Harvester:
                 self.interrupter.left(token)
 
     def _reset(self) -> None:
-        """KVM_RESET_DIRTY_RINGS until no call is cut short by a signal (lock held)."""
+        """KVM_RESET_DIRTY_RINGS until no call is cut short by a signal (lock held).
+
+        Each ring's walk starts at the kernel's ``reset_index``, which is the ring's
+        ``entries_reset`` so far; what a call reset is read back from the rings
+        (:func:`.reset.attribute_reset`). When only one ring had entries to reset, the
+        ioctl's return value is that ring's count (it also settles the one case the flags
+        cannot: every entry of the run pushed over during the call)."""
         for _ in range(MAX_RESET_RETRIES):
-            before = [r.pending for r in self.rings]
+            starts = [r.res.entries_reset for r in self.rings]
+            runs = [reset_run(r.vcpu.ring, r.res.entries_reset) for r in self.rings]
             returned, eintr = self._call()
             self.resets += 1
-            out = attribute_reset([(r.vcpu.ring, r.pending) for r in self.rings])
+            out = attribute_reset([(r.vcpu.ring, start, run) for r, start, run
+                                   in zip(self.rings, starts, runs, strict=True)])
             per_ring = out.per_ring
             if returned is not None and returned != out.total:
-                holders = [i for i, n in enumerate(before) if n]
-                if len(holders) == 1 and returned <= before[holders[0]]:
-                    # one ring had entries to reset: the kernel's count is its count (the
-                    # read-back cannot tell a harvested entry pushed over before the reset
-                    # from one reset and pushed again, when every one of them was)
-                    per_ring = [returned if i == holders[0] else 0 for i in range(len(before))]
+                holders = [i for i, n in enumerate(runs) if n]
+                if len(holders) == 1 and returned <= runs[holders[0]]:
+                    per_ring = [returned if i == holders[0] else 0 for i in range(len(runs))]
                 else:
                     self.reset_mismatch += 1
                     if len(self.mismatches) < 16:
-                        self.mismatches.append((returned, out.per_ring, before))
+                        self.mismatches.append((returned, out.per_ring, runs))
+            self.history.append((starts, runs, returned, out.per_ring, out.interrupted_at))
             for i, (ring, count) in enumerate(zip(self.rings, per_ring, strict=True)):
                 ring.res.entries_reset += count
-                ring.pending -= count
                 if i < out.visited and (out.interrupted_at is not None or not eintr):
                     ring.res.reset_events += 1
             if returned is not None:

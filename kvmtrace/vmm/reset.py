@@ -5,20 +5,25 @@ from its ``reset_index`` on while they carry KVM_DIRTY_GFN_F_RESET, and ends the
 one ``kvm_dirty_ring_reset`` tracepoint. Since Linux 6.16 it checks ``signal_pending()``
 before every entry: a signal ends the whole call there, with no tracepoint for the
 interrupted ring, the later rings not visited, and the ioctl still returning the entries
-reset so far (virt/kvm/dirty_ring.c and kvm_main.c, 6.16-6.18). The entries a VMM has
-harvested but the kernel has not reset yet are its *pending* range, ``fetch - pending`` ..
-``fetch - 1``; after a call their flags say exactly how far the kernel got:
+reset so far (virt/kvm/dirty_ring.c and kvm_main.c, 6.16-6.18).
+
+The VMM knows where each ring's walk starts: ``reset_index`` is the number of entries the
+kernel has reset in that ring so far, which the VMM counts exactly. Before a call it reads
+the *run* of RESET-flagged entries from there (the most the walk can reset; a push can only
+turn an entry DIRTY, never RESET); after the call the flags of that run say how far the
+kernel got:
 
 - 0: reset (cleared);
 - RESET (2): not reset. The kernel stops only at an entry without the RESET flag, so a
-  ring whose walk left a harvested entry behind a reset one was stopped by a signal;
-- DIRTY (1): pushed again on top of a harvested entry (the ring was over-full). Before
-  the first RESET left, it is where the kernel's walk ended (the overwrite came first);
-  with no RESET left at all, the kernel reset the whole range and the push came after.
+  walk that left a RESET entry of the run behind was stopped by a signal;
+- DIRTY (1): pushed on top of the entry (the ring was over-full). Before the first RESET
+  left, the first DIRTY is where the walk ended (the overwrite came first); with no RESET
+  left at all, the kernel reset the whole run and the pushes came after.
 
-A signal that lands after a ring's last pending entry leaves no trace in the flags (the
-entries are all reset; only that ring's tracepoint and the later rings' are missing), so it
-cannot be counted; every other interrupted call is.
+A signal that lands after a ring's run leaves no trace in the flags (only that ring's
+tracepoint and the later rings' are missing), so it cannot be counted; every other
+interrupted call is. After an overflow the walk may start on a cleared entry: the run is
+empty and the ring is stuck (the kernel resets nothing there again).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from .kvm import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
 from .vm import DirtyRing
 
-__all__ = ["RingReset", "CallOutcome", "ring_reset", "attribute_reset"]
+__all__ = ["RingReset", "CallOutcome", "reset_run", "ring_reset", "attribute_reset"]
 
 
 @dataclass(frozen=True)
@@ -55,29 +60,42 @@ class CallOutcome:
         return sum(self.per_ring)
 
 
-def ring_reset(ring: DirtyRing, pending: int) -> RingReset:
-    """Read back one ring after a call; ``pending`` entries before ``ring.fetch`` were
-    RESET-flagged by the VMM and not yet reset before the call."""
-    if pending <= 0:
+def reset_run(ring: DirtyRing, start: int) -> int:
+    """Consecutive RESET-flagged entries from ring index ``start`` (the kernel's
+    ``reset_index``): the most one walk can reset in this ring."""
+    flags = ring.flags_range(start, ring.entries)
+    ends = []
+    for other in (0, KVM_DIRTY_GFN_F_DIRTY):
+        try:
+            ends.append(flags.index(other))
+        except ValueError:
+            pass
+    return min(ends, default=len(flags))
+
+
+def ring_reset(ring: DirtyRing, start: int, run: int) -> RingReset:
+    """Read back one ring after a call whose walk started at ring index ``start`` with
+    ``run`` RESET-flagged entries ahead of it."""
+    if run <= 0:
         return RingReset(0, False)
-    flags = ring.flags_range(ring.fetch - pending, min(pending, ring.entries))
+    flags = ring.flags_range(start, run)
     try:
         first_left = flags.index(KVM_DIRTY_GFN_F_RESET)
     except ValueError:
-        return RingReset(len(flags), False)
+        return RingReset(run, False)
     try:
         return RingReset(flags.index(KVM_DIRTY_GFN_F_DIRTY, 0, first_left), False)
     except ValueError:
         return RingReset(first_left, True)
 
 
-def attribute_reset(rings: list[tuple[DirtyRing, int]]) -> CallOutcome:
-    """Read back every ring of a VM (vCPU index order, with its pending count) after one
-    KVM_RESET_DIRTY_RINGS call."""
+def attribute_reset(rings: list[tuple[DirtyRing, int, int]]) -> CallOutcome:
+    """Read back every ring of a VM (vCPU index order; per ring its walk start and run
+    before the call) after one KVM_RESET_DIRTY_RINGS call."""
     per_ring: list[int] = []
     cut: int | None = None
-    for i, (ring, pending) in enumerate(rings):
-        share = ring_reset(ring, pending)
+    for i, (ring, start, run) in enumerate(rings):
+        share = ring_reset(ring, start, run)
         per_ring.append(share.reset)
         if cut is None and share.stopped_by_signal:
             cut = i

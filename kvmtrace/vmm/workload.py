@@ -402,6 +402,6 @@ def _finish_rings(vmr: _VmRun, layout: GuestLayout) -> None:
         res.lost_suspected = len(lost)
         res.lost_pages = [list(p) for p in sorted(lost)]
         res.unexpected = len(ring.seen - written)
-        res.unreset = ring.pending
+        res.unreset = res.harvested - res.entries_reset
         dirty = ring.vcpu.ring
         res.left_dirty = dirty.flags_range(0, dirty.entries).count(k.KVM_DIRTY_GFN_F_DIRTY)

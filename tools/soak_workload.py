@@ -88,8 +88,7 @@ def exact(res: WorkloadResult, writes: int) -> list[str]:
 
 def vms_cycles(res: WorkloadResult) -> list[str]:
     bad = exact(res, 1000)
-    first = {v["cycle"] == 0 and i: (v["vm_fd"], v["vcpu_fds"])
-             for i, v in enumerate(res.vm_runs) if v["cycle"] == 0}
+    first = {i: (v["vm_fd"], v["vcpu_fds"]) for i, v in enumerate(res.vm_runs[:res.vms])}
     for i, v in enumerate(res.vm_runs):
         if (v["vm_fd"], v["vcpu_fds"]) != first.get(i % res.vms):
             bad.append(f"cycle {v['cycle']} VM {i % res.vms}: fds {v['vm_fd']} "

@@ -160,6 +160,11 @@ def test_hot_and_random_patterns_cover_all_pages(kvm):
     (["--harvest", "eager"], "--harvest"),
     (["--passes", "2", "--duration", "1"], "exclusive"),
     (["--ring-bytes", "4096", "--ring-entries", "256"], "exclusive"),
+    (["--vms", "0"], "--vms"),
+    (["--vms", "17"], "--vms"),
+    (["--vm-cycles", "0"], "--vm-cycles"),
+    (["--migrate-ms", "0"], "--migrate-ms"),
+    (["--migrate-ms", "x"], "--migrate-ms"),
 ])
 def test_bad_flags_one_line_exit_2(kvm, args, needle):
     proc = run_cli(*args)
@@ -207,3 +212,12 @@ def test_signal_ends_run_like_duration(kvm, signum):
         assert ring["distinct"] == 2000
         assert ring["lost_suspected"] == 0 and ring["unexpected"] == 0
         assert ring["harvested"] == ring["entries_reset"] <= ring["pages_written"]
+
+
+def test_help_lists_scenario_flags_within_80_columns():
+    proc = run_cli("-h")
+    assert proc.returncode == 0
+    assert max(len(line) for line in proc.stdout.splitlines()) <= 80
+    examples = proc.stdout.split("examples:")[1]
+    for flag in ("--vms", "--vm-cycles", "--migrate-ms", "--interrupt-resets"):
+        assert f"  {flag}" in proc.stdout and flag in examples

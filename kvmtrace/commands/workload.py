@@ -15,12 +15,13 @@ __all__ = ["register", "run", "config_from_args"]
 
 EPILOG = """examples:
   kvmtrace workload --vcpus 2 --pages 1000 --json
-  kvmtrace workload --exit-every 0 --pages 300          # overflows a 256-entry ring
-  kvmtrace workload --exit-every 0 --pages 1000 --passes 3   # overflow, stuck ring
+  kvmtrace workload --exit-every 0 --pages 300      # overflows a 256-entry ring
+  kvmtrace workload --exit-every 0 --pages 20000    # stuck ring, livelock
   kvmtrace workload --duration 2 --harvest lazy --reaper-ms 20
-  kvmtrace workload --exit-every 0 --harvest reaper --reaper-ms 1 --duration 2
-  kvmtrace workload --vms 2 --vcpus 2 --vm-cycles 3     # 2 VMs at once; fds reused
-  kvmtrace workload --ring-bytes 1048576 --pages 70000 --interrupt-resets
+  kvmtrace workload --exit-every 0 --harvest reaper --reaper-ms 1 --pages 8000
+  kvmtrace workload --vms 2 --vcpus 2 --vm-cycles 3  # 2 VMs at once, fds reused
+  kvmtrace workload --ring-entries 65536 --pages 66000 --exit-every 64 \\
+      --interrupt-resets                            # resets cut short, retried
   kvmtrace workload --vcpus 2 --duration 2 --migrate-ms 5
 """
 

@@ -52,6 +52,7 @@ class Harvester:
         self.resets = 0
         self.reset_returned = 0
         self.reset_eintr = 0
+        self.reset_errno_eintr = 0  # calls that failed with EINTR (6.16-6.18 never do)
         self.reset_mismatch = 0
         self.mismatches: list[tuple[int, list[int], list[int]]] = []
         self.history: deque[tuple[object, ...]] = deque(maxlen=8)  # last calls, for bugs
@@ -121,6 +122,7 @@ class Harvester:
             if out.interrupted_at is None and not eintr:
                 return
             self.reset_eintr += 1
+            self.reset_errno_eintr += eintr
         raise KvmtraceError(f"KVM_RESET_DIRTY_RINGS was interrupted {MAX_RESET_RETRIES} "
                             "times in a row", "send fewer signals to the harvesting thread")
 

@@ -125,6 +125,7 @@ class _VmRun:
         return {"cycle": self.cycle, "vm_fd": self.vm.fd, "vm_gen": self.gen,
                 "vcpu_fds": self.vm.vcpu_fds, "resets": h.resets,
                 "reset_returned": h.reset_returned, "reset_eintr": h.reset_eintr,
+                "reset_errno_eintr": h.reset_errno_eintr,
                 "reset_mismatch": h.reset_mismatch,
                 "interrupts_sent": self.interrupter.sent if self.interrupter else 0,
                 "livelock": self.livelock}

@@ -172,7 +172,7 @@ def test_summary_several_vms_and_cycles():
     assert rows == [["0", "5", "0"], ["0", "9", "0"], ["1", "5#1", "0"], ["1", "9#1", "0"]]
     assert "2 VMs x 2 vCPU(s), 2 cycles" in text
     assert "3 reset(s) cut short by a signal" in text
-    assert "2 ring(s) ended with pushed entries" in text
+    assert "2 ring(s) stuck" in text
 
 
 def test_dump_names_vm_of_each_ring():

@@ -52,6 +52,8 @@ def common(res: WorkloadResult) -> list[str]:
             bad.append(f"{name}: lost_pages {len(r.lost_pages)} != lost {r.lost_suspected}")
         if r.left_dirty and not r.livelock and not r.halted:
             bad.append(f"{name}: stuck ring (left_dirty {r.left_dirty}) not reported")
+        if r.livelock and not (r.left_dirty or r.unreset):
+            bad.append(f"{name}: livelock reported on a ring that is not stuck")
     return bad
 
 
@@ -175,7 +177,7 @@ def soak(sc: Scenario, runs: int) -> Tally:
         tally.anomalies.update(bad)
         tally.stats["cut"] += res.reset_eintr
         tally.stats["sent"] += res.interrupts_sent
-        tally.stats["stuck"] += sum(1 for r in res.rings if r.left_dirty)
+        tally.stats["stuck"] += sum(1 for r in res.rings if r.left_dirty or r.unreset)
         tally.stats["livelock"] += sum(1 for r in res.rings if r.livelock)
         tally.stats["lost"] += res.lost_suspected
         tally.stats["rings"] += len(res.rings)

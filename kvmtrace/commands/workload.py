@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passes", type=int, metavar="N",
                    help="walk the pages N times, then halt (1)")
     p.add_argument("--duration", type=float, metavar="S",
-                   help="keep walking for S seconds instead of --passes")
+                   help="keep walking for S seconds (per VM cycle) instead of --passes")
     p.add_argument("--pattern", default="seq", metavar="|".join(PATTERNS),
                    help="page visit order: seq, random (see --seed) or hot (skewed repeats)")
     p.add_argument("--seed", type=int, default=0, help="seed for random and hot (0)")

@@ -186,10 +186,10 @@ class WorkloadResult:
         if self.lost_suspected:
             lines.append(f"{self.lost_suspected} written page(s) never harvested: "
                          "the ring overflowed")
-        stuck = sum(1 for r in self.rings if r.left_dirty)
+        stuck = sum(1 for r in self.rings if r.left_dirty or r.unreset)
         if stuck:
-            lines.append(f"{stuck} ring(s) ended with pushed entries the harvest could not "
-                         "reach (stuck)")
+            lines.append(f"{stuck} ring(s) stuck: entries left that no harvest or reset "
+                         "can reach")
         if self.livelock:
             lines.append("livelock: exit 31 kept coming, nothing to harvest; VM stopped")
         return "\n".join(lines)

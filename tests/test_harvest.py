@@ -180,8 +180,7 @@ def test_dump_names_vm_of_each_ring():
     res.rings[1].vm_fd, res.rings[1].vm_gen = 6, 0
     dump = res.harvest_dump()
     assert dump["vm_fd"] is None
-    assert [(r["vm_fd"], r["vm_gen"], r["cycle"]) for r in dump["rings"]] == [(-1, 0, 0),
-                                                                               (6, 0, 0)]
+    assert [(r["pid"], r["vm"], r["index"]) for r in dump["rings"]] == [(1, 5, 0), (1, 6, 1)]
 
 
 def _harvested_ring(k: FakeKernel, pushes: int) -> DirtyRing:

@@ -137,14 +137,16 @@ class WorkloadResult:
         return json.dumps(self.to_dict(), sort_keys=False)
 
     def harvest_dump(self) -> dict[str, Any]:
-        """Per ring, every harvested [slot, offset] in harvest order (needs the log kept).
-        Top-level ``vm_fd`` is null when the rings belong to several VMs."""
+        """Per ring, every harvested [slot, offset] in harvest order (needs the log kept);
+        the shape of ``replay --dump-harvest``: each ring names ``pid`` and ``vm`` (the
+        fd), rings in (cycle, VM, index) order; top-level ``vm_fd`` is null when the rings
+        belong to several VMs."""
         log = self.harvest_log or [[] for _ in self.rings]
         vms = {(r.vm_fd, r.vm_gen) for r in self.rings}
         return {"pid": self.pid, "vm_fd": self.vm_fd if len(vms) <= 1 else None,
                 "ring_entries": self.ring_entries,
-                "rings": [{"index": r.index, "vm_fd": r.vm_fd, "vm_gen": r.vm_gen,
-                           "cycle": r.cycle, "harvested": [list(e) for e in entries]}
+                "rings": [{"pid": self.pid, "vm": r.vm_fd if r.vm_fd >= 0 else self.vm_fd,
+                           "index": r.index, "harvested": [list(e) for e in entries]}
                           for r, entries in zip(self.rings, log, strict=True)]}
 
     def summary(self) -> str:

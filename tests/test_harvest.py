@@ -262,3 +262,10 @@ def test_flags_range_wraps():
     assert ring.flags_range(2, 4) == [RESET, DIRTY, RESET, RESET]
     with pytest.raises(ValueError):
         ring.flags_range(0, 5)
+
+
+def test_reset_run_limit():
+    k = FakeKernel(8)
+    ring = _harvested_ring(k, 5)
+    assert reset_run(ring, 0, 3) == 3 and reset_run(ring, 0, 0) == 0
+    assert reset_run(ring, 0, 100) == 5

@@ -98,7 +98,8 @@ class Harvester:
         cannot: every entry of the run pushed over during the call)."""
         for _ in range(MAX_RESET_RETRIES):
             starts = [r.res.entries_reset for r in self.rings]
-            runs = [reset_run(r.vcpu.ring, r.res.entries_reset) for r in self.rings]
+            runs = [reset_run(r.vcpu.ring, r.res.entries_reset,
+                              r.res.harvested - r.res.entries_reset) for r in self.rings]
             returned, eintr = self._call()
             self.resets += 1
             out = attribute_reset([(r.vcpu.ring, start, run) for r, start, run

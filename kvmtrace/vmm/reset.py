@@ -60,10 +60,13 @@ class CallOutcome:
         return sum(self.per_ring)
 
 
-def reset_run(ring: DirtyRing, start: int) -> int:
+def reset_run(ring: DirtyRing, start: int, limit: int | None = None) -> int:
     """Consecutive RESET-flagged entries from ring index ``start`` (the kernel's
-    ``reset_index``): the most one walk can reset in this ring."""
-    flags = ring.flags_range(start, ring.entries)
+    ``reset_index``): the most one walk can reset in this ring. ``limit``: read no more
+    than this many (each RESET entry is a harvested entry not reset yet, so the VMM's
+    count of those bounds the run)."""
+    count = ring.entries if limit is None else max(0, min(limit, ring.entries))
+    flags = ring.flags_range(start, count)
     ends = []
     for other in (0, KVM_DIRTY_GFN_F_DIRTY):
         try:

@@ -249,6 +249,14 @@ class ReplaySource:
         self._time = 0
 
     @property
+    def warnings(self) -> list[str]:
+        """The source's one-line warnings (a text trace's rings not told apart), known
+        once its first batch is read (this reads it)."""
+        if self._until is None and self._pending is None and not self._exhausted:
+            self._fill()
+        return list(getattr(self.source, "warnings", ()))
+
+    @property
     def done(self) -> bool:
         """True once every event of the source has been fed."""
         return self._exhausted and (self._pending is None or len(self._pending) == 0)

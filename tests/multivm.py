@@ -26,6 +26,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--ring-bytes", type=int, default=4096)
     p.add_argument("--pages", type=int, default=1000)
+    p.add_argument("--pages-step", type=int, default=0,
+                   help="VM k dirties pages + k * STEP pages (VMs that end differently)")
     p.add_argument("--passes", type=int, default=1)
     p.add_argument("--duration", type=float)
     p.add_argument("--exit-every", type=int, default=1)
@@ -35,15 +37,16 @@ def main(argv: list[str]) -> int:
     signal.signal(STOP_SIGNAL, lambda *_: None)  # vCPU threads are kicked with it
     if a.wait:
         sys.stdin.readline()
-    cfg = WorkloadConfig(vcpus=a.vcpus, ring_bytes=a.ring_bytes, pages=a.pages,
-                         passes=a.passes, duration_s=a.duration, exit_every=a.exit_every,
-                         harvest=a.harvest, reaper_ms=a.reaper_ms)
+    cfgs = [WorkloadConfig(vcpus=a.vcpus, ring_bytes=a.ring_bytes,
+                           pages=a.pages + k * a.pages_step, passes=a.passes,
+                           duration_s=a.duration, exit_every=a.exit_every,
+                           harvest=a.harvest, reaper_ms=a.reaper_ms) for k in range(a.vms)]
     results: list[dict | None] = [None] * a.vms
     errors: list[BaseException] = []
 
     def one(i: int) -> None:
         try:
-            results[i] = run_workload(cfg).to_dict()
+            results[i] = run_workload(cfgs[i]).to_dict()
         except BaseException as err:  # reported below
             errors.append(err)
 

@@ -19,10 +19,14 @@ timestamps): c reached D (D is c's index before its first push or one of its pus
 push that made ``dirty_index`` D read a ``reset_index`` <= R, the next push (D + 1, after
 the reset read D) read one >= R, and c's previous reset had D' <= D and R' <= R. Resets
 consistent with exactly one push ring are assigned to it. For the others, in turn: the
-burst's other resets (one call is one VM), then the thread's other bursts (a reaper
-harvests one VM) pick the VM; a reset that still fits several rings leaves those rings
-*not told apart*: :attr:`TextVms.unsure` names them and :attr:`TextVms.warnings` says so
-in one line. A reset that fits no push ring belongs to a ring that never pushed; it goes
+burst's other resets (one call is one VM), then the thread's other bursts and pushes (a
+reaper harvests one VM, a vCPU thread resets its own VM), then the one VM whose rings the
+burst moves (D or R past their previous reset) pick the VM. A burst that moves no ring of
+any of its VMs changes nothing whichever it was: it is counted under vm -1
+(:attr:`TextVms.unplaced`). One that moves rings of several VMs leaves those rings *not
+told apart*, unless an identical burst follows that fits the same VMs (either order then
+gives the same rings): :attr:`TextVms.unsure` names them. :attr:`TextVms.warnings` says
+either in one line. A reset that fits no push ring belongs to a ring that never pushed; it goes
 to its burst's VM.
 
 VMs found this way get synthetic ids ``vm = -2, -3, ...`` (in order of their first event;
@@ -152,6 +156,7 @@ class TextVms:
         self._tid_vm: dict[tuple[int, int], int] = {}
         self._nreset = 0
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None
+        self.unplaced = 0  #: resets that changed no ring and fit rings of several VMs
 
     # -- pass 1 ------------------------------------------------------------------------
     def observe(self, ev: np.ndarray) -> None:
@@ -226,6 +231,8 @@ class TextVms:
         for burst in bursts:
             self._solve_burst(burst, res, cand, assigned, uf)
         tid_groups: dict[tuple[int, int], set[int]] = {}
+        for h, r in enumerate(rings):  # a vCPU thread that resets resets its own VM
+            tid_groups.setdefault((r.pid, r.tid), set()).add(h)
         twins: dict[tuple, list[int]] = {}
         for burst in bursts:
             key = (int(res[burst[0], 1]), int(res[burst[0], 2]))
@@ -316,9 +323,10 @@ class TextVms:
                      uf: _Union, prefer: int | None, twins: dict[tuple, list[int]],
                      unsure: set[int]) -> None:
         """Second round for a burst with resets that fit several rings: the VM its
-        thread reset otherwise, else the one VM it moves, else (resets no index can
-        tell apart) the first VM, its rings marked unsure unless an identical burst
-        later fits the same VMs (then either order gives the same rings)."""
+        thread reset otherwise (or pushes to), else the one VM it moves; a burst that
+        moves none of them stays unplaced (vm -1); one that moves several goes to the
+        first, its rings marked unsure unless an identical burst later fits the same VMs
+        (then either order gives the same rings)."""
         todo = [i for i in burst if assigned[i] < 0 and cand(i)]
         if not todo:
             return
@@ -340,6 +348,9 @@ class TextVms:
                 for i in options[v])]
             if len(moving) == 1:
                 roots = moving
+            elif not moving:  # it changed no ring: whichever VM it was, nothing else
+                self.unplaced += len(todo)  # follows from it; count it under vm -1
+                return
             else:
                 content = tuple((int(res[i, 3]), int(res[i, 4]), int(res[i, 5]))
                                 for i in burst)
@@ -377,6 +388,10 @@ class TextVms:
             for i in burst:
                 reset_vm[i] = self._ring_vm[int(assigned[i])] if assigned[i] >= 0 else vm
         self._reset_vm = reset_vm
+        if self.unplaced:
+            self.warnings.append(
+                f"{self.unplaced} reset event(s) that changed no ring could be any of "
+                "several VMs' (the text cannot tell): counted under vm -1")
         for h in unsure_rings:
             r = self._rings[h]
             self.unsure.add((r.pid, self._ring_vm[h], r.idx))

@@ -60,13 +60,16 @@ def perf_capture(out: Path, cmd: list[str], *, pid_column: bool = False,
     rec = [perf, "record", "-q", "-o", str(data)]
     for name in EVENTS[:3]:
         rec += ["-e", f"kvm:{name}"]
-    proc = subprocess.run([*rec, "--", *cmd], stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr
     script = [perf, "script", "-i", str(data)]
     if pid_column:
         script += ["--ns", "-F", "comm,pid,tid,cpu,time,event,trace"]
-    with out.open("w") as f:
-        subprocess.run(script, stdout=f, stderr=subprocess.DEVNULL, check=True,
-                       timeout=timeout)
-    return out, proc.stdout
+    for _ in range(3):  # perf record here now and then writes a file without samples
+        proc = subprocess.run([*rec, "--", *cmd], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr
+        with out.open("w") as f:
+            subprocess.run(script, stdout=f, stderr=subprocess.DEVNULL, check=False,
+                           timeout=timeout)
+        if out.stat().st_size:
+            return out, proc.stdout
+    raise AssertionError(f"perf record wrote no samples three times: {proc.stderr}")

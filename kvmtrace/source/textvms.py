@@ -31,8 +31,8 @@ to its burst's VM.
 
 VMs found this way get synthetic ids ``vm = -2, -3, ...`` (in order of their first event;
 real VM fds are >= 0 and -1 means unknown, so they cannot collide). Separation happens
-only when the text needs it: when every ring index of a process is pushed by one thread,
-``vm`` stays -1 as before.
+only where the text needs it: the rings of a process (of the whole text when it prints no
+pid) in which every ring index is pushed by one thread keep ``vm`` -1, as before.
 
 The solver needs the whole trace (a reset's ring is known once later pushes are seen), so
 a text source runs it over the file first (:meth:`TextVms.observe` per chunk, then
@@ -147,6 +147,7 @@ class TextVms:
         self._key: dict[tuple[int, int, int], int] = {}
         self._resets: list[np.ndarray] = []  # per chunk: ts, pid, tid, ring, di, ri
         self.needed = False  #: some ring index of a process is pushed by several threads
+        self._sep_pids: set[int] = set()
         self.warnings: list[str] = []
         #: (pid, vm, index) of rings whose resets could not be told apart from another's
         self.unsure: set[tuple[int, int, int]] = set()
@@ -217,7 +218,8 @@ class TextVms:
             by_index.setdefault((r.pid, r.idx), []).append(h)
         self._chain(by_index, uf)
         groups = {key: {uf.find(h) for h in hs} for key, hs in by_index.items()}
-        self.needed = any(len(g) > 1 for g in groups.values())
+        self._sep_pids = {pid for (pid, _), g in groups.items() if len(g) > 1}
+        self.needed = bool(self._sep_pids)
         res = (np.concatenate(self._resets) if self._resets
                else np.zeros((0, 6), np.int64))
         self._resets = []
@@ -376,11 +378,13 @@ class TextVms:
         to their burst's VM."""
         first: dict[int, int] = {}
         for h, r in enumerate(self._rings):
-            g = uf.find(h)
-            first[g] = min(first.get(g, r.first_ts), r.first_ts)
+            if r.pid in self._sep_pids:  # other processes keep vm -1
+                g = uf.find(h)
+                first[g] = min(first.get(g, r.first_ts), r.first_ts)
         vm_of = {g: SYNTHETIC_VM_FIRST - k
                  for k, g in enumerate(sorted(first, key=lambda g: (first[g], g)))}
-        self._ring_vm = {h: vm_of[uf.find(h)] for h in range(len(self._rings))}
+        self._ring_vm = {h: vm_of.get(uf.find(h), VM_UNKNOWN)
+                         for h in range(len(self._rings))}
         reset_vm = np.full(len(res), VM_UNKNOWN, np.int64)
         for burst in bursts:
             owned = [int(assigned[i]) for i in burst if assigned[i] >= 0]

@@ -73,9 +73,12 @@ class _PushRing:
     last_ts: int = 0
     cp_pos: list[int] = field(default_factory=list)  # positions where reset_index changed
     cp_ri: list[int] = field(default_factory=list)
+    ts_parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # pos, ts
     # solver state: resets taken so far, by their number in the trace: (number, D, R)
     taken: list[tuple[int, int, int]] = field(default_factory=list)
     pos_arr: np.ndarray | None = None
+    push_pos: np.ndarray | None = None  # every push: position, ts (ns)
+    push_ts: np.ndarray | None = None
 
     def ri_at(self, pos: int) -> int:
         """reset_index the push at position ``pos`` (1..last_pos) read."""
@@ -103,6 +106,20 @@ class _PushRing:
         if pos >= 1 and s32(r - self.ri_at(pos)) < 0:
             return False
         return not (pos < self.last_pos and s32(self.ri_at(pos + 1) - r) < 0)
+
+    def lateness(self, ts: int, d: int) -> int:
+        """ns by which this ring's pushes contradict a reset at ``ts`` that read
+        dirty_index ``d``: push D traced after the reset, push D + 1 before it."""
+        assert self.push_pos is not None and self.push_ts is not None
+        pos = s32(d - self.base)
+        k = int(np.searchsorted(self.push_pos, pos))
+        late = 0
+        if pos >= 1 and k < len(self.push_pos) and self.push_pos[k] == pos:
+            late += max(0, int(self.push_ts[k]) - ts)
+        k1 = k + 1 if k < len(self.push_pos) and self.push_pos[k] == pos else k
+        if k1 < len(self.push_pos) and self.push_pos[k1] == pos + 1:
+            late += max(0, ts - int(self.push_ts[k1]))
+        return late
 
     def moves(self, i: int, d: int, r: int) -> bool:
         """Would reset number ``i`` move this ring (D or R past its previous reset's)?"""
@@ -203,6 +220,7 @@ class TextVms:
             r.cp_pos.extend(pos[change].tolist())
             r.cp_ri.extend(ri[change].tolist())
             r.last_pos = max(r.last_pos, int(pos.max()))
+            r.ts_parts.append((pos, ts))
             r.last_ts = int(ts[-1])
 
     # -- solving -----------------------------------------------------------------------
@@ -215,6 +233,9 @@ class TextVms:
         by_index: dict[tuple[int, int], list[int]] = {}
         for h, r in enumerate(rings):
             r.pos_arr = np.asarray(r.cp_pos, dtype=np.int64)
+            r.push_pos = np.concatenate([p for p, _ in r.ts_parts])
+            r.push_ts = np.concatenate([t for _, t in r.ts_parts])
+            r.ts_parts = []
             by_index.setdefault((r.pid, r.idx), []).append(h)
         self._chain(by_index, uf)
         groups = {key: {uf.find(h) for h in hs} for key, hs in by_index.items()}
@@ -324,49 +345,66 @@ class TextVms:
     def _final_burst(self, burst: list[int], res: np.ndarray, cand, assigned: np.ndarray,
                      uf: _Union, prefer: int | None, twins: dict[tuple, list[int]],
                      unsure: set[int]) -> None:
-        """Second round for a burst with resets that fit several rings: the VM its
-        thread reset otherwise (or pushes to), else the one VM it moves; a burst that
-        moves none of them stays unplaced (vm -1); one that moves several goes to the
-        first, its rings marked unsure unless an identical burst later fits the same VMs
-        (then either order gives the same rings)."""
+        """Second round for a burst with resets that fit several rings. A burst that
+        moves none of them stays unplaced (vm -1). Otherwise each reset takes, in turn,
+        the one candidate in the VM of the burst's other resets or of its thread (the VM
+        it resets otherwise, or pushes to), else among those it moves (D or R past the
+        ring's previous reset) the one whose pushes are in time with the reset (push D
+        traced before it, push D + 1 after it), else the first; then the rings taken are
+        one VM. A reset decided by none of these marks its candidates unsure, unless
+        another burst has the same indices (then either order gives the same rings)."""
         todo = [i for i in burst if assigned[i] < 0 and cand(i)]
         if not todo:
             return
         fixed = [int(assigned[i]) for i in burst if assigned[i] >= 0]
-        options: dict[int, dict[int, int]] = {}  # VM root -> {reset: ring}
-        for i in todo:
-            for h in cand(i):
-                options.setdefault(uf.find(h), {}).setdefault(i, h)
-        if fixed:
-            roots = [uf.find(fixed[0])]
-        else:
-            roots = [v for v, m in options.items() if len(m) == len(todo)] or list(options)
-        sure = True
-        if len(roots) > 1 and prefer is not None and uf.find(prefer) in roots:
-            roots = [uf.find(prefer)]
-        if len(roots) > 1:
-            moving = [v for v in roots if any(
-                self._rings[options[v][i]].moves(i, int(res[i, 4]), int(res[i, 5]))
-                for i in options[v])]
-            if len(moving) == 1:
-                roots = moving
-            elif not moving:  # it changed no ring: whichever VM it was, nothing else
-                self.unplaced += len(todo)  # follows from it; count it under vm -1
-                return
-            else:
-                content = tuple((int(res[i, 3]), int(res[i, 4]), int(res[i, 5]))
-                                for i in burst)
-                later = [b for b in twins.get(content, []) if b > burst[0]]
-                sure = bool(moving) and len(later) >= len(moving) - 1
-                roots = moving or roots
-        v = roots[0]
-        for i in todo:
-            h = options.get(v, {}).get(i)
-            if h is None:
-                continue
+        if not fixed and not any(
+                self._rings[h].moves(i, int(res[i, 4]), int(res[i, 5]))
+                for i in todo for h in cand(i)):
+            self.unplaced += len(todo)  # it changed no ring: whichever VM it was, nothing
+            return  # else follows from it; counted under vm -1
+        content = tuple((int(res[i, 3]), int(res[i, 4]), int(res[i, 5])) for i in burst)
+        twin = any(b != burst[0] for b in twins.get(content, []))
+        root = fixed[0] if fixed else prefer
+        taken = list(fixed)
+
+        def choose(i: int) -> tuple[int, list[int]]:
+            """The ring for reset i, and the candidates it could not tell it from."""
+            cs = cand(i)
+            if root is not None:
+                mine = [h for h in cs if uf.find(h) == uf.find(root)]
+                if len(mine) == 1:
+                    return mine[0], []
+                cs = mine or cs
+            d = int(res[i, 4])
+            moving = [h for h in cs if self._rings[h].moves(i, d, int(res[i, 5]))]
+            cs = moving or cs  # a call repeated on a ring already there is the other's
+            late = {h: self._rings[h].lateness(int(res[i, 0]), d) for h in cs}
+            best = min(late.values())
+            top = [h for h in cs if late[h] == best]
+            return top[0], (top if len(top) > 1 else [])
+
+        pending = [i for i in todo if cand(i)]
+        decided = True
+        while pending and decided:  # decisive resets first: they name the burst's VM
+            decided = False
+            for i in list(pending):
+                h, ties = choose(i)
+                if not ties:
+                    self._take(i, h, res, assigned)
+                    taken.append(h)
+                    root = h if root is None else root
+                    pending.remove(i)
+                    decided = True
+        arbitrary = root is None  # no reset of the burst names its VM
+        for i in pending:
+            h, ties = choose(i)
             self._take(i, h, res, assigned)
-            if not sure:
-                unsure.update(cand(i) + [h])
+            taken.append(h)
+            root = h if root is None else root
+            if not twin:
+                unsure.update(cand(i) if arbitrary else ties)
+        for h in taken[1:]:
+            uf.union(taken[0], h)
 
     def _take(self, i: int, h: int, res: np.ndarray, assigned: np.ndarray) -> None:
         assigned[i] = h
@@ -396,7 +434,7 @@ class TextVms:
             self.warnings.append(
                 f"{self.unplaced} reset event(s) that changed no ring could be any of "
                 "several VMs' (the text cannot tell): counted under vm -1")
-        for h in unsure_rings:
+        for h in sorted(unsure_rings):
             r = self._rings[h]
             self.unsure.add((r.pid, self._ring_vm[h], r.idx))
         if self.unsure:

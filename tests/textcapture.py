@@ -57,7 +57,7 @@ def perf_capture(out: Path, cmd: list[str], *, pid_column: bool = False,
     perf = shutil.which("perf")
     assert perf is not None
     data = out.with_suffix(".data")
-    rec = [perf, "record", "-q", "-o", str(data)]
+    rec = [perf, "record", "-m", "4096", "-o", str(data)]  # 16 MiB per CPU: no loss
     for name in EVENTS[:3]:
         rec += ["-e", f"kvm:{name}"]
     script = [perf, "script", "-i", str(data)]
@@ -67,6 +67,8 @@ def perf_capture(out: Path, cmd: list[str], *, pid_column: bool = False,
         proc = subprocess.run([*rec, "--", *cmd], stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, proc.stderr
+        # perf reports dropped samples only here ("lost N chunks", "LOST n events")
+        assert "lost" not in proc.stderr.lower(), proc.stderr
         with out.open("w") as f:
             subprocess.run(script, stdout=f, stderr=subprocess.DEVNULL, check=False,
                            timeout=timeout)

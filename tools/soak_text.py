@@ -8,14 +8,18 @@ instance filtered on its pid or under ``perf record``, imports the kernel's text
 holds it to the VMM's own ground truth. Per scenario it prints:
 
   runs        runs tried
+  short       runs whose text lacks pushes the VMM made (the capture dropped events, seen
+              with perf on a busy host); not judged further
   exact       runs whose every ring (pushes, entries reset, resets, soft-full exits) equals
               the VMM's, through replay, the aggregator (top --replay) and compare
-  warned      runs where the importer said it could not tell some rings apart
+  warned      runs where the importer said it could not tell some resets apart (expected
+              now and then of "same-vms": identical VMs end in identical indices)
+  wrong       runs neither exact nor warned: a silent misattribution (must stay 0)
   anomalies   replay anomalies summed over the runs (after separation), by kind
   merged      the anomalies the same text gives with every ring's vm left unknown (as
               before separation), summed, and the "overwritten" entries they claimed
 
-Exit status 0 when every run was exact and no run warned.
+Exit status 0 when no run was wrong.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ def one_run(scenario: str, tmp: Path) -> dict:
     ev = np.concatenate(list(src.batches()))
     want: dict[tuple[int, int], tuple[int, ...]] = {}
     pushes = ev[ev["kind"] == Kind.PUSH]
+    short = any(int((pushes["tid"] == r["tid"]).sum()) != r["pages_written"]
+                for vm in truth for r in vm["rings"])
     for vm in truth:
         ids = {int(x) for r in vm["rings"]
                for x in np.unique(pushes["vm"][pushes["tid"] == r["tid"]])}
@@ -94,7 +100,7 @@ def one_run(scenario: str, tmp: Path) -> dict:
     rp = Replay(src.meta)
     rp.feed(merged)
     before = rp.finish()
-    return {"exact": got == want == agg_got and cmp_ok, "warned": bool(src.warnings),
+    return {"exact": got == want == agg_got and cmp_ok, "short": short, "warned": bool(src.warnings),
             "anomalies": Counter(a.kind.value for a in rep.anomalies),
             "merged": len(before.anomalies),
             "merged_overwritten": sum(r.overwritten for r in before.rings),
@@ -108,27 +114,31 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="copy the text of failing runs here")
     a = ap.parse_args()
     ok = True
-    print(f"{'scenario':<22} {'runs':>4} {'exact':>5} {'warned':>6} {'anomalies':>9} "
-          f"{'merged':>7} {'overwr.':>8}  anomaly kinds")
+    print(f"{'scenario':<22} {'runs':>4} {'short':>5} {'exact':>5} {'warned':>6} "
+          f"{'wrong':>5} {'anomalies':>9} {'merged':>7} {'overwr.':>8}  anomaly kinds")
     for scenario in a.scenario or SCENARIOS:
-        n = exact = warned = merged = over = 0
+        n = short = exact = warned = wrong = merged = over = 0
         kinds: Counter[str] = Counter()
         for i in range(a.runs):
             with tempfile.TemporaryDirectory() as d:
                 r = one_run(scenario, Path(d))
                 n += 1
+                if r["short"]:
+                    short += 1
+                    continue
                 exact += r["exact"]
                 warned += r["warned"]
+                wrong += not (r["exact"] or r["warned"])
                 kinds += r["anomalies"]
                 merged += r["merged"]
                 over += r["merged_overwritten"]
-                if a.keep and (not r["exact"] or r["warned"]):
+                if a.keep and not (r["exact"] and not r["warned"]):
                     a.keep.mkdir(parents=True, exist_ok=True)
                     name = f"{scenario.replace('/', '-')}-{i}.txt"
                     (a.keep / name).write_bytes(r["path"].read_bytes())
-        ok &= exact == n and warned == 0
-        print(f"{scenario:<22} {n:>4} {exact:>5} {warned:>6} {sum(kinds.values()):>9} "
-              f"{merged:>7} {over:>8}  {dict(kinds)}", flush=True)
+        ok &= wrong == 0
+        print(f"{scenario:<22} {n:>4} {short:>5} {exact:>5} {warned:>6} {wrong:>5} "
+              f"{sum(kinds.values()):>9} {merged:>7} {over:>8}  {dict(kinds)}", flush=True)
     return 0 if ok else 1
 
 

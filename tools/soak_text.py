@@ -100,7 +100,8 @@ def one_run(scenario: str, tmp: Path) -> dict:
     rp = Replay(src.meta)
     rp.feed(merged)
     before = rp.finish()
-    return {"exact": got == want == agg_got and cmp_ok, "short": short, "warned": bool(src.warnings),
+    return {"exact": got == want == agg_got and cmp_ok, "short": short,
+            "warned": bool(src.warnings),
             "anomalies": Counter(a.kind.value for a in rep.anomalies),
             "merged": len(before.anomalies),
             "merged_overwritten": sum(r.overwritten for r in before.rings),

@@ -6,6 +6,7 @@ with no anomaly and no warning, against the VMM's ground truth."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,21 +37,33 @@ SCENARIOS = {
                     "--duration", "0.5", "--exit-every", "0", "--harvest", "reaper",
                     "--reaper-ms", "1"),
 }
+# identical VMs end in identical indices: the VMM's final reset call on each, when its
+# reaper got there first, changes no ring and fits both VMs (the text cannot tell)
+SAME = ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000", "--passes", "2",
+        "--exit-every", "8", "--harvest", "reaper", "--reaper-ms", "2")
 
 
-def capture(how: str, scenario: str, tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
+def capture(how: str, flags: tuple[str, ...], tmp_path: Path
+            ) -> tuple[Path, list[dict[str, Any]]]:
     require(Path("/dev/kvm").exists(), "no /dev/kvm")
-    flags = SCENARIOS[scenario]
-    if how == "tracefs":
-        require((TRACEFS / "instances").is_dir(), "tracefs not mounted")
-        path, out = tracefs_capture(tmp_path / "trace.txt", multivm_cmd(2, *flags, wait=True))
-    else:
-        require(shutil.which("perf") is not None, "perf not installed (linux-perf)")
-        path, out = perf_capture(tmp_path / "perf.txt", multivm_cmd(2, *flags))
-    truth = json.loads(out)
-    for vm in truth:  # the runs themselves were clean
-        assert vm["lost_suspected"] == 0 and vm["reset_returned"] == vm["entries_reset"]
-    return path, truth
+    for _ in range(3):
+        if how == "tracefs":
+            require((TRACEFS / "instances").is_dir(), "tracefs not mounted")
+            path, out = tracefs_capture(tmp_path / "trace.txt",
+                                        multivm_cmd(2, *flags, wait=True))
+        else:
+            require(shutil.which("perf") is not None, "perf not installed (linux-perf)")
+            path, out = perf_capture(tmp_path / "perf.txt", multivm_cmd(2, *flags))
+        truth = json.loads(out)
+        for vm in truth:  # the runs themselves were clean
+            assert vm["lost_suspected"] == 0 and vm["reset_returned"] == vm["entries_reset"]
+        # perf on a busy host now and then writes a perf.data that stops early (no loss
+        # reported): the text then lacks pushes the VMM made, whatever the importer does
+        text = path.read_text()
+        if all(len(re.findall(rf"\b{r['tid']}\b[^\n]*kvm_dirty_ring_push", text))
+               == r["pages_written"] for vm in truth for r in vm["rings"]):
+            return path, truth
+    raise AssertionError(f"three {how} captures lacked pushes the VMM made")
 
 
 def expected(truth: list[dict[str, Any]], ev: np.ndarray) -> dict[tuple[int, int], tuple]:
@@ -74,7 +87,7 @@ def expected(truth: list[dict[str, Any]], ev: np.ndarray) -> dict[tuple[int, int
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_two_vms_in_one_process_told_apart(scenario: str, how: str, attempt: int,
                                            tmp_path: Path) -> None:
-    path, truth = capture(how, scenario, tmp_path)
+    path, truth = capture(how, SCENARIOS[scenario], tmp_path)
     ring_bytes = truth[0]["ring_bytes"]
     src = open_source(path, ring_bytes=ring_bytes)
     ev = np.concatenate(list(src.batches()))
@@ -108,8 +121,31 @@ def test_two_vms_in_one_process_told_apart(scenario: str, how: str, attempt: int
     assert rep.anomalies == []
 
 
+@pytest.mark.parametrize("attempt", range(2))
+def test_identical_vms_exact_or_warned(tmp_path: Path, attempt: int) -> None:
+    """Never silently wrong: either every VM's counts are exact, or the importer said
+    which resets it could not place (and then only those are missing)."""
+    path, truth = capture("tracefs", SAME, tmp_path)
+    src = open_source(path, ring_bytes=4096)
+    ev = np.concatenate(list(src.batches()))
+    want = expected(truth, ev)
+    rep = replay_source(open_source(path, ring_bytes=4096))
+    got = {(r.ring[1], r.ring[2]): (r.pushes, r.entries_reset, r.resets, r.soft_full_exits)
+           for r in rep.rings}
+    if not src.warnings:
+        assert got == want
+        return
+    unplaced = {i: v[2] for (vm, i), v in got.items() if vm == -1}
+    assert src.unplaced == sum(unplaced.values()) and not src.unsure
+    for (vm, i), v in want.items():  # what is missing is the unplaced resets, no more
+        assert got[(vm, i)][:2] == v[:2] and got[(vm, i)][3] == v[3]
+    for i in (0, 1):
+        assert sum(got[(vm, i)][2] for vm in (-2, -3)) + unplaced[i] == sum(
+            v[2] for (vm, x), v in want.items() if x == i)
+
+
 def test_cli_json_has_no_warning_and_exits_0(tmp_path: Path) -> None:
-    path, truth = capture("tracefs", "reaper-exits", tmp_path)
+    path, truth = capture("tracefs", SCENARIOS["reaper-exits"], tmp_path)
     proc = subprocess.run(kvmtrace_cmd("replay", str(path), "--ring-bytes", "4096", "--json"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

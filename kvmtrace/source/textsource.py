@@ -95,6 +95,7 @@ class TextSource:
         #: (pid, vm, index) of rings whose resets the text could not tell apart
         self.unsure: set[tuple[int, int, int]] = set()
         self.separated = False  #: rings of several VMs were told apart (vm -2, -3, ...)
+        self.unplaced = 0  #: reset events no VM could be named for (under vm -1)
 
     @property
     def lost(self) -> int:
@@ -116,6 +117,7 @@ class TextSource:
         vms.solve()
         self.warnings = list(vms.warnings)
         self.unsure = set(vms.unsure)
+        self.unplaced = vms.unplaced
         self.separated = vms.needed
         nres = 0
         for ev in (cache if cache is not None else self._read()):

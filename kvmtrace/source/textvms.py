@@ -135,12 +135,21 @@ def _pack(pid, tid, ring):  # type: ignore[no-untyped-def]
 
 
 class _Union:
+    """VMs as sets of push rings; a VM holds one ring per (pid, ring index)."""
+
     def __init__(self) -> None:
         self.parent: list[int] = []
+        self.keys: dict[int, set[tuple[int, int]]] = {}  # root -> (pid, index) of its rings
 
-    def add(self) -> int:
+    def add(self, key: tuple[int, int]) -> int:
         self.parent.append(len(self.parent))
+        self.keys[len(self.parent) - 1] = {key}
         return len(self.parent) - 1
+
+    def can_join(self, a: int, b: int) -> bool:
+        """One VM could hold both groups: no ring index in both (or already one)."""
+        ra, rb = self.find(a), self.find(b)
+        return ra == rb or not (self.keys[ra] & self.keys[rb])
 
     def find(self, a: int) -> int:
         p = self.parent
@@ -152,7 +161,9 @@ class _Union:
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+            lo, hi = min(ra, rb), max(ra, rb)
+            self.parent[hi] = lo
+            self.keys[lo] |= self.keys.pop(hi)
 
 
 class TextVms:
@@ -174,6 +185,7 @@ class TextVms:
         self._tid_vm: dict[tuple[int, int], int] = {}
         self._nreset = 0
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None
+        self._unsure: set[int] = set()  # push rings whose resets were not told apart
         self.unplaced = 0  #: resets that changed no ring and fit rings of several VMs
 
     # -- pass 1 ------------------------------------------------------------------------
@@ -228,8 +240,8 @@ class TextVms:
         """Decide which ring each reset is and number the VMs."""
         rings = self._rings
         uf = _Union()
-        for _ in rings:
-            uf.add()
+        for r in rings:
+            uf.add((r.pid, r.idx))
         by_index: dict[tuple[int, int], list[int]] = {}
         for h, r in enumerate(rings):
             r.pos_arr = np.asarray(r.cp_pos, dtype=np.int64)
@@ -266,7 +278,7 @@ class TextVms:
                                 for i in burst)
                 twins.setdefault(content, []).append(burst[0])
         # second round, in time order: bursts with resets that fit several rings
-        unsure_rings: set[int] = set()
+        unsure_rings = self._unsure
         for burst in bursts:
             if all(assigned[i] >= 0 for i in burst):
                 continue
@@ -332,7 +344,10 @@ class TextVms:
         if len(roots) > 1:  # resets of one call that fit one ring each: one VM
             first = roots.pop()
             for g in roots:
-                uf.union(first, g)
+                if uf.can_join(first, g):
+                    uf.union(first, g)
+                else:  # two rings of one index in one call: the indices contradict
+                    self._unsure.update(int(assigned[i]) for i in burst if assigned[i] >= 0)
         if not roots and not any(assigned[i] >= 0 for i in burst):
             return
         root = uf.find(next(int(assigned[i]) for i in burst if assigned[i] >= 0))
@@ -364,17 +379,26 @@ class TextVms:
             return  # else follows from it; counted under vm -1
         content = tuple((int(res[i, 3]), int(res[i, 4]), int(res[i, 5])) for i in burst)
         twin = any(b != burst[0] for b in twins.get(content, []))
-        root = fixed[0] if fixed else prefer
+        root = fixed[0] if fixed else None
         taken = list(fixed)
 
-        def choose(i: int) -> tuple[int, list[int]]:
-            """The ring for reset i, and the candidates it could not tell it from."""
+        def choose(i: int, guess: bool) -> tuple[int | None, list[int]]:
+            """The ring for reset i and the candidates it was not told from; without
+            ``guess`` only a ring the indices leave alone (else None)."""
             cs = cand(i)
             if root is not None:
                 mine = [h for h in cs if uf.find(h) == uf.find(root)]
                 if len(mine) == 1:
                     return mine[0], []
-                cs = mine or cs
+                cs = mine or [h for h in cs if uf.can_join(h, root)] or cs
+            if len(cs) == 1:
+                return cs[0], []
+            if not guess:
+                return None, cs
+            if root is None and prefer is not None:  # the VM its thread works for
+                mine = [h for h in cs if uf.find(h) == uf.find(prefer)]
+                if len(mine) == 1:
+                    return mine[0], []
             d = int(res[i, 4])
             moving = [h for h in cs if self._rings[h].moves(i, d, int(res[i, 5]))]
             cs = moving or cs  # a call repeated on a ring already there is the other's
@@ -384,27 +408,32 @@ class TextVms:
             return top[0], (top if len(top) > 1 else [])
 
         pending = [i for i in todo if cand(i)]
-        decided = True
-        while pending and decided:  # decisive resets first: they name the burst's VM
-            decided = False
-            for i in list(pending):
-                h, ties = choose(i)
-                if not ties:
-                    self._take(i, h, res, assigned)
-                    taken.append(h)
-                    root = h if root is None else root
-                    pending.remove(i)
-                    decided = True
-        arbitrary = root is None  # no reset of the burst names its VM
-        for i in pending:
-            h, ties = choose(i)
+        guessed = False  # the burst's VM came from a tie broken arbitrarily
+        while pending:  # facts first (a reset that fits one ring names the VM), then
+            for guess in (False, True):  # one heuristic step, then facts again
+                done = None
+                for i in pending:
+                    h, ties = choose(i, guess)
+                    if h is not None and (not ties or guess):
+                        done = (i, h, ties)
+                        break
+                if done is not None:
+                    break
+            assert done is not None
+            i, h, ties = done
+            if ties and root is None:
+                guessed = True
             self._take(i, h, res, assigned)
             taken.append(h)
             root = h if root is None else root
-            if not twin:
-                unsure.update(cand(i) if arbitrary else ties)
+            pending.remove(i)
+            if (ties or guessed) and not twin:
+                unsure.update(cand(i) if guessed else ties)
         for h in taken[1:]:
-            uf.union(taken[0], h)
+            if uf.can_join(taken[0], h):
+                uf.union(taken[0], h)
+            else:
+                unsure.update(taken)
 
     def _take(self, i: int, h: int, res: np.ndarray, assigned: np.ndarray) -> None:
         assigned[i] = h

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -63,7 +64,11 @@ def perf_capture(out: Path, cmd: list[str], *, pid_column: bool = False,
     script = [perf, "script", "-i", str(data)]
     if pid_column:
         script += ["--ns", "-F", "comm,pid,tid,cpu,time,event,trace"]
-    for _ in range(3):  # perf record here now and then writes a file without samples
+    # perf record here writes a file without samples while another perf session records
+    # the same tracepoints system-wide (other tests on a shared host): try again later
+    for attempt in range(6):
+        if attempt:
+            time.sleep(2)
         proc = subprocess.run([*rec, "--", *cmd], stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, proc.stderr
@@ -74,4 +79,4 @@ def perf_capture(out: Path, cmd: list[str], *, pid_column: bool = False,
                            timeout=timeout)
         if out.stat().st_size:
             return out, proc.stdout
-    raise AssertionError(f"perf record wrote no samples three times: {proc.stderr}")
+    raise AssertionError(f"perf record wrote no samples six times: {proc.stderr}")

@@ -360,26 +360,34 @@ class TextVms:
     def _final_burst(self, burst: list[int], res: np.ndarray, cand, assigned: np.ndarray,
                      uf: _Union, prefer: int | None, twins: dict[tuple, list[int]],
                      unsure: set[int]) -> None:
-        """Second round for a burst with resets that fit several rings. A burst that
-        moves none of them stays unplaced (vm -1). Otherwise each reset takes, in turn,
-        the one candidate in the VM of the burst's other resets or of its thread (the VM
-        it resets otherwise, or pushes to), else among those it moves (D or R past the
-        ring's previous reset) the one whose pushes are in time with the reset (push D
-        traced before it, push D + 1 after it), else the first; then the rings taken are
-        one VM. A reset decided by none of these marks its candidates unsure, unless
-        another burst has the same indices (then either order gives the same rings)."""
+        """Second round for a burst with resets that fit several rings. Its VM is the
+        one of its resets already placed or fitting one ring only, else the one its
+        thread works for (the VM it resets otherwise, or pushes to) when every reset
+        fits a ring there. Without either, a burst that moves no candidate stays
+        unplaced (vm -1). Then each reset takes, facts first, the one candidate in the
+        burst's VM, or the only one left; else, among those it moves (D or R past the
+        ring's previous reset), the one whose pushes are in time with the reset (push D
+        traced before it, push D + 1 after it), else the first. The rings taken are one
+        VM. A reset decided by a tie marks its candidates unsure (all of the burst's,
+        when the tie named the VM), unless another burst has the same indices (then
+        either order gives the same rings)."""
         todo = [i for i in burst if assigned[i] < 0 and cand(i)]
         if not todo:
             return
         fixed = [int(assigned[i]) for i in burst if assigned[i] >= 0]
-        if not fixed and not any(
+        root = fixed[0] if fixed else None
+        if root is None:  # a reset that fits one ring only names the VM
+            root = next((cand(i)[0] for i in todo if len(cand(i)) == 1), None)
+        if root is None and prefer is not None and all(  # the VM its thread works for
+                any(uf.find(h) == uf.find(prefer) for h in cand(i)) for i in todo):
+            root = prefer
+        if root is None and not any(
                 self._rings[h].moves(i, int(res[i, 4]), int(res[i, 5]))
                 for i in todo for h in cand(i)):
             self.unplaced += len(todo)  # it changed no ring: whichever VM it was, nothing
             return  # else follows from it; counted under vm -1
         content = tuple((int(res[i, 3]), int(res[i, 4]), int(res[i, 5])) for i in burst)
         twin = any(b != burst[0] for b in twins.get(content, []))
-        root = fixed[0] if fixed else None
         taken = list(fixed)
 
         def choose(i: int, guess: bool) -> tuple[int | None, list[int]]:
@@ -395,10 +403,6 @@ class TextVms:
                 return cs[0], []
             if not guess:
                 return None, cs
-            if root is None and prefer is not None:  # the VM its thread works for
-                mine = [h for h in cs if uf.find(h) == uf.find(prefer)]
-                if len(mine) == 1:
-                    return mine[0], []
             d = int(res[i, 4])
             moving = [h for h in cs if self._rings[h].moves(i, d, int(res[i, 5]))]
             cs = moving or cs  # a call repeated on a ring already there is the other's

@@ -14,20 +14,30 @@ What the text does carry (Linux 6.x, virt/kvm/dirty_ring.c):
   one VM (a *burst*).
 
 A reset of ring index i with ``dirty_index`` D and ``reset_index`` R (both read after the
-reset loop) belongs to a push ring c of index i only if (exact index continuity, no
+reset loop) *fits* a push ring c of index i only if (exact index continuity, no
 timestamps): c reached D (D is c's index before its first push or one of its pushes), the
 push that made ``dirty_index`` D read a ``reset_index`` <= R, the next push (D + 1, after
-the reset read D) read one >= R, and c's previous reset had D' <= D and R' <= R. Resets
-consistent with exactly one push ring are assigned to it. For the others, in turn: the
-burst's other resets (one call is one VM), then the thread's other bursts and pushes (a
-reaper harvests one VM, a vCPU thread resets its own VM), then the one VM whose rings the
-burst moves (D or R past their previous reset) pick the VM. A burst that moves no ring of
-any of its VMs changes nothing whichever it was: it is counted under vm -1
-(:attr:`TextVms.unplaced`). One that moves rings of several VMs leaves those rings *not
-told apart*, unless an identical burst follows that fits the same VMs (either order then
-gives the same rings): :attr:`TextVms.unsure` names them. :attr:`TextVms.warnings` says
-either in one line. A reset that fits no push ring belongs to a ring that never pushed; it goes
-to its burst's VM.
+the reset read D) read one >= R, and the resets already given to c before (after) it have
+D' <= D and R' <= R (>=). A VM holds one ring per index. The solver, in time order:
+
+1. a reset that fits one ring only is that ring's; the other resets of its burst go to
+   the one ring of their index in the same VM (one call is one VM);
+2. for a burst still open, its VM is, in turn: the VM of a reset of it placed in step 1
+   or fitting one ring only, the VM its thread works for (the VM of the thread's other
+   bursts, or of its own pushes: a vCPU thread resets its own VM) when every reset fits
+   a ring there; without one, a burst that moves no ring it fits (D and R equal to
+   that ring's previous reset) changes nothing whichever VM it was: it is *unplaced*,
+   counted under vm -1 (:attr:`TextVms.unplaced`);
+3. each open reset then takes the one candidate in the burst's VM; else (no VM named
+   yet) among the candidates it moves, the one whose pushes are in time with the reset
+   (push D traced before it, push D + 1 after it); a tie left there is broken by order
+   and its rings are *unsure* (:attr:`TextVms.unsure`; all of the burst's when the tie
+   named the VM), unless another burst has the same indices (then either order gives
+   the same rings).
+
+:attr:`TextVms.warnings` says in one line when resets were unplaced or rings unsure. A
+reset that fits no push ring belongs to a ring that never pushed; it goes to its burst's
+VM.
 
 VMs found this way get synthetic ids ``vm = -2, -3, ...`` (in order of their first event;
 real VM fds are >= 0 and -1 means unknown, so they cannot collide). Separation happens
@@ -37,7 +47,7 @@ pid) in which every ring index is pushed by one thread keep ``vm`` -1, as before
 The solver needs the whole trace (a reset's ring is known once later pushes are seen), so
 a text source runs it over the file first (:meth:`TextVms.observe` per chunk, then
 :meth:`TextVms.solve`) and assigns ids on a second read (:meth:`TextVms.assign`). Memory:
-per push ring, the pushes where its ``reset_index`` changed; per reset, 33 bytes.
+per push, 16 bytes (its position and timestamp), per reset 48 bytes, while solving.
 """
 
 from __future__ import annotations

@@ -86,14 +86,12 @@ class _PushRing:
     ts_parts: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # pos, ts
     # solver state: resets taken so far, by their number in the trace: (number, D, R)
     taken: list[tuple[int, int, int]] = field(default_factory=list)
-    pos_arr: np.ndarray | None = None
     push_pos: np.ndarray | None = None  # every push: position, ts (ns)
     push_ts: np.ndarray | None = None
 
     def ri_at(self, pos: int) -> int:
         """reset_index the push at position ``pos`` (1..last_pos) read."""
-        assert self.pos_arr is not None
-        k = int(np.searchsorted(self.pos_arr, pos, side="right")) - 1
+        k = bisect.bisect_right(self.cp_pos, pos) - 1
         return self.cp_ri[max(k, 0)]
 
     def neighbours(self, i: int) -> tuple[tuple[int, int, int] | None,
@@ -254,7 +252,6 @@ class TextVms:
             uf.add((r.pid, r.idx))
         by_index: dict[tuple[int, int], list[int]] = {}
         for h, r in enumerate(rings):
-            r.pos_arr = np.asarray(r.cp_pos, dtype=np.int64)
             r.push_pos = np.concatenate([p for p, _ in r.ts_parts])
             r.push_ts = np.concatenate([t for _, t in r.ts_parts])
             r.ts_parts = []

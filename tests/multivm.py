@@ -3,9 +3,9 @@
 tell VMs apart. Until ``kvmtrace workload --vms N`` exists this is the way to get two VMs
 in one process.
 
-Usage: python tests/multivm.py N [--wait] WORKLOAD-FLAGS... (the flags of `kvmtrace
-workload`). ``--wait``: read one line from stdin before creating the VMs (a tracer can
-first filter on this pid).
+Usage: python tests/multivm.py N [--wait] [--cycles K] WORKLOAD-FLAGS... (the flags of
+`kvmtrace workload`); the list is in (cycle, VM) order. ``--wait``: read one line from
+stdin before creating the VMs (a tracer can first filter on this pid).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--vcpus", type=int, default=1)
     p.add_argument("--ring-bytes", type=int, default=4096)
     p.add_argument("--pages", type=int, default=1000)
+    p.add_argument("--cycles", type=int, default=1,
+                   help="each thread runs its VM this many times in a row (a new VM, new "
+                   "vCPU threads, usually the same fd)")
     p.add_argument("--pages-step", type=int, default=0,
                    help="VM k dirties pages + k * STEP pages (VMs that end differently)")
     p.add_argument("--passes", type=int, default=1)
@@ -41,12 +44,13 @@ def main(argv: list[str]) -> int:
                            pages=a.pages + k * a.pages_step, passes=a.passes,
                            duration_s=a.duration, exit_every=a.exit_every,
                            harvest=a.harvest, reaper_ms=a.reaper_ms) for k in range(a.vms)]
-    results: list[dict | None] = [None] * a.vms
+    results: list[list[dict]] = [[] for _ in range(a.vms)]
     errors: list[BaseException] = []
 
     def one(i: int) -> None:
         try:
-            results[i] = run_workload(cfgs[i]).to_dict()
+            for _ in range(a.cycles):
+                results[i].append(run_workload(cfgs[i]).to_dict())
         except BaseException as err:  # reported below
             errors.append(err)
 
@@ -58,7 +62,7 @@ def main(argv: list[str]) -> int:
     if errors:
         print(f"multivm: {errors[0]}", file=sys.stderr)
         return 1
-    print(json.dumps(results))
+    print(json.dumps([r for cycle in zip(*results, strict=True) for r in cycle]))
     return 0
 
 

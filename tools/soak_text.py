@@ -55,6 +55,10 @@ WORKLOADS = {
     "fast-reaper": ("--vcpus", "2", "--ring-bytes", "1048576", "--pages", "20000",
                     "--duration", "0.5", "--exit-every", "0", "--harvest", "reaper",
                     "--reaper-ms", "1"),
+    # each thread closes its VM and creates another (new vCPU threads, fds reused)
+    "fd-reuse": ("--cycles", "2", "--vcpus", "2", "--ring-bytes", "4096", "--pages",
+                 "2000", "--pages-step", "200", "--passes", "2", "--exit-every", "8",
+                 "--harvest", "reaper", "--reaper-ms", "2"),
     "on-full": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "3000",
                 "--pages-step", "100", "--passes", "2", "--exit-every", "1"),
 }

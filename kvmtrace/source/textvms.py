@@ -421,24 +421,27 @@ class TextVms:
         pending = [i for i in todo if cand(i)]
         guessed = False  # the burst's VM came from a tie broken arbitrarily
         while pending:  # facts first (a reset that fits one ring names the VM), then
+            done = None
             for guess in (False, True):  # one heuristic step, then facts again
-                done = None
-                for i in pending:
-                    h, ties = choose(i, guess)
-                    if h is not None and (not ties or guess):
-                        done = (i, h, ties)
-                        break
+                tried = [(i, *choose(i, guess)) for i in pending]
+                done = next((t for t in tried if t[1] is not None and not t[2]), None)
+                if done is None and guess:  # only ties left: break one by order
+                    done = tried[0]
                 if done is not None:
                     break
             assert done is not None
             i, h, ties = done
+            assert h is not None
             if ties and root is None:
                 guessed = True
+            # twins make a tie harmless only between rings in the same state
+            alike = twin and len({self._rings[g].neighbours(i)[0] and
+                                  self._rings[g].neighbours(i)[0][1:] for g in ties}) <= 1
             self._take(i, h, res, assigned)
             taken.append(h)
             root = h if root is None else root
             pending.remove(i)
-            if (ties or guessed) and not twin:
+            if (ties or guessed) and not alike:
                 unsure.update(cand(i) if guessed else ties)
         for h in taken[1:]:
             if uf.can_join(taken[0], h):

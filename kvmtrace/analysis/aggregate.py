@@ -210,11 +210,14 @@ def _furthest(idx: np.ndarray, base: int) -> int:
 
 def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)`` of (pid, vm, ring) records, through one
-    uint64 per key when vm and ring fit in 16 bits (sorting records is ~20x slower)."""
-    vm, ring = keys["vm"], keys["ring"]
-    if min(vm.min(), ring.min()) >= -1 and max(vm.max(), ring.max()) < 0xFFFF:
+    uint64 per key when vm and ring each span fewer than 2**16 values (sorting records is
+    ~20x slower); vm may be negative (-1 unknown, -2, -3, ... VMs told apart in text)."""
+    vm, ring = keys["vm"].astype(np.int64), keys["ring"].astype(np.int64)
+    v0, r0 = int(vm.min()), int(ring.min())
+    if int(vm.max()) - v0 < 0xFFFF and int(ring.max()) - r0 < 0xFFFF:
         packed = ((keys["pid"].astype(np.uint64) << np.uint64(32))
-                  | ((vm + 1).astype(np.uint64) << np.uint64(16)) | (ring + 1).astype(np.uint64))
+                  | ((vm - v0).astype(np.uint64) << np.uint64(16))
+                  | (ring - r0).astype(np.uint64))
         _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
         return keys[first], inverse.ravel()
     uniq, inverse = np.unique(keys, return_inverse=True)

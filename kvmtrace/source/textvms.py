@@ -187,11 +187,8 @@ class TextVms:
         self.warnings: list[str] = []
         #: (pid, vm, index) of rings whose resets could not be told apart from another's
         self.unsure: set[tuple[int, int, int]] = set()
-        self._reset_ring: np.ndarray = np.zeros(0, np.int64)  # per reset: push ring or -1
         self._reset_vm: np.ndarray = np.zeros(0, np.int64)
         self._ring_vm: dict[int, int] = {}
-        self._tid_vm: dict[tuple[int, int], int] = {}
-        self._nreset = 0
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None
         self._unsure: set[int] = set()  # push rings whose resets were not told apart
         self.unplaced = 0  #: resets that changed no ring and fit rings of several VMs
@@ -264,7 +261,6 @@ class TextVms:
                else np.zeros((0, 6), np.int64))
         self._resets = []
         n = len(res)
-        self._nreset = n
         if not self.needed:
             return
         cand = self._candidates(res, by_index)  # filled lazily, in time order

@@ -11,7 +11,10 @@ holds it to the VMM's own ground truth. Per scenario it prints:
   short       runs whose text lacks pushes the VMM made (the capture dropped events, seen
               with perf on a busy host); not judged further
   exact       runs whose every ring (pushes, entries reset, resets, soft-full exits) equals
-              the VMM's, through replay, the aggregator (top --replay) and compare
+              the VMM's through the aggregator (top --replay) and compare: the VM each
+              event was given is right
+  replay!=    runs where replay's own counts differ from those (its order of a reset and
+              racing pushes, issue 8 item 2: it can count a reset_index advance twice)
   warned      runs where the importer said it could not tell some resets apart (expected
               now and then of "same-vms": identical VMs end in identical indices)
   wrong       runs neither exact nor warned: a silent misattribution (must stay 0)
@@ -104,12 +107,12 @@ def one_run(scenario: str, tmp: Path) -> dict:
     rp = Replay(src.meta)
     rp.feed(merged)
     before = rp.finish()
-    return {"exact": got == want == agg_got and cmp_ok, "short": short,
+    return {"exact": want == agg_got and cmp_ok, "short": short, "replay_diff": got != want,
             "warned": bool(src.warnings),
             "anomalies": Counter(a.kind.value for a in rep.anomalies),
             "merged": len(before.anomalies),
             "merged_overwritten": sum(r.overwritten for r in before.rings),
-            "path": path}
+            "path": path, "truth": out}
 
 
 def main() -> int:
@@ -120,9 +123,10 @@ def main() -> int:
     a = ap.parse_args()
     ok = True
     print(f"{'scenario':<22} {'runs':>4} {'short':>5} {'exact':>5} {'warned':>6} "
-          f"{'wrong':>5} {'anomalies':>9} {'merged':>7} {'overwr.':>8}  anomaly kinds")
+          f"{'wrong':>5} {'replay!=':>8} {'anomalies':>9} {'merged':>7} {'overwr.':>8}  "
+          "anomaly kinds")
     for scenario in a.scenario or SCENARIOS:
-        n = short = exact = warned = wrong = merged = over = 0
+        n = short = exact = warned = wrong = rdiff = merged = over = 0
         kinds: Counter[str] = Counter()
         for i in range(a.runs):
             with tempfile.TemporaryDirectory() as d:
@@ -134,16 +138,19 @@ def main() -> int:
                 exact += r["exact"]
                 warned += r["warned"]
                 wrong += not (r["exact"] or r["warned"])
+                rdiff += r["replay_diff"]
                 kinds += r["anomalies"]
                 merged += r["merged"]
                 over += r["merged_overwritten"]
                 if a.keep and not (r["exact"] and not r["warned"]):
                     a.keep.mkdir(parents=True, exist_ok=True)
-                    name = f"{scenario.replace('/', '-')}-{i}.txt"
-                    (a.keep / name).write_bytes(r["path"].read_bytes())
+                    name = f"{scenario.replace('/', '-')}-{i}"
+                    (a.keep / f"{name}.txt").write_bytes(r["path"].read_bytes())
+                    (a.keep / f"{name}.json").write_text(r["truth"])
         ok &= wrong == 0
         print(f"{scenario:<22} {n:>4} {short:>5} {exact:>5} {warned:>6} {wrong:>5} "
-              f"{sum(kinds.values()):>9} {merged:>7} {over:>8}  {dict(kinds)}", flush=True)
+              f"{rdiff:>8} {sum(kinds.values()):>9} {merged:>7} {over:>8}  {dict(kinds)}",
+              flush=True)
     return 0 if ok else 1
 
 

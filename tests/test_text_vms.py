@@ -145,3 +145,18 @@ def test_a_reset_that_fits_two_vms_leaves_them_unsure(samples: Path, tmp_path: P
     for r in d["rings"]:
         resets[r["index"]] += r["resets"]
     assert resets == {i: 2 * sample_counts(samples)[i][2] - 1 for i in range(3)}
+
+
+def test_reading_the_file_again_gives_the_same_events(samples: Path, tmp_path: Path
+                                                      ) -> None:
+    """Events that do not fit the cache are read from the file a second time; small chunks
+    split the trace (and its reset bursts) across batches."""
+    path = write(tmp_path, lines(samples), lines(samples, tid_add=1000, us_add=3))
+    whole = np.concatenate(list(open_source(path, ring_bytes=4096).batches()))
+    src = open_source(path, ring_bytes=4096)
+    src.chunk_bytes = 1 << 16
+    src.cache_bytes = 0
+    parts = list(src.batches())
+    assert len(parts) > 3
+    again = np.concatenate(parts)
+    assert (again == whole).all() and set(again["vm"].tolist()) == {-2, -3}

@@ -149,6 +149,8 @@ def render_text(report: ReplayReport, *, file: str | None = None, top: int = 10,
                 truncated: bool = False, warnings: list[str] | None = None) -> str:
     """The whole text report (lines of at most :data:`WIDTH` columns)."""
     lines = (_header(report, file, truncated)
-             + [f"warning: {w}" for w in warnings or []] + _rings(report) + _anomalies(report)
+             + [x for w in warnings or []
+                for x in textwrap.wrap(f"warning: {w}", WIDTH, subsequent_indent="  ")]
+             + _rings(report) + _anomalies(report)
              + _workingset(report) + _hottest(report, top) + _simulation(report))
     return "\n".join(_fit(line) for line in lines)

@@ -133,7 +133,7 @@ def test_file_against_itself_every_ratio_1(pair: tuple[Path, Path, np.ndarray]):
     base, _, _ = pair
     rc, d = cli_json(str(base), str(base))
     assert rc == 0 and d["regressions"] == d["improvements"] == 0
-    assert len(d["metrics"]) == 2 * 11 + 11 + 5 + 1  # rings 0, 1, all (+reset, lost)
+    assert len(d["metrics"]) == 2 * 14 + 14 + 5 + 1  # rings 0, 1, all (+reset, lost)
     for m in d["metrics"]:
         assert m["base"] == m["new"] is not None and m["ratio"] == 1.0, m
         assert m["verdict"] in (None, "same")

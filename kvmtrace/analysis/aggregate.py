@@ -10,11 +10,17 @@ Semantics (per ring = ``struct kvm_dirty_ring`` of one vCPU, keyed by (pid, vm f
 
 - ``pushes``: kvm_dirty_ring_push events; ``soft_full_exits``: kvm_dirty_ring_exit events;
   ``resets``: kvm_dirty_ring_reset events (one per ring per KVM_RESET_DIRTY_RINGS ioctl).
-- ``entries_reset``: sum over reset events of the ring's ``reset_index`` advance since the
-  ring's previous push/reset event (u32 arithmetic). A ring whose first event is a reset
-  counts 0 for it: its earlier ``reset_index`` is unknown.
-- ``dirty_index``/``reset_index``: last seen on a push or reset event; ``max_used``: the
-  largest ``dirty_index - reset_index`` seen on any of them, in entries.
+- ``entries_reset``: how far the ring's ``reset_index`` advanced (u32 arithmetic) from its
+  first push/reset event to the furthest value any later push or reset event carried: the
+  sum of every KVM_RESET_DIRTY_RINGS's advance, as the replay counts it. A push also
+  carries ``reset_index``, and with a harvester running beside the vCPU a push that read a
+  reset's new ``reset_index`` may come before that reset's event in the trace (the reset
+  then shows no advance of its own); counting only at reset events undercounted such runs
+  by a quarter. Values behind the furthest one (a stale read) count nothing. A ring's
+  first event sets the start: entries reset before it are unknown.
+- ``dirty_index``/``reset_index``: the furthest seen on a push or reset event (a reset's
+  ``dirty_index`` is read while the vCPU may still push); ``max_used``: the largest
+  ``dirty_index - reset_index`` of one push or reset event, in entries.
 - ``lost``: pushes that left ``used > size`` (the entry overwrote an unharvested one);
   only counted while the ring size is known.
 - ``stall_hist``/``stall_ns``: KT_STALL durations in ns. ``reset_lat_hist``: KT_RESET_LAT
@@ -169,11 +175,14 @@ class Aggregator:
         c.max_used = max(c.max_used, int(used.max()))
         if c.size is not None:
             c.lost += int((used[~is_reset] > c.size).sum())
-        if is_reset.any():
-            first = c.reset_index if key in self._have_index else int(ri[0])
-            prev = np.concatenate(([first], ri[:-1]))
-            c.entries_reset += int(((ri - prev) & _U32)[is_reset].sum())
-        c.dirty_index, c.reset_index = int(di[-1]), int(ri[-1])
+        if key in self._have_index:
+            d0, r0 = c.dirty_index, c.reset_index
+        else:
+            d0, r0 = int(di[0]), int(ri[0])
+        advance = _furthest(ri, r0)
+        c.entries_reset += advance
+        c.reset_index = (r0 + advance) & 0xFFFFFFFF
+        c.dirty_index = (d0 + _furthest(di, d0)) & 0xFFFFFFFF
         self._have_index.add(key)
 
     # -- reading --------------------------------------------------------------------------
@@ -192,13 +201,23 @@ class Aggregator:
         )
 
 
+def _furthest(idx: np.ndarray, base: int) -> int:
+    """How far the free-running u32 indices ``idx`` got past ``base`` (0 if none did)."""
+    rel = (idx - base) & _U32
+    rel = np.where(rel > 0x7FFFFFFF, rel - (1 << 32), rel)
+    return max(0, int(rel.max()))
+
+
 def _unique_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(keys, return_inverse=True)`` of (pid, vm, ring) records, through one
-    uint64 per key when vm and ring fit in 16 bits (sorting records is ~20x slower)."""
-    vm, ring = keys["vm"], keys["ring"]
-    if min(vm.min(), ring.min()) >= -1 and max(vm.max(), ring.max()) < 0xFFFF:
+    uint64 per key when vm and ring each span fewer than 2**16 values (sorting records is
+    ~20x slower); vm may be negative (-1 unknown, -2, -3, ... VMs told apart in text)."""
+    vm, ring = keys["vm"].astype(np.int64), keys["ring"].astype(np.int64)
+    v0, r0 = int(vm.min()), int(ring.min())
+    if int(vm.max()) - v0 < 0xFFFF and int(ring.max()) - r0 < 0xFFFF:
         packed = ((keys["pid"].astype(np.uint64) << np.uint64(32))
-                  | ((vm + 1).astype(np.uint64) << np.uint64(16)) | (ring + 1).astype(np.uint64))
+                  | ((vm - v0).astype(np.uint64) << np.uint64(16))
+                  | (ring - r0).astype(np.uint64))
         _, first, inverse = np.unique(packed, return_index=True, return_inverse=True)
         return keys[first], inverse.ravel()
     uniq, inverse = np.unique(keys, return_inverse=True)
@@ -231,6 +250,14 @@ class ReplaySource:
         self._exhausted = False
         self._until: int | None = None
         self._time = 0
+
+    @property
+    def warnings(self) -> list[str]:
+        """The source's one-line warnings (a text trace's rings not told apart), known
+        once its first batch is read (this reads it)."""
+        if self._until is None and self._pending is None and not self._exhausted:
+            self._fill()
+        return list(getattr(self.source, "warnings", ()))
 
     @property
     def done(self) -> bool:

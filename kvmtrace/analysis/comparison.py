@@ -9,8 +9,9 @@ base value, the new value, ``ratio = new / base`` and a verdict:
   (:func:`~kvmtrace.analysis.distribution.percentile_shift`), so noise gives no verdict;
 - ``"same"``: a metric with a direction that did neither;
 - None: nothing to judge (a value missing on one side, or a metric without a direction:
-  pushes, entries per reset, the maximum of a distribution; stall percentiles when one
-  trace has measured stalls and the other only derived ones).
+  the counts (pushes, soft-full exits, resets, entries reset), entries per reset, the
+  maximum of a distribution; stall percentiles when one trace has measured stalls and the
+  other only derived ones).
 
 Directions: push rate (dirty pages per second) higher is better; stall and reset-latency
 percentiles, soft-full exits per 10k pushes, max used, overwritten entries and lost events
@@ -126,7 +127,10 @@ _Getter = Callable[[RingProfile, Profile], float | None]
 _SCALARS: tuple[tuple[str, str, int, _Getter], ...] = (
     ("pushes", "count", 0, lambda r, p: r.pushes),
     ("push rate", "1/s", +1, lambda r, p: r.push_rate(p.span_ns)),
+    ("soft-full exits", "count", 0, lambda r, p: r.soft_full_exits),
     ("soft-full exits/10k", "per 10k", -1, lambda r, p: r.exits_per_10k),
+    ("resets", "count", 0, lambda r, p: r.resets),
+    ("entries reset", "entries", 0, lambda r, p: r.entries_reset),
     ("entries per reset", "entries", 0, lambda r, p: r.entries_per_reset),
     ("max used", "entries", -1, lambda r, p: r.max_used),
     ("overwritten", "entries", -1, lambda r, p: r.overwritten),

@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
             profiles.append(profile_source(src))
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
+        for w in getattr(src, "warnings", ()):  # text whose rings were not all told apart
+            print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
         if getattr(src, "truncated", False):
             print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
                   "compared what it holds", file=sys.stderr)

@@ -97,6 +97,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
     truncated = bool(getattr(src, "truncated", False))
+    warnings = list(getattr(src, "warnings", ()))  # text traces: rings not told apart
+    unsure = getattr(src, "unsure", set())
+    if unsure:  # a reset these rings share could be either's: claim nothing from it
+        report.anomalies = [a for a in report.anomalies if a.ring not in unsure]
+    for w in warnings:
+        print(f"kvmtrace replay: warning: {w}", file=sys.stderr)
     if args.dump_harvest:
         from ..views.replay_json import harvest_dump
 
@@ -110,11 +116,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from ..views.replay_json import dumps_report
 
-        print(dumps_report(report, file=args.file, top=args.top, truncated=truncated))
+        print(dumps_report(report, file=args.file, top=args.top, truncated=truncated,
+                           warnings=warnings))
     else:
         from ..views.replay_text import render_text
 
-        print(render_text(report, file=args.file, top=args.top, truncated=truncated))
+        print(render_text(report, file=args.file, top=args.top, truncated=truncated,
+                          warnings=warnings))
     if truncated:
         print(f"kvmtrace replay: warning: {args.file} ends early (writer killed?); "
               "replayed what it holds", file=sys.stderr)

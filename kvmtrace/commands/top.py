@@ -170,7 +170,10 @@ def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotS
 
         events = open_source(opts.replay, ring_entries=opts.ring_entries,
                              ring_bytes=opts.ring_bytes)
-        return ReplaySource(events, int(opts.delay * 1e9), pid=opts.pid), "replay"
+        replay = ReplaySource(events, int(opts.delay * 1e9), pid=opts.pid)
+        for w in replay.warnings:  # text whose rings could not all be told apart
+            print(f"kvmtrace top: warning: {w}", file=sys.stderr)
+        return replay, "replay"
     from ..bpf.live import LiveSource
     from ..bpf.loader import Probes, preflight
 

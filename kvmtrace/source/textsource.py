@@ -1,7 +1,11 @@
 """Common part of the ftrace and ``perf script`` importers: an EventSource over a text file.
 
-The file is read in chunks cut at line ends (memory stays bounded by the chunk size) and
-scanned with :func:`~.textscan.scan`. What the text can and cannot tell:
+The file is read in chunks cut at line ends and scanned with :func:`~.textscan.scan`,
+twice: a first pass gives :mod:`.textvms` the whole trace to tell VMs apart, the second
+yields the events (from memory when they fit in :attr:`TextSource.cache_bytes`, 256 MiB =
+5.6 M events, else by reading the file again). Memory: a chunk (16 MiB of text), the
+cached events, and while solving 16 bytes per push and 48 per reset. What the text can
+and cannot tell:
 
 - ``ts``: the printed ``seconds.fraction`` in ns (the trace clock, ``local`` by default for
   tracefs, perf's ``perf_clock``; comparable within one file only).
@@ -9,7 +13,11 @@ scanned with :func:`~.textscan.scan`. What the text can and cannot tell:
   ``options/record-tgid``, ``perf script -F pid,tid,...``); otherwise 0 = unknown for every
   event, so a trace of several VMMs looks like one process (resets of a VM come from any
   of its threads, so a thread id cannot stand in for the process).
-- ``vm`` is -1 (unknown): the text does not say which VM a ring belongs to.
+- ``vm``: the text does not say which VM a ring belongs to. When one ring index of a
+  process is pushed by several threads (several VMs, or a VM closed and another created),
+  :mod:`.textvms` tells the rings apart by thread and index continuity and numbers the
+  VMs -2, -3, ...; :attr:`TextSource.warnings` says where it could not. Otherwise ``vm``
+  is -1 (unknown).
 - a soft-full exit is ``kvm_dirty_ring_exit`` (ring = its ``vcpu_id``; this assumes
   vcpu_id equals the ring index ``vcpu_idx``, true for kvmtrace's own VMM and for VMMs
   that number vCPUs from 0 in creation order) or, when that event was not recorded,
@@ -33,6 +41,7 @@ from ..model.ring import GFN_BYTES, KVM_DIRTY_RING_MAX_ENTRIES, MIN_RING_BYTES
 from .base import SourceMeta
 from .events import EVENT_DTYPE, VM_UNKNOWN, Kind
 from .textscan import K_DREXIT, K_PUSH, K_RESET, K_UEXIT, Scanned, scan
+from .textvms import TextVms
 
 __all__ = ["TextSource", "resolve_ring_entries"]
 
@@ -84,6 +93,13 @@ class TextSource:
         self.bad_lines = 0  #: lines naming a dirty-ring event that could not be parsed
         self.dropped_exits = 0  #: kvm_userspace_exit(31) paired with kvm_dirty_ring_exit
         self._lone = False  # an exit 31 came without kvm_dirty_ring_exit
+        self.cache_bytes = 256 << 20  #: events kept between the two reads of the file
+        #: one line each: what the text could not tell (e.g. rings not told apart)
+        self.warnings: list[str] = []
+        #: (pid, vm, index) of rings whose resets the text could not tell apart
+        self.unsure: set[tuple[int, int, int]] = set()
+        self.separated = False  #: rings of several VMs were told apart (vm -2, -3, ...)
+        self.unplaced = 0  #: reset events no VM could be named for (under vm -1)
 
     @property
     def lost(self) -> int:
@@ -91,6 +107,28 @@ class TextSource:
         return self._lost
 
     def batches(self) -> Iterator[np.ndarray]:
+        """Events chunk by chunk, each chunk in time order, ``vm`` set by
+        :class:`~.textvms.TextVms` (the file is read twice unless its events fit in
+        :attr:`cache_bytes`)."""
+        vms = TextVms()
+        cache: list[np.ndarray] | None = []
+        held = 0
+        for ev in self._read():
+            vms.observe(ev)
+            if cache is not None:
+                held += ev.nbytes
+                cache = cache + [ev] if held <= self.cache_bytes else None
+        vms.solve()
+        self.warnings = list(vms.warnings)
+        self.unsure = set(vms.unsure)
+        self.unplaced = vms.unplaced
+        self.separated = vms.needed
+        nres = 0
+        for ev in (cache if cache is not None else self._read()):
+            nres += vms.assign(ev, nres)
+            yield ev
+
+    def _read(self) -> Iterator[np.ndarray]:
         self._lost = self.bad_lines = self.dropped_exits = 0
         self._lone = False
         pending: set[int] = set()  # tids whose kvm_dirty_ring_exit awaits its exit 31

@@ -8,7 +8,10 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "truncated": <the recording ends early>, "reserved": <entries kept back: 64 or 576>,
      "start_ns", "end_ns": <first/last event of any ring; null without rings>,
      "clean": <no anomaly and nothing lost>,
-     "rings": [{"pid" (0 unknown), "vm" (VM fd, -1 unknown), "index" (kvm_dirty_ring.index),
+     "warnings": [<one line each: what the input could not tell, e.g. text rings not
+                  told apart (their anomalies are left out)>],
+     "rings": [{"pid" (0 unknown), "vm" (VM fd, -1 unknown; -2, -3, ...: VMs a text
+                trace's rings were told apart into), "index" (kvm_dirty_ring.index),
                 "size" (entries; null unknown), "size_source" ("trace", "meta",
                 "inferred", "unknown"), "soft_limit" (null unknown), "pushes",
                 "lost_pushes", "resets", "entries_reset", "soft_full_exits", "max_used",
@@ -151,14 +154,15 @@ def _simulation(report: ReplayReport) -> dict[str, Any] | None:
 
 
 def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
-                truncated: bool = False) -> dict[str, Any]:
+                truncated: bool = False, warnings: list[str] | None = None
+                ) -> dict[str, Any]:
     """The whole ``--json`` object (schema 1, see the module docstring)."""
     start, end = ring_span(report)
     return {
         "schema": SCHEMA, "source": report.source_kind, "file": file,
         "events": report.events, "lost": report.lost, "truncated": truncated,
         "reserved": report.reserved, "start_ns": start, "end_ns": end,
-        "clean": report.clean,
+        "clean": report.clean, "warnings": list(warnings or []),
         "rings": [ring_dict(r, report.reserved) for r in report.rings],
         "anomalies": [anomaly_dict(a, start) for a in report.anomalies],
         "workingset": _workingset(report),

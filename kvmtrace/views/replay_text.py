@@ -32,7 +32,7 @@ def _ms(ns: float | None) -> str:
 
 def _who(key: RingId) -> tuple[str, str]:
     pid, vm = key[0], key[1]
-    return (str(pid) if pid else "?"), (str(vm) if vm >= 0 else "?")
+    return (str(pid) if pid else "?"), (str(vm) if vm != -1 else "?")
 
 
 def _fit(line: str) -> str:
@@ -146,8 +146,11 @@ def _simulation(report: ReplayReport) -> list[str]:
 
 
 def render_text(report: ReplayReport, *, file: str | None = None, top: int = 10,
-                truncated: bool = False) -> str:
+                truncated: bool = False, warnings: list[str] | None = None) -> str:
     """The whole text report (lines of at most :data:`WIDTH` columns)."""
-    lines = (_header(report, file, truncated) + _rings(report) + _anomalies(report)
+    lines = (_header(report, file, truncated)
+             + [x for w in warnings or []
+                for x in textwrap.wrap(f"warning: {w}", WIDTH, subsequent_indent="  ")]
+             + _rings(report) + _anomalies(report)
              + _workingset(report) + _hottest(report, top) + _simulation(report))
     return "\n".join(_fit(line) for line in lines)

@@ -177,7 +177,7 @@ def _title_row(lw: int, cols: list[Column]) -> str:
 
 def _vm_label(v: VmRates) -> str:
     who = v.name or v.comm
-    return f"{v.pid or '?'}:{v.vm if v.vm >= 0 else '?'} {who}".rstrip()
+    return f"{v.pid or '?'}:{v.vm if v.vm != -1 else '?'} {who}".rstrip()
 
 
 def _ring_label(r: RingRates) -> str:

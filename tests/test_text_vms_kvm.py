@@ -1,0 +1,158 @@
+"""Text traces of two VMs in one process (issue 8, item 5): tracefs and `perf script` text
+carry no VM fd, yet the importer tells the four rings apart (pushes by thread, resets by
+index continuity) and replay, top --replay and compare give each VM's own counts exactly,
+with no anomaly and no warning, against the VMM's ground truth."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import kvmtrace_cmd, require
+from textcapture import TRACEFS, multivm_cmd, perf_capture, tracefs_capture
+
+from kvmtrace.analysis.aggregate import Aggregator
+from kvmtrace.analysis.compare import profile_source
+from kvmtrace.analysis.replay import replay_source
+from kvmtrace.source.detect import open_source
+from kvmtrace.source.events import Kind
+
+pytestmark = pytest.mark.kernel
+
+SCENARIOS = {
+    # soft-full exits, resets by the vCPU threads and by a reaper per VM; the VMs dirty
+    # 2000 and 2200 pages, so their last resets (the VMM's final harvest, which changes
+    # no ring when the reaper got there first) differ in their indices
+    "reaper-exits": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
+                     "--pages-step", "200", "--passes", "2", "--exit-every", "8",
+                     "--harvest", "reaper", "--reaper-ms", "2"),
+    # a reaper every ms racing vCPUs that never exit (1 MiB rings: no overflow)
+    "fast-reaper": ("--vcpus", "2", "--ring-bytes", "1048576", "--pages", "20000",
+                    "--duration", "0.5", "--exit-every", "0", "--harvest", "reaper",
+                    "--reaper-ms", "1"),
+}
+# identical VMs end in identical indices: the VMM's final reset call on each, when its
+# reaper got there first, changes no ring and fits both VMs (the text cannot tell)
+SAME = ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000", "--passes", "2",
+        "--exit-every", "8", "--harvest", "reaper", "--reaper-ms", "2")
+
+
+def capture(how: str, flags: tuple[str, ...], tmp_path: Path
+            ) -> tuple[Path, list[dict[str, Any]]]:
+    require(Path("/dev/kvm").exists(), "no /dev/kvm")
+    for _ in range(3):
+        if how == "tracefs":
+            require((TRACEFS / "instances").is_dir(), "tracefs not mounted")
+            path, out = tracefs_capture(tmp_path / "trace.txt",
+                                        multivm_cmd(2, *flags, wait=True))
+        else:
+            require(shutil.which("perf") is not None, "perf not installed (linux-perf)")
+            path, out = perf_capture(tmp_path / "perf.txt", multivm_cmd(2, *flags))
+        truth = json.loads(out)
+        for vm in truth:  # the runs themselves were clean
+            assert vm["lost_suspected"] == 0 and vm["reset_returned"] == vm["entries_reset"]
+        # perf on a busy host now and then writes a perf.data that lacks events (no loss
+        # reported): the text then lacks pushes or resets the VMM made, whatever the
+        # importer does
+        text = path.read_text()
+        if all(len(re.findall(rf"\b{r['tid']}\b[^\n]*kvm_dirty_ring_push", text))
+               == r["pages_written"] for vm in truth for r in vm["rings"]) and text.count(
+                "kvm_dirty_ring_reset:") == sum(vm["resets"] * vm["vcpus"] for vm in truth):
+            return path, truth
+    raise AssertionError(f"three {how} captures lacked pushes the VMM made")
+
+
+def expected(truth: list[dict[str, Any]], ev: np.ndarray) -> dict[tuple[int, int], tuple]:
+    """Per (synthetic vm, ring index): the VMM's pages written, entries reset, resets and
+    soft-full exits. A VM's synthetic id is the one its vCPU threads' pushes carry."""
+    pushes = ev[ev["kind"] == Kind.PUSH]
+    out = {}
+    for vm in truth:
+        ids = {int(x) for r in vm["rings"] for x in np.unique(pushes["vm"][pushes["tid"]
+                                                                         == r["tid"]])}
+        assert len(ids) == 1 and min(ids) <= -2, ids  # one synthetic id per VM
+        for r in vm["rings"]:
+            out[(next(iter(ids)), r["index"])] = (
+                r["pages_written"], r["entries_reset"], vm["resets"], r["soft_full_exits"])
+    assert len({k[0] for k in out}) == len(truth)  # and different VMs, different ids
+    return out
+
+
+@pytest.mark.parametrize("attempt", range(2))  # racy: each attempt is a fresh run
+@pytest.mark.parametrize("how", ["tracefs", "perf"])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_two_vms_in_one_process_told_apart(scenario: str, how: str, attempt: int,
+                                           tmp_path: Path) -> None:
+    path, truth = capture(how, SCENARIOS[scenario], tmp_path)
+    ring_bytes = truth[0]["ring_bytes"]
+    src = open_source(path, ring_bytes=ring_bytes)
+    ev = np.concatenate(list(src.batches()))
+    assert src.bad_lines == 0 and src.lost == 0
+    assert src.warnings == [] and src.unsure == set() and src.separated
+    want = expected(truth, ev)
+
+    agg = Aggregator(src.meta)  # what top --replay and compare count
+    for batch in open_source(path, ring_bytes=ring_bytes).batches():
+        agg.feed(batch)
+    snap = agg.snapshot()
+    assert {(k.vm, k.ring): (c.pushes, c.entries_reset, c.resets, c.soft_full_exits)
+            for k, c in snap.rings.items()} == want
+    assert sum(c.lost for c in snap.rings.values()) == 0
+
+    prof = profile_source(open_source(path, ring_bytes=ring_bytes))
+    for idx in (0, 1):  # compare adds the rings of one index across VMs
+        mine = [v for (vm, i), v in want.items() if i == idx]
+        row = prof.rings[idx]
+        assert (row.pushes, row.entries_reset, row.resets, row.soft_full_exits) == tuple(
+            sum(v[j] for v in mine) for j in range(4))
+        assert row.overwritten == 0
+    # the replay counts the same and finds nothing wrong in a clean run; with a reaper
+    # racing the vCPUs this also needs its causal order of a reset and the pushes around
+    # it (issue 8, item 2) and no no_exit when a reset landed before the next guest entry
+    # (item 4)
+    rep = replay_source(open_source(path, ring_bytes=ring_bytes))
+    assert {(r.ring[1], r.ring[2]): (r.pushes, r.entries_reset, r.resets, r.soft_full_exits)
+            for r in rep.rings} == want
+    assert rep.anomalies == []
+
+
+@pytest.mark.parametrize("attempt", range(2))
+def test_identical_vms_exact_or_warned(tmp_path: Path, attempt: int) -> None:
+    """Never silently wrong: either every VM's counts are exact, or the importer said
+    which resets it could not place (and then only those are missing)."""
+    path, truth = capture("tracefs", SAME, tmp_path)
+    src = open_source(path, ring_bytes=4096)
+    ev = np.concatenate(list(src.batches()))
+    want = expected(truth, ev)
+    agg = Aggregator(src.meta)
+    agg.feed(ev)
+    got = {(k.vm, k.ring): (c.pushes, c.entries_reset, c.resets, c.soft_full_exits)
+           for k, c in agg.snapshot().rings.items()}
+    if not src.warnings:
+        assert got == want
+        return
+    unplaced = {i: v[2] for (vm, i), v in got.items() if vm == -1}
+    assert src.unplaced == sum(unplaced.values()) and not src.unsure
+    for (vm, i), v in want.items():  # what is missing is the unplaced resets, no more
+        assert got[(vm, i)][:2] == v[:2] and got[(vm, i)][3] == v[3]
+    for i in (0, 1):
+        assert sum(got[(vm, i)][2] for vm in (-2, -3)) + unplaced[i] == sum(
+            v[2] for (vm, x), v in want.items() if x == i)
+
+
+def test_cli_json_has_no_warning_and_exits_0(tmp_path: Path) -> None:
+    path, truth = capture("tracefs", SCENARIOS["reaper-exits"], tmp_path)
+    proc = subprocess.run(kvmtrace_cmd("replay", str(path), "--ring-bytes", "4096", "--json"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["warnings"] == [] and d["anomalies"] == [] and proc.stderr == ""
+    assert sorted({r["vm"] for r in d["rings"]}) == [-3, -2]
+    assert sum(r["pushes"] for r in d["rings"]) == sum(
+        r["pages_written"] for vm in truth for r in vm["rings"])

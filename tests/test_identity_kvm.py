@@ -64,8 +64,7 @@ def record_running(tmp_path, hook: str, by_pid: bool) -> tuple[dict, np.ndarray,
     r = open_recording(out)
     assert r.lost == 0
     ev = r.read_all()
-    replay = subprocess.run(kvmtrace_cmd("replay", str(out), "--json", "--pid",
-                                         str(truth["pid"])),
+    replay = subprocess.run(kvmtrace_cmd("replay", str(out), "--json"),
                             capture_output=True, text=True, cwd=ROOT)
     got = json.loads(replay.stdout) if replay.stdout.startswith("{") else {"error": replay.stderr}
     return truth, ev[ev["pid"] == truth["pid"]], got
@@ -73,8 +72,16 @@ def record_running(tmp_path, hook: str, by_pid: bool) -> tuple[dict, np.ndarray,
 
 @pytest.mark.parametrize(("hook", "by_pid"), [("auto", True), ("tp", True), ("auto", False)])
 def test_record_of_a_running_vm_has_one_identity(tmp_path, kvm, bpf_root, hook, by_pid):
-    truth, ev, _replay = record_running(tmp_path, hook, by_pid)
+    truth, ev, replay = record_running(tmp_path, hook, by_pid)
     vm = truth["vm_fd"]
+    # replay: one ring per vCPU under the VM's fd, no pushes missing (system-wide, other
+    # VMs of this host are in the file too; only -p's file must be clean as a whole)
+    mine = [r for r in replay["rings"] if r["pid"] == truth["pid"]]
+    assert [(r["vm"], r["index"], r["pushes"], r["lost_pushes"]) for r in mine] == [
+        (vm, r["index"], int(((ev["ring"] == r["index"]) & (ev["kind"] == Kind.PUSH)).sum()),
+         0) for r in truth["rings"]]
+    if by_pid:
+        assert (replay["clean"], replay["anomalies"]) == (True, [])
     assert set(ev["vm"].tolist()) == {vm}  # every kind, also reset latency and stalls
     ring_ev = ev[np.isin(ev["kind"], RING_KINDS)]
     assert set(ring_ev["ring"].tolist()) == {r["index"] for r in truth["rings"]}

@@ -134,10 +134,13 @@ def test_event_stream_has_the_same_counts(traced) -> None:
                                                                    truth["cap"])]
 
 
-def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root) -> None:
-    """A VM created before the probes: the kernel side says vm = -1 for its pushes (resets
-    know the VM fd), LiveSource resolves and merges them under the process's only VM fd,
-    and the ring size (KVM_ENABLE_CAP was missed) is inferred from the soft-full exits."""
+@pytest.mark.parametrize("identity", ["auto", "thread"])
+def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root, identity) -> None:
+    """A VM created before the probes. ``auto`` (struct kvm * identity): every event names
+    the VM fd. ``thread`` (what a kernel without BTF gets): the kernel side says vm = -1
+    for its pushes (resets know the VM fd), LiveSource resolves and merges them under the
+    process's only VM fd. The ring size (KVM_ENABLE_CAP was missed) is inferred from the
+    soft-full exits."""
     from kvmtrace.bpf.live import LiveSource
     from kvmtrace.bpf.loader import Probes
     from kvmtrace.bpf.vmident import vm_fds
@@ -151,8 +154,10 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root) -> None:
         os.kill(child.pid, signal.SIGSTOP)  # vCPU exists: the probes see no CREATE_VCPU
         assert child.poll() is None, "workload ended before it could be stopped"
         (vm,) = vm_fds(child.pid)
-        source = LiveSource(probes=Probes(pid=child.pid, hook="tp", emit_events=True))
-        fast = LiveSource(probes=Probes(pid=child.pid, hook="raw_tp"))  # what top loads
+        source = LiveSource(probes=Probes(pid=child.pid, hook="tp", emit_events=True,
+                                          vm_identity=identity))
+        fast = LiveSource(probes=Probes(pid=child.pid, hook="raw_tp",  # what top loads
+                                        vm_identity=identity))
         os.kill(child.pid, signal.SIGCONT)
         batches, raw_vms = [], set()
         while child.poll() is None:
@@ -171,7 +176,10 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root) -> None:
         child.kill()
         child.wait()
     ev = np.concatenate(batches)
-    assert raw_vms == {-1, vm} and set(ev["vm"][ev["kind"] == Kind.PUSH].tolist()) == {-1}
+    if identity == "thread":
+        assert raw_vms == {-1, vm} and set(ev["vm"][ev["kind"] == Kind.PUSH].tolist()) == {-1}
+    else:
+        assert raw_vms == {vm} and set(ev["vm"].tolist()) == {vm}
     assert sorted(snap.rings) == [RingKey(child.pid, vm, -1), RingKey(child.pid, vm, 0)]
     ring = snap.rings[RingKey(child.pid, vm, 0)]
     (truth_ring,) = truth["rings"]

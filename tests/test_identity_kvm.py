@@ -27,7 +27,7 @@ from identity_util import (
 )
 
 from kvmtrace.bpf.loader import Probes
-from kvmtrace.source.events import Kind, vm_id
+from kvmtrace.source.events import Kind
 from kvmtrace.source.recording import open_recording
 
 pytestmark = pytest.mark.kernel

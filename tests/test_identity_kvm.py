@@ -27,7 +27,7 @@ from identity_util import (
 )
 
 from kvmtrace.bpf.loader import Probes
-from kvmtrace.source.events import Kind
+from kvmtrace.source.events import Kind, vm_id
 from kvmtrace.source.recording import open_recording
 
 pytestmark = pytest.mark.kernel
@@ -217,3 +217,31 @@ def test_two_vms_created_before_the_probes_and_a_reused_fd(kvm, bpf_root) -> Non
     finally:
         for p in probes.values():
             p.close()
+
+
+def test_record_and_replay_keep_reused_fds_apart(tmp_path, kvm, bpf_root) -> None:
+    """``record -- VMM`` of three VMs under one reused fd, then ``replay --json``: three
+    sets of rings (gen 0, 1, 2), each with the VMM's harvested pushes, clean."""
+    import sys
+
+    from identity_util import VMS_SCRIPT
+
+    out = tmp_path / "reuse.kvt"
+    proc = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--", sys.executable, "-c",
+                                       VMS_SCRIPT, json.dumps(SEQ), "run"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    truths = json.loads(proc.stdout)
+    assert gens_of(truths) == [0, 1, 2]
+    want = rings_of(truths)
+    replay = subprocess.run(kvmtrace_cmd("replay", str(out), "--json"),
+                            capture_output=True, text=True, cwd=ROOT)
+    got = json.loads(replay.stdout)
+
+    def vm_of(r: dict) -> int:  # JSON may show the fd and its gen apart (vm_gen)
+        return vm_id(r["vm"], r["vm_gen"]) if "vm_gen" in r else r["vm"]
+
+    rings = {(r["pid"], vm_of(r), r["index"]): (r["pushes"], r["lost_pushes"], r["resets"])
+             for r in got["rings"]}
+    assert rings == {k: (r["harvested"], 0, r["resets"]) for k, r in want.items()}
+    assert (replay.returncode, got["clean"], got["anomalies"]) == (0, True, [])

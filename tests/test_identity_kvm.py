@@ -175,6 +175,7 @@ def check_rings(truths, probes, ev, preexisting: int = 0) -> None:
             assert (name, key, c.pushes) == (name, key, pushes)
             assert (name, key, c.resets, c.soft_full_exits) == (
                 name, key, n[Kind.RESET], n[Kind.EXIT])
+            assert (name, key, c.lost) == (name, key, r["lost_suspected"])  # 0 here
             if name != "tp" or key not in old:  # tp: KVM_ENABLE_CAP seen, else inferred
                 assert (name, key, c.size) == (name, key, r["ring_entries"])
             if key not in first:  # watched from its creation: every event of the ring

@@ -74,14 +74,12 @@ def record_running(tmp_path, hook: str, by_pid: bool) -> tuple[dict, np.ndarray,
 def test_record_of_a_running_vm_has_one_identity(tmp_path, kvm, bpf_root, hook, by_pid):
     truth, ev, replay = record_running(tmp_path, hook, by_pid)
     vm = truth["vm_fd"]
-    # replay: one ring per vCPU under the VM's fd, no pushes missing (system-wide, other
-    # VMs of this host are in the file too; only -p's file must be clean as a whole)
+    # replay: one ring per vCPU under the VM's fd (system-wide, other VMs of this host are
+    # in the file too), with every push recorded
     mine = [r for r in replay["rings"] if r["pid"] == truth["pid"]]
-    assert [(r["vm"], r["index"], r["pushes"], r["lost_pushes"]) for r in mine] == [
-        (vm, r["index"], int(((ev["ring"] == r["index"]) & (ev["kind"] == Kind.PUSH)).sum()),
-         0) for r in truth["rings"]]
-    if by_pid:
-        assert (replay["clean"], replay["anomalies"]) == (True, [])
+    assert [(r["vm"], r["index"], r["pushes"]) for r in mine] == [
+        (vm, r["index"], int(((ev["ring"] == r["index"]) & (ev["kind"] == Kind.PUSH)).sum()))
+        for r in truth["rings"]]
     assert set(ev["vm"].tolist()) == {vm}  # every kind, also reset latency and stalls
     ring_ev = ev[np.isin(ev["kind"], RING_KINDS)]
     assert set(ring_ev["ring"].tolist()) == {r["index"] for r in truth["rings"]}
@@ -91,6 +89,17 @@ def test_record_of_a_running_vm_has_one_identity(tmp_path, kvm, bpf_root, hook, 
         # from the first push seen to the VMM's last harvested entry, none missing
         assert np.array_equal(pushes, np.arange(pushes[0], r["harvested"] + 1))
         assert int((mine["kind"] == Kind.EXIT).sum()) == int((mine["kind"] == Kind.STALL).sum())
+
+
+def test_replay_of_a_recording_attached_to_a_running_vm_is_clean(tmp_path, kvm, bpf_root):
+    """``record -p PID`` on a running VM, then ``replay``: no lost pushes, no anomalies.
+    Needs replay's causal order (issue F, item 2): the VMM's on-full harvest resets both
+    rings while the other vCPU pushes, so a reset's dirty_index may be older than a push
+    recorded before it (seen in about 1 run in 10 before that fix: backwards + gap)."""
+    truth, _ev, replay = record_running(tmp_path, "auto", True)
+    assert [(r["index"], r["lost_pushes"]) for r in replay["rings"]] == [
+        (r["index"], 0) for r in truth["rings"]]
+    assert (replay["clean"], replay["anomalies"]) == (True, [])
 
 
 def _snapshot_rows(probes: Probes) -> dict[tuple[int, int, int], dict]:

@@ -273,6 +273,30 @@ def test_bad_options_are_usage_errors() -> None:
         Probes(pid=-1)
     with pytest.raises(UsageError):
         select_hooks("kprobe")
+    with pytest.raises(UsageError):
+        select_hooks("auto", "pid")
+
+
+def test_vm_ptr_defines_need_btf_and_both_symbols(tmp_path) -> None:
+    from kvmtrace.bpf.loader import vm_ptr_defines
+    from kvmtrace.host.btf import VMLINUX, load_vmlinux
+    from kvmtrace.host.kallsyms import addresses
+
+    syms = tmp_path / "kallsyms"
+    syms.write_text("ffffffff812825e0 t kvm_vm_ioctl\n0000000000000000 t kvm_vcpu_ioctl\n"
+                    "ffffffffc0a00000 t kvm_vcpu_ioctl\t[kvm]\nffffffff81000000 T _text\n")
+    # a hidden (0) address is skipped, a module's symbol counts
+    assert addresses({"kvm_vm_ioctl", "kvm_vcpu_ioctl", "nope"}, syms) == {
+        "kvm_vm_ioctl": 0xFFFFFFFF812825E0, "kvm_vcpu_ioctl": 0xFFFFFFFFC0A00000}
+    assert addresses({"x"}, tmp_path / "missing") == {}
+    assert vm_ptr_defines(None) is None
+    require(VMLINUX.is_file(), f"no kernel BTF at {VMLINUX}")
+    btf = load_vmlinux()
+    assert vm_ptr_defines(btf, {"kvm_vm_ioctl": 0x10}) is None  # kvm_vcpu_ioctl missing
+    got = vm_ptr_defines(btf, {"kvm_vm_ioctl": 0x10, "kvm_vcpu_ioctl": 0x20})
+    assert got is not None and "-DKT_VM_PTR=1" in got
+    assert {"-DKT_VM_IOCTL=0x10ULL", "-DKT_VCPU_IOCTL=0x20ULL"} <= set(got)
+    assert f"-DKT_OFF_VCPU_KVM={btf.offsetof('kvm_vcpu', 'kvm')}" in got
 
 
 def test_preflight_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -436,8 +436,8 @@ class Probes:
         return snap
 
     def forget(self, pid: int) -> None:
-        """Drop the map entries of an exited process (rings, VMs, vCPU fds) and free its
-        push fast-path slots."""
+        """Drop the map entries of an exited process (rings, VMs, vCPU fds, VM identities:
+        ``vmfds``, ``kvms``) and free its push fast-path slots."""
         names = [b"rings", b"vms", b"vcpus", b"vmfds"]
         if self.vm_identity == "pointer":
             names.append(b"kvms")

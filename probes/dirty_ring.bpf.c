@@ -245,23 +245,52 @@ static __always_inline u64 kt_fd_private(s32 fd, u64 ioctl)
 }
 
 /*
+ * The lowest fd among the current task's first KT_FD_WALK that is a VM fd of kvm, -1 none.
+ * A bounded loop (bcc 0.26 cannot load bpf_loop() callbacks: it leaves the callback's
+ * ld_imm64 unrelocated, "R2 type=scalar expected=func"), so it stays short.
+ */
+static __always_inline s32 kt_walk_vm_fd(u64 kvm)
+{
+	u32 max = 0;
+	u64 arr = kt_fd_array(&max);
+
+	if (!arr)
+		return -1;
+#pragma clang loop unroll(disable)
+	for (u32 i = 0; i < KT_FD_WALK; i++) {
+		if (i >= max)
+			break;
+		u64 file = kt_read_ptr(arr + (u64)i * 8);
+
+		if (file && kt_read_ptr(file + KT_OFF_FILE_PRIV) == kvm &&
+		    kt_file_private(file, KT_VM_IOCTL) == kvm)
+			return i;   /* not the VM's stats fd: its f_op has no unlocked_ioctl */
+	}
+	return -1;
+}
+
+/*
  * The VM fd of kvm in the current task: KVM names a VM's debugfs directory "PID-FD" after
  * the creating process and the fd KVM_CREATE_VM returned (virt/kvm/kvm_main.c,
  * kvm_create_vm_debugfs(), Linux >= 4.7); that fd counts only if the current task's file
- * there is still a VM fd of kvm (not closed, dup2'ed away or in another process). -1 else.
+ * there is still a VM fd of kvm (not closed, dup2'ed away or in another process). Else
+ * (or with no debugfs) kt_walk_vm_fd(). -1 when neither finds one.
  */
 static __always_inline s32 kt_find_vm_fd(u64 kvm)
 {
+#ifdef KT_VM_NAME_OFF   /* tests: the fd-table walk alone */
+	return kt_walk_vm_fd(kvm);
+#endif
 	char name[24] = {};
 	u64 dent = kt_read_ptr(kvm + KT_OFF_KVM_DENTRY);
 	s32 fd = -1;
 
 	if (!dent || dent >= (u64)-4095)   /* none, or an ERR_PTR: no debugfs */
-		return -1;
+		return kt_walk_vm_fd(kvm);
 	u64 str = kt_read_ptr(dent + KT_OFF_DENTRY_NAME);
 
 	if (!str || bpf_probe_read_kernel_str(name, sizeof(name), (void *)str) <= 0)
-		return -1;
+		return kt_walk_vm_fd(kvm);
 #pragma unroll
 	for (int i = 0; i < sizeof(name); i++) {
 		char c = name[i];
@@ -271,37 +300,54 @@ static __always_inline s32 kt_find_vm_fd(u64 kvm)
 		if (c == '-' && fd < 0) {
 			fd = 0;
 		} else if (c < '0' || c > '9' || fd > KT_FD_MASK) {
-			return -1;
+			return kt_walk_vm_fd(kvm);
 		} else if (fd >= 0) {
 			fd = fd * 10 + (c - '0');
 		}
 	}
 	if (fd < 0 || fd > KT_FD_MASK || kt_fd_private(fd, KT_VM_IOCTL) != kvm)
-		return -1;
+		return kt_walk_vm_fd(kvm);
 	return fd;
 }
 
-/*
- * The vm of VM kvm in process pid: from `kvms`, else named by fd (>= 0: an fd of that VM,
- * the ioctl's), else by kt_find_vm_fd(); -1 when no fd of it is found (remembered,
- * unless an fd is given later).
- */
-static __always_inline s32 kt_kvm_vm(u32 pid, u64 kvm, s32 fd)
+/* Remember vm as the name of VM kvm in process pid; returns vm. */
+static __always_inline s32 kt_kvm_set(u32 pid, u64 kvm, s32 vm)
 {
 	struct kt_kvm_key key = { .kvm = kvm, .pid = pid };
-	s32 *v = kvms.lookup(&key);
-
-	if (v && (*v >= 0 || fd < 0))
-		return *v;
-	if (!kvm)
-		return -1;
-	if (fd < 0)
-		fd = kt_find_vm_fd(kvm);
-	s32 vm = fd < 0 ? -1 : kt_vm_gen(pid, fd, kvm, 0);
 
 	if (kvms.update(&key, &vm))
 		kt_lost(KT_LOST_MAPS);
 	return vm;
+}
+
+/* The vm of VM kvm in process pid, one of whose fds is fd (a VM ioctl's): from `kvms`
+ * (unless it says -1), else named after fd. */
+static __always_inline s32 kt_kvm_vm_at(u32 pid, u64 kvm, s32 fd)
+{
+	struct kt_kvm_key key = { .kvm = kvm, .pid = pid };
+	s32 *v = kvms.lookup(&key);
+
+	if (v && *v >= 0)
+		return *v;
+	return kt_kvm_set(pid, kvm, kt_vm_gen(pid, fd, kvm, 0));
+}
+
+/*
+ * The vm of VM kvm in process pid: from `kvms`, else by kt_find_vm_fd(); -1 when no fd of
+ * it is found (remembered, until a VM ioctl names it: kt_kvm_vm_at()).
+ */
+static __always_inline s32 kt_kvm_vm(u32 pid, u64 kvm)
+{
+	struct kt_kvm_key key = { .kvm = kvm, .pid = pid };
+	s32 *v = kvms.lookup(&key);
+
+	if (v)
+		return *v;
+	if (!kvm)
+		return -1;
+	s32 fd = kt_find_vm_fd(kvm);
+
+	return kt_kvm_set(pid, kvm, fd < 0 ? -1 : kt_vm_gen(pid, fd, kvm, 0));
 }
 
 /* struct kvm * of the vCPU whose ring (struct kvm_dirty_ring, embedded) is at ring_ptr */
@@ -318,7 +364,7 @@ static __always_inline s32 kt_fd_vm(u32 pid, s32 fd)
 	u64 kvm = kt_fd_private(fd, KT_VM_IOCTL);
 
 	if (kvm)
-		return kt_kvm_vm(pid, kvm, fd);
+		return kt_kvm_vm_at(pid, kvm, fd);
 #endif
 	struct kt_vcpu_key k = { .pid = pid, .fd = fd };
 	struct kt_vmfd_val *e = vmfds.lookup(&k);
@@ -432,7 +478,7 @@ static __always_inline s32 kt_push_vm(u32 pid, u32 tid, s32 index, u32 dirty, u6
 #endif
 	s32 vm = -1;
 #if KT_VM_PTR && KT_RAW_PUSH
-	vm = kt_kvm_vm(pid, kt_ring_kvm(ring_ptr), -1);
+	vm = kt_kvm_vm(pid, kt_ring_kvm(ring_ptr));
 #endif
 #if !(KT_VM_PTR && KT_RAW_PUSH && KT_RAW_EXIT)
 	/* the thread's ring for a tracepoint exit (which names no ring); its vm if need be */
@@ -501,8 +547,10 @@ static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size
 	int in_ioctl = t && t->pend_cmd == KT_KVM_RESET_RINGS;
 
 #if KT_VM_PTR
-	if (kvm)
-		vm = kt_kvm_vm(pid, kvm, in_ioctl ? t->pend_fd : -1);
+	if (kvm && in_ioctl)
+		vm = kt_kvm_vm_at(pid, kvm, t->pend_fd);
+	else if (kvm)
+		vm = kt_kvm_vm(pid, kvm);
 	else
 #endif
 	if (in_ioctl)
@@ -560,7 +608,7 @@ static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dir
 
 #if KT_VM_PTR
 	if (kvm) {
-		vm = kt_kvm_vm(pid, kvm, -1);
+		vm = kt_kvm_vm(pid, kvm);
 		if (t)
 			t->vm = vm;   /* the stall that follows is this VM's (kt_stall_end) */
 	} else
@@ -752,7 +800,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 
 			bpf_probe_read_kernel(&nv.vcpu_id, sizeof(nv.vcpu_id),
 					      (void *)(vcpu + KT_OFF_VCPU_ID));
-			nv.vm = kt_kvm_vm(pid, kt_read_ptr(vcpu + KT_OFF_VCPU_KVM), -1);
+			nv.vm = kt_kvm_vm(pid, kt_read_ptr(vcpu + KT_OFF_VCPU_KVM));
 			t->vm = nv.vm;
 			if (vcpus.update(&vk, &nv))
 				kt_lost(KT_LOST_MAPS);
@@ -760,8 +808,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 #endif
 		return 0;
 	}
-	if (cmd != KT_KVM_CREATE_VM)   /* the others are VM fd ioctls */
-		t->pend_vm = kt_fd_vm(pid, fd);
 	if (cmd == KT_KVM_ENABLE_CAP) {
 		u32 cap = 0;
 		u64 bytes = 0;
@@ -772,10 +818,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		bpf_probe_read_user(&bytes, sizeof(bytes), arg + 8);
 		if (cap != KT_CAP_RING && cap != KT_CAP_RING_ACQ_REL)
 			return 0;
+		t->pend_vm = kt_fd_vm(pid, fd);
 		t->pend_cap = cap;
 		t->pend_val = bytes;
 	} else if (cmd == KT_KVM_CREATE_VCPU) {
 		t->pend_val = args->arg;
+		t->pend_vm = kt_fd_vm(pid, fd);
 #ifdef KT_PUSH_SLOTS
 		u32 zero = 0;
 		u32 *epoch = vcpu_epoch.lookup(&zero);
@@ -784,6 +832,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 			__sync_fetch_and_add(epoch, 1);
 #endif
 	}
+	if (cmd == KT_KVM_RESET_RINGS)
+		t->pend_vm = kt_fd_vm(pid, fd);
 	t->pend_cmd = cmd;
 	t->pend_fd = fd;
 	t->pend_ts = now;
@@ -846,10 +896,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 		/* a new VM, maybe where a freed one was (address and fd): name it now */
 		u64 kvm = kt_fd_private((s32)ret, KT_VM_IOCTL);
 		s32 vm = kt_vm_gen(pid, (s32)ret, kvm, 1);
-		struct kt_kvm_key key = { .kvm = kvm, .pid = pid };
 
-		if (kvm && kvms.update(&key, &vm))
-			kt_lost(KT_LOST_MAPS);
+		if (kvm)
+			kt_kvm_set(pid, kvm, vm);
 #else
 		kt_vm_gen(pid, (s32)ret, 0, 1);
 #endif

@@ -41,6 +41,10 @@
 #ifndef KT_VM_PTR
 #define KT_VM_PTR 0
 #endif
+/* fds looked at by the fallback walk of a task's fd table (kt_walk_vm_fd) */
+#ifndef KT_FD_WALK
+#define KT_FD_WALK 256
+#endif
 #define KT_GEN_SHIFT KT_VM_GEN_SHIFT          /* vm = fd | gen << 20 (kvmtrace.h)  */
 #define KT_FD_MASK ((1 << KT_GEN_SHIFT) - 1)
 #define KT_GEN_MASK 0x7FF                     /* vm stays a non-negative s32       */

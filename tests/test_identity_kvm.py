@@ -209,8 +209,11 @@ def test_reused_fd_gives_a_new_gen(kvm, bpf_root) -> None:
             p.close()
 
 
+# the second VM starts 100 ms later, so the first one's fds are the lowest and the third
+# VM (once both are closed) gets the first one's VM fd again
 TWO = [[{"vcpus": 1, "ring_bytes": 4096, "pages": 600, "passes": 40, "exit_every": 1},
-        {"vcpus": 2, "ring_bytes": 8192, "pages": 500, "passes": 30, "exit_every": 2}],
+        {"vcpus": 2, "ring_bytes": 8192, "pages": 500, "passes": 30, "exit_every": 2,
+         "start_delay_ms": 100}],
        [{"vcpus": 1, "ring_bytes": 4096, "pages": 300, "exit_every": 1}]]
 
 
@@ -221,7 +224,7 @@ def test_two_vms_created_before_the_probes_and_a_reused_fd(kvm, bpf_root) -> Non
     truths, probes, ev = traced(TWO, preexisting=(2, 3))
     try:
         assert len({t["vm_fd"] for t in truths[:2]}) == 2
-        assert truths[2]["vm_fd"] in {t["vm_fd"] for t in truths[:2]}
+        assert truths[2]["vm_fd"] == truths[0]["vm_fd"]
         assert gens_of(truths) == [0, 0, 1]
         check_rings(truths, probes, ev, preexisting=2)
     finally:
@@ -255,3 +258,36 @@ def test_record_and_replay_keep_reused_fds_apart(tmp_path, kvm, bpf_root) -> Non
              for r in got["rings"]}
     assert rings == {k: (r["harvested"], 0, r["resets"]) for k, r in want.items()}
     assert (replay.returncode, got["clean"], got["anomalies"]) == (0, True, [])
+
+
+def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeypatch) -> None:
+    """Where a VM's debugfs name cannot be used (no debugfs, fd moved), the probes walk the
+    task's fd table (compiled here with -DKT_VM_NAME_OFF: the walk alone): the two VMs
+    created before the probes still get their own fds."""
+    from kvmtrace.bpf import loader
+
+    real = loader.vm_ptr_defines
+    monkeypatch.setattr(loader, "vm_ptr_defines",
+                        lambda btf, symbols=None: [*(real(btf, symbols) or []),
+                                                   "-DKT_VM_NAME_OFF=1"])
+    child = vmm(TWO[:1])
+    probes: list[Probes] = []
+    try:
+        stop_when(child, 2, 3)
+        probes.append(Probes(pid=child.pid, hook="raw_tp"))
+        probes.append(Probes(pid=child.pid, emit_events=True, aggregate=False))
+        assert "-DKT_VM_NAME_OFF=1" in probes[0].cflags
+        truths = finish(child)
+        ev = probes[1].poll_events()
+        rows = _snapshot_rows(probes[0])
+    finally:
+        for p in probes:
+            p.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    want = rings_of(truths)
+    first = first_pushes(ev)
+    assert sorted(_counts(ev)) == sorted(rows) == sorted(want)
+    assert {k: c.pushes for k, c in rows.items()} == {
+        k: r["harvested"] - first[k] + 1 for k, r in want.items()}

@@ -182,7 +182,7 @@ static __always_inline struct kt_ring_val *kt_ring(u32 pid, s32 vm, s32 ring, u3
 /*
  * The vm of the VM kvm (0 unknown) now found under (pid, fd): gen is that of the VM last
  * seen there, +1 when that was another VM or (fresh: KVM_CREATE_VM just returned fd) when
- * one was seen there at all.
+ * one was seen there at all. An entry whose kvm is unknown (0) is taken to be this VM.
  */
 static __always_inline s32 kt_vm_gen(u32 pid, s32 fd, u64 kvm, int fresh)
 {
@@ -191,8 +191,10 @@ static __always_inline s32 kt_vm_gen(u32 pid, s32 fd, u64 kvm, int fresh)
 	struct kt_vmfd_val nv = { .kvm = kvm };
 
 	if (e) {
-		if (!fresh && e->kvm == kvm)
+		if (!fresh && (e->kvm == kvm || !e->kvm)) {
+			e->kvm = kvm;
 			return fd | (e->gen << KT_GEN_SHIFT);
+		}
 		nv.gen = (e->gen + 1) & KT_GEN_MASK;
 	}
 	if (vmfds.update(&k, &nv))

@@ -30,7 +30,9 @@
  * (light mode: no program on kvm_dirty_ring_push at all, so the probes' cost does not
  * grow with the push rate; each reset fills in pushes, used and overflow from its indices,
  * see kt_light_reset() in dirty_ring_defs.h), KT_NO_FAST_PUSH (no fast path: every push
- * takes the hash-map path, for comparison), KT_PUSH_SLOT_BITS (log2 of the fast-path slots).
+ * takes the hash-map path, for comparison), KT_PUSH_SLOT_BITS (log2 of the fast-path slots),
+ * KT_VM_PTR with its offsets and addresses (VM identity by struct kvm *, see above),
+ * KT_FD_WALK (fds the fallback walk looks at), KT_VM_NAME_OFF (tests: the walk alone).
  *
  * Fast path (KT_FAST_PUSH: raw push hook, aggregation without event output): a ring's push
  * is counted in its slot of `push_slots` (struct kt_push_slot), found by hashing the ring's

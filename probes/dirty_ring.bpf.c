@@ -8,10 +8,21 @@
  * the ring size (KVM_ENABLE_CAP), the end of a soft-full stall (KVM_RUN) and the reset
  * latency (KVM_RESET_DIRTY_RINGS).
  *
- * VM identity: the VM is the VMM's file descriptor of it. KVM_CREATE_VCPU on a VM fd maps
- * (pid, vcpu fd) -> VM fd; KVM_RUN on a vCPU fd gives its thread the VM fd; pushes and
- * exits happen on that thread inside KVM_RUN. A reset runs inside KVM_RESET_DIRTY_RINGS on
- * the VM fd. VMs created before tracing started get vm = -1 (user space resolves them).
+ * VM identity: vm = fd | gen << 20 (kvmtrace.h): the VMM's file descriptor of the VM and
+ * how many VMs were seen under (pid, fd) before this one (map `vmfds`; KVM_CREATE_VM's
+ * returned fd always starts a new one).
+ * KT_VM_PTR (offsets from BTF, kvm_vm_ioctl/kvm_vcpu_ioctl from /proc/kallsyms):
+ * a VM is named by its struct kvm *, which every event reaches (push and reset: the ring
+ * is embedded in struct kvm_vcpu, whose member kvm points to it; exit: the vCPU; KVM_RUN:
+ * the vCPU fd's file). Map `kvms` keeps (kvm, pid) -> vm, filled once per VM: at
+ * KVM_CREATE_VM (the new fd's file), at a VM ioctl (its fd), else from the fd in the VM's
+ * debugfs name, checked against the current task's fd table: the file there must have
+ * private_data == kvm and f_op->unlocked_ioctl == kvm_vm_ioctl (kt_find_vm_fd()). So a VM
+ * created before tracing gets the same identity as one created while tracing.
+ * Without KT_VM_PTR (no BTF): KVM_CREATE_VCPU on a VM fd maps (pid, vcpu fd) -> vm;
+ * KVM_RUN on a vCPU fd gives its thread the vm; pushes and exits happen on that thread
+ * inside KVM_RUN; resets run inside KVM_RESET_DIRTY_RINGS on the VM fd. Pushes and exits
+ * of VMs created before tracing then get vm = -1 (user space resolves them).
  *
  * Options (-D): KT_PID (0 = every process), KT_AGGREGATE (count into the maps),
  * KT_EMIT_EVENTS with KT_RINGBUF_PAGES and KT_RB_FLAGS (every event as a struct kt_event
@@ -19,7 +30,9 @@
  * (light mode: no program on kvm_dirty_ring_push at all, so the probes' cost does not
  * grow with the push rate; each reset fills in pushes, used and overflow from its indices,
  * see kt_light_reset() in dirty_ring_defs.h), KT_NO_FAST_PUSH (no fast path: every push
- * takes the hash-map path, for comparison), KT_PUSH_SLOT_BITS (log2 of the fast-path slots).
+ * takes the hash-map path, for comparison), KT_PUSH_SLOT_BITS (log2 of the fast-path slots),
+ * KT_VM_PTR with its offsets and addresses (VM identity by struct kvm *, see above),
+ * KT_FD_WALK (fds the fallback walk looks at), KT_VM_NAME_OFF (tests: the walk alone).
  *
  * Fast path (KT_FAST_PUSH: raw push hook, aggregation without event output): a ring's push
  * is counted in its slot of `push_slots` (struct kt_push_slot), found by hashing the ring's
@@ -37,6 +50,10 @@ BPF_HASH(rings, struct kt_ring_key, struct kt_ring_val, KT_MAX_RINGS);
 BPF_HASH(vms, struct kt_vm_key, struct kt_vm_val, KT_MAX_VMS);
 BPF_TABLE("lru_hash", struct kt_vcpu_key, struct kt_vcpu_val, vcpus, KT_MAX_VCPUS);
 BPF_TABLE("lru_hash", u32, struct kt_tid, tids, KT_MAX_TIDS);
+BPF_HASH(vmfds, struct kt_vcpu_key, struct kt_vmfd_val, KT_MAX_VMS);  /* (pid, VM fd) */
+#if KT_VM_PTR
+BPF_TABLE("lru_hash", struct kt_kvm_key, s32, kvms, KT_MAX_VMS);
+#endif
 BPF_ARRAY(zero_ring, struct kt_ring_val, 1);   /* never written: initial values */
 BPF_ARRAY(zero_vm, struct kt_vm_val, 1);
 BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS + 1);  /* + the wakeup counter */
@@ -164,6 +181,201 @@ static __always_inline struct kt_ring_val *kt_ring(u32 pid, s32 vm, s32 ring, u3
 	return v;
 }
 
+/*
+ * The vm of the VM kvm (0 unknown) now found under (pid, fd): gen is that of the VM last
+ * seen there, +1 when that was another VM or (fresh: KVM_CREATE_VM just returned fd) when
+ * one was seen there at all. An entry whose kvm is unknown (0) is taken to be this VM.
+ */
+static __always_inline s32 kt_vm_gen(u32 pid, s32 fd, u64 kvm, int fresh)
+{
+	struct kt_vcpu_key k = { .pid = pid, .fd = fd };
+	struct kt_vmfd_val *e = vmfds.lookup(&k);
+	struct kt_vmfd_val nv = { .kvm = kvm };
+
+	if (e) {
+		if (!fresh && (e->kvm == kvm || !e->kvm)) {
+			e->kvm = kvm;
+			return fd | (e->gen << KT_GEN_SHIFT);
+		}
+		nv.gen = (e->gen + 1) & KT_GEN_MASK;
+	}
+	if (vmfds.update(&k, &nv))
+		kt_lost(KT_LOST_MAPS);
+	return fd | (nv.gen << KT_GEN_SHIFT);
+}
+
+#if KT_VM_PTR
+static __always_inline u64 kt_read_ptr(u64 addr)
+{
+	u64 v = 0;
+
+	bpf_probe_read_kernel(&v, sizeof(v), (void *)addr);
+	return v;
+}
+
+/* The current task's open files: its fdtable's fd array (0 if none) and max_fds. */
+static __always_inline u64 kt_fd_array(u32 *max)
+{
+	u64 files = kt_read_ptr(bpf_get_current_task() + KT_OFF_TASK_FILES);
+	u64 fdt = files ? kt_read_ptr(files + KT_OFF_FILES_FDT) : 0;
+
+	if (!fdt)
+		return 0;
+	bpf_probe_read_kernel(max, sizeof(*max), (void *)(fdt + KT_OFF_FDT_MAX));
+	return kt_read_ptr(fdt + KT_OFF_FDT_FD);
+}
+
+/* file->private_data if file->f_op->unlocked_ioctl is ioctl, else 0. */
+static __always_inline u64 kt_file_private(u64 file, u64 ioctl)
+{
+	u64 fop = kt_read_ptr(file + KT_OFF_FILE_FOP);
+
+	if (!fop || kt_read_ptr(fop + KT_OFF_FOP_IOCTL) != ioctl)
+		return 0;
+	return kt_read_ptr(file + KT_OFF_FILE_PRIV);
+}
+
+/* private_data of the current task's file at fd if its unlocked_ioctl is ioctl, else 0. */
+static __always_inline u64 kt_fd_private(s32 fd, u64 ioctl)
+{
+	u32 max = 0;
+	u64 arr = kt_fd_array(&max);
+
+	if (!arr || fd < 0 || (u32)fd >= max)
+		return 0;
+	u64 file = kt_read_ptr(arr + (u64)fd * 8);
+
+	return file ? kt_file_private(file, ioctl) : 0;
+}
+
+/*
+ * The lowest fd among the current task's first KT_FD_WALK that is a VM fd of kvm, -1 none.
+ * A bounded loop (bcc 0.26 cannot load bpf_loop() callbacks: it leaves the callback's
+ * ld_imm64 unrelocated, "R2 type=scalar expected=func"), so it stays short.
+ */
+static __always_inline s32 kt_walk_vm_fd(u64 kvm)
+{
+	u32 max = 0;
+	u64 arr = kt_fd_array(&max);
+
+	if (!arr)
+		return -1;
+#pragma clang loop unroll(disable)
+	for (u32 i = 0; i < KT_FD_WALK; i++) {
+		if (i >= max)
+			break;
+		u64 file = kt_read_ptr(arr + (u64)i * 8);
+
+		if (file && kt_read_ptr(file + KT_OFF_FILE_PRIV) == kvm &&
+		    kt_file_private(file, KT_VM_IOCTL) == kvm)
+			return i;   /* not the VM's stats fd: its f_op has no unlocked_ioctl */
+	}
+	return -1;
+}
+
+/*
+ * The VM fd of kvm in the current task: KVM names a VM's debugfs directory "PID-FD" after
+ * the creating process and the fd KVM_CREATE_VM returned (virt/kvm/kvm_main.c,
+ * kvm_create_vm_debugfs(), Linux >= 4.7); that fd counts only if the current task's file
+ * there is still a VM fd of kvm (not closed, dup2'ed away or in another process). Else
+ * (or with no debugfs) kt_walk_vm_fd(). -1 when neither finds one.
+ */
+static __always_inline s32 kt_find_vm_fd(u64 kvm)
+{
+#ifdef KT_VM_NAME_OFF   /* tests: the fd-table walk alone */
+	return kt_walk_vm_fd(kvm);
+#endif
+	char name[24] = {};
+	u64 dent = kt_read_ptr(kvm + KT_OFF_KVM_DENTRY);
+	s32 fd = -1;
+
+	if (!dent || dent >= (u64)-4095)   /* none, or an ERR_PTR: no debugfs */
+		return kt_walk_vm_fd(kvm);
+	u64 str = kt_read_ptr(dent + KT_OFF_DENTRY_NAME);
+
+	if (!str || bpf_probe_read_kernel_str(name, sizeof(name), (void *)str) <= 0)
+		return kt_walk_vm_fd(kvm);
+#pragma unroll
+	for (int i = 0; i < sizeof(name); i++) {
+		char c = name[i];
+
+		if (!c)
+			break;
+		if (c == '-' && fd < 0) {
+			fd = 0;
+		} else if (c < '0' || c > '9' || fd > KT_FD_MASK) {
+			return kt_walk_vm_fd(kvm);
+		} else if (fd >= 0) {
+			fd = fd * 10 + (c - '0');
+		}
+	}
+	if (fd < 0 || fd > KT_FD_MASK || kt_fd_private(fd, KT_VM_IOCTL) != kvm)
+		return kt_walk_vm_fd(kvm);
+	return fd;
+}
+
+/* Remember vm as the name of VM kvm in process pid; returns vm. */
+static __always_inline s32 kt_kvm_set(u32 pid, u64 kvm, s32 vm)
+{
+	struct kt_kvm_key key = { .kvm = kvm, .pid = pid };
+
+	if (kvms.update(&key, &vm))
+		kt_lost(KT_LOST_MAPS);
+	return vm;
+}
+
+/* The vm of VM kvm in process pid, one of whose fds is fd (a VM ioctl's): from `kvms`
+ * (unless it says -1), else named after fd. */
+static __always_inline s32 kt_kvm_vm_at(u32 pid, u64 kvm, s32 fd)
+{
+	struct kt_kvm_key key = { .kvm = kvm, .pid = pid };
+	s32 *v = kvms.lookup(&key);
+
+	if (v && *v >= 0)
+		return *v;
+	return kt_kvm_set(pid, kvm, kt_vm_gen(pid, fd, kvm, 0));
+}
+
+/*
+ * The vm of VM kvm in process pid: from `kvms`, else by kt_find_vm_fd(); -1 when no fd of
+ * it is found (remembered, until a VM ioctl names it: kt_kvm_vm_at()).
+ */
+static __always_inline s32 kt_kvm_vm(u32 pid, u64 kvm)
+{
+	struct kt_kvm_key key = { .kvm = kvm, .pid = pid };
+	s32 *v = kvms.lookup(&key);
+
+	if (v)
+		return *v;
+	if (!kvm)
+		return -1;
+	s32 fd = kt_find_vm_fd(kvm);
+
+	return kt_kvm_set(pid, kvm, fd < 0 ? -1 : kt_vm_gen(pid, fd, kvm, 0));
+}
+
+/* struct kvm * of the vCPU whose ring (struct kvm_dirty_ring, embedded) is at ring_ptr */
+static __always_inline u64 kt_ring_kvm(u64 ring_ptr)
+{
+	return kt_read_ptr(ring_ptr - KT_OFF_VCPU_RING + KT_OFF_VCPU_KVM);
+}
+#endif /* KT_VM_PTR */
+
+/* The vm of the VM fd `fd` of the current process (a VM ioctl's fd). */
+static __always_inline s32 kt_fd_vm(u32 pid, s32 fd)
+{
+#if KT_VM_PTR
+	u64 kvm = kt_fd_private(fd, KT_VM_IOCTL);
+
+	if (kvm)
+		return kt_kvm_vm_at(pid, kvm, fd);
+#endif
+	struct kt_vcpu_key k = { .pid = pid, .fd = fd };
+	struct kt_vmfd_val *e = vmfds.lookup(&k);
+
+	return e ? fd | (e->gen << KT_GEN_SHIFT) : fd;
+}
+
 #define KT_SELF()                                                   \
 	u64 id = bpf_get_current_pid_tgid();                            \
 	u32 pid = id >> 32, tid = (u32)id;                              \
@@ -257,7 +469,7 @@ static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 ind
 }
 #endif
 
-/* The VM fd (-1 unknown) of a push of ring index at ring_ptr on thread tid. */
+/* The vm (-1 unknown) of a push of ring index at ring_ptr on thread tid. */
 static __always_inline s32 kt_push_vm(u32 pid, u32 tid, s32 index, u32 dirty, u64 ring_ptr)
 {
 #ifdef KT_FAST_VM
@@ -269,12 +481,20 @@ static __always_inline s32 kt_push_vm(u32 pid, u32 tid, s32 index, u32 dirty, u6
 	}
 #endif
 	s32 vm = -1;
+#if KT_VM_PTR && KT_RAW_PUSH
+	vm = kt_kvm_vm(pid, kt_ring_kvm(ring_ptr));
+#endif
+#if !(KT_VM_PTR && KT_RAW_PUSH && KT_RAW_EXIT)
+	/* the thread's ring for a tracepoint exit (which names no ring); its vm if need be */
 	struct kt_tid *t = kt_thread(tid);
 
 	if (t) {
+#if !(KT_VM_PTR && KT_RAW_PUSH)
 		vm = t->vm;
+#endif
 		t->ring = index;
 	}
+#endif
 #ifdef KT_FAST_VM
 	kt_push_claim(ring_ptr, pid, vm, index, dirty, 0);
 #endif
@@ -321,15 +541,24 @@ static __always_inline int kt_on_push(s32 index, u32 dirty, u32 reset, u32 slot,
 }
 #endif /* !KT_NO_PUSH */
 
-static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size)
+/* kvm: the ring's struct kvm * (raw tracepoint with KT_VM_PTR), else 0 */
+static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size, u64 kvm)
 {
 	KT_SELF();
 	u64 now = KT_EVENT_NOW();
 	s32 vm = -1;
 	struct kt_tid *t = tids.lookup(&tid);
+	int in_ioctl = t && t->pend_cmd == KT_KVM_RESET_RINGS;
 
-	if (t && t->pend_cmd == KT_KVM_RESET_RINGS)
-		vm = t->pend_fd;
+#if KT_VM_PTR
+	if (kvm && in_ioctl)
+		vm = kt_kvm_vm_at(pid, kvm, t->pend_fd);
+	else if (kvm)
+		vm = kt_kvm_vm(pid, kvm);
+	else
+#endif
+	if (in_ioctl)
+		vm = t->pend_vm;
 #ifdef KT_AGGREGATE
 	/*
 	 * A ring first seen here: its reset_index before this reset is unknown, unless the
@@ -371,14 +600,23 @@ static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size
 	return 0;
 }
 
-/* exact: dirty/reset/index were read from the vCPU's ring (raw tracepoint). */
-static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dirty, u32 reset)
+/* exact: dirty/reset/index were read from the vCPU's ring (raw tracepoint); kvm: the
+ * vCPU's struct kvm * (raw tracepoint with KT_VM_PTR), else 0. */
+static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dirty, u32 reset,
+				      u64 kvm)
 {
 	KT_SELF();
 	u64 now = KT_EVENT_NOW();
 	s32 vm = -1;
-	struct kt_tid *t = tids.lookup(&tid);
+	struct kt_tid *t = kvm ? kt_thread(tid) : tids.lookup(&tid);
 
+#if KT_VM_PTR
+	if (kvm) {
+		vm = kt_kvm_vm(pid, kvm);
+		if (t)
+			t->vm = vm;   /* the stall that follows is this VM's (kt_stall_end) */
+	} else
+#endif
 	if (t)
 		vm = t->vm;
 	/*
@@ -461,13 +699,18 @@ RAW_TRACEPOINT_PROBE(kvm_dirty_ring_reset)
 	u64 r[(KT_OFF_RING_SPAN + 7) / 8] = {};   /* 8-aligned copy of the ring's head */
 
 	bpf_probe_read_kernel(r, sizeof(r), (void *)ctx->args[0]);
+#if KT_VM_PTR
+	u64 kvm = kt_ring_kvm(ctx->args[0]);
+#else
+	u64 kvm = 0;
+#endif
 	return kt_on_reset((s32)KT_U32(r, KT_OFF_RING_INDEX), KT_U32(r, KT_OFF_RING_DIRTY),
-			   KT_U32(r, KT_OFF_RING_RESET), KT_U32(r, KT_OFF_RING_SIZE));
+			   KT_U32(r, KT_OFF_RING_RESET), KT_U32(r, KT_OFF_RING_SIZE), kvm);
 }
 #else
 TRACEPOINT_PROBE(kvm, kvm_dirty_ring_reset)
 {
-	return kt_on_reset(args->index, args->dirty_index, args->reset_index, 0);
+	return kt_on_reset(args->index, args->dirty_index, args->reset_index, 0, 0);
 }
 #endif
 
@@ -481,13 +724,18 @@ RAW_TRACEPOINT_PROBE(kvm_dirty_ring_exit)
 
 	bpf_probe_read_kernel(&vcpu_id, sizeof(vcpu_id), vcpu + KT_OFF_VCPU_ID);
 	bpf_probe_read_kernel(r, sizeof(r), vcpu + KT_OFF_VCPU_RING);
+#if KT_VM_PTR
+	u64 kvm = kt_read_ptr((u64)vcpu + KT_OFF_VCPU_KVM);
+#else
+	u64 kvm = 0;
+#endif
 	return kt_on_exit(vcpu_id, 1, (s32)KT_U32(r, KT_OFF_RING_INDEX),
-			  KT_U32(r, KT_OFF_RING_DIRTY), KT_U32(r, KT_OFF_RING_RESET));
+			  KT_U32(r, KT_OFF_RING_DIRTY), KT_U32(r, KT_OFF_RING_RESET), kvm);
 }
 #else
 TRACEPOINT_PROBE(kvm, kvm_dirty_ring_exit)
 {
-	return kt_on_exit(args->vcpu_id, 0, -1, 0, 0);
+	return kt_on_exit(args->vcpu_id, 0, -1, 0, 0, 0);
 }
 #endif
 
@@ -528,7 +776,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 	u32 cmd = args->cmd;
 
 	if (cmd != KT_KVM_RUN && cmd != KT_KVM_CREATE_VCPU && cmd != KT_KVM_RESET_RINGS &&
-	    cmd != KT_KVM_ENABLE_CAP)
+	    cmd != KT_KVM_ENABLE_CAP && cmd != KT_KVM_CREATE_VM)
 		return 0;
 	KT_SELF();
 	s32 fd = args->fd;
@@ -541,10 +789,27 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		struct kt_vcpu_key vk = { .pid = pid, .fd = fd };
 		struct kt_vcpu_val *vc = vcpus.lookup(&vk);
 
-		if (vc)
-			t->vm = vc->vm;
-		if (t->stall_ts)
+		if (t->stall_ts)   /* the stall of the previous run, under its vm */
 			kt_stall_end(now, pid, tid, t);
+		if (vc) {
+			t->vm = vc->vm;
+			return 0;
+		}
+#if KT_VM_PTR
+		/* a vCPU created before tracing: its fd's file is the struct kvm_vcpu */
+		u64 vcpu = kt_fd_private(fd, KT_VCPU_IOCTL);
+
+		if (vcpu) {
+			struct kt_vcpu_val nv = { .vcpu_id = (u32)-1 };
+
+			bpf_probe_read_kernel(&nv.vcpu_id, sizeof(nv.vcpu_id),
+					      (void *)(vcpu + KT_OFF_VCPU_ID));
+			nv.vm = kt_kvm_vm(pid, kt_read_ptr(vcpu + KT_OFF_VCPU_KVM));
+			t->vm = nv.vm;
+			if (vcpus.update(&vk, &nv))
+				kt_lost(KT_LOST_MAPS);
+		}
+#endif
 		return 0;
 	}
 	if (cmd == KT_KVM_ENABLE_CAP) {
@@ -557,10 +822,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 		bpf_probe_read_user(&bytes, sizeof(bytes), arg + 8);
 		if (cap != KT_CAP_RING && cap != KT_CAP_RING_ACQ_REL)
 			return 0;
+		t->pend_vm = kt_fd_vm(pid, fd);
 		t->pend_cap = cap;
 		t->pend_val = bytes;
 	} else if (cmd == KT_KVM_CREATE_VCPU) {
 		t->pend_val = args->arg;
+		t->pend_vm = kt_fd_vm(pid, fd);
 #ifdef KT_PUSH_SLOTS
 		u32 zero = 0;
 		u32 *epoch = vcpu_epoch.lookup(&zero);
@@ -569,6 +836,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 			__sync_fetch_and_add(epoch, 1);
 #endif
 	}
+	if (cmd == KT_KVM_RESET_RINGS)
+		t->pend_vm = kt_fd_vm(pid, fd);
 	t->pend_cmd = cmd;
 	t->pend_fd = fd;
 	t->pend_ts = now;
@@ -591,29 +860,29 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 		if (ret < 0)
 			return 0;
 		struct kt_vcpu_key vk = { .pid = pid, .fd = (s32)ret };
-		struct kt_vcpu_val vc = { .vm = t->pend_fd, .vcpu_id = (u32)t->pend_val };
+		struct kt_vcpu_val vc = { .vm = t->pend_vm, .vcpu_id = (u32)t->pend_val };
 
 		if (vcpus.update(&vk, &vc))
 			kt_lost(KT_LOST_MAPS);
-		struct kt_vm_val *v = kt_vm(pid, t->pend_fd);
+		struct kt_vm_val *v = kt_vm(pid, t->pend_vm);
 
 		if (v)
 			__sync_fetch_and_add(&v->vcpus, 1);
 	} else if (cmd == KT_KVM_ENABLE_CAP) {
 		if (ret != 0)
 			return 0;
-		struct kt_vm_val *v = kt_vm(pid, t->pend_fd);
+		struct kt_vm_val *v = kt_vm(pid, t->pend_vm);
 
 		if (v) {
 			v->ring_bytes = t->pend_val;
 			v->cap = t->pend_cap;
 		}
-		kt_emit(KT_RING_SIZE, now, pid, tid, t->pend_fd, -1, 0, 0, t->pend_cap,
+		kt_emit(KT_RING_SIZE, now, pid, tid, t->pend_vm, -1, 0, 0, t->pend_cap,
 			t->pend_val);
 	} else if (cmd == KT_KVM_RESET_RINGS) {
 		u64 ns = now - t->pend_ts;
 #ifdef KT_AGGREGATE
-		struct kt_vm_val *v = kt_vm(pid, t->pend_fd);
+		struct kt_vm_val *v = kt_vm(pid, t->pend_vm);
 
 		if (v) {
 			__sync_fetch_and_add(&v->reset_ioctls, 1);
@@ -623,7 +892,20 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 			__sync_fetch_and_add(&v->reset_lat_hist[kt_bucket(ns)], 1);
 		}
 #endif
-		kt_emit(KT_RESET_LAT, now, pid, tid, t->pend_fd, -1, 0, 0, 0, ns);
+		kt_emit(KT_RESET_LAT, now, pid, tid, t->pend_vm, -1, 0, 0, 0, ns);
+	} else if (cmd == KT_KVM_CREATE_VM) {
+		if (ret < 0)
+			return 0;
+#if KT_VM_PTR
+		/* a new VM, maybe where a freed one was (address and fd): name it now */
+		u64 kvm = kt_fd_private((s32)ret, KT_VM_IOCTL);
+		s32 vm = kt_vm_gen(pid, (s32)ret, kvm, 1);
+
+		if (kvm)
+			kt_kvm_set(pid, kvm, vm);
+#else
+		kt_vm_gen(pid, (s32)ret, 0, 1);
+#endif
 	}
 	return 0;
 }

@@ -35,8 +35,22 @@
 #ifndef KT_PUSH_SLOT_BITS
 #define KT_PUSH_SLOT_BITS 10
 #endif
+/* KT_VM_PTR: a VM is named by its struct kvm * (needs the KT_OFF_* member offsets of
+ * kvmtrace/bpf/loader.py vm_ptr_defines() from BTF and KT_VM_IOCTL, KT_VCPU_IOCTL, the
+ * addresses of kvm_vm_ioctl and kvm_vcpu_ioctl, from /proc/kallsyms) */
+#ifndef KT_VM_PTR
+#define KT_VM_PTR 0
+#endif
+/* fds looked at by the fallback walk of a task's fd table (kt_walk_vm_fd) */
+#ifndef KT_FD_WALK
+#define KT_FD_WALK 256
+#endif
+#define KT_GEN_SHIFT KT_VM_GEN_SHIFT          /* vm = fd | gen << 20 (kvmtrace.h)  */
+#define KT_FD_MASK ((1 << KT_GEN_SHIFT) - 1)
+#define KT_GEN_MASK 0x7FF                     /* vm stays a non-negative s32       */
 
 /* include/uapi/linux/kvm.h */
+#define KT_KVM_CREATE_VM       0xAE01
 #define KT_KVM_RUN             0xAE80
 #define KT_KVM_CREATE_VCPU     0xAE41
 #define KT_KVM_RESET_RINGS     0xAEC7
@@ -52,9 +66,23 @@ struct kt_tid {
 	__u64 pend_val;      /* KVM_ENABLE_CAP: args[0] (ring bytes); KVM_CREATE_VCPU: id  */
 	__u32 pend_cmd;      /* 0 = no pending ioctl of interest                          */
 	__s32 pend_fd;
-	__s32 vm;            /* VM fd of the vCPU this thread last entered with KVM_RUN    */
+	__s32 vm;            /* VM (fd | gen << 20) of the vCPU this thread last ran       */
 	__s32 ring;          /* ring index this thread last pushed to                     */
 	__u32 pend_cap;
+	__s32 pend_vm;       /* VM (fd | gen << 20) of pend_fd (a VM fd ioctl)            */
+};
+
+/* Map `kvms` (KT_VM_PTR): a VM by its kernel address, in one process. */
+struct kt_kvm_key {
+	__u64 kvm;           /* struct kvm *                                              */
+	__u32 pid;
+	__u32 pad;
+};
+
+/* Map `vmfds`: the VM last seen under (pid, VM fd) and how many were seen before it. */
+struct kt_vmfd_val {
+	__u64 kvm;           /* struct kvm * (0 unknown: no KT_VM_PTR)                    */
+	__u32 gen;
 	__u32 pad;
 };
 
@@ -64,7 +92,7 @@ struct kt_vcpu_key {
 };
 
 struct kt_vcpu_val {
-	__s32 vm;            /* VM fd */
+	__s32 vm;            /* VM fd | gen << 20 */
 	__u32 vcpu_id;
 };
 

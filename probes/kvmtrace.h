@@ -15,9 +15,17 @@
 #define KT_RING_SIZE  6  /* KVM_ENABLE_CAP(DIRTY_LOG_RING*) seen; value = ring bytes     */
 
 /*
- * One event, 48 bytes. ts is bpf_ktime_get_ns() (CLOCK_MONOTONIC). vm is the VMM's file
- * descriptor of the VM (-1 when the VM was created before tracing started and could not
- * be resolved). ring is the vCPU's ring index (kvm_dirty_ring.index), -1 when not known.
+ * A VM is named vm = fd | gen << KT_VM_GEN_SHIFT, a non-negative s32 (as dev_t packs its
+ * minor): fd is the VMM's file descriptor of the VM (fs.nr_open is at most 2^20), gen how
+ * many VMs the probes saw under the same (pid, fd) before this one (the fd was closed and
+ * reused). -1: not known (no BTF: pushes and exits of a VM created before tracing).
+ * kvmtrace/source/events.py vm_fd(), vm_gen(), vm_id() unpack and pack it.
+ */
+#define KT_VM_GEN_SHIFT 20
+
+/*
+ * One event, 48 bytes. ts is bpf_ktime_get_ns() (CLOCK_MONOTONIC). vm: see above. ring is
+ * the vCPU's ring index (kvm_dirty_ring.index), -1 when not known.
  */
 struct kt_event {
 	__u64 ts;
@@ -45,7 +53,7 @@ struct kt_event {
 /* Map `rings`: one entry per dirty ring (struct kvm_dirty_ring) seen. */
 struct kt_ring_key {
 	__u32 pid;          /* tgid of the VMM                                              */
-	__s32 vm;           /* VM fd in that process, -1 unknown                            */
+	__s32 vm;           /* fd | gen << KT_VM_GEN_SHIFT in that process, -1 unknown      */
 	__s32 ring;         /* kvm_dirty_ring.index (vcpu_idx)                              */
 };
 
@@ -65,7 +73,8 @@ struct kt_ring_val {
 	__u32 size;             /* entries (struct kvm_dirty_gfn, 16 bytes each); 0 unknown */
 	__u32 exit_used_min;    /* smallest used seen at a soft-full exit; 0 none           */
 	__u32 reset_dirty;      /* pushes up to this dirty_index are in max_used/overwritten */
-	__u32 gen;              /* rings seen under this key - 1 (a new ring, reused VM fd)  */
+	__u32 gen;              /* rings seen under this key - 1 (a new ring under a key of  */
+	                        /* an unknown vm, -1, or of the tracepoint identity)        */
 	__u64 stall_hist[KT_HIST_BUCKETS];
 };
 
@@ -86,7 +95,7 @@ struct kt_push_slot {
 	__u32 gen;              /* the row's gen at the claim: dirty0 + pushes is its ring's */
 };
 
-/* Map `vms`: one entry per VM (VMM pid, VM fd) seen. */
+/* Map `vms`: one entry per VM (VMM pid, vm = fd | gen << KT_VM_GEN_SHIFT) seen. */
 struct kt_vm_key {
 	__u32 pid;
 	__s32 vm;

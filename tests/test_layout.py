@@ -23,7 +23,7 @@ from kvmtrace.bpf.layout import (
     VM_KEY_DTYPE,
     VM_VAL_DTYPE,
 )
-from kvmtrace.source.events import EVENT_DTYPE, Kind
+from kvmtrace.source.events import EVENT_DTYPE, VM_GEN_SHIFT, Kind
 
 STRUCTS = {
     "kt_event": EVENT_DTYPE,
@@ -36,6 +36,7 @@ STRUCTS = {
 CONSTANTS = {
     "KT_HIST_BUCKETS": HIST_BUCKETS,
     "KT_LOST_SLOTS": LOST_SLOTS,
+    "KT_VM_GEN_SHIFT": VM_GEN_SHIFT,
     **{f"KT_{k.name}": int(k) for k in Kind},
 }
 
@@ -79,6 +80,20 @@ def test_struct_matches_dtype(c_layout: dict[str, int], name: str) -> None:
 def test_constants_match(c_layout: dict[str, int]) -> None:
     for const, value in CONSTANTS.items():
         assert c_layout[const] == value, const
+
+
+def test_vm_packing_round_trips() -> None:
+    from kvmtrace.source.events import vm_fd, vm_gen, vm_id, vm_label
+
+    for fd, gen in ((0, 0), (5, 1), ((1 << VM_GEN_SHIFT) - 1, 2047)):
+        vm = vm_id(fd, gen)
+        assert 0 <= vm < 2**31 and (vm_fd(vm), vm_gen(vm)) == (fd, gen)
+    assert vm_id(5, 0) == 5 and vm_id(-1, 3) == -1 and (vm_fd(-1), vm_gen(-1)) == (-1, 0)
+    assert (vm_label(5), vm_label(vm_id(5, 1)), vm_label(-1)) == ("5", "5#1", "-1")
+    with pytest.raises(ValueError):
+        vm_id(1 << VM_GEN_SHIFT, 0)
+    with pytest.raises(ValueError):
+        vm_id(3, 2048)
 
 
 def test_event_is_48_bytes_and_histograms_are_hist_buckets() -> None:

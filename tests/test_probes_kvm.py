@@ -134,10 +134,13 @@ def test_event_stream_has_the_same_counts(traced) -> None:
                                                                    truth["cap"])]
 
 
-def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root) -> None:
-    """A VM created before the probes: the kernel side says vm = -1 for its pushes (resets
-    know the VM fd), LiveSource resolves and merges them under the process's only VM fd,
-    and the ring size (KVM_ENABLE_CAP was missed) is inferred from the soft-full exits."""
+@pytest.mark.parametrize("identity", ["auto", "thread"])
+def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root, identity) -> None:
+    """A VM created before the probes. ``auto`` (struct kvm * identity): every event names
+    the VM fd. ``thread`` (what a kernel without BTF gets): the kernel side says vm = -1
+    for its pushes (resets know the VM fd), LiveSource resolves and merges them under the
+    process's only VM fd. The ring size (KVM_ENABLE_CAP was missed) is inferred from the
+    soft-full exits."""
     from kvmtrace.bpf.live import LiveSource
     from kvmtrace.bpf.loader import Probes
     from kvmtrace.bpf.vmident import vm_fds
@@ -151,8 +154,10 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root) -> None:
         os.kill(child.pid, signal.SIGSTOP)  # vCPU exists: the probes see no CREATE_VCPU
         assert child.poll() is None, "workload ended before it could be stopped"
         (vm,) = vm_fds(child.pid)
-        source = LiveSource(probes=Probes(pid=child.pid, hook="tp", emit_events=True))
-        fast = LiveSource(probes=Probes(pid=child.pid, hook="raw_tp"))  # what top loads
+        source = LiveSource(probes=Probes(pid=child.pid, hook="tp", emit_events=True,
+                                          vm_identity=identity))
+        fast = LiveSource(probes=Probes(pid=child.pid, hook="raw_tp",  # what top loads
+                                        vm_identity=identity))
         os.kill(child.pid, signal.SIGCONT)
         batches, raw_vms = [], set()
         while child.poll() is None:
@@ -171,7 +176,10 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root) -> None:
         child.kill()
         child.wait()
     ev = np.concatenate(batches)
-    assert raw_vms == {-1, vm} and set(ev["vm"][ev["kind"] == Kind.PUSH].tolist()) == {-1}
+    if identity == "thread":
+        assert raw_vms == {-1, vm} and set(ev["vm"][ev["kind"] == Kind.PUSH].tolist()) == {-1}
+    else:
+        assert raw_vms == {vm} and set(ev["vm"].tolist()) == {vm}
     assert sorted(snap.rings) == [RingKey(child.pid, vm, -1), RingKey(child.pid, vm, 0)]
     ring = snap.rings[RingKey(child.pid, vm, 0)]
     (truth_ring,) = truth["rings"]
@@ -265,6 +273,30 @@ def test_bad_options_are_usage_errors() -> None:
         Probes(pid=-1)
     with pytest.raises(UsageError):
         select_hooks("kprobe")
+    with pytest.raises(UsageError):
+        select_hooks("auto", "pid")
+
+
+def test_vm_ptr_defines_need_btf_and_both_symbols(tmp_path) -> None:
+    from kvmtrace.bpf.loader import vm_ptr_defines
+    from kvmtrace.host.btf import VMLINUX, load_vmlinux
+    from kvmtrace.host.kallsyms import addresses
+
+    syms = tmp_path / "kallsyms"
+    syms.write_text("ffffffff812825e0 t kvm_vm_ioctl\n0000000000000000 t kvm_vcpu_ioctl\n"
+                    "ffffffffc0a00000 t kvm_vcpu_ioctl\t[kvm]\nffffffff81000000 T _text\n")
+    # a hidden (0) address is skipped, a module's symbol counts
+    assert addresses({"kvm_vm_ioctl", "kvm_vcpu_ioctl", "nope"}, syms) == {
+        "kvm_vm_ioctl": 0xFFFFFFFF812825E0, "kvm_vcpu_ioctl": 0xFFFFFFFFC0A00000}
+    assert addresses({"x"}, tmp_path / "missing") == {}
+    assert vm_ptr_defines(None) is None
+    require(VMLINUX.is_file(), f"no kernel BTF at {VMLINUX}")
+    btf = load_vmlinux()
+    assert vm_ptr_defines(btf, {"kvm_vm_ioctl": 0x10}) is None  # kvm_vcpu_ioctl missing
+    got = vm_ptr_defines(btf, {"kvm_vm_ioctl": 0x10, "kvm_vcpu_ioctl": 0x20})
+    assert got is not None and "-DKT_VM_PTR=1" in got
+    assert {"-DKT_VM_IOCTL=0x10ULL", "-DKT_VCPU_IOCTL=0x20ULL"} <= set(got)
+    assert f"-DKT_OFF_VCPU_KVM={btf.offsetof('kvm_vcpu', 'kvm')}" in got
 
 
 def test_preflight_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -23,6 +23,7 @@ from ..host import tracefs
 from ..host.btf import Btf, load_vmlinux
 from ..host.features import detect
 from ..host.headers import use_headers
+from ..host.kallsyms import addresses
 from ..source.events import EVENT_DTYPE
 from .layout import (
     LOST_SLOTS,
@@ -33,12 +34,16 @@ from .layout import (
     VM_VAL_DTYPE,
 )
 
-__all__ = ["PROBES_DIR", "SOURCE", "HOOKS", "Probes", "preflight", "select_hooks", "infer_entries",
-           "merge_rows", "add_push_slots", "live_used_counts"]
+__all__ = ["PROBES_DIR", "SOURCE", "HOOKS", "VM_IDENTITIES", "Probes", "preflight",
+           "select_hooks", "vm_ptr_defines", "infer_entries", "merge_rows", "add_push_slots",
+           "live_used_counts"]
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 SOURCE = PROBES_DIR / "dirty_ring.bpf.c"
 HOOKS = ("auto", "raw_tp", "tp")
+#: how the probes name a VM: ``auto`` by its struct kvm * where the kernel allows
+#: (:func:`vm_ptr_defines`), else ``thread``: from the ioctls seen while tracing
+VM_IDENTITIES = ("auto", "thread")
 GFN_BYTES = 16  # struct kvm_dirty_gfn
 
 # event -> (TP_PROTO argument types a raw tracepoint program expects, -D switch)
@@ -95,27 +100,71 @@ def _raw_defines(btf: Btf, event: str) -> list[str] | None:
     ]
 
 
-def select_hooks(hook: str = "auto") -> tuple[dict[str, str], list[str]]:
+# (struct, member) -> -D name: what naming a VM by its struct kvm * reads (KT_VM_PTR)
+_VM_PTR_OFFSETS = {
+    ("kvm_vcpu", "kvm"): "KT_OFF_VCPU_KVM",
+    ("kvm_vcpu", "dirty_ring"): "KT_OFF_VCPU_RING",
+    ("kvm_vcpu", "vcpu_id"): "KT_OFF_VCPU_ID",
+    ("task_struct", "files"): "KT_OFF_TASK_FILES",
+    ("files_struct", "fdt"): "KT_OFF_FILES_FDT",
+    ("fdtable", "max_fds"): "KT_OFF_FDT_MAX",
+    ("fdtable", "fd"): "KT_OFF_FDT_FD",
+    ("file", "private_data"): "KT_OFF_FILE_PRIV",
+    ("file", "f_op"): "KT_OFF_FILE_FOP",
+    ("file_operations", "unlocked_ioctl"): "KT_OFF_FOP_IOCTL",
+    ("kvm", "debugfs_dentry"): "KT_OFF_KVM_DENTRY",
+    ("dentry", "d_name.name"): "KT_OFF_DENTRY_NAME",
+}
+_VM_PTR_SYMBOLS = {"kvm_vm_ioctl": "KT_VM_IOCTL", "kvm_vcpu_ioctl": "KT_VCPU_IOCTL"}
+
+
+def vm_ptr_defines(btf: Btf | None, symbols: dict[str, int] | None = None) -> list[str] | None:
+    """-D defines that let the probes name a VM by its ``struct kvm *`` (KT_VM_PTR), or None
+    where the kernel does not allow it: no BTF describing the members read (struct
+    kvm_vcpu, kvm, dentry, task_struct, files_struct, fdtable, file, file_operations), or
+    ``kvm_vm_ioctl`` / ``kvm_vcpu_ioctl`` missing from /proc/kallsyms (``symbols``: for
+    tests)."""
+    if btf is None:
+        return None
+    try:
+        offsets = {name: btf.offsetof(st, m) for (st, m), name in _VM_PTR_OFFSETS.items()}
+    except KeyError:
+        return None
+    syms = addresses(set(_VM_PTR_SYMBOLS)) if symbols is None else symbols
+    if set(_VM_PTR_SYMBOLS) - set(syms):
+        return None
+    return (["-DKT_VM_PTR=1"] + [f"-D{name}={off}" for name, off in offsets.items()]
+            + [f"-D{name}={syms[sym]:#x}ULL" for sym, name in _VM_PTR_SYMBOLS.items()])
+
+
+def select_hooks(hook: str = "auto", vm_identity: str = "auto"
+                 ) -> tuple[dict[str, str], list[str]]:
     """Choose raw tracepoint or tracepoint per event: (hooks, cflags).
 
     ``auto`` takes a raw tracepoint wherever the kernel attaches one and its BTF confirms
     the TP_PROTO and the struct members; ``raw_tp`` insists (MissingFeature otherwise);
-    ``tp`` uses tracepoints only.
+    ``tp`` uses tracepoints only. ``vm_identity`` ``auto`` adds :func:`vm_ptr_defines`
+    where the kernel allows (with either hook: tracepoints then name a VM by the vCPU fd of
+    the thread's KVM_RUN), ``thread`` leaves them out.
     """
     if hook not in HOOKS:
         raise UsageError(f"unknown hook {hook!r}", f"use one of {', '.join(HOOKS)}")
+    if vm_identity not in VM_IDENTITIES:
+        raise UsageError(f"unknown VM identity {vm_identity!r}",
+                         f"use one of {', '.join(VM_IDENTITIES)}")
     hooks: dict[str, str] = {}
     cflags: list[str] = []
     btf: Btf | None = None
-    if hook != "tp" and detect().raw_tracepoint:
+    if (hook != "tp" and detect().raw_tracepoint) or vm_identity == "auto":
         try:
             btf = load_vmlinux()
         except MissingFeature:
             if hook == "raw_tp":
                 raise
+    raw_btf = btf if hook != "tp" and detect().raw_tracepoint else None
     raw_flags: set[str] = set()
     for event, (_want, switch) in _RAW.items():
-        defines = _raw_defines(btf, event) if btf is not None else None
+        defines = _raw_defines(raw_btf, event) if raw_btf is not None else None
         if defines is None and hook == "raw_tp":
             raise MissingFeature(
                 f"no raw tracepoint for kvm:{event} on this kernel (needs BPF raw tracepoints "
@@ -127,6 +176,8 @@ def select_hooks(hook: str = "auto") -> tuple[dict[str, str], list[str]]:
         raw_flags.update(defines or ())
     for event in _SYSCALL_EVENTS:
         hooks[event] = "syscall_tp"
+    ptr = vm_ptr_defines(btf) if vm_identity == "auto" else None
+    raw_flags.update(ptr or ())
     return hooks, cflags + sorted(raw_flags)
 
 
@@ -222,6 +273,7 @@ class Probes:
         wake_every: int = 0,
         push_probe: bool = True,
         fast_push: bool = True,
+        vm_identity: str = "auto",
     ) -> None:
         """``wake_every`` > 0: the BPF side wakes a ring-buffer reader once per that many
         records of a CPU (for a reader that also polls on a timer), not after every one.
@@ -241,7 +293,13 @@ class Probes:
         instead of through two hash-map lookups and a read of the ring (about 100 ns less
         per push); emitting events, the slot names the push's VM fd instead of a per-thread
         hash-map lookup. False keeps every push on the hash-map path (for comparison); the
-        snapshots and events are the same either way."""
+        snapshots and events are the same either way.
+
+        ``vm_identity`` (attribute ``vm_identity``: ``pointer`` or ``thread`` in use):
+        ``auto`` names each VM by its ``struct kvm *`` where the kernel allows
+        (:func:`vm_ptr_defines`), so a VM created before the probes has the same
+        ``vm = fd | gen << 20`` on every event as one created after them; ``thread`` names
+        it from the ioctls seen while tracing (pushes and exits of older VMs: vm = -1)."""
         if pid < 0:
             raise UsageError(f"bad pid {pid}", "give a process id, or 0 for every process")
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
@@ -257,7 +315,8 @@ class Probes:
         self.mode = "full" if push_probe else "light"
         self.emit_events = emit_events
         self.aggregate = aggregate
-        self.hooks, cflags = select_hooks(hook)
+        self.hooks, cflags = select_hooks(hook, vm_identity)
+        self.vm_identity = "pointer" if "-DKT_VM_PTR=1" in cflags else "thread"
         cflags += [f"-I{PROBES_DIR}", f"-DKT_PID={pid}"]
         if not push_probe:
             del self.hooks["kvm_dirty_ring_push"]
@@ -377,9 +436,12 @@ class Probes:
         return snap
 
     def forget(self, pid: int) -> None:
-        """Drop the map entries of an exited process (rings, VMs, vCPU fds) and free its
-        push fast-path slots."""
-        for name in (b"rings", b"vms", b"vcpus"):
+        """Drop the map entries of an exited process (rings, VMs, vCPU fds, VM identities:
+        ``vmfds``, ``kvms``) and free its push fast-path slots."""
+        names = [b"rings", b"vms", b"vcpus", b"vmfds"]
+        if self.vm_identity == "pointer":
+            names.append(b"kvms")
+        for name in names:
             table = self._bpf[name]
             for key in [k for k in table.keys() if k.pid == pid]:
                 del table[key]

@@ -1,9 +1,12 @@
 """VM identity: which process a VM lives in, what it is called, and VMs coming and going.
 
-A VM is (VMM pid, the VMM's file descriptor of the VM). The probes learn the fd from the
-VMM's ioctls when the VM is created while tracing; for older VMs they report vm = -1 and
+A VM is (VMM pid, vm = fd | gen << 20): the VMM's file descriptor of the VM and its
+generation under that fd (kvmtrace.source.events.vm_id()). Where the kernel has BTF the
+probes name every VM by its ``struct kvm *`` and so know the fd of VMs created before
+tracing too (probes/dirty_ring.bpf.c, KT_VM_PTR); without it they learn the fd from the
+VMM's ioctls seen while tracing, report vm = -1 for pushes and exits of older VMs, and
 :func:`resolve_vm` takes the process's only ``anon_inode:kvm-vm`` fd when there is exactly
-one. Names come from the command line: QEMU's ``-name`` (``guest=`` or the first field),
+one (gen 0). Names come from the command line: QEMU's ``-name`` (``guest=`` or the first field),
 Firecracker's ``--id``, cloud-hypervisor's ``--api-socket`` file name (libvirt names it
 after the domain). :class:`ProcWatcher` reports process exec/exit through the kernel's
 process connector (pyroute2.ProcEventSocket) so a live view can notice VMMs without

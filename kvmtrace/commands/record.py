@@ -76,6 +76,13 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
         if child is not None:
             child.stop(kill=True)
         raise
+    # how the probes name VMs (kvmtrace.bpf.loader.Probes): "pointer", or "thread" where
+    # the kernel lacks BTF; then VMs created before recording have pushes with vm = -1
+    source.meta.extra["vm_identity"] = source.probes.vm_identity
+    if source.probes.vm_identity == "thread" and child is None and not quiet:
+        print("kvmtrace record: this kernel gives no VM identity for VMs created before "
+              "recording (no BTF): their pushes and exits are recorded with vm -1",
+              file=sys.stderr)
     stop = source.stop
     old = {s: signal.signal(s, lambda *_: stop()) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()

@@ -115,6 +115,11 @@ class Btf:
             members, where = self._members(m.type_id, 0), part
         return total
 
+    def has_func(self, name: str) -> bool:
+        """Whether BTF describes a kernel function of that name (e.g. the ``bpf_loop``
+        helper, Linux >= 5.17)."""
+        return self.find(_FUNC, name) is not None
+
     def type_name(self, tid: int) -> str:
         """A C-ish spelling of a type id: ``struct kvm_dirty_ring *``, ``u32``, ``void``."""
         kind, name_off, size_type, _items, _info = self._types[tid]

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Soak the VM identity scenarios (issue F, item 1) on real VMs, as root.
+
+Each scenario is one test of tests/test_identity_kvm.py, checked exactly against the
+built-in VMM's ground truth; racy by nature (the probes attach while VMs run, VMs reuse
+fds and kernel memory), so each runs --runs times, every run in its own pytest process
+(so a failure reports pytest's own assertion message). Prints per scenario the runs and
+every anomaly (a failed run, with its first assertion lines); exit 1 if any.
+
+  record-p       record -p PID on a VM created before the recorder (raw tracepoints)
+  record-p-tp    the same with tracepoint hooks (identity from the vCPU fd of KVM_RUN)
+  record-all     system-wide record on such a VM (its events filtered by pid)
+  replay-clean   replay of a record -p of a running VM: no lost pushes, no anomalies
+                 (needs replay's causal order, issue F item 2)
+  top-old-vms    two VMs of one process created before the probes, then a VM reusing one
+                 of their fds: top (fast path, hash path, tracepoints, light) and events
+  top-reuse      three VMs one after the other under one fd (gen 0, 1, 2), every mode
+  replay-reuse   record + replay of those three VMs: three sets of rings, clean
+
+    .venv/bin/python tools/soak_identity.py [--runs 20] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = "tests/test_identity_kvm.py::"
+SCENARIOS = {
+    "record-p": "test_record_of_a_running_vm_has_one_identity[auto-True]",
+    "record-p-tp": "test_record_of_a_running_vm_has_one_identity[tp-True]",
+    "record-all": "test_record_of_a_running_vm_has_one_identity[auto-False]",
+    "replay-clean": "test_replay_of_a_recording_attached_to_a_running_vm_is_clean",
+    "top-old-vms": "test_two_vms_created_before_the_probes_and_a_reused_fd",
+    "top-reuse": "test_reused_fd_gives_a_new_gen",
+    "replay-reuse": "test_record_and_replay_keep_reused_fds_apart",
+}
+
+
+def run_once(test: str) -> str | None:
+    """Run one test in a fresh pytest; None if it passed, else its first error lines."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           TESTS + test], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "KVMTRACE_REQUIRE_KERNEL": "1"})
+    if proc.returncode == 0:
+        return None
+    errors = [ln[1:].strip() for ln in proc.stdout.splitlines() if ln.startswith("E ")]
+    return " | ".join(errors[:4])[:600] or proc.stdout.strip().splitlines()[-1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("soak_identity: needs root (BPF, /dev/kvm)", file=sys.stderr)
+        return 2
+    if args.runs < 1:
+        print("soak_identity: --runs must be >= 1", file=sys.stderr)
+        return 2
+    bad = 0
+    for name in args.only or list(SCENARIOS):
+        anomalies = []
+        t0 = time.monotonic()
+        for i in range(args.runs):
+            err = run_once(SCENARIOS[name])
+            if err is not None:
+                anomalies.append(f"run {i}: {err}")
+        bad += len(anomalies)
+        print(f"{name:>12}: {args.runs} runs, {len(anomalies)} anomalies "
+              f"({time.monotonic() - t0:.0f} s)", flush=True)
+        for a in anomalies:
+            print(f"{'':>14}{a}", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

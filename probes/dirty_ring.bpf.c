@@ -453,6 +453,7 @@ static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dir
 #endif
 
 		__sync_fetch_and_add(&v->soft_full_exits, 1);
+		v->stuck_exits++;   /* zeroed by a reset that moves reset_index (kt_stuck_reset) */
 		if (used && (!v->exit_used_min || used < v->exit_used_min))
 			v->exit_used_min = used;
 	}

@@ -195,11 +195,14 @@ static __always_inline void kt_full_reset(struct kt_ring_val *v, u32 dirty, int 
  * stopped on a cleared entry before reaching them) leaves the stranded entries
  * [stuck_dirty, reset_before + size) behind for good: they count in v->stranded.
  * A new ring under the same key (its dirty_index behind stuck_dirty) starts unstuck.
+ * Any reset that moves reset_index zeroes v->stuck_exits (soft-full exits since then).
  */
 static __always_inline void kt_stuck_reset(struct kt_ring_val *v, u32 dirty, u32 reset)
 {
 	u32 advance = reset - v->reset_base;
 
+	if (advance)
+		v->stuck_exits = 0;
 	if (v->stuck && (s32)(dirty - v->stuck_dirty) < 0) {
 		v->stuck = 0;
 	} else if (v->stuck && advance) {

@@ -70,6 +70,8 @@ struct kt_ring_val {
 	                        /* itself after an overflow (kt_stuck_reset())              */
 	__u32 stuck_dirty;      /* dirty_index at that reset: later pushes are stranded     */
 	__u64 stranded;         /* pushes stranded by earlier stuck periods (ended)         */
+	__u32 stuck_exits;      /* soft-full exits since reset_index last moved             */
+	__u32 pad;
 	__u64 stall_hist[KT_HIST_BUCKETS];
 };
 

@@ -277,3 +277,48 @@ def test_interactive_command_shows_its_output_after_quit(kvm, bpf_root):
         assert "kvmtrace workload: pid" in screen and "harvest on-full" in screen
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
+
+
+OVERFLOW = ["--vcpus", "1", "--ring-bytes", "4096", "--exit-every", "0", "--json"]
+
+
+def top_command(*workload: str, light: bool, delay: str = "0.5") -> tuple[dict, list[dict]]:
+    """``top -b --json [--light] -d DELAY -- kvmtrace workload ...``: (the workload's ground
+    truth, top's NDJSON objects)."""
+    mode = ["--light"] if light else []
+    proc = subprocess.run(kvmtrace_cmd("top", "-b", "--json", *mode, "-d", delay, "--",
+                                       *kvmtrace_cmd("workload", *workload)),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return json.loads(proc.stderr), [json.loads(ln) for ln in proc.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["full", "light"])
+@pytest.mark.parametrize("pages", [300, 3000])
+def test_overflow_lost_equals_the_vmm_and_stuck_is_flagged(kvm, bpf_root, light, pages):
+    """A tight guest loop overflows a 256-entry ring (COMMON.md decision 2). 300 pages: the
+    VMM resets once at the end (44 overwritten) or after one soft-full exit (a few
+    overwritten, the rest stranded), or the exit comes in time (nothing lost). 3000 pages:
+    the VMM harvests by index after the overflow and livelocks; the pushes may wrap past the
+    stuck entry several times. Every run: top's lost (overwritten + stranded) equals the
+    pages the VMM wrote and never harvested, and the ring is flagged stuck exactly when the
+    VMM lost pages or livelocked. Three runs each (the outcome varies with timing)."""
+    for _run in range(3):
+        truth, lines = top_command(*OVERFLOW, "--pages", str(pages), light=light)
+        (t,) = truth["rings"]
+        (r,) = lines[-1]["rings"]
+        assert r["pushes"] == t["pages_written"]
+        assert r["entries_reset"] == t["entries_reset"] == t["harvested"]
+        assert r["lost"] == t["lost_suspected"], (r, t)
+        assert r["stuck"] == bool(t["lost_suspected"] or truth["livelock"])
+        if truth["livelock"]:
+            assert r["stuck_reason"] in ("stranded", "no_reset_progress")
+        elif t["lost_suspected"]:
+            assert r["stuck_reason"] == "stranded"  # a reset collected a whole lap
+        # flagged no later than the interval that first shows a loss
+        first = next((ln["rings"][0] for ln in lines if ln["rings"] and ln["rings"][0]["lost"]),
+                     None)
+        assert first is None or first["stuck"]
+        (vm,) = lines[-1]["vms"]
+        assert (vm["lost"], vm["stuck"]) == (t["lost_suspected"], r["stuck"])

@@ -194,7 +194,8 @@ def test_prometheus_text():
     assert "kvmtrace_lost_events_total 2" in lines
     assert ('kvmtrace_vm_info{pid="100",vm="5",comm="qemu-system-x86",name="db1",'
             'ring_bytes="4096"} 1') in lines
-    assert sum(ln.startswith("# TYPE ") for ln in lines) == 12
+    assert sum(ln.startswith("# TYPE ") for ln in lines) == 14
+    assert f'kvmtrace_ring_stuck{{{lab},reason=""}} 0' in lines
 
 
 def test_prometheus_scrape_over_http():
@@ -315,3 +316,43 @@ def test_replay_bad_file_is_one_line(tmp_path):
     proc = run_top("-b", "--replay", str(bad))
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def stuck_snapshots() -> tuple[Snapshot, Snapshot]:
+    """VM (300, 4): ring 0 stuck after an overflow (3 overwritten + 41 stranded), ring 1
+    healthy."""
+    a = Snapshot(time_ns=10 * SEC)
+    b = Snapshot(time_ns=11 * SEC)
+    for snap in (a, b):
+        snap.rings[RingKey(300, 4, 1)] = RingCounters(pushes=300, resets=2, entries_reset=300,
+                                                      size=256)
+    b.rings[RingKey(300, 4, 0)] = RingCounters(pushes=300, resets=2, entries_reset=256,
+                                               dirty_index=300, reset_index=256, size=256,
+                                               lost=44, stranded=41, stuck="stranded")
+    b.vms[(300, 4)] = VmInfo(pid=300, vm=4, comm="qemu")
+    return a, b
+
+
+def test_stuck_ring_on_screen_json_and_metrics():
+    a, b = stuck_snapshots()
+    iv = compute_interval(a, b)
+    lines = render_top(iv, 80, 24, "vm", hooks={"kvm_dirty_ring_push": "raw_tp"})
+    assert lines[2] == "STUCK: 300:4 vcpu0 stranded"
+    labels = [ln.split()[0] for ln in lines[HEADER_LINES + 1:]]
+    assert labels == ["300:4!", "vcpu0!", "vcpu1"]
+    obj = interval_json(iv)
+    rings = {r["index"]: r for r in obj["rings"]}
+    assert (rings[0]["stuck"], rings[0]["stuck_reason"], rings[0]["lost"],
+            rings[0]["stranded"]) == (True, "stranded", 44, 41)
+    assert (rings[1]["stuck"], rings[1]["stuck_reason"], rings[1]["stranded"]) == (
+        False, None, 0)
+    (vm,) = obj["vms"]
+    assert (vm["stuck"], vm["stuck_reason"], vm["lost"], vm["stranded"]) == (
+        True, "stranded", 44, 41)
+    text = render_metrics(b).splitlines()
+    assert ('kvmtrace_ring_stuck{pid="300",vm="4",ring="0",comm="qemu",reason="stranded"} 1'
+            in text)
+    assert 'kvmtrace_ring_stuck{pid="300",vm="4",ring="1",comm="qemu",reason=""} 0' in text
+    assert 'kvmtrace_ring_stranded_entries_total{pid="300",vm="4",ring="0",comm="qemu"} 41' \
+        in text
+    assert 'kvmtrace_ring_lost_entries_total{pid="300",vm="4",ring="0",comm="qemu"} 44' in text

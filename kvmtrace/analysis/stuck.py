@@ -30,7 +30,7 @@ import numpy as np
 from ..source.events import Kind
 
 __all__ = ["STRANDED", "NO_RESET_PROGRESS", "OVERFLOW", "REASONS", "STUCK_EXITS",
-           "worst", "ProgressWatch", "EventStuck", "describe"]
+           "worst", "EventStuck", "describe"]
 
 STRANDED = "stranded"
 NO_RESET_PROGRESS = "no_reset_progress"
@@ -55,34 +55,6 @@ def worst(reasons: Iterable[str | None]) -> str | None:
 
 def describe(reason: str | None) -> str:
     return REASONS.get(reason or "", "")
-
-
-class ProgressWatch:
-    """Soft-full exits since each ring's reset index last moved, from cumulative counters
-    seen at successive snapshots (any cadence: the first snapshot that sees the exits flags
-    the ring)."""
-
-    def __init__(self) -> None:
-        self._base: dict[object, tuple[int, int]] = {}  # key -> (entries_reset, exits then)
-
-    def no_progress(self, key: object, entries_reset: int, soft_full_exits: int) -> bool:
-        """Whether ring ``key`` (cumulative ``entries_reset``, ``soft_full_exits`` now) took
-        :data:`STUCK_EXITS` soft-full exits since its reset index last moved. A ring first
-        seen without any entry reset counts its exits from 0; one that moved since the last
-        call counts from now."""
-        base = self._base.get(key)
-        if base is None:
-            base = (entries_reset, 0 if entries_reset == 0 else soft_full_exits)
-        elif base[0] != entries_reset or soft_full_exits < base[1]:
-            base = (entries_reset, soft_full_exits)
-        self._base[key] = base
-        return soft_full_exits - base[1] >= STUCK_EXITS
-
-    def forget(self, keep: Iterable[object]) -> None:
-        """Drop the rings not in ``keep`` (gone from the maps)."""
-        live = set(keep)
-        for key in [k for k in self._base if k not in live]:
-            del self._base[key]
 
 
 @dataclass

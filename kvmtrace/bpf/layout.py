@@ -39,6 +39,8 @@ RING_VAL_DTYPE = np.dtype(
         ("stuck", "<u4"),
         ("stuck_dirty", "<u4"),
         ("stranded", "<u8"),
+        ("stuck_exits", "<u4"),
+        ("pad", "<u4"),
         ("stall_hist", "<u8", (HIST_BUCKETS,)),
     ]
 )

@@ -7,8 +7,13 @@ after the process exits, until the watcher reports the exit), and fills each
 VM's :class:`~kvmtrace.analysis.stats.VmInfo` (comm, QEMU ``-name`` and the like).
 
 With ``watch=True`` a :class:`~kvmtrace.bpf.vmident.ProcWatcher` notices VMM processes
-exiting; their map entries are dropped one snapshot later, so the last snapshot before
-the drop still holds their final counts.
+exiting; their map entries (rows, VMs, vCPU fds, push slots) are dropped one snapshot
+later, so the last snapshot before the drop still holds their final counts; the per-thread
+entries of exited threads are dropped at the next snapshot.
+
+Stuck rings (:mod:`kvmtrace.analysis.stuck`) come with every snapshot: the probes keep a
+ring's stuck state and its soft-full exits since its reset index last moved, so a flag
+shows in the first snapshot after the event (within two refreshes).
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class LiveSource:
         self._ident = VmIdentity()
         self._watcher = ProcWatcher() if watch else None
         self._exited: set[int] = set()
+        self._threads_exited: set[int] = set()
+
         self._vm_of: dict[int, int] = {}  # pid -> resolved VM fd, kept until it exits
 
     def _resolve(self, pid: int) -> int:
@@ -65,9 +72,17 @@ class LiveSource:
             self._ident.forget(pid)
             self._vm_of.pop(pid, None)
         self._exited.clear()
+        self.probes.forget_threads(self._threads_exited)
+        self._threads_exited.clear()
         if self._watcher is not None:
-            self._exited = {e.pid for e in self._watcher.poll(0.0) if e.kind == "exit"}
+            for e in self._watcher.poll(0.0):
+                if e.kind == "exit":
+                    self._exited.add(e.pid)
+                    self._threads_exited.add(e.pid)  # its main thread
+                elif e.kind == "thread_exit":
+                    self._threads_exited.add(e.tid)
         snap = self.probes.snapshot(resolve=self._resolve)
+
         vms: dict[tuple[int, int], VmInfo] = {}
         for pid, vm in {(k.pid, k.vm) for k in snap.rings} | set(snap.vms):
             known = snap.vms.get((pid, vm))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis.stats import RingCounters, RingKey, Snapshot, VmInfo
-from ..analysis.stuck import OVERFLOW, STRANDED
+from ..analysis.stuck import NO_RESET_PROGRESS, OVERFLOW, STRANDED, STUCK_EXITS
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import tracefs
 from ..host.btf import Btf, load_vmlinux
@@ -150,7 +150,7 @@ def infer_entries(exit_used_min: int) -> int | None:
 _SUMMED = ("pushes", "resets", "entries_reset", "soft_full_exits", "stalls", "stall_ns",
            "overwritten", "stranded")
 _LATEST = ("dirty_index", "reset_index", "reset_base", "reset_dirty")
-_STUCK = ("stuck", "stuck_dirty")  # taken from the row that had the latest reset
+_STUCK = ("stuck", "stuck_dirty", "stuck_exits", "pad")  # from the row with the latest reset
 _U32 = 0xFFFF_FFFF
 
 
@@ -422,7 +422,8 @@ class Probes:
             stranded, back = stranded_count(v, size)
             if self.mode == "full":
                 lost -= min(back, lost - v["overwritten"])  # counted above, not at a reset
-            stuck = STRANDED if v["stuck"] else (OVERFLOW if lost + stranded else None)
+            stuck = (STRANDED if v["stuck"] else NO_RESET_PROGRESS
+                     if v["stuck_exits"] >= STUCK_EXITS else OVERFLOW if lost + stranded else None)
             snap.rings[key] = RingCounters(
                 pushes=v["pushes"],
                 resets=v["resets"],

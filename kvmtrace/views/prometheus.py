@@ -39,7 +39,10 @@ _COUNTERS = (
     ("soft_full_exits_total", "soft_full_exits", "Soft-full exits (KVM_EXIT_DIRTY_RING_FULL)."),
     ("resets_total", "resets", "Ring resets (one per ring per KVM_RESET_DIRTY_RINGS)."),
     ("entries_reset_total", "entries_reset", "Entries the resets gave back to the ring."),
-    ("lost_entries_total", "lost", "Pushes that overwrote an unharvested entry (overflow)."),
+    ("lost_entries_total", "lost",
+     "Entries lost: overwritten before a reset (overflow) + stranded by a stuck ring."),
+    ("stranded_entries_total", "stranded",
+     "Entries pushed after a reset left the ring stuck: never harvested, never reset."),
 )
 _GAUGES = (
     ("used_entries", "used", "Entries dirty and not yet reset (dirty_index - reset_index)."),
@@ -105,6 +108,11 @@ def render_metrics(snap: Snapshot) -> str:
             value = getattr(c, attr)
             if value is not None:
                 out.append(f"{name}{_labels(labels[k])} {value}")
+    name = "kvmtrace_ring_stuck"
+    out += [f"# HELP {name} 1 while the ring is stuck (reason label), else 0.",
+            f"# TYPE {name} gauge"]
+    out += [f"{name}{_labels(labels[k] + [('reason', c.stuck or '')])} {int(bool(c.stuck))}"
+            for k, c in ring_rows]
     name = "kvmtrace_ring_stall_seconds"
     out += [f"# HELP {name} Soft-full stall: exit 31 to the vCPU's next KVM_RUN.",
             f"# TYPE {name} histogram"]

@@ -8,7 +8,9 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
      "interval_s": <seconds>, "lost_events": <cumulative>,
      "rings": [{"pid", "vm", "index", "size" (entries, null unknown), "used", "max_used",
                 "fill_pct" (null unknown), "pushes", "soft_full_exits", "resets",
-                "entries_reset", "lost", "stall_ns" (cumulative since start),
+                "entries_reset", "lost" (overwritten + stranded), "stranded",
+                "stuck" (bool), "stuck_reason" (null, "stranded", "no_reset_progress" or
+                "overflow": kvmtrace.analysis.stuck), "stall_ns" (cumulative since start),
                 "push_rate", "exit_rate", "reset_rate", "lost_rate" (per second),
                 "entries_per_reset" (interval; null without resets),
                 "stall_p50_ns", "stall_p99_ns", "reset_p99_ns" (interval; null if none),
@@ -20,6 +22,8 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
 ``mode`` is ``light`` for ``top --light`` (no push probe): a ring's pushes, used, max_used
 and lost are then updated at its resets only, so they lag by up to one harvest cycle and
 push_rate is the dirty_index advance seen at the interval's resets; ``full`` otherwise.
+A VM's ``stuck``/``stuck_reason`` is its most serious ring's. ``lost`` counts ring entries
+lost to an overflow: overwritten before a reset plus stranded by a stuck ring.
 ``vm`` is the VM's file descriptor in the VMM process (-1 unknown); ``index`` is
 ``kvm_dirty_ring.index`` (the vCPU index, -1 unknown).
 """
@@ -55,6 +59,9 @@ def ring_json(r: RingRates) -> dict[str, Any]:
         "resets": r.resets,
         "entries_reset": r.entries_reset,
         "lost": r.lost,
+        "stranded": r.stranded,
+        "stuck": r.stuck is not None,
+        "stuck_reason": r.stuck,
         "stall_ns": r.stall_ns,
         "push_rate": _round(r.push_rate),
         "exit_rate": _round(r.exit_rate),

@@ -148,7 +148,7 @@ def test_prometheus_scrape_equals_ground_truth(default_run: Run):
     text = default_run.scraped.splitlines()
     truth = default_run.truth
     for gt in truth["rings"]:
-        sel = f'pid="{truth["pid"]}",vm="{truth["vm_fd"]}",ring="{gt["index"]}"'
+        sel = f'pid="{truth["pid"]}",vm="{truth["vm_fd"]}",vm_gen="0",ring="{gt["index"]}"'
         values = {ln.split("{")[0]: int(float(ln.split()[-1])) for ln in text
                   if sel in ln and "_bucket" not in ln}
         assert values["kvmtrace_ring_pushes_total"] == gt["harvested"]

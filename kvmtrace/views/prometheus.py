@@ -1,7 +1,8 @@
 """Prometheus exporter of the per-ring counters (text exposition format 0.0.4, stdlib only).
 
 Every scrape of ``/metrics`` reads one :class:`~kvmtrace.analysis.stats.Snapshot` from the
-SnapshotSource (the in-kernel maps, once) and writes, per ring ``{pid, vm, ring, comm}``:
+SnapshotSource (the in-kernel maps, once) and writes, per ring ``{pid, vm, vm_gen, ring,
+comm}`` (``vm`` the VM's fd, ``vm_gen`` the VMs seen under that fd before it):
 
 - counters ``kvmtrace_ring_pushes_total``, ``..._soft_full_exits_total``,
   ``..._resets_total``, ``..._entries_reset_total`` (entries), ``..._lost_entries_total``
@@ -28,6 +29,7 @@ from ..analysis.rates import vm_reset_hist
 from ..analysis.stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot
 from ..errors import UsageError
 from ..source.base import SnapshotSource
+from ..source.events import vm_fd, vm_gen
 
 __all__ = ["CONTENT_TYPE", "DEFAULT_HOST", "parse_listen", "render_metrics", "Exporter"]
 
@@ -93,7 +95,7 @@ def render_metrics(snap: Snapshot) -> str:
     labels: dict[RingKey, list[tuple[str, object]]] = {}
     for key, _ in rings:
         info = snap.vms.get((key.pid, key.vm))
-        labels[key] = [("pid", key.pid), ("vm", key.vm), ("ring", key.ring),
+        labels[key] = [("pid", key.pid), *_vm(key.vm), ("ring", key.ring),
                        ("comm", info.comm if info else "")]
     ring_rows = [(k, c) for k, c in rings if k.ring >= 0 or _has_ring_events(c)]
     out: list[str] = []
@@ -128,7 +130,7 @@ def render_metrics(snap: Snapshot) -> str:
         hist = vm_reset_hist(hists)
         if any(hist):
             info = snap.vms.get((pid, vm))
-            base = [("pid", pid), ("vm", vm), ("comm", info.comm if info else "")]
+            base = [("pid", pid), *_vm(vm), ("comm", info.comm if info else "")]
             _histogram(out, name, base, hist, None)
     name = "kvmtrace_lost_events_total"
     out += [f"# HELP {name} Events the kernel side could not deliver or count.",
@@ -136,10 +138,15 @@ def render_metrics(snap: Snapshot) -> str:
     name = "kvmtrace_vm_info"
     out += [f"# HELP {name} One series per traced VM (value 1).", f"# TYPE {name} gauge"]
     for (pid, vm), info in sorted(snap.vms.items()):
-        pairs = [("pid", pid), ("vm", vm), ("comm", info.comm), ("name", info.name or ""),
+        pairs = [("pid", pid), *_vm(vm), ("comm", info.comm), ("name", info.name or ""),
                  ("ring_bytes", info.ring_bytes if info.ring_bytes else "")]
         out.append(f"{name}{_labels(pairs)} 1")
     return "\n".join(out) + "\n"
+
+
+def _vm(vm: int) -> list[tuple[str, object]]:
+    """Labels of a packed VM (kvmtrace.source.events): its fd and generation."""
+    return [("vm", vm_fd(vm)), ("vm_gen", vm_gen(vm))]
 
 
 def _has_ring_events(c: RingCounters) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..analysis.rates import Interval, RingRates, VmRates
+from ..source.events import vm_label
 
 __all__ = [
     "SORT_KEYS",
@@ -181,7 +182,7 @@ def _title_row(lw: int, cols: list[Column]) -> str:
 def _vm_label(v: VmRates) -> str:
     who = v.name or v.comm
     mark = "!" if v.stuck else ""
-    return f"{v.pid or '?'}:{v.vm if v.vm >= 0 else '?'}{mark} {who}".rstrip()
+    return f"{v.pid or '?'}:{vm_label(v.vm) if v.vm >= 0 else '?'}{mark} {who}".rstrip()
 
 
 def _ring_label(r: RingRates) -> str:
@@ -194,7 +195,8 @@ def stuck_line(iv: Interval) -> str | None:
     if not stuck:
         return None
     return "STUCK: " + "; ".join(
-        f"{r.pid}:{r.vm} vcpu{r.index if r.index >= 0 else '?'} {r.stuck}" for r in stuck)
+        f"{r.pid}:{vm_label(r.vm)} vcpu{r.index if r.index >= 0 else '?'} {r.stuck}"
+        for r in stuck)
 
 
 def _hooks_line(hooks: dict[str, str] | None) -> str:

@@ -190,3 +190,50 @@ def test_exited_vmm_leaves_no_map_entries(kvm, bpf_root):
         source.snapshot()  # drops them
         assert source.probes.map_sizes() == {"rings": 0, "vms": 0, "vcpus": 0, "tids": 0,
                                              "push_slots": 0}
+
+
+STEPPED_VMS = """
+import json, sys
+from kvmtrace.vmm.workload import WorkloadConfig, run_workload
+for cfg in json.loads(sys.argv[1]):
+    if not sys.stdin.buffer.read(1):
+        break
+    print(json.dumps(run_workload(WorkloadConfig(**cfg)).to_dict()), flush=True)
+sys.stdin.buffer.read(1)
+"""
+
+
+def test_closed_vm_of_a_live_process_is_dropped(kvm, bpf_root):
+    """A VMM that closes a VM and later makes another under the same fd: the closed VM's
+    entries go away while the process lives (two snapshots after it closed), and the new
+    VM's rows count exactly its own pushes."""
+    from conftest import require
+
+    from kvmtrace.bpf.live import LiveSource
+
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        require(False, "pyroute2 not installed (the process watcher needs it)")
+    cfg = {"vcpus": 2, "ring_bytes": 4096, "pages": 300, "exit_every": 1}
+    child = subprocess.Popen([sys.executable, "-c", STEPPED_VMS, json.dumps([cfg, cfg])],
+                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        with LiveSource(probes=Probes(pid=child.pid), watch=True) as source:
+            child.stdin.write(b"1")
+            child.stdin.flush()
+            first = json.loads(child.stdout.readline())
+            check([first], [source.snapshot()])  # closed, counts still shown
+            check([first], [source.snapshot()])  # gone twice with the same counts: dropped
+            sizes = source.probes.map_sizes()
+            del sizes["tids"]  # the process and its threads live on
+            assert sizes == {"rings": 0, "vms": 0, "vcpus": 0, "push_slots": 0}
+            child.stdin.write(b"2")
+            child.stdin.flush()
+            second = json.loads(child.stdout.readline())
+            assert second["vm_fd"] == first["vm_fd"]  # the fd was reused
+            check([second], [source.snapshot()])
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)

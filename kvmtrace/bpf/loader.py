@@ -481,6 +481,30 @@ class Probes:
             for i, seq in zip(index[mine].tolist(), slots["seq"][mine].tolist(), strict=True):
                 self.free_slot(int(i), int(seq))
 
+    def forget_vm(self, pid: int, vm: int) -> None:
+        """Drop the map entries of one VM that is gone while its process lives on (its fd
+        closed, or a newer VM under the same fd): its rows, its ``vms`` entry, the vCPU fds
+        that named it, and its push slots (compare-and-delete, as :meth:`forget`)."""
+        for name in (b"rings", b"vms"):
+            table = self._bpf[name]
+            for key in [k for k in table.keys() if k.pid == pid and k.vm == vm]:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+        table = self._bpf[b"vcpus"]
+        for key in [k for k, v in table.items() if k.pid == pid and v.vm == vm]:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+        if self.fast_push:
+            index, slots = self.read_map("push_slots")
+            mine = ((slots["ptr"] != 0) & (slots["key"]["pid"] == pid)
+                    & (slots["key"]["vm"] == vm))
+            for i, seq in zip(index[mine].tolist(), slots["seq"][mine].tolist(), strict=True):
+                self.free_slot(int(i), int(seq))
+
     def free_slot(self, index: int, seq: int) -> bool:
         """Free push slot ``index`` if its ``seq`` is still ``seq`` (kt_free_slot in the
         probes, run once through BPF_PROG_TEST_RUN): True freed, False left alone."""

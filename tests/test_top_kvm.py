@@ -322,3 +322,50 @@ def test_overflow_lost_equals_the_vmm_and_stuck_is_flagged(kvm, bpf_root, light,
         assert first is None or first["stuck"]
         (vm,) = lines[-1]["vms"]
         assert (vm["lost"], vm["stuck"]) == (t["lost_suspected"], r["stuck"])
+
+
+LIVELOCK_THEN_WAIT = """
+import json, os, sys, time
+from kvmtrace.vmm.workload import WorkloadConfig, run_workload
+sys.stdin.read(1)
+res = run_workload(WorkloadConfig(vcpus=1, ring_bytes=4096, pages=3000, exit_every=0))
+out = res.to_dict()
+out["end_time"] = time.time()
+print(json.dumps(out), flush=True)
+time.sleep(3)
+"""
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["full", "light"])
+def test_stuck_ring_shown_within_two_refreshes(kvm, bpf_root, light):
+    """``top -p PID -b --json -d 0.5`` on a VMM that livelocks after an overflow and then
+    stays alive: at the latest the second interval after the livelock ended the run shows
+    the ring stuck, with lost equal to the pages the VMM never harvested."""
+    wl = subprocess.Popen([sys.executable, "-c", LIVELOCK_THEN_WAIT], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    mode = ["--light"] if light else []
+    top = subprocess.Popen(kvmtrace_cmd("top", "-b", "--json", *mode, "-p", str(wl.pid),
+                                        "-d", "0.5"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        out = Lines(top.stdout)
+        assert json.loads(out.get())["rings"] == []  # attached
+        assert wl.stdin is not None and wl.stdout is not None
+        wl.stdin.write("g")
+        wl.stdin.flush()
+        truth = json.loads(wl.stdout.readline())
+        assert truth["livelock"]
+        (t,) = truth["rings"]
+        after: list[dict] = []
+        while len(after) < 2:
+            line = json.loads(out.get())
+            if line["time"] >= truth["end_time"]:
+                after.append(line)
+        (r,) = after[-1]["rings"]
+        assert r["stuck"] and r["stuck_reason"] in ("stranded", "no_reset_progress")
+        assert (r["lost"], r["pushes"]) == (t["lost_suspected"], t["pages_written"])
+    finally:
+        top.terminate()
+        top.wait(timeout=30)
+        wl.kill()
+        wl.wait()

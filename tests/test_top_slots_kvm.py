@@ -130,6 +130,15 @@ def test_more_rings_than_slots_stay_exact(kvm, bpf_root):
         check(truths, snaps)
 
 
+def test_1200_rings_with_the_default_slots_stay_exact(kvm, bpf_root):
+    """30 VMs x 40 vCPUs (6 cycles of 5 VMs at once: 1200 rings, more than the 1024 slots;
+    rings of earlier cycles keep theirs, later rings collide and take the hash-map path)."""
+    truths, snaps, probes = run_and_watch(cycles(5, 40, 6, pages=100))
+    with probes:
+        check(truths, snaps)
+        assert sum(len(t["rings"]) for t in truths) == 1200
+
+
 def test_free_slot_is_a_compare_and_delete(kvm, bpf_root):
     """Probes.free_slot() frees a slot only while its seq is the one read with it."""
     truths, snaps, probes = run_and_watch(cycles(1, 2, 1), push_slot_bits=4)

@@ -12,6 +12,8 @@ Scenarios (each run is compared with the VMM's own ground truth):
                                   snapshot loop: pushes per ring never go back and end
                                   equal to the VMM's; "retries" = snapshots read again
                                   because a slot changed owner meanwhile
+  rings1200                       30 VMs x 40 vCPUs (6 cycles of 5 at once) with the default
+                                  1024 slots: exact pushes per ring, never going back
   cleanup                         an exited VMM leaves no map entries (rows, VMs, vCPU fds,
                                   slots, threads)
 
@@ -95,10 +97,11 @@ def _pushes(snap) -> Counter:
     return got
 
 
-def slots(stats: Counter) -> str | None:
-    cfg = {"vcpus": 5, "ring_bytes": 4096, "pages": 300, "exit_every": 1}
-    child = _child([[cfg] * 4] * 3)
-    with Probes(pid=child.pid, push_slot_bits=2) as probes:
+def slots(stats: Counter, vms: int = 4, vcpus: int = 5, cycles: int = 3, pages: int = 300,
+          bits: int | None = 2) -> str | None:
+    cfg = {"vcpus": vcpus, "ring_bytes": 4096, "pages": pages, "exit_every": 1}
+    child = _child([[cfg] * vms] * cycles)
+    with Probes(pid=child.pid, push_slot_bits=bits) as probes:
         snaps: list = []
         done = threading.Event()
 
@@ -162,6 +165,7 @@ def main() -> int:
         "livelock-full": lambda: overflow(3000, False),
         "livelock-light": lambda: overflow(3000, True),
         "slots": lambda: slots(stats),
+        "rings1200": lambda: slots(stats, 5, 40, 6, 100, None),
         "cleanup": cleanup,
     }
     only = [s for s in args.only.split(",") if s]
@@ -176,7 +180,8 @@ def main() -> int:
                 bad += 1
                 first = first or why
         extra = (f"  snapshots {stats['snapshots']} retries {stats['retries']}"
-                 if name == "slots" else "")
+                 if name in ("slots", "rings1200") else "")
+        stats.clear()
         print(f"{name:15} runs {args.runs:3}  mismatches {bad:3}  "
               f"{time.monotonic() - t0:6.1f} s{extra}" + (f"  first: {first}" if first else ""),
               flush=True)

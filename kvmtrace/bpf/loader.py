@@ -252,12 +252,22 @@ def slots_settled(before: np.ndarray, after: np.ndarray) -> bool:
     return len(seq0) == len(seq1) and bool(np.all(seq0 == seq1)) and not np.any(seq1 & 1)
 
 
-_NR_BPF = 321  # x86-64 syscall number of bpf(2)
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)  # bpf(2); None: unknown
 _BPF_PROG_TEST_RUN = 10
 _BPF_MAP_LOOKUP_BATCH = 24
 _BATCH = struct.Struct("<QQQQIIQQ")  # union bpf_attr's batch member (48 bytes)
 _TEST_RUN = struct.Struct("<IIIIQQIIIIQQIII4x")  # union bpf_attr's test member (80 bytes)
 _SNAPSHOT_TRIES = 100
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf_syscall(cmd: int, attr: ctypes.Array) -> int:
+    """bpf(cmd, attr): 0, or -errno (-ENOSYS where the syscall number is not known here)."""
+    if _NR_BPF is None:
+        return -errno.ENOSYS
+    ctypes.set_errno(0)
+    ret = _LIBC.syscall(_NR_BPF, cmd, attr, len(attr))
+    return 0 if ret == 0 else -ctypes.get_errno()
 
 
 class Probes:
@@ -475,10 +485,9 @@ class Probes:
         attr = ctypes.create_string_buffer(_BATCH.pack(
             0, ctypes.addressof(out_batch), keys.ctypes.data, vals.ctypes.data, n,
             int(table.map_fd), 0, 0), _BATCH.size)
-        libc = ctypes.CDLL(None, use_errno=True)
-        ret = libc.syscall(_NR_BPF, _BPF_MAP_LOOKUP_BATCH, attr, _BATCH.size)
+        ret = _bpf_syscall(_BPF_MAP_LOOKUP_BATCH, attr)
         count = _BATCH.unpack(attr.raw)[4]
-        if (ret == 0 or ctypes.get_errno() == errno.ENOENT) and count == n:
+        if ret in (0, -errno.ENOENT) and count == n:
             return vals[np.argsort(keys, kind="stable")]
         index, slots = self.read_map("push_slots")
         return slots[np.argsort(index, kind="stable")]
@@ -535,10 +544,9 @@ class Probes:
         attr = ctypes.create_string_buffer(_TEST_RUN.pack(
             self._free_fd, 0, 0, 0, 0, 0, 0, 0, ctypes.sizeof(ctx), 0,
             ctypes.addressof(ctx), 0, 0, 0, 0), _TEST_RUN.size)
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syscall(_NR_BPF, _BPF_PROG_TEST_RUN, attr, _TEST_RUN.size) != 0:
-            err = ctypes.get_errno()
-            raise KvmtraceError(f"BPF_PROG_TEST_RUN of kt_free_slot failed: {os.strerror(err)}",
+        ret = _bpf_syscall(_BPF_PROG_TEST_RUN, attr)
+        if ret:
+            raise KvmtraceError(f"BPF_PROG_TEST_RUN of kt_free_slot failed: {os.strerror(-ret)}",
                                 "a kernel with raw tracepoint test runs (5.10+) is needed")
         return _TEST_RUN.unpack(attr.raw)[1] == 0
 

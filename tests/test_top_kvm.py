@@ -369,3 +369,31 @@ def test_stuck_ring_shown_within_two_refreshes(kvm, bpf_root, light):
         top.wait(timeout=30)
         wl.kill()
         wl.wait()
+
+
+def test_stuck_ring_on_the_interactive_screen(kvm, bpf_root):
+    """The curses view in an 80x24 tmux pane: a livelocked ring's row is marked ``vcpu0!``
+    and line 3 says ``STUCK: PID:VM vcpu0 REASON``."""
+    require(shutil.which("tmux") is not None,
+            "tmux not installed (tools/setup.sh --test installs it)")
+    wl = subprocess.Popen([sys.executable, "-c", LIVELOCK_THEN_WAIT.replace("sleep(3)",
+                                                                             "sleep(30)")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    sock, target = f"kvmtrace-test-stuck-{os.getpid()}", "top"
+    cmd = " ".join(kvmtrace_cmd("top", "-p", str(wl.pid), "-d", "0.5"))
+    try:
+        subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-s", target, "-x", "80",
+                        "-y", "24", f"cd {ROOT} && {cmd}"], check=True)
+        _wait_screen(sock, target, f"Waiting for pid {wl.pid}")
+        assert wl.stdin is not None and wl.stdout is not None
+        wl.stdin.write("g")
+        wl.stdin.flush()
+        truth = json.loads(wl.stdout.readline())
+        screen = _wait_screen(sock, target, "vcpu0!", "STUCK:")
+        (stuck,) = [ln for ln in screen.splitlines() if ln.startswith("STUCK:")]
+        assert stuck.split()[1:3] == [f"{truth['pid']}:{truth['vm_fd']}", "vcpu0"]
+        assert stuck.split()[3] in ("stranded", "no_reset_progress")
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
+        wl.kill()
+        wl.wait()

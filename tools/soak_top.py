@@ -8,6 +8,7 @@ Scenarios (each run is compared with the VMM's own ground truth):
                                   stuck exactly when pages were lost
   livelock-full, livelock-light   the same with --pages 3000: the VMM livelocks after the
                                   overflow; lost == lost_suspected and the ring is stuck
+  livelock4-full, livelock4-light the same with 4 vCPUs, per ring
   slots                           cycles of 4 VMs x 5 vCPUs through 4 push slots under a
                                   snapshot loop: pushes per ring never go back and end
                                   equal to the VMM's; "retries" = snapshots read again
@@ -64,23 +65,25 @@ def kvmtrace(*args: str) -> list[str]:
     return [sys.executable, "-m", "kvmtrace", *args]
 
 
-def overflow(pages: int, light: bool) -> str | None:
+def overflow(pages: int, light: bool, vcpus: int = 1) -> str | None:
     mode = ["--light"] if light else []
     proc = subprocess.run(kvmtrace("top", "-b", "--json", *mode, "-d", "0.5", "--",
-                                   *kvmtrace("workload", "--vcpus", "1", "--ring-bytes", "4096",
-                                             "--pages", str(pages), "--exit-every", "0",
-                                             "--json")),
+                                   *kvmtrace("workload", "--vcpus", str(vcpus), "--ring-bytes",
+                                             "4096", "--pages", str(pages), "--exit-every",
+                                             "0", "--json")),
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     if proc.returncode != 0:
         return f"top exited {proc.returncode}: {proc.stderr[-200:]}"
     truth = json.loads(proc.stderr)
-    (t,) = truth["rings"]
-    (r,) = json.loads(proc.stdout.splitlines()[-1])["rings"]
-    want_stuck = bool(t["lost_suspected"] or truth["livelock"])
-    if (r["lost"], r["pushes"], r["stuck"]) != (t["lost_suspected"], t["pages_written"],
-                                                 want_stuck):
-        return (f"lost {r['lost']} vs {t['lost_suspected']}, pushes {r['pushes']} vs "
-                f"{t['pages_written']}, stuck {r['stuck']} ({r['stuck_reason']}) vs {want_stuck}")
+    rings = {r["index"]: r for r in json.loads(proc.stdout.splitlines()[-1])["rings"]}
+    for t in truth["rings"]:
+        r = rings.get(t["index"], {"lost": 0, "pushes": 0, "stuck": False, "stuck_reason": None})
+        want_stuck = bool(t["lost_suspected"] or t["livelock"])
+        if (r["lost"], r["pushes"], r["stuck"]) != (t["lost_suspected"], t["pages_written"],
+                                                     want_stuck):
+            return (f"ring {t['index']}: lost {r['lost']} vs {t['lost_suspected']}, pushes "
+                    f"{r['pushes']} vs {t['pages_written']}, stuck {r['stuck']} "
+                    f"({r['stuck_reason']}) vs {want_stuck}")
     return None
 
 
@@ -164,6 +167,8 @@ def main() -> int:
         "overflow-light": lambda: overflow(300, True),
         "livelock-full": lambda: overflow(3000, False),
         "livelock-light": lambda: overflow(3000, True),
+        "livelock4-full": lambda: overflow(3000, False, 4),
+        "livelock4-light": lambda: overflow(3000, True, 4),
         "slots": lambda: slots(stats),
         "rings1200": lambda: slots(stats, 5, 40, 6, 100, None),
         "cleanup": cleanup,

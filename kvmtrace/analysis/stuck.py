@@ -6,8 +6,9 @@ most serious first:
 ``stranded``
     A ``kvm_dirty_ring_reset`` walk advanced a whole lap (``size`` entries) while
     ``dirty_index`` was past the new ``reset_index``: after an overflow the harvest collected
-    a full lap, and the walk (virt/kvm/dirty_ring.c, which stops at the first entry without
-    ``KVM_DIRTY_GFN_F_RESET``) ended on the entry it had cleared first. A VMM harvesting by
+    a full lap, and the walk (virt/kvm/dirty_ring.c ``kvm_dirty_ring_reset()``, which stops
+    at the first entry without ``KVM_DIRTY_GFN_F_RESET``: so since the dirty ring came in,
+    Linux 5.11, through 6.18 here) ended on the entry it had cleared first. A VMM harvesting by
     index finds nothing from there on and no reset moves ``reset_index``: every later push
     is stranded (never harvested, never reset) and the vCPU livelocks on soft-full exits.
 ``no_reset_progress``
@@ -30,7 +31,7 @@ import numpy as np
 from ..source.events import Kind
 
 __all__ = ["STRANDED", "NO_RESET_PROGRESS", "OVERFLOW", "REASONS", "STUCK_EXITS",
-           "worst", "EventStuck", "describe"]
+           "worst", "EventStuck"]
 
 STRANDED = "stranded"
 NO_RESET_PROGRESS = "no_reset_progress"
@@ -51,10 +52,6 @@ def worst(reasons: Iterable[str | None]) -> str | None:
     """The most serious of ``reasons`` (None when there is none)."""
     got = set(reasons)
     return next((r for r in REASONS if r in got), None)
-
-
-def describe(reason: str | None) -> str:
-    return REASONS.get(reason or "", "")
 
 
 @dataclass

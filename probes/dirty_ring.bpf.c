@@ -426,12 +426,27 @@ static __always_inline int kt_push_fast(u64 ring_ptr)
 	return 1;
 }
 
+/* Take slot s's seqlock (seq even -> odd with a compare-and-swap): 1 taken, 0 busy. */
+static __always_inline int kt_slot_lock(struct kt_push_slot *s)
+{
+	u64 seq = s->seq;
+
+	return !(seq & 1) && __sync_val_compare_and_swap(&s->seq, seq, seq + 1) == seq;
+}
+
+static __always_inline void kt_slot_unlock(struct kt_push_slot *s)
+{
+	__sync_fetch_and_add(&s->seq, 1);
+}
+
 /*
  * After a push of ring (key, dirty) at ring_ptr took the hash-map path: claim its slot if
  * free; if the ring owns it but a vCPU was created since the claim, check that it is the
  * same ring (its dirty_index went on from the slot's) or else a new ring at a freed one's
  * address, whose slot counts move to the old ring's row before the slot is taken over.
  * A slot owned by another address stays with it (that ring takes the hash-map path).
+ * Claims and folds run under the slot's seqlock (a busy slot: try at the next push), so a
+ * snapshot that sees the same even seq before and after reading the rows saw neither.
  */
 static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 index, u32 dirty,
 					  u32 gen)
@@ -441,15 +456,19 @@ static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 ind
 
 	if (!s)
 		return;
-	if (s->ptr != ring_ptr) {
-		if (s->ptr || __sync_val_compare_and_swap(&s->ptr, 0, ring_ptr) != 0)
-			return;
-	} else if (dirty == s->dirty0 + (u32)s->pushes + 1) {
+	if (s->ptr == ring_ptr && dirty == s->dirty0 + (u32)s->pushes + 1) {
 		/* the same ring: keep counting here (this push is in its row) */
 		s->dirty0 = dirty - (u32)s->pushes;
 		s->epoch = epoch;
 		return;
-	} else if (s->pushes) {
+	}
+	if ((s->ptr && s->ptr != ring_ptr) || !kt_slot_lock(s))
+		return;
+	if (s->ptr && s->ptr != ring_ptr) {   /* claimed meanwhile by another ring */
+		kt_slot_unlock(s);
+		return;
+	}
+	if (s->ptr == ring_ptr && s->pushes) {   /* a new ring where a freed one was */
 		struct kt_ring_val *old = rings.lookup(&s->key);
 
 		if (old) {
@@ -459,6 +478,7 @@ static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 ind
 				old->dirty_index = s->dirty0 + (u32)s->pushes;
 		}
 	}
+	s->ptr = ring_ptr;
 	s->pushes = 0;
 	s->dirty0 = dirty;
 	s->key.pid = pid;
@@ -466,6 +486,33 @@ static __always_inline void kt_push_claim(u64 ring_ptr, u32 pid, s32 vm, s32 ind
 	s->key.ring = index;
 	s->gen = gen;
 	s->epoch = epoch;
+	kt_slot_unlock(s);
+}
+
+/*
+ * Not attached: user space runs it with BPF_PROG_TEST_RUN (kvmtrace/bpf/loader.py
+ * Probes.forget()) to free slot args[0] of a ring that is gone, if the slot's seq is still
+ * args[1] (the value user space read with the slot): a compare-and-delete, so a ring that
+ * claimed the slot since keeps it. Returns 0 freed, 1 left alone.
+ */
+int kt_free_slot(struct bpf_raw_tracepoint_args *ctx)
+{
+	u32 h = (u32)ctx->args[0];
+	u64 want = ctx->args[1];
+	struct kt_push_slot *s = push_slots.lookup(&h);
+
+	if (!s || (want & 1) || __sync_val_compare_and_swap(&s->seq, want, want + 1) != want)
+		return 1;
+	s->ptr = 0;
+	s->pushes = 0;
+	s->dirty0 = 0;
+	s->key.pid = 0;
+	s->key.vm = 0;
+	s->key.ring = 0;
+	s->gen = 0;
+	s->epoch = 0;
+	kt_slot_unlock(s);
+	return 0;
 }
 #endif
 
@@ -585,6 +632,7 @@ static __always_inline int kt_on_reset(s32 index, u32 dirty, u32 reset, u32 size
 #else
 		kt_full_reset(v, dirty, !v->resets && !v->pushes);
 #endif
+		kt_stuck_reset(v, dirty, reset);
 		u32 advance = reset - v->reset_base;
 
 		v->reset_base = reset;
@@ -643,6 +691,7 @@ static __always_inline int kt_on_exit(s32 vcpu_id, int exact, s32 index, u32 dir
 #endif
 
 		__sync_fetch_and_add(&v->soft_full_exits, 1);
+		v->stuck_exits++;   /* zeroed by a reset that moves reset_index (kt_stuck_reset) */
 		if (used && (!v->exit_used_min || used < v->exit_used_min))
 			v->exit_used_min = used;
 	}

@@ -201,4 +201,54 @@ static __always_inline void kt_full_reset(struct kt_ring_val *v, u32 dirty, int 
 	v->reset_dirty = dirty;
 }
 
+/*
+ * Overflow aftermath (both modes): ring v's stuck state at one of its kvm_dirty_ring_reset
+ * events (dirty, reset = its indices after the reset), after kt_light_reset()/
+ * kt_full_reset() and before the reset handler moves v->reset_base on (the reset_index
+ * before this reset). kvm_dirty_ring_reset() (virt/kvm/dirty_ring.c) walks from
+ * reset_index while entries carry KVM_DIRTY_GFN_F_RESET and clears each: a walk that
+ * advanced a whole lap (size entries) while dirty > reset ended on the entry it cleared
+ * first, which held the push with index `reset` (an overflow push the harvest collected
+ * with the lap). A VMM harvesting by index waits on that entry, which no push refills
+ * until a lap later, and no reset moves reset_index: the ring is stuck and every push
+ * after `dirty` (stuck_dirty) is stranded; user space counts them, up to a lap past
+ * reset_index (stranded_count() in kvmtrace/bpf/loader.py).
+ *
+ * Pushes from that lap on (index >= reset + size) land first on the entries of
+ * [reset, stuck_dirty), which the stuck reset had collected and cleared: the mode's reset
+ * function counted them as overwritten, they are not, and are taken off again here. A
+ * later reset that moves reset_index ends the stuck period: a whole lap again (the pushes
+ * wrapped past the stranded entries, overwriting those of [stuck_dirty, dirty - size),
+ * and the harvest collected the rest) may start a new one; less than a lap (the harvest
+ * stopped on a cleared entry before reaching them) leaves the stranded entries
+ * [stuck_dirty, reset_before + size) behind for good: they count in v->stranded.
+ * A new ring under the same key (its dirty_index behind stuck_dirty) starts unstuck.
+ * Any reset that moves reset_index zeroes v->stuck_exits (soft-full exits since then).
+ */
+static __always_inline void kt_stuck_reset(struct kt_ring_val *v, u32 dirty, u32 reset)
+{
+	u32 advance = reset - v->reset_base;
+
+	if (advance)
+		v->stuck_exits = 0;
+	if (v->stuck && (s32)(dirty - v->stuck_dirty) < 0) {
+		v->stuck = 0;
+	} else if (v->stuck && advance) {
+		u32 lap = v->reset_base + v->size;
+		u32 hit = v->stuck_dirty + v->size;   /* end of the pushes onto cleared entries */
+
+		if ((s32)(dirty - hit) < 0)
+			hit = dirty;
+		if ((s32)(hit - lap) > 0 && v->overwritten >= (u32)(hit - lap))
+			__sync_fetch_and_add(&v->overwritten, -(u64)(u32)(hit - lap));
+		if (advance != v->size && (s32)(lap - v->stuck_dirty) > 0)
+			__sync_fetch_and_add(&v->stranded, lap - v->stuck_dirty);
+		v->stuck = 0;
+	}
+	if (v->size && advance == v->size && (s32)(dirty - reset) > 0) {
+		v->stuck = 1;
+		v->stuck_dirty = dirty;
+	}
+}
+
 #endif /* KT_DIRTY_RING_DEFS_H */

@@ -75,6 +75,12 @@ struct kt_ring_val {
 	__u32 reset_dirty;      /* pushes up to this dirty_index are in max_used/overwritten */
 	__u32 gen;              /* rings seen under this key - 1 (a new ring under a key of  */
 	                        /* an unknown vm, -1, or of the tracepoint identity)        */
+	__u32 stuck;            /* 1: the last reset walk stopped on an entry it cleared     */
+	                        /* itself after an overflow (kt_stuck_reset())              */
+	__u32 stuck_dirty;      /* dirty_index at that reset: later pushes are stranded     */
+	__u64 stranded;         /* pushes stranded by earlier stuck periods (ended)         */
+	__u32 stuck_exits;      /* soft-full exits since reset_index last moved             */
+	__u32 pad;
 	__u64 stall_hist[KT_HIST_BUCKETS];
 };
 
@@ -85,6 +91,8 @@ struct kt_ring_val {
  * the ring. The claim is re-checked whenever any vCPU was created since (the kernel may put
  * a new ring where a freed one was). User space adds `pushes` to the row of `key` and, if
  * the row's gen is still the slot's, takes dirty_index = dirty0 + pushes when later.
+ * Owner changes are serialised by `seq` (a seqlock taken with a compare-and-swap); user
+ * space reads the slots before and after the rows and retries when a seq moved.
  */
 struct kt_push_slot {
 	__u64 ptr;              /* struct kvm_dirty_ring * of the owner; 0 = free           */
@@ -93,6 +101,8 @@ struct kt_push_slot {
 	__u32 dirty0;           /* its dirty_index at the claim                             */
 	struct kt_ring_key key;
 	__u32 gen;              /* the row's gen at the claim: dirty0 + pushes is its ring's */
+	__u64 seq;              /* +1 before and +1 after each change of owner (a claim, a  */
+	                        /* fold into the old row, a free): odd while one runs       */
 };
 
 /* Map `vms`: one entry per VM (VMM pid, vm = fd | gen << KT_VM_GEN_SHIFT) seen. */

@@ -119,10 +119,10 @@ def test_slots_fold_into_their_rows() -> None:
             RingKey(7, 5, 1): _row(pushes=3, dirty_index=0xFFFF_FFFE),
             RingKey(7, 6, 0): _row(pushes=5, dirty_index=5, gen=1)}
     slots = np.zeros(4, PUSH_SLOT_DTYPE)
-    slots[0] = (0x1000, 50, 1, 11, (7, 5, 0), 0)  # 50 pushes after index 11
-    slots[1] = (0x2000, 4, 1, 0xFFFF_FFFE, (7, 5, 1), 0)  # wraps to 2
-    slots[2] = (0x3000, 9, 1, 0, (8, 5, 0), 0)  # a row that is gone: ignored
-    slots[3] = (0x4000, 99, 1, 1, (7, 6, 0), 0)  # an earlier ring under the key: pushes only
+    slots[0] = (0x1000, 50, 1, 11, (7, 5, 0), 0, 0)  # 50 pushes after index 11
+    slots[1] = (0x2000, 4, 1, 0xFFFF_FFFE, (7, 5, 1), 0, 0)  # wraps to 2
+    slots[2] = (0x3000, 9, 1, 0, (8, 5, 0), 0, 0)  # a row that is gone: ignored
+    slots[3] = (0x4000, 99, 1, 1, (7, 6, 0), 0, 0)  # an earlier ring under the key: pushes only
     add_push_slots(rows, slots)
     assert (rows[RingKey(7, 5, 0)]["pushes"], rows[RingKey(7, 5, 0)]["dirty_index"]) == (51, 61)
     assert (rows[RingKey(7, 5, 1)]["pushes"], rows[RingKey(7, 5, 1)]["dirty_index"]) == (7, 2)

@@ -148,7 +148,7 @@ def test_prometheus_scrape_equals_ground_truth(default_run: Run):
     text = default_run.scraped.splitlines()
     truth = default_run.truth
     for gt in truth["rings"]:
-        sel = f'pid="{truth["pid"]}",vm="{truth["vm_fd"]}",ring="{gt["index"]}"'
+        sel = f'pid="{truth["pid"]}",vm="{truth["vm_fd"]}",vm_gen="0",ring="{gt["index"]}"'
         values = {ln.split("{")[0]: int(float(ln.split()[-1])) for ln in text
                   if sel in ln and "_bucket" not in ln}
         assert values["kvmtrace_ring_pushes_total"] == gt["harvested"]
@@ -277,3 +277,133 @@ def test_interactive_command_shows_its_output_after_quit(kvm, bpf_root):
         assert "kvmtrace workload: pid" in screen and "harvest on-full" in screen
     finally:
         subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
+
+
+OVERFLOW = ["--vcpus", "1", "--ring-bytes", "4096", "--exit-every", "0", "--json"]
+
+
+def top_command(*workload: str, light: bool, delay: str = "0.5") -> tuple[dict, list[dict]]:
+    """``top -b --json [--light] -d DELAY -- kvmtrace workload ...``: (the workload's ground
+    truth, top's NDJSON objects)."""
+    mode = ["--light"] if light else []
+    proc = subprocess.run(kvmtrace_cmd("top", "-b", "--json", *mode, "-d", delay, "--",
+                                       *kvmtrace_cmd("workload", *workload)),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return json.loads(proc.stderr), [json.loads(ln) for ln in proc.stdout.splitlines()]
+
+
+def check_overflow_run(truth: dict, lines: list[dict]) -> None:
+    """Per ring: top's lost (overwritten + stranded) equals the pages the VMM wrote and never
+    harvested; stuck exactly when the ring lost pages or livelocked; flagged no later than
+    the first interval that shows a loss."""
+    rings = {r["index"]: r for r in lines[-1]["rings"]}
+    for t in truth["rings"]:
+        r = rings.get(t["index"])
+        if r is None:  # a vCPU stopped before its first push
+            assert t["pages_written"] == 0
+            continue
+        assert r["pushes"] == t["pages_written"]
+        assert r["entries_reset"] == t["entries_reset"] == t["harvested"]
+        assert r["lost"] == t["lost_suspected"], (r, t)
+        assert r["stuck"] == bool(t["lost_suspected"] or t["livelock"]), (r, t)
+        if t["livelock"]:
+            assert r["stuck_reason"] in ("stranded", "no_reset_progress")
+        elif t["lost_suspected"]:  # stranded, or recovered a lap behind with pages lost
+            assert r["stuck_reason"] in ("stranded", "overflow")
+        first = next((x for ln in lines for x in ln["rings"]
+                      if x["index"] == t["index"] and x["lost"]), None)
+        assert first is None or first["stuck"]
+    (vm,) = lines[-1]["vms"]
+    assert vm["lost"] == truth["lost_suspected"]
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["full", "light"])
+@pytest.mark.parametrize(("pages", "vcpus"), [(300, 1), (3000, 1), (3000, 4)])
+def test_overflow_lost_equals_the_vmm_and_stuck_is_flagged(kvm, bpf_root, light, pages,
+                                                           vcpus):
+    """A tight guest loop overflows 256-entry rings (COMMON.md decision 2). 300 pages: the
+    VMM resets once at the end (44 overwritten) or after one soft-full exit (a few
+    overwritten, the rest stranded), or the exit comes in time (nothing lost). 3000 pages:
+    the VMM harvests by index after the overflow and livelocks; the pushes may wrap past the
+    stuck entry several times. Three runs each (the outcome varies with timing)."""
+    for _run in range(3):
+        truth, lines = top_command(*OVERFLOW[2:], "--vcpus", str(vcpus), "--pages", str(pages),
+                                   light=light)
+        check_overflow_run(truth, lines)
+
+
+LIVELOCK_THEN_WAIT = """
+import json, os, sys, time
+from kvmtrace.vmm.workload import WorkloadConfig, run_workload
+sys.stdin.read(1)
+res = run_workload(WorkloadConfig(vcpus=1, ring_bytes=4096, pages=3000, exit_every=0))
+out = res.to_dict()
+out["end_time"] = time.time()
+print(json.dumps(out), flush=True)
+time.sleep(3)
+"""
+
+
+@pytest.mark.parametrize("light", [False, True], ids=["full", "light"])
+def test_stuck_ring_shown_within_two_refreshes(kvm, bpf_root, light):
+    """``top -p PID -b --json -d 0.5`` on a VMM that livelocks after an overflow and then
+    stays alive: at the latest the second interval after the livelock ended the run shows
+    the ring stuck, with lost equal to the pages the VMM never harvested."""
+    wl = subprocess.Popen([sys.executable, "-c", LIVELOCK_THEN_WAIT], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    mode = ["--light"] if light else []
+    top = subprocess.Popen(kvmtrace_cmd("top", "-b", "--json", *mode, "-p", str(wl.pid),
+                                        "-d", "0.5"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        out = Lines(top.stdout)
+        assert json.loads(out.get())["rings"] == []  # attached
+        assert wl.stdin is not None and wl.stdout is not None
+        wl.stdin.write("g")
+        wl.stdin.flush()
+        truth = json.loads(wl.stdout.readline())
+        assert truth["livelock"]
+        (t,) = truth["rings"]
+        after: list[dict] = []
+        while len(after) < 2:
+            line = json.loads(out.get())
+            if line["time"] >= truth["end_time"]:
+                after.append(line)
+        (r,) = after[-1]["rings"]
+        assert r["stuck"] and r["stuck_reason"] in ("stranded", "no_reset_progress")
+        assert (r["lost"], r["pushes"]) == (t["lost_suspected"], t["pages_written"])
+    finally:
+        top.terminate()
+        top.wait(timeout=30)
+        wl.kill()
+        wl.wait()
+
+
+def test_stuck_ring_on_the_interactive_screen(kvm, bpf_root):
+    """The curses view in an 80x24 tmux pane: a livelocked ring's row is marked ``vcpu0!``
+    and line 3 says ``STUCK: PID:VM vcpu0 REASON``."""
+    require(shutil.which("tmux") is not None,
+            "tmux not installed (tools/setup.sh --test installs it)")
+    wl = subprocess.Popen([sys.executable, "-c", LIVELOCK_THEN_WAIT.replace("sleep(3)",
+                                                                             "sleep(30)")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    sock, target = f"kvmtrace-test-stuck-{os.getpid()}", "top"
+    cmd = " ".join(kvmtrace_cmd("top", "-p", str(wl.pid), "-d", "0.5"))
+    try:
+        subprocess.run(["tmux", "-L", sock, "new-session", "-d", "-s", target, "-x", "80",
+                        "-y", "24", f"cd {ROOT} && {cmd}"], check=True)
+        _wait_screen(sock, target, f"Waiting for pid {wl.pid}")
+        assert wl.stdin is not None and wl.stdout is not None
+        wl.stdin.write("g")
+        wl.stdin.flush()
+        truth = json.loads(wl.stdout.readline())
+        screen = _wait_screen(sock, target, "vcpu0!", "STUCK:")
+        (stuck,) = [ln for ln in screen.splitlines() if ln.startswith("STUCK:")]
+        assert stuck.split()[1:3] == [f"{truth['pid']}:{truth['vm_fd']}", "vcpu0"]
+        assert stuck.split()[3] in ("stranded", "no_reset_progress")
+    finally:
+        subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True)
+        wl.kill()
+        wl.wait()

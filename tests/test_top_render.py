@@ -174,13 +174,14 @@ def test_prometheus_text():
     _, b = two_snapshots()
     text = render_metrics(b)
     lines = text.splitlines()
-    lab = 'pid="100",vm="5",ring="0",comm="qemu-system-x86"'
+    lab = 'pid="100",vm="5",vm_gen="0",ring="0",comm="qemu-system-x86"'
     assert f"kvmtrace_ring_pushes_total{{{lab}}} 5000" in lines
     assert f"kvmtrace_ring_soft_full_exits_total{{{lab}}} 10" in lines
     assert f"kvmtrace_ring_entries_reset_total{{{lab}}} 1600" in lines
     assert f"kvmtrace_ring_used_entries{{{lab}}} 128" in lines
     assert f"kvmtrace_ring_size_entries{{{lab}}} 256" in lines
-    assert 'kvmtrace_ring_lost_entries_total{pid="200",vm="7",ring="0",comm="python3"} 44' in lines
+    assert ('kvmtrace_ring_lost_entries_total{pid="200",vm="7",vm_gen="0",ring="0",'
+            'comm="python3"} 44') in lines
     assert not any(ln.startswith('kvmtrace_ring_size_entries{pid="200"') for ln in lines)
     assert not any('ring="-1"' in ln and ln.startswith("kvmtrace_ring_") for ln in lines)
     buckets = [ln for ln in lines if ln.startswith(f"kvmtrace_ring_stall_seconds_bucket{{{lab}")]
@@ -189,12 +190,13 @@ def test_prometheus_text():
     assert buckets[24].endswith("} 100") and buckets[-1].endswith('le="+Inf"} 100')
     assert f"kvmtrace_ring_stall_seconds_sum{{{lab}}} 0.1685" in lines
     assert f"kvmtrace_ring_stall_seconds_count{{{lab}}} 100" in lines
-    assert ('kvmtrace_reset_latency_seconds_count{pid="100",vm="5",comm='
+    assert ('kvmtrace_reset_latency_seconds_count{pid="100",vm="5",vm_gen="0",comm='
             '"qemu-system-x86"} 3') in lines
     assert "kvmtrace_lost_events_total 2" in lines
-    assert ('kvmtrace_vm_info{pid="100",vm="5",comm="qemu-system-x86",name="db1",'
+    assert ('kvmtrace_vm_info{pid="100",vm="5",vm_gen="0",comm="qemu-system-x86",name="db1",'
             'ring_bytes="4096"} 1') in lines
-    assert sum(ln.startswith("# TYPE ") for ln in lines) == 12
+    assert sum(ln.startswith("# TYPE ") for ln in lines) == 14
+    assert f'kvmtrace_ring_stuck{{{lab},reason=""}} 0' in lines
 
 
 def test_prometheus_scrape_over_http():
@@ -302,7 +304,7 @@ def test_replay_prometheus(samples):
                 break
             time.sleep(0.05)
         assert [ln.split("{")[1].split("}")[0] for ln in pushes] == [
-            f'pid="0",vm="-1",ring="{r}",comm=""' for r in range(3)]
+            f'pid="0",vm="-1",vm_gen="0",ring="{r}",comm=""' for r in range(3)]
         assert [ln.split()[-1] for ln in pushes] == ["400"] * 3
     finally:
         proc.terminate()
@@ -315,3 +317,43 @@ def test_replay_bad_file_is_one_line(tmp_path):
     proc = run_top("-b", "--replay", str(bad))
     assert proc.returncode == 2 and proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def stuck_snapshots() -> tuple[Snapshot, Snapshot]:
+    """VM (300, 4): ring 0 stuck after an overflow (3 overwritten + 41 stranded), ring 1
+    healthy."""
+    a = Snapshot(time_ns=10 * SEC)
+    b = Snapshot(time_ns=11 * SEC)
+    for snap in (a, b):
+        snap.rings[RingKey(300, 4, 1)] = RingCounters(pushes=300, resets=2, entries_reset=300,
+                                                      size=256)
+    b.rings[RingKey(300, 4, 0)] = RingCounters(pushes=300, resets=2, entries_reset=256,
+                                               dirty_index=300, reset_index=256, size=256,
+                                               lost=44, stranded=41, stuck="stranded")
+    b.vms[(300, 4)] = VmInfo(pid=300, vm=4, comm="qemu")
+    return a, b
+
+
+def test_stuck_ring_on_screen_json_and_metrics():
+    a, b = stuck_snapshots()
+    iv = compute_interval(a, b)
+    lines = render_top(iv, 80, 24, "vm", hooks={"kvm_dirty_ring_push": "raw_tp"})
+    assert lines[2] == "STUCK: 300:4 vcpu0 stranded"
+    labels = [ln.split()[0] for ln in lines[HEADER_LINES + 1:]]
+    assert labels == ["300:4!", "vcpu0!", "vcpu1"]
+    obj = interval_json(iv)
+    rings = {r["index"]: r for r in obj["rings"]}
+    assert (rings[0]["stuck"], rings[0]["stuck_reason"], rings[0]["lost"],
+            rings[0]["stranded"]) == (True, "stranded", 44, 41)
+    assert (rings[1]["stuck"], rings[1]["stuck_reason"], rings[1]["stranded"]) == (
+        False, None, 0)
+    (vm,) = obj["vms"]
+    assert (vm["stuck"], vm["stuck_reason"], vm["lost"], vm["stranded"]) == (
+        True, "stranded", 44, 41)
+    text = render_metrics(b).splitlines()
+    lab = 'pid="300",vm="4",vm_gen="0",ring="0",comm="qemu"'
+    assert f'kvmtrace_ring_stuck{{{lab},reason="stranded"}} 1' in text
+    lab1 = lab.replace('ring="0"', 'ring="1"')
+    assert f'kvmtrace_ring_stuck{{{lab1},reason=""}} 0' in text
+    assert f"kvmtrace_ring_stranded_entries_total{{{lab}}} 41" in text
+    assert f"kvmtrace_ring_lost_entries_total{{{lab}}} 44" in text

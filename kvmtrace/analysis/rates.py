@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo, hist_percentile
+from .stuck import worst
 
 __all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract", "vm_reset_hist"]
 
@@ -49,6 +50,8 @@ class RingRates:
     stall_hist: list[int] = field(default_factory=list)  # interval delta
     reset_lat_hist: list[int] = field(default_factory=list)  # interval delta
     stall_hist_total: list[int] = field(default_factory=list)  # cumulative
+    stranded: int = 0  # of lost: stranded by a stuck ring (kvmtrace.analysis.stuck)
+    stuck: str | None = None  # why the ring is flagged stuck, None when it is not
 
     @property
     def fill_pct(self) -> float | None:
@@ -149,6 +152,8 @@ def _ring_rates(key: RingKey, cur: RingCounters, prev: RingCounters | None, dt: 
         stall_hist=stall,
         reset_lat_hist=rlat,
         stall_hist_total=list(cur.stall_hist),
+        stranded=cur.stranded,
+        stuck=cur.stuck,
     )
 
 
@@ -199,6 +204,8 @@ def _total(parts: list[RingRates], pid: int, vm: int, info: VmInfo, dt: float,
         stall_hist=stall,
         reset_lat_hist=rlat,
         stall_hist_total=_sum_hist([r.stall_hist_total for r in parts]),
+        stranded=sum(r.stranded for r in parts),
+        stuck=worst(r.stuck for r in parts),
         comm=info.comm,
         name=info.name,
         ring_bytes=info.ring_bytes,
@@ -229,6 +236,8 @@ def subtract(cur: Snapshot, base: Snapshot) -> Snapshot:
             reset_index=c.reset_index,
             max_used=c.max_used,
             lost=c.lost - b.lost,
+            stranded=c.stranded - b.stranded,
+            stuck=c.stuck,
             size=c.size,
             stall_hist=_delta_hist(c.stall_hist, b.stall_hist),
             stall_ns=c.stall_ns - b.stall_ns,

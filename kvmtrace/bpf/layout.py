@@ -36,6 +36,11 @@ RING_VAL_DTYPE = np.dtype(
         ("exit_used_min", "<u4"),
         ("reset_dirty", "<u4"),
         ("gen", "<u4"),
+        ("stuck", "<u4"),
+        ("stuck_dirty", "<u4"),
+        ("stranded", "<u8"),
+        ("stuck_exits", "<u4"),
+        ("pad", "<u4"),
         ("stall_hist", "<u8", (HIST_BUCKETS,)),
     ]
 )
@@ -56,9 +61,10 @@ VM_VAL_DTYPE = np.dtype(
     ]
 )
 
-#: struct kt_push_slot (40 bytes): the push fast path's count for the ring at kernel
+#: struct kt_push_slot (48 bytes): the push fast path's count for the ring at kernel
 #: address ``ptr`` (0: free slot), whose row is ``key``; its dirty_index is dirty0 + pushes
-#: while the row's ``gen`` is still the slot's.
+#: while the row's ``gen`` is still the slot's. ``seq`` is odd while the owner changes and
+#: moves on with every change (a seqlock).
 PUSH_SLOT_DTYPE = np.dtype(
     [
         ("ptr", "<u8"),
@@ -67,5 +73,6 @@ PUSH_SLOT_DTYPE = np.dtype(
         ("dirty0", "<u4"),
         ("key", RING_KEY_DTYPE),
         ("gen", "<u4"),
+        ("seq", "<u8"),
     ]
 )

@@ -9,7 +9,9 @@ filter, aggregation and event output switches, ring buffer pages, the hook of ea
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis.stats import RingCounters, RingKey, Snapshot, VmInfo
+from ..analysis.stuck import NO_RESET_PROGRESS, OVERFLOW, STRANDED, STUCK_EXITS
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import tracefs
 from ..host.btf import Btf, load_vmlinux
@@ -36,7 +39,7 @@ from .layout import (
 
 __all__ = ["PROBES_DIR", "SOURCE", "HOOKS", "VM_IDENTITIES", "Probes", "preflight",
            "select_hooks", "vm_ptr_defines", "infer_entries", "merge_rows", "add_push_slots",
-           "live_used_counts"]
+           "live_used_counts", "stranded_count", "slots_settled", "SnapshotRaced"]
 
 PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
 SOURCE = PROBES_DIR / "dirty_ring.bpf.c"
@@ -196,8 +199,9 @@ def infer_entries(exit_used_min: int) -> int | None:
 
 
 _SUMMED = ("pushes", "resets", "entries_reset", "soft_full_exits", "stalls", "stall_ns",
-           "overwritten")
+           "overwritten", "stranded")
 _LATEST = ("dirty_index", "reset_index", "reset_base", "reset_dirty")
+_STUCK = ("stuck", "stuck_dirty", "stuck_exits", "pad")  # from the row with the latest reset
 _U32 = 0xFFFF_FFFF
 
 
@@ -219,6 +223,10 @@ def merge_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             out[name] = a[name] if _u32_after(a[name], b[name]) >= 0 else b[name]
         else:  # the row with indices, if either has them
             out[name] = (b if b_has else a)[name]
+    later = b if b_has and (not a_has or _u32_after(b["reset_index"], a["reset_index"]) > 0) \
+        else a
+    for name in _STUCK:
+        out[name] = later[name]
     out["max_used"] = max(a["max_used"], b["max_used"])
     out["size"] = a["size"] or b["size"]
     mins = [m for m in (a["exit_used_min"], b["exit_used_min"]) if m]
@@ -259,6 +267,59 @@ def live_used_counts(row: dict[str, Any], size: int | None) -> tuple[int, int]:
     return max(row["max_used"], used), over
 
 
+def stranded_count(row: dict[str, Any], size: int | None) -> tuple[int, int]:
+    """(stranded, not_overwritten) of a ring (struct kt_ring_val as a dict, dirty_index up
+    to date). stranded: those of ended stuck periods plus, while the ring is stuck, the
+    pushes after the reset that left it stuck (kt_stuck_reset() in
+    probes/dirty_ring_defs.h), up to a lap past its reset_index. not_overwritten: of the
+    pushes since that reset counted as overwritten between resets (live_used_counts()),
+    those that landed on entries the stuck reset had cleared (the probes take them off at
+    the next reset as well)."""
+    got, back = int(row["stranded"]), 0
+    if row["stuck"] and size:
+        dirty, sd = row["dirty_index"], row["stuck_dirty"]
+        lap = (row["reset_index"] + size) & _U32
+        end = lap if _u32_after(dirty, lap) > 0 else dirty
+        if _u32_after(end, sd) > 0:
+            got += (end - sd) & _U32
+        hit = (sd + size) & _U32
+        if _u32_after(hit, dirty) > 0:
+            hit = dirty
+        if _u32_after(hit, lap) > 0:
+            back = (hit - lap) & _U32
+    return got, back
+
+
+class SnapshotRaced(KvmtraceError):
+    """The push slots kept changing owner while the rows were read."""
+
+
+def slots_settled(before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether two reads of the push slots (PUSH_SLOT_DTYPE, all slots in index order) taken
+    before and after reading the rows saw no owner change or fold in between: each slot's
+    ``seq`` is the same and even in both (struct kt_push_slot)."""
+    seq0, seq1 = before["seq"], after["seq"]
+    return len(seq0) == len(seq1) and bool(np.all(seq0 == seq1)) and not np.any(seq1 & 1)
+
+
+_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)  # bpf(2); None: unknown
+_BPF_PROG_TEST_RUN = 10
+_BPF_MAP_LOOKUP_BATCH = 24
+_BATCH = struct.Struct("<QQQQIIQQ")  # union bpf_attr's batch member (48 bytes)
+_TEST_RUN = struct.Struct("<IIIIQQIIIIQQIII4x")  # union bpf_attr's test member (80 bytes)
+_SNAPSHOT_TRIES = 100
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf_syscall(cmd: int, attr: ctypes.Array) -> int:
+    """bpf(cmd, attr): 0, or -errno (-ENOSYS where the syscall number is not known here)."""
+    if _NR_BPF is None:
+        return -errno.ENOSYS
+    ctypes.set_errno(0)
+    ret = _LIBC.syscall(_NR_BPF, cmd, attr, len(attr))
+    return 0 if ret == 0 else -ctypes.get_errno()
+
+
 class Probes:
     """The loaded, attached probes. ``snapshot()`` reads the aggregation maps once."""
 
@@ -274,6 +335,7 @@ class Probes:
         push_probe: bool = True,
         fast_push: bool = True,
         vm_identity: str = "auto",
+        push_slot_bits: int | None = None,
     ) -> None:
         """``wake_every`` > 0: the BPF side wakes a ring-buffer reader once per that many
         records of a CPU (for a reader that also polls on a timer), not after every one.
@@ -293,7 +355,9 @@ class Probes:
         instead of through two hash-map lookups and a read of the ring (about 100 ns less
         per push); emitting events, the slot names the push's VM fd instead of a per-thread
         hash-map lookup. False keeps every push on the hash-map path (for comparison); the
-        snapshots and events are the same either way.
+        snapshots and events are the same either way. ``push_slot_bits``: log2 of the
+        number of slots (KT_PUSH_SLOT_BITS, 10 by default); rings whose slot is taken take
+        the hash-map path (tests lower it to force collisions).
 
         ``vm_identity`` (attribute ``vm_identity``: ``pointer`` or ``thread`` in use):
         ``auto`` names each VM by its ``struct kvm *`` where the kernel allows
@@ -325,6 +389,10 @@ class Probes:
             cflags.append("-DKT_AGGREGATE")
         if not fast_push:
             cflags.append("-DKT_NO_FAST_PUSH")
+        if push_slot_bits is not None:
+            if not 1 <= push_slot_bits <= 20:
+                raise UsageError(f"bad push_slot_bits {push_slot_bits}", "give 1..20")
+            cflags.append(f"-DKT_PUSH_SLOT_BITS={push_slot_bits}")
         self.fast_push = (fast_push and push_probe and aggregate != emit_events
                           and self.hooks.get("kvm_dirty_ring_push") == "raw_tp")
         if emit_events:
@@ -343,6 +411,8 @@ class Probes:
             ) from None
         self.load_seconds = time.monotonic() - t0
         self._rb_open = False
+        self._free_fd: int | None = None
+        self.snapshot_retries = 0  # snapshots read again because a slot changed owner
 
     # -- maps ---------------------------------------------------------------------------
 
@@ -388,7 +458,7 @@ class Probes:
         """
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         vkeys, vvals = self.read_map("vms")
-        rkeys, rvals = self.read_map("rings")
+        rkeys, rvals, slots = self._rows_and_slots()
         snap = Snapshot(time_ns=now, lost_events=self.lost())
         vm_bytes: dict[tuple[int, int], int] = {}
         for k, v in zip(vkeys, vvals, strict=True):
@@ -404,7 +474,7 @@ class Probes:
             RingKey(int(k["pid"]), int(k["vm"]), int(k["ring"])):
                 {name: v[name].tolist() for name in RING_VAL_DTYPE.names}
             for k, v in zip(rkeys, rvals, strict=True)}
-        add_push_slots(raw, self.push_slots())  # read after the rows: never counted twice
+        add_push_slots(raw, slots[slots["ptr"] != 0])
         rows: dict[RingKey, dict[str, Any]] = {}
         fds: dict[int, int] = {}
         for key, row in raw.items():
@@ -420,6 +490,11 @@ class Probes:
             max_used, lost = v["max_used"], v["overwritten"]
             if self.mode == "full":
                 max_used, lost = live_used_counts(v, size)
+            stranded, back = stranded_count(v, size)
+            if self.mode == "full":
+                lost -= min(back, lost - v["overwritten"])  # counted above, not at a reset
+            stuck = (STRANDED if v["stuck"] else NO_RESET_PROGRESS
+                     if v["stuck_exits"] >= STUCK_EXITS else OVERFLOW if lost + stranded else None)
             snap.rings[key] = RingCounters(
                 pushes=v["pushes"],
                 resets=v["resets"],
@@ -428,28 +503,135 @@ class Probes:
                 dirty_index=v["dirty_index"],
                 reset_index=v["reset_index"],
                 max_used=max_used,
-                lost=lost,
+                lost=lost + stranded,
+                stranded=stranded,
+                stuck=stuck,
                 size=size,
                 stall_hist=list(v["stall_hist"]),
                 stall_ns=v["stall_ns"],
             )
         return snap
 
+    def _rows_and_slots(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Map ``rings`` (keys, values) and every push slot, read so that no push is missed
+        or counted twice: the slots before and after the rows, again until no slot changed
+        owner (and so folded its pushes into a row) in between (:func:`slots_settled`).
+        Pushes counted in a slot meanwhile only make the later read higher."""
+        if not self.fast_push:
+            rkeys, rvals = self.read_map("rings")
+            return rkeys, rvals, np.zeros(0, PUSH_SLOT_DTYPE)
+        for attempt in range(_SNAPSHOT_TRIES):
+            before = self._all_slots()
+            rkeys, rvals = self.read_map("rings")
+            after = self._all_slots()
+            if slots_settled(before, after):
+                self.snapshot_retries += attempt
+                return rkeys, rvals, after
+            time.sleep(0.0005 * (attempt + 1))
+        raise SnapshotRaced(f"the push slots changed owner during {_SNAPSHOT_TRIES} reads",
+                            "report this: a VMM creating vCPUs without pause?")
+
+    def _all_slots(self) -> np.ndarray:
+        """Every push slot in index order: one BPF_MAP_LOOKUP_BATCH straight into a numpy
+        array (bcc's batch read builds a Python object per slot: about 1 ms for 1024),
+        bcc's read where the kernel has no batch lookup."""
+        table = self._bpf[b"push_slots"]
+        n = int(table.max_entries)
+        keys = np.zeros(n, np.uint32)
+        vals = np.zeros(n, PUSH_SLOT_DTYPE)
+        out_batch = ctypes.c_uint32(0)
+        attr = ctypes.create_string_buffer(_BATCH.pack(
+            0, ctypes.addressof(out_batch), keys.ctypes.data, vals.ctypes.data, n,
+            int(table.map_fd), 0, 0), _BATCH.size)
+        ret = _bpf_syscall(_BPF_MAP_LOOKUP_BATCH, attr)
+        count = _BATCH.unpack(attr.raw)[4]
+        if ret in (0, -errno.ENOENT) and count == n:
+            return vals[np.argsort(keys, kind="stable")]
+        index, slots = self.read_map("push_slots")
+        return slots[np.argsort(index, kind="stable")]
+
     def forget(self, pid: int) -> None:
         """Drop the map entries of an exited process (rings, VMs, vCPU fds, VM identities:
-        ``vmfds``, ``kvms``) and free its push fast-path slots."""
+        ``vmfds``, ``kvms``) and free its push fast-path slots (compare-and-delete: a slot
+        some ring claimed since it was read keeps its new owner)."""
         names = [b"rings", b"vms", b"vcpus", b"vmfds"]
         if self.vm_identity == "pointer":
             names.append(b"kvms")
         for name in names:
             table = self._bpf[name]
             for key in [k for k in table.keys() if k.pid == pid]:
-                del table[key]
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
         if self.fast_push:
-            table = self._bpf[b"push_slots"]
             index, slots = self.read_map("push_slots")
-            for i in index[(slots["ptr"] != 0) & (slots["key"]["pid"] == pid)]:
-                table[ctypes.c_int(int(i))] = table.Leaf()  # zeros: free
+            mine = (slots["ptr"] != 0) & (slots["key"]["pid"] == pid)
+            for i, seq in zip(index[mine].tolist(), slots["seq"][mine].tolist(), strict=True):
+                self.free_slot(int(i), int(seq))
+
+    def forget_vm(self, pid: int, vm: int) -> None:
+        """Drop the map entries of one VM that is gone while its process lives on (its fd
+        closed, or a newer VM under the same fd): its rows, its ``vms`` entry, the vCPU fds
+        that named it, and its push slots (compare-and-delete, as :meth:`forget`)."""
+        for name in (b"rings", b"vms"):
+            table = self._bpf[name]
+            for key in [k for k in table.keys() if k.pid == pid and k.vm == vm]:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+        table = self._bpf[b"vcpus"]
+        for key in [k for k, v in table.items() if k.pid == pid and v.vm == vm]:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+        if self.fast_push:
+            index, slots = self.read_map("push_slots")
+            mine = ((slots["ptr"] != 0) & (slots["key"]["pid"] == pid)
+                    & (slots["key"]["vm"] == vm))
+            for i, seq in zip(index[mine].tolist(), slots["seq"][mine].tolist(), strict=True):
+                self.free_slot(int(i), int(seq))
+
+    def free_slot(self, index: int, seq: int) -> bool:
+        """Free push slot ``index`` if its ``seq`` is still ``seq`` (kt_free_slot in the
+        probes, run once through BPF_PROG_TEST_RUN): True freed, False left alone."""
+        if self._free_fd is None:
+            from bcc import BPF
+
+            self._free_fd = int(self._bpf.load_func(b"kt_free_slot", BPF.RAW_TRACEPOINT).fd)
+        ctx = (ctypes.c_uint64 * 2)(index, seq)
+        attr = ctypes.create_string_buffer(_TEST_RUN.pack(
+            self._free_fd, 0, 0, 0, 0, 0, 0, 0, ctypes.sizeof(ctx), 0,
+            ctypes.addressof(ctx), 0, 0, 0, 0), _TEST_RUN.size)
+        ret = _bpf_syscall(_BPF_PROG_TEST_RUN, attr)
+        if ret:
+            raise KvmtraceError(f"BPF_PROG_TEST_RUN of kt_free_slot failed: {os.strerror(-ret)}",
+                                "a kernel with raw tracepoint test runs (5.10+) is needed")
+        return _TEST_RUN.unpack(attr.raw)[1] == 0
+
+    def forget_threads(self, tids: set[int]) -> int:
+        """Drop the per-thread entries (map ``tids``) of exited threads; returns how many
+        were there."""
+        if not tids:
+            return 0
+        table = self._bpf[b"tids"]
+        dropped = 0
+        for key in [k for k in table.keys() if k.value in tids]:
+            try:
+                del table[key]
+                dropped += 1
+            except KeyError:
+                pass
+        return dropped
+
+    def map_sizes(self) -> dict[str, int]:
+        """Entries in each hash map (rings, vms, vcpus, tids) and claimed push slots."""
+        out = {name: len(list(self._bpf[name.encode()].keys()))
+               for name in ("rings", "vms", "vcpus", "tids")}
+        out["push_slots"] = len(self.push_slots())
+        return out
 
     # -- events -------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ class VmIdentity:
 
 @dataclass(frozen=True)
 class ProcEvent:
-    kind: str  # "exec" or "exit"
+    kind: str  # "exec", "exit" (a whole process) or "thread_exit" (one of its threads)
     pid: int  # tgid
     tid: int
 
@@ -144,8 +144,8 @@ class ProcEvent:
 class ProcWatcher:
     """Process exec/exit notifications from the kernel's process connector (root only).
 
-    ``poll(timeout)`` returns what arrived, waiting at most ``timeout`` seconds; thread
-    exits are filtered out (only whole processes, pid == tid).
+    ``poll(timeout)`` returns what arrived, waiting at most ``timeout`` seconds; a thread
+    that is not its process's main thread (pid != tid) exiting is a ``thread_exit``.
     """
 
     def __init__(self) -> None:
@@ -169,9 +169,10 @@ class ProcWatcher:
                 if event not in ("PROC_EVENT_EXEC", "PROC_EVENT_EXIT"):
                     continue
                 pid, tid = int(msg["process_tgid"]), int(msg["process_pid"])
-                if event == "PROC_EVENT_EXIT" and pid != tid:
-                    continue
-                out.append(ProcEvent("exec" if event == "PROC_EVENT_EXEC" else "exit", pid, tid))
+                kind = "exec" if event == "PROC_EVENT_EXEC" else "exit"
+                if kind == "exit" and pid != tid:
+                    kind = "thread_exit"
+                out.append(ProcEvent(kind, pid, tid))
         return out
 
     def close(self) -> None:

@@ -7,9 +7,10 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..analysis.stuck import EventStuck
 from ..errors import UsageError
 from ..host.child import PausedChild
 from ..source.events import Kind
@@ -56,11 +57,19 @@ class RecordSummary:
     seconds: float
     pushes: int
     child_status: int | None
+    #: (pid, vm, ring) -> why it is stuck (kvmtrace.analysis.stuck), for flagged rings
+    stuck: dict[tuple[int, int, int], str] = field(default_factory=dict)
 
     def line(self, path: str) -> str:
+        """One line; stuck rings (overflowed, stranded, or soft-full exits without reset
+        progress) are named after it: ``; STUCK rings: pid:vm:ring reason, ...``."""
         per = self.bytes / self.events if self.events else 0.0
-        return (f"recorded {self.events} events ({self.pushes} pushes) in {self.seconds:.1f} s, "
-                f"{self.lost} lost, {self.bytes} bytes ({per:.2f} bytes/event) to {path}")
+        out = (f"recorded {self.events} events ({self.pushes} pushes) in {self.seconds:.1f} s, "
+               f"{self.lost} lost, {self.bytes} bytes ({per:.2f} bytes/event) to {path}")
+        if self.stuck:
+            out += "; STUCK rings: " + ", ".join(
+                f"{pid}:{vm}:{ring} {why}" for (pid, vm, ring), why in sorted(self.stuck.items()))
+        return out
 
 
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
@@ -87,6 +96,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
     old = {s: signal.signal(s, lambda *_: stop()) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()
     pushes = events = 0
+    stuck = EventStuck()
     try:
         with source, RecordingWriter(output, source.meta) as writer:
             writer.flush()  # the header and meta are on disk before the first event
@@ -100,6 +110,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                     writer.write(batch)
                     events += len(batch)
                     pushes += int((batch["kind"] == Kind.PUSH).sum())
+                    stuck.feed(batch)
                     sizes = source.ring_sizes(batch)
                     if sizes:
                         writer.update_meta(ring_entries=sizes)
@@ -121,7 +132,8 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
             child.stop()
     return RecordSummary(events=events, lost=lost, bytes=output.stat().st_size,
                          seconds=time.monotonic() - t0, pushes=pushes,
-                         child_status=child.returncode if child is not None else None)
+                         child_status=child.returncode if child is not None else None,
+                         stuck=stuck.stuck())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,8 +48,9 @@ _FD_MASK = (1 << VM_GEN_SHIFT) - 1
 
 
 def vm_fd(vm: int) -> int:
-    """The VMM's file descriptor of a packed ``vm`` (-1 stays -1)."""
-    return -1 if vm < 0 else vm & _FD_MASK
+    """The VMM's file descriptor of a packed ``vm``. Negative ids stay themselves: -1
+    unknown, -2, -3, ... the VMs a text import told apart (no fd known)."""
+    return vm if vm < 0 else vm & _FD_MASK
 
 
 def vm_gen(vm: int) -> int:
@@ -69,7 +70,7 @@ def vm_id(fd: int, gen: int = 0) -> int:
 
 def vm_label(vm: int) -> str:
     """Text form of a packed ``vm``: ``5`` for gen 0, ``5#1`` for the next VM under fd 5,
-    ``-1`` unknown."""
+    ``-1`` unknown, ``-2`` a VM a text import told apart."""
     gen = vm_gen(vm)
     return f"{vm_fd(vm)}#{gen}" if gen else str(vm_fd(vm))
 

@@ -1,7 +1,8 @@
 """Prometheus exporter of the per-ring counters (text exposition format 0.0.4, stdlib only).
 
 Every scrape of ``/metrics`` reads one :class:`~kvmtrace.analysis.stats.Snapshot` from the
-SnapshotSource (the in-kernel maps, once) and writes, per ring ``{pid, vm, ring, comm}``:
+SnapshotSource (the in-kernel maps, once) and writes, per ring ``{pid, vm, vm_gen, ring,
+comm}`` (``vm`` the VM's fd, ``vm_gen`` the VMs seen under that fd before it):
 
 - counters ``kvmtrace_ring_pushes_total``, ``..._soft_full_exits_total``,
   ``..._resets_total``, ``..._entries_reset_total`` (entries), ``..._lost_entries_total``
@@ -28,6 +29,7 @@ from ..analysis.rates import vm_reset_hist
 from ..analysis.stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot
 from ..errors import UsageError
 from ..source.base import SnapshotSource
+from ..source.events import vm_fd, vm_gen
 
 __all__ = ["CONTENT_TYPE", "DEFAULT_HOST", "parse_listen", "render_metrics", "Exporter"]
 
@@ -39,7 +41,10 @@ _COUNTERS = (
     ("soft_full_exits_total", "soft_full_exits", "Soft-full exits (KVM_EXIT_DIRTY_RING_FULL)."),
     ("resets_total", "resets", "Ring resets (one per ring per KVM_RESET_DIRTY_RINGS)."),
     ("entries_reset_total", "entries_reset", "Entries the resets gave back to the ring."),
-    ("lost_entries_total", "lost", "Pushes that overwrote an unharvested entry (overflow)."),
+    ("lost_entries_total", "lost",
+     "Entries lost: overwritten before a reset (overflow) + stranded by a stuck ring."),
+    ("stranded_entries_total", "stranded",
+     "Entries pushed after a reset left the ring stuck: never harvested, never reset."),
 )
 _GAUGES = (
     ("used_entries", "used", "Entries dirty and not yet reset (dirty_index - reset_index)."),
@@ -90,7 +95,7 @@ def render_metrics(snap: Snapshot) -> str:
     labels: dict[RingKey, list[tuple[str, object]]] = {}
     for key, _ in rings:
         info = snap.vms.get((key.pid, key.vm))
-        labels[key] = [("pid", key.pid), ("vm", key.vm), ("ring", key.ring),
+        labels[key] = [("pid", key.pid), *_vm(key.vm), ("ring", key.ring),
                        ("comm", info.comm if info else "")]
     ring_rows = [(k, c) for k, c in rings if k.ring >= 0 or _has_ring_events(c)]
     out: list[str] = []
@@ -105,6 +110,11 @@ def render_metrics(snap: Snapshot) -> str:
             value = getattr(c, attr)
             if value is not None:
                 out.append(f"{name}{_labels(labels[k])} {value}")
+    name = "kvmtrace_ring_stuck"
+    out += [f"# HELP {name} 1 while the ring is stuck (reason label), else 0.",
+            f"# TYPE {name} gauge"]
+    out += [f"{name}{_labels(labels[k] + [('reason', c.stuck or '')])} {int(bool(c.stuck))}"
+            for k, c in ring_rows]
     name = "kvmtrace_ring_stall_seconds"
     out += [f"# HELP {name} Soft-full stall: exit 31 to the vCPU's next KVM_RUN.",
             f"# TYPE {name} histogram"]
@@ -120,7 +130,7 @@ def render_metrics(snap: Snapshot) -> str:
         hist = vm_reset_hist(hists)
         if any(hist):
             info = snap.vms.get((pid, vm))
-            base = [("pid", pid), ("vm", vm), ("comm", info.comm if info else "")]
+            base = [("pid", pid), *_vm(vm), ("comm", info.comm if info else "")]
             _histogram(out, name, base, hist, None)
     name = "kvmtrace_lost_events_total"
     out += [f"# HELP {name} Events the kernel side could not deliver or count.",
@@ -128,10 +138,15 @@ def render_metrics(snap: Snapshot) -> str:
     name = "kvmtrace_vm_info"
     out += [f"# HELP {name} One series per traced VM (value 1).", f"# TYPE {name} gauge"]
     for (pid, vm), info in sorted(snap.vms.items()):
-        pairs = [("pid", pid), ("vm", vm), ("comm", info.comm), ("name", info.name or ""),
+        pairs = [("pid", pid), *_vm(vm), ("comm", info.comm), ("name", info.name or ""),
                  ("ring_bytes", info.ring_bytes if info.ring_bytes else "")]
         out.append(f"{name}{_labels(pairs)} 1")
     return "\n".join(out) + "\n"
+
+
+def _vm(vm: int) -> list[tuple[str, object]]:
+    """Labels of a packed VM (kvmtrace.source.events): its fd and generation."""
+    return [("vm", vm_fd(vm)), ("vm_gen", vm_gen(vm))]
 
 
 def _has_ring_events(c: RingCounters) -> bool:

@@ -173,6 +173,9 @@ def _draw(
     scr.erase()
     for y, line in enumerate(lines[:height]):
         attr = curses.A_REVERSE if y == HEADER_LINES else curses.A_NORMAL
+        first = line.split(maxsplit=1)[0] if line.strip() else ""
+        if line.startswith("STUCK:") or (y > HEADER_LINES and first.endswith("!")):
+            attr = curses.A_BOLD  # a stuck ring (top_render marks it with "!")
         try:
             scr.addnstr(y, 0, line.ljust(width - 1) if attr else line, width - 1, attr)
         except curses.error:

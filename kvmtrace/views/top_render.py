@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..analysis.rates import Interval, RingRates, VmRates
+from ..source.events import vm_label
 
 __all__ = [
     "SORT_KEYS",
@@ -31,6 +32,7 @@ __all__ = [
     "fmt_rate",
     "fmt_ns",
     "fmt_count",
+    "stuck_line",
 ]
 
 WAITING = "Waiting for a VM using the dirty ring (KVM_CAP_DIRTY_LOG_RING)..."
@@ -134,7 +136,9 @@ HELP_LINES = (
     "PUSH/s EXIT/s RST/s: ring pushes, soft-full exits (31), ring resets per second",
     "STL99: p99 of the soft-full stall (exit 31 to the next KVM_RUN)",
     "RST99: p99 of KVM_RESET_DIRTY_RINGS (upper bound of a power-of-two bucket)",
-    "LOST: pushes that overwrote an unharvested entry (ring overflow)",
+    "LOST: entries overwritten before a reset (overflow) + stranded by a stuck ring",
+    "vcpuN! / pid:vm!: stuck ring (line 3 says why): stranded = a reset stopped on an",
+    "  entry it cleared after an overflow; no_reset_progress = soft-full exits, no resets",
 )
 
 
@@ -177,11 +181,22 @@ def _title_row(lw: int, cols: list[Column]) -> str:
 
 def _vm_label(v: VmRates) -> str:
     who = v.name or v.comm
-    return f"{v.pid or '?'}:{v.vm if v.vm != -1 else '?'} {who}".rstrip()
+    mark = "!" if v.stuck else ""
+    return f"{v.pid or '?'}:{vm_label(v.vm) if v.vm != -1 else '?'}{mark} {who}".rstrip()
 
 
 def _ring_label(r: RingRates) -> str:
-    return f"  vcpu{r.index if r.index >= 0 else '?'}"
+    return f"  vcpu{r.index if r.index >= 0 else '?'}{'!' if r.stuck else ''}"
+
+
+def stuck_line(iv: Interval) -> str | None:
+    """``STUCK: pid:vm vcpuN reason; ...`` for the interval's stuck rings, or None."""
+    stuck = [r for r in iv.rings if r.stuck]
+    if not stuck:
+        return None
+    return "STUCK: " + "; ".join(
+        f"{r.pid}:{vm_label(r.vm)} vcpu{r.index if r.index >= 0 else '?'} {r.stuck}"
+        for r in stuck)
 
 
 def _hooks_line(hooks: dict[str, str] | None) -> str:
@@ -239,6 +254,8 @@ def render_top(
     third = status if status is not None else (_hooks_line(hooks) or "h: help  q: quit")
     if light and status is None:
         third = "light: push/used as of the last reset; " + third
+    if status is None:
+        third = stuck_line(iv) or third
     lines = [title, summary, third]
     label_w, cols = _layout(width)
     lines.append(_title_row(label_w, cols))

@@ -6,21 +6,26 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
      "time": <unix seconds; null when unknown (a trace without a start time)>,
      "time_ns": <source clock: CLOCK_MONOTONIC live, the trace's clock for files>,
      "interval_s": <seconds>, "lost_events": <cumulative>,
-     "rings": [{"pid", "vm", "index", "size" (entries, null unknown), "used", "max_used",
+     "rings": [{"pid", "vm", "vm_gen", "index", "size" (entries, null unknown), "used", "max_used",
                 "fill_pct" (null unknown), "pushes", "soft_full_exits", "resets",
-                "entries_reset", "lost", "stall_ns" (cumulative since start),
+                "entries_reset", "lost" (overwritten + stranded), "stranded",
+                "stuck" (bool), "stuck_reason" (null, "stranded", "no_reset_progress" or
+                "overflow": kvmtrace.analysis.stuck), "stall_ns" (cumulative since start),
                 "push_rate", "exit_rate", "reset_rate", "lost_rate" (per second),
                 "entries_per_reset" (interval; null without resets),
                 "stall_p50_ns", "stall_p99_ns", "reset_p99_ns" (interval; null if none),
                 "stall_hist" (cumulative log2 buckets: [i] counts 2**i <= ns < 2**(i+1))}],
-     "vms": [{"pid", "vm", "comm", "name", "ring_bytes", "rings", and the ring fields
+     "vms": [{"pid", "vm", "vm_gen", "comm", "name", "ring_bytes", "rings", and the ring fields
               summed over the VM's rings ("resets" counts ring resets: one per ring per
               KVM_RESET_DIRTY_RINGS ioctl)}]}
 
 ``mode`` is ``light`` for ``top --light`` (no push probe): a ring's pushes, used, max_used
 and lost are then updated at its resets only, so they lag by up to one harvest cycle and
 push_rate is the dirty_index advance seen at the interval's resets; ``full`` otherwise.
-``vm`` is the VM's file descriptor in the VMM process (-1 unknown); ``index`` is
+A VM's ``stuck``/``stuck_reason`` is its most serious ring's. ``lost`` counts ring entries
+lost to an overflow: overwritten before a reset plus stranded by a stuck ring.
+``vm`` is the VM's file descriptor in the VMM process (-1 unknown) and ``vm_gen`` the VMs
+seen under that fd before this one (the fd was reused: kvmtrace.source.events); ``index`` is
 ``kvm_dirty_ring.index`` (the vCPU index, -1 unknown).
 """
 
@@ -30,6 +35,7 @@ import json
 from typing import Any
 
 from ..analysis.rates import Interval, RingRates, VmRates
+from ..source.events import vm_fd, vm_gen
 
 __all__ = ["SCHEMA", "ring_json", "vm_json", "interval_json", "dumps_interval"]
 
@@ -44,7 +50,8 @@ def ring_json(r: RingRates) -> dict[str, Any]:
     """One ring's entry of ``rings``."""
     return {
         "pid": r.pid,
-        "vm": r.vm,
+        "vm": vm_fd(r.vm),
+        "vm_gen": vm_gen(r.vm),
         "index": r.index,
         "size": r.size,
         "used": r.used,
@@ -55,6 +62,9 @@ def ring_json(r: RingRates) -> dict[str, Any]:
         "resets": r.resets,
         "entries_reset": r.entries_reset,
         "lost": r.lost,
+        "stranded": r.stranded,
+        "stuck": r.stuck is not None,
+        "stuck_reason": r.stuck,
         "stall_ns": r.stall_ns,
         "push_rate": _round(r.push_rate),
         "exit_rate": _round(r.exit_rate),
@@ -72,14 +82,15 @@ def vm_json(v: VmRates) -> dict[str, Any]:
     """One VM's entry of ``vms``: identity plus the ring fields summed."""
     out: dict[str, Any] = {
         "pid": v.pid,
-        "vm": v.vm,
+        "vm": vm_fd(v.vm),
+        "vm_gen": vm_gen(v.vm),
         "comm": v.comm,
         "name": v.name,
         "ring_bytes": v.ring_bytes,
         "rings": v.rings,
     }
     body = ring_json(v)
-    del body["pid"], body["vm"], body["index"]
+    del body["pid"], body["vm"], body["vm_gen"], body["index"]
     out.update(body)
     return out
 

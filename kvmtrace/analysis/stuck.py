@@ -1,0 +1,104 @@
+"""Stuck dirty rings: the rules ``top`` (screen, JSON, Prometheus) and ``record`` share.
+
+A ring (``struct kvm_dirty_ring`` of one vCPU) is flagged *stuck* for one of these reasons,
+most serious first:
+
+``stranded``
+    A ``kvm_dirty_ring_reset`` walk advanced a whole lap (``size`` entries) while
+    ``dirty_index`` was past the new ``reset_index``: after an overflow the harvest collected
+    a full lap, and the walk (virt/kvm/dirty_ring.c ``kvm_dirty_ring_reset()``, which stops
+    at the first entry without ``KVM_DIRTY_GFN_F_RESET``: so since the dirty ring came in,
+    Linux 5.11, through 6.18 here) ended on the entry it had cleared first. A VMM harvesting by
+    index finds nothing from there on and no reset moves ``reset_index``: every later push
+    is stranded (never harvested, never reset) and the vCPU livelocks on soft-full exits.
+``no_reset_progress``
+    :data:`STUCK_EXITS` or more soft-full exits (``KVM_EXIT_DIRTY_RING_FULL``) since the
+    ring's ``reset_index`` last moved: the VMM harvests nothing (QEMU after an overflow).
+``overflow``
+    Entries were overwritten (a push with ``dirty_index - reset_index > size``): dirty
+    pages were lost, whether or not the ring recovered.
+
+Counts are ring entries (16-byte ``struct kvm_dirty_gfn``); indices are free-running u32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..source.events import Kind
+
+__all__ = ["STRANDED", "NO_RESET_PROGRESS", "OVERFLOW", "REASONS", "STUCK_EXITS",
+           "worst", "EventStuck"]
+
+STRANDED = "stranded"
+NO_RESET_PROGRESS = "no_reset_progress"
+OVERFLOW = "overflow"
+#: reason -> one-line explanation, most serious first
+REASONS = {
+    STRANDED: "a reset stopped on an entry it cleared after an overflow: pushes are stranded",
+    NO_RESET_PROGRESS: "soft-full exits keep coming and the reset index does not move",
+    OVERFLOW: "the ring overflowed: entries were overwritten before a reset",
+}
+#: soft-full exits without reset progress that make a ring stuck (the built-in VMM's own
+#: livelock test: kvmtrace.vmm.workload.LIVELOCK_EXITS)
+STUCK_EXITS = 3
+_U32 = 0xFFFF_FFFF
+
+
+def worst(reasons: Iterable[str | None]) -> str | None:
+    """The most serious of ``reasons`` (None when there is none)."""
+    got = set(reasons)
+    return next((r for r in REASONS if r in got), None)
+
+
+@dataclass
+class _Ring:
+    reset: int | None = None  # reset_index after the last reset seen (None: unknown)
+    exits: int = 0  # soft-full exits since reset_index last moved
+    reason: str | None = None
+
+
+class EventStuck:
+    """The same flags from an event stream (``kvmtrace record``): per ring, at each reset
+    its advance and overflow (as ``top --light`` works them out from a reset's indices),
+    and the soft-full exits since the reset index last moved. Only resets and exits are
+    looked at, so the cost does not grow with the push rate."""
+
+    def __init__(self) -> None:
+        self.rings: dict[tuple[int, int, int], _Ring] = {}
+        self.sizes: dict[tuple[int, int], int] = {}  # (pid, vm) -> entries
+
+    def feed(self, batch: np.ndarray) -> None:
+        """One batch of EVENT_DTYPE events, in the order the kernel emitted them."""
+        sel = batch[(batch["kind"] == Kind.RESET) | (batch["kind"] == Kind.EXIT)
+                    | (batch["kind"] == Kind.RING_SIZE)]
+        for e in sel.tolist():  # (ts, value, pid, tid, dirty, reset, slot, ring, vm, kind, pad)
+            _ts, value, pid, _tid, dirty, reset, _slot, ring, vm, kind = e[:10]
+            if kind == Kind.RING_SIZE:
+                self.sizes[(pid, vm)] = value // 16
+                continue
+            r = self.rings.setdefault((pid, vm, ring), _Ring())
+            if r.reset is None and (pid, vm) in self.sizes:
+                r.reset = 0  # a VM created while tracing: its rings start at index 0
+            if kind == Kind.EXIT:
+                r.exits += 1
+                if r.exits >= STUCK_EXITS:
+                    r.reason = worst([r.reason, NO_RESET_PROGRESS])
+                continue
+            size = self.sizes.get((pid, vm))
+            if r.reset is not None and size:
+                advance = (reset - r.reset) & _U32
+                if ((dirty - r.reset) & _U32) > size and ((dirty - r.reset) & _U32) < 1 << 31:
+                    r.reason = worst([r.reason, OVERFLOW])
+                if advance == size and 0 < ((dirty - reset) & _U32) < 1 << 31:
+                    r.reason = worst([r.reason, STRANDED])
+            if r.reset is None or reset != r.reset:
+                r.exits = 0
+            r.reset = reset
+
+    def stuck(self) -> dict[tuple[int, int, int], str]:
+        """(pid, vm, ring) -> reason, for the rings flagged so far."""
+        return {k: r.reason for k, r in self.rings.items() if r.reason}

@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""Repeat live ``top``'s racy scenarios against the built-in VMM and count mismatches.
+
+Scenarios (each run is compared with the VMM's own ground truth):
+
+  overflow-full, overflow-light   ``top -b --json [--light] -- workload --pages 300
+                                  --exit-every 0`` (256-entry ring): lost == lost_suspected,
+                                  stuck exactly when pages were lost
+  livelock-full, livelock-light   the same with --pages 3000: the VMM livelocks after the
+                                  overflow; lost == lost_suspected and the ring is stuck
+  livelock4-full, livelock4-light the same with 4 vCPUs, per ring
+  slots                           cycles of 4 VMs x 5 vCPUs through 4 push slots under a
+                                  snapshot loop: pushes per ring never go back and end
+                                  equal to the VMM's; "retries" = snapshots read again
+                                  because a slot changed owner meanwhile
+  rings1200                       30 VMs x 40 vCPUs (6 cycles of 5 at once) with the default
+                                  1024 slots: exact pushes per ring, never going back
+  cleanup                         an exited VMM leaves no map entries (rows, VMs, vCPU fds,
+                                  slots, threads)
+
+Prints one line per scenario: runs, mismatches (and the first mismatch seen). Root only.
+
+    .venv/bin/python tools/soak_top.py [--runs 20] [--only slots,cleanup]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvmtrace.bpf.live import LiveSource  # noqa: E402
+from kvmtrace.bpf.loader import Probes  # noqa: E402
+
+CYCLES_OF_VMS = """
+import json, signal, sys, threading
+from kvmtrace.vmm.workload import WorkloadConfig, run_workload
+signal.signal(signal.SIGUSR1, lambda *a: None)
+sys.stdin.buffer.read(1)
+out = []
+for cycle in json.loads(sys.argv[1]):
+    res = [None] * len(cycle)
+    def go(i, cfg):
+        res[i] = run_workload(WorkloadConfig(**cfg)).to_dict()
+    threads = [threading.Thread(target=go, args=(i, c)) for i, c in enumerate(cycle)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.extend(res)
+print(json.dumps(out))
+"""
+FD_MASK = (1 << 20) - 1
+
+
+def kvmtrace(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvmtrace", *args]
+
+
+def overflow(pages: int, light: bool, vcpus: int = 1) -> str | None:
+    mode = ["--light"] if light else []
+    proc = subprocess.run(kvmtrace("top", "-b", "--json", *mode, "-d", "0.5", "--",
+                                   *kvmtrace("workload", "--vcpus", str(vcpus), "--ring-bytes",
+                                             "4096", "--pages", str(pages), "--exit-every",
+                                             "0", "--json")),
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if proc.returncode != 0:
+        return f"top exited {proc.returncode}: {proc.stderr[-200:]}"
+    truth = json.loads(proc.stderr)
+    rings = {r["index"]: r for r in json.loads(proc.stdout.splitlines()[-1])["rings"]}
+    for t in truth["rings"]:
+        r = rings.get(t["index"], {"lost": 0, "pushes": 0, "stuck": False, "stuck_reason": None})
+        want_stuck = bool(t["lost_suspected"] or t["livelock"])
+        if (r["lost"], r["pushes"], r["stuck"]) != (t["lost_suspected"], t["pages_written"],
+                                                     want_stuck):
+            return (f"ring {t['index']}: lost {r['lost']} vs {t['lost_suspected']}, pushes "
+                    f"{r['pushes']} vs {t['pages_written']}, stuck {r['stuck']} "
+                    f"({r['stuck_reason']}) vs {want_stuck}")
+    return None
+
+
+def _child(plan: list) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def _pushes(snap) -> Counter:
+    got: Counter = Counter()
+    for key, c in snap.rings.items():
+        if key.ring >= 0:
+            got[(key.pid, key.vm & FD_MASK, key.ring)] += c.pushes
+    return got
+
+
+def slots(stats: Counter, vms: int = 4, vcpus: int = 5, cycles: int = 3, pages: int = 300,
+          bits: int | None = 2) -> str | None:
+    cfg = {"vcpus": vcpus, "ring_bytes": 4096, "pages": pages, "exit_every": 1}
+    child = _child([[cfg] * vms] * cycles)
+    with Probes(pid=child.pid, push_slot_bits=bits) as probes:
+        snaps: list = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                snaps.append(probes.snapshot())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(b"go")
+        child.stdin.close()
+        truths = json.loads(child.stdout.read())
+        child.wait()
+        done.set()
+        watcher.join()
+        snaps.append(probes.snapshot())
+        stats["snapshots"] += len(snaps)
+        stats["retries"] += probes.snapshot_retries
+    want: Counter = Counter()
+    for t in truths:
+        for r in t["rings"]:
+            want[(t["pid"], t["vm_fd"], r["index"])] += r["pages_written"]
+    prev: Counter = Counter()
+    for snap in snaps:
+        cur = _pushes(snap)
+        back = {k: (n, cur[k]) for k, n in prev.items() if cur[k] < n}
+        if back:
+            return f"pushes went back: {sorted(back.items())[:3]}"
+        prev = cur
+    if prev != want:
+        return f"final pushes differ: {sorted((want - prev).items())[:3]}"
+    return None
+
+
+def cleanup() -> str | None:
+    cfg = {"vcpus": 3, "ring_bytes": 4096, "pages": 300, "exit_every": 1}
+    child = _child([[cfg] * 2])
+    with LiveSource(probes=Probes(pid=child.pid), watch=True) as source:
+        assert child.stdin is not None and child.stdout is not None
+        child.stdin.write(b"go")
+        child.stdin.close()
+        child.stdout.read()
+        child.wait()
+        time.sleep(0.2)
+        source.snapshot()
+        source.snapshot()
+        left = source.probes.map_sizes()
+    return None if not any(left.values()) else f"left behind: {left}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--only", default="", help="comma-separated scenario names")
+    args = ap.parse_args()
+    stats: Counter = Counter()
+    scenarios = {
+        "overflow-full": lambda: overflow(300, False),
+        "overflow-light": lambda: overflow(300, True),
+        "livelock-full": lambda: overflow(3000, False),
+        "livelock-light": lambda: overflow(3000, True),
+        "livelock4-full": lambda: overflow(3000, False, 4),
+        "livelock4-light": lambda: overflow(3000, True, 4),
+        "slots": lambda: slots(stats),
+        "rings1200": lambda: slots(stats, 5, 40, 6, 100, None),
+        "cleanup": cleanup,
+    }
+    only = [s for s in args.only.split(",") if s]
+    for name, fn in scenarios.items():
+        if only and name not in only:
+            continue
+        bad, first = 0, None
+        t0 = time.monotonic()
+        for _ in range(args.runs):
+            why = fn()
+            if why:
+                bad += 1
+                first = first or why
+        extra = (f"  snapshots {stats['snapshots']} retries {stats['retries']}"
+                 if name in ("slots", "rings1200") else "")
+        stats.clear()
+        print(f"{name:15} runs {args.runs:3}  mismatches {bad:3}  "
+              f"{time.monotonic() - t0:6.1f} s{extra}" + (f"  first: {first}" if first else ""),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,13 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
                 "size" (entries; null unknown), "size_source" ("trace", "meta",
                 "inferred", "unknown"), "soft_limit" (null unknown), "pushes",
                 "lost_pushes", "resets", "entries_reset", "soft_full_exits", "max_used",
-                "dirty_index", "reset_index", "overwritten", "harvested",
+                "dirty_index", "reset_index", "overwritten" (entries overwritten before a
+                reset collected them), "stranded" (entries pushed while the ring is stuck:
+                never collected), "stuck" (reset_index ends on a cleared entry with
+                entries pushed: the ring can never be reset again), "lost_pages" ([[slot,
+                offset, entries lost], ...]: distinct pages among the overwritten and
+                stranded entries whose latest push was never collected, sorted, at most
+                kvmtrace.model.results.LIST_CAP), "lost_page_count", "harvested",
                 "harvested_unknown", "digest" (32 hex digits: harvested (slot, offset)
                 multiset), "first_ns", "last_ns",
                 "stall": {"count", "total_ns", "p50_ns", "p99_ns", "max_ns"} (KT_STALL),
@@ -79,7 +85,9 @@ def ring_dict(r: RingResult, reserved: int) -> dict[str, Any]:
         "pushes": r.pushes, "lost_pushes": r.lost_pushes, "resets": r.resets,
         "entries_reset": r.entries_reset, "soft_full_exits": r.soft_full_exits,
         "max_used": r.max_used, "dirty_index": r.dirty_index, "reset_index": r.reset_index,
-        "overwritten": r.overwritten, "harvested": r.harvested,
+        "overwritten": r.overwritten, "stranded": r.stranded, "stuck": r.stuck,
+        "lost_pages": [[int(s), int(o), int(n)] for s, o, n in r.lost_pages],
+        "lost_page_count": r.lost_page_count, "harvested": r.harvested,
         "harvested_unknown": r.harvested_unknown,
         "digest": digest_of(r.harvested, r.harvest_sum1, r.harvest_sum2),
         "first_ns": r.first_ns, "last_ns": r.last_ns,

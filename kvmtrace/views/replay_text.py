@@ -5,7 +5,8 @@ of each vCPU: size and where it came from, pushes, resets, entries reset, soft-f
 max used), per-ring stalls and harvest digest, lost dirty pages (overwritten and stranded
 entries, deduplicated by page with how many entries each lost, stuck rings), anomalies
 (time from the first event, ring, indices, one sentence each), dirty rate and working set
-per vCPU, hottest pages per VM and the ``--simulate-ring-entries`` comparison. Times: ms/us from the trace's ns.
+per vCPU, hottest pages per VM and the ``--simulate-ring-entries`` comparison.
+Times: ms/us from the trace's ns.
 """
 
 from __future__ import annotations

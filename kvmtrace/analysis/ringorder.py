@@ -16,8 +16,9 @@ definition plainly):
 
 - a reset is taken before the vCPU event at the head of its stream when that event comes
   after it by the rule above;
-- with no vCPU event waiting, a reset whose D is beyond the vCPU's last push waits (at most
-  :data:`HOLD_RESETS` of them) for push D; any other is taken at once;
+- with no vCPU event waiting, a reset whose D is beyond the vCPU's last push (or that comes
+  before any push) waits (at most :data:`HOLD_RESETS` of them) for push D; any other is
+  taken at once;
 - with no reset waiting, vCPU events wait while there are at most :data:`HOLD_VCPU` of
   them: a reset that arrives later can still go before those;
 - a barrier (end of trace, a ring size, a VM's first soft-full exit of unknown size)
@@ -122,7 +123,8 @@ def _split(ro: RingOrder, x: Cols, order: np.ndarray | None, cut: int) -> Cols |
 
 
 def _beyond(d: int, last: int | None) -> bool:
-    return last is not None and s32(d - last) > 0
+    """A reset at dirty_index ``d`` waits for a push: none seen yet, or not push d."""
+    return last is None or s32(d - last) > 0
 
 
 def _resets_only(ro: RingOrder, x: Cols, drain: bool) -> Cols | None:
@@ -195,7 +197,8 @@ def _merge_fast(ro: RingOrder, x: Cols, rpos: np.ndarray, drain: bool) -> Cols |
         # a waiting reset is taken as soon as the vCPU's last push reaches its index
         # (then events at that index arriving later go after it): rare, slow merge
         before = pos[wait] - 2
-        kb = np.where(before >= 0, kv[np.maximum(before, 0)], 0 if prev is not None else -1)
+        kb = np.where(before >= 0, kv[np.maximum(before, 0)],
+                      0 if prev is not None else np.iinfo(np.int64).min)
         if (kb == drel[wait]).any():
             return None
         emit_at = np.where(pos < len(vpos), vpos[np.minimum(pos, len(vpos) - 1)], n)

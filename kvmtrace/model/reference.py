@@ -141,7 +141,7 @@ class _Track:
             if vq and rq:
                 ev = rq.popleft() if self._reset_first(rq[0], vq[0]) else vq.popleft()[0]
             elif rq:
-                beyond = self.last_push is not None and s32(rq[0][2] - self.last_push) > 0
+                beyond = self.last_push is None or s32(rq[0][2] - self.last_push) > 0
                 if not (final or not beyond or len(rq) > HOLD_RESETS):
                     return
                 ev = rq.popleft()

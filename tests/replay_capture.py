@@ -1,0 +1,174 @@
+"""Real runs of the built-in VMM traced three ways, for the replay's ground-truth tests and
+tools/soak_replay.py: ``kvmtrace record`` (a recording), a tracefs instance filtered to
+the workload's pid (the kernel's own text) and ``perf record -- CMD`` + ``perf script``
+(default fields: microsecond timestamps). Each returns the workload's ``--json`` object,
+its ``--dump-harvest`` object and the trace's path.
+
+The truth a replay is held to, per ring: pushes = ``pages_written``, entries reset =
+``entries_reset``, soft-full exits = ``soft_full_exits``, and the lost pages: ring's
+``lost_pages`` when the VMM reports them, else the written pages (the guest layout) less
+the harvested ones (the same definition).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Run", "record_run", "tracefs_run", "perf_run", "truth_lost_pages", "compare"]
+
+TRACEFS = Path("/sys/kernel/tracing")
+EVENTS = ("kvm_dirty_ring_push", "kvm_dirty_ring_reset", "kvm_dirty_ring_exit")
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvmtrace", *args]
+
+
+@dataclass
+class Run:
+    truth: dict[str, Any]
+    dump: dict[str, Any]
+    path: Path
+    fmt: str  # "recording", "ftrace", "perf-script"
+
+
+def _workload(out: Path, args: tuple[str, ...]) -> list[str]:
+    return _cmd("workload", "--json", "--dump-harvest", str(out / "harvest.json"), *args)
+
+
+def _load(out: Path, path: Path, fmt: str) -> Run:
+    truth = json.loads((out / "truth.json").read_text())
+    return Run(truth, json.loads((out / "harvest.json").read_text()), path, fmt)
+
+
+def record_run(out: Path, *args: str, timeout: float = 120) -> Run:
+    """``kvmtrace record -o out/run.kvt -- kvmtrace workload ARGS``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "run.kvt"
+    with (out / "truth.json").open("w") as f:
+        p = subprocess.run(_cmd("record", "-o", str(path), "--", *_workload(out, args)),
+                           stdout=f, stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"record failed: {p.stderr[-2000:]}")
+    return _load(out, path, "recording")
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def tracefs_run(out: Path, *args: str, timeout: float = 120) -> Run:
+    """The workload traced by a private tracefs instance, filtered to its pid (threads
+    follow through ``event-fork``); the instance's ``trace`` text is the trace."""
+    out.mkdir(parents=True, exist_ok=True)
+    inst = TRACEFS / "instances" / f"kvmtrace-replay-{os.getpid()}-{time.monotonic_ns()}"
+    inst.mkdir()
+    try:
+        _write(inst / "buffer_size_kb", "32768")
+        _write(inst / "options" / "event-fork", "1")
+        with (out / "truth.json").open("w") as f:
+            proc = subprocess.Popen(
+                _workload(out, ("--start-delay-ms", "400", *args)), stdout=f,
+                stderr=subprocess.PIPE, text=True)
+            try:
+                _write(inst / "set_event_pid", str(proc.pid))
+                for name in EVENTS:
+                    _write(inst / "events" / "kvm" / name / "enable", "1")
+                _, err = proc.communicate(timeout=timeout)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        _write(inst / "tracing_on", "0")
+        if proc.returncode != 0:
+            raise RuntimeError(f"workload failed: {err[-2000:]}")
+        path = out / "trace.txt"
+        path.write_bytes((inst / "trace").read_bytes())
+    finally:
+        for name in EVENTS:
+            try:
+                _write(inst / "events" / "kvm" / name / "enable", "0")
+            except OSError:
+                pass
+        inst.rmdir()
+    return _load(out, path, "ftrace")
+
+
+def perf_run(out: Path, *args: str, timeout: float = 120) -> Run:
+    """``perf record -e kvm:... -- kvmtrace workload ARGS`` then plain ``perf script``."""
+    perf = shutil.which("perf")
+    if perf is None:
+        raise FileNotFoundError("perf")
+    out.mkdir(parents=True, exist_ok=True)
+    data = out / "perf.data"
+    cmd = [perf, "record", "-o", str(data), "-m", "1024"]
+    for name in EVENTS:
+        cmd += ["-e", f"kvm:{name}"]
+    with (out / "truth.json").open("w") as f:
+        p = subprocess.run([*cmd, "--", *_workload(out, args)], stdout=f,
+                           stderr=subprocess.PIPE, text=True, timeout=timeout)
+    if p.returncode != 0 or "lost" in p.stderr.lower():
+        raise RuntimeError(f"perf record failed or lost events: {p.stderr[-2000:]}")
+    path = out / "perf.txt"
+    with path.open("w") as f:
+        subprocess.run([perf, "script", "-i", str(data)], stdout=f,
+                       stderr=subprocess.DEVNULL, check=True, timeout=timeout)
+    return _load(out, path, "perf-script")
+
+
+def truth_lost_pages(run: Run, index: int) -> list[tuple[int, int]]:
+    """The VMM's lost pages of ring ``index`` (sorted): its ``lost_pages`` field, else
+    the pages the guest wrote that the harvest never returned."""
+    ring = next(r for r in run.truth["rings"] if r["index"] == index)
+    if "lost_pages" in ring:
+        return sorted((int(s), int(o)) for s, o in ring["lost_pages"])
+    from kvmtrace.vmm.guest import GuestLayout
+
+    t = run.truth
+    lay = GuestLayout(t["vcpus"], t["pages"], t["pattern"], t["seed"])
+    written = {(0, p) for p in lay.written_pages(index, ring["pages_written"])}
+    dump = next(r for r in run.dump["rings"] if r["index"] == index)
+    return sorted(written - {(int(s), int(o)) for s, o in dump["harvested"]})
+
+
+def compare(run: Run) -> tuple[int, list[str]]:
+    """Replay ``run``'s trace; (anomalies, mismatches with the VMM's truth as sentences).
+    Exact: pushes, entries reset, soft-full exits and lost pages per ring."""
+    from kvmtrace.analysis.replay import replay_source
+    from kvmtrace.source.detect import open_source
+
+    kw = {} if run.fmt == "recording" else {"ring_bytes": run.truth["ring_bytes"]}
+    src = open_source(run.path, **kw)
+    rep = replay_source(src)
+    bad: list[str] = []
+    if src.lost:
+        bad.append(f"the trace lost {src.lost} events")
+    rings = {r.ring[2]: r for r in rep.rings}
+    for t in run.truth["rings"]:
+        r = rings.get(t["index"])
+        if r is None:
+            bad.append(f"ring {t['index']} missing")
+            continue
+        for name, mine, theirs in (("pushes", r.pushes, t["pages_written"]),
+                                   ("entries reset", r.entries_reset, t["entries_reset"]),
+                                   ("exits", r.soft_full_exits, t["soft_full_exits"])):
+            if mine != theirs:
+                bad.append(f"ring {t['index']} {name} {mine} != {theirs}")
+        lost = [(s, o) for s, o, _ in r.lost_pages]
+        want = truth_lost_pages(run, t["index"])
+        if lost != want or r.lost_page_count != len(want):
+            bad.append(f"ring {t['index']} lost pages {r.lost_page_count} != {len(want)}")
+    clean_truth = not run.truth["lost_suspected"] and not run.truth["livelock"]
+    anomalies = len(rep.anomalies)
+    if clean_truth and anomalies:
+        kinds = sorted({a.kind.value for a in rep.anomalies})
+        bad.append(f"{anomalies} anomalies ({', '.join(kinds)}) on a run that lost nothing")
+    return anomalies, bad

@@ -1,7 +1,7 @@
 """Real runs of the built-in VMM traced three ways, for the replay's ground-truth tests and
 tools/soak_replay.py: ``kvmtrace record`` (a recording), a tracefs instance filtered to
-the workload's pid (the kernel's own text) and ``perf record -- CMD`` + ``perf script``
-(default fields: microsecond timestamps). Each returns the workload's ``--json`` object,
+the workload's pid (the kernel's own text) and ``perf record -a`` + ``perf script`` of its pid
+(microsecond timestamps, perf's default). Each returns the workload's ``--json`` object,
 its ``--dump-harvest`` object and the trace's path.
 
 The truth a replay is held to, per ring: pushes = ``pages_written``, entries reset =
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -74,15 +76,18 @@ def tracefs_run(out: Path, *args: str, timeout: float = 120) -> Run:
     try:
         _write(inst / "buffer_size_kb", "32768")
         _write(inst / "options" / "event-fork", "1")
+        # the workload waits on stdin, then execs: its pid is filtered and the events
+        # enabled before it creates a thread
+        hold = "import os, sys\nsys.stdin.read(1)\nos.execv(sys.executable, sys.argv[1:])"
+        cmd = [sys.executable, "-c", hold, *_workload(out, args)]
         with (out / "truth.json").open("w") as f:
-            proc = subprocess.Popen(
-                _workload(out, ("--start-delay-ms", "400", *args)), stdout=f,
-                stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=f,
+                                    stderr=subprocess.PIPE, text=True)
             try:
                 _write(inst / "set_event_pid", str(proc.pid))
                 for name in EVENTS:
                     _write(inst / "events" / "kvm" / name / "enable", "1")
-                _, err = proc.communicate(timeout=timeout)
+                _, err = proc.communicate("go", timeout=timeout)
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -102,25 +107,65 @@ def tracefs_run(out: Path, *args: str, timeout: float = 120) -> Run:
     return _load(out, path, "ftrace")
 
 
-def perf_run(out: Path, *args: str, timeout: float = 120) -> Run:
-    """``perf record -e kvm:... -- kvmtrace workload ARGS`` then plain ``perf script``."""
+def perf_run(out: Path, *args: str, timeout: float = 120, tries: int = 5) -> Run:
+    """:func:`_perf_once` until perf recorded something: on this host ``perf record``
+    now and then gets no tracepoint sample at all (system-wide too, while tracefs and
+    BPF see the events); such a capture is retried, never replayed."""
+    for k in range(tries):
+        run = _perf_once(out / f"try{k}", *args, timeout=timeout)
+        if run.path.stat().st_size:
+            return run
+    raise RuntimeError(f"perf recorded no event in {tries} captures")
+
+
+def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
+    """``perf record -a`` of the dirty-ring tracepoints around the workload (events enabled
+    through perf's control fifo, and the workload started once perf acknowledged them:
+    ``perf record -- CMD`` here sometimes records nothing), then ``perf script`` of the
+    workload's pid with microsecond timestamps (perf's default)."""
     perf = shutil.which("perf")
     if perf is None:
         raise FileNotFoundError("perf")
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "perf.data"
-    cmd = [perf, "record", "-o", str(data), "-m", "1024"]
+    data, ctl, ack = out / "perf.data", out / "perf.ctl", out / "perf.ack"
+    os.mkfifo(ctl)
+    os.mkfifo(ack)
+    ctl_fd, ack_fd = os.open(ctl, os.O_RDWR), os.open(ack, os.O_RDWR)
+    cmd = [perf, "record", "-a", "-D", "-1", "--control", f"fifo:{ctl},{ack}",
+           "-o", str(data)]
     for name in EVENTS:
         cmd += ["-e", f"kvm:{name}"]
-    with (out / "truth.json").open("w") as f:
-        p = subprocess.run([*cmd, "--", *_workload(out, args)], stdout=f,
-                           stderr=subprocess.PIPE, text=True, timeout=timeout)
-    if p.returncode != 0 or "lost" in p.stderr.lower():
-        raise RuntimeError(f"perf record failed or lost events: {p.stderr[-2000:]}")
+    err = (out / "perf.err").open("w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        os.write(ctl_fd, b"enable\n")
+        ready, _, _ = select.select([ack_fd], [], [], 60)
+        if not ready or not os.read(ack_fd, 64).startswith(b"ack"):
+            raise RuntimeError("perf did not acknowledge enable")
+        with (out / "truth.json").open("w") as f:
+            w = subprocess.run(_workload(out, args), stdout=f, stderr=subprocess.PIPE,
+                               text=True, timeout=timeout)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(ctl_fd)
+        os.close(ack_fd)
+        err.close()
+    if w.returncode != 0:
+        raise RuntimeError(f"workload failed: {w.stderr[-2000:]}")
+    if "Captured and wrote" not in (out / "perf.err").read_text():
+        raise RuntimeError(f"perf record failed: {(out / 'perf.err').read_text()[-2000:]}")
+    pid = json.loads((out / "truth.json").read_text())["pid"]
     path = out / "perf.txt"
     with path.open("w") as f:
-        subprocess.run([perf, "script", "-i", str(data)], stdout=f,
+        subprocess.run([perf, "script", "-i", str(data), "--pid", str(pid),
+                        "-F", "comm,pid,tid,cpu,time,event,trace"], stdout=f,
                        stderr=subprocess.DEVNULL, check=True, timeout=timeout)
+    if path.stat().st_size:
+        data.unlink()
     return _load(out, path, "perf-script")
 
 
@@ -143,10 +188,14 @@ def compare(run: Run) -> tuple[int, list[str]]:
     """Replay ``run``'s trace; (anomalies, mismatches with the VMM's truth as sentences).
     Exact: pushes, entries reset, soft-full exits and lost pages per ring."""
     from kvmtrace.analysis.replay import replay_source
+    from kvmtrace.errors import UsageError
     from kvmtrace.source.detect import open_source
 
     kw = {} if run.fmt == "recording" else {"ring_bytes": run.truth["ring_bytes"]}
-    src = open_source(run.path, **kw)
+    try:
+        src = open_source(run.path, **kw)
+    except UsageError as err:
+        return 0, [f"{run.path.name}: {err}"]
     rep = replay_source(src)
     bad: list[str] = []
     if src.lost:

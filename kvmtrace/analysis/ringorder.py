@@ -98,6 +98,9 @@ def order_segment(ro: RingOrder, c: Cols, drain: bool = False) -> Cols | None:
         return _split(ro, x, None, n - keep)
     if len(rpos) == n:  # resets alone
         return _resets_only(ro, x, drain)
+    cut = _in_place(ro, x, drain)
+    if cut is not None:
+        return _split(ro, x, None, cut)
     out = _merge_fast(ro, x, rpos, drain)
     if out is None:
         order, cut = _merge_slow(ro, x, drain)
@@ -141,6 +144,49 @@ def _resets_only(ro: RingOrder, x: Cols, drain: bool) -> Cols | None:
         return _split(ro, x, None, n)
     order, cut = _merge_slow(ro, x, drain)
     return _split(ro, x, order, cut)
+
+
+def _in_place(ro: RingOrder, x: Cols, drain: bool) -> int | None:
+    """The common case in few passes: pushes step by one from the last one handed on,
+    every reset repeats the dirty_index of the push before it, and resets and exits/stalls
+    between the same two pushes are in time order; the trace order is then the causal
+    order. Returns how many events to hand on (the rest is the vCPU hold), else None."""
+    prev = ro.prev_push
+    if prev is None:
+        return None
+    kind, di, n = x.kind, x.di, len(x)
+    opos = np.flatnonzero(kind != _PUSH)  # resets, exits, stalls: few
+    bad = np.flatnonzero((di[1:] - di[:-1]) != 1)  # u32: pushes step by one
+    if len(bad) and not (np.isin(bad, opos) | np.isin(bad + 1, opos)).all():
+        return None
+    after = opos - 1
+    cand = np.where(np.isin(after, opos, invert=True) & (after >= 0), after, -1)
+    pb = np.maximum.accumulate(cand)  # the last push before each other event, or -1
+    dprev = np.where(pb >= 0, di[np.maximum(pb, 0)], np.uint32(prev & 0xFFFFFFFF))
+    isr = kind[opos] == _RESET
+    if (di[opos[isr]] != dprev[isr]).any():
+        return None  # a reset not right after the push it names
+    nxt = opos + 1
+    first = np.where(np.isin(nxt, opos, invert=True) & (nxt < n), nxt, n)
+    na = np.minimum.accumulate(first[::-1])[::-1]  # the next push after each, or n
+    has = na < n
+    if ((di[np.minimum(na, n - 1)] - dprev) != 1)[has].any():
+        return None  # pushes do not step by one across the other events
+    if kind[0] == _PUSH and int(di[0]) != (prev + 1) & 0xFFFFFFFF:
+        return None
+    same = pb[1:] == pb[:-1]  # other events between the same two pushes: by time
+    if same.any():
+        ts = x.ts[opos]
+        if (ts[1:][same] < ts[:-1][same]).any():
+            return None
+    last_push = int(di[n - 1]) if kind[n - 1] == _PUSH else (
+        int(dprev[-1]) if len(opos) else prev)
+    ro.last_push = last_push
+    if drain:
+        return n
+    rpos = opos[isr]
+    trailing = n - 1 - int(rpos[-1])
+    return n - min(HOLD_VCPU, trailing)
 
 
 def _merge_fast(ro: RingOrder, x: Cols, rpos: np.ndarray, drain: bool) -> Cols | None:

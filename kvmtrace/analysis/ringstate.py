@@ -306,9 +306,9 @@ class FastRing:
         ep, self.soft = self.soft, None
         # pushes past the soft limit are the kernel's rule until the vCPU's next guest
         # entry, which no event shows (a reset before it drops the request): only a
-        # vCPU that used the whole reserve (used reached size) without an exit is one
+        # vCPU that kept pushing into a full ring (used > size) without an exit is one
         if (ep is not None and not ep["exited"] and ep["past"]
-                and ep["max_used"] >= self.res.size):  # type: ignore[operator]
+                and ep["max_used"] > self.res.size):  # type: ignore[operator]
             ts, di, ri = ep["first"]
             self.anomaly(A.NO_EXIT, ts, di, ri, ep["past"],
                          soft_limit=self.res.size - self.reserved,  # type: ignore[operator]

@@ -29,7 +29,7 @@ field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring ind
 - entries carry the number of the push that wrote them; an entry lost to an overwrite,
   or stranded (pushed while the ring is stuck at the end: reset_index on an entry a reset
   cleared, used > 0), makes its page lost unless a later push of it was collected;
-- no_exit only when the episode's used reached the ring size (the reserve ran out);
+- no_exit only when the episode's used passed the ring size (pushes into a full ring);
   earlier pushes past the soft limit are allowed until the vCPU's next guest entry, which
   no event shows;
 - a reset_index advance shown by pushes and by no later reset event is a gap only on
@@ -314,7 +314,7 @@ class _Track:
     def close_soft(self) -> None:
         ep, self.soft = self.soft, None
         if (ep is not None and not ep["exited"] and ep["past"]
-                and ep["max_used"] >= self.res.size):
+                and ep["max_used"] > self.res.size):
             ts, di, ri = ep["first"]
             self.anomaly(A.NO_EXIT, ts, di, ri, ep["past"],
                          soft_limit=self.res.size - self.reserved, max_used=ep["max_used"])

@@ -16,6 +16,7 @@ mismatches (with the first few). Exit status 1 when any run mismatched.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -52,6 +53,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     ap.add_argument("--format", action="append", choices=sorted(FORMATS))
+    ap.add_argument("--keep", metavar="DIR", help="copy the runs that mismatched to DIR")
     args = ap.parse_args()
     scenarios = args.scenario or list(SCENARIOS)
     formats = args.format or list(FORMATS)
@@ -80,6 +82,9 @@ def main() -> int:
                     if bad:
                         mismatched += 1
                         notes += bad[:2]
+                        if args.keep:
+                            shutil.copytree(out, Path(args.keep) / out.name,
+                                            dirs_exist_ok=True)
                     for f in out.glob("*.data"):
                         f.unlink()
                 per = (time.monotonic() - t0) / max(args.runs, 1)

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pytest
 from conftest import require, require_kvm_bpf
-from replay_capture import Run, compare, perf_run, record_run, tracefs_run, truth_lost_pages
+from replay_capture import (
+    PAGES_DIFFER,
+    Run,
+    compare,
+    perf_run,
+    record_run,
+    tracefs_run,
+    truth_lost_pages,
+)
 
 from kvmtrace.analysis.replay import replay_source
 from kvmtrace.model.results import AnomalyKind
@@ -37,8 +45,12 @@ def capture(request: pytest.FixtureRequest):  # noqa: ANN201
     return FORMATS[request.param]
 
 
-def assert_exact(run: Run) -> None:
+def assert_exact(run: Run, which_pages: bool = True) -> None:
+    """Everything :func:`replay_capture.compare` checks; ``which_pages=False``: the number
+    of lost pages exactly, not which (a harvest in flight during an overflow, see there)."""
     anomalies, bad = compare(run)
+    if not which_pages:
+        bad = [b for b in bad if not b.startswith(PAGES_DIFFER)]
     assert bad == [], bad
     if not run.truth["lost_suspected"] and not run.truth["livelock"]:
         assert anomalies == 0
@@ -49,8 +61,9 @@ def assert_exact(run: Run) -> None:
 def test_fast_reaper_exact(capture, vcpus: str, attempt: int, tmp_path: Path) -> None:
     """A reaper resetting every 1 ms while the vCPUs push: resets and pushes race. Clean
     runs replay with no anomaly; runs where the guest outran the reaper (it overflows now
-    and then) replay with the VMM's lost pages exactly."""
-    assert_exact(capture(tmp_path, "--vcpus", vcpus, *REAPER))
+    and then) replay with the VMM's number of lost pages, and with the very pages unless
+    a harvest was in flight during the overflow (about 1 run in 10 of those here)."""
+    assert_exact(capture(tmp_path, "--vcpus", vcpus, *REAPER), which_pages=False)
 
 
 @pytest.mark.parametrize("pages", ["300", "600", "3000"])

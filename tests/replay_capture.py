@@ -168,9 +168,11 @@ def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
     pid = json.loads((out / "truth.json").read_text())["pid"]
     path = out / "perf.txt"
     with path.open("w") as f:
-        subprocess.run([perf, "script", "-i", str(data), "--pid", str(pid),
-                        "-F", "comm,pid,tid,cpu,time,event,trace"], stdout=f,
-                       stderr=subprocess.DEVNULL, check=True, timeout=timeout)
+        sp = subprocess.run([perf, "script", "-i", str(data), "--pid", str(pid),
+                             "-F", "comm,pid,tid,cpu,time,event,trace"], stdout=f,
+                            stderr=subprocess.PIPE, text=True, check=True, timeout=timeout)
+    if "lost" in sp.stderr.lower():  # "Processed N events and lost M chunks!"
+        raise RuntimeError(f"perf lost events: {sp.stderr.strip()[-300:]}")
     if path.stat().st_size:
         data.unlink()
     return _load(out, path, "perf-script")

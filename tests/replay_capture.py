@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PAGES_DIFFER", "Run", "record_run", "tracefs_run", "perf_run", "truth_lost_pages",
-           "compare"]
+__all__ = ["PAGES_DIFFER", "Run", "clean", "record_run", "tracefs_run", "perf_run",
+           "truth_lost_pages", "compare"]
 
 TRACEFS = Path("/sys/kernel/tracing")
 EVENTS = ("kvm_dirty_ring_push", "kvm_dirty_ring_reset", "kvm_dirty_ring_exit")
@@ -193,6 +193,15 @@ def truth_lost_pages(run: Run, index: int) -> list[tuple[int, int]]:
     return sorted(written - {(int(s), int(o)) for s, o in dump["harvested"]})
 
 
+def clean(run: Run) -> bool:
+    """The VMM lost nothing, saw no livelock, and the kernel reset every entry it
+    harvested (KVM_RESET_DIRTY_RINGS returned as many as were harvested: else a reset
+    walk stopped short for good, a stuck ring the VMM's own counts do not show)."""
+    t = run.truth
+    return (not t["lost_suspected"] and not t["livelock"]
+            and t["reset_returned"] == sum(r["harvested"] for r in t["rings"]))
+
+
 #: the start of a mismatch about which pages (their number agreeing): see :func:`compare`
 PAGES_DIFFER = "lost pages differ"
 
@@ -223,7 +232,7 @@ def compare(run: Run) -> tuple[int, list[str]]:
     if src.lost:
         bad.append(f"the trace lost {src.lost} events")
     rings = {r.ring[2]: r for r in rep.rings}
-    clean_truth = not run.truth["lost_suspected"] and not run.truth["livelock"]
+    clean_truth = clean(run)
     # the VMM's lost pages are the pages it never harvested at all; with several passes a
     # page harvested once counts as kept even if a later push of it was never collected
     single = run.truth["passes"] == 1 and run.truth["duration_s"] is None

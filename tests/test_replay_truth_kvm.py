@@ -18,6 +18,7 @@ from conftest import require, require_kvm_bpf
 from replay_capture import (
     PAGES_DIFFER,
     Run,
+    clean,
     compare,
     perf_run,
     record_run,
@@ -52,7 +53,7 @@ def assert_exact(run: Run, which_pages: bool = True) -> None:
     if not which_pages:
         bad = [b for b in bad if not b.startswith(PAGES_DIFFER)]
     assert bad == [], bad
-    if not run.truth["lost_suspected"] and not run.truth["livelock"]:
+    if clean(run):
         assert anomalies == 0
 
 

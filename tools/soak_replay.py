@@ -9,7 +9,8 @@ Each racy scenario runs N times (default 20) through each trace format: ``kvmtra
 replayed and held to the workload's own numbers, exactly: pushes, entries reset, soft-full
 exits and lost pages per ring, and no anomaly on a run that lost nothing
 (tests/replay_capture.py, ``compare``). Prints, per scenario and format, runs, runs that
-lost pages (the VMM says so), anomalies reported in total and on clean runs, mismatches
+lost pages or got stuck (the VMM's counts and KVM_RESET_DIRTY_RINGS's returns say so),
+anomalies reported in total and on clean runs, mismatches
 (with the first few) and, apart, runs where the number of lost pages agreed but not which
 (a harvest in flight during an overflow: tests/replay_capture.py, ``compare``). Exit
 status 1 when any run mismatched.
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from replay_capture import (  # noqa: E402
     PAGES_DIFFER,
+    clean,
     compare,
     perf_run,
     record_run,
@@ -82,11 +84,10 @@ def main() -> int:
                     except (RuntimeError, OSError) as err:
                         n, bad = 0, [f"run failed: {err}"]
                         run = None
-                    clean = run is not None and not run.truth["lost_suspected"] \
-                        and not run.truth["livelock"]
-                    lossy += run is not None and not clean
+                    ok = run is not None and clean(run)
+                    lossy += run is not None and not ok
                     anomalies += n
-                    clean_anomalies += n if clean else 0
+                    clean_anomalies += n if ok else 0
                     pages += any(b.startswith(PAGES_DIFFER) for b in bad)
                     bad = [b for b in bad if not b.startswith(PAGES_DIFFER)]
                     if bad:

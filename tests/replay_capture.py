@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -33,6 +34,7 @@ __all__ = ["PAGES_DIFFER", "Run", "clean", "record_run", "tracefs_run", "perf_ru
            "truth_lost_pages", "compare"]
 
 TRACEFS = Path("/sys/kernel/tracing")
+_LOST = re.compile(r"\blost \d+|\d+ lost\b", re.I)  # perf's words for dropped events
 EVENTS = ("kvm_dirty_ring_push", "kvm_dirty_ring_reset", "kvm_dirty_ring_exit")
 
 
@@ -163,7 +165,7 @@ def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
     if w.returncode != 0:
         raise RuntimeError(f"workload failed: {w.stderr[-2000:]}")
     perr = (out / "perf.err").read_text()
-    if "lost" in perr.lower() or "Captured and wrote" not in perr:
+    if _LOST.search(perr) or "Captured and wrote" not in perr:
         raise RuntimeError(f"perf record failed or lost events: {perr[-2000:]}")
     pid = json.loads((out / "truth.json").read_text())["pid"]
     path = out / "perf.txt"
@@ -171,7 +173,7 @@ def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
         sp = subprocess.run([perf, "script", "-i", str(data), "--pid", str(pid),
                              "-F", "comm,pid,tid,cpu,time,event,trace"], stdout=f,
                             stderr=subprocess.PIPE, text=True, check=True, timeout=timeout)
-    if "lost" in sp.stderr.lower():  # "Processed N events and lost M chunks!"
+    if _LOST.search(sp.stderr):  # "Processed N events and lost M chunks!"
         raise RuntimeError(f"perf lost events: {sp.stderr.strip()[-300:]}")
     if path.stat().st_size:
         data.unlink()

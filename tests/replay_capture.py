@@ -116,14 +116,25 @@ def tracefs_run(out: Path, *args: str, timeout: float = 120) -> Run:
 
 
 def perf_run(out: Path, *args: str, timeout: float = 120, tries: int = 5) -> Run:
-    """:func:`_perf_once` until perf recorded something: on this host ``perf record``
+    """:func:`_perf_once` until perf recorded the run whole: on this host ``perf record``
     now and then gets no tracepoint sample at all (system-wide too, while tracefs and
-    BPF see the events); such a capture is retried, never replayed."""
+    BPF see the events), or drops events when the machine is loaded; such a capture is
+    retried, never replayed."""
+    why = ""
     for k in range(tries):
-        run = _perf_once(out / f"try{k}", *args, timeout=timeout)
+        try:
+            run = _perf_once(out / f"try{k}", *args, timeout=timeout)
+        except PerfLost as err:
+            why = str(err)
+            continue
         if run.path.stat().st_size:
             return run
-    raise RuntimeError(f"perf recorded no event in {tries} captures")
+        why = "perf recorded no event"
+    raise RuntimeError(f"{tries} perf captures failed, the last: {why}")
+
+
+class PerfLost(RuntimeError):
+    """perf dropped events (its buffers overran): the capture is incomplete."""
 
 
 def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
@@ -139,7 +150,7 @@ def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
     os.mkfifo(ctl)
     os.mkfifo(ack)
     ctl_fd, ack_fd = os.open(ctl, os.O_RDWR), os.open(ack, os.O_RDWR)
-    cmd = [perf, "record", "-a", "-D", "-1", "--control", f"fifo:{ctl},{ack}",
+    cmd = [perf, "record", "-a", "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-m", "2048",
            "-o", str(data)]
     for name in EVENTS:
         cmd += ["-e", f"kvm:{name}"]
@@ -165,8 +176,10 @@ def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
     if w.returncode != 0:
         raise RuntimeError(f"workload failed: {w.stderr[-2000:]}")
     perr = (out / "perf.err").read_text()
-    if _LOST.search(perr) or "Captured and wrote" not in perr:
-        raise RuntimeError(f"perf record failed or lost events: {perr[-2000:]}")
+    if _LOST.search(perr):
+        raise PerfLost(f"perf record lost events: {perr[-300:]}")
+    if "Captured and wrote" not in perr:
+        raise RuntimeError(f"perf record failed: {perr[-2000:]}")
     pid = json.loads((out / "truth.json").read_text())["pid"]
     path = out / "perf.txt"
     with path.open("w") as f:
@@ -174,7 +187,7 @@ def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
                              "-F", "comm,pid,tid,cpu,time,event,trace"], stdout=f,
                             stderr=subprocess.PIPE, text=True, check=True, timeout=timeout)
     if _LOST.search(sp.stderr):  # "Processed N events and lost M chunks!"
-        raise RuntimeError(f"perf lost events: {sp.stderr.strip()[-300:]}")
+        raise PerfLost(f"perf lost events: {sp.stderr.strip()[-300:]}")
     if path.stat().st_size:
         data.unlink()
     return _load(out, path, "perf-script")

@@ -111,10 +111,24 @@ class Replay:
             self._order[key] = RingOrder()
         return r
 
-    def _feed_ring(self, key: RingId, c: Cols, drain: bool = False) -> None:
-        """One ring's events in trace order through the causal order into the model."""
-        out = order_segment(self._order[key], c, drain)
-        if out is not None:
+    def _feed_ring(self, key: RingId, c: Cols, drain: bool = False,
+                   pushes: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """One ring's events in trace order through the causal order into the model.
+        ``pushes``: slot and offset of ``c``'s pushes alone (see :func:`feed_ring`)."""
+        ro = self._order[key]
+        carry = ro.carry
+        out = order_segment(ro, c, drain)
+        if out is None:
+            return
+        if pushes is not None and ro.identity:  # the carried pushes, then c's first ones
+            ps, po = pushes
+            if carry is not None and len(carry):
+                cp = carry.kind == _PUSH
+                ps = np.concatenate((carry.slot[cp], ps))
+                po = np.concatenate((carry.off[cp], po))
+            m = int(np.count_nonzero(out.kind == _PUSH))
+            feed_ring(self.rings[key], out, (ps[:m], po[:m]))
+        else:
             feed_ring(self.rings[key], out)
 
     def _drain_vm(self, pid: int, vm: int) -> None:
@@ -190,7 +204,8 @@ class Replay:
         pending, self._pending, self._npending = self._pending, {}, 0
         for key, parts in pending.items():
             rc = parts[0] if len(parts) == 1 else join_ring_cols(parts)
-            self._feed_ring(key, rc.cols)
+            self._feed_ring(key, rc.cols, pushes=None if rc.pushes is None
+                            else (rc.pushes[1], rc.pushes[2]))
             if self.ws is not None:
                 if rc.pushes is not None:
                     self.ws.add(key, *rc.pushes)

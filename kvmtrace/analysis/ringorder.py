@@ -55,12 +55,14 @@ _FIELDS = ("ts", "kind", "di", "ri", "slot", "off")
 class RingOrder:
     """Per ring: the events waiting (arrival order) and the vCPU's last pushes."""
 
-    __slots__ = ("carry", "prev_push", "last_push")
+    __slots__ = ("carry", "prev_push", "last_push", "identity")
 
     def __init__(self) -> None:
         self.carry: Cols | None = None
         self.prev_push: int | None = None  #: di of the last push handed on
         self.last_push: int | None = None  #: di of the last push arrived
+        #: the last result was the carried events then the segment's, in trace order
+        self.identity = True
 
 
 def concat_cols(a: Cols, b: Cols) -> Cols:
@@ -112,6 +114,7 @@ def order_segment(ro: RingOrder, c: Cols, drain: bool = False) -> Cols | None:
 def _split(ro: RingOrder, x: Cols, order: np.ndarray | None, cut: int) -> Cols | None:
     """Hand on ``order[:cut]`` (None: identity), keep ``order[cut:]``."""
     n = len(x)
+    ro.identity = order is None
     if order is None:
         if cut < n:
             ro.carry = x.slice(cut, n)

@@ -173,6 +173,8 @@ def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
         os.close(ctl_fd)
         os.close(ack_fd)
         err.close()
+        ctl.unlink()
+        ack.unlink()
     if w.returncode != 0:
         raise RuntimeError(f"workload failed: {w.stderr[-2000:]}")
     perr = (out / "perf.err").read_text()

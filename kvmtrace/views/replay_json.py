@@ -8,7 +8,8 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "truncated": <the recording ends early>, "reserved": <entries kept back: 64 or 576>,
      "start_ns", "end_ns": <first/last event of any ring; null without rings>,
      "clean": <no anomaly and nothing lost>,
-     "rings": [{"pid" (0 unknown), "vm" (VM fd, -1 unknown), "index" (kvm_dirty_ring.index),
+     "rings": [{"pid" (0 unknown), "vm" (VM fd, -1 unknown), "vm_gen" (VMs seen before
+                it under that fd: 0, 1, ...), "index" (kvm_dirty_ring.index),
                 "size" (entries; null unknown), "size_source" ("trace", "meta",
                 "inferred", "unknown"), "soft_limit" (null unknown), "pushes",
                 "lost_pushes", "resets", "entries_reset", "soft_full_exits", "max_used",
@@ -31,7 +32,7 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "workingset": {"window_ns", "rings": [{"pid", "vm", "index", "pushes", "rate_per_s",
                     "peak_rate_per_s", "distinct_mean", "distinct_max",
                     "windows": [[window index, pushes, distinct pages], ...]}]},
-     "hottest": [{"pid", "vm", "pages": [{"slot", "offset", "pushes"}]}],
+     "hottest": [{"pid", "vm", "vm_gen", "pages": [{"slot", "offset", "pushes"}]}],
      "simulation": null or {"entries", "soft_limit", "exits", "trace_exits",
                     "stall_ns" (estimate; null without a stall in the trace),
                     "assumptions": [...], "rings": [{"pid", "vm", "index", "exits",
@@ -53,6 +54,7 @@ from typing import Any
 from ..analysis.replay import ReplayReport
 from ..model.digest import digest_of
 from ..model.results import Anomaly, Durations, RingId, RingResult
+from ..source.events import vm_fd, vm_gen
 
 __all__ = ["SCHEMA", "report_dict", "dumps_report", "harvest_dump", "ring_dict",
            "anomaly_dict", "ring_span"]
@@ -68,7 +70,9 @@ def _num(x: float | None, nd: int = 3) -> float | None:
 
 
 def _ring_ref(key: RingId) -> dict[str, int]:
-    return {"pid": int(key[0]), "vm": int(key[1]), "index": int(key[2])}
+    """pid, VM (its fd; ``vm_gen``: VMs seen before it under that fd) and ring index."""
+    vm = int(key[1])
+    return {"pid": int(key[0]), "vm": vm_fd(vm), "vm_gen": vm_gen(vm), "index": int(key[2])}
 
 
 def _durations(d: Durations) -> dict[str, int | None]:
@@ -170,7 +174,7 @@ def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
         "rings": [ring_dict(r, report.reserved) for r in report.rings],
         "anomalies": [anomaly_dict(a, start) for a in report.anomalies],
         "workingset": _workingset(report),
-        "hottest": [{"pid": pid, "vm": vm,
+        "hottest": [{"pid": pid, "vm": vm_fd(vm), "vm_gen": vm_gen(vm),
                      "pages": [{"slot": p.slot, "offset": p.offset, "pushes": p.pushes}
                                for p in pages[:top]]}
                     for (pid, vm), pages in sorted(report.hottest.items())],
@@ -192,7 +196,7 @@ def harvest_dump(report: ReplayReport) -> dict[str, Any]:
     one = next(iter(vms)) if len(vms) == 1 else None
     return {
         "pid": one[0] if one and one[0] else None,
-        "vm_fd": one[1] if one and one[1] >= 0 else None,
+        "vm_fd": vm_fd(one[1]) if one and one[1] >= 0 else None,
         "ring_entries": next(iter(sizes)) if len(sizes) == 1 else None,
         "rings": [{**_ring_ref(r.ring),
                    "harvested": [[int(s), int(o)] for s, o in harvested.get(r.ring, [])]}

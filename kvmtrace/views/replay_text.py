@@ -16,6 +16,7 @@ import textwrap
 from ..analysis.replay import ReplayReport
 from ..model.digest import digest_of
 from ..model.results import Durations, RingId
+from ..source.events import vm_label
 from .replay_json import ring_span
 
 __all__ = ["render_text", "WIDTH", "MAX_ANOMALIES"]
@@ -34,7 +35,7 @@ def _ms(ns: float | None) -> str:
 
 def _who(key: RingId) -> tuple[str, str]:
     pid, vm = key[0], key[1]
-    return (str(pid) if pid else "?"), (str(vm) if vm >= 0 else "?")
+    return (str(pid) if pid else "?"), (vm_label(vm) if vm >= 0 else "?")
 
 
 def _fit(line: str) -> str:

@@ -256,3 +256,30 @@ def test_interrupted_reset_is_no_trace_loss():
     vm.reset()  # the retry: its event confirms the advance on any kernel
     rep = replay(vm.events(), SourceMeta(kind="recording", kernel_release="6.1.0"))
     assert rep.anomalies == [] and rep.rings[0].entries_reset == 100
+
+
+def test_push_reading_reset_index_past_its_own_entry():
+    """The push tracepoint reads reset_index after writing its entry: a reset walk that ran
+    in between collected that very entry (reset_index = the push's dirty_index). Not a
+    reset past dirty_index (seen on a real reaper run)."""
+    from kvmtrace.model.reference import ReferenceReplay
+
+    vm = SynthVm(256, pid=PID, vm=VM)
+    vm.ring_size_event()
+    vm.run(0, pages(10), exit_every=1)
+    r = vm.rings[0]
+    r.push(1, 0x500)  # entry 10 written, dirty_index 11; its tracepoint not yet
+    r.harvest()
+    r.reset()  # the walk collects entries 0..10
+    vm._emit(Kind.PUSH, 0, 11, 11, 1, 0x500)
+    vm._emit(Kind.RESET, 0, 11, 11)
+    ev = vm.events()
+    rep = replay(ev)
+    assert rep.anomalies == []
+    assert (rep.rings[0].entries_reset, rep.rings[0].harvested, rep.rings[0].pushes) == (
+        11, 11, 11)
+    ref = ReferenceReplay()
+    ref.feed(ev)
+    want = ref.finish()
+    assert [x.compare_key() for x in rep.rings] == [x.compare_key()
+                                                    for x in want.rings.values()]

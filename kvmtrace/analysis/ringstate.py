@@ -202,9 +202,16 @@ class FastRing:
         if not self.started:
             self.start(u32(di - 1), ri)
         self.sync_dirty(ts, u32(di - 1), ri, "push")
-        self.sync_reset(ts, ri, "push")
+        # reset_index read after the entry was written: a walk past it ran after the write
+        late = s32(ri - (di - 1)) > 0
+        if late and s32(u32(di - 1) - self.reset) > 0:
+            self.sync_reset(ts, u32(di - 1), "push")
+        if not late:
+            self.sync_reset(ts, ri, "push")
         self.clean_run(np.array([ts], dtype=np.uint64), np.array([slot], dtype=np.uint32),
                        np.array([off], dtype=np.uint64))
+        if late:
+            self.sync_reset(ts, ri, "push")
         self.seen(ts, ts)
         self.indices(di, ri, s32(di - ri))
 

@@ -241,8 +241,16 @@ class _Track:
         if self.ring is None:
             self.start(u32(di - 1), ri)
         self._sync_dirty(ts, u32(di - 1), ri, "push")
-        self._sync_reset(ts, ri, "push")
+        # the push's reset_index is read after its entry was written: a reset walk that
+        # shows past that entry collected it, so it ran after the write
+        late = s32(ri - (di - 1)) > 0
+        if late and s32(u32(di - 1) - self.ring.reset_index) > 0:  # type: ignore[union-attr]
+            self._sync_reset(ts, u32(di - 1), "push")
+        if not late:
+            self._sync_reset(ts, ri, "push")
         self._push(ts, slot, offset)
+        if late:
+            self._sync_reset(ts, ri, "push")
         self.res.pushes += 1
         self._indices(di, ri)
         if self.exit_ts is not None:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AHEAD", "PAGES_DIFFER", "Run", "clean", "record_run", "tracefs_run", "perf_run",
-           "truth_lost_pages", "compare"]
+__all__ = ["AHEAD", "INCOMPLETE", "PAGES_DIFFER", "Run", "clean", "record_run",
+           "tracefs_run", "perf_run", "truth_lost_pages", "compare"]
 
 TRACEFS = Path("/sys/kernel/tracing")
 _LOST = re.compile(r"\blost \d+|\d+ lost\b", re.I)  # perf's words for dropped events
@@ -219,6 +219,8 @@ def clean(run: Run) -> bool:
             and t["reset_returned"] == sum(r["harvested"] for r in t["rings"]))
 
 
+#: a capture that does not hold the whole run: not replayed against the truth
+INCOMPLETE = "trace incomplete"
 #: the start of a note, not a mismatch: the VMM's harvest cursor ran ahead of reset_index
 AHEAD = "cursor ahead"
 #: the start of a mismatch about which pages (their number agreeing): see :func:`compare`
@@ -251,6 +253,14 @@ def compare(run: Run) -> tuple[int, list[str]]:
     if src.lost:
         bad.append(f"the trace lost {src.lost} events")
     rings = {r.ring[2]: r for r in rep.rings}
+    short = [r for r in rep.rings if r.pushes != r.dirty_index or not r.pushes]
+    if short or len(rings) != len(run.truth["rings"]):
+        # the VM was created while tracing: a whole trace holds every push, up to the last
+        # dirty_index; this one does not (perf here sometimes stops or starts delivering
+        # tracepoint events part-way without saying so)
+        return 0, [f"{INCOMPLETE}: " + ", ".join(
+            f"ring {r.ring[2]} {r.pushes} pushes up to dirty_index {r.dirty_index}"
+            for r in short)]
     clean_truth = clean(run)
     # the VMM's lost pages are the pages it never harvested at all; with several passes a
     # page harvested once counts as kept even if a later push of it was never collected

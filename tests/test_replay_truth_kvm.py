@@ -18,6 +18,7 @@ import pytest
 from conftest import require, require_kvm_bpf
 from replay_capture import (
     AHEAD,
+    INCOMPLETE,
     PAGES_DIFFER,
     Run,
     clean,
@@ -71,6 +72,7 @@ def assert_exact(run: Run, which_pages: bool = True) -> None:
     of lost pages exactly, not which (a harvest in flight during an overflow, see there)."""
     anomalies, bad = compare(run)
     bad = [b for b in bad if not b.startswith(AHEAD)]  # pages not comparable: see there
+    assert not any(b.startswith(INCOMPLETE) for b in bad), bad  # the capture failed
     if not which_pages:
         bad = [b for b in bad if not b.startswith(PAGES_DIFFER)]
     assert bad == [], bad

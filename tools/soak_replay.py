@@ -14,8 +14,9 @@ anomalies reported in total and on clean runs, mismatches
 (with the first few) and, apart, runs where the number of lost pages agreed but not which
 (a harvest in flight during an overflow), and single-pass runs whose lost pages were not
 compared because the VMM's harvest cursor ran ahead of the kernel's reset_index ("ahead":
-the VMM read entries no reset collected; tests/replay_capture.py, ``compare``). Exit
-status 1 when any run mismatched.
+the VMM read entries no reset collected; tests/replay_capture.py, ``compare``), and
+captures that did not hold the whole run ("cut": perf here now and then delivers only part
+of it), which are not compared. Exit status 1 when any run mismatched.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from replay_capture import (  # noqa: E402
     AHEAD,
+    INCOMPLETE,
     PAGES_DIFFER,
     clean,
     compare,
@@ -72,11 +74,12 @@ def main() -> int:
     formats = args.format or list(FORMATS)
     failed = False
     print(f"{'scenario':<14} {'format':<12} {'runs':>4} {'lossy':>5} {'anomalies':>9} "
-          f"{'on clean':>8} {'mismatch':>8} {'pages':>5} {'ahead':>5} {'s/run':>6}")
+          f"{'on clean':>8} {'mismatch':>8} {'pages':>5} {'ahead':>5} "
+          f"{'cut':>5} {'s/run':>6}")
     with tempfile.TemporaryDirectory(prefix="soak-replay-") as tmp:
         for name in scenarios:
             for fmt in formats:
-                lossy = anomalies = clean_anomalies = mismatched = pages = ahead = 0
+                lossy = anomalies = clean_anomalies = mismatched = pages = ahead = cut = 0
                 notes: list[str] = []
                 t0 = time.monotonic()
                 for k in range(args.runs):
@@ -93,7 +96,9 @@ def main() -> int:
                     clean_anomalies += n if ok else 0
                     pages += any(b.startswith(PAGES_DIFFER) for b in bad)
                     ahead += any(b.startswith(AHEAD) for b in bad)
-                    bad = [b for b in bad if not b.startswith((PAGES_DIFFER, AHEAD))]
+                    cut += any(b.startswith(INCOMPLETE) for b in bad)
+                    bad = [b for b in bad
+                           if not b.startswith((PAGES_DIFFER, AHEAD, INCOMPLETE))]
                     if bad:
                         mismatched += 1
                         notes += bad[:2]
@@ -105,7 +110,7 @@ def main() -> int:
                 per = (time.monotonic() - t0) / max(args.runs, 1)
                 print(f"{name:<14} {fmt:<12} {args.runs:>4} {lossy:>5} {anomalies:>9} "
                       f"{clean_anomalies:>8} {mismatched:>8} {pages:>5} {ahead:>5} "
-                      f"{per:>6.1f}",
+                      f"{cut:>5} {per:>6.1f}",
                       flush=True)
                 for note in notes[:3]:
                     print(f"    {note}")

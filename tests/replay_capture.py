@@ -211,12 +211,15 @@ def truth_lost_pages(run: Run, index: int) -> list[tuple[int, int]]:
 
 
 def clean(run: Run) -> bool:
-    """The VMM lost nothing, saw no livelock, and the kernel reset every entry it
-    harvested (KVM_RESET_DIRTY_RINGS returned as many as were harvested: else a reset
-    walk stopped short for good, a stuck ring the VMM's own counts do not show)."""
+    """The VMM lost nothing, saw no livelock, harvested an entry for every write (with
+    several passes ``lost_suspected`` only counts pages never harvested at all), and the
+    kernel reset every entry it harvested (KVM_RESET_DIRTY_RINGS returned as many: else a
+    reset walk stopped short for good, a stuck ring the VMM's own counts do not show)."""
     t = run.truth
+    harvested = sum(r["harvested"] for r in t["rings"])
     return (not t["lost_suspected"] and not t["livelock"]
-            and t["reset_returned"] == sum(r["harvested"] for r in t["rings"]))
+            and t["reset_returned"] == harvested
+            and harvested == sum(r["pages_written"] for r in t["rings"]))
 
 
 #: a capture that does not hold the whole run: not replayed against the truth

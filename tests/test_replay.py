@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import kvmtrace_cmd
 
@@ -128,7 +129,7 @@ def test_overflow_recording_exit_1_names_lost_pages(tmp_path: Path):
     kinds = [a["kind"] for a in d["anomalies"]]
     assert kinds == ["no_exit", "overflow"]
     ov = d["anomalies"][1]
-    assert ov["ring"] == {"pid": PID, "vm": VM, "index": 0}
+    assert ov["ring"] == {"pid": PID, "vm": VM, "vm_gen": 0, "index": 0}
     assert (ov["dirty_index"], ov["reset_index"], ov["count"]) == (257, 0, 44)
     assert ov["entries"] == [[0, 0x1000 + k] for k in range(44)]
     assert isinstance(ov["time"], int) and "overwritten" in ov["detail"]
@@ -174,3 +175,27 @@ def test_bad_flags_one_line_exit_2(samples: Path, flags: list[str], needle: str)
     assert p.returncode == 2 and p.stdout == ""
     (line,) = p.stderr.splitlines()
     assert line.startswith("kvmtrace replay: error: ") and needle in line and "(fix: " in line
+
+
+def test_vm_generation_in_json_and_text(tmp_path: Path):
+    """A VM seen under a reused fd (decision 1: vm = fd | gen << 20): JSON shows the fd and
+    vm_gen, text ``fd#gen``; the two VMs stay two rings."""
+    from kvmtrace.source.events import vm_id
+
+    a, b = SynthVm(1024, pid=PID, vm=VM), SynthVm(1024, pid=PID, vm=vm_id(VM, 1))
+    for vm in (a, b):
+        vm.ring_size_event()
+        vm.run(0, [(1, k) for k in range(100)], exit_every=1)
+        vm.harvest()
+        vm.reset()
+    ev = np.concatenate([a.events(), b.events()])
+    ev["ts"] = np.arange(len(ev)) * 1000 + 10**9
+    path = tmp_path / "gen.kvt"
+    with RecordingWriter(path, SourceMeta(kind="recording")) as w:
+        w.write(ev)
+    d = strict_json(cli(str(path), "--json").stdout)
+    assert [(r["vm"], r["vm_gen"], r["pushes"]) for r in d["rings"]] == [(VM, 0, 100),
+                                                                         (VM, 1, 100)]
+    assert d["anomalies"] == []
+    text = cli(str(path)).stdout
+    assert f" {VM}#1 " in text

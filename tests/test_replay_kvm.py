@@ -238,14 +238,20 @@ def test_tight_loop_replays_as_overflow_naming_lost_pages(tight: Tight) -> None:
     # the first overwrite: the push that reused the slot of the oldest unharvested entry
     first = pushes[used - 1 >= size][0]
     assert (ov.time_ns, ov.dirty_index) == (int(first["ts"]), int(first["dirty_index"]))
-    # pushes past the soft limit without an exit may be reported too; nothing else
-    assert {a.kind for a in rep.anomalies} <= {AnomalyKind.OVERFLOW, AnomalyKind.NO_EXIT}
+    # pushes past the soft limit without an exit may be reported too, and the aftermath:
+    # the ring stuck (the harvest ran into the next lap), exits without reset progress
+    assert {a.kind for a in rep.anomalies} <= {AnomalyKind.OVERFLOW, AnomalyKind.NO_EXIT,
+                                               AnomalyKind.STUCK, AnomalyKind.LIVELOCK}
     res = rep.rings[0]
     assert res.ring == key and res.pushes == 300 and res.overwritten == ov.count
     assert res.soft_full_exits == truth["rings"][0]["soft_full_exits"]
     assert res.entries_reset == truth["rings"][0]["entries_reset"]
     assert rep.harvested is not None and pairs(rep.harvested[key]) == tight.harvested
     assert rep.exit_status == 1
+    # lost pages, page for page: the overwritten and stranded entries are what the VMM
+    # wrote and never harvested
+    assert [(s, o) for s, o, _ in res.lost_pages] == sorted(tight.lost)
+    assert res.overwritten + res.stranded == sum(tight.lost.values())
 
 
 def test_tight_loop_cli(tight: Tight) -> None:
@@ -256,7 +262,16 @@ def test_tight_loop_cli(tight: Tight) -> None:
     assert len(js) == 1 and anomaly_ring(js[0]) == 0
     assert js[0]["time"] == ov.time_ns and js[0]["detail"] == ov.detail
     assert pairs(js[0]["entries"]) == tight.overwritten
-    assert {a["kind"] for a in doc["anomalies"]} <= {"overflow", "no_exit"}
+    assert {a["kind"] for a in doc["anomalies"]} <= {"overflow", "no_exit", "stuck",
+                                                     "livelock"}
+    ring = doc["rings"][0]
+    assert [(s, o) for s, o, _ in ring["lost_pages"]] == sorted(tight.lost)
+    assert ring["lost_page_count"] == tight.run.truth["lost_suspected"]
+    assert ring["overwritten"] + ring["stranded"] == tight.run.truth["lost_suspected"]
+    # stuck: reset_index on an entry the over-lap harvest's reset cleared (stranded
+    # entries, if any were pushed after it, only then)
+    assert ring["stuck"] is ("stuck" in {a["kind"] for a in doc["anomalies"]})
+    assert ring["stuck"] or ring["stranded"] == 0
 
 
 # -- 4: pushes deleted from a recording replay as a gap ----------------------------------

@@ -3,7 +3,8 @@
 Works on any :class:`~kvmtrace.source.base.EventSource` (recording, imported ftrace or
 ``perf script`` text, live). Per ring it checks the stream against the kernel's rules and
 reports anomalies (see :mod:`kvmtrace.model.reference`, whose semantics this follows
-exactly, vectorised per ring and per batch: :mod:`.ringbulk`, :mod:`.ringstate`), totals,
+exactly, vectorised per ring and per batch: :mod:`.ringbulk`, :mod:`.ringstate`; each
+ring's events first put in causal order, :mod:`.ringorder`), totals,
 the multiset digest of harvested (slot, offset) entries, dirty rate and working set per
 vCPU (:mod:`.workingset`), and optionally the exits another ring size would have caused
 (:mod:`.simulate`). State is bounded: per ring, its entries (at most 65536) and counters.
@@ -18,12 +19,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..model.results import Anomaly, RingId, RingResult
-from ..model.ring import KVM_DIRTY_RING_RSVD_ENTRIES, infer_size, valid_entries
+from ..model.ring import (
+    KVM_DIRTY_RING_RSVD_ENTRIES,
+    infer_size,
+    resets_interruptible,
+    valid_entries,
+)
 from ..source.base import EventSource, SourceMeta
 from ..source.events import Kind
 from ..source.recording_decode import BlockParts
 from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
 from .ringbulk import Cols, feed_ring
+from .ringorder import RingOrder, order_segment
 from .ringstate import FastRing
 from .simulate import RingSizeSim, SimResult
 from .workingset import HotPage, RingWs, WorkingSet
@@ -31,6 +38,8 @@ from .workingset import HotPage, RingWs, WorkingSet
 __all__ = ["Replay", "ReplayReport", "replay_source"]
 
 _PUSH, _RESET, _EXIT = int(Kind.PUSH), int(Kind.RESET), int(Kind.EXIT)
+_EMPTY = Cols(np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, np.uint32),
+              np.zeros(0, np.uint32), np.zeros(0, np.uint32), np.zeros(0, np.uint64))
 
 
 @dataclass
@@ -82,6 +91,8 @@ class Replay:
         # larger steps; bounded by COLUMN_BATCH events)
         self._pending: dict[RingId, list[RingCols]] = {}
         self._npending = 0
+        self._order: dict[RingId, RingOrder] = {}
+        self._eintr = resets_interruptible(self.meta.kernel_release)
 
     # -- sizes ------------------------------------------------------------------------
     def _size_of(self, pid: int, vm: int) -> tuple[int | None, str]:
@@ -95,8 +106,36 @@ class Replay:
         r = self.rings.get(key)
         if r is None:
             size, source = self._size_of(key[0], key[1])
-            r = self.rings[key] = FastRing(key, size, source, self.reserved, self.keep)
+            r = self.rings[key] = FastRing(key, size, source, self.reserved, self.keep,
+                                           self._eintr)
+            self._order[key] = RingOrder()
         return r
+
+    def _feed_ring(self, key: RingId, c: Cols, drain: bool = False,
+                   pushes: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """One ring's events in trace order through the causal order into the model.
+        ``pushes``: slot and offset of ``c``'s pushes alone (see :func:`feed_ring`)."""
+        ro = self._order[key]
+        carry = ro.carry
+        out = order_segment(ro, c, drain)
+        if out is None:
+            return
+        if pushes is not None and ro.identity:  # the carried pushes, then c's first ones
+            ps, po = pushes
+            if carry is not None and len(carry):
+                cp = carry.kind == _PUSH
+                ps = np.concatenate((carry.slot[cp], ps))
+                po = np.concatenate((carry.off[cp], po))
+            m = int(np.count_nonzero(out.kind == _PUSH))
+            feed_ring(self.rings[key], out, (ps[:m], po[:m]))
+        else:
+            feed_ring(self.rings[key], out)
+
+    def _drain_vm(self, pid: int, vm: int) -> None:
+        """Hand every waiting event of the VM's rings to the model (a barrier)."""
+        for key, ro in self._order.items():
+            if key[:2] == (pid, vm) and ro.carry is not None:
+                self._feed_ring(key, _EMPTY, drain=True)
 
     def _set_vm_size(self, pid: int, vm: int, size: int, source: str, ts: int) -> None:
         self.vm_size[(pid, vm)] = (size, source)
@@ -165,8 +204,8 @@ class Replay:
         pending, self._pending, self._npending = self._pending, {}, 0
         for key, parts in pending.items():
             rc = parts[0] if len(parts) == 1 else join_ring_cols(parts)
-            feed_ring(self.rings[key], rc.cols,
-                      None if rc.pushes is None else (rc.pushes[1], rc.pushes[2]))
+            self._feed_ring(key, rc.cols, pushes=None if rc.pushes is None
+                            else (rc.pushes[1], rc.pushes[2]))
             if self.ws is not None:
                 if rc.pushes is not None:
                     self.ws.add(key, *rc.pushes)
@@ -191,17 +230,24 @@ class Replay:
     def _barrier(self, e: np.void) -> None:
         pid, vm, ts = int(e["pid"]), int(e["vm"]), int(e["ts"])
         if int(e["kind"]) == Kind.RING_SIZE:
+            self._drain_vm(pid, vm)
             size = int(e["value"]) // 16
             if valid_entries(size) and self._size_of(pid, vm) != (size, "trace"):
                 self._set_vm_size(pid, vm, size, "trace", ts)
             return
-        r = self._ring((pid, vm, int(e["ring"])))
-        if self._size_of(pid, vm)[0] is None and r.started:
-            mx = max(x.res.max_used for k, x in self.rings.items() if k[:2] == (pid, vm))
-            size = infer_size(mx, r.used(), self.reserved)
-            if size is not None:
-                self._set_vm_size(pid, vm, size, "inferred", ts)
-        r.on_exit(ts)
+        key = (pid, vm, int(e["ring"]))
+        r = self._ring(key)
+        one = Cols(*(np.array([e[f]]) for f in ("ts", "kind", "dirty_index", "reset_index",
+                                                 "slot", "value")))
+        unknown = self._size_of(pid, vm)[0] is None
+        if unknown:  # the VM's first soft-full exit tells its ring size
+            self._drain_vm(pid, vm)
+            if r.started:
+                mx = max(x.res.max_used for k, x in self.rings.items() if k[:2] == (pid, vm))
+                size = infer_size(mx, r.used(), self.reserved)
+                if size is not None:
+                    self._set_vm_size(pid, vm, size, "inferred", ts)
+        self._feed_ring(key, one, drain=unknown)
 
     def _segment(self, ev: np.ndarray, cols: Cols, ring: np.ndarray, one_vm: bool, a: int,
                  b: int) -> None:
@@ -220,7 +266,8 @@ class Replay:
             groups = self._groups(ev[a:b], valid)
         for key, sel in groups:
             g = c if sel is None else c.take(sel)
-            feed_ring(self._ring(key), g)
+            self._ring(key)
+            self._feed_ring(key, g)
             if self.ws is not None:
                 p = g.kind == _PUSH
                 if p.all():
@@ -273,6 +320,8 @@ class Replay:
     # -- results ----------------------------------------------------------------------
     def finish(self, lost: int = 0, source_kind: str | None = None) -> ReplayReport:
         self._flush_columns()
+        for key in self.rings:
+            self._feed_ring(key, _EMPTY, drain=True)
         anomalies: list[Anomaly] = []
         for r in self.rings.values():
             r.finish()

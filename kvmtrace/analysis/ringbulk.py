@@ -276,10 +276,13 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
         if new_n:
             if pushes is not None:
                 ps, po, p0 = pushes
-                ring.add_harvest(ps[p0:p0 + new_n], po[p0:p0 + new_n])
+                hs, ho = ps[p0:p0 + new_n], po[p0:p0 + new_n]
             else:
                 assert ppos is not None
-                ring.add_harvest(c.slot[a:b][ppos[:new_n]], c.off[a:b][ppos[:new_n]])
+                hs, ho = c.slot[a:b][ppos[:new_n]], c.off[a:b][ppos[:new_n]]
+            if ring.lost:
+                ring.lost.collected(hs, ho, np.arange(ring.nseq, ring.nseq + new_n))
+            ring.add_harvest(hs, ho)
         res.entries_reset += adv
         ring.livelock = None if not len(xpos) else ring.livelock
     if np_:
@@ -293,6 +296,9 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
             assert ppos is not None
             ring.put(ring.slot, start, c.slot[a:b][ppos[-k:]])
             ring.put(ring.off, start, c.off[a:b][ppos[-k:]])
+        ring.put(ring.seq, start, np.arange(ring.nseq + np_ - k, ring.nseq + np_,
+                                            dtype=np.int64))
+        ring.nseq += np_
     if np_ or adv > 0:
         ring.fill(ring.live, r0, max(0, u_old), False)
         ring.fill(ring.live, r1, max(0, s32(d1 - r1)), True)

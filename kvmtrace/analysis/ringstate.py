@@ -4,7 +4,8 @@ on numpy storage, one event or one run of pushes at a time.
 This is the replay's careful path, taken around irregular events (gaps, indices going
 back, overflow, a reset past dirty_index). Clean stretches go through
 :mod:`kvmtrace.analysis.ringbulk` instead. State is bounded: ``cap`` entries of
-(slot u32, offset u64, live bool), where ``cap`` is the ring size in entries or, while
+(slot u32, offset u64, live bool: the kernel's flags are set, push number i64), where
+``cap`` is the ring size in entries or, while
 the size is unknown, KVM_DIRTY_RING_MAX_ENTRIES (harvests stay exact: an index maps to a
 distinct position within any 65536 consecutive indices).
 """
@@ -16,6 +17,7 @@ import numpy as np
 from ..model.digest import MultisetDigest
 from ..model.results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
 from ..model.ring import KVM_DIRTY_RING_MAX_ENTRIES, UNKNOWN_SLOT, s32, u32
+from .lostpages import LostPages
 
 __all__ = ["FastRing", "M32"]
 
@@ -27,8 +29,11 @@ class FastRing:
     """Replay state of one ``struct kvm_dirty_ring`` (indices are the kernel's u32)."""
 
     def __init__(self, key: RingId, size: int | None, source: str, reserved: int,
-                 keep_harvest: bool = False) -> None:
+                 keep_harvest: bool = False, eintr: bool = True) -> None:
         self.key = key
+        self.eintr = eintr  # resets can stop part-way with no event (Linux 6.16+)
+        self.nseq = 0  # pushes the model made (its entries' seq)
+        self.lost = LostPages()
         self.reserved = reserved
         self.keep = keep_harvest
         self.res = RingResult(ring=key, size=size, size_source=source)
@@ -56,6 +61,7 @@ class FastRing:
         self.slot = np.full(cap, UNKNOWN_SLOT, dtype=np.uint32)
         self.off = np.zeros(cap, dtype=np.uint64)
         self.live = np.zeros(cap, dtype=bool)
+        self.seq = np.full(cap, -1, dtype=np.int64)
 
     def spans(self, start: int, n: int) -> list[tuple[int, int]]:
         """Array slices holding the ``n`` (<= cap) entries from free-running ``start``."""
@@ -120,6 +126,8 @@ class FastRing:
                 self._overwrite(ts, c0, lost, used0)
             self.put(self.slot, self.dirty, slot[c0:c0 + k])
             self.put(self.off, self.dirty, off[c0:c0 + k])
+            self.put(self.seq, self.dirty, np.arange(self.nseq, self.nseq + k, dtype=np.int64))
+            self.nseq += k
             self.fill(self.live, self.dirty, k, True)
             self.dirty = u32(self.dirty + k)
         if self.res.size is not None:
@@ -143,11 +151,12 @@ class FastRing:
         ov = self.overflow
         ov.count += cnt
         ov.extra["max_used"] = max(ov.extra["max_used"], used0 + c0 + int(where[-1]) + 1)
+        s = self.take(self.slot, self.dirty, len(lost))[where]
+        o = self.take(self.off, self.dirty, len(lost))[where]
+        self.lost.lost(s, o, self.take(self.seq, self.dirty, len(lost))[where])
         room = LIST_CAP - len(ov.entries)
         if room > 0:
-            s = self.take(self.slot, self.dirty, len(lost))[where[:room]]
-            o = self.take(self.off, self.dirty, len(lost))[where[:room]]
-            ov.entries.extend(zip(s.tolist(), o.tolist(), strict=True))
+            ov.entries.extend(zip(s[:room].tolist(), o[:room].tolist(), strict=True))
 
     def _soft_run(self, ts: np.ndarray, n: int, used0: int, first_dirty: int) -> None:
         limit = self.res.size - self.reserved  # type: ignore[operator]
@@ -193,9 +202,16 @@ class FastRing:
         if not self.started:
             self.start(u32(di - 1), ri)
         self.sync_dirty(ts, u32(di - 1), ri, "push")
-        self.sync_reset(ts, ri, "push")
+        # reset_index read after the entry was written: a walk past it ran after the write
+        late = s32(ri - (di - 1)) > 0
+        if late and s32(u32(di - 1) - self.reset) > 0:
+            self.sync_reset(ts, u32(di - 1), "push")
+        if not late:
+            self.sync_reset(ts, ri, "push")
         self.clean_run(np.array([ts], dtype=np.uint64), np.array([slot], dtype=np.uint32),
                        np.array([off], dtype=np.uint64))
+        if late:
+            self.sync_reset(ts, ri, "push")
         self.seen(ts, ts)
         self.indices(di, ri, s32(di - ri))
 
@@ -267,6 +283,8 @@ class FastRing:
         s = self.take(self.slot, start, n)
         o = self.take(self.off, start, n)
         self.fill(self.live, start, n, False)
+        if self.lost:
+            self.lost.collected(s, o, self.take(self.seq, start, n))
         self.add_harvest(s, o)
 
     def add_harvest(self, s: np.ndarray, o: np.ndarray) -> None:
@@ -293,7 +311,11 @@ class FastRing:
 
     def close_soft(self) -> None:
         ep, self.soft = self.soft, None
-        if ep is not None and not ep["exited"] and ep["past"]:
+        # pushes past the soft limit are the kernel's rule until the vCPU's next guest
+        # entry, which no event shows (a reset before it drops the request): only a
+        # vCPU that kept pushing into a full ring (used > size) without an exit is one
+        if (ep is not None and not ep["exited"] and ep["past"]
+                and ep["max_used"] > self.res.size):  # type: ignore[operator]
             ts, di, ri = ep["first"]
             self.anomaly(A.NO_EXIT, ts, di, ri, ep["past"],
                          soft_limit=self.res.size - self.reserved,  # type: ignore[operator]
@@ -324,10 +346,12 @@ class FastRing:
             s = self.take(self.slot, self.dirty - keep, keep)
             o = self.take(self.off, self.dirty - keep, keep)
             lv = self.take(self.live, self.dirty - keep, keep)
+            sq = self.take(self.seq, self.dirty - keep, keep)
             lost_n = min(max(s32(self.dirty - size - self.reset), 0), old_cap)
             ls = self.take(self.slot, self.reset, lost_n)
             lo = self.take(self.off, self.reset, lost_n)
             ll = self.take(self.live, self.reset, lost_n)
+            lq = self.take(self.seq, self.reset, lost_n)
         self.res.size, self.res.size_source = size, source
         self._alloc(size)
         if not started:
@@ -335,7 +359,9 @@ class FastRing:
         self.put(self.slot, self.dirty - keep, s)
         self.put(self.off, self.dirty - keep, o)
         self.put(self.live, self.dirty - keep, lv)
+        self.put(self.seq, self.dirty - keep, sq)
         if ll.any():
+            self.lost.lost(ls[ll], lo[ll], lq[ll])
             self.irregular = True
             self.res.overwritten += int(ll.sum())
             if self.overflow is None:
@@ -347,9 +373,24 @@ class FastRing:
                 zip(ls[ll][:room].tolist(), lo[ll][:room].tolist(), strict=True))
         self.soft_check()
 
+    def stuck(self) -> bool:
+        """reset_index on an entry whose flags a reset cleared while entries are pushed:
+        the walk stops there at once and the VMM's harvest, which follows the same index,
+        finds nothing (kvm_dirty_ring_reset, kvm_dirty_ring_push)."""
+        return (self.started and 0 < self.used()
+                and not self.live[self.reset & (self.cap - 1)])
+
     def finish(self) -> None:
         self.close_soft()
-        if self.unconfirmed is not None:
+        if self.stuck():
+            n = int(np.count_nonzero(self.live))
+            where = np.flatnonzero(self.live)
+            self.lost.lost(self.slot[where], self.off[where], self.seq[where])
+            self.res.stranded, self.res.stuck = n, True
+            self.anomaly(A.STUCK, self.res.last_ns or 0, self.dirty, self.reset, n,
+                         used=self.used())
+        self.res.lost_pages, self.res.lost_page_count = self.lost.result(LIST_CAP)
+        if self.unconfirmed is not None and not self.eintr:
             ts, di, frm, to = self.unconfirmed
             self.anomaly(A.GAP, ts, di, to, 1, index="reset_index", expected=frm, got=to,
                          event="push")

@@ -20,6 +20,20 @@ field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring ind
   (used >= soft_limit until a reset brings it below) ends with no soft-full exit: *no_exit*;
 - a soft-full exit while reset_index has not moved since the ring's previous exit is a
   *livelock*, one anomaly per episode (until reset progress), counting the exits;
+- events reach the ring model in causal order, not trace order: a reset with
+  dirty_index D after push D and before push D + 1, ties (exits, stalls at index D) by
+  time then trace order; defined here one event at a time (:meth:`_Track.arrive`), with
+  the look-ahead bounds of :mod:`kvmtrace.analysis.ringorder` (HOLD_VCPU, HOLD_RESETS);
+  a ring-size event and a VM's first soft-full exit of unknown size first drain the VM's
+  waiting events;
+- entries carry the number of the push that wrote them; an entry lost to an overwrite,
+  or stranded (pushed while the ring is stuck at the end: reset_index on an entry a reset
+  cleared, used > 0), makes its page lost unless a later push of it was collected;
+- no_exit only when the episode's used passed the ring size (pushes into a full ring);
+  earlier pushes past the soft limit are allowed until the vCPU's next guest entry, which
+  no event shows;
+- a reset_index advance shown by pushes and by no later reset event is a gap only on
+  kernels before 6.16 (later ones stop a reset part-way with -EINTR and no event);
 - the ring size comes from KT_RING_SIZE events, else the source's meta, else it is
   inferred for the whole VM at its first soft-full exit (:func:`~.ring.infer_size`);
   until then rings are modelled with KVM_DIRTY_RING_MAX_ENTRIES entries (exact for
@@ -28,6 +42,7 @@ field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring ind
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -44,6 +59,7 @@ from .ring import (
     UNKNOWN_SLOT,
     DirtyRing,
     infer_size,
+    resets_interruptible,
     s32,
     u32,
     valid_entries,
@@ -52,6 +68,9 @@ from .ring import (
 __all__ = ["ReferenceReplay", "ReferenceResult"]
 
 A = AnomalyKind
+HOLD_VCPU = 64  #: as kvmtrace.analysis.ringorder
+HOLD_RESETS = 1024
+_Ev = tuple[int, int, int, int, int, int, int]  # kind, ts, di, ri, slot, value, seq
 
 
 @dataclass
@@ -62,8 +81,16 @@ class ReferenceResult:
 
 
 class _Track:
-    def __init__(self, key: RingId, size: int | None, source: str, reserved: int) -> None:
+    def __init__(self, key: RingId, size: int | None, source: str, reserved: int,
+                 eintr: bool = True) -> None:
         self.key = key
+        self.eintr = eintr
+        self.vq: deque[tuple[_Ev, int | None]] = deque()  # vCPU events and their index
+        self.rq: deque[_Ev] = deque()
+        self.last_push: int | None = None
+        self.seqs: list[int] = []  # push number of each entry's content
+        self.nseq = 0
+        self.lost: dict[tuple[int, int], list[int]] = {}  # entries lost, seq lost, seq got
         self.reserved = reserved
         self.res = RingResult(ring=key, size=size, size_source=source)
         self.ring: DirtyRing | None = None
@@ -86,7 +113,56 @@ class _Track:
         return s32(self.ring.dirty_index - self.ring.reset_index)
 
     def _new_ring(self, size: int) -> DirtyRing:
+        self.seqs = [-1] * size
         return DirtyRing(size, self.key[2], self.reserved, fill_slot=UNKNOWN_SLOT)
+
+    # -- causal order ---------------------------------------------------------------
+    def arrive(self, ev: _Ev, process: object) -> None:
+        """An event in trace order; ``process(ev)`` gets them in causal order."""
+        if ev[0] == Kind.RESET:
+            self.rq.append(ev)
+        else:
+            if ev[0] == Kind.PUSH:
+                self.last_push = ev[2]
+            self.vq.append((ev, self.last_push))
+        self.pump(process, False)
+
+    def _reset_first(self, r: _Ev, v: tuple[_Ev, int | None]) -> bool:
+        ev, k = v
+        later = (r[1], r[6]) < (ev[1], ev[6])
+        if k is None:
+            return later
+        d = s32(k - r[2])
+        return d > 0 or (d == 0 and ev[0] != Kind.PUSH and later)
+
+    def pump(self, process: object, final: bool) -> None:
+        vq, rq = self.vq, self.rq
+        while vq or rq:
+            if vq and rq:
+                ev = rq.popleft() if self._reset_first(rq[0], vq[0]) else vq.popleft()[0]
+            elif rq:
+                beyond = self.last_push is None or s32(rq[0][2] - self.last_push) > 0
+                if not (final or not beyond or len(rq) > HOLD_RESETS):
+                    return
+                ev = rq.popleft()
+            else:
+                if not (final or len(vq) > HOLD_VCPU):
+                    return
+                ev = vq.popleft()[0]
+            process(ev)  # type: ignore[operator]
+
+    # -- lost pages -----------------------------------------------------------------
+    def _lost(self, slot: int, offset: int, seq: int) -> None:
+        if slot == UNKNOWN_SLOT:
+            return
+        p = self.lost.setdefault((slot, offset), [0, -1, -1])
+        p[0] += 1
+        p[1] = max(p[1], seq)
+
+    def _got(self, slot: int, offset: int, seq: int) -> None:
+        p = self.lost.get((slot, offset))
+        if p is not None:
+            p[2] = max(p[2], seq)
 
     def start(self, dirty: int, reset: int) -> None:
         r = self.ring = self._new_ring(self.cap)
@@ -106,10 +182,15 @@ class _Track:
         r = self.ring
         assert r is not None
         before = self.used()
+        pos = r.dirty_index & (r.size - 1)
+        old_seq = self.seqs[pos]
+        self.seqs[pos] = self.nseq
+        self.nseq += 1
         lost = r.push(slot, offset)
         after = self.used()
         size = self.res.size
         if lost is not None:
+            self._lost(lost.slot, lost.offset, old_seq)
             self.res.overwritten += 1
             if self.overflow is None:
                 self.overflow = self.anomaly(A.OVERFLOW, ts, r.dirty_index, r.reset_index, 0,
@@ -160,8 +241,16 @@ class _Track:
         if self.ring is None:
             self.start(u32(di - 1), ri)
         self._sync_dirty(ts, u32(di - 1), ri, "push")
-        self._sync_reset(ts, ri, "push")
+        # the push's reset_index is read after its entry was written: a reset walk that
+        # shows past that entry collected it, so it ran after the write
+        late = s32(ri - (di - 1)) > 0
+        if late and s32(u32(di - 1) - self.ring.reset_index) > 0:  # type: ignore[union-attr]
+            self._sync_reset(ts, u32(di - 1), "push")
+        if not late:
+            self._sync_reset(ts, ri, "push")
         self._push(ts, slot, offset)
+        if late:
+            self._sync_reset(ts, ri, "push")
         self.res.pushes += 1
         self._indices(di, ri)
         if self.exit_ts is not None:
@@ -201,7 +290,9 @@ class _Track:
             self.res.harvested_unknown += skip
             r.reset_index = u32(r.reset_index + skip)
             r.mark_reset(r.reset_index, d - skip)
-            for slot, offset in r.reset():
+            at = r.reset_index
+            for k, (slot, offset) in enumerate(r.reset()):
+                self._got(slot, offset, self.seqs[(at + k) & (r.size - 1)])
                 if slot == UNKNOWN_SLOT:
                     self.res.harvested_unknown += 1
                 else:
@@ -230,7 +321,8 @@ class _Track:
 
     def close_soft(self) -> None:
         ep, self.soft = self.soft, None
-        if ep is not None and not ep["exited"] and ep["past"]:
+        if (ep is not None and not ep["exited"] and ep["past"]
+                and ep["max_used"] > self.res.size):
             ts, di, ri = ep["first"]
             self.anomaly(A.NO_EXIT, ts, di, ri, ep["past"],
                          soft_limit=self.res.size - self.reserved, max_used=ep["max_used"])
@@ -255,18 +347,21 @@ class _Track:
         self.res.size, self.res.size_source = size, source
         if old is None:
             return
+        old_seqs = self.seqs
         new = self._new_ring(size)
         new.dirty_index, new.reset_index = old.dirty_index, old.reset_index
         for k in range(min(size, old.size)):
             i = u32(old.dirty_index - 1 - k)
             e, n = old.entry_at(i), new.entry_at(i)
             n.flags, n.slot, n.offset = e.flags, e.slot, e.offset
+            self.seqs[i & (size - 1)] = old_seqs[i & (old.size - 1)]
         self.ring = new
         lost_n = s32(old.dirty_index - size - old.reset_index)
         for k in range(min(max(lost_n, 0), old.size)):
             e = old.entry_at(old.reset_index + k)
             if not e.flags:
                 continue
+            self._lost(e.slot, e.offset, old_seqs[u32(old.reset_index + k) & (old.size - 1)])
             self.res.overwritten += 1
             if self.overflow is None:
                 self.overflow = self.anomaly(A.OVERFLOW, ts, old.dirty_index, old.reset_index,
@@ -287,7 +382,19 @@ class _Track:
 
     def finish(self) -> None:
         self.close_soft()
-        if self.unconfirmed is not None:
+        r = self.ring
+        if r is not None and self.used() > 0 and not r.entry_at(r.reset_index).flags:
+            n = 0
+            for i, e in enumerate(r.entries):
+                if e.flags:
+                    n += 1
+                    self._lost(e.slot, e.offset, self.seqs[i])
+            self.res.stranded, self.res.stuck = n, True
+            self.anomaly(A.STUCK, self.res.last_ns or 0, r.dirty_index, r.reset_index, n,
+                         used=self.used())
+        pages = sorted((s, o, p[0]) for (s, o), p in self.lost.items() if p[1] > p[2])
+        self.res.lost_pages, self.res.lost_page_count = pages[:LIST_CAP], len(pages)
+        if self.unconfirmed is not None and not self.eintr:
             ts, di, frm, to = self.unconfirmed
             self.anomaly(A.GAP, ts, di, to, 1, index="reset_index", expected=frm, got=to,
                          event="push")
@@ -302,6 +409,8 @@ class ReferenceReplay:
         self.reserved = reserved
         self.tracks: dict[RingId, _Track] = {}
         self.vm_size: dict[tuple[int, int], tuple[int, str]] = {}
+        self.seq = 0
+        self.eintr = resets_interruptible(self.meta.kernel_release)
 
     def _vm_size(self, pid: int, vm: int) -> tuple[int | None, str]:
         if (pid, vm) not in self.vm_size:
@@ -314,7 +423,7 @@ class ReferenceReplay:
         t = self.tracks.get(key)
         if t is None:
             size, source = self._vm_size(key[0], key[1])
-            t = self.tracks[key] = _Track(key, size, source, self.reserved)
+            t = self.tracks[key] = _Track(key, size, source, self.reserved, self.eintr)
         return t
 
     def _set_vm_size(self, pid: int, vm: int, size: int, source: str, ts: int) -> None:
@@ -323,12 +432,30 @@ class ReferenceReplay:
             if key[:2] == (pid, vm) and t.res.size != size:
                 t.set_size(size, source, ts)
 
+    def _process(self, t: _Track, ev: _Ev) -> None:
+        kind, ts, di, ri, slot, value, _ = ev
+        if kind == Kind.PUSH:
+            t.on_push(ts, di, ri, slot, value)
+        elif kind == Kind.RESET:
+            t.on_reset(ts, di, ri)
+        elif kind == Kind.EXIT:
+            t.on_exit(ts)
+        else:
+            t.res.stalls.add(value)
+
+    def _drain(self, pid: int, vm: int) -> None:
+        for key, t in self.tracks.items():
+            if key[:2] == (pid, vm):
+                t.pump(lambda ev, t=t: self._process(t, ev), True)
+
     def feed(self, events: Iterable[np.void] | np.ndarray) -> None:
         for e in events:
+            self.seq += 1
             kind, ts = int(e["kind"]), int(e["ts"])
             pid, vm, ring = int(e["pid"]), int(e["vm"]), int(e["ring"])
             di, ri = int(e["dirty_index"]), int(e["reset_index"])
             if kind == Kind.RING_SIZE:
+                self._drain(pid, vm)
                 size = int(e["value"]) // 16
                 if not valid_entries(size):
                     continue
@@ -338,23 +465,23 @@ class ReferenceReplay:
             if kind not in (Kind.PUSH, Kind.RESET, Kind.EXIT, Kind.STALL):
                 continue
             t = self.track((pid, vm, ring))
-            if kind == Kind.PUSH:
-                t.on_push(ts, di, ri, int(e["slot"]), int(e["value"]))
-            elif kind == Kind.RESET:
-                t.on_reset(ts, di, ri)
-            elif kind == Kind.EXIT:
-                if self._vm_size(pid, vm)[0] is None and t.ring is not None:
+            ev = (kind, ts, di, ri, int(e["slot"]), int(e["value"]), self.seq)
+            unknown = kind == Kind.EXIT and self._vm_size(pid, vm)[0] is None
+            if unknown:  # infer the VM's ring size at its first soft-full exit
+                self._drain(pid, vm)
+                if t.ring is not None:
                     mx = max(x.res.max_used for k, x in self.tracks.items() if k[:2] == (pid, vm))
                     size = infer_size(mx, t.used(), self.reserved)
                     if size is not None:
                         self._set_vm_size(pid, vm, size, "inferred", ts)
-                t.on_exit(ts)
-            else:
-                t.res.stalls.add(int(e["value"]))
+            t.arrive(ev, lambda ev, t=t: self._process(t, ev))
+            if unknown:
+                t.pump(lambda ev, t=t: self._process(t, ev), True)
 
     def finish(self) -> ReferenceResult:
         anomalies: list[Anomaly] = []
         for t in self.tracks.values():
+            t.pump(lambda ev, t=t: self._process(t, ev), True)
             t.finish()
             t.res.harvest_sum1, t.res.harvest_sum2 = t.digest.sum1, t.digest.sum2
             anomalies.extend(t.anomalies)

@@ -31,6 +31,7 @@ class AnomalyKind(enum.StrEnum):
     RESET_BEYOND = "reset_beyond"  #: reset_index passed dirty_index
     BACKWARDS = "backwards"  #: an index went back
     LIVELOCK = "livelock"  #: repeated soft-full exits with no reset progress
+    STUCK = "stuck"  #: reset_index on a cleared entry with entries pushed: never reset again
 
 
 @dataclass
@@ -83,6 +84,12 @@ class Anomaly:
             return (
                 f"{x['index']} went backwards: {x['before']:#x} then {x['after']:#x} at a "
                 f"{x['event']} event (the model resynced to the event)"
+            )
+        if k is AnomalyKind.STUCK:
+            return (
+                f"ring stuck: reset_index {self.reset_index:#x} points at an entry a reset "
+                f"already cleared while {x['used']} are pushed (an overflow's harvest ran "
+                f"into the next lap): {n} entries stranded, never to be harvested or reset"
             )
         return (
             f"{n} soft-full exits without reset progress (reset_index stuck at "
@@ -159,6 +166,12 @@ class RingResult:
     dirty_index: int = 0  #: last
     reset_index: int = 0  #: last
     overwritten: int = 0  #: entries overwritten before harvest (dirty pages lost)
+    stranded: int = 0  #: entries pushed and never collectable: the ring ended stuck
+    stuck: bool = False  #: at the end, reset_index on a cleared entry while used > 0
+    #: distinct (slot, offset) among overwritten + stranded entries whose latest push was
+    #: never collected, with how many of their entries were lost; sorted, at most LIST_CAP
+    lost_pages: list[tuple[int, int, int]] = field(default_factory=list)
+    lost_page_count: int = 0  #: len(lost_pages) before the cap
     harvested: int = 0  #: entries collected by resets whose content the model knew
     harvested_unknown: int = 0  #: entries collected whose content the trace never showed
     harvest_sum1: int = 0  #: order-independent multiset hash of harvested (slot, offset)
@@ -171,6 +184,8 @@ class RingResult:
     def compare_key(self) -> tuple[Any, ...]:
         return (self.ring, self.pushes, self.lost_pushes, self.resets, self.entries_reset,
                 self.soft_full_exits, self.max_used, self.size, self.dirty_index,
-                self.reset_index, self.overwritten, self.harvested, self.harvested_unknown,
+                self.reset_index, self.overwritten, self.stranded, self.stuck,
+                tuple(self.lost_pages), self.lost_page_count, self.harvested,
+                self.harvested_unknown,
                 self.harvest_sum1, self.harvest_sum2, self.first_ns, self.last_ns,
                 self.stalls.key(), self.exit_to_push.key())

@@ -30,6 +30,7 @@ against. It is plain Python, one operation per call, and follows the kernel:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "valid_entries",
     "u32",
     "s32",
+    "resets_interruptible",
 ]
 
 GFN_BYTES = 16  #: sizeof(struct kvm_dirty_gfn)
@@ -71,6 +73,14 @@ def s32(x: int) -> int:
     """The signed distance of a u32 difference (serial-number arithmetic)."""
     x &= _M32
     return x - (1 << 32) if x & 0x80000000 else x
+
+
+def resets_interruptible(kernel_release: str | None) -> bool:
+    """Whether ``KVM_RESET_DIRTY_RINGS`` on this kernel can stop part-way with -EINTR and
+    no ``kvm_dirty_ring_reset`` event for the ring it was walking (Linux 6.16 and later;
+    the VMM retries). True when the release is unknown (text traces)."""
+    m = re.match(r"(\d+)\.(\d+)", kernel_release or "")
+    return m is None or (int(m[1]), int(m[2])) >= (6, 16)
 
 
 def entries_from_bytes(ring_bytes: int) -> int:

@@ -11,11 +11,18 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "warnings": [<one line each: what the input could not tell, e.g. text rings not
                   told apart (their anomalies are left out)>],
      "rings": [{"pid" (0 unknown), "vm" (VM fd, -1 unknown; -2, -3, ...: VMs a text
-                trace's rings were told apart into), "index" (kvm_dirty_ring.index),
+                trace's rings were told apart into), "vm_gen" (VMs seen before it under
+                that fd: 0, 1, ...), "index" (kvm_dirty_ring.index),
                 "size" (entries; null unknown), "size_source" ("trace", "meta",
                 "inferred", "unknown"), "soft_limit" (null unknown), "pushes",
                 "lost_pushes", "resets", "entries_reset", "soft_full_exits", "max_used",
-                "dirty_index", "reset_index", "overwritten", "harvested",
+                "dirty_index", "reset_index", "overwritten" (entries overwritten before a
+                reset collected them), "stranded" (entries pushed while the ring is stuck:
+                never collected), "stuck" (reset_index ends on a cleared entry with
+                entries pushed: the ring can never be reset again), "lost_pages" ([[slot,
+                offset, entries lost], ...]: distinct pages among the overwritten and
+                stranded entries whose latest push was never collected, sorted, at most
+                kvmtrace.model.results.LIST_CAP), "lost_page_count", "harvested",
                 "harvested_unknown", "digest" (32 hex digits: harvested (slot, offset)
                 multiset), "first_ns", "last_ns",
                 "stall": {"count", "total_ns", "p50_ns", "p99_ns", "max_ns"} (KT_STALL),
@@ -28,7 +35,7 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "workingset": {"window_ns", "rings": [{"pid", "vm", "index", "pushes", "rate_per_s",
                     "peak_rate_per_s", "distinct_mean", "distinct_max",
                     "windows": [[window index, pushes, distinct pages], ...]}]},
-     "hottest": [{"pid", "vm", "pages": [{"slot", "offset", "pushes"}]}],
+     "hottest": [{"pid", "vm", "vm_gen", "pages": [{"slot", "offset", "pushes"}]}],
      "simulation": null or {"entries", "soft_limit", "exits", "trace_exits",
                     "stall_ns" (estimate; null without a stall in the trace),
                     "assumptions": [...], "rings": [{"pid", "vm", "index", "exits",
@@ -50,6 +57,7 @@ from typing import Any
 from ..analysis.replay import ReplayReport
 from ..model.digest import digest_of
 from ..model.results import Anomaly, Durations, RingId, RingResult
+from ..source.events import vm_fd, vm_gen
 
 __all__ = ["SCHEMA", "report_dict", "dumps_report", "harvest_dump", "ring_dict",
            "anomaly_dict", "ring_span"]
@@ -65,7 +73,9 @@ def _num(x: float | None, nd: int = 3) -> float | None:
 
 
 def _ring_ref(key: RingId) -> dict[str, int]:
-    return {"pid": int(key[0]), "vm": int(key[1]), "index": int(key[2])}
+    """pid, VM (its fd; ``vm_gen``: VMs seen before it under that fd) and ring index."""
+    vm = int(key[1])
+    return {"pid": int(key[0]), "vm": vm_fd(vm), "vm_gen": vm_gen(vm), "index": int(key[2])}
 
 
 def _durations(d: Durations) -> dict[str, int | None]:
@@ -82,7 +92,9 @@ def ring_dict(r: RingResult, reserved: int) -> dict[str, Any]:
         "pushes": r.pushes, "lost_pushes": r.lost_pushes, "resets": r.resets,
         "entries_reset": r.entries_reset, "soft_full_exits": r.soft_full_exits,
         "max_used": r.max_used, "dirty_index": r.dirty_index, "reset_index": r.reset_index,
-        "overwritten": r.overwritten, "harvested": r.harvested,
+        "overwritten": r.overwritten, "stranded": r.stranded, "stuck": r.stuck,
+        "lost_pages": [[int(s), int(o), int(n)] for s, o, n in r.lost_pages],
+        "lost_page_count": r.lost_page_count, "harvested": r.harvested,
         "harvested_unknown": r.harvested_unknown,
         "digest": digest_of(r.harvested, r.harvest_sum1, r.harvest_sum2),
         "first_ns": r.first_ns, "last_ns": r.last_ns,
@@ -166,7 +178,7 @@ def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
         "rings": [ring_dict(r, report.reserved) for r in report.rings],
         "anomalies": [anomaly_dict(a, start) for a in report.anomalies],
         "workingset": _workingset(report),
-        "hottest": [{"pid": pid, "vm": vm,
+        "hottest": [{"pid": pid, "vm": vm_fd(vm), "vm_gen": vm_gen(vm),
                      "pages": [{"slot": p.slot, "offset": p.offset, "pushes": p.pushes}
                                for p in pages[:top]]}
                     for (pid, vm), pages in sorted(report.hottest.items())],
@@ -188,7 +200,7 @@ def harvest_dump(report: ReplayReport) -> dict[str, Any]:
     one = next(iter(vms)) if len(vms) == 1 else None
     return {
         "pid": one[0] if one and one[0] else None,
-        "vm_fd": one[1] if one and one[1] >= 0 else None,
+        "vm_fd": vm_fd(one[1]) if one and one[1] >= 0 else None,
         "ring_entries": next(iter(sizes)) if len(sizes) == 1 else None,
         "rings": [{**_ring_ref(r.ring),
                    "harvested": [[int(s), int(o)] for s, o in harvested.get(r.ring, [])]}

@@ -2,9 +2,11 @@
 
 Sections: header (source, events, lost, span), per-ring counters (``struct kvm_dirty_ring``
 of each vCPU: size and where it came from, pushes, resets, entries reset, soft-full exits,
-max used), per-ring stalls and harvest digest, anomalies (time from the first event, ring,
-indices, one sentence each), dirty rate and working set per vCPU, hottest pages per VM and
-the ``--simulate-ring-entries`` comparison. Times: ms/us from the trace's ns.
+max used), per-ring stalls and harvest digest, lost dirty pages (overwritten and stranded
+entries, deduplicated by page with how many entries each lost, stuck rings), anomalies
+(time from the first event, ring, indices, one sentence each), dirty rate and working set
+per vCPU, hottest pages per VM and the ``--simulate-ring-entries`` comparison.
+Times: ms/us from the trace's ns.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import textwrap
 from ..analysis.replay import ReplayReport
 from ..model.digest import digest_of
 from ..model.results import Durations, RingId
+from ..source.events import vm_label
 from .replay_json import ring_span
 
 __all__ = ["render_text", "WIDTH", "MAX_ANOMALIES"]
@@ -32,7 +35,7 @@ def _ms(ns: float | None) -> str:
 
 def _who(key: RingId) -> tuple[str, str]:
     pid, vm = key[0], key[1]
-    return (str(pid) if pid else "?"), (str(vm) if vm != -1 else "?")
+    return (str(pid) if pid else "?"), (vm_label(vm) if vm != -1 else "?")
 
 
 def _fit(line: str) -> str:
@@ -76,6 +79,35 @@ def _rings(report: ReplayReport) -> list[str]:
             f"{r.lost_pushes:>9} {r.overwritten:>8} {r.harvested:>10}  {dig}"))
     if any(not r.stalls.count and r.exit_to_push.count for r in report.rings):
         out.append("* no stall events: time from soft-full exit to the ring's next push")
+    return out
+
+
+LOST_SHOWN = 6  #: lost pages listed per ring in text (all, up to LIST_CAP, in --json)
+
+
+def _lost(report: ReplayReport) -> list[str]:
+    rings = [r for r in report.rings if r.overwritten or r.stranded or r.lost_page_count]
+    if not rings:
+        return []
+    out = ["", "lost dirty pages (never collected by a reset), page x entries lost:",
+           f"{'ring':>4} {'overwrit':>8} {'stranded':>8} {'stuck':>5} {'pages':>6}  first"]
+    for r in rings:
+        line = (f"{r.ring[2]:>4} {r.overwritten:>8} {r.stranded:>8} "
+                f"{'yes' if r.stuck else 'no':>5} {r.lost_page_count:>6} ")
+        shown = 0
+        for s, o, n in r.lost_pages[:LOST_SHOWN]:
+            item = f" ({s}, {o:#x}) x{n}"
+            if len(line) + len(item) + 6 > WIDTH:
+                break
+            line += item
+            shown += 1
+        if r.lost_page_count > shown:
+            line += f" +{r.lost_page_count - shown}"
+        out.append(_fit(line))
+    if any(r.stuck for r in rings):
+        out += textwrap.wrap("stuck: reset_index sits on an entry a reset already "
+                             "cleared; no harvest or reset collects that ring again",
+                             WIDTH)
     return out
 
 
@@ -151,6 +183,6 @@ def render_text(report: ReplayReport, *, file: str | None = None, top: int = 10,
     lines = (_header(report, file, truncated)
              + [x for w in warnings or []
                 for x in textwrap.wrap(f"warning: {w}", WIDTH, subsequent_indent="  ")]
-             + _rings(report) + _anomalies(report)
+             + _rings(report) + _lost(report) + _anomalies(report)
              + _workingset(report) + _hottest(report, top) + _simulation(report))
     return "\n".join(_fit(line) for line in lines)

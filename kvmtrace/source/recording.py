@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 MAGIC = b"\x89KVT\r\n\x1a\n"
-FORMAT_VERSION = (1, 0)  # (major, minor): a reader refuses a newer major
+FORMAT_VERSION = (1, 1)  # (major, minor): a reader refuses a newer major; 1.1: vm packs a gen
 FILE_HEADER = struct.Struct("<8sHHI")  # magic, major, minor, flags
 BLOCK_HEADER = struct.Struct("<4sBBHIIIQQI")  # see docs/FORMAT.md
 BLOCK_SYNC = b"KTBK"

@@ -1,4 +1,5 @@
-"""Compile probes/dirty_ring.bpf.c with bcc, attach it, and read its maps.
+"""Compile the probes (package data: kvmtrace/bpf/probes/dirty_ring.bpf.c) with bcc, attach
+them, and read their maps.
 
 Every option reaches the C side as a ``-D`` define (never by editing the C text): the pid
 filter, aggregation and event output switches, ring buffer pages, the hook of each event
@@ -13,7 +14,9 @@ import errno
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,13 @@ from .layout import (
     VM_VAL_DTYPE,
 )
 
-__all__ = ["PROBES_DIR", "SOURCE", "HOOKS", "VM_IDENTITIES", "Probes", "preflight",
-           "select_hooks", "vm_ptr_defines", "infer_entries", "merge_rows", "add_push_slots",
-           "live_used_counts", "stranded_count", "slots_settled", "SnapshotRaced"]
+__all__ = ["PROBES_PACKAGE", "SOURCE_NAME", "probes_dir", "HOOKS", "VM_IDENTITIES", "Probes",
+           "preflight", "select_hooks", "vm_ptr_defines", "infer_entries", "merge_rows",
+           "add_push_slots", "live_used_counts", "stranded_count", "slots_settled", "SnapshotRaced"]
 
-PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
-SOURCE = PROBES_DIR / "dirty_ring.bpf.c"
+#: the probes' C sources are package data of this package, in its folder ``probes``
+PROBES_PACKAGE = __package__ or "kvmtrace.bpf"
+SOURCE_NAME = "dirty_ring.bpf.c"  #: the program; kvmtrace.h and dirty_ring_defs.h beside it
 HOOKS = ("auto", "raw_tp", "tp")
 #: how the probes name a VM: ``auto`` by its struct kvm * where the kernel allows
 #: (:func:`vm_ptr_defines`), else ``thread``: from the ioctls seen while tracing
@@ -63,6 +67,20 @@ _BCC_FIX = (
     "apt-get install python3-bpfcc and use a venv made with --system-site-packages "
     "(tools/setup.sh does both)"
 )
+
+
+@contextmanager
+def probes_dir() -> Iterator[Path]:
+    """The folder of the probes' C sources as a real directory for as long as the ``with``
+    lasts: bcc takes the program as a file name and its headers through ``-I`` (the sources
+    are package data, read through importlib.resources; from a zip they are extracted)."""
+    with as_file(files(PROBES_PACKAGE).joinpath("probes")) as path:
+        if not (path / SOURCE_NAME).is_file():
+            raise KvmtraceError(
+                f"the probes' C sources are missing: no {SOURCE_NAME} in {path}",
+                "reinstall kvmtrace (pip install .): the package data was not installed",
+            )
+        yield path
 
 
 def preflight() -> None:
@@ -255,7 +273,7 @@ def add_push_slots(rows: dict[RingKey, dict[str, Any]], slots: np.ndarray) -> No
 def live_used_counts(row: dict[str, Any], size: int | None) -> tuple[int, int]:
     """Full mode: (max_used, overwritten) of a row including the pushes since its last
     reset, which the probes count at the next reset (kt_full_reset() in
-    probes/dirty_ring_defs.h does the same sums)."""
+    dirty_ring_defs.h does the same sums)."""
     used = (row["dirty_index"] - row["reset_index"]) & _U32
     over = row["overwritten"]
     if size:
@@ -271,7 +289,7 @@ def stranded_count(row: dict[str, Any], size: int | None) -> tuple[int, int]:
     """(stranded, not_overwritten) of a ring (struct kt_ring_val as a dict, dirty_index up
     to date). stranded: those of ended stuck periods plus, while the ring is stuck, the
     pushes after the reset that left it stuck (kt_stuck_reset() in
-    probes/dirty_ring_defs.h), up to a lap past its reset_index. not_overwritten: of the
+    dirty_ring_defs.h), up to a lap past its reset_index. not_overwritten: of the
     pushes since that reset counted as overwritten between resets (live_used_counts()),
     those that landed on entries the stuck reset had cleared (the probes take them off at
     the next reset as well)."""
@@ -381,7 +399,7 @@ class Probes:
         self.aggregate = aggregate
         self.hooks, cflags = select_hooks(hook, vm_identity)
         self.vm_identity = "pointer" if "-DKT_VM_PTR=1" in cflags else "thread"
-        cflags += [f"-I{PROBES_DIR}", f"-DKT_PID={pid}"]
+        cflags.append(f"-DKT_PID={pid}")
         if not push_probe:
             del self.hooks["kvm_dirty_ring_push"]
             cflags.append("-DKT_NO_PUSH")
@@ -402,13 +420,15 @@ class Probes:
         from bcc import BPF
 
         t0 = time.monotonic()
-        try:
-            self._bpf: Any = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-        except Exception as err:  # bcc raises bare Exception for compile and load errors
-            raise KvmtraceError(
-                f"could not compile or attach {SOURCE.name}: {err}",
-                "run tools/setup.sh (kernel headers for bcc); the compiler output is above",
-            ) from None
+        with probes_dir() as src:
+            try:
+                self._bpf: Any = BPF(src_file=str(src / SOURCE_NAME).encode(),
+                                     cflags=[f"-I{src}", *cflags])
+            except Exception as err:  # bcc raises bare Exception for compile and load errors
+                raise KvmtraceError(
+                    f"could not compile or attach {SOURCE_NAME}: {err}",
+                    "run tools/setup.sh (kernel headers for bcc); the compiler output is above",
+                ) from None
         self.load_seconds = time.monotonic() - t0
         self._rb_open = False
         self._free_fd: int | None = None

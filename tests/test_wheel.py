@@ -96,7 +96,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         (Path(purelib) / "kvmtrace-test-deps.pth").write_text(f"{deps}\n")
     # this interpreter's pip installs into the new venv (pip >= 22.3: --python)
     _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-index", "-q",
-          str(wheel)], "installing the wheel offline (are numpy and pyroute2 importable?)")
+          str(wheel)], "installing the wheel offline (are numpy and pyroute2 importable?)",
+         env=env, cwd=tmp)  # no PYTHONPATH: a checkout's egg-info would look installed
     return Installed(venv=venv, wheel=wheel, cwd=tmp, env=env)
 
 

@@ -105,21 +105,21 @@ def run_empty(seconds: float) -> Row:
 def run_top(seconds: float) -> Row:
     from kvmtrace.bpf.loader import Probes
 
-    with Probes(aggregate=True) as p:
+    with Probes("top") as p:
         return measure(p._bpf.funcs, seconds)
 
 
 def run_top_hash(seconds: float) -> Row:
     from kvmtrace.bpf.loader import Probes
 
-    with Probes(aggregate=True, fast_push=False) as p:
+    with Probes("top", fast_push=False) as p:
         return measure(p._bpf.funcs, seconds)
 
 
 def run_light(seconds: float) -> Row:
     from kvmtrace.bpf.loader import Probes
 
-    with Probes(aggregate=True, push_probe=False) as p:
+    with Probes("top-light") as p:
         return measure(p._bpf.funcs, seconds)
 
 

@@ -40,13 +40,18 @@ from .layout import (
     VM_VAL_DTYPE,
 )
 
-__all__ = ["PROBES_PACKAGE", "SOURCE_NAME", "probes_dir", "HOOKS", "VM_IDENTITIES", "Probes",
+__all__ = ["PROBES_PACKAGE", "SOURCE_NAME", "probes_dir", "MODES", "HOOKS", "VM_IDENTITIES",
+           "Probes",
            "preflight", "select_hooks", "vm_ptr_defines", "infer_entries", "merge_rows",
            "add_push_slots", "live_used_counts", "stranded_count", "slots_settled", "SnapshotRaced"]
 
 #: the probes' C sources are package data of this package, in its folder ``probes``
 PROBES_PACKAGE = __package__ or "kvmtrace.bpf"
 SOURCE_NAME = "dirty_ring.bpf.c"  #: the program; kvmtrace.h and dirty_ring_defs.h beside it
+#: one per use: ``top`` (aggregation), ``top-light`` (no push probe), ``record`` (events)
+MODES = ("top", "top-light", "record")
+_MODE_DEFINES = {"top": "-DKT_MODE_TOP", "top-light": "-DKT_MODE_TOP_LIGHT",
+                 "record": "-DKT_MODE_RECORD"}
 HOOKS = ("auto", "raw_tp", "tp")
 #: how the probes name a VM: ``auto`` by its struct kvm * where the kernel allows
 #: (:func:`vm_ptr_defines`), else ``thread``: from the ioctls seen while tracing
@@ -343,45 +348,51 @@ class Probes:
 
     def __init__(
         self,
+        mode: str = "top",
         *,
         pid: int = 0,
-        emit_events: bool = False,
-        ringbuf_pages: int = 4096,
-        aggregate: bool = True,
         hook: str = "auto",
-        wake_every: int = 0,
-        push_probe: bool = True,
-        fast_push: bool = True,
         vm_identity: str = "auto",
+        ringbuf_pages: int = 4096,
+        wake_every: int = 0,
+        fast_push: bool = True,
         push_slot_bits: int | None = None,
+        with_events: bool = False,
     ) -> None:
-        """``wake_every`` > 0: the BPF side wakes a ring-buffer reader once per that many
-        records of a CPU (for a reader that also polls on a timer), not after every one.
+        """One mode per use (:data:`MODES`; the C side gets one ``-DKT_MODE_*`` define and
+        derives the rest in dirty_ring_defs.h):
 
-        ``push_probe=False`` is light mode (``mode == "light"``): nothing is attached to
-        kvm:kvm_dirty_ring_push (compiled with -DKT_NO_PUSH), so the probes cost nothing per
-        push. Each ring's pushes (dirty_index advance), used, max_used (used just before a
-        reset) and overwritten entries are then updated at its kvm_dirty_ring_reset events
-        only; a ring of a VM created before the probes counts pushes from its first reset
-        seen. With a tracepoint exit hook, soft-full exits go to ring ``vcpu_id`` (the
-        kernel makes the vCPU id the ring's index at KVM_CREATE_VCPU; true for the built-in
-        VMM and QEMU). Not for event output (there would be no pushes).
-
-        ``fast_push`` (a raw push hook, and aggregation or event output but not both;
-        ``fast_push`` attribute true when in use): each ring owns an array slot found by
-        its kernel address (struct kt_push_slot). Aggregating, a push is counted there
-        instead of through two hash-map lookups and a read of the ring (about 100 ns less
-        per push); emitting events, the slot names the push's VM fd instead of a per-thread
-        hash-map lookup. False keeps every push on the hash-map path (for comparison); the
-        snapshots and events are the same either way. ``push_slot_bits``: log2 of the
-        number of slots (KT_PUSH_SLOT_BITS, 10 by default); rings whose slot is taken take
-        the hash-map path (tests lower it to force collisions).
+        - ``top``: in-kernel aggregation per ring (:meth:`snapshot`). With a raw push hook
+          each ring owns an array slot found by its kernel address (struct kt_push_slot)
+          and a push is counted there, not through two hash-map lookups and a read of the
+          ring (about 100 ns less per push); attribute ``fast_push`` true when in use.
+        - ``top-light``: aggregation with nothing attached to kvm:kvm_dirty_ring_push, so
+          the probes cost nothing per push. Each ring's pushes (dirty_index advance), used,
+          max_used (used just before a reset) and overwritten entries are then updated at
+          its kvm_dirty_ring_reset events only; a ring of a VM created before the probes
+          counts pushes from its first reset seen. With a tracepoint exit hook, soft-full
+          exits go to ring ``vcpu_id`` (the kernel makes the vCPU id the ring's index at
+          KVM_CREATE_VCPU; true for the built-in VMM and QEMU).
+        - ``record``: every event as a struct kt_event into the BPF ring buffer ``events``
+          (``ringbuf_pages`` pages; :meth:`ringbuf_fd`, :meth:`poll_events`), no
+          aggregation. With a raw push hook the same slots name a push's VM fd instead of
+          a per-thread hash-map lookup. ``wake_every`` > 0: the BPF side wakes a reader
+          once per that many records of a CPU (for a reader that also polls on a timer).
 
         ``vm_identity`` (attribute ``vm_identity``: ``pointer`` or ``thread`` in use):
         ``auto`` names each VM by its ``struct kvm *`` where the kernel allows
         (:func:`vm_ptr_defines`), so a VM created before the probes has the same
         ``vm = fd | gen << 20`` on every event as one created after them; ``thread`` names
-        it from the ioctls seen while tracing (pushes and exits of older VMs: vm = -1)."""
+        it from the ioctls seen while tracing (pushes and exits of older VMs: vm = -1).
+
+        For tests and benchmarks only (they compare against these; no command sets them):
+        ``fast_push=False`` keeps every push on the hash-map path (the snapshots and events
+        are the same either way); ``push_slot_bits``: log2 of the number of slots
+        (KT_PUSH_SLOT_BITS, 10 by default; rings whose slot is taken take the hash-map
+        path, so tests lower it to force collisions); ``with_events`` (``top`` only): event
+        output as well, so one run's maps can be checked against its events."""
+        if mode not in MODES:
+            raise UsageError(f"unknown probes mode {mode!r}", f"use one of {', '.join(MODES)}")
         if pid < 0:
             raise UsageError(f"bad pid {pid}", "give a process id, or 0 for every process")
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
@@ -389,32 +400,32 @@ class Probes:
                 f"ring buffer pages must be a power of two, not {ringbuf_pages}",
                 "use e.g. 4096 (16 MiB with 4 KiB pages)",
             )
-        if emit_events and not push_probe:
-            raise UsageError("event output needs the push probe",
-                             "drop push_probe=False (light mode is for the aggregated view)")
+        if with_events and mode != "top":
+            raise UsageError(f"with_events is for mode top, not {mode}",
+                             "event output needs the push probe (top-light has none); "
+                             "record emits events already")
         preflight()
         self.pid = pid
-        self.mode = "full" if push_probe else "light"
-        self.emit_events = emit_events
-        self.aggregate = aggregate
+        self.mode = mode
+        self.emit_events = mode == "record" or with_events
+        self.aggregate = mode != "record"
         self.hooks, cflags = select_hooks(hook, vm_identity)
         self.vm_identity = "pointer" if "-DKT_VM_PTR=1" in cflags else "thread"
-        cflags.append(f"-DKT_PID={pid}")
-        if not push_probe:
+        cflags += [_MODE_DEFINES[mode], f"-DKT_PID={pid}"]
+        if mode == "top-light":
             del self.hooks["kvm_dirty_ring_push"]
-            cflags.append("-DKT_NO_PUSH")
-        if aggregate:
-            cflags.append("-DKT_AGGREGATE")
+        if with_events:
+            cflags.append("-DKT_TEST_EVENTS")
         if not fast_push:
             cflags.append("-DKT_NO_FAST_PUSH")
         if push_slot_bits is not None:
             if not 1 <= push_slot_bits <= 20:
                 raise UsageError(f"bad push_slot_bits {push_slot_bits}", "give 1..20")
             cflags.append(f"-DKT_PUSH_SLOT_BITS={push_slot_bits}")
-        self.fast_push = (fast_push and push_probe and aggregate != emit_events
+        self.fast_push = (fast_push and mode != "top-light" and not with_events
                           and self.hooks.get("kvm_dirty_ring_push") == "raw_tp")
-        if emit_events:
-            cflags += ["-DKT_EMIT_EVENTS", f"-DKT_RINGBUF_PAGES={ringbuf_pages}",
+        if self.emit_events:
+            cflags += [f"-DKT_RINGBUF_PAGES={ringbuf_pages}",
                        f"-DKT_RB_WAKE_EVERY={max(0, int(wake_every))}"]
         self.cflags = cflags
         from bcc import BPF
@@ -508,10 +519,10 @@ class Probes:
             size = (v["size"] or vm_bytes.get((key.pid, key.vm), 0) // GFN_BYTES
                     or infer_entries(v["exit_used_min"]))
             max_used, lost = v["max_used"], v["overwritten"]
-            if self.mode == "full":
+            if self.mode != "top-light":
                 max_used, lost = live_used_counts(v, size)
             stranded, back = stranded_count(v, size)
-            if self.mode == "full":
+            if self.mode != "top-light":
                 lost -= min(back, lost - v["overwritten"])  # counted above, not at a reset
             stuck = (STRANDED if v["stuck"] else NO_RESET_PROGRESS
                      if v["stuck_exits"] >= STUCK_EXITS else OVERFLOW if lost + stranded else None)
@@ -659,7 +670,7 @@ class Probes:
         """The fd of the BPF_MAP_TYPE_RINGBUF map ``events`` (for an mmap reader)."""
         if not self.emit_events:
             raise UsageError("the probes were loaded without event output",
-                             "construct Probes(emit_events=True)")
+                             'construct Probes("record")')
         return int(self._bpf[b"events"].map_fd)
 
     def poll_events(self, timeout_ms: int = 0) -> np.ndarray:

@@ -33,7 +33,8 @@ class LiveEvents:
     ends :meth:`batches` after it has drained what the kernel already produced.
 
     ``batches()`` also yields empty arrays about every ``poll_ms`` while idle, so that a
-    consumer can flush files and check deadlines.
+    consumer can flush files and check deadlines. ``fast_push=False`` is for benchmarks
+    only (Probes' test-only override: a push's VM fd from the per-thread hash map).
     """
 
     def __init__(self, *, pid: int = 0, ringbuf_pages: int = 4096, hook: str = "auto",

@@ -2,7 +2,7 @@
 
 Layout follows the data's path:
 
-- ``probes/`` (top of the repository): BPF C on the dirty-ring tracepoints.
+- ``bpf/probes/`` (package data): BPF C on the dirty-ring tracepoints.
 - :mod:`kvmtrace.host`: facts about the running kernel (preflight, tracefs, BTF, headers).
 - :mod:`kvmtrace.bpf`: loads the probes and reads their maps and ring buffers.
 - :mod:`kvmtrace.source`: event sources (live BPF, recordings, imported ftrace/perf text).

@@ -149,7 +149,7 @@ def test_record_takes_the_same_vm_from_slots(kvm, bpf_root) -> None:
     """Event output: the VM fd of a push from its ring's slot (fast) or from the per-thread
     map (hash): both sets of probes, attached at once, emit the same events (but for their
     time stamps and measured durations)."""
-    with fast_and_hash(emit_events=True, aggregate=False, ringbuf_pages=1024) as (
+    with fast_and_hash(mode="record", ringbuf_pages=1024) as (
             fast, slow, truths):
         got = [p.poll_events() for p in (fast, slow)]
         assert fast.lost() == slow.lost() == 0

@@ -134,10 +134,9 @@ def traced(groups: list[list[dict]], preexisting: tuple[int, int] | None = None)
             stop_when(child, *preexisting)
         probes["fast"] = Probes(pid=child.pid, hook="raw_tp")
         probes["hash"] = Probes(pid=child.pid, hook="raw_tp", fast_push=False)
-        probes["light"] = Probes(pid=child.pid, push_probe=False)
+        probes["light"] = Probes("top-light", pid=child.pid)
         probes["tp"] = Probes(pid=child.pid, hook="tp")
-        probes["events"] = Probes(pid=child.pid, emit_events=True, aggregate=False,
-                                  ringbuf_pages=1024)
+        probes["events"] = Probes("record", pid=child.pid, ringbuf_pages=1024)
         assert probes["fast"].fast_push and probes["events"].fast_push
         assert {p.vm_identity for p in probes.values()} == {"pointer"}
         if preexisting is None:
@@ -275,7 +274,7 @@ def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeyp
     try:
         stop_when(child, 2, 3)
         probes.append(Probes(pid=child.pid, hook="raw_tp"))
-        probes.append(Probes(pid=child.pid, emit_events=True, aggregate=False))
+        probes.append(Probes("record", pid=child.pid))
         assert "-DKT_VM_NAME_OFF=1" in probes[0].cflags
         truths = finish(child)
         ev = probes[1].poll_events()

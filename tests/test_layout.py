@@ -1,4 +1,5 @@
-"""probes/kvmtrace.h and its numpy twins agree byte for byte (sizes, offsets, field sizes).
+"""kvmtrace/bpf/probes/kvmtrace.h and its numpy twins agree byte for byte (sizes, offsets,
+field sizes).
 
 A tiny C program, built with the host's C compiler against the header, prints sizeof and
 offsetof of every field the numpy dtypes name; any drift on either side fails here.
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, require
+from conftest import require
 
 from kvmtrace.analysis.stats import HIST_BUCKETS
 from kvmtrace.bpf.layout import (
@@ -23,6 +24,7 @@ from kvmtrace.bpf.layout import (
     VM_KEY_DTYPE,
     VM_VAL_DTYPE,
 )
+from kvmtrace.bpf.loader import probes_dir
 from kvmtrace.source.events import EVENT_DTYPE, VM_GEN_SHIFT, Kind
 
 STRUCTS = {
@@ -61,8 +63,9 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
     tmp: Path = tmp_path_factory.mktemp("layout")
     src, exe = tmp / "layout.c", tmp / "layout"
     src.write_text("\n".join(lines) + "\n")
-    subprocess.run([cc, "-Wall", "-Werror", "-I", str(ROOT / "probes"), "-o", str(exe),
-                    str(src)], check=True, capture_output=True, text=True)
+    with probes_dir() as inc:  # the header as the package ships it
+        subprocess.run([cc, "-Wall", "-Werror", "-I", str(inc), "-o", str(exe), str(src)],
+                       check=True, capture_output=True, text=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     return {k: int(v) for k, v in (line.split() for line in out.splitlines())}
 

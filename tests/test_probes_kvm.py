@@ -42,7 +42,7 @@ def run_traced(hook: str):
 
     child = gated(WORKLOAD)
     try:
-        probes = Probes(pid=child.pid, hook=hook, emit_events=True, ringbuf_pages=256)
+        probes = Probes(pid=child.pid, hook=hook, with_events=True, ringbuf_pages=256)
     except BaseException:
         child.kill()
         child.wait()
@@ -154,7 +154,7 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root, identity) -> N
         os.kill(child.pid, signal.SIGSTOP)  # vCPU exists: the probes see no CREATE_VCPU
         assert child.poll() is None, "workload ended before it could be stopped"
         (vm,) = vm_fds(child.pid)
-        source = LiveSource(probes=Probes(pid=child.pid, hook="tp", emit_events=True,
+        source = LiveSource(probes=Probes(pid=child.pid, hook="tp", with_events=True,
                                           vm_identity=identity))
         fast = LiveSource(probes=Probes(pid=child.pid, hook="raw_tp",  # what top loads
                                         vm_identity=identity))
@@ -269,6 +269,10 @@ def test_bad_options_are_usage_errors() -> None:
 
     with pytest.raises(UsageError):
         Probes(ringbuf_pages=1000)
+    with pytest.raises(UsageError, match="unknown probes mode 'full'"):
+        Probes("full")
+    with pytest.raises(UsageError, match="with_events is for mode top, not record"):
+        Probes("record", with_events=True)
     with pytest.raises(UsageError):
         Probes(pid=-1)
     with pytest.raises(UsageError):

@@ -1,5 +1,5 @@
 """Bulk BPF ring-buffer reader: record decoding rules, then a real ring buffer fed by a BPF
-program run in the kernel with BPF_PROG_TEST_RUN (probes/test/ringbuf_fill.c)."""
+program run in the kernel with BPF_PROG_TEST_RUN (tests/bpf/ringbuf_fill.c)."""
 
 from __future__ import annotations
 
@@ -86,12 +86,14 @@ def test_decode_empty_and_partial_header() -> None:
 def compile_filler(pages: int = RB_PAGES) -> Any:
     from bcc import BPF
 
+    from kvmtrace.bpf.loader import probes_dir
     from kvmtrace.host.headers import use_headers
 
     use_headers()
-    cflags = [f"-I{ROOT / 'probes'}", f"-DPER_RUN={PER_RUN}", f"-DDISCARD_EVERY={DISCARD_EVERY}",
-              f"-DRB_PAGES={pages}"]
-    b = BPF(src_file=str(ROOT / "probes/test/ringbuf_fill.c").encode(), cflags=cflags)
+    cflags = [f"-DPER_RUN={PER_RUN}", f"-DDISCARD_EVERY={DISCARD_EVERY}", f"-DRB_PAGES={pages}"]
+    with probes_dir() as inc:  # kvmtrace.h, the package's own copy
+        b = BPF(src_file=str(ROOT / "tests/bpf/ringbuf_fill.c").encode(),
+                cflags=[f"-I{inc}", *cflags])
     return b, b.load_func(b"fill", BPF.SOCKET_FILTER)
 
 

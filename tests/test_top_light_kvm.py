@@ -96,8 +96,8 @@ def test_overflow_counts_overwritten_entries(kvm, bpf_root, mode):
 
 
 def test_light_attaches_nothing_to_push(bpf_root):
-    with Probes(push_probe=False) as probes:
-        assert probes.mode == "light" and "kvm_dirty_ring_push" not in probes.hooks
+    with Probes("top-light") as probes:
+        assert probes.mode == "top-light" and "kvm_dirty_ring_push" not in probes.hooks
         bpf = probes._bpf
         attached = [*bpf.raw_tracepoint_fds, *bpf.tracepoint_fds]
         assert b"kvm_dirty_ring_reset" in attached or b"kvm:kvm_dirty_ring_reset" in attached
@@ -106,7 +106,7 @@ def test_light_attaches_nothing_to_push(bpf_root):
 
 def test_light_refuses_event_output():
     with pytest.raises(UsageError, match="push probe"):
-        Probes(emit_events=True, push_probe=False)
+        Probes("top-light", with_events=True)
 
 
 def test_light_header_and_json_say_the_mode():

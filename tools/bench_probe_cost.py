@@ -7,7 +7,7 @@ built-in workload runs at its highest sustained push rate (tight guest loop, rea
 1 MiB rings) with these programs attached, and the push program's ns per run is put beside
 the workload's ns per push (vCPU run time / pushes) measured in the same run:
 
-  empty   probes/test/empty_push.c: the floor of any probe (dispatch + statistics)
+  empty   tests/bpf/empty_push.c: the floor of any probe (dispatch + statistics)
   top     kvmtrace's probes with in-kernel aggregation (what `kvmtrace top` loads): pushes
           counted by the fast path (an array slot found by the ring's address)
   top-hash the same without the fast path: every push reads the ring and looks up two hash
@@ -95,7 +95,7 @@ def run_empty(seconds: float) -> Row:
     from kvmtrace.host.headers import use_headers
 
     use_headers()
-    b = BPF(src_file=str(ROOT / "probes/test/empty_push.c").encode())
+    b = BPF(src_file=str(ROOT / "tests/bpf/empty_push.c").encode())
     try:
         return measure(b.funcs, seconds)
     finally:
@@ -105,21 +105,21 @@ def run_empty(seconds: float) -> Row:
 def run_top(seconds: float) -> Row:
     from kvmtrace.bpf.loader import Probes
 
-    with Probes(aggregate=True) as p:
+    with Probes("top") as p:
         return measure(p._bpf.funcs, seconds)
 
 
 def run_top_hash(seconds: float) -> Row:
     from kvmtrace.bpf.loader import Probes
 
-    with Probes(aggregate=True, fast_push=False) as p:
+    with Probes("top", fast_push=False) as p:
         return measure(p._bpf.funcs, seconds)
 
 
 def run_light(seconds: float) -> Row:
     from kvmtrace.bpf.loader import Probes
 
-    with Probes(aggregate=True, push_probe=False) as p:
+    with Probes("top-light") as p:
         return measure(p._bpf.funcs, seconds)
 
 

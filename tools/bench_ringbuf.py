@@ -3,7 +3,7 @@
 
     .venv/bin/python tools/bench_ringbuf.py [--rounds N] [--seconds S]   (root; bcc)
 
-The kernel-side producer is probes/test/ringbuf_fill.c, a socket-filter program run with
+The kernel-side producer is tests/bpf/ringbuf_fill.c, a socket-filter program run with
 BPF_PROG_TEST_RUN; each run writes PER_RUN struct kt_event records (48 bytes, 56 with the
 ring's header) into a 64 MiB ring buffer.
 
@@ -50,12 +50,14 @@ class KtEvent(ctypes.Structure):
 def load() -> tuple[Any, Any]:
     from bcc import BPF
 
+    from kvmtrace.bpf.loader import probes_dir
     from kvmtrace.host.headers import use_headers
 
     use_headers()
-    cflags = [f"-I{ROOT / 'probes'}", f"-DPER_RUN={PER_RUN}", "-DDISCARD_EVERY=0",
-              f"-DRB_PAGES={RB_PAGES}"]
-    b = BPF(src_file=str(ROOT / "probes/test/ringbuf_fill.c").encode(), cflags=cflags)
+    cflags = [f"-DPER_RUN={PER_RUN}", "-DDISCARD_EVERY=0", f"-DRB_PAGES={RB_PAGES}"]
+    with probes_dir() as inc:  # kvmtrace.h, the package's own copy
+        b = BPF(src_file=str(ROOT / "tests/bpf/ringbuf_fill.c").encode(),
+                cflags=[f"-I{inc}", *cflags])
     return b, b.load_func(b"fill", BPF.SOCKET_FILTER)
 
 

@@ -7,6 +7,8 @@
 #                           unshare, pytest, ruff, pyarrow)
 #
 # Everything it changes on the system is announced on a line starting with "setup: changed".
+# It links /usr/local/bin/kvmtrace to .venv/bin/kvmtrace, so that `sudo kvmtrace ...` works
+# (sudo's secure_path holds /usr/local/bin), unless another kvmtrace is there already.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -94,4 +96,33 @@ if [[ ! -f $stamp ]] || ! grep -qxF -- "$want_stamp" "$stamp"; then
 	say "installed kvmtrace$extras into $venv"
 fi
 "$venv/bin/python" -c "import bcc" 2>/dev/null || die "bcc does not import in $venv (python3-bpfcc installed?)"
-say "ready: $venv/bin/kvmtrace"
+
+# 5. kvmtrace on root's PATH as sudo sets it (secure_path holds /usr/local/bin).
+# link_on_path TARGET LINK: make LINK a symlink to TARGET; leave any other LINK alone and say
+# so, except a dangling link into another checkout's .venv (that checkout is gone).
+link_on_path() {
+	local target=$1 link=$2 old
+	if [[ -L $link ]]; then
+		old=$(readlink "$link")
+		if [[ $old == "$target" ]]; then
+			say "on PATH: $link -> $target"
+			return 0
+		fi
+		if [[ -e $link || $old != */.venv/bin/kvmtrace ]]; then
+			say "not linking $link: it exists and points to $old; run $target, or remove $link and run setup again"
+			return 0
+		fi
+		ln -sfn "$target" "$link"
+		changed "replaced $link (a dangling link to $old) with a link to $target"
+		return 0
+	fi
+	if [[ -e $link ]]; then
+		say "not linking $link: another file is there; run $target, or remove $link and run setup again"
+		return 0
+	fi
+	mkdir -p "$(dirname "$link")"
+	ln -s "$target" "$link"
+	changed "linked $link -> $target (so sudo kvmtrace ... finds it)"
+}
+link_on_path "$venv/bin/kvmtrace" /usr/local/bin/kvmtrace
+say "ready: kvmtrace ($venv/bin/kvmtrace)"

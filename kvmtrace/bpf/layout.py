@@ -1,4 +1,5 @@
-"""numpy twins of the map structs in probes/kvmtrace.h (tests/test_layout.py checks them).
+"""numpy twins of the map structs in probes/kvmtrace.h beside this module (tests/test_layout.py
+checks them).
 
 Map keys and values are decoded from their raw bytes with these dtypes, so a change on the
 C side that is not mirrored here fails the layout test instead of silently misreading.

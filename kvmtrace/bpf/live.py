@@ -54,7 +54,8 @@ class LiveSource:
             start_time=time.time(),
             hooks=dict(self.probes.hooks),
             tracepoint_formats=self.probes.tracepoint_formats(),
-            extra={"mode": self.probes.mode},  # "light": no push probe (Probes docs)
+            # "light": no push probe (Probes mode top-light)
+            extra={"mode": "light" if self.probes.mode == "top-light" else "full"},
         )
         self._ident = VmIdentity()
         self._watcher = ProcWatcher() if watch else None

@@ -1,4 +1,5 @@
-"""Compile probes/dirty_ring.bpf.c with bcc, attach it, and read its maps.
+"""Compile the probes (package data: kvmtrace/bpf/probes/dirty_ring.bpf.c) with bcc, attach
+them, and read their maps.
 
 Every option reaches the C side as a ``-D`` define (never by editing the C text): the pid
 filter, aggregation and event output switches, ring buffer pages, the hook of each event
@@ -13,7 +14,9 @@ import errno
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.resources import as_file, files
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +40,18 @@ from .layout import (
     VM_VAL_DTYPE,
 )
 
-__all__ = ["PROBES_DIR", "SOURCE", "HOOKS", "VM_IDENTITIES", "Probes", "preflight",
-           "select_hooks", "vm_ptr_defines", "infer_entries", "merge_rows", "add_push_slots",
-           "live_used_counts", "stranded_count", "slots_settled", "SnapshotRaced"]
+__all__ = ["PROBES_PACKAGE", "SOURCE_NAME", "probes_dir", "MODES", "HOOKS", "VM_IDENTITIES",
+           "Probes",
+           "preflight", "select_hooks", "vm_ptr_defines", "infer_entries", "merge_rows",
+           "add_push_slots", "live_used_counts", "stranded_count", "slots_settled", "SnapshotRaced"]
 
-PROBES_DIR = Path(__file__).resolve().parents[2] / "probes"
-SOURCE = PROBES_DIR / "dirty_ring.bpf.c"
+#: the probes' C sources are package data of this package, in its folder ``probes``
+PROBES_PACKAGE = __package__ or "kvmtrace.bpf"
+SOURCE_NAME = "dirty_ring.bpf.c"  #: the program; kvmtrace.h and dirty_ring_defs.h beside it
+#: one per use: ``top`` (aggregation), ``top-light`` (no push probe), ``record`` (events)
+MODES = ("top", "top-light", "record")
+_MODE_DEFINES = {"top": "-DKT_MODE_TOP", "top-light": "-DKT_MODE_TOP_LIGHT",
+                 "record": "-DKT_MODE_RECORD"}
 HOOKS = ("auto", "raw_tp", "tp")
 #: how the probes name a VM: ``auto`` by its struct kvm * where the kernel allows
 #: (:func:`vm_ptr_defines`), else ``thread``: from the ioctls seen while tracing
@@ -63,6 +72,20 @@ _BCC_FIX = (
     "apt-get install python3-bpfcc and use a venv made with --system-site-packages "
     "(tools/setup.sh does both)"
 )
+
+
+@contextmanager
+def probes_dir() -> Iterator[Path]:
+    """The folder of the probes' C sources as a real directory for as long as the ``with``
+    lasts: bcc takes the program as a file name and its headers through ``-I`` (the sources
+    are package data, read through importlib.resources; from a zip they are extracted)."""
+    with as_file(files(PROBES_PACKAGE).joinpath("probes")) as path:
+        if not (path / SOURCE_NAME).is_file():
+            raise KvmtraceError(
+                f"the probes' C sources are missing: no {SOURCE_NAME} in {path}",
+                "reinstall kvmtrace (pip install .): the package data was not installed",
+            )
+        yield path
 
 
 def preflight() -> None:
@@ -255,7 +278,7 @@ def add_push_slots(rows: dict[RingKey, dict[str, Any]], slots: np.ndarray) -> No
 def live_used_counts(row: dict[str, Any], size: int | None) -> tuple[int, int]:
     """Full mode: (max_used, overwritten) of a row including the pushes since its last
     reset, which the probes count at the next reset (kt_full_reset() in
-    probes/dirty_ring_defs.h does the same sums)."""
+    dirty_ring_defs.h does the same sums)."""
     used = (row["dirty_index"] - row["reset_index"]) & _U32
     over = row["overwritten"]
     if size:
@@ -271,7 +294,7 @@ def stranded_count(row: dict[str, Any], size: int | None) -> tuple[int, int]:
     """(stranded, not_overwritten) of a ring (struct kt_ring_val as a dict, dirty_index up
     to date). stranded: those of ended stuck periods plus, while the ring is stuck, the
     pushes after the reset that left it stuck (kt_stuck_reset() in
-    probes/dirty_ring_defs.h), up to a lap past its reset_index. not_overwritten: of the
+    dirty_ring_defs.h), up to a lap past its reset_index. not_overwritten: of the
     pushes since that reset counted as overwritten between resets (live_used_counts()),
     those that landed on entries the stuck reset had cleared (the probes take them off at
     the next reset as well)."""
@@ -325,45 +348,51 @@ class Probes:
 
     def __init__(
         self,
+        mode: str = "top",
         *,
         pid: int = 0,
-        emit_events: bool = False,
-        ringbuf_pages: int = 4096,
-        aggregate: bool = True,
         hook: str = "auto",
-        wake_every: int = 0,
-        push_probe: bool = True,
-        fast_push: bool = True,
         vm_identity: str = "auto",
+        ringbuf_pages: int = 4096,
+        wake_every: int = 0,
+        fast_push: bool = True,
         push_slot_bits: int | None = None,
+        with_events: bool = False,
     ) -> None:
-        """``wake_every`` > 0: the BPF side wakes a ring-buffer reader once per that many
-        records of a CPU (for a reader that also polls on a timer), not after every one.
+        """One mode per use (:data:`MODES`; the C side gets one ``-DKT_MODE_*`` define and
+        derives the rest in dirty_ring_defs.h):
 
-        ``push_probe=False`` is light mode (``mode == "light"``): nothing is attached to
-        kvm:kvm_dirty_ring_push (compiled with -DKT_NO_PUSH), so the probes cost nothing per
-        push. Each ring's pushes (dirty_index advance), used, max_used (used just before a
-        reset) and overwritten entries are then updated at its kvm_dirty_ring_reset events
-        only; a ring of a VM created before the probes counts pushes from its first reset
-        seen. With a tracepoint exit hook, soft-full exits go to ring ``vcpu_id`` (the
-        kernel makes the vCPU id the ring's index at KVM_CREATE_VCPU; true for the built-in
-        VMM and QEMU). Not for event output (there would be no pushes).
-
-        ``fast_push`` (a raw push hook, and aggregation or event output but not both;
-        ``fast_push`` attribute true when in use): each ring owns an array slot found by
-        its kernel address (struct kt_push_slot). Aggregating, a push is counted there
-        instead of through two hash-map lookups and a read of the ring (about 100 ns less
-        per push); emitting events, the slot names the push's VM fd instead of a per-thread
-        hash-map lookup. False keeps every push on the hash-map path (for comparison); the
-        snapshots and events are the same either way. ``push_slot_bits``: log2 of the
-        number of slots (KT_PUSH_SLOT_BITS, 10 by default); rings whose slot is taken take
-        the hash-map path (tests lower it to force collisions).
+        - ``top``: in-kernel aggregation per ring (:meth:`snapshot`). With a raw push hook
+          each ring owns an array slot found by its kernel address (struct kt_push_slot)
+          and a push is counted there, not through two hash-map lookups and a read of the
+          ring (about 100 ns less per push); attribute ``fast_push`` true when in use.
+        - ``top-light``: aggregation with nothing attached to kvm:kvm_dirty_ring_push, so
+          the probes cost nothing per push. Each ring's pushes (dirty_index advance), used,
+          max_used (used just before a reset) and overwritten entries are then updated at
+          its kvm_dirty_ring_reset events only; a ring of a VM created before the probes
+          counts pushes from its first reset seen. With a tracepoint exit hook, soft-full
+          exits go to ring ``vcpu_id`` (the kernel makes the vCPU id the ring's index at
+          KVM_CREATE_VCPU; true for the built-in VMM and QEMU).
+        - ``record``: every event as a struct kt_event into the BPF ring buffer ``events``
+          (``ringbuf_pages`` pages; :meth:`ringbuf_fd`, :meth:`poll_events`), no
+          aggregation. With a raw push hook the same slots name a push's VM fd instead of
+          a per-thread hash-map lookup. ``wake_every`` > 0: the BPF side wakes a reader
+          once per that many records of a CPU (for a reader that also polls on a timer).
 
         ``vm_identity`` (attribute ``vm_identity``: ``pointer`` or ``thread`` in use):
         ``auto`` names each VM by its ``struct kvm *`` where the kernel allows
         (:func:`vm_ptr_defines`), so a VM created before the probes has the same
         ``vm = fd | gen << 20`` on every event as one created after them; ``thread`` names
-        it from the ioctls seen while tracing (pushes and exits of older VMs: vm = -1)."""
+        it from the ioctls seen while tracing (pushes and exits of older VMs: vm = -1).
+
+        For tests and benchmarks only (they compare against these; no command sets them):
+        ``fast_push=False`` keeps every push on the hash-map path (the snapshots and events
+        are the same either way); ``push_slot_bits``: log2 of the number of slots
+        (KT_PUSH_SLOT_BITS, 10 by default; rings whose slot is taken take the hash-map
+        path, so tests lower it to force collisions); ``with_events`` (``top`` only): event
+        output as well, so one run's maps can be checked against its events."""
+        if mode not in MODES:
+            raise UsageError(f"unknown probes mode {mode!r}", f"use one of {', '.join(MODES)}")
         if pid < 0:
             raise UsageError(f"bad pid {pid}", "give a process id, or 0 for every process")
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
@@ -371,44 +400,46 @@ class Probes:
                 f"ring buffer pages must be a power of two, not {ringbuf_pages}",
                 "use e.g. 4096 (16 MiB with 4 KiB pages)",
             )
-        if emit_events and not push_probe:
-            raise UsageError("event output needs the push probe",
-                             "drop push_probe=False (light mode is for the aggregated view)")
+        if with_events and mode != "top":
+            raise UsageError(f"with_events is for mode top, not {mode}",
+                             "event output needs the push probe (top-light has none); "
+                             "record emits events already")
         preflight()
         self.pid = pid
-        self.mode = "full" if push_probe else "light"
-        self.emit_events = emit_events
-        self.aggregate = aggregate
+        self.mode = mode
+        self.emit_events = mode == "record" or with_events
+        self.aggregate = mode != "record"
         self.hooks, cflags = select_hooks(hook, vm_identity)
         self.vm_identity = "pointer" if "-DKT_VM_PTR=1" in cflags else "thread"
-        cflags += [f"-I{PROBES_DIR}", f"-DKT_PID={pid}"]
-        if not push_probe:
+        cflags += [_MODE_DEFINES[mode], f"-DKT_PID={pid}"]
+        if mode == "top-light":
             del self.hooks["kvm_dirty_ring_push"]
-            cflags.append("-DKT_NO_PUSH")
-        if aggregate:
-            cflags.append("-DKT_AGGREGATE")
+        if with_events:
+            cflags.append("-DKT_TEST_EVENTS")
         if not fast_push:
             cflags.append("-DKT_NO_FAST_PUSH")
         if push_slot_bits is not None:
             if not 1 <= push_slot_bits <= 20:
                 raise UsageError(f"bad push_slot_bits {push_slot_bits}", "give 1..20")
             cflags.append(f"-DKT_PUSH_SLOT_BITS={push_slot_bits}")
-        self.fast_push = (fast_push and push_probe and aggregate != emit_events
+        self.fast_push = (fast_push and mode != "top-light" and not with_events
                           and self.hooks.get("kvm_dirty_ring_push") == "raw_tp")
-        if emit_events:
-            cflags += ["-DKT_EMIT_EVENTS", f"-DKT_RINGBUF_PAGES={ringbuf_pages}",
+        if self.emit_events:
+            cflags += [f"-DKT_RINGBUF_PAGES={ringbuf_pages}",
                        f"-DKT_RB_WAKE_EVERY={max(0, int(wake_every))}"]
         self.cflags = cflags
         from bcc import BPF
 
         t0 = time.monotonic()
-        try:
-            self._bpf: Any = BPF(src_file=str(SOURCE).encode(), cflags=cflags)
-        except Exception as err:  # bcc raises bare Exception for compile and load errors
-            raise KvmtraceError(
-                f"could not compile or attach {SOURCE.name}: {err}",
-                "run tools/setup.sh (kernel headers for bcc); the compiler output is above",
-            ) from None
+        with probes_dir() as src:
+            try:
+                self._bpf: Any = BPF(src_file=str(src / SOURCE_NAME).encode(),
+                                     cflags=[f"-I{src}", *cflags])
+            except Exception as err:  # bcc raises bare Exception for compile and load errors
+                raise KvmtraceError(
+                    f"could not compile or attach {SOURCE_NAME}: {err}",
+                    "run tools/setup.sh (kernel headers for bcc); the compiler output is above",
+                ) from None
         self.load_seconds = time.monotonic() - t0
         self._rb_open = False
         self._free_fd: int | None = None
@@ -488,10 +519,10 @@ class Probes:
             size = (v["size"] or vm_bytes.get((key.pid, key.vm), 0) // GFN_BYTES
                     or infer_entries(v["exit_used_min"]))
             max_used, lost = v["max_used"], v["overwritten"]
-            if self.mode == "full":
+            if self.mode != "top-light":
                 max_used, lost = live_used_counts(v, size)
             stranded, back = stranded_count(v, size)
-            if self.mode == "full":
+            if self.mode != "top-light":
                 lost -= min(back, lost - v["overwritten"])  # counted above, not at a reset
             stuck = (STRANDED if v["stuck"] else NO_RESET_PROGRESS
                      if v["stuck_exits"] >= STUCK_EXITS else OVERFLOW if lost + stranded else None)
@@ -639,7 +670,7 @@ class Probes:
         """The fd of the BPF_MAP_TYPE_RINGBUF map ``events`` (for an mmap reader)."""
         if not self.emit_events:
             raise UsageError("the probes were loaded without event output",
-                             "construct Probes(emit_events=True)")
+                             'construct Probes("record")')
         return int(self._bpf[b"events"].map_fd)
 
     def poll_events(self, timeout_ms: int = 0) -> np.ndarray:

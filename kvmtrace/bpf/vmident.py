@@ -3,7 +3,7 @@
 A VM is (VMM pid, vm = fd | gen << 20): the VMM's file descriptor of the VM and its
 generation under that fd (kvmtrace.source.events.vm_id()). Where the kernel has BTF the
 probes name every VM by its ``struct kvm *`` and so know the fd of VMs created before
-tracing too (probes/dirty_ring.bpf.c, KT_VM_PTR); without it they learn the fd from the
+tracing too (bpf/probes/dirty_ring.bpf.c, KT_VM_PTR); without it they learn the fd from the
 VMM's ioctls seen while tracing, report vm = -1 for pushes and exits of older VMs, and
 :func:`resolve_vm` takes the process's only ``anon_inode:kvm-vm`` fd when there is exactly
 one (gen 0). Names come from the command line: QEMU's ``-name`` (``guest=`` or the first field),

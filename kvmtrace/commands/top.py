@@ -178,8 +178,8 @@ def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotS
     from ..bpf.loader import Probes, preflight
 
     preflight()
-    probes = Probes(pid=child.pid if child else opts.pid, hook=opts.hook,
-                    push_probe=not opts.light)
+    probes = Probes("top-light" if opts.light else "top",
+                    pid=child.pid if child else opts.pid, hook=opts.hook)
     if child is not None:  # keep its rows after it exits: the final state stays on screen
         return LiveSource(probes=probes), "live"
     try:  # notice VMMs exiting (process connector), so their rows go away

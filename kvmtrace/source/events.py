@@ -1,8 +1,8 @@
 """The event record every source yields: a numpy structured array of :data:`EVENT_DTYPE`.
 
-The layout is the BPF side's ``struct kt_event`` (probes/kvmtrace.h) byte for byte, so
-records read from a BPF ring buffer are a zero-copy view. Importers of ftrace and perf
-text fill the same fields they can and leave the rest at their "unknown" values.
+The layout is the BPF side's ``struct kt_event`` (kvmtrace/bpf/probes/kvmtrace.h) byte
+for byte, so records read from a BPF ring buffer are a zero-copy view. Importers of ftrace
+and perf text fill the same fields they can and leave the rest at their "unknown" values.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = [
 
 
 class Kind(enum.IntEnum):
-    """``KT_*`` in probes/kvmtrace.h."""
+    """``KT_*`` in kvmtrace/bpf/probes/kvmtrace.h."""
 
     PUSH = 1  #: kvm:kvm_dirty_ring_push, fired after dirty_index++
     RESET = 2  #: kvm:kvm_dirty_ring_reset, once per ring per KVM_RESET_DIRTY_RINGS

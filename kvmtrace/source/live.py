@@ -1,7 +1,7 @@
 """The live event stream: the probes' BPF ring buffer read in bulk.
 
-:class:`LiveEvents` is the EventSource of ``kvmtrace record``: it loads the probes with
-event output on (``-DKT_EMIT_EVENTS``) and yields every ``struct kt_event`` the kernel side
+:class:`LiveEvents` is the EventSource of ``kvmtrace record``: it loads the probes in mode
+``record`` (event output) and yields every ``struct kt_event`` the kernel side
 produced, in batches read straight from the mmap'ed ring buffer (no per-event Python).
 Events the BPF side could not reserve in the ring are counted there, per CPU, and reported
 by :attr:`LiveEvents.lost`.
@@ -33,7 +33,8 @@ class LiveEvents:
     ends :meth:`batches` after it has drained what the kernel already produced.
 
     ``batches()`` also yields empty arrays about every ``poll_ms`` while idle, so that a
-    consumer can flush files and check deadlines.
+    consumer can flush files and check deadlines. ``fast_push=False`` is for benchmarks
+    only (Probes' test-only override: a push's VM fd from the per-thread hash map).
     """
 
     def __init__(self, *, pid: int = 0, ringbuf_pages: int = 4096, hook: str = "auto",
@@ -44,7 +45,7 @@ class LiveEvents:
         # 1/8 of the ring however many CPUs produce.
         records = ringbuf_pages * mmap.PAGESIZE // (EVENT_DTYPE.itemsize + 8)
         wake_every = max(1, records // 8 // (os.cpu_count() or 1))
-        self.probes = Probes(pid=pid, emit_events=True, aggregate=False, hook=hook,
+        self.probes = Probes("record", pid=pid, hook=hook,
                              ringbuf_pages=ringbuf_pages, wake_every=wake_every,
                              fast_push=fast_push)
         # edge-triggered: a level-triggered wait returns while any record is in the ring, so

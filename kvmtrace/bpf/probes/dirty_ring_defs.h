@@ -7,6 +7,40 @@
 #ifndef KT_DIRTY_RING_DEFS_H
 #define KT_DIRTY_RING_DEFS_H
 
+/*
+ * One mode per use (kvmtrace/bpf/loader.py Probes(mode)); every switch the code reads
+ * follows from it here and nowhere else.
+ *   KT_MODE_TOP        KT_AGGREGATE, and KT_FAST_PUSH with a raw push hook
+ *   KT_MODE_TOP_LIGHT  KT_AGGREGATE + KT_NO_PUSH
+ *   KT_MODE_RECORD     KT_EMIT_EVENTS, and KT_FAST_VM with a raw push hook
+ * Test-only: KT_TEST_EVENTS (top + KT_EMIT_EVENTS, no fast path), KT_NO_FAST_PUSH.
+ */
+#if defined(KT_MODE_TOP) + defined(KT_MODE_TOP_LIGHT) + defined(KT_MODE_RECORD) != 1
+#error "define exactly one of KT_MODE_TOP, KT_MODE_TOP_LIGHT, KT_MODE_RECORD"
+#endif
+#if defined(KT_AGGREGATE) || defined(KT_EMIT_EVENTS) || defined(KT_NO_PUSH)
+#error "KT_AGGREGATE, KT_EMIT_EVENTS and KT_NO_PUSH follow from the KT_MODE_* define"
+#endif
+#ifndef KT_RAW_PUSH
+#define KT_RAW_PUSH 0
+#endif
+#if defined(KT_MODE_TOP) || defined(KT_MODE_TOP_LIGHT)
+#define KT_AGGREGATE 1
+#endif
+#ifdef KT_MODE_TOP_LIGHT
+#define KT_NO_PUSH 1
+#endif
+#if defined(KT_MODE_RECORD) || (defined(KT_MODE_TOP) && defined(KT_TEST_EVENTS))
+#define KT_EMIT_EVENTS 1
+#endif
+#if !defined(KT_NO_PUSH) && !defined(KT_NO_FAST_PUSH) && KT_RAW_PUSH
+#if defined(KT_AGGREGATE) && !defined(KT_EMIT_EVENTS)
+#define KT_FAST_PUSH 1   /* top: a push is counted in its ring's slot, nothing else */
+#elif defined(KT_EMIT_EVENTS) && !defined(KT_AGGREGATE)
+#define KT_FAST_VM 1     /* record: a push takes its VM fd from its ring's slot */
+#endif
+#endif
+
 #ifndef KT_PID
 #define KT_PID 0
 #endif

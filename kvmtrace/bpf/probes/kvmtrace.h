@@ -44,7 +44,7 @@ struct kt_event {
 };
 
 /*
- * In-kernel aggregation (probes/dirty_ring.bpf.c), read by kvmtrace/bpf/live.py through the
+ * In-kernel aggregation (dirty_ring.bpf.c), read by kvmtrace/bpf/live.py through the
  * numpy dtypes in kvmtrace/bpf/layout.py. Histograms: bucket i counts durations v (ns) with
  * 2^i <= v < 2^(i+1); bucket 0 also holds 0, the last bucket everything above.
  */

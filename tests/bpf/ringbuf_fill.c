@@ -6,7 +6,7 @@
  * life) holds known values so a test can check every field; with DISCARD_EVERY = k > 0,
  * every k-th record (n % k == k - 1) is reserved and then discarded. Records that found no
  * room are counted in counters[1]. Built by bcc with -DPER_RUN=.. -DDISCARD_EVERY=..
- * -DRB_PAGES=.. and -I probes/.
+ * -DRB_PAGES=.. and -I kvmtrace/bpf/probes/ (kvmtrace.h).
  */
 #include "kvmtrace.h"
 

@@ -24,15 +24,19 @@
  * inside KVM_RUN; resets run inside KVM_RESET_DIRTY_RINGS on the VM fd. Pushes and exits
  * of VMs created before tracing then get vm = -1 (user space resolves them).
  *
- * Options (-D): KT_PID (0 = every process), KT_AGGREGATE (count into the maps),
- * KT_EMIT_EVENTS with KT_RINGBUF_PAGES and KT_RB_FLAGS (every event as a struct kt_event
- * into the ring buffer `events`), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes), KT_NO_PUSH
- * (light mode: no program on kvm_dirty_ring_push at all, so the probes' cost does not
- * grow with the push rate; each reset fills in pushes, used and overflow from its indices,
- * see kt_light_reset() in dirty_ring_defs.h), KT_NO_FAST_PUSH (no fast path: every push
- * takes the hash-map path, for comparison), KT_PUSH_SLOT_BITS (log2 of the fast-path slots),
+ * Mode (-D, exactly one; dirty_ring_defs.h derives the switches below from it):
+ * KT_MODE_TOP (aggregation into the maps, KT_AGGREGATE), KT_MODE_TOP_LIGHT (aggregation
+ * with no program on kvm_dirty_ring_push at all, KT_NO_PUSH: the probes' cost does not grow
+ * with the push rate; each reset fills in pushes, used and overflow from its indices, see
+ * kt_light_reset() in dirty_ring_defs.h), KT_MODE_RECORD (every event as a struct kt_event
+ * into the ring buffer `events`, KT_EMIT_EVENTS).
+ * Options (-D): KT_PID (0 = every process), KT_RINGBUF_PAGES, KT_RB_FLAGS and
+ * KT_RB_WAKE_EVERY (the ring buffer), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes),
  * KT_VM_PTR with its offsets and addresses (VM identity by struct kvm *, see above),
- * KT_FD_WALK (fds the fallback walk looks at), KT_VM_NAME_OFF (tests: the walk alone).
+ * KT_FD_WALK (fds the fallback walk looks at). Tests and benchmarks only: KT_NO_FAST_PUSH
+ * (no fast path: every push takes the hash-map path, for comparison), KT_PUSH_SLOT_BITS
+ * (log2 of the fast-path slots), KT_TEST_EVENTS (KT_MODE_TOP with event output too),
+ * KT_VM_NAME_OFF (the fallback walk alone).
  *
  * Fast path (KT_FAST_PUSH: raw push hook, aggregation without event output): a ring's push
  * is counted in its slot of `push_slots` (struct kt_push_slot), found by hashing the ring's
@@ -57,13 +61,6 @@ BPF_TABLE("lru_hash", struct kt_kvm_key, s32, kvms, KT_MAX_VMS);
 BPF_ARRAY(zero_ring, struct kt_ring_val, 1);   /* never written: initial values */
 BPF_ARRAY(zero_vm, struct kt_vm_val, 1);
 BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS + 1);  /* + the wakeup counter */
-#if !defined(KT_NO_PUSH) && !defined(KT_NO_FAST_PUSH) && KT_RAW_PUSH
-#if defined(KT_AGGREGATE) && !defined(KT_EMIT_EVENTS)
-#define KT_FAST_PUSH 1   /* top: a push is counted in its ring's slot, nothing else */
-#elif defined(KT_EMIT_EVENTS) && !defined(KT_AGGREGATE)
-#define KT_FAST_VM 1     /* record: a push takes its VM fd from its ring's slot */
-#endif
-#endif
 #if defined(KT_FAST_PUSH) || defined(KT_FAST_VM)
 #define KT_PUSH_SLOTS 1
 BPF_ARRAY(push_slots, struct kt_push_slot, 1 << KT_PUSH_SLOT_BITS);

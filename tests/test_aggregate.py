@@ -231,4 +231,4 @@ def test_vm_wide_reset_latency_counted_once_per_ioctl():
     assert sum(vm.reset_lat_hist) == 2 and vm.reset_p99_ns == 1 << 14
     lines = render_metrics(snap).splitlines()
     counts = [ln for ln in lines if ln.startswith("kvmtrace_reset_latency_seconds_count")]
-    assert counts == ['kvmtrace_reset_latency_seconds_count{pid="7",vm="3",comm=""} 2']
+    assert counts == ['kvmtrace_reset_latency_seconds_count{pid="7",vm="3",vm_gen="0",comm=""} 2']

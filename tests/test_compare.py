@@ -16,9 +16,9 @@ from conftest import kvmtrace_cmd
 
 from kvmtrace.analysis.compare import STALL_EVENTS, STALL_EXIT_TO_PUSH, profile_source
 from kvmtrace.analysis.distribution import Reservoir
+from kvmtrace.core.events import Kind, empty
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.model.synth import SynthVm
-from kvmtrace.source.base import SourceMeta
-from kvmtrace.source.events import Kind, empty
 from kvmtrace.source.recording import RecordingWriter, open_recording
 
 FTRACE = "ftrace-1vcpu-8192B-800pages.txt"

@@ -7,18 +7,18 @@ from __future__ import annotations
 import numpy as np
 
 from kvmtrace.analysis.replay import Replay, ReplayReport
-from kvmtrace.model.results import AnomalyKind
-from kvmtrace.model.ring import (
+from kvmtrace.core.events import Kind
+from kvmtrace.core.kvm_abi import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_GFN_F_RESET,
-    DirtyRing,
     infer_size,
     soft_limit_of,
     valid_entries,
 )
+from kvmtrace.core.sources import SourceMeta
+from kvmtrace.model.results import AnomalyKind
+from kvmtrace.model.ring import DirtyRing
 from kvmtrace.model.synth import SynthVm
-from kvmtrace.source.base import SourceMeta
-from kvmtrace.source.events import Kind
 
 A = AnomalyKind
 PID, VM = 1000, 7

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from kvmtrace.analysis.replay import Replay, ReplayReport
+from kvmtrace.core.events import Kind
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.model.reference import ReferenceReplay, ReferenceResult
 from kvmtrace.model.results import AnomalyKind
 from kvmtrace.model.synth import SynthVm, bulk_stream
-from kvmtrace.source.base import SourceMeta
-from kvmtrace.source.events import Kind
 
 A = AnomalyKind
 PID, VM = 1000, 7

@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_format import synthetic  # noqa: E402
 
 from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
-from kvmtrace.model.ring import KVM_DIRTY_RING_RSVD_ENTRIES  # noqa: E402
+from kvmtrace.core.events import Kind  # noqa: E402
+from kvmtrace.core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, entries_from_bytes  # noqa: E402
+from kvmtrace.core.sources import SourceMeta  # noqa: E402
 from kvmtrace.model.synth import bulk_stream  # noqa: E402
-from kvmtrace.source.base import SourceMeta  # noqa: E402
-from kvmtrace.source.events import Kind  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
 
 GOAL_RATE = 20e6  # events/s
@@ -83,7 +83,7 @@ def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
     ev = synthetic(n, vcpus=vcpus)
     # as `kvmtrace record` writes it: the ring sizes it saw (KVM_ENABLE_CAP) in the meta
     sizes = ev[ev["kind"] == Kind.RING_SIZE]
-    entries = {(int(e["pid"]), int(e["vm"])): int(e["value"]) // 16 for e in sizes}
+    entries = {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"])) for e in sizes}
     path = tmp / "bench.kvt"
     with RecordingWriter(path, SourceMeta(kind="bench", ring_entries=entries)) as w:
         w.write(ev)

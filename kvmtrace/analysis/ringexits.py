@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..source.events import Kind
+from ..core.events import Kind
 from .ringstate import FastRing
 
 __all__ = ["PushPos", "exits", "soft"]

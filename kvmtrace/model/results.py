@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ..core.counters import HIST_BUCKETS
+
 __all__ = ["AnomalyKind", "Anomaly", "RingResult", "RingId", "LIST_CAP", "Durations"]
 
 RingId = tuple[int, int, int]  # (pid, vm, ring index)
-
-HIST_BUCKETS = 40  #: as kvmtrace.analysis.stats
 
 #: overwritten entries an overflow anomaly lists at most (the count is always exact)
 LIST_CAP = 100_000

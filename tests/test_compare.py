@@ -18,8 +18,8 @@ from kvmtrace.analysis.compare import STALL_EVENTS, STALL_EXIT_TO_PUSH, profile_
 from kvmtrace.analysis.distribution import Reservoir
 from kvmtrace.core.events import Kind, empty
 from kvmtrace.core.sources import SourceMeta
-from kvmtrace.model.synth import SynthVm
 from kvmtrace.source.recording import RecordingWriter, open_recording
+from kvmtrace.testing.synth import SynthVm
 
 FTRACE = "ftrace-1vcpu-8192B-800pages.txt"
 PERF = "perf-script-3vcpu-4096B-400pages.txt"

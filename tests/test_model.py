@@ -18,7 +18,7 @@ from kvmtrace.core.kvm_abi import (
 from kvmtrace.core.sources import SourceMeta
 from kvmtrace.model.results import AnomalyKind
 from kvmtrace.model.ring import DirtyRing
-from kvmtrace.model.synth import SynthVm
+from kvmtrace.testing.synth import SynthVm
 
 A = AnomalyKind
 PID, VM = 1000, 7
@@ -262,7 +262,7 @@ def test_push_reading_reset_index_past_its_own_entry():
     """The push tracepoint reads reset_index after writing its entry: a reset walk that ran
     in between collected that very entry (reset_index = the push's dirty_index). Not a
     reset past dirty_index (seen on a real reaper run)."""
-    from kvmtrace.model.reference import ReferenceReplay
+    from kvmtrace.testing.reference import ReferenceReplay
 
     vm = SynthVm(256, pid=PID, vm=VM)
     vm.ring_size_event()

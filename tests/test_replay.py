@@ -15,8 +15,8 @@ import pytest
 from conftest import kvmtrace_cmd
 
 from kvmtrace.core.sources import SourceMeta
-from kvmtrace.model.synth import SynthVm
 from kvmtrace.source.recording import RecordingWriter
+from kvmtrace.testing.synth import SynthVm
 from kvmtrace.vmm.result import RingResult as WlRing
 from kvmtrace.vmm.result import WorkloadResult
 

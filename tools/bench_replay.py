@@ -15,7 +15,7 @@ with jitter, soft-full exits, stalls, periodic resets of every ring) written to 
   engine            Replay alone on blocks decoded beforehand, both ways
 
 ``--big N`` (N defaults to 100_000_000 when the flag has no value) writes an N-event
-recording in bounded memory (bulk_stream cycles from kvmtrace.model.synth, shifted in time
+recording in bounded memory (bulk_stream cycles from kvmtrace.testing.synth, shifted in time
 and index so that the file stays one clean trace) and replays it in a child process that
 reports its peak RSS (VmHWM; ru_maxrss too, which on Linux inherits the parent's peak).
 Goals (issue C): >= 20 M events/s, 100 M events < 1 GiB.
@@ -47,8 +47,8 @@ from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
 from kvmtrace.core.events import Kind  # noqa: E402
 from kvmtrace.core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, entries_from_bytes  # noqa: E402
 from kvmtrace.core.sources import SourceMeta  # noqa: E402
-from kvmtrace.model.synth import bulk_stream  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
+from kvmtrace.testing.synth import bulk_stream  # noqa: E402
 
 GOAL_RATE = 20e6  # events/s
 GOAL_RSS = 1 << 30  # bytes, for 100 M events

@@ -2,7 +2,7 @@
 
 Works on any :class:`~kvmtrace.core.sources.EventSource` (recording, imported ftrace or
 ``perf script`` text, live). Per ring it checks the stream against the kernel's rules and
-reports anomalies (see :mod:`kvmtrace.model.reference`, whose semantics this follows
+reports anomalies (see :mod:`kvmtrace.testing.reference`, whose semantics this follows
 exactly, vectorised per ring and per batch: :mod:`.ringbulk`, :mod:`.ringstate`; each
 ring's events first put in causal order, :mod:`.ringorder`), totals,
 the multiset digest of harvested (slot, offset) entries, dirty rate and working set per

@@ -11,7 +11,7 @@ vCPU's exits/stalls (whose index is the vCPU's last push) are ordered by time, t
 trace order.
 
 It is applied as a streaming merge of the two streams with bounded look-ahead, defined one
-event at a time (:class:`kvmtrace.model.reference.ReferenceReplay` implements the same
+event at a time (:class:`kvmtrace.testing.reference.ReferenceReplay` implements the same
 definition plainly):
 
 - a reset is taken before the vCPU event at the head of its stream when that event comes

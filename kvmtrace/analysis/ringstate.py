@@ -1,4 +1,4 @@
-"""One ring of the fast replay: the reference semantics of :mod:`kvmtrace.model.reference`
+"""One ring of the fast replay: the reference semantics of :mod:`kvmtrace.testing.reference`
 on numpy storage, one event or one run of pushes at a time.
 
 This is the replay's careful path, taken around irregular events (gaps, indices going

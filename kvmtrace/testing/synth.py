@@ -13,7 +13,7 @@ import numpy as np
 
 from ..core.events import EVENT_DTYPE, Kind, empty
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, bytes_from_entries
-from .ring import DirtyRing
+from ..model.ring import DirtyRing
 
 __all__ = ["SynthVm", "bulk_stream"]
 

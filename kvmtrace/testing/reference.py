@@ -61,9 +61,9 @@ from ..core.kvm_abi import (
     valid_entries,
 )
 from ..core.sources import SourceMeta
-from .digest import MultisetDigest
-from .results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
-from .ring import DirtyRing, resets_interruptible
+from ..model.digest import MultisetDigest
+from ..model.results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
+from ..model.ring import DirtyRing, resets_interruptible
 
 __all__ = ["ReferenceReplay", "ReferenceResult"]
 

@@ -33,7 +33,7 @@ from ..core.counters import (
     VmInfo,
 )
 from ..core.events import EVENT_DTYPE
-from ..core.kvm_abi import entries_from_bytes, infer_entries, u32
+from ..core.kvm_abi import entries_from_bytes, infer_entries, s32, u32
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import tracefs
 from ..host.btf import Btf, load_vmlinux
@@ -223,8 +223,8 @@ _STUCK = ("stuck", "stuck_dirty", "stuck_exits", "pad")  # from the row with the
 
 def _u32_after(x: int, y: int) -> int:
     """Sign of x - y for free-running u32 indices (wrap-aware): 1 later, -1 earlier, 0 equal."""
-    d = u32(x - y)
-    return 0 if d == 0 else (1 if d < 1 << 31 else -1)
+    d = s32(x - y)
+    return (d > 0) - (d < 0)
 
 
 def merge_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

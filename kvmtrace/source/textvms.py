@@ -58,15 +58,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.events import Kind
-from ..core.kvm_abi import U32_MASK, VM_UNKNOWN
+from ..core.kvm_abi import U32_MASK, VM_UNKNOWN, s32
 
 __all__ = ["TextVms", "SYNTHETIC_VM_FIRST"]
 
 SYNTHETIC_VM_FIRST = -2  #: the first synthetic VM id; the next ones count down
-
-
-def s32(x: int) -> int:
-    return ((x + 0x80000000) & U32_MASK) - 0x80000000
 
 
 @dataclass

@@ -18,6 +18,7 @@ from ..core.kvm_abi import (
     GFN_BYTES,
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_GFN_F_RESET,
+    MIN_RING_BYTES,
     entries_from_bytes,
 )
 from ..errors import KvmtraceError, MissingFeature, UsageError
@@ -98,7 +99,7 @@ class DirtyRing:
 
 def check_ring_bytes(ring_bytes: int, max_bytes: int | None = None) -> None:
     """Raise UsageError unless ``ring_bytes`` is a power of two in [4096, max_bytes]."""
-    if ring_bytes < k.PAGE_SIZE or ring_bytes & (ring_bytes - 1):
+    if ring_bytes < MIN_RING_BYTES or ring_bytes & (ring_bytes - 1):
         raise UsageError(f"ring size {ring_bytes} bytes is not a power of two >= 4096",
                          "use e.g. --ring-bytes 4096 (256 entries) or --ring-entries 512")
     if max_bytes is not None and ring_bytes > max_bytes:

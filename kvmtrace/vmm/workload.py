@@ -26,11 +26,12 @@ from typing import Any
 from ..core.kvm_abi import KVM_DIRTY_GFN_F_DIRTY, entries_from_bytes, soft_limit_of
 from ..errors import KvmtraceError, UsageError
 from ..host import kvm as k
+from ..host.kvm import open_kvm
 from .guest import PATTERNS, GuestCode, GuestLayout, assemble
 from .harvest import Harvester, RingState
 from .helpers import Migrator, ResetInterrupter, usable_cpus
 from .result import RingResult, WorkloadResult
-from .vm import Vm, check_ring_bytes, describe_oserror, open_kvm
+from .vm import Vm, check_ring_bytes, describe_oserror
 
 __all__ = ["HARVEST_MODES", "LIVELOCK_EXITS", "STOP_SIGNAL", "MAX_VMS", "MAX_VM_CYCLES",
            "WorkloadConfig", "run_workload"]

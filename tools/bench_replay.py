@@ -45,7 +45,7 @@ from bench_format import synthetic  # noqa: E402
 
 from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
 from kvmtrace.core.events import Kind  # noqa: E402
-from kvmtrace.core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, entries_from_bytes  # noqa: E402
+from kvmtrace.core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, entries_from_bytes, u32  # noqa: E402
 from kvmtrace.core.sources import SourceMeta  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
 from kvmtrace.testing.synth import bulk_stream  # noqa: E402
@@ -157,8 +157,8 @@ def write_big(n: int, path: Path) -> None:
             part = chunk[: n - written].copy()
             part["ts"] += np.uint64(k * span)
             # u32 indices wrap like the kernel's
-            part["dirty_index"] += np.uint32((k * step) & 0xFFFFFFFF)
-            part["reset_index"] += np.uint32((k * step) & 0xFFFFFFFF)
+            part["dirty_index"] += np.uint32(u32(k * step))
+            part["reset_index"] += np.uint32(u32(k * step))
             w.write(part)
             written += len(part)
             k += 1

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..core.counters import NO_RESET_PROGRESS, OVERFLOW, REASONS, STRANDED, STUCK_EXITS
 from ..core.events import Kind
-from ..core.kvm_abi import entries_from_bytes, u32
+from ..core.kvm_abi import entries_from_bytes, s32, u32
 
 __all__ = ["worst", "EventStuck"]
 
@@ -80,9 +80,9 @@ class EventStuck:
             size = self.sizes.get((pid, vm))
             if r.reset is not None and size:
                 advance = u32(reset - r.reset)
-                if u32(dirty - r.reset) > size and u32(dirty - r.reset) < 1 << 31:
+                if s32(dirty - r.reset) > size:
                     r.reason = worst([r.reason, OVERFLOW])
-                if advance == size and 0 < u32(dirty - reset) < 1 << 31:
+                if advance == size and s32(dirty - reset) > 0:
                     r.reason = worst([r.reason, STRANDED])
             if r.reset is None or reset != r.reset:
                 r.exits = 0

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from kvmtrace.source.events import Kind, vm_id
+from kvmtrace.core.events import Kind
+from kvmtrace.core.kvm_abi import vm_id
 
 __all__ = ["ROOT", "VMS_SCRIPT", "vmm", "kvm_links", "stop_when", "rings_of", "finish",
            "first_pushes", "gens_of"]

@@ -9,10 +9,10 @@ import numpy as np
 
 from kvmtrace.analysis.aggregate import Aggregator, ReplaySource, log2_buckets
 from kvmtrace.analysis.rates import compute_interval, subtract
-from kvmtrace.analysis.stats import HIST_BUCKETS, RingKey, Snapshot
-from kvmtrace.source.base import SourceMeta
+from kvmtrace.core.counters import HIST_BUCKETS, RingKey, Snapshot
+from kvmtrace.core.events import Kind, empty
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.source.detect import open_source
-from kvmtrace.source.events import Kind, empty
 
 
 def parse_sample(path: Path, **ring) -> tuple[np.ndarray, SourceMeta]:

@@ -16,10 +16,10 @@ from conftest import kvmtrace_cmd
 
 from kvmtrace.analysis.compare import STALL_EVENTS, STALL_EXIT_TO_PUSH, profile_source
 from kvmtrace.analysis.distribution import Reservoir
-from kvmtrace.model.synth import SynthVm
-from kvmtrace.source.base import SourceMeta
-from kvmtrace.source.events import Kind, empty
+from kvmtrace.core.events import Kind, empty
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.source.recording import RecordingWriter, open_recording
+from kvmtrace.testing.synth import SynthVm
 
 FTRACE = "ftrace-1vcpu-8192B-800pages.txt"
 PERF = "perf-script-3vcpu-4096B-400pages.txt"

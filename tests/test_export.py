@@ -11,7 +11,7 @@ from conftest import require
 from test_recording import META, synthetic
 
 from kvmtrace import cli
-from kvmtrace.source.events import Kind, empty
+from kvmtrace.core.events import Kind, empty
 from kvmtrace.source.recording import RecordingWriter, meta_to_dict, open_recording
 from kvmtrace.views.perfetto import export_perfetto
 

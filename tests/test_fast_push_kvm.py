@@ -23,7 +23,8 @@ import pytest
 from conftest import ROOT
 
 from kvmtrace.bpf.loader import Probes, add_push_slots, live_used_counts
-from kvmtrace.source.events import Kind, vm_id
+from kvmtrace.core.events import Kind
+from kvmtrace.core.kvm_abi import vm_id
 
 pytestmark = pytest.mark.kernel
 
@@ -112,8 +113,8 @@ def _row(**kw: int) -> dict:
 
 
 def test_slots_fold_into_their_rows() -> None:
-    from kvmtrace.analysis.stats import RingKey
     from kvmtrace.bpf.layout import PUSH_SLOT_DTYPE
+    from kvmtrace.core.counters import RingKey
 
     rows = {RingKey(7, 5, 0): _row(pushes=1, dirty_index=11, reset_index=10),
             RingKey(7, 5, 1): _row(pushes=3, dirty_index=0xFFFF_FFFE),

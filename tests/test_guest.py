@@ -10,6 +10,7 @@ import pytest
 from conftest import require
 
 from kvmtrace.errors import UsageError
+from kvmtrace.host.kvm import PAGE_SIZE
 from kvmtrace.vmm.guest import (
     DATA_FIRST_PAGE,
     GUEST_PORT,
@@ -17,7 +18,6 @@ from kvmtrace.vmm.guest import (
     assemble,
     visit_order,
 )
-from kvmtrace.vmm.kvm import PAGE_SIZE
 
 M32 = 0xFFFFFFFF
 

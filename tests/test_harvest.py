@@ -7,9 +7,9 @@ import struct
 
 import pytest
 
+from kvmtrace.core.kvm_abi import KVM_DIRTY_GFN_F_DIRTY as DIRTY
+from kvmtrace.core.kvm_abi import KVM_DIRTY_GFN_F_RESET as RESET
 from kvmtrace.errors import UsageError
-from kvmtrace.vmm.kvm import KVM_DIRTY_GFN_F_DIRTY as DIRTY
-from kvmtrace.vmm.kvm import KVM_DIRTY_GFN_F_RESET as RESET
 from kvmtrace.vmm.reset import CallOutcome, RingReset, attribute_reset, reset_run, ring_reset
 from kvmtrace.vmm.result import RingResult, WorkloadResult
 from kvmtrace.vmm.vm import DirtyRing, check_ring_bytes

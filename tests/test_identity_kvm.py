@@ -27,7 +27,8 @@ from identity_util import (
 )
 
 from kvmtrace.bpf.loader import Probes
-from kvmtrace.source.events import Kind, vm_id
+from kvmtrace.core.events import Kind
+from kvmtrace.core.kvm_abi import vm_id
 from kvmtrace.source.recording import open_recording
 
 pytestmark = pytest.mark.kernel

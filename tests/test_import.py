@@ -14,9 +14,9 @@ import pytest
 from conftest import kvmtrace_cmd
 
 from kvmtrace.analysis.replay import ReplayReport, replay_source
+from kvmtrace.core.events import Kind
 from kvmtrace.errors import UsageError
 from kvmtrace.source.detect import detect_format, open_source
-from kvmtrace.source.events import Kind
 
 FTRACE = "ftrace-1vcpu-8192B-800pages.txt"
 PERF = "perf-script-3vcpu-4096B-400pages.txt"

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import require
 
-from kvmtrace.analysis.stats import HIST_BUCKETS
 from kvmtrace.bpf.layout import (
     LOST_SLOTS,
     PUSH_SLOT_DTYPE,
@@ -25,7 +24,9 @@ from kvmtrace.bpf.layout import (
     VM_VAL_DTYPE,
 )
 from kvmtrace.bpf.loader import probes_dir
-from kvmtrace.source.events import EVENT_DTYPE, VM_GEN_SHIFT, Kind
+from kvmtrace.core.counters import HIST_BUCKETS
+from kvmtrace.core.events import EVENT_DTYPE, Kind
+from kvmtrace.core.kvm_abi import VM_GEN_SHIFT
 
 STRUCTS = {
     "kt_event": EVENT_DTYPE,
@@ -86,7 +87,7 @@ def test_constants_match(c_layout: dict[str, int]) -> None:
 
 
 def test_vm_packing_round_trips() -> None:
-    from kvmtrace.source.events import vm_fd, vm_gen, vm_id, vm_label
+    from kvmtrace.core.kvm_abi import vm_fd, vm_gen, vm_id, vm_label
 
     for fd, gen in ((0, 0), (5, 1), ((1 << VM_GEN_SHIFT) - 1, 2047)):
         vm = vm_id(fd, gen)

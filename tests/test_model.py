@@ -7,18 +7,18 @@ from __future__ import annotations
 import numpy as np
 
 from kvmtrace.analysis.replay import Replay, ReplayReport
-from kvmtrace.model.results import AnomalyKind
-from kvmtrace.model.ring import (
+from kvmtrace.core.events import Kind
+from kvmtrace.core.kvm_abi import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_GFN_F_RESET,
-    DirtyRing,
     infer_size,
     soft_limit_of,
     valid_entries,
 )
-from kvmtrace.model.synth import SynthVm
-from kvmtrace.source.base import SourceMeta
-from kvmtrace.source.events import Kind
+from kvmtrace.core.sources import SourceMeta
+from kvmtrace.model.results import AnomalyKind
+from kvmtrace.model.ring import DirtyRing
+from kvmtrace.testing.synth import SynthVm
 
 A = AnomalyKind
 PID, VM = 1000, 7
@@ -262,7 +262,7 @@ def test_push_reading_reset_index_past_its_own_entry():
     """The push tracepoint reads reset_index after writing its entry: a reset walk that ran
     in between collected that very entry (reset_index = the push's dirty_index). Not a
     reset past dirty_index (seen on a real reaper run)."""
-    from kvmtrace.model.reference import ReferenceReplay
+    from kvmtrace.testing.reference import ReferenceReplay
 
     vm = SynthVm(256, pid=PID, vm=VM)
     vm.ring_size_event()

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from conftest import ROOT, kvmtrace_cmd, require, require_kvm_bpf
 
-from kvmtrace.analysis.stats import RingKey
+from kvmtrace.core.counters import RingKey
+from kvmtrace.core.events import Kind
 from kvmtrace.errors import MissingFeature, UsageError
-from kvmtrace.source.events import Kind
 
 VCPUS, RING_BYTES, PAGES = 2, 4096, 1000
 WORKLOAD = ["workload", "--vcpus", str(VCPUS), "--ring-bytes", str(RING_BYTES),
@@ -102,7 +102,7 @@ def test_aggregates_equal_ground_truth(traced) -> None:
 
 
 def test_exit_used_min_is_soft_limit_and_implies_size(traced) -> None:
-    from kvmtrace.bpf.loader import infer_entries
+    from kvmtrace.core.kvm_abi import infer_entries
 
     _hook, _p, truth, _ev, _snap, (keys, vals) = traced
     assert len(keys) == VCPUS
@@ -141,8 +141,8 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root, identity) -> N
     for its pushes (resets know the VM fd), LiveSource resolves and merges them under the
     process's only VM fd. The ring size (KVM_ENABLE_CAP was missed) is inferred from the
     soft-full exits."""
-    from kvmtrace.bpf.live import LiveSource
     from kvmtrace.bpf.loader import Probes
+    from kvmtrace.bpf.snapshot_source import LiveSource
     from kvmtrace.bpf.vmident import vm_fds
 
     child = subprocess.Popen(kvmtrace_cmd("workload", "--vcpus", "1", "--ring-bytes", "4096",
@@ -356,8 +356,8 @@ def test_auto_prefers_raw_tp_and_falls_back_without_btf(
 
 
 def test_watcher_drops_exited_vmm_one_snapshot_later(kvm, bpf_root) -> None:
-    from kvmtrace.bpf.live import LiveSource
     from kvmtrace.bpf.loader import Probes
+    from kvmtrace.bpf.snapshot_source import LiveSource
 
     child = gated(WORKLOAD)
     try:
@@ -430,7 +430,7 @@ def test_vm_fds_of_a_process_without_vms() -> None:
 
 
 def test_infer_entries_only_when_unambiguous() -> None:
-    from kvmtrace.bpf.loader import infer_entries
+    from kvmtrace.core.kvm_abi import infer_entries
 
     assert infer_entries(192) == 256  # 256 - 64
     assert infer_entries(448) is None  # 512 - 64 or 1024 - 576 (Intel PML): ambiguous

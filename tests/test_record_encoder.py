@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_recording import META, random_events, synthetic, unpadded
 
+from kvmtrace.core.events import EVENT_DTYPE, Kind
 from kvmtrace.source import recording_codec as codec
-from kvmtrace.source.events import EVENT_DTYPE, Kind
 from kvmtrace.source.recording import RecordingWriter, open_recording
 from kvmtrace.source.recording_decode import decode_parts
 

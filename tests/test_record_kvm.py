@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from conftest import kvmtrace_cmd, require
 
-from kvmtrace.source.events import Kind
+from kvmtrace.core.events import Kind
 from kvmtrace.source.recording import open_recording
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from kvmtrace.analysis.replay import replay_source
+from kvmtrace.core.events import EVENT_DTYPE, Kind
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.errors import UsageError
-from kvmtrace.source.base import SourceMeta
-from kvmtrace.source.events import EVENT_DTYPE, Kind
 from kvmtrace.source.recording import (
     MAGIC,
     RecordingWriter,

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import kvmtrace_cmd
 
-from kvmtrace.model.synth import SynthVm
-from kvmtrace.source.base import SourceMeta
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.source.recording import RecordingWriter
+from kvmtrace.testing.synth import SynthVm
 from kvmtrace.vmm.result import RingResult as WlRing
 from kvmtrace.vmm.result import WorkloadResult
 
@@ -180,7 +180,7 @@ def test_bad_flags_one_line_exit_2(samples: Path, flags: list[str], needle: str)
 def test_vm_generation_in_json_and_text(tmp_path: Path):
     """A VM seen under a reused fd (decision 1: vm = fd | gen << 20): JSON shows the fd and
     vm_gen, text ``fd#gen``; the two VMs stay two rings."""
-    from kvmtrace.source.events import vm_id
+    from kvmtrace.core.kvm_abi import vm_id
 
     a, b = SynthVm(1024, pid=PID, vm=VM), SynthVm(1024, pid=PID, vm=vm_id(VM, 1))
     for vm in (a, b):

@@ -1,5 +1,5 @@
 """The vectorised Replay (kvmtrace.analysis.replay) against the plain ReferenceReplay
-(kvmtrace.model.reference) on random streams (seeded), split into batches at every
+(kvmtrace.testing.reference) on random streams (seeded), split into batches at every
 position; the working set and hottest pages against plain Python; the harvest digest.
 No kernel needed."""
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from kvmtrace.analysis.replay import Replay, ReplayReport
-from kvmtrace.model.reference import ReferenceReplay, ReferenceResult
+from kvmtrace.core.events import Kind
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.model.results import AnomalyKind
-from kvmtrace.model.synth import SynthVm, bulk_stream
-from kvmtrace.source.base import SourceMeta
-from kvmtrace.source.events import Kind
+from kvmtrace.testing.reference import ReferenceReplay, ReferenceResult
+from kvmtrace.testing.synth import SynthVm, bulk_stream
 
 A = AnomalyKind
 PID, VM = 1000, 7

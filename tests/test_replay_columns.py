@@ -13,9 +13,9 @@ from test_recording import synthetic
 from test_replay_agree import PID, VM, random_stream, reference
 
 from kvmtrace.analysis.replay import Replay, ReplayReport, replay_source
-from kvmtrace.source.base import SourceMeta
+from kvmtrace.core.events import EVENT_DTYPE, Kind
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.source.detect import open_source
-from kvmtrace.source.events import EVENT_DTYPE, Kind
 from kvmtrace.source.recording import RecordingWriter, open_recording
 
 

@@ -25,9 +25,9 @@ import pytest
 from conftest import RecordedRun, kvmtrace_cmd, record_workload, require_kvm_bpf
 
 from kvmtrace.analysis.replay import ReplayReport, replay_source
+from kvmtrace.core.events import Kind
 from kvmtrace.model.results import AnomalyKind
 from kvmtrace.source.detect import open_source
-from kvmtrace.source.events import Kind
 from kvmtrace.source.recording import RecordingWriter, open_recording
 
 pytestmark = pytest.mark.kernel

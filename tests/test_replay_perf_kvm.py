@@ -19,8 +19,8 @@ import pytest
 from conftest import record_workload, require, require_kvm_bpf
 
 from kvmtrace.analysis.replay import Replay, replay_source
+from kvmtrace.core.events import EVENT_DTYPE, Kind
 from kvmtrace.source.detect import detect_format, open_source
-from kvmtrace.source.events import EVENT_DTYPE, Kind
 from kvmtrace.source.recording import open_recording
 
 pytestmark = pytest.mark.kernel

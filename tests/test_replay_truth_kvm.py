@@ -30,9 +30,9 @@ from replay_capture import (
 )
 
 from kvmtrace.analysis.replay import replay_source
-from kvmtrace.model.reference import ReferenceReplay
 from kvmtrace.model.results import AnomalyKind
 from kvmtrace.source.detect import open_source
+from kvmtrace.testing.reference import ReferenceReplay
 
 pytestmark = pytest.mark.kernel
 

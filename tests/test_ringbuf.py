@@ -16,8 +16,8 @@ from kvmtrace.bpf.ringbuf import (
     decode_records,
     prog_test_run,
 )
+from kvmtrace.core.events import EVENT_DTYPE
 from kvmtrace.errors import UsageError
-from kvmtrace.source.events import EVENT_DTYPE
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_RUN = 64

@@ -19,8 +19,8 @@ from conftest import kvmtrace_cmd
 
 from kvmtrace.analysis.aggregate import Aggregator
 from kvmtrace.analysis.replay import replay_source
+from kvmtrace.core.kvm_abi import VM_UNKNOWN
 from kvmtrace.source.detect import open_source
-from kvmtrace.source.events import VM_UNKNOWN
 
 PERF = "perf-script-3vcpu-4096B-400pages.txt"
 LINE = re.compile(r"^(\s*python3\s+)(?:(\d+)/)?(\d+)(\s+\[\d+\]\s+)(\d+\.\d{6})(:.*)$")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 from conftest import ROOT, kvmtrace_cmd, require, require_kvm_bpf
 
-from kvmtrace.analysis.stats import HIST_BUCKETS, hist_percentile
+from kvmtrace.core.counters import HIST_BUCKETS, hist_percentile
 
 pytestmark = pytest.mark.kernel
 

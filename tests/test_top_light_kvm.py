@@ -111,7 +111,7 @@ def test_light_refuses_event_output():
 
 def test_light_header_and_json_say_the_mode():
     from kvmtrace.analysis.rates import compute_interval
-    from kvmtrace.analysis.stats import Snapshot
+    from kvmtrace.core.counters import Snapshot
     from kvmtrace.views.top_render import render_top
     from kvmtrace.views.topjson import interval_json
 

@@ -12,9 +12,9 @@ import pytest
 from conftest import kvmtrace_cmd
 
 from kvmtrace.analysis.rates import compute_interval
-from kvmtrace.analysis.stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo
+from kvmtrace.core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo
+from kvmtrace.core.sources import SourceMeta
 from kvmtrace.errors import UsageError
-from kvmtrace.source.base import SourceMeta
 from kvmtrace.views.prometheus import Exporter, parse_listen, render_metrics
 from kvmtrace.views.top_curses import TopState
 from kvmtrace.views.top_render import (

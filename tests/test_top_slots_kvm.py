@@ -167,7 +167,7 @@ def test_exited_vmm_leaves_no_map_entries(kvm, bpf_root):
     push slots and per-thread entries are gone (one snapshot after the exit is seen)."""
     from conftest import require
 
-    from kvmtrace.bpf.live import LiveSource
+    from kvmtrace.bpf.snapshot_source import LiveSource
 
     try:
         import pyroute2  # noqa: F401
@@ -218,7 +218,7 @@ def test_closed_vm_of_a_live_process_is_dropped(kvm, bpf_root):
     VM's rows count exactly its own pushes."""
     from conftest import require
 
-    from kvmtrace.bpf.live import LiveSource
+    from kvmtrace.bpf.snapshot_source import LiveSource
 
     try:
         import pyroute2  # noqa: F401

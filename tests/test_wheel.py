@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_kvm_bpf
 
-from kvmtrace.source.events import Kind
+from kvmtrace.core.events import Kind
 from kvmtrace.source.recording import open_recording
 
 PROBE_FILES = {"dirty_ring.bpf.c", "dirty_ring_defs.h", "kvmtrace.h"}

@@ -11,8 +11,9 @@ import pytest
 from conftest import kvmtrace_cmd
 
 from kvmtrace.errors import MissingFeature, UsageError
+from kvmtrace.host import kvm as kvm_mod
+from kvmtrace.host.kvm import RingCaps
 from kvmtrace.vmm import vm as vm_mod
-from kvmtrace.vmm.vm import RingCaps
 from kvmtrace.vmm.workload import LIVELOCK_EXITS, WorkloadConfig, run_workload
 
 pytestmark = pytest.mark.kernel
@@ -175,7 +176,7 @@ def test_bad_flags_one_line_exit_2(kvm, args, needle):
 
 
 def test_missing_dev_kvm(monkeypatch, tmp_path):
-    monkeypatch.setattr(vm_mod, "KVM_DEV", str(tmp_path / "no-kvm"))
+    monkeypatch.setattr(kvm_mod, "KVM_DEV", str(tmp_path / "no-kvm"))
     with pytest.raises(MissingFeature, match="does not exist"):
         run_workload(WorkloadConfig())
 

@@ -27,8 +27,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvmtrace.source.base import SourceMeta  # noqa: E402
-from kvmtrace.source.events import EVENT_DTYPE, Kind, empty  # noqa: E402
+from kvmtrace.core.events import EVENT_DTYPE, Kind, empty  # noqa: E402
+from kvmtrace.core.kvm_abi import bytes_from_entries, soft_limit_of  # noqa: E402
+from kvmtrace.core.sources import SourceMeta  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
 
 SAMPLES = ROOT / "tests" / "data" / "samples"
@@ -46,7 +47,7 @@ def synthetic(n: int, vcpus: int = 4, pattern: str = "seq", ring_entries: int = 
     order per vCPU, "random" picks them at random.
     """
     rng = np.random.default_rng(seed)
-    soft = ring_entries - 64
+    soft = soft_limit_of(ring_entries)
     t = 1_000_000_000
     dirty = [0] * vcpus
     reset = [0] * vcpus
@@ -55,7 +56,8 @@ def synthetic(n: int, vcpus: int = 4, pattern: str = "seq", ring_entries: int = 
     stalled: list[int | None] = [None] * vcpus
     chunks: list[np.ndarray] = []
     head = empty(1)
-    head[0] = (t - 1000, ring_entries * 16, pid, pid, 0, 0, 223, -1, vm, Kind.RING_SIZE, b"")
+    head[0] = (t - 1000, bytes_from_entries(ring_entries), pid, pid, 0, 0, 223, -1, vm,
+               Kind.RING_SIZE, b"")
     chunks.append(head)
     total = 1
     while total < n:

@@ -124,7 +124,7 @@ def run_light(seconds: float) -> Row:
 
 
 def run_record(seconds: float, fast_push: bool = True) -> Row:
-    from kvmtrace.source.live import LiveEvents
+    from kvmtrace.bpf.event_source import LiveEvents
     from kvmtrace.source.recording import RecordingWriter
 
     with tempfile.TemporaryDirectory() as tmp, LiveEvents(fast_push=fast_push) as src, \

@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvmtrace.source.events import Kind  # noqa: E402
+from kvmtrace.core.events import Kind  # noqa: E402
 from kvmtrace.source.recording import open_recording  # noqa: E402
 
 KVMTRACE = [sys.executable, "-m", "kvmtrace"]

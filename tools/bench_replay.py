@@ -15,7 +15,7 @@ with jitter, soft-full exits, stalls, periodic resets of every ring) written to 
   engine            Replay alone on blocks decoded beforehand, both ways
 
 ``--big N`` (N defaults to 100_000_000 when the flag has no value) writes an N-event
-recording in bounded memory (bulk_stream cycles from kvmtrace.model.synth, shifted in time
+recording in bounded memory (bulk_stream cycles from kvmtrace.testing.synth, shifted in time
 and index so that the file stays one clean trace) and replays it in a child process that
 reports its peak RSS (VmHWM; ru_maxrss too, which on Linux inherits the parent's peak).
 Goals (issue C): >= 20 M events/s, 100 M events < 1 GiB.
@@ -44,11 +44,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_format import synthetic  # noqa: E402
 
 from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
-from kvmtrace.model.ring import KVM_DIRTY_RING_RSVD_ENTRIES  # noqa: E402
-from kvmtrace.model.synth import bulk_stream  # noqa: E402
-from kvmtrace.source.base import SourceMeta  # noqa: E402
-from kvmtrace.source.events import Kind  # noqa: E402
+from kvmtrace.core.events import Kind  # noqa: E402
+from kvmtrace.core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, entries_from_bytes, u32  # noqa: E402
+from kvmtrace.core.sources import SourceMeta  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
+from kvmtrace.testing.synth import bulk_stream  # noqa: E402
 
 GOAL_RATE = 20e6  # events/s
 GOAL_RSS = 1 << 30  # bytes, for 100 M events
@@ -83,7 +83,7 @@ def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
     ev = synthetic(n, vcpus=vcpus)
     # as `kvmtrace record` writes it: the ring sizes it saw (KVM_ENABLE_CAP) in the meta
     sizes = ev[ev["kind"] == Kind.RING_SIZE]
-    entries = {(int(e["pid"]), int(e["vm"])): int(e["value"]) // 16 for e in sizes}
+    entries = {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"])) for e in sizes}
     path = tmp / "bench.kvt"
     with RecordingWriter(path, SourceMeta(kind="bench", ring_entries=entries)) as w:
         w.write(ev)
@@ -157,8 +157,8 @@ def write_big(n: int, path: Path) -> None:
             part = chunk[: n - written].copy()
             part["ts"] += np.uint64(k * span)
             # u32 indices wrap like the kernel's
-            part["dirty_index"] += np.uint32((k * step) & 0xFFFFFFFF)
-            part["reset_index"] += np.uint32((k * step) & 0xFFFFFFFF)
+            part["dirty_index"] += np.uint32(u32(k * step))
+            part["reset_index"] += np.uint32(u32(k * step))
             w.write(part)
             written += len(part)
             k += 1

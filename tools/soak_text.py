@@ -47,8 +47,9 @@ from textcapture import multivm_cmd, perf_capture, tracefs_capture  # noqa: E402
 from kvmtrace.analysis.aggregate import Aggregator  # noqa: E402
 from kvmtrace.analysis.compare import profile_source  # noqa: E402
 from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
+from kvmtrace.core.events import Kind  # noqa: E402
+from kvmtrace.core.kvm_abi import VM_UNKNOWN  # noqa: E402
 from kvmtrace.source.detect import open_source  # noqa: E402
-from kvmtrace.source.events import VM_UNKNOWN, Kind  # noqa: E402
 
 WORKLOADS = {
     "reaper-exits": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",

@@ -37,8 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvmtrace.bpf.live import LiveSource  # noqa: E402
 from kvmtrace.bpf.loader import Probes  # noqa: E402
+from kvmtrace.bpf.snapshot_source import LiveSource  # noqa: E402
 
 CYCLES_OF_VMS = """
 import json, signal, sys, threading

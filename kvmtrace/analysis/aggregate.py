@@ -1,7 +1,7 @@
 """Per-ring counters computed in user space from any event stream.
 
-:class:`Aggregator` turns :data:`~kvmtrace.source.events.EVENT_DTYPE` batches into the same
-cumulative :class:`~kvmtrace.analysis.stats.Snapshot` counters the in-kernel BPF maps keep,
+:class:`Aggregator` turns :data:`~kvmtrace.core.events.EVENT_DTYPE` batches into the same
+cumulative :class:`~kvmtrace.core.counters.Snapshot` counters the in-kernel BPF maps keep,
 so ``top`` runs over a recording or an imported ftrace/``perf script`` text exactly as over
 the live kernel. :class:`ReplaySource` wraps an EventSource as a SnapshotSource that moves
 through the file's time by a fixed step per :meth:`~ReplaySource.snapshot` call.
@@ -37,14 +37,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..source.base import EventSource, SourceMeta
-from ..source.events import Kind
-from .stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo
+from ..core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo
+from ..core.events import Kind
+from ..core.kvm_abi import U32_MASK, entries_from_bytes, u32
+from ..core.sources import EventSource, SourceMeta
 
-__all__ = ["Aggregator", "ReplaySource", "log2_buckets", "GFN_BYTES"]
+__all__ = ["Aggregator", "ReplaySource", "log2_buckets"]
 
-GFN_BYTES = 16  #: sizeof(struct kvm_dirty_gfn)
-_U32 = np.int64(0xFFFFFFFF)
+_U32 = np.int64(U32_MASK)  # an int64 scalar keeps int64 columns int64
 # 2**1 .. 2**(HIST_BUCKETS-1): searchsorted(side="right") gives floor(log2 v) for v >= 1.
 _POW2 = np.array([1 << i for i in range(1, HIST_BUCKETS)], dtype=np.uint64)
 
@@ -123,7 +123,7 @@ class Aggregator:
         info.ring_bytes = ring_bytes
         for key, counters in self._rings.items():
             if key.pid == pid and key.vm == vm:
-                counters.size = ring_bytes // GFN_BYTES
+                counters.size = entries_from_bytes(ring_bytes)
 
     def _vm(self, pid: int, vm: int) -> VmInfo:
         info = self._vms.get((pid, vm))
@@ -144,7 +144,7 @@ class Aggregator:
             info = self._vm(rk.pid, rk.vm)
             size = None
             if info.ring_bytes:
-                size = info.ring_bytes // GFN_BYTES
+                size = entries_from_bytes(info.ring_bytes)
             else:
                 size = self.meta.ring_size(rk.pid, rk.vm)
             counters = self._rings[rk] = RingCounters(size=size)
@@ -181,8 +181,8 @@ class Aggregator:
             d0, r0 = int(di[0]), int(ri[0])
         advance = _furthest(ri, r0)
         c.entries_reset += advance
-        c.reset_index = (r0 + advance) & 0xFFFFFFFF
-        c.dirty_index = (d0 + _furthest(di, d0)) & 0xFFFFFFFF
+        c.reset_index = u32(r0 + advance)
+        c.dirty_index = u32(d0 + _furthest(di, d0))
         self._have_index.add(key)
 
     # -- reading --------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.events import Kind
 from ..model.results import RingId
-from ..source.events import Kind
 from ..source.recording_decode import BlockParts
 from .ringbulk import Cols
 from .workingset import PushTimes

@@ -1,6 +1,6 @@
 """Performance profile of one dirty-ring trace, the input of ``kvmtrace compare``.
 
-:func:`profile_source` reads an :class:`~kvmtrace.source.base.EventSource` once, batch by
+:func:`profile_source` reads an :class:`~kvmtrace.core.sources.EventSource` once, batch by
 batch (bounded memory), and returns a :class:`Profile`: the span (first to last event, ns)
 and one :class:`RingProfile` per ring index (``struct kvm_dirty_ring.index``, the vCPU
 index) plus an ``"all"`` row. Rings are keyed by index, not by (pid, VM fd), so two runs of
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..source.base import EventSource
-from ..source.events import Kind
+from ..core.events import Kind
+from ..core.sources import EventSource
 from .aggregate import Aggregator
 from .distribution import DEFAULT_CAP, Reservoir
 

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo, hist_percentile
+from ..core.counters import (
+    HIST_BUCKETS,
+    RingCounters,
+    RingKey,
+    Snapshot,
+    VmInfo,
+    hist_percentile,
+)
 from .stuck import worst
 
 __all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract", "vm_reset_hist"]

@@ -1,8 +1,8 @@
 """Replay: rebuild every dirty ring (``struct kvm_dirty_ring``) of an event stream over time.
 
-Works on any :class:`~kvmtrace.source.base.EventSource` (recording, imported ftrace or
+Works on any :class:`~kvmtrace.core.sources.EventSource` (recording, imported ftrace or
 ``perf script`` text, live). Per ring it checks the stream against the kernel's rules and
-reports anomalies (see :mod:`kvmtrace.model.reference`, whose semantics this follows
+reports anomalies (see :mod:`kvmtrace.testing.reference`, whose semantics this follows
 exactly, vectorised per ring and per batch: :mod:`.ringbulk`, :mod:`.ringstate`; each
 ring's events first put in causal order, :mod:`.ringorder`), totals,
 the multiset digest of harvested (slot, offset) entries, dirty rate and working set per
@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model.results import Anomaly, RingId, RingResult
-from ..model.ring import (
+from ..core.events import Kind
+from ..core.kvm_abi import (
     KVM_DIRTY_RING_RSVD_ENTRIES,
+    entries_from_bytes,
     infer_size,
-    resets_interruptible,
     valid_entries,
 )
-from ..source.base import EventSource, SourceMeta
-from ..source.events import Kind
+from ..core.sources import EventSource, SourceMeta
+from ..model.results import Anomaly, RingId, RingResult
+from ..model.ring import resets_interruptible
 from ..source.recording_decode import BlockParts
 from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
 from .ringbulk import Cols, feed_ring
@@ -231,7 +232,7 @@ class Replay:
         pid, vm, ts = int(e["pid"]), int(e["vm"]), int(e["ts"])
         if int(e["kind"]) == Kind.RING_SIZE:
             self._drain_vm(pid, vm)
-            size = int(e["value"]) // 16
+            size = entries_from_bytes(int(e["value"]))
             if valid_entries(size) and self._size_of(pid, vm) != (size, "trace"):
                 self._set_vm_size(pid, vm, size, "trace", ts)
             return

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..model.ring import s32
-from ..source.events import Kind
+from ..core.events import Kind
+from ..core.kvm_abi import U32_MASK, s32
 from .ringexits import PushPos, exits, soft
-from .ringstate import M32, FastRing
+from .ringstate import FastRing
 
 __all__ = ["Cols", "feed_ring"]
 
@@ -196,14 +196,14 @@ def _all_clean(ring: FastRing, pre: _Pre) -> bool:
     assert pre.rpos is not None
     npush = m - len(pre.rpos)
     d_first, r_first = int(di[0]), int(ri[0])
-    if ((d_first - ring.dirty) & M32) != (1 if push[0] else 0):
+    if ((d_first - ring.dirty) & U32_MASK) != (1 if push[0] else 0):
         return False
-    dr0 = (r_first - ring.reset) & M32
+    dr0 = (r_first - ring.reset) & U32_MASK
     if (push[0] and dr0) or dr0 >= 1 << 31:
         return False
     if m > 1:
         dd = di[1:] - di[:-1]
-        if int(dd.max()) > 1 or ((int(di[-1]) - d_first) & M32) != npush - bool(push[0]):
+        if int(dd.max()) > 1 or ((int(di[-1]) - d_first) & U32_MASK) != npush - bool(push[0]):
             return False
         rs = pre.rpos[pre.rpos > 0] - 1  # resets after the first event, in dd/dr
         if len(rs) and dd[rs].any():
@@ -287,7 +287,7 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
         ring.livelock = None if not len(xpos) else ring.livelock
     if np_:
         k = min(np_, ring.cap)
-        start = (d1 - k) & M32
+        start = (d1 - k) & U32_MASK
         if pushes is not None:
             ps, po, p0 = pushes
             ring.put(ring.slot, start, ps[p0 + np_ - k:p0 + np_])

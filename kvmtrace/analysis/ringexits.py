@@ -1,14 +1,14 @@
 """Soft-full exits and soft-limit episodes over a clean stretch of one ring's events (the
 fast path of :mod:`.ringbulk`): livelock episodes, exit -> next push times, pushes past the
 soft limit (``size - reserved`` entries of ``struct kvm_dirty_ring``) without an exit, as
-:mod:`kvmtrace.model.reference` defines them, vectorised over the stretch.
+:mod:`kvmtrace.testing.reference` defines them, vectorised over the stretch.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..source.events import Kind
+from ..core.events import Kind
 from .ringstate import FastRing
 
 __all__ = ["PushPos", "exits", "soft"]

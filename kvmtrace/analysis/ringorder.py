@@ -11,7 +11,7 @@ vCPU's exits/stalls (whose index is the vCPU's last push) are ordered by time, t
 trace order.
 
 It is applied as a streaming merge of the two streams with bounded look-ahead, defined one
-event at a time (:class:`kvmtrace.model.reference.ReferenceReplay` implements the same
+event at a time (:class:`kvmtrace.testing.reference.ReferenceReplay` implements the same
 definition plainly):
 
 - a reset is taken before the vCPU event at the head of its stream when that event comes
@@ -36,8 +36,8 @@ from collections import deque
 
 import numpy as np
 
-from ..model.ring import s32
-from ..source.events import Kind
+from ..core.events import Kind
+from ..core.kvm_abi import U32_MASK, s32
 from .ringbulk import Cols
 
 __all__ = ["HOLD_VCPU", "HOLD_RESETS", "RingOrder", "order_segment", "concat_cols"]
@@ -165,7 +165,7 @@ def _in_place(ro: RingOrder, x: Cols, drain: bool) -> int | None:
     after = opos - 1
     cand = np.where(np.isin(after, opos, invert=True) & (after >= 0), after, -1)
     pb = np.maximum.accumulate(cand)  # the last push before each other event, or -1
-    dprev = np.where(pb >= 0, di[np.maximum(pb, 0)], np.uint32(prev & 0xFFFFFFFF))
+    dprev = np.where(pb >= 0, di[np.maximum(pb, 0)], np.uint32(prev & U32_MASK))
     isr = kind[opos] == _RESET
     if (di[opos[isr]] != dprev[isr]).any():
         return None  # a reset not right after the push it names
@@ -175,7 +175,7 @@ def _in_place(ro: RingOrder, x: Cols, drain: bool) -> int | None:
     has = na < n
     if ((di[np.minimum(na, n - 1)] - dprev) != 1)[has].any():
         return None  # pushes do not step by one across the other events
-    if kind[0] == _PUSH and int(di[0]) != (prev + 1) & 0xFFFFFFFF:
+    if kind[0] == _PUSH and int(di[0]) != (prev + 1) & U32_MASK:
         return None
     same = pb[1:] == pb[:-1]  # other events between the same two pushes: by time
     if same.any():
@@ -210,7 +210,7 @@ def _merge_fast(ro: RingOrder, x: Cols, rpos: np.ndarray, drain: bool) -> Cols |
         ref = int(pdi[0]) - 1
     else:
         ref = prev
-    steps = np.diff(pdi, prepend=np.uint32(ref & 0xFFFFFFFF)).view(np.int32)
+    steps = np.diff(pdi, prepend=np.uint32(ref & U32_MASK)).view(np.int32)
     if len(steps) and int(steps.min()) <= 0:
         return None  # pushes not in index order (lost, repeated or reordered events)
     rel = np.cumsum(steps, dtype=np.int64)  # push dirty_index - ref

@@ -1,4 +1,4 @@
-"""One ring of the fast replay: the reference semantics of :mod:`kvmtrace.model.reference`
+"""One ring of the fast replay: the reference semantics of :mod:`kvmtrace.testing.reference`
 on numpy storage, one event or one run of pushes at a time.
 
 This is the replay's careful path, taken around irregular events (gaps, indices going
@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.kvm_abi import KVM_DIRTY_RING_MAX_ENTRIES, U32_MASK, UNKNOWN_SLOT, s32, u32
 from ..model.digest import MultisetDigest
 from ..model.results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
-from ..model.ring import KVM_DIRTY_RING_MAX_ENTRIES, UNKNOWN_SLOT, s32, u32
 from .lostpages import LostPages
 
-__all__ = ["FastRing", "M32"]
+__all__ = ["FastRing"]
 
 A = AnomalyKind
-M32 = 0xFFFFFFFF
 
 
 class FastRing:
@@ -222,7 +221,7 @@ class FastRing:
         while i < n:
             if self.started:
                 exp = (np.arange(self.dirty + 1, self.dirty + 1 + n - i, dtype=np.int64)
-                       & M32)
+                       & U32_MASK)
                 bad = (di[i:] != exp) | (ri[i:] != self.reset)
                 j = int(np.argmax(bad)) if bad.any() else n - i
                 if j:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.events import Kind
+from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, U32_MASK
 from ..model.results import RingId
-from ..model.ring import KVM_DIRTY_RING_RSVD_ENTRIES
-from ..source.events import Kind
 
 __all__ = ["RingSizeSim", "SimResult", "ASSUMPTIONS"]
 
@@ -36,7 +36,6 @@ ASSUMPTIONS = (
     "each simulated exit stalls for the trace's mean stall of that VM",
 )
 
-_M32 = 0xFFFFFFFF
 
 
 @dataclass
@@ -83,7 +82,7 @@ class RingSizeSim:
         ring = e["ring"].astype(np.int64)
         is_reset = e["kind"] == Kind.RESET
         rpos = np.flatnonzero(is_reset)
-        resid = ((e["dirty_index"].astype(np.int64) - e["reset_index"]) & _M32)
+        resid = ((e["dirty_index"].astype(np.int64) - e["reset_index"]) & U32_MASK)
         n, pos = len(e), 0
         rings_here = np.unique(ring).tolist()
         for r in rings_here:

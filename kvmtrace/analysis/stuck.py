@@ -1,4 +1,5 @@
 """Stuck dirty rings: the rules ``top`` (screen, JSON, Prometheus) and ``record`` share.
+The reasons' names and :data:`STUCK_EXITS` are in :mod:`kvmtrace.core.counters`.
 
 A ring (``struct kvm_dirty_ring`` of one vCPU) is flagged *stuck* for one of these reasons,
 most serious first:
@@ -28,24 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..source.events import Kind
+from ..core.counters import NO_RESET_PROGRESS, OVERFLOW, REASONS, STRANDED, STUCK_EXITS
+from ..core.events import Kind
+from ..core.kvm_abi import entries_from_bytes, s32, u32
 
-__all__ = ["STRANDED", "NO_RESET_PROGRESS", "OVERFLOW", "REASONS", "STUCK_EXITS",
-           "worst", "EventStuck"]
+__all__ = ["worst", "EventStuck"]
 
-STRANDED = "stranded"
-NO_RESET_PROGRESS = "no_reset_progress"
-OVERFLOW = "overflow"
-#: reason -> one-line explanation, most serious first
-REASONS = {
-    STRANDED: "a reset stopped on an entry it cleared after an overflow: pushes are stranded",
-    NO_RESET_PROGRESS: "soft-full exits keep coming and the reset index does not move",
-    OVERFLOW: "the ring overflowed: entries were overwritten before a reset",
-}
-#: soft-full exits without reset progress that make a ring stuck (the built-in VMM's own
-#: livelock test: kvmtrace.vmm.workload.LIVELOCK_EXITS)
-STUCK_EXITS = 3
-_U32 = 0xFFFF_FFFF
 
 
 def worst(reasons: Iterable[str | None]) -> str | None:
@@ -78,7 +67,7 @@ class EventStuck:
         for e in sel.tolist():  # (ts, value, pid, tid, dirty, reset, slot, ring, vm, kind, pad)
             _ts, value, pid, _tid, dirty, reset, _slot, ring, vm, kind = e[:10]
             if kind == Kind.RING_SIZE:
-                self.sizes[(pid, vm)] = value // 16
+                self.sizes[(pid, vm)] = entries_from_bytes(value)
                 continue
             r = self.rings.setdefault((pid, vm, ring), _Ring())
             if r.reset is None and (pid, vm) in self.sizes:
@@ -90,10 +79,10 @@ class EventStuck:
                 continue
             size = self.sizes.get((pid, vm))
             if r.reset is not None and size:
-                advance = (reset - r.reset) & _U32
-                if ((dirty - r.reset) & _U32) > size and ((dirty - r.reset) & _U32) < 1 << 31:
+                advance = u32(reset - r.reset)
+                if s32(dirty - r.reset) > size:
                     r.reason = worst([r.reason, OVERFLOW])
-                if advance == size and 0 < ((dirty - reset) & _U32) < 1 << 31:
+                if advance == size and s32(dirty - reset) > 0:
                     r.reason = worst([r.reason, STRANDED])
             if r.reset is None or reset != r.reset:
                 r.exits = 0

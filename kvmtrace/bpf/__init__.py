@@ -1,9 +1,11 @@
-"""bpf: the live sources. The probes' BPF C is package data in ``probes/``
+"""bpf: both live sources. The probes' BPF C is package data in ``probes/``
 (dirty_ring.bpf.c; kvmtrace.h holds the structs shared with Python).
 
 - :mod:`.loader`: compiles and attaches the probes (``-D`` defines only), reads their maps.
 - :mod:`.layout`: numpy twins of the map structs in probes/kvmtrace.h.
-- :mod:`.live`: the live per-ring view's source (``kvmtrace top``).
+- :mod:`.snapshot_source`: the live per-ring view's source (``kvmtrace top``), over the
+  in-kernel maps.
+- :mod:`.event_source`: the live event stream (``kvmtrace record``), over the ring buffer.
 - :mod:`.ringbuf`: bulk reader of a BPF ring buffer.
 - :mod:`.vmident`: VM identity: pid, fd, generation and name.
 - :mod:`.progstats`: the kernel's per-program run counters (bpf_stats).

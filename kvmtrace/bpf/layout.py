@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis.stats import HIST_BUCKETS
+from ..core.counters import HIST_BUCKETS
 
 __all__ = ["RING_KEY_DTYPE", "RING_VAL_DTYPE", "VM_KEY_DTYPE", "VM_VAL_DTYPE", "LOST_SLOTS",
            "PUSH_SLOT_DTYPE"]

@@ -22,15 +22,24 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis.stats import RingCounters, RingKey, Snapshot, VmInfo
-from ..analysis.stuck import NO_RESET_PROGRESS, OVERFLOW, STRANDED, STUCK_EXITS
+from ..core.counters import (
+    NO_RESET_PROGRESS,
+    OVERFLOW,
+    STRANDED,
+    STUCK_EXITS,
+    RingCounters,
+    RingKey,
+    Snapshot,
+    VmInfo,
+)
+from ..core.events import EVENT_DTYPE
+from ..core.kvm_abi import entries_from_bytes, infer_entries, s32, u32
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import tracefs
 from ..host.btf import Btf, load_vmlinux
 from ..host.features import detect
 from ..host.headers import use_headers
 from ..host.kallsyms import addresses
-from ..source.events import EVENT_DTYPE
 from .layout import (
     LOST_SLOTS,
     PUSH_SLOT_DTYPE,
@@ -42,7 +51,7 @@ from .layout import (
 
 __all__ = ["PROBES_PACKAGE", "SOURCE_NAME", "probes_dir", "MODES", "HOOKS", "VM_IDENTITIES",
            "Probes",
-           "preflight", "select_hooks", "vm_ptr_defines", "infer_entries", "merge_rows",
+           "preflight", "select_hooks", "vm_ptr_defines", "merge_rows",
            "add_push_slots", "live_used_counts", "stranded_count", "slots_settled", "SnapshotRaced"]
 
 #: the probes' C sources are package data of this package, in its folder ``probes``
@@ -56,7 +65,6 @@ HOOKS = ("auto", "raw_tp", "tp")
 #: how the probes name a VM: ``auto`` by its struct kvm * where the kernel allows
 #: (:func:`vm_ptr_defines`), else ``thread``: from the ioctls seen while tracing
 VM_IDENTITIES = ("auto", "thread")
-GFN_BYTES = 16  # struct kvm_dirty_gfn
 
 # event -> (TP_PROTO argument types a raw tracepoint program expects, -D switch)
 _RAW = {
@@ -207,31 +215,16 @@ def select_hooks(hook: str = "auto", vm_identity: str = "auto"
     return hooks, cflags + sorted(raw_flags)
 
 
-def infer_entries(exit_used_min: int) -> int | None:
-    """Ring entries implied by the smallest ``used`` seen at a soft-full exit, or None.
-
-    KVM sets soft_limit = entries - reserved, reserved = 64 (KVM_DIRTY_RING_RSVD_ENTRIES)
-    plus the CPU's dirty-log buffer (512 with Intel PML). An exit usually happens at exactly
-    the soft limit; only a unique power-of-two answer of at least 256 entries counts, anything
-    else stays unknown rather than guessed.
-    """
-    if exit_used_min <= 0:
-        return None
-    found = {n for n in (exit_used_min + 64, exit_used_min + 576) if n >= 256 and not n & (n - 1)}
-    return found.pop() if len(found) == 1 else None
-
-
 _SUMMED = ("pushes", "resets", "entries_reset", "soft_full_exits", "stalls", "stall_ns",
            "overwritten", "stranded")
 _LATEST = ("dirty_index", "reset_index", "reset_base", "reset_dirty")
 _STUCK = ("stuck", "stuck_dirty", "stuck_exits", "pad")  # from the row with the latest reset
-_U32 = 0xFFFF_FFFF
 
 
 def _u32_after(x: int, y: int) -> int:
     """Sign of x - y for free-running u32 indices (wrap-aware): 1 later, -1 earlier, 0 equal."""
-    d = (x - y) & _U32
-    return 0 if d == 0 else (1 if d < 1 << 31 else -1)
+    d = s32(x - y)
+    return (d > 0) - (d < 0)
 
 
 def merge_rows(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -270,7 +263,7 @@ def add_push_slots(rows: dict[RingKey, dict[str, Any]], slots: np.ndarray) -> No
         if row is None or not pushes:
             continue
         row["pushes"] += pushes
-        dirty = (int(s["dirty0"]) + pushes) & _U32
+        dirty = u32(int(s["dirty0"]) + pushes)
         if int(s["gen"]) == row["gen"] and _u32_after(dirty, row["dirty_index"]) > 0:
             row["dirty_index"] = dirty
 
@@ -279,14 +272,14 @@ def live_used_counts(row: dict[str, Any], size: int | None) -> tuple[int, int]:
     """Full mode: (max_used, overwritten) of a row including the pushes since its last
     reset, which the probes count at the next reset (kt_full_reset() in
     dirty_ring_defs.h does the same sums)."""
-    used = (row["dirty_index"] - row["reset_index"]) & _U32
+    used = u32(row["dirty_index"] - row["reset_index"])
     over = row["overwritten"]
     if size:
-        start = (row["reset_base"] + size) & _U32
+        start = u32(row["reset_base"] + size)
         if _u32_after(row["reset_dirty"], start) > 0:
             start = row["reset_dirty"]
         if _u32_after(row["dirty_index"], start) > 0:
-            over += (row["dirty_index"] - start) & _U32
+            over += u32(row["dirty_index"] - start)
     return max(row["max_used"], used), over
 
 
@@ -301,15 +294,15 @@ def stranded_count(row: dict[str, Any], size: int | None) -> tuple[int, int]:
     got, back = int(row["stranded"]), 0
     if row["stuck"] and size:
         dirty, sd = row["dirty_index"], row["stuck_dirty"]
-        lap = (row["reset_index"] + size) & _U32
+        lap = u32(row["reset_index"] + size)
         end = lap if _u32_after(dirty, lap) > 0 else dirty
         if _u32_after(end, sd) > 0:
-            got += (end - sd) & _U32
-        hit = (sd + size) & _U32
+            got += u32(end - sd)
+        hit = u32(sd + size)
         if _u32_after(hit, dirty) > 0:
             hit = dirty
         if _u32_after(hit, lap) > 0:
-            back = (hit - lap) & _U32
+            back = u32(hit - lap)
     return got, back
 
 
@@ -483,8 +476,9 @@ class Probes:
         before tracing started; -1 = leave them); their counters merge with those of the
         resolved key (resets always know the VM fd, pushes of such VMs do not).
         Ring size: read from ``struct kvm_dirty_ring`` (raw tracepoints), else from the VM's
-        KVM_ENABLE_CAP, else inferred from soft-full exits (:func:`infer_entries`), else
-        None. KVM_RESET_DIRTY_RINGS latency is per VM: it is reported on the pseudo ring
+        KVM_ENABLE_CAP, else inferred from soft-full exits
+        (:func:`~kvmtrace.core.kvm_abi.infer_entries`), else None. KVM_RESET_DIRTY_RINGS
+        latency is per VM: it is reported on the pseudo ring
         ``RingKey(pid, vm, -1)``, as kvmtrace.analysis.aggregate does for events.
         """
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -498,7 +492,7 @@ class Probes:
             snap.vms[(pid, vm)] = VmInfo(pid=pid, vm=vm, ring_bytes=int(v["ring_bytes"]) or None)
             if v["reset_ioctls"]:
                 snap.rings[RingKey(pid, vm, -1)] = RingCounters(
-                    size=int(v["ring_bytes"]) // GFN_BYTES or None,
+                    size=entries_from_bytes(int(v["ring_bytes"])) or None,
                     reset_lat_hist=[int(x) for x in v["reset_lat_hist"]],
                 )
         raw: dict[RingKey, dict[str, Any]] = {
@@ -516,7 +510,7 @@ class Probes:
                     key = key._replace(vm=fds[key.pid])
             rows[key] = merge_rows(rows[key], row) if key in rows else row
         for key, v in rows.items():
-            size = (v["size"] or vm_bytes.get((key.pid, key.vm), 0) // GFN_BYTES
+            size = (v["size"] or entries_from_bytes(vm_bytes.get((key.pid, key.vm), 0))
                     or infer_entries(v["exit_used_min"]))
             max_used, lost = v["max_used"], v["overwritten"]
             if self.mode != "top-light":

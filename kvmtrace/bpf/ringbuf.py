@@ -35,8 +35,8 @@ from types import TracebackType
 
 import numpy as np
 
+from ..core.events import EVENT_DTYPE
 from ..errors import MissingFeature, UsageError
-from ..source.events import EVENT_DTYPE
 
 __all__ = [
     "BUSY_BIT",

@@ -1,7 +1,7 @@
 """VM identity: which process a VM lives in, what it is called, and VMs coming and going.
 
 A VM is (VMM pid, vm = fd | gen << 20): the VMM's file descriptor of the VM and its
-generation under that fd (kvmtrace.source.events.vm_id()). Where the kernel has BTF the
+generation under that fd (kvmtrace.core.kvm_abi.vm_id()). Where the kernel has BTF the
 probes name every VM by its ``struct kvm *`` and so know the fd of VMs created before
 tracing too (bpf/probes/dirty_ring.bpf.c, KT_VM_PTR); without it they learn the fd from the
 VMM's ioctls seen while tracing, report vm = -1 for pushes and exits of older VMs, and
@@ -20,7 +20,7 @@ import select
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..analysis.stats import VmInfo
+from ..core.counters import VmInfo
 
 __all__ = [
     "KVM_VM_LINK",

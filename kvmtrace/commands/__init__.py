@@ -1,1 +1,5 @@
-"""commands."""
+"""commands (floor 5): one module per subcommand, thin over the library.
+
+:mod:`.top`, :mod:`.record`, :mod:`.replay`, :mod:`.compare`, :mod:`.export`,
+:mod:`.workload`, :mod:`.doctor`.
+"""

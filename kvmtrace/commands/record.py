@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..analysis.stuck import EventStuck
+from ..bpf.event_source import LiveEvents
+from ..core.events import Kind
 from ..errors import UsageError
 from ..host.child import PausedChild
-from ..source.events import Kind
-from ..source.live import LiveEvents
 from ..source.recording import RecordingWriter
 
 __all__ = ["register", "run", "RecordSummary", "record"]

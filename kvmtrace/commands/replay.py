@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
-from ..model.ring import KVM_DIRTY_RING_RSVD_ENTRIES, valid_entries
 
 __all__ = ["register", "run"]
 
@@ -28,7 +28,6 @@ EPILOG = """examples:
 exit status: 0 clean, 1 anomalies found (or events lost), 2 bad input
 """
 
-PML_RESERVED = KVM_DIRTY_RING_RSVD_ENTRIES + 512  # Intel hosts with PML
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    if args.reserved not in (KVM_DIRTY_RING_RSVD_ENTRIES, PML_RESERVED):
+    if args.reserved not in (KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML):
         raise UsageError(f"--reserved {args.reserved}: KVM keeps back 64 entries, or 576 "
                          "with Intel PML", "give --reserved 64 or --reserved 576")
     if not args.window > 0 or args.window > 1e6:

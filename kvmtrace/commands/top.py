@@ -1,6 +1,6 @@
 """``kvmtrace top``: per-ring view of the dirty ring, interactive, batch (text or NDJSON) or
 as a Prometheus exporter. The data comes from one SnapshotSource: the live in-kernel maps
-(:class:`kvmtrace.bpf.live.LiveSource`) or, with ``--replay FILE``, an
+(:class:`kvmtrace.bpf.snapshot_source.LiveSource`) or, with ``--replay FILE``, an
 :class:`~kvmtrace.analysis.aggregate.ReplaySource` over any recording or imported trace.
 """
 
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..analysis.rates import compute_interval
-from ..analysis.stats import Snapshot
+from ..core.counters import Snapshot
+from ..core.sources import SnapshotSource, SourceMeta
 from ..errors import UsageError
 from ..host.child import PausedChild
-from ..source.base import SnapshotSource, SourceMeta
 from ..views.top_render import SORT_KEYS, render_top
 
 __all__ = ["register", "run", "TopOptions", "parse_options"]
@@ -174,8 +174,8 @@ def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotS
         for w in replay.warnings:  # text whose rings could not all be told apart
             print(f"kvmtrace top: warning: {w}", file=sys.stderr)
         return replay, "replay"
-    from ..bpf.live import LiveSource
     from ..bpf.loader import Probes, preflight
+    from ..bpf.snapshot_source import LiveSource
 
     preflight()
     probes = Probes("top-light" if opts.light else "top",

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from ..core.kvm_abi import bytes_from_entries
 from ..errors import UsageError
 from ..vmm.guest import PATTERNS
 from ..vmm.workload import HARVEST_MODES, WorkloadConfig, run_workload
@@ -81,7 +82,7 @@ def config_from_args(args: argparse.Namespace) -> WorkloadConfig:
     if args.ring_entries is not None:
         if args.ring_entries < 1:
             raise UsageError(f"--ring-entries {args.ring_entries} must be positive")
-        ring_bytes = args.ring_entries * 16
+        ring_bytes = bytes_from_entries(args.ring_entries)
     else:
         ring_bytes = 4096 if args.ring_bytes is None else args.ring_bytes
     return WorkloadConfig(

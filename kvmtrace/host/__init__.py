@@ -1,1 +1,11 @@
-"""host."""
+"""host (floor 1): facts about the running kernel and the ways to ask it.
+
+- :mod:`.doctor`: the preflight checks of ``kvmtrace doctor``.
+- :mod:`.features`: which BPF program types and hooks the kernel accepts.
+- :mod:`.tracefs`: the mount and the dirty-ring tracepoints' formats.
+- :mod:`.btf`: struct member offsets from /sys/kernel/btf/vmlinux.
+- :mod:`.headers`: kernel headers for bcc.
+- :mod:`.kallsyms`: kernel symbol addresses.
+- :mod:`.kvm`: KVM ioctls (numbers, structs, /dev/kvm, dirty-ring caps).
+- :mod:`.child`: run ``-- COMMAND`` held before exec until the tracer is attached.
+"""

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from ..core.kvm_abi import entries_from_bytes
 from ..errors import MissingFeature
 from . import features, headers, tracefs
 
@@ -40,8 +41,8 @@ def _root() -> Check:
 
 
 def _kvm() -> list[Check]:
-    from ..vmm import kvm as k  # the built-in VMM's ioctl layer
-    from ..vmm.vm import open_kvm, probe_ring_caps
+    from . import kvm as k
+    from .kvm import open_kvm, probe_ring_caps
 
     ring_fix = "a kernel with KVM_CAP_DIRTY_LOG_RING (Linux 5.11+ on x86)"
     try:
@@ -61,7 +62,7 @@ def _kvm() -> list[Check]:
     checks = [Check("/dev/kvm", api == 12, f"API version {api}", "a KVM with API version 12")]
     if caps.max_bytes:
         detail = (
-            f"max {caps.max_bytes} bytes ({caps.max_bytes // 16} entries); "
+            f"max {caps.max_bytes} bytes ({entries_from_bytes(caps.max_bytes)} entries); "
             f"plain {'yes' if plain else 'no'}, "
             f"ACQ_REL {'yes' if caps.cap == k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL else 'no'}, "
             f"WITH_BITMAP {'yes' if bitmap else 'no'}"

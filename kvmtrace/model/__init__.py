@@ -1,1 +1,7 @@
-"""model."""
+"""model (floor 2): the userspace model of the dirty ring and what a replay reports.
+
+- :mod:`.ring`: ``struct kvm_dirty_ring`` of one vCPU, one kernel operation per call.
+- :mod:`.results`: :class:`~.results.Anomaly` and :class:`~.results.RingResult`, shared by
+  the reference replay (:mod:`kvmtrace.testing.reference`) and the fast one.
+- :mod:`.digest`: an order-independent digest of a multiset of (slot, offset) entries.
+"""

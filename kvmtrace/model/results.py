@@ -1,6 +1,6 @@
 """What a replay finds per ring: :class:`Anomaly` and :class:`RingResult`.
 
-Shared by the reference replay (:mod:`kvmtrace.model.reference`) and the fast one
+Shared by the reference replay (:mod:`kvmtrace.testing.reference`) and the fast one
 (:mod:`kvmtrace.analysis.replay`) so that both can be compared field by field. A ring is
 keyed by (VMM pid, VM fd, ring index = ``kvm_dirty_ring.index`` = vCPU index); pid 0 and
 vm -1 mean unknown (plain ftrace/perf text).
@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ..core.counters import HIST_BUCKETS
+
 __all__ = ["AnomalyKind", "Anomaly", "RingResult", "RingId", "LIST_CAP", "Durations"]
 
 RingId = tuple[int, int, int]  # (pid, vm, ring index)
-
-HIST_BUCKETS = 40  #: as kvmtrace.analysis.stats
 
 #: overwritten entries an overflow anomaly lists at most (the count is always exact)
 LIST_CAP = 100_000

@@ -1,7 +1,9 @@
 """A userspace model of ``struct kvm_dirty_ring`` (virt/kvm/dirty_ring.c), one vCPU's ring.
 
-This is the reference semantics the replay (:mod:`kvmtrace.analysis.replay`) is tested
-against. It is plain Python, one operation per call, and follows the kernel:
+The ABI facts it uses (sizes, reserves, flags, u32 arithmetic) live in
+:mod:`kvmtrace.core.kvm_abi`. This is the reference semantics the replay
+(:mod:`kvmtrace.analysis.replay`) is tested against. It is plain Python, one operation
+per call, and follows the kernel:
 
 - ``size`` is in entries of ``struct kvm_dirty_gfn`` (16 bytes: u32 flags, u32 slot,
   u64 offset), a power of two; KVM takes ring *bytes* in ``KVM_ENABLE_CAP`` (at least one
@@ -33,46 +35,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..core.kvm_abi import (
+    KVM_DIRTY_GFN_F_DIRTY,
+    KVM_DIRTY_GFN_F_RESET,
+    KVM_DIRTY_RING_RSVD_ENTRIES,
+    soft_limit_of,
+    u32,
+)
+
 __all__ = [
-    "GFN_BYTES",
-    "KVM_DIRTY_GFN_F_DIRTY",
-    "KVM_DIRTY_GFN_F_RESET",
-    "KVM_DIRTY_RING_RSVD_ENTRIES",
-    "KVM_DIRTY_RING_MAX_ENTRIES",
-    "MIN_RING_BYTES",
-    "UNKNOWN_SLOT",
     "Entry",
     "DirtyRing",
-    "entries_from_bytes",
-    "soft_limit_of",
-    "infer_size",
-    "valid_entries",
-    "u32",
-    "s32",
     "resets_interruptible",
 ]
-
-GFN_BYTES = 16  #: sizeof(struct kvm_dirty_gfn)
-KVM_DIRTY_GFN_F_DIRTY = 1 << 0
-KVM_DIRTY_GFN_F_RESET = 1 << 1
-KVM_DIRTY_RING_RSVD_ENTRIES = 64  #: include/linux/kvm_host.h (plus PML's 512 on Intel)
-KVM_DIRTY_RING_MAX_ENTRIES = 65536  #: include/linux/kvm_host.h
-MIN_RING_BYTES = 4096  #: one page on x86
-#: slot value of an entry whose content the trace never showed (lost or before tracing)
-UNKNOWN_SLOT = 0xFFFFFFFF
-
-_M32 = 0xFFFFFFFF
-
-
-def u32(x: int) -> int:
-    """x as the kernel's u32."""
-    return x & _M32
-
-
-def s32(x: int) -> int:
-    """The signed distance of a u32 difference (serial-number arithmetic)."""
-    x &= _M32
-    return x - (1 << 32) if x & 0x80000000 else x
 
 
 def resets_interruptible(kernel_release: str | None) -> bool:
@@ -81,48 +56,6 @@ def resets_interruptible(kernel_release: str | None) -> bool:
     the VMM retries). True when the release is unknown (text traces)."""
     m = re.match(r"(\d+)\.(\d+)", kernel_release or "")
     return m is None or (int(m[1]), int(m[2])) >= (6, 16)
-
-
-def entries_from_bytes(ring_bytes: int) -> int:
-    """Ring bytes as given to KVM_ENABLE_CAP -> entries (16-byte ``struct kvm_dirty_gfn``)."""
-    return ring_bytes // GFN_BYTES
-
-
-def soft_limit_of(size: int, reserved: int = KVM_DIRTY_RING_RSVD_ENTRIES) -> int:
-    """``kvm_dirty_ring.soft_limit`` for a ring of ``size`` entries."""
-    return size - reserved
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (x.bit_length() - 1) if x > 0 else 0
-
-
-def _pow2_ceil(x: int) -> int:
-    return 1 << (x - 1).bit_length() if x > 1 else 1
-
-
-def valid_entries(entries: int) -> bool:
-    """A ring size KVM accepts: a power of two from one page (256 entries) to 65536."""
-    return (MIN_RING_BYTES // GFN_BYTES <= entries <= KVM_DIRTY_RING_MAX_ENTRIES
-            and not entries & (entries - 1))
-
-
-def infer_size(
-    max_used: int, exit_used: int, reserved: int = KVM_DIRTY_RING_RSVD_ENTRIES
-) -> int | None:
-    """Ring size (entries) implied by a soft-full exit seen at ``used = exit_used``.
-
-    The kernel exits only when ``used >= soft_limit = size - reserved``, so
-    ``size <= exit_used + reserved``; without overflow ``size >= max_used``; sizes are
-    powers of two and at least one page. Returns the smallest size that fits both bounds,
-    or the upper bound when none does (the ring overflowed before the exit); None when no
-    size KVM accepts fits (an exit too early to be a soft-full one). Assumes the ring did
-    not overflow by more than ``reserved`` entries before its first exit.
-    """
-    upper = min(_pow2_floor(max(exit_used, 0) + reserved), KVM_DIRTY_RING_MAX_ENTRIES)
-    lower = max(entries_from_bytes(MIN_RING_BYTES), _pow2_ceil(max_used))
-    size = lower if lower <= upper else upper
-    return size if valid_entries(size) else None
 
 
 @dataclass
@@ -140,7 +73,8 @@ class DirtyRing:
     index and the entries (``dirty_gfns``).
 
     ``fill_slot`` is the slot of never-written entries (the kernel's ``vzalloc`` gives 0;
-    the replay uses :data:`UNKNOWN_SLOT` so that reading one is recognisable).
+    the replay uses :data:`~kvmtrace.core.kvm_abi.UNKNOWN_SLOT` so that reading one is
+    recognisable).
     """
 
     def __init__(

@@ -12,8 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from ..core.sources import EventSource
 from ..errors import KvmtraceError, UsageError
-from .base import EventSource
 from .ftrace import FtraceSource
 from .perfscript import PerfScriptSource
 from .textsource import resolve_ring_entries

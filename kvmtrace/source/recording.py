@@ -3,7 +3,7 @@
 A recording is a file header followed by self-delimiting blocks, each with a length and a
 CRC-32, appended with one ``write()`` each: META (the :class:`~.base.SourceMeta` as JSON,
 the last one wins), EVENTS (a compressed columnar block of
-:data:`~kvmtrace.source.events.EVENT_DTYPE` events, see :mod:`.recording_codec`), LOST
+:data:`~kvmtrace.core.events.EVENT_DTYPE` events, see :mod:`.recording_codec`), LOST
 (cumulative count of events the producer could not deliver) and END (totals, written by
 :meth:`RecordingWriter.close`). A writer killed at any instant leaves a file readable up to
 its last complete block; the reader ignores a torn tail and says so in
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..core.events import EVENT_DTYPE
+from ..core.sources import SourceMeta
 from ..errors import OutputError, UsageError
-from .base import SourceMeta
-from .events import EVENT_DTYPE
 from .recording_codec import MAX_BLOCK_EVENTS, encode_events
 from .recording_decode import BlockParts, decode_parts
 
@@ -154,7 +154,7 @@ class RecordingWriter:
         ev = np.asarray(events)
         if ev.dtype != EVENT_DTYPE:
             raise UsageError(f"cannot record events of dtype {ev.dtype}",
-                             "pass arrays of kvmtrace.source.events.EVENT_DTYPE")
+                             "pass arrays of kvmtrace.core.events.EVENT_DTYPE")
         ev = ev.reshape(-1)
         b = self.block_events
         while len(ev):
@@ -297,7 +297,7 @@ class RecordingWriter:
 
 
 class Recording:
-    """A recording opened for reading; an EventSource (kvmtrace/source/base.py).
+    """A recording opened for reading; an EventSource (kvmtrace/core/sources.py).
 
     Known at open (one pass over block headers): ``meta``, ``events`` (complete events),
     ``lost``, ``blocks``, ``ts_first``/``ts_last`` (ns), ``complete`` (END block present),

@@ -1,6 +1,6 @@
 """Columnar codec of one EVENTS block of a kvmtrace recording (docs/FORMAT.md).
 
-A block of :data:`~kvmtrace.source.events.EVENT_DTYPE` events (``struct kt_event``) is
+A block of :data:`~kvmtrace.core.events.EVENT_DTYPE` events (``struct kt_event``) is
 stored column by column:
 
 - the *group* of an event is its (pid, tid, vm, ring, kind); the block's distinct groups
@@ -36,8 +36,8 @@ import zlib
 
 import numpy as np
 
+from ..core.events import EVENT_DTYPE
 from ..errors import UsageError
-from .events import EVENT_DTYPE
 
 __all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "encode_events"]
 

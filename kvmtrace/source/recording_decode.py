@@ -1,6 +1,6 @@
 """Decoder of one EVENTS block of a kvmtrace recording (the layout: :mod:`.recording_codec`
 and docs/FORMAT.md), to its columns as stored (:class:`BlockParts`, what replay reads) or
-to :data:`~kvmtrace.source.events.EVENT_DTYPE` records.
+to :data:`~kvmtrace.core.events.EVENT_DTYPE` records.
 
 Every step is a fixed number of numpy passes per column, no per-event Python; u32/u64
 arithmetic wraps like the encoder's.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .events import EVENT_DTYPE
+from ..core.events import EVENT_DTYPE
 from .recording_codec import (
     _BLOCK,
     _COLUMN,

@@ -36,10 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.events import EVENT_DTYPE, Kind
+from ..core.kvm_abi import (
+    KVM_DIRTY_RING_MAX_ENTRIES,
+    MIN_RING_BYTES,
+    MIN_RING_ENTRIES,
+    VM_UNKNOWN,
+    entries_from_bytes,
+)
+from ..core.sources import SourceMeta
 from ..errors import UsageError
-from ..model.ring import GFN_BYTES, KVM_DIRTY_RING_MAX_ENTRIES, MIN_RING_BYTES
-from .base import SourceMeta
-from .events import EVENT_DTYPE, VM_UNKNOWN, Kind
 from .textscan import K_DREXIT, K_PUSH, K_RESET, K_UEXIT, Scanned, scan
 from .textvms import TextVms
 
@@ -55,9 +61,9 @@ def resolve_ring_entries(ring_entries: int | None, ring_bytes: int | None) -> in
         if ring_bytes < MIN_RING_BYTES or ring_bytes & (ring_bytes - 1):
             raise UsageError(f"--ring-bytes {ring_bytes} is not a power of two >= 4096",
                              "give the ring bytes the VMM enabled, e.g. --ring-bytes 65536")
-        from_bytes = ring_bytes // GFN_BYTES
+        from_bytes = entries_from_bytes(ring_bytes)
     if ring_entries is not None:
-        if ring_entries < MIN_RING_BYTES // GFN_BYTES or ring_entries & (ring_entries - 1):
+        if ring_entries < MIN_RING_ENTRIES or ring_entries & (ring_entries - 1):
             raise UsageError(f"--ring-entries {ring_entries} is not a power of two >= 256",
                              "one entry is 16 bytes: --ring-entries 4096 = 64 KiB")
         if from_bytes is not None and from_bytes != ring_entries:

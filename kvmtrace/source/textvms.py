@@ -57,16 +57,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .events import VM_UNKNOWN, Kind
+from ..core.events import Kind
+from ..core.kvm_abi import U32_MASK, VM_UNKNOWN, s32
 
 __all__ = ["TextVms", "SYNTHETIC_VM_FIRST"]
 
 SYNTHETIC_VM_FIRST = -2  #: the first synthetic VM id; the next ones count down
-M32 = 0xFFFFFFFF
-
-
-def s32(x: int) -> int:
-    return ((x + 0x80000000) & M32) - 0x80000000
 
 
 @dataclass
@@ -225,10 +221,10 @@ class TextVms:
             di, ri, ts = di_all[sel], ri_all[sel], ts_all[sel]
             if h is None:
                 h = self._key[k] = len(self._rings)
-                self._rings.append(_PushRing(k[0], k[1], k[2], (int(di[0]) - 1) & M32,
+                self._rings.append(_PushRing(k[0], k[1], k[2], (int(di[0]) - 1) & U32_MASK,
                                              int(ts[0])))
             r = self._rings[h]
-            pos = ((di - r.base) & M32)
+            pos = ((di - r.base) & U32_MASK)
             prev = r.cp_ri[-1] if r.cp_ri else None
             change = np.ones(len(ri), bool)
             change[1:] = ri[1:] != ri[:-1]
@@ -301,7 +297,7 @@ class TextVms:
                 r = self._rings[h]
                 for g in hs[:j]:
                     o = self._rings[g]
-                    if (o.last_ts <= r.first_ts and r.base == (o.base + o.last_pos) & M32
+                    if (o.last_ts <= r.first_ts and r.base == (o.base + o.last_pos) & U32_MASK
                             and s32(r.cp_ri[0] - o.cp_ri[-1]) >= 0):
                         uf.union(g, h)
                         break

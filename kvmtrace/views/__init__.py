@@ -1,1 +1,9 @@
-"""views."""
+"""views (floor 4): output of every kind, from counters, intervals or replay results.
+
+- :mod:`.top_render`: the ``top`` screen as plain lines (pure); :mod:`.top_curses` the
+  interactive loop over it; :mod:`.topjson` the batch NDJSON.
+- :mod:`.prometheus`: the ``/metrics`` exporter.
+- :mod:`.replay_text`, :mod:`.replay_json`: the ``replay`` report.
+- :mod:`.compare_text`: the ``compare`` report.
+- :mod:`.parquet`, :mod:`.perfetto`: exports of a recording.
+"""

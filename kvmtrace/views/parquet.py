@@ -1,6 +1,6 @@
 """Parquet export: one row per event, for DuckDB, Polars or Spark across many recordings.
 
-Columns (one row per :data:`~kvmtrace.source.events.EVENT_DTYPE` event):
+Columns (one row per :data:`~kvmtrace.core.events.EVENT_DTYPE` event):
 
 ==============  ==========================  =================================================
 column          type                        meaning
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..core.events import Kind
+from ..core.sources import EventSource
 from ..errors import MissingFeature, UsageError
-from ..source.base import EventSource
-from ..source.events import Kind
 from ..source.recording import meta_to_dict
 
 __all__ = ["KIND_NAMES", "export_parquet", "parquet_schema"]

@@ -25,9 +25,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..core.events import Kind
+from ..core.kvm_abi import entries_from_bytes, u32
+from ..core.sources import EventSource
 from ..errors import UsageError
-from ..source.base import EventSource
-from ..source.events import Kind
 from ..source.recording import meta_to_dict
 
 __all__ = ["TRACK_TID_BASE", "export_perfetto"]
@@ -115,7 +116,8 @@ class _PerfettoWriter:
                 self.instant(pid, tr, "soft-full exit", ts, {})
             elif k == Kind.RING_SIZE:
                 self.instant(pid, tr, "ring size", ts,
-                             {"bytes": value, "entries": value // 16, "cap": int(e["slot"])})
+                             {"bytes": value, "entries": entries_from_bytes(value),
+                              "cap": int(e["slot"])})
 
     def slice(self, pid: int, tr: _Track, name: str, end: int, dur: int) -> None:
         start = max(0, end - dur)
@@ -150,7 +152,7 @@ class _PerfettoWriter:
                 args: dict[str, Any] = {"dirty_index": int(ev["dirty_index"][i]),
                                         "reset_index": int(ri[i])}
                 if before is not None:
-                    args["entries_reset"] = (int(ri[i]) - before) & 0xFFFFFFFF
+                    args["entries_reset"] = u32(int(ri[i]) - before)
                 self.instant(pid, tr, "reset", int(ts[i]), args)
         tr.last_ts, tr.last_used = int(ts[-1]), int(used[-1])
         tr.last_emitted = bool(keep[-1])

@@ -1,6 +1,6 @@
 """Prometheus exporter of the per-ring counters (text exposition format 0.0.4, stdlib only).
 
-Every scrape of ``/metrics`` reads one :class:`~kvmtrace.analysis.stats.Snapshot` from the
+Every scrape of ``/metrics`` reads one :class:`~kvmtrace.core.counters.Snapshot` from the
 SnapshotSource (the in-kernel maps, once) and writes, per ring ``{pid, vm, vm_gen, ring,
 comm}`` (``vm`` the VM's fd, ``vm_gen`` the VMs seen under that fd before it):
 
@@ -26,10 +26,10 @@ from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..analysis.rates import vm_reset_hist
-from ..analysis.stats import HIST_BUCKETS, RingCounters, RingKey, Snapshot
+from ..core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot
+from ..core.kvm_abi import vm_fd, vm_gen
+from ..core.sources import SnapshotSource
 from ..errors import UsageError
-from ..source.base import SnapshotSource
-from ..source.events import vm_fd, vm_gen
 
 __all__ = ["CONTENT_TYPE", "DEFAULT_HOST", "parse_listen", "render_metrics", "Exporter"]
 
@@ -145,7 +145,7 @@ def render_metrics(snap: Snapshot) -> str:
 
 
 def _vm(vm: int) -> list[tuple[str, object]]:
-    """Labels of a packed VM (kvmtrace.source.events): its fd and generation."""
+    """Labels of a packed VM (kvmtrace.core.kvm_abi): its fd and generation."""
     return [("vm", vm_fd(vm)), ("vm_gen", vm_gen(vm))]
 
 

@@ -55,9 +55,9 @@ import math
 from typing import Any
 
 from ..analysis.replay import ReplayReport
+from ..core.kvm_abi import vm_fd, vm_gen
 from ..model.digest import digest_of
 from ..model.results import Anomaly, Durations, RingId, RingResult
-from ..source.events import vm_fd, vm_gen
 
 __all__ = ["SCHEMA", "report_dict", "dumps_report", "harvest_dump", "ring_dict",
            "anomaly_dict", "ring_span"]

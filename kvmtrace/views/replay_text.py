@@ -14,9 +14,9 @@ from __future__ import annotations
 import textwrap
 
 from ..analysis.replay import ReplayReport
+from ..core.kvm_abi import vm_label
 from ..model.digest import digest_of
 from ..model.results import Durations, RingId
-from ..source.events import vm_label
 from .replay_json import ring_span
 
 __all__ = ["render_text", "WIDTH", "MAX_ANOMALIES"]

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..analysis.rates import Interval, compute_interval, subtract
-from ..analysis.stats import Snapshot
-from ..source.base import SnapshotSource
+from ..core.counters import Snapshot
+from ..core.sources import SnapshotSource
 from .top_render import HEADER_LINES, SORT_KEYS, column_span, next_sort_key, render_top
 
 __all__ = ["TopState", "run_curses"]

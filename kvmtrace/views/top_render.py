@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..analysis.rates import Interval, RingRates, VmRates
-from ..source.events import vm_label
+from ..core.kvm_abi import vm_label
 
 __all__ = [
     "SORT_KEYS",

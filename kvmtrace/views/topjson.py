@@ -25,7 +25,7 @@ push_rate is the dirty_index advance seen at the interval's resets; ``full`` oth
 A VM's ``stuck``/``stuck_reason`` is its most serious ring's. ``lost`` counts ring entries
 lost to an overflow: overwritten before a reset plus stranded by a stuck ring.
 ``vm`` is the VM's file descriptor in the VMM process (-1 unknown) and ``vm_gen`` the VMs
-seen under that fd before this one (the fd was reused: kvmtrace.source.events); ``index`` is
+seen under that fd before this one (the fd was reused: kvmtrace.core.kvm_abi); ``index`` is
 ``kvm_dirty_ring.index`` (the vCPU index, -1 unknown).
 """
 
@@ -35,7 +35,7 @@ import json
 from typing import Any
 
 from ..analysis.rates import Interval, RingRates, VmRates
-from ..source.events import vm_fd, vm_gen
+from ..core.kvm_abi import vm_fd, vm_gen
 
 __all__ = ["SCHEMA", "ring_json", "vm_json", "interval_json", "dumps_interval"]
 

@@ -1,1 +1,9 @@
-"""vmm."""
+"""vmm (floor 2): the built-in VMM of ``kvmtrace workload``, the ground truth the tests
+hold kvmtrace to. Its KVM ioctl layer is :mod:`kvmtrace.host.kvm`.
+
+- :mod:`.guest`: the 32-bit guest program, assembled here.
+- :mod:`.vm`: VM, vCPU and dirty-ring objects (ctypes ioctl + mmap).
+- :mod:`.workload`: N VMs of M vCPU threads, harvested like a VMM; :mod:`.harvest` one
+  VM's harvest, :mod:`.reset` what a KVM_RESET_DIRTY_RINGS did, :mod:`.helpers` the side
+  threads (reset interrupter, vCPU migrator), :mod:`.result` the ground-truth report.
+"""

@@ -24,7 +24,7 @@ from array import array
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from .kvm import PAGE_SIZE
+from ..host.kvm import PAGE_SIZE
 
 __all__ = [
     "GUEST_PORT", "DATA_FIRST_PAGE", "MAX_GUEST_BYTES", "PATTERNS", "HOT_FRACTION",

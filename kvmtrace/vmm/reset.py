@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kvm import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
+from ..core.kvm_abi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
 from .vm import DirtyRing
 
 __all__ = ["RingReset", "CallOutcome", "reset_run", "ring_reset", "attribute_reset"]

@@ -13,15 +13,21 @@ import errno
 import mmap
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+from ..core.kvm_abi import (
+    GFN_BYTES,
+    KVM_DIRTY_GFN_F_DIRTY,
+    KVM_DIRTY_GFN_F_RESET,
+    MIN_RING_BYTES,
+    entries_from_bytes,
+)
 from ..errors import KvmtraceError, MissingFeature, UsageError
-from . import kvm as k
+from ..host import kvm as k
+from ..host.kvm import open_kvm, probe_ring_caps
 
-__all__ = ["DirtyRing", "RingCaps", "probe_ring_caps", "check_ring_bytes", "open_kvm", "Vm", "Vcpu",
+__all__ = ["DirtyRing", "check_ring_bytes", "Vm", "Vcpu",
            "describe_oserror"]
 
-KVM_DEV = "/dev/kvm"
 
 
 class DirtyRing:
@@ -36,7 +42,7 @@ class DirtyRing:
         if entries <= 0 or entries & (entries - 1):
             raise ValueError(f"ring entries {entries} is not a power of two")
         view = memoryview(buf)
-        if view.nbytes < entries * k.DIRTY_GFN_BYTES:
+        if view.nbytes < entries * GFN_BYTES:
             raise ValueError("ring buffer smaller than entries * 16 bytes")
         self.entries = entries
         self.mask = entries - 1
@@ -63,10 +69,10 @@ class DirtyRing:
         fetch = self.fetch
         while len(out) < budget:
             i = fetch & mask
-            if not u32[4 * i] & k.KVM_DIRTY_GFN_F_DIRTY:
+            if not u32[4 * i] & KVM_DIRTY_GFN_F_DIRTY:
                 break
             out.append((u32[4 * i + 1], u64[2 * i + 1]))
-            u32[4 * i] = k.KVM_DIRTY_GFN_F_RESET
+            u32[4 * i] = KVM_DIRTY_GFN_F_RESET
             fetch += 1
         self.fetch = fetch
         return out
@@ -91,46 +97,14 @@ class DirtyRing:
         self._u64.release()
 
 
-@dataclass(frozen=True)
-class RingCaps:
-    """What KVM_CHECK_EXTENSION says about the dirty ring: the cap to enable (223 when
-    offered, else 192) and the largest ring in bytes (0 = no dirty ring)."""
-
-    cap: int
-    max_bytes: int
-
-
-def probe_ring_caps(fd: int) -> RingCaps:
-    """Ask ``fd`` (/dev/kvm or a VM fd) for the dirty-ring capabilities."""
-    for cap in (k.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, k.KVM_CAP_DIRTY_LOG_RING):
-        size = k.ioctl(fd, k.KVM_CHECK_EXTENSION, cap)
-        if size > 0:
-            return RingCaps(cap, size)
-    return RingCaps(0, 0)
-
-
 def check_ring_bytes(ring_bytes: int, max_bytes: int | None = None) -> None:
     """Raise UsageError unless ``ring_bytes`` is a power of two in [4096, max_bytes]."""
-    if ring_bytes < k.PAGE_SIZE or ring_bytes & (ring_bytes - 1):
+    if ring_bytes < MIN_RING_BYTES or ring_bytes & (ring_bytes - 1):
         raise UsageError(f"ring size {ring_bytes} bytes is not a power of two >= 4096",
                          "use e.g. --ring-bytes 4096 (256 entries) or --ring-entries 512")
     if max_bytes is not None and ring_bytes > max_bytes:
         raise UsageError(f"ring size {ring_bytes} bytes exceeds this kernel's maximum "
                          f"{max_bytes}", f"use --ring-bytes {max_bytes} or less")
-
-
-def open_kvm() -> int:
-    """Open /dev/kvm read-write; MissingFeature (one line + fix) when that is impossible."""
-    try:
-        return os.open(KVM_DEV, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise MissingFeature(f"{KVM_DEV} does not exist",
-                             "load kvm (modprobe kvm_intel or kvm_amd)") from None
-    except PermissionError:
-        raise MissingFeature(f"no read/write access to {KVM_DEV}",
-                             "run as root or add yourself to the kvm group") from None
-    except OSError as err:
-        raise MissingFeature(f"cannot open {KVM_DEV}: {err.strerror}") from None
 
 
 class Vcpu:
@@ -144,7 +118,7 @@ class Vcpu:
         self._ring_map = mmap.mmap(self.fd, vm.ring_bytes, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE,
                                    offset=k.KVM_DIRTY_LOG_PAGE_OFFSET * k.PAGE_SIZE)
-        self.ring = DirtyRing(self._ring_map, vm.ring_bytes // k.DIRTY_GFN_BYTES)
+        self.ring = DirtyRing(self._ring_map, entries_from_bytes(vm.ring_bytes))
 
     def run(self) -> int:
         """KVM_RUN once (GIL released); returns ``kvm_run.exit_reason``.

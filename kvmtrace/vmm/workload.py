@@ -23,13 +23,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.kvm_abi import KVM_DIRTY_GFN_F_DIRTY, entries_from_bytes, soft_limit_of
 from ..errors import KvmtraceError, UsageError
-from . import kvm as k
+from ..host import kvm as k
+from ..host.kvm import open_kvm
 from .guest import PATTERNS, GuestCode, GuestLayout, assemble
 from .harvest import Harvester, RingState
 from .helpers import Migrator, ResetInterrupter, usable_cpus
 from .result import RingResult, WorkloadResult
-from .vm import Vm, check_ring_bytes, describe_oserror, open_kvm
+from .vm import Vm, check_ring_bytes, describe_oserror
 
 __all__ = ["HARVEST_MODES", "LIVELOCK_EXITS", "STOP_SIGNAL", "MAX_VMS", "MAX_VM_CYCLES",
            "WorkloadConfig", "run_workload"]
@@ -317,11 +319,11 @@ def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, kvm_fd: int,
         if interrupted:
             break
     wall = time.monotonic_ns() - t0
-    entries = cfg.ring_bytes // k.DIRTY_GFN_BYTES
+    entries = entries_from_bytes(cfg.ring_bytes)
     assert first is not None
     return WorkloadResult(
         pid=os.getpid(), vm_fd=vm_runs[0]["vm_fd"], cap=first.cap, ring_bytes=cfg.ring_bytes,
-        ring_entries=entries, soft_limit=entries - k.KVM_DIRTY_RING_RSVD_ENTRIES,
+        ring_entries=entries, soft_limit=soft_limit_of(entries),
         vcpus=cfg.vcpus, pages=cfg.pages, passes=passes, duration_s=cfg.duration_s,
         pattern=cfg.pattern, seed=cfg.seed, exit_every=cfg.exit_every, harvest=cfg.harvest,
         reaper_ms=cfg.reaper_ms, harvest_delay_us=cfg.harvest_delay_us,
@@ -405,4 +407,4 @@ def _finish_rings(vmr: _VmRun, layout: GuestLayout) -> None:
         res.unexpected = len(ring.seen - written)
         res.unreset = res.harvested - res.entries_reset
         dirty = ring.vcpu.ring
-        res.left_dirty = dirty.flags_range(0, dirty.entries).count(k.KVM_DIRTY_GFN_F_DIRTY)
+        res.left_dirty = dirty.flags_range(0, dirty.entries).count(KVM_DIRTY_GFN_F_DIRTY)

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * Shared structs of the kvmtrace probes. Every struct here has a twin numpy dtype in
- * kvmtrace/source/events.py; tests/test_layout.py checks that both agree.
+ * kvmtrace/core/events.py; tests/test_layout.py checks that both agree.
  */
 #ifndef KVMTRACE_H
 #define KVMTRACE_H
@@ -19,7 +19,7 @@
  * minor): fd is the VMM's file descriptor of the VM (fs.nr_open is at most 2^20), gen how
  * many VMs the probes saw under the same (pid, fd) before this one (the fd was closed and
  * reused). -1: not known (no BTF: pushes and exits of a VM created before tracing).
- * kvmtrace/source/events.py vm_fd(), vm_gen(), vm_id() unpack and pack it.
+ * kvmtrace/core/kvm_abi.py vm_fd(), vm_gen(), vm_id() unpack and pack it.
  */
 #define KT_VM_GEN_SHIFT 20
 

@@ -4,7 +4,7 @@ Each :meth:`LiveSource.snapshot` reads the probes' in-kernel maps once (cost gro
 the number of rings, not with the event rate), resolves VMs the probes could not identify
 (vm = -1: created before tracing started) to the process's only KVM VM fd (remembered
 after the process exits, until the watcher reports the exit), and fills each
-VM's :class:`~kvmtrace.analysis.stats.VmInfo` (comm, QEMU ``-name`` and the like).
+VM's :class:`~kvmtrace.core.counters.VmInfo` (comm, QEMU ``-name`` and the like).
 
 With ``watch=True`` a :class:`~kvmtrace.bpf.vmident.ProcWatcher` notices VMM processes
 exiting; their map entries (rows, VMs, vCPU fds, push slots) are dropped one snapshot
@@ -25,9 +25,9 @@ from __future__ import annotations
 import os
 import time
 
-from ..analysis.stats import Snapshot, VmInfo
-from ..source.base import SourceMeta
-from ..source.events import vm_fd, vm_gen
+from ..core.counters import Snapshot, VmInfo
+from ..core.kvm_abi import vm_fd, vm_gen
+from ..core.sources import SourceMeta
 from .loader import Probes
 from .vmident import ProcWatcher, VmIdentity, resolve_vm, vm_fds
 

@@ -18,14 +18,13 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..bpf.loader import Probes
-from ..bpf.ringbuf import RingBufReader
-from .base import SourceMeta
-from .events import EVENT_DTYPE
+from ..core.events import EVENT_DTYPE
+from ..core.kvm_abi import entries_from_bytes
+from ..core.sources import SourceMeta
+from .loader import Probes
+from .ringbuf import RingBufReader
 
 __all__ = ["LiveEvents"]
-
-GFN_BYTES = 16  # struct kvm_dirty_gfn
 
 
 class LiveEvents:
@@ -86,10 +85,10 @@ class LiveEvents:
     @staticmethod
     def ring_sizes(batch: np.ndarray) -> dict[tuple[int, int], int]:
         """(pid, vm) -> ring entries from the KT_RING_SIZE events of ``batch``."""
-        from .events import Kind
+        from ..core.events import Kind
 
         sel = batch[batch["kind"] == Kind.RING_SIZE]
-        return {(int(e["pid"]), int(e["vm"])): int(e["value"]) // GFN_BYTES for e in sel}
+        return {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"])) for e in sel}
 
     def close(self) -> None:
         self.reader.close()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..source.events import EVENT_DTYPE, Kind, empty
-from .ring import GFN_BYTES, KVM_DIRTY_RING_RSVD_ENTRIES, DirtyRing
+from ..core.events import EVENT_DTYPE, Kind, empty
+from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, bytes_from_entries
+from ..model.ring import DirtyRing
 
 __all__ = ["SynthVm", "bulk_stream"]
 
@@ -36,7 +37,7 @@ class SynthVm:
 
     def ring_size_event(self) -> None:
         """KT_RING_SIZE: the ring bytes the VMM enabled (value = bytes)."""
-        self._emit(Kind.RING_SIZE, -1, value=self.rings[0].size * GFN_BYTES, slot=223)
+        self._emit(Kind.RING_SIZE, -1, value=bytes_from_entries(self.rings[0].size), slot=223)
 
     def push(self, vcpu: int, slot: int, offset: int) -> None:
         r = self.rings[vcpu]

@@ -10,20 +10,25 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from dataclasses import dataclass
+
+from ..errors import MissingFeature
 
 __all__ = [
     "KVMIO", "PAGE_SIZE", "KVM_GET_API_VERSION", "KVM_CREATE_VM", "KVM_CHECK_EXTENSION",
     "KVM_GET_VCPU_MMAP_SIZE", "KVM_CREATE_VCPU", "KVM_SET_USER_MEMORY_REGION", "KVM_RUN",
     "KVM_GET_REGS", "KVM_SET_REGS", "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_ENABLE_CAP",
     "KVM_RESET_DIRTY_RINGS", "KVM_CAP_DIRTY_LOG_RING", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
-    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_DIRTY_LOG_PAGE_OFFSET", "KVM_DIRTY_GFN_F_DIRTY",
-    "KVM_DIRTY_GFN_F_RESET", "DIRTY_GFN_BYTES", "KVM_DIRTY_RING_RSVD_ENTRIES",
+    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_DIRTY_LOG_PAGE_OFFSET",
     "KVM_EXIT_IO", "KVM_EXIT_HLT", "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN", "KVM_EXIT_FAIL_ENTRY",
     "KVM_EXIT_INTR", "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_DIRTY_RING_FULL", "EXIT_NAMES",
     "KVM_RUN_IMMEDIATE_EXIT", "KVM_RUN_EXIT_REASON", "KVM_RUN_IO",
     "KvmSegment", "KvmDtable", "KvmSregs", "KvmRegs", "KvmUserspaceMemoryRegion",
     "KvmEnableCap", "KvmIo", "ioctl", "ioctl_ptr",
+    "KVM_DEV", "RingCaps", "probe_ring_caps", "open_kvm",
 ]
+
+KVM_DEV = "/dev/kvm"
 
 PAGE_SIZE = 4096
 KVMIO = 0xAE
@@ -122,10 +127,7 @@ KVM_CAP_DIRTY_LOG_RING = 192
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
 KVM_MEM_LOG_DIRTY_PAGES = 1
 KVM_DIRTY_LOG_PAGE_OFFSET = 64  # pages into the vCPU fd where the ring is mmap'ed (x86)
-KVM_DIRTY_GFN_F_DIRTY = 1
-KVM_DIRTY_GFN_F_RESET = 2
-DIRTY_GFN_BYTES = 16  # struct kvm_dirty_gfn {u32 flags; u32 slot; u64 offset;}
-KVM_DIRTY_RING_RSVD_ENTRIES = 64  # soft limit = entries - this (no PML here)
+# struct kvm_dirty_gfn, its flags and the reserve: kvmtrace.core.kvm_abi
 
 KVM_EXIT_IO = 2
 KVM_EXIT_HLT = 5
@@ -167,3 +169,35 @@ def ioctl(fd: int, request: int, arg: int = 0) -> int:
 def ioctl_ptr(fd: int, request: int, struct: ctypes.Structure) -> int:
     """``ioctl(fd, request, &struct)``; raises OSError on failure."""
     return ioctl(fd, request, ctypes.addressof(struct))
+
+
+@dataclass(frozen=True)
+class RingCaps:
+    """What KVM_CHECK_EXTENSION says about the dirty ring: the cap to enable (223 when
+    offered, else 192) and the largest ring in bytes (0 = no dirty ring)."""
+
+    cap: int
+    max_bytes: int
+
+
+def probe_ring_caps(fd: int) -> RingCaps:
+    """Ask ``fd`` (/dev/kvm or a VM fd) for the dirty-ring capabilities."""
+    for cap in (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING):
+        size = ioctl(fd, KVM_CHECK_EXTENSION, cap)
+        if size > 0:
+            return RingCaps(cap, size)
+    return RingCaps(0, 0)
+
+
+def open_kvm() -> int:
+    """Open /dev/kvm read-write; MissingFeature (one line + fix) when that is impossible."""
+    try:
+        return os.open(KVM_DEV, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MissingFeature(f"{KVM_DEV} does not exist",
+                             "load kvm (modprobe kvm_intel or kvm_amd)") from None
+    except PermissionError:
+        raise MissingFeature(f"no read/write access to {KVM_DEV}",
+                             "run as root or add yourself to the kvm group") from None
+    except OSError as err:
+        raise MissingFeature(f"cannot open {KVM_DEV}: {err.strerror}") from None

@@ -1,10 +1,10 @@
 """The two source interfaces every view reads from.
 
-- :class:`EventSource`: a stream of :data:`~kvmtrace.source.events.EVENT_DTYPE` batches
+- :class:`EventSource`: a stream of :data:`~kvmtrace.core.events.EVENT_DTYPE` batches
   (a recording, an imported ftrace or ``perf script`` text, the live BPF ring buffer).
 - :class:`SnapshotSource`: cumulative per-ring counters at points in time
-  (:class:`~kvmtrace.analysis.stats.Snapshot`), read from live in-kernel BPF maps or
-  computed from any EventSource by :class:`~kvmtrace.analysis.stats.Aggregator`.
+  (:class:`~kvmtrace.core.counters.Snapshot`), read from live in-kernel BPF maps or
+  computed from any EventSource by :class:`~kvmtrace.analysis.aggregate.Aggregator`.
 
 ``top``, ``replay`` and exports take either kind through these interfaces, so they cannot
 tell a live kernel from a file.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from ..analysis.stats import Snapshot
+    from .counters import Snapshot
 
 __all__ = ["SourceMeta", "EventSource", "SnapshotSource"]
 

@@ -35,7 +35,7 @@ field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring ind
 - a reset_index advance shown by pushes and by no later reset event is a gap only on
   kernels before 6.16 (later ones stop a reset part-way with -EINTR and no event);
 - the ring size comes from KT_RING_SIZE events, else the source's meta, else it is
-  inferred for the whole VM at its first soft-full exit (:func:`~.ring.infer_size`);
+  inferred for the whole VM at its first soft-full exit (:func:`~kvmtrace.core.kvm_abi.infer_size`);
   until then rings are modelled with KVM_DIRTY_RING_MAX_ENTRIES entries (exact for
   harvests) and overflow/soft-limit checks wait for the size.
 """
@@ -48,22 +48,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..source.base import SourceMeta
-from ..source.events import Kind
-from .digest import MultisetDigest
-from .results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
-from .ring import (
+from ..core.events import Kind
+from ..core.kvm_abi import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_RING_MAX_ENTRIES,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     UNKNOWN_SLOT,
-    DirtyRing,
+    entries_from_bytes,
     infer_size,
-    resets_interruptible,
     s32,
     u32,
     valid_entries,
 )
+from ..core.sources import SourceMeta
+from ..model.digest import MultisetDigest
+from ..model.results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
+from ..model.ring import DirtyRing, resets_interruptible
 
 __all__ = ["ReferenceReplay", "ReferenceResult"]
 
@@ -456,7 +456,7 @@ class ReferenceReplay:
             di, ri = int(e["dirty_index"]), int(e["reset_index"])
             if kind == Kind.RING_SIZE:
                 self._drain(pid, vm)
-                size = int(e["value"]) // 16
+                size = entries_from_bytes(int(e["value"]))
                 if not valid_entries(size):
                     continue
                 if self._vm_size(pid, vm)[0] != size or self.vm_size[(pid, vm)][1] != "trace":

@@ -1,5 +1,7 @@
 """The event record every source yields: a numpy structured array of :data:`EVENT_DTYPE`.
 
+The ``vm`` field's packing (fd and generation) and VM_UNKNOWN live in :mod:`.kvm_abi`.
+
 The layout is the BPF side's ``struct kt_event`` (kvmtrace/bpf/probes/kvmtrace.h) byte
 for byte, so records read from a BPF ring buffer are a zero-copy view. Importers of ftrace
 and perf text fill the same fields they can and leave the rest at their "unknown" values.
@@ -11,16 +13,12 @@ import enum
 
 import numpy as np
 
+from .kvm_abi import VM_UNKNOWN
+
 __all__ = [
     "EVENT_DTYPE",
     "Kind",
-    "VM_UNKNOWN",
     "RING_UNKNOWN",
-    "VM_GEN_SHIFT",
-    "vm_fd",
-    "vm_gen",
-    "vm_id",
-    "vm_label",
     "empty",
 ]
 
@@ -36,43 +34,7 @@ class Kind(enum.IntEnum):
     RING_SIZE = 6  #: KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING[_ACQ_REL]); value = bytes, slot = cap
 
 
-VM_UNKNOWN = -1
 RING_UNKNOWN = -1
-
-#: ``vm = fd | gen << VM_GEN_SHIFT``, packed like a dev_t: the kernel's fd limit
-#: (fs.nr_open) is at most 2**20, so the fd fits the low 20 bits. ``gen`` is 0 for the first
-#: VM the tracer saw under (pid, fd), +1 for each later VM under the same (pid, fd) (the fd
-#: was closed and reused). -1 (VM_UNKNOWN) keeps meaning "unknown".
-VM_GEN_SHIFT = 20
-_FD_MASK = (1 << VM_GEN_SHIFT) - 1
-
-
-def vm_fd(vm: int) -> int:
-    """The VMM's file descriptor of a packed ``vm``. Negative ids stay themselves: -1
-    unknown, -2, -3, ... the VMs a text import told apart (no fd known)."""
-    return vm if vm < 0 else vm & _FD_MASK
-
-
-def vm_gen(vm: int) -> int:
-    """The generation of a packed ``vm``: VMs seen before it under the same (pid, fd)
-    (0 for -1)."""
-    return 0 if vm < 0 else vm >> VM_GEN_SHIFT
-
-
-def vm_id(fd: int, gen: int = 0) -> int:
-    """The packed ``vm`` of the gen-th VM seen under fd (fd < 0 gives -1)."""
-    if fd < 0:
-        return VM_UNKNOWN
-    if fd > _FD_MASK or gen < 0 or gen >= 1 << (31 - VM_GEN_SHIFT):
-        raise ValueError(f"vm fd {fd} / gen {gen} out of range")
-    return fd | gen << VM_GEN_SHIFT
-
-
-def vm_label(vm: int) -> str:
-    """Text form of a packed ``vm``: ``5`` for gen 0, ``5#1`` for the next VM under fd 5,
-    ``-1`` unknown, ``-2`` a VM a text import told apart."""
-    gen = vm_gen(vm)
-    return f"{vm_fd(vm)}#{gen}" if gen else str(vm_fd(vm))
 
 #: struct kt_event (48 bytes). ts: ns, CLOCK_MONOTONIC. value: push offset (page within
 #: the slot) or a duration in ns or ring bytes, by kind. slot: ``as_id << 16 | slot id``.

@@ -15,9 +15,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["HIST_BUCKETS", "RingKey", "RingCounters", "VmInfo", "Snapshot", "hist_percentile"]
+from .kvm_abi import u32
+
+__all__ = ["HIST_BUCKETS", "STRANDED", "NO_RESET_PROGRESS", "OVERFLOW", "REASONS", "STUCK_EXITS",
+           "RingKey", "RingCounters", "VmInfo", "Snapshot", "hist_percentile"]
 
 HIST_BUCKETS = 40
+
+#: why a ring is flagged stuck (RingCounters.stuck); the rules: kvmtrace.analysis.stuck
+STRANDED = "stranded"
+NO_RESET_PROGRESS = "no_reset_progress"
+OVERFLOW = "overflow"
+#: reason -> one-line explanation, most serious first
+REASONS = {
+    STRANDED: "a reset stopped on an entry it cleared after an overflow: pushes are stranded",
+    NO_RESET_PROGRESS: "soft-full exits keep coming and the reset index does not move",
+    OVERFLOW: "the ring overflowed: entries were overwritten before a reset",
+}
+#: soft-full exits without reset progress that make a ring stuck (the built-in VMM's own
+#: livelock test: kvmtrace.vmm.workload.LIVELOCK_EXITS)
+STUCK_EXITS = 3
 
 
 class RingKey(NamedTuple):
@@ -47,7 +64,7 @@ class RingCounters:
 
     @property
     def used(self) -> int:
-        return (self.dirty_index - self.reset_index) & 0xFFFFFFFF
+        return u32(self.dirty_index - self.reset_index)
 
 
 @dataclass

@@ -1,0 +1,16 @@
+"""core: the floor every other package stands on; imports nothing from kvmtrace but
+``errors``.
+
+- :mod:`.kvm_abi`: kernel ABI facts of the dirty ring, defined once: ``struct
+  kvm_dirty_gfn`` (16 bytes) and its flags, the reserve (64, plus 512 with Intel PML), the
+  size limits, u32/s32 serial arithmetic, ring-size inference, the ``vm`` packing.
+- :mod:`.events`: the event record (``EVENT_DTYPE``, twin of ``struct kt_event``) and
+  :class:`~.events.Kind`.
+- :mod:`.counters`: per-ring counters and snapshots, the currency of every view.
+- :mod:`.sources`: :class:`~.sources.SourceMeta` and the EventSource / SnapshotSource
+  interfaces.
+
+Glossary: *overwritten* entries were lost to ring overflow (a push onto an entry not yet
+collected by a reset); *stranded* entries were pushed while the ring was stuck after an
+overflow; *lost events* are events the tracer itself dropped.
+"""

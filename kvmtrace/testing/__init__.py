@@ -1,0 +1,9 @@
+"""testing: oracles and generators the tests and benchmarks hold the fast paths to (top
+floor: may import anything, nothing in the package imports it).
+
+- :mod:`.reference`: the reference replay, one event at a time over
+  :class:`kvmtrace.model.ring.DirtyRing`; the fast replay (:mod:`kvmtrace.analysis.replay`)
+  must agree with it exactly.
+- :mod:`.synth`: synthetic event streams from model rings (:class:`~.synth.SynthVm`) and
+  bulk streams for benchmarks (:func:`~.synth.bulk_stream`).
+"""

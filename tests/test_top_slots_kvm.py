@@ -24,24 +24,7 @@ from kvmtrace.bpf.loader import Probes
 
 pytestmark = pytest.mark.kernel
 
-CYCLES_OF_VMS = """
-import json, signal, sys, threading
-from kvmtrace.vmm.workload import WorkloadConfig, run_workload
-signal.signal(signal.SIGUSR1, lambda *a: None)  # lets vCPU threads be kicked from any thread
-sys.stdin.buffer.read(1)
-out = []
-for cycle in json.loads(sys.argv[1]):
-    res = [None] * len(cycle)
-    def go(i, cfg):
-        res[i] = run_workload(WorkloadConfig(**cfg)).to_dict()
-    threads = [threading.Thread(target=go, args=(i, c)) for i, c in enumerate(cycle)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out.extend(res)
-print(json.dumps(out))
-"""
+CYCLES_OF_VMS = ["-m", "kvmtrace.testing.vm_cycles"]  # run_cycles(), held on stdin
 FD_BITS = 20  # vm = fd | gen << 20 (COMMON.md decision 1): the fd is the low 20 bits
 
 
@@ -53,7 +36,7 @@ def cycles(vms: int, vcpus: int, n: int, pages: int = 300) -> list[list[dict[str
 def run_and_watch(plan: list[list[dict]], **options: Any) -> tuple[list[dict], list, Probes]:
     """Run ``plan`` in one child under Probes(pid=child, **options), snapshotting all the
     while: (the VMs' ground truths, every snapshot taken, the probes still open)."""
-    child = subprocess.Popen([sys.executable, "-c", CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
+    child = subprocess.Popen([sys.executable, *CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         probes = Probes(pid=child.pid, **options)
@@ -174,7 +157,7 @@ def test_exited_vmm_leaves_no_map_entries(kvm, bpf_root):
     except ImportError:
         require(False, "pyroute2 not installed (the process watcher needs it)")
     plan = cycles(2, 3, 1)
-    child = subprocess.Popen([sys.executable, "-c", CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
+    child = subprocess.Popen([sys.executable, *CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         source = LiveSource(probes=Probes(pid=child.pid), watch=True)

@@ -40,24 +40,7 @@ sys.path.insert(0, str(ROOT))
 from kvmtrace.bpf.loader import Probes  # noqa: E402
 from kvmtrace.bpf.snapshot_source import LiveSource  # noqa: E402
 
-CYCLES_OF_VMS = """
-import json, signal, sys, threading
-from kvmtrace.vmm.workload import WorkloadConfig, run_workload
-signal.signal(signal.SIGUSR1, lambda *a: None)
-sys.stdin.buffer.read(1)
-out = []
-for cycle in json.loads(sys.argv[1]):
-    res = [None] * len(cycle)
-    def go(i, cfg):
-        res[i] = run_workload(WorkloadConfig(**cfg)).to_dict()
-    threads = [threading.Thread(target=go, args=(i, c)) for i, c in enumerate(cycle)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out.extend(res)
-print(json.dumps(out))
-"""
+CYCLES_OF_VMS = ["-m", "kvmtrace.testing.vm_cycles"]  # run_cycles(), held on stdin
 FD_MASK = (1 << 20) - 1
 
 
@@ -88,7 +71,7 @@ def overflow(pages: int, light: bool, vcpus: int = 1) -> str | None:
 
 
 def _child(plan: list) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, *CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
 

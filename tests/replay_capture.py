@@ -129,7 +129,9 @@ def perf_run(out: Path, *args: str, timeout: float = 120, tries: int = 5) -> Run
             continue
         if run.path.stat().st_size:
             return run
-        why = "perf recorded no event"
+        perr = (out / f"try{k}" / "perf.err").read_text(errors="replace").strip()
+        why = f"perf recorded no event of the workload ({perr[-300:]!r})"
+        time.sleep(0.5 * (k + 1))  # another perf session on the host ends first
     raise RuntimeError(f"{tries} perf captures failed, the last: {why}")
 
 

@@ -99,3 +99,21 @@ def record_workload(out_dir: Path, *workload: str, timeout: float = 120) -> Reco
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     return RecordedRun(json.loads(truth.read_text()), json.loads(dump.read_text()), out)
+
+
+def kvm_fds(pid: int) -> dict[int, str]:
+    """fd -> anon inode name (``kvm-vm``, ``kvm-vcpu:0``, ...) of process ``pid``'s KVM
+    fds, read from /proc (empty once the process is gone)."""
+    out: dict[int, str] = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("anon_inode:kvm-"):
+            out[int(name)] = target.removeprefix("anon_inode:")
+    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from conftest import kvm_fds
 
 from kvmtrace.core.events import Kind
 from kvmtrace.core.kvm_abi import vm_id
@@ -57,19 +58,7 @@ def vmm(groups: list[list[dict[str, Any]]], gate: bool = False) -> subprocess.Po
 
 def kvm_links(pid: int) -> Counter[str]:
     """How many fds of each KVM kind (``kvm-vm``, ``kvm-vcpu``) the process holds."""
-    out: Counter[str] = Counter()
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for name in names:
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if link.startswith("anon_inode:kvm-"):
-            out[link.removeprefix("anon_inode:").split(":")[0]] += 1
-    return out
+    return Counter(name.split(":")[0] for name in kvm_fds(pid).values())
 
 
 def stop_when(child: subprocess.Popen[bytes], vms: int, vcpus: int, timeout: float = 30) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import kvmtrace_cmd
+from conftest import kvm_fds, kvmtrace_cmd
 
 from kvmtrace.vmm.guest import GuestLayout
 from kvmtrace.vmm.helpers import usable_cpus
@@ -24,22 +24,6 @@ from kvmtrace.vmm.workload import WorkloadConfig, run_workload
 
 pytestmark = pytest.mark.kernel
 
-
-def _kvm_fds(pid: int) -> dict[int, str]:
-    """fd -> anon inode name of process ``pid``'s KVM fds, read from /proc."""
-    out: dict[int, str] = {}
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for name in names:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-        except OSError:
-            continue
-        if target.startswith("anon_inode:kvm-"):
-            out[int(name)] = target[len("anon_inode:"):]
-    return out
 
 
 def _common_truth(res: WorkloadResult) -> None:
@@ -83,7 +67,7 @@ def test_several_vms_cycles_reuse_fds(kvm):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[dict[int, str]] = []
     while proc.poll() is None:
-        fds = _kvm_fds(proc.pid)
+        fds = kvm_fds(proc.pid)
         if fds and (not seen or fds != seen[-1]):
             seen.append(fds)
         time.sleep(0.001)

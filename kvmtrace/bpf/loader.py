@@ -541,7 +541,12 @@ class Probes:
         """Map ``rings`` (keys, values) and every push slot, read so that no push is missed
         or counted twice: the slots before and after the rows, again until no slot changed
         owner (and so folded its pushes into a row) in between (:func:`slots_settled`).
-        Pushes counted in a slot meanwhile only make the later read higher."""
+        The slots returned are the ones read *before* the rows: a ring's dirty_index from
+        them (dirty0 + pushes) is then no later than the rows' reset_index, so used
+        (dirty - reset) is never overstated. With the later read, a reset and more than
+        size - used pushes between the two reads (a fraction of a millisecond at full
+        rate) made a healthy ring look overflowed for one refresh. The next snapshot's
+        earlier read is at least this one's later read, so counts never go back."""
         if not self.fast_push:
             rkeys, rvals = self.read_map("rings")
             return rkeys, rvals, np.zeros(0, PUSH_SLOT_DTYPE)
@@ -551,7 +556,7 @@ class Probes:
             after = self._all_slots()
             if slots_settled(before, after):
                 self.snapshot_retries += attempt
-                return rkeys, rvals, after
+                return rkeys, rvals, before
             time.sleep(0.0005 * (attempt + 1))
         raise SnapshotRaced(f"the push slots changed owner during {_SNAPSHOT_TRIES} reads",
                             "report this: a VMM creating vCPUs without pause?")

@@ -179,9 +179,10 @@ class Tight:
 def tight(tmp_path_factory: pytest.TempPathFactory) -> Tight:
     """The tight loop, recorded until a run overflowed: a host interrupt can make the vCPU
     re-enter (and take exit 31) before the ring wraps (5 runs in 30 on a busy machine
-    here), and then nothing is lost; each run is checked. 5 tries: P(none) ~ 1e-4."""
+    here, up to 40 % of runs elsewhere), and then nothing is lost; each run is checked.
+    12 tries: P(none) < 1e-4 even at 40 %."""
     require_kvm_bpf()
-    for attempt in range(5):
+    for attempt in range(12):
         run = record_workload(tmp_path_factory.mktemp(f"tight{attempt}"), *TIGHT)
         ring = run.truth["rings"][0]
         assert ring["pages_written"] == 300 and not run.truth["livelock"]
@@ -189,7 +190,7 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Tight:
             break
         assert ring["harvested"] == ring["distinct"] == 300
     else:
-        pytest.fail("the tight loop never overflowed the ring in 5 tries")
+        pytest.fail("the tight loop never overflowed the ring in 12 tries")
     assert run.truth["ring_entries"] == 256
     ev = open_recording(run.path).read_all()
     pushes = ev[(ev["kind"] == Kind.PUSH) & (ev["ring"] == 0)]

@@ -67,18 +67,24 @@ def test_light_counts_equal_ground_truth(kvm, bpf_root, hook):
 
 @pytest.mark.parametrize("mode", ["light", "full"])
 def test_overflow_counts_overwritten_entries(kvm, bpf_root, mode):
-    """Tight loop, 300 pushes into a 256-entry ring. Retried until a run overflows with no
-    soft-full exit (most runs do): the VMM then resets once, at the end, with dirty_index
-    300 and reset_index 0 before it, so dirty - reset - size = 44 entries were overwritten,
-    exactly the pages the workload never harvested (lost_suspected).
+    """Tight loop, 300 pushes into a 256-entry ring, no harvest until a soft-full exit or
+    the end. Every run is exact against the VMM's own count of pages it never harvested
+    (lost_suspected); which of three shapes a run takes depends on where the host's timer
+    tick lands after push 192 (the soft limit), so each run's shape is read from the VMM:
 
-    When a soft-full exit comes in between (timing), the harvest after it collects a whole
-    lap and the reset stops on an entry it cleared: every later push is stranded (never
-    harvested, never reset); lost = overwritten + stranded equals lost_suspected then too.
+    - no soft-full exit: one reset at the end with dirty_index 300 and reset_index 0, so
+      dirty - reset - size = 44 entries were overwritten, none stranded;
+    - a soft-full exit after push 256: the harvest collects a whole lap and the reset stops
+      on an entry it cleared, so every later push is stranded; lost = overwritten + stranded
+      = 44 again;
+    - a soft-full exit before push 256: nothing lost.
 
-    Full mode counts the same from its indices at resets (and between resets in user space),
-    with its pushes counted live by the push program's fast path."""
-    for _attempt in range(8):
+    The test ends at the first run of the first shape, and fails if no run of 16 lost a
+    page at all (the first two shapes need 64 pushes without a tick: most runs on a 250 Hz
+    host). Full mode counts the same from its indices at resets (and between resets in user
+    space), with its pushes counted live by the push program's fast path."""
+    shapes = []
+    for _attempt in range(16):
         truth, lines = top_light(*OVERFLOW, light=mode == "light")
         assert {ln["mode"] for ln in lines} == {mode}
         (t,) = truth["rings"]
@@ -88,11 +94,13 @@ def test_overflow_counts_overwritten_entries(kvm, bpf_root, mode):
         assert r["entries_reset"] == t["entries_reset"]
         assert r["lost"] == t["lost_suspected"]
         assert lines[-1]["vms"][0]["lost"] == t["lost_suspected"]
+        shapes.append((t["soft_full_exits"], t["lost_suspected"]))
         if t["lost_suspected"] and t["soft_full_exits"] == 0:
             assert truth["resets"] == 1 and r["max_used"] == 300
             assert (r["lost"], r["stranded"]) == (300 - 256, 0)
             return
-    pytest.fail("no clean overflow (lost_suspected > 0, no soft-full exit) in 8 runs")
+    assert any(lost for _exits, lost in shapes), f"no run overflowed: {shapes}"
+    assert {lost for _exits, lost in shapes} <= {0, 300 - 256}
 
 
 def test_light_attaches_nothing_to_push(bpf_root):

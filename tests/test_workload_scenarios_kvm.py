@@ -112,7 +112,7 @@ def test_interrupted_resets_are_retried_exactly(kvm):
     exits + 1 final per VM, plus one retry per cut; each signal cuts at most one call."""
     cfg = WorkloadConfig(vcpus=2, ring_bytes=1 << 20, pages=66000, exit_every=64,
                          interrupt_resets=True, keep_harvest=True)
-    for _ in range(4):
+    for _ in range(8):
         res = run_workload(cfg)
         _common_truth(res)
         _single_write_truth(res, GuestLayout(2, 66000))
@@ -124,7 +124,7 @@ def test_interrupted_resets_are_retried_exactly(kvm):
             assert ring.soft_full_exits == 1 and ring.lost_suspected == 0
         if res.reset_eintr:
             return
-    pytest.fail("no reset was cut short in 4 runs with --interrupt-resets")
+    pytest.fail("no reset was cut short in 8 runs with --interrupt-resets")
 
 
 def _last_cpus(stop: threading.Event, out: dict[int, set[int]]) -> None:

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import kvmtrace_cmd, require
 
 from kvmtrace.core.events import Kind
@@ -156,17 +157,22 @@ def test_small_ring_buffer_at_full_rate_loses_nothing(tmp_path, kvm, bpf_root):
     exits, a reaper every 10 ms: ~400 k pushes/s here), under the reader's 100 ms poll
     timeout: nothing is lost only if the producers' forced wakeups reach the
     edge-triggered reader (each CPU wakes it once per 1/8 of the ring / CPUs)."""
-    out = tmp_path / "fast.kvt"
-    cmd = kvmtrace_cmd("record", "-o", str(out), "--ringbuf-pages", "256", "--",
-                       *kvmtrace_cmd("workload", "--json", "--vcpus", "2", "--ring-bytes",
-                                     "1048576", "--pages", "16000", "--exit-every", "0",
-                                     "--harvest", "reaper", "--reaper-ms", "10",
-                                     "--duration", "1.5"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    truth = json.loads(proc.stdout)
-    rec = open_recording(out)
-    pushes = sum(int((b["kind"] == Kind.PUSH).sum()) for b in rec.batches())
-    written = sum(r["pages_written"] for r in truth["rings"])
-    assert written > 200_000  # the rate this test is about
-    assert (rec.lost, pushes) == (0, written)
+    rates = []
+    for attempt in range(3):  # a loaded host may not reach the rate: every run is exact
+        out = tmp_path / f"fast{attempt}.kvt"
+        cmd = kvmtrace_cmd("record", "-o", str(out), "--ringbuf-pages", "256", "--",
+                           *kvmtrace_cmd("workload", "--json", "--vcpus", "2", "--ring-bytes",
+                                         "1048576", "--pages", "16000", "--exit-every", "0",
+                                         "--harvest", "reaper", "--reaper-ms", "10",
+                                         "--duration", "1.5"))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        truth = json.loads(proc.stdout)
+        rec = open_recording(out)
+        pushes = sum(int((b["kind"] == Kind.PUSH).sum()) for b in rec.batches())
+        written = sum(r["pages_written"] for r in truth["rings"])
+        assert (rec.lost, pushes) == (0, written)
+        rates.append(written)
+        if written > 200_000:  # the rate this test is about
+            return
+    pytest.fail(f"the workload never reached 200000 pushes in 1.5 s (host busy?): {rates}")

@@ -19,15 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.events import Kind
-from ..core.kvm_abi import (
-    KVM_DIRTY_RING_RSVD_ENTRIES,
-    entries_from_bytes,
-    infer_size,
-    valid_entries,
-)
+from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES
 from ..core.sources import EventSource, SourceMeta
 from ..model.results import Anomaly, RingId, RingResult
 from ..model.ring import resets_interruptible
+from ..model.sizes import RingSizes
 from ..source.recording_decode import BlockParts
 from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
 from .ringbulk import Cols, feed_ring
@@ -84,7 +80,7 @@ class Replay:
         self.reserved = reserved
         self.keep = keep_harvest
         self.rings: dict[RingId, FastRing] = {}
-        self.vm_size: dict[tuple[int, int], tuple[int, str]] = {}
+        self.sizes = RingSizes(self.meta, reserved)
         self.events = 0
         self.ws = WorkingSet(window_ns) if pages else None
         self.sim = RingSizeSim(simulate_entries, reserved) if simulate_entries else None
@@ -96,17 +92,10 @@ class Replay:
         self._eintr = resets_interruptible(self.meta.kernel_release)
 
     # -- sizes ------------------------------------------------------------------------
-    def _size_of(self, pid: int, vm: int) -> tuple[int | None, str]:
-        if (pid, vm) not in self.vm_size:
-            size = self.meta.ring_size(pid, vm)
-            if size is not None:
-                self.vm_size[(pid, vm)] = (size, "meta")
-        return self.vm_size.get((pid, vm), (None, "unknown"))
-
     def _ring(self, key: RingId) -> FastRing:
         r = self.rings.get(key)
         if r is None:
-            size, source = self._size_of(key[0], key[1])
+            size, source = self.sizes.size(key[0], key[1])
             r = self.rings[key] = FastRing(key, size, source, self.reserved, self.keep,
                                            self._eintr)
             self._order[key] = RingOrder()
@@ -138,8 +127,10 @@ class Replay:
             if key[:2] == (pid, vm) and ro.carry is not None:
                 self._feed_ring(key, _EMPTY, drain=True)
 
-    def _set_vm_size(self, pid: int, vm: int, size: int, source: str, ts: int) -> None:
-        self.vm_size[(pid, vm)] = (size, source)
+    def _resize_vm(self, pid: int, vm: int, ts: int) -> None:
+        """The VM's rings take its size (and source) now in :attr:`sizes`."""
+        size, source = self.sizes.size(pid, vm)
+        assert size is not None
         for key, r in self.rings.items():
             if key[:2] == (pid, vm) and r.res.size != size:
                 r.set_size(size, source, ts)
@@ -181,7 +172,7 @@ class Replay:
         t = parts.table
         kinds = t["kind"]
         if self.sim is not None or (kinds == Kind.RING_SIZE).any() or any(
-                self._size_of(int(p), int(v))[0] is None
+                not self.sizes.known(int(p), int(v))
                 for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
                                     t["vm"][kinds == _EXIT].tolist(), strict=True))):
             self.feed(parts.events())
@@ -222,7 +213,7 @@ class Replay:
         xs = np.flatnonzero(kind == _EXIT)
         if len(xs):
             pv = zip(ev["pid"][xs].tolist(), ev["vm"][xs].tolist(), strict=True)
-            unknown = {k for k in set(pv) if self._size_of(*k)[0] is None}
+            unknown = {k for k in set(pv) if not self.sizes.known(*k)}
             if unknown:
                 out += [int(x) for x in xs
                         if (int(ev["pid"][x]), int(ev["vm"][x])) in unknown]
@@ -232,22 +223,20 @@ class Replay:
         pid, vm, ts = int(e["pid"]), int(e["vm"]), int(e["ts"])
         if int(e["kind"]) == Kind.RING_SIZE:
             self._drain_vm(pid, vm)
-            size = entries_from_bytes(int(e["value"]))
-            if valid_entries(size) and self._size_of(pid, vm) != (size, "trace"):
-                self._set_vm_size(pid, vm, size, "trace", ts)
+            if self.sizes.from_event(pid, vm, int(e["value"])) is not None:
+                self._resize_vm(pid, vm, ts)
             return
         key = (pid, vm, int(e["ring"]))
         r = self._ring(key)
         one = Cols(*(np.array([e[f]]) for f in ("ts", "kind", "dirty_index", "reset_index",
                                                  "slot", "value")))
-        unknown = self._size_of(pid, vm)[0] is None
+        unknown = not self.sizes.known(pid, vm)
         if unknown:  # the VM's first soft-full exit tells its ring size
             self._drain_vm(pid, vm)
             if r.started:
                 mx = max(x.res.max_used for k, x in self.rings.items() if k[:2] == (pid, vm))
-                size = infer_size(mx, r.used(), self.reserved)
-                if size is not None:
-                    self._set_vm_size(pid, vm, size, "inferred", ts)
+                if self.sizes.infer(pid, vm, r.used(), mx) is not None:
+                    self._resize_vm(pid, vm, ts)
         self._feed_ring(key, one, drain=unknown)
 
     def _segment(self, ev: np.ndarray, cols: Cols, ring: np.ndarray, one_vm: bool, a: int,

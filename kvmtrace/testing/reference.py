@@ -35,7 +35,8 @@ field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring ind
 - a reset_index advance shown by pushes and by no later reset event is a gap only on
   kernels before 6.16 (later ones stop a reset part-way with -EINTR and no event);
 - the ring size comes from KT_RING_SIZE events, else the source's meta, else it is
-  inferred for the whole VM at its first soft-full exit (:func:`~kvmtrace.core.kvm_abi.infer_size`);
+  inferred for the whole VM at its first soft-full exit (the policy of
+  :mod:`kvmtrace.model.sizes`, shared with the fast replay);
   until then rings are modelled with KVM_DIRTY_RING_MAX_ENTRIES entries (exact for
   harvests) and overflow/soft-limit checks wait for the size.
 """
@@ -54,16 +55,14 @@ from ..core.kvm_abi import (
     KVM_DIRTY_RING_MAX_ENTRIES,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     UNKNOWN_SLOT,
-    entries_from_bytes,
-    infer_size,
     s32,
     u32,
-    valid_entries,
 )
 from ..core.sources import SourceMeta
 from ..model.digest import MultisetDigest
 from ..model.results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
 from ..model.ring import DirtyRing, resets_interruptible
+from ..model.sizes import RingSizes
 
 __all__ = ["ReferenceReplay", "ReferenceResult"]
 
@@ -408,26 +407,20 @@ class ReferenceReplay:
         self.meta = meta or SourceMeta(kind="unknown")
         self.reserved = reserved
         self.tracks: dict[RingId, _Track] = {}
-        self.vm_size: dict[tuple[int, int], tuple[int, str]] = {}
+        self.sizes = RingSizes(self.meta, reserved)
         self.seq = 0
         self.eintr = resets_interruptible(self.meta.kernel_release)
-
-    def _vm_size(self, pid: int, vm: int) -> tuple[int | None, str]:
-        if (pid, vm) not in self.vm_size:
-            size = self.meta.ring_size(pid, vm)
-            if size is not None:
-                self.vm_size[(pid, vm)] = (size, "meta")
-        return self.vm_size.get((pid, vm), (None, "unknown"))
 
     def track(self, key: RingId) -> _Track:
         t = self.tracks.get(key)
         if t is None:
-            size, source = self._vm_size(key[0], key[1])
+            size, source = self.sizes.size(key[0], key[1])
             t = self.tracks[key] = _Track(key, size, source, self.reserved, self.eintr)
         return t
 
-    def _set_vm_size(self, pid: int, vm: int, size: int, source: str, ts: int) -> None:
-        self.vm_size[(pid, vm)] = (size, source)
+    def _resize_vm(self, pid: int, vm: int, ts: int) -> None:
+        size, source = self.sizes.size(pid, vm)
+        assert size is not None
         for key, t in self.tracks.items():
             if key[:2] == (pid, vm) and t.res.size != size:
                 t.set_size(size, source, ts)
@@ -456,24 +449,20 @@ class ReferenceReplay:
             di, ri = int(e["dirty_index"]), int(e["reset_index"])
             if kind == Kind.RING_SIZE:
                 self._drain(pid, vm)
-                size = entries_from_bytes(int(e["value"]))
-                if not valid_entries(size):
-                    continue
-                if self._vm_size(pid, vm)[0] != size or self.vm_size[(pid, vm)][1] != "trace":
-                    self._set_vm_size(pid, vm, size, "trace", ts)
+                if self.sizes.from_event(pid, vm, int(e["value"])) is not None:
+                    self._resize_vm(pid, vm, ts)
                 continue
             if kind not in (Kind.PUSH, Kind.RESET, Kind.EXIT, Kind.STALL):
                 continue
             t = self.track((pid, vm, ring))
             ev = (kind, ts, di, ri, int(e["slot"]), int(e["value"]), self.seq)
-            unknown = kind == Kind.EXIT and self._vm_size(pid, vm)[0] is None
+            unknown = kind == Kind.EXIT and not self.sizes.known(pid, vm)
             if unknown:  # infer the VM's ring size at its first soft-full exit
                 self._drain(pid, vm)
                 if t.ring is not None:
                     mx = max(x.res.max_used for k, x in self.tracks.items() if k[:2] == (pid, vm))
-                    size = infer_size(mx, t.used(), self.reserved)
-                    if size is not None:
-                        self._set_vm_size(pid, vm, size, "inferred", ts)
+                    if self.sizes.infer(pid, vm, t.used(), mx) is not None:
+                        self._resize_vm(pid, vm, ts)
             t.arrive(ev, lambda ev, t=t: self._process(t, ev))
             if unknown:
                 t.pump(lambda ev, t=t: self._process(t, ev), True)

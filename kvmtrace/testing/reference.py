@@ -60,7 +60,15 @@ from ..core.kvm_abi import (
 )
 from ..core.sources import SourceMeta
 from ..model.digest import MultisetDigest
-from ..model.results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
+from ..model.results import (
+    LIST_CAP,
+    Anomaly,
+    AnomalyKind,
+    PendingReset,
+    RingId,
+    RingResult,
+    SoftEpisode,
+)
 from ..model.ring import DirtyRing, resets_interruptible
 from ..model.sizes import RingSizes
 
@@ -97,11 +105,11 @@ class _Track:
         self.harvest: list[tuple[int, int]] = []
         self.anomalies: list[Anomaly] = []
         self.overflow: Anomaly | None = None
-        self.soft: dict | None = None  # exited, past, first (ts, di, ri), max_used
+        self.soft: SoftEpisode | None = None
         self.last_exit_reset: int | None = None
         self.livelock: Anomaly | None = None
         self.exit_ts: int | None = None
-        self.unconfirmed: tuple[int, int, int, int] | None = None  # ts, di, from, to
+        self.unconfirmed: PendingReset | None = None
 
     @property
     def cap(self) -> int:
@@ -203,11 +211,11 @@ class _Track:
             self._soft_check()
             ep = self.soft
             if ep is not None:
-                ep["max_used"] = max(ep["max_used"], after)
-                if before >= size - self.reserved and not ep["exited"]:
-                    ep["past"] += 1
-                    if ep["first"] is None:
-                        ep["first"] = (ts, r.dirty_index, r.reset_index)
+                ep.max_used = max(ep.max_used, after)
+                if before >= size - self.reserved and not ep.exited:
+                    ep.past += 1
+                    if ep.first is None:
+                        ep.first = (ts, r.dirty_index, r.reset_index)
 
     def _fill_gap(self, ts: int, n: int) -> None:
         assert self.ring is not None
@@ -264,7 +272,7 @@ class _Track:
             self.start(di, ri)
         else:
             self._sync_dirty(ts, di, ri, "reset")
-            if self.unconfirmed is not None and s32(ri - self.unconfirmed[3]) >= 0:
+            if self.unconfirmed is not None and s32(ri - self.unconfirmed.to) >= 0:
                 self.unconfirmed = None
             self._sync_reset(ts, ri, "reset")
         self._indices(di, ri)
@@ -282,9 +290,9 @@ class _Track:
             if beyond > 0:
                 self.anomaly(A.RESET_BEYOND, ts, r.dirty_index, ri, beyond)
             if event == "push" and self.unconfirmed is None:
-                self.unconfirmed = (ts, r.dirty_index, r.reset_index, ri)
+                self.unconfirmed = PendingReset(ts, r.dirty_index, r.reset_index, ri)
             elif event == "push":
-                self.unconfirmed = self.unconfirmed[:3] + (ri,)
+                self.unconfirmed.to = ri
             skip = d - min(d, self.cap)
             self.res.harvested_unknown += skip
             r.reset_index = u32(r.reset_index + skip)
@@ -314,23 +322,24 @@ class _Track:
             return
         used = self.used()
         if used >= size - self.reserved and self.soft is None:
-            self.soft = {"exited": False, "past": 0, "first": None, "max_used": used}
+            self.soft = SoftEpisode(max_used=used)
         elif used < size - self.reserved and self.soft is not None:
             self.close_soft()
 
     def close_soft(self) -> None:
         ep, self.soft = self.soft, None
-        if (ep is not None and not ep["exited"] and ep["past"]
-                and ep["max_used"] > self.res.size):
-            ts, di, ri = ep["first"]
-            self.anomaly(A.NO_EXIT, ts, di, ri, ep["past"],
-                         soft_limit=self.res.size - self.reserved, max_used=ep["max_used"])
+        if (ep is not None and not ep.exited and ep.past
+                and ep.max_used > self.res.size):
+            assert ep.first is not None
+            ts, di, ri = ep.first
+            self.anomaly(A.NO_EXIT, ts, di, ri, ep.past,
+                         soft_limit=self.res.size - self.reserved, max_used=ep.max_used)
 
     def on_exit(self, ts: int) -> None:
         self._seen(ts)
         self.res.soft_full_exits += 1
         if self.soft is not None:
-            self.soft["exited"] = True
+            self.soft.exited = True
         if self.ring is not None:
             cur = self.ring.reset_index
             if self.last_exit_reset is not None and cur == self.last_exit_reset:
@@ -393,10 +402,10 @@ class _Track:
                          used=self.used())
         pages = sorted((s, o, p[0]) for (s, o), p in self.lost.items() if p[1] > p[2])
         self.res.lost_pages, self.res.lost_page_count = pages[:LIST_CAP], len(pages)
-        if self.unconfirmed is not None and not self.eintr:
-            ts, di, frm, to = self.unconfirmed
-            self.anomaly(A.GAP, ts, di, to, 1, index="reset_index", expected=frm, got=to,
-                         event="push")
+        p = self.unconfirmed
+        if p is not None and not self.eintr:
+            self.anomaly(A.GAP, p.ts, p.dirty_index, p.to, 1, index="reset_index",
+                         expected=p.start, got=p.to, event="push")
 
 
 class ReferenceReplay:

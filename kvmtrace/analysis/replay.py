@@ -8,8 +8,9 @@ ring's events first put in causal order, :mod:`.ringorder`), totals,
 the multiset digest of harvested (slot, offset) entries, dirty rate and working set per
 vCPU (:mod:`.workingset`), and optionally the exits another ring size would have caused
 (:mod:`.simulate`). State is bounded: per ring, its entries (at most 65536) and counters.
-A recording is read as stored, column by column (:meth:`Replay.feed_columns`,
-:mod:`.colfeed`), without building 48-byte records; both ways give the same report.
+A source with columns (:class:`~kvmtrace.core.columns.EventColumns`: a recording's blocks
+as stored) is read column by column (:meth:`Replay.feed_columns`, :mod:`.colfeed`),
+without building 48-byte records; both ways give the same report.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.columns import EventColumns
 from ..core.events import Kind
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES
 from ..core.sources import EventSource, SourceMeta
 from ..model.results import Anomaly, RingId, RingResult
 from ..model.ring import resets_interruptible
 from ..model.sizes import RingSizes
-from ..source.recording_decode import BlockParts
 from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
 from .ringbulk import Cols, feed_ring
 from .ringorder import RingOrder, order_segment
@@ -64,8 +65,8 @@ class ReplayReport:
 
 
 class Replay:
-    """Feed EVENT_DTYPE batches in time order with :meth:`feed` (or a recording's blocks
-    with :meth:`feed_columns`; the two may be mixed), then :meth:`finish`.
+    """Feed EVENT_DTYPE batches in time order with :meth:`feed` (or EventColumns with
+    :meth:`feed_columns`; the two may be mixed), then :meth:`finish`.
 
     ``meta`` supplies ring sizes the events do not carry; ``reserved`` is the kernel's
     reserve (64; 576 on Intel hosts with PML); ``keep_harvest`` keeps every harvested
@@ -164,12 +165,13 @@ class Replay:
         if pos < n:
             self._segment(ev, cols, ring, one_vm, pos, n)
 
-    def feed_columns(self, parts: BlockParts) -> None:
-        """As :meth:`feed` for one block of a recording as stored (columnar, see
-        :mod:`.colfeed`); the same report, without building EVENT_DTYPE records. Blocks
+    def feed_columns(self, parts: EventColumns) -> None:
+        """As :meth:`feed` for events as columns (a source's ``column_batches()``, e.g. a
+        recording's blocks as stored; see :mod:`.colfeed`); the same report, without
+        building EVENT_DTYPE records. Blocks
         with events taken one by one (ring sizes, exits of VMs of unknown size) and
         ``simulate_entries`` go through :meth:`feed`."""
-        t = parts.table
+        t = parts.groups
         kinds = t["kind"]
         if self.sim is not None or (kinds == Kind.RING_SIZE).any() or any(
                 not self.sizes.known(int(p), int(v))
@@ -350,9 +352,11 @@ class Replay:
 def replay_source(source: EventSource, **options: object) -> ReplayReport:
     """Replay a whole source; ``options`` as for :class:`Replay`."""
     rp = Replay(source.meta, **options)  # type: ignore[arg-type]
-    columns = getattr(source, "column_batches", None)
-    if columns is not None and rp.sim is None:
-        for parts in columns():
+    # every source declares column_batches() once the sources share one base class
+    # (kvmtrace.core.sources); until then a source without it has no columns
+    columns = getattr(source, "column_batches", lambda: None)() if rp.sim is None else None
+    if columns is not None:
+        for parts in columns:
             rp.feed_columns(parts)
     else:
         for batch in source.batches():

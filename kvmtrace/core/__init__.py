@@ -7,6 +7,8 @@
 - :mod:`.events`: the event record (``EVENT_DTYPE``, twin of ``struct kt_event``) and
   :class:`~.events.Kind`.
 - :mod:`.counters`: per-ring counters and snapshots, the currency of every view.
+- :mod:`.columns`: :class:`~.columns.EventColumns`, events as columns (group table, ts,
+  per-group columns): what a recording stores and what replay reads.
 - :mod:`.sources`: :class:`~.sources.SourceMeta` and the EventSource / SnapshotSource
   interfaces.
 

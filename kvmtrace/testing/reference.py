@@ -23,7 +23,7 @@ field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring ind
 - events reach the ring model in causal order, not trace order: a reset with
   dirty_index D after push D and before push D + 1, ties (exits, stalls at index D) by
   time then trace order; defined here one event at a time (:meth:`_Track.arrive`), with
-  the look-ahead bounds of :mod:`kvmtrace.analysis.ringorder` (HOLD_VCPU, HOLD_RESETS);
+  the look-ahead bounds of :mod:`kvmtrace.analysis.replay.order` (HOLD_VCPU, HOLD_RESETS);
   a ring-size event and a VM's first soft-full exit of unknown size first drain the VM's
   waiting events;
 - entries carry the number of the push that wrote them; an entry lost to an overwrite,
@@ -75,7 +75,7 @@ from ..model.sizes import RingSizes
 __all__ = ["ReferenceReplay", "ReferenceResult"]
 
 A = AnomalyKind
-HOLD_VCPU = 64  #: as kvmtrace.analysis.ringorder
+HOLD_VCPU = 64  #: as kvmtrace.analysis.replay.order
 HOLD_RESETS = 1024
 _Ev = tuple[int, int, int, int, int, int, int]  # kind, ts, di, ri, slot, value, seq
 

@@ -3,8 +3,8 @@
 Works on any :class:`~kvmtrace.core.sources.EventSource` (recording, imported ftrace or
 ``perf script`` text, live). Per ring it checks the stream against the kernel's rules and
 reports anomalies (see :mod:`kvmtrace.testing.reference`, whose semantics this follows
-exactly, vectorised per ring and per batch: :mod:`.ringbulk`, :mod:`.ringstate`; each
-ring's events first put in causal order, :mod:`.ringorder`), totals,
+exactly, vectorised per ring and per batch: :mod:`.bulk`, :mod:`.ringstate`; each
+ring's events first put in causal order, :mod:`.order`), totals,
 the multiset digest of harvested (slot, offset) entries, dirty rate and working set per
 vCPU (:mod:`.workingset`), and optionally the exits another ring size would have caused
 (:mod:`.simulate`). State is bounded: per ring, its entries (at most 65536) and counters.
@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.columns import EventColumns
-from ..core.events import Kind
-from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES
-from ..core.sources import EventSource, SourceMeta
-from ..model.results import Anomaly, RingId, RingResult
-from ..model.ring import resets_interruptible
-from ..model.sizes import RingSizes
+from ...core.columns import EventColumns
+from ...core.events import Kind
+from ...core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES
+from ...core.sources import EventSource, SourceMeta
+from ...model.results import Anomaly, RingId, RingResult
+from ...model.ring import resets_interruptible
+from ...model.sizes import RingSizes
+from .bulk import Cols, feed_ring
 from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
-from .ringbulk import Cols, feed_ring
-from .ringorder import RingOrder, order_segment
+from .order import RingOrder, order_segment
 from .ringstate import FastRing
 from .simulate import RingSizeSim, SimResult
 from .workingset import HotPage, RingWs, WorkingSet

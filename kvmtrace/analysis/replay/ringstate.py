@@ -3,7 +3,7 @@ on numpy storage, one event or one run of pushes at a time.
 
 This is the replay's careful path, taken around irregular events (gaps, indices going
 back, overflow, a reset past dirty_index). Clean stretches go through
-:mod:`kvmtrace.analysis.ringbulk` instead. State is bounded: ``cap`` entries of
+:mod:`.bulk` instead. State is bounded: ``cap`` entries of
 (slot u32, offset u64, live bool: the kernel's flags are set, push number i64), where
 ``cap`` is the ring size in entries or, while
 the size is unknown, KVM_DIRTY_RING_MAX_ENTRIES (harvests stay exact: an index maps to a
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.kvm_abi import KVM_DIRTY_RING_MAX_ENTRIES, U32_MASK, UNKNOWN_SLOT, s32, u32
-from ..model.digest import MultisetDigest
-from ..model.results import (
+from ...core.kvm_abi import KVM_DIRTY_RING_MAX_ENTRIES, U32_MASK, UNKNOWN_SLOT, s32, u32
+from ...model.digest import MultisetDigest
+from ...model.results import (
     LIST_CAP,
     Anomaly,
     AnomalyKind,
@@ -410,7 +410,7 @@ class FastRing:
         o = np.concatenate([p[1] for p in self.harvest_parts])
         return list(zip(s.tolist(), o.tolist(), strict=True))
 
-    # -- a clean stretch at once (:mod:`.ringbulk`, :mod:`.ringexits`) -----------------
+    # -- a clean stretch at once (:mod:`.bulk`, :mod:`.exits`) -----------------
     def window_regular(self) -> bool:
         """Whether the live flags are exactly the ``[reset_index, dirty_index)`` window
         (after an irregular event they may not be); once they are, the ring is regular

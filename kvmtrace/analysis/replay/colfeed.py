@@ -5,8 +5,9 @@ The columns are group-major (a group is one (pid, tid, vm, ring, kind)). Instead
 building 48-byte ``struct kt_event`` records and splitting them per ring again, the
 block's groups are mapped to rings (``struct kvm_dirty_ring``, keyed (pid, vm, vCPU
 index)) and each column is gathered once per block into ring-major, time-ordered arrays;
-a ring's events are then plain slices of them. The pushes of a ring written by one thread are one group, i.e. contiguous
-slices of the stored columns, which the working set reads directly.
+a ring's events are then plain slices of them. The pushes of a ring written by one thread
+are one group, i.e. contiguous slices of the stored columns, which the working set reads
+directly.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.columns import EventColumns
-from ..core.events import Kind
-from ..model.results import RingId
-from .ringbulk import Cols
+from ...core.columns import EventColumns
+from ...core.events import Kind
+from ...model.results import RingId
+from .bulk import Cols
 from .workingset import PushTimes
 
 __all__ = ["COLUMN_BATCH", "RingCols", "join_ring_cols", "ring_columns", "ring_keys"]

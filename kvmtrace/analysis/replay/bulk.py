@@ -7,7 +7,7 @@ the live flags equal the ``[reset_index, dirty_index)`` window. Then the referen
 semantics reduce to index arithmetic: counters are sums, the harvested entries are those
 of indices reset_start..reset_end (old ones from the ring arrays, new ones straight from
 the batch's pushes), soft-limit episodes are runs of ``used >= soft_limit`` (soft-full
-exits and episodes: :mod:`.ringexits`). Anything else goes to
+exits and episodes: :mod:`.exits`). Anything else goes to
 :class:`~.ringstate.FastRing` event by event (pushes still in vectorised runs) up to the
 ring's next reset event. The test for a clean stretch is a few passes over the pushes and
 resets (:func:`_all_clean`); the exact first irregular event is only looked for when it
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.events import Kind
-from ..core.kvm_abi import U32_MASK, s32
-from .ringexits import PushPos, exits, soft
+from ...core.events import Kind
+from ...core.kvm_abi import U32_MASK, s32
+from .exits import PushPos, exits, soft
 from .ringstate import FastRing
 
 __all__ = ["Cols", "feed_ring"]

@@ -1,5 +1,5 @@
 """Soft-full exits and soft-limit episodes over a clean stretch of one ring's events (the
-fast path of :mod:`.ringbulk`): livelock episodes, exit -> next push times, pushes past the
+fast path of :mod:`.bulk`): livelock episodes, exit -> next push times, pushes past the
 soft limit (``size - reserved`` entries of ``struct kvm_dirty_ring``) without an exit, as
 :mod:`kvmtrace.testing.reference` defines them, vectorised over the stretch.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.events import Kind
-from ..model.results import SoftEpisode
+from ...core.events import Kind
+from ...model.results import SoftEpisode
 from .ringstate import FastRing
 
 __all__ = ["PushPos", "exits", "soft"]

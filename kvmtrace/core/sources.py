@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from .columns import EventColumns
     from .counters import Snapshot
 
 __all__ = ["SourceMeta", "EventSource", "SnapshotSource"]
@@ -59,11 +58,6 @@ class EventSource(Protocol):
     @property
     def lost(self) -> int:
         """Events the producer could not deliver (known once batches() is exhausted)."""
-        ...
-
-    def column_batches(self) -> Iterator[EventColumns] | None:
-        """The same events as :class:`~.columns.EventColumns`, one batch at a time, or None
-        when the source has no columns of its own (read :meth:`batches`)."""
         ...
 
 

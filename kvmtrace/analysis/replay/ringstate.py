@@ -2,12 +2,14 @@
 on numpy storage, one event or one run of pushes at a time.
 
 This is the replay's careful path, taken around irregular events (gaps, indices going
-back, overflow, a reset past dirty_index). Clean stretches go through
-:mod:`.bulk` instead. State is bounded: ``cap`` entries of
-(slot u32, offset u64, live bool: the kernel's flags are set, push number i64), where
-``cap`` is the ring size in entries or, while
-the size is unknown, KVM_DIRTY_RING_MAX_ENTRIES (harvests stay exact: an index maps to a
-distinct position within any 65536 consecutive indices).
+back, overflow, a reset past dirty_index). Clean stretches go through :mod:`.bulk`
+instead, which computes them vectorised and applies them through this class's methods:
+the state changes only here. State is bounded: ``cap`` entries of (slot u32, offset u64,
+live bool: the kernel's flags are set, push number i64), where ``cap`` is the ring size in
+entries or, while the size is unknown, KVM_DIRTY_RING_MAX_ENTRIES (harvests stay exact: an
+index maps to a distinct position within any 65536 consecutive indices). Soft-limit
+episodes and pending resets are :class:`~kvmtrace.model.results.SoftEpisode` and
+:class:`~kvmtrace.model.results.PendingReset`, as in the reference.
 """
 
 from __future__ import annotations
@@ -410,7 +412,7 @@ class FastRing:
         o = np.concatenate([p[1] for p in self.harvest_parts])
         return list(zip(s.tolist(), o.tolist(), strict=True))
 
-    # -- a clean stretch at once (:mod:`.bulk`, :mod:`.exits`) -----------------
+    # -- a clean stretch at once (:mod:`.bulk`, :mod:`.exits`) -------------------------
     def window_regular(self) -> bool:
         """Whether the live flags are exactly the ``[reset_index, dirty_index)`` window
         (after an irregular event they may not be); once they are, the ring is regular
@@ -455,7 +457,7 @@ class FastRing:
 
     def reset_progress(self, entries: int, exits: bool) -> None:
         """reset_index moved ``entries`` forward over a stretch; ``exits``: soft-full exits
-        among its events (:func:`~.ringexits.exits` then decides the livelock)."""
+        among its events (:func:`~.exits.exits` then decides the livelock)."""
         self.res.entries_reset += entries
         if not exits:
             self.livelock = None

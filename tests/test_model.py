@@ -11,6 +11,7 @@ from kvmtrace.core.events import Kind
 from kvmtrace.core.kvm_abi import (
     KVM_DIRTY_GFN_F_DIRTY,
     KVM_DIRTY_GFN_F_RESET,
+    RESERVES_UNKNOWN,
     infer_size,
     soft_limit_of,
     valid_entries,
@@ -18,6 +19,7 @@ from kvmtrace.core.kvm_abi import (
 from kvmtrace.core.sources import SourceMeta
 from kvmtrace.model.results import AnomalyKind
 from kvmtrace.model.ring import DirtyRing
+from kvmtrace.model.sizes import RingSizes
 from kvmtrace.testing.synth import SynthVm
 
 A = AnomalyKind
@@ -283,3 +285,25 @@ def test_push_reading_reset_index_past_its_own_entry():
     want = ref.finish()
     assert [x.compare_key() for x in rep.rings] == [x.compare_key()
                                                     for x in want.rings.values()]
+
+
+def test_infer_size_reserve_rules():
+    # KVM_ENABLE_CAP refuses a ring smaller than the reserve: with PML (576) no ring of
+    # 256 or 512 entries exists, the smallest is 1024 (soft limit 448)
+    assert infer_size(250, 250, 576) is None
+    assert infer_size(448, 448, 576) == 1024
+    # reserve unknown (live maps): only an exit exactly at a soft limit one reserve explains
+    assert infer_size(192, reserved=RESERVES_UNKNOWN) == 256
+    assert infer_size(448, reserved=RESERVES_UNKNOWN) is None
+
+
+def test_ring_size_policy_precedence():
+    meta = SourceMeta(kind="t", ring_entries={(1, -1): 512})
+    sizes = RingSizes(meta)
+    assert sizes.size(1, 5) == (512, "meta") and sizes.size(2, 5) == (None, "unknown")
+    assert sizes.infer(1, 5, 448, 448) is None  # known: no inference
+    assert sizes.infer(2, 5, 192, 192) == 256 and sizes.size(2, 5) == (256, "inferred")
+    assert sizes.from_event(1, 5, 8192) == 512 and sizes.size(1, 5) == (512, "trace")
+    assert sizes.from_event(1, 5, 8192) is None  # no change
+    assert sizes.from_event(1, 5, 5000) is None and sizes.size(1, 5) == (512, "trace")
+    assert sizes.from_event(2, 5, 4096 * 4) == 1024 and sizes.size(2, 5) == (1024, "trace")

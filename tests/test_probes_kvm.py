@@ -102,12 +102,12 @@ def test_aggregates_equal_ground_truth(traced) -> None:
 
 
 def test_exit_used_min_is_soft_limit_and_implies_size(traced) -> None:
-    from kvmtrace.core.kvm_abi import infer_entries
+    from kvmtrace.model.sizes import live_ring_size
 
     _hook, _p, truth, _ev, _snap, (keys, vals) = traced
     assert len(keys) == VCPUS
     assert vals["exit_used_min"].tolist() == [truth["soft_limit"]] * VCPUS
-    assert infer_entries(truth["soft_limit"]) == truth["ring_entries"]
+    assert live_ring_size(0, 0, truth["soft_limit"]) == truth["ring_entries"]
 
 
 def test_event_stream_has_the_same_counts(traced) -> None:
@@ -429,15 +429,20 @@ def test_vm_fds_of_a_process_without_vms() -> None:
     assert vm_fds(2**22 + 1) == []  # beyond pid_max: no such process
 
 
-def test_infer_entries_only_when_unambiguous() -> None:
-    from kvmtrace.core.kvm_abi import infer_entries
+def test_live_size_inferred_only_when_unambiguous() -> None:
+    from kvmtrace.model.sizes import live_ring_size
 
-    assert infer_entries(192) == 256  # 256 - 64
-    assert infer_entries(448) is None  # 512 - 64 or 1024 - 576 (Intel PML): ambiguous
-    assert infer_entries(3520) == 4096  # 4096 - 576
-    assert infer_entries(4032) == 4096  # 4096 - 64
-    assert infer_entries(200) is None  # an exit past the soft limit: unknown, not a guess
-    assert infer_entries(0) is None
+    def infer(exit_used_min: int) -> int | None:  # no size from the kernel nor the cap
+        return live_ring_size(0, 0, exit_used_min)
+
+    assert infer(192) == 256  # 256 - 64
+    assert infer(448) is None  # 512 - 64 or 1024 - 576 (Intel PML): ambiguous
+    assert infer(3520) == 4096  # 4096 - 576
+    assert infer(4032) == 4096  # 4096 - 64
+    assert infer(200) is None  # an exit past the soft limit: unknown, not a guess
+    assert infer(0) is None
+    assert live_ring_size(512, 4096, 192) == 512  # the ring's own size first
+    assert live_ring_size(0, 16384, 192) == 1024  # then the VM's KVM_ENABLE_CAP bytes
 
 
 def test_merge_rows_of_one_ring_under_two_keys() -> None:

@@ -133,7 +133,7 @@ def test_fast_replay_agrees_on_a_bulk_stream_with_meta_size():
 def test_working_set_and_hottest_match_plain_python(seed: int, max_pages: int):
     from collections import Counter
 
-    from kvmtrace.analysis.workingset import WorkingSet
+    from kvmtrace.analysis.replay.workingset import WorkingSet
 
     rng = np.random.default_rng(seed)
     window = 1000

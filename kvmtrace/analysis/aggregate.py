@@ -27,7 +27,8 @@ Semantics (per ring = ``struct kvm_dirty_ring`` of one vCPU, keyed by (pid, vm f
   durations in ns; the ioctl is VM-wide (event ring -1), so like the in-kernel ``vms`` map
   it is kept per VM and every ring of the VM carries the VM's histogram.
 - ring ``size`` (entries of 16-byte ``struct kvm_dirty_gfn``): from KT_RING_SIZE events
-  (``value`` = ring bytes, per VM), else from :meth:`SourceMeta.ring_size`, else None.
+  (``value`` = ring bytes, per VM), else from :meth:`SourceMeta.ring_size`, else None
+  (:class:`~kvmtrace.model.sizes.RingSizes`, without inference).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ import numpy as np
 
 from ..core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo
 from ..core.events import Kind
-from ..core.kvm_abi import U32_MASK, entries_from_bytes, u32
+from ..core.kvm_abi import U32_MASK, u32
 from ..core.sources import EventSource, SourceMeta
+from ..model.sizes import RingSizes
 
 __all__ = ["Aggregator", "ReplaySource", "log2_buckets"]
 
@@ -68,6 +70,7 @@ class Aggregator:
 
     def __init__(self, meta: SourceMeta | None = None, *, pid: int = 0) -> None:
         self.meta = meta if meta is not None else SourceMeta(kind="events")
+        self._sizes = RingSizes(self.meta)  # the trace's RING_SIZE events, else the meta
         self.pid = pid
         self.lost_events = 0
         self.events = 0  #: events fed (after the pid filter)
@@ -121,9 +124,10 @@ class Aggregator:
     def _ring_size_event(self, pid: int, vm: int, ring_bytes: int) -> None:
         info = self._vm(pid, vm)
         info.ring_bytes = ring_bytes
+        size = self._sizes.from_event(pid, vm, ring_bytes)
         for key, counters in self._rings.items():
-            if key.pid == pid and key.vm == vm:
-                counters.size = entries_from_bytes(ring_bytes)
+            if size is not None and key.pid == pid and key.vm == vm:
+                counters.size = size
 
     def _vm(self, pid: int, vm: int) -> VmInfo:
         info = self._vms.get((pid, vm))
@@ -141,12 +145,8 @@ class Aggregator:
         rk = RingKey(int(key["pid"]), int(key["vm"]), int(key["ring"]))
         counters = self._rings.get(rk)
         if counters is None:
-            info = self._vm(rk.pid, rk.vm)
-            size = None
-            if info.ring_bytes:
-                size = entries_from_bytes(info.ring_bytes)
-            else:
-                size = self.meta.ring_size(rk.pid, rk.vm)
+            self._vm(rk.pid, rk.vm)
+            size = self._sizes.size(rk.pid, rk.vm)[0]
             counters = self._rings[rk] = RingCounters(size=size)
         return rk, counters
 

@@ -33,13 +33,14 @@ from ..core.counters import (
     VmInfo,
 )
 from ..core.events import EVENT_DTYPE
-from ..core.kvm_abi import entries_from_bytes, infer_entries, s32, u32
+from ..core.kvm_abi import entries_from_bytes, s32, u32
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import tracefs
 from ..host.btf import Btf, load_vmlinux
 from ..host.features import detect
 from ..host.headers import use_headers
 from ..host.kallsyms import addresses
+from ..model.sizes import live_ring_size
 from .layout import (
     LOST_SLOTS,
     PUSH_SLOT_DTYPE,
@@ -477,7 +478,7 @@ class Probes:
         resolved key (resets always know the VM fd, pushes of such VMs do not).
         Ring size: read from ``struct kvm_dirty_ring`` (raw tracepoints), else from the VM's
         KVM_ENABLE_CAP, else inferred from soft-full exits
-        (:func:`~kvmtrace.core.kvm_abi.infer_entries`), else None. KVM_RESET_DIRTY_RINGS
+        (:func:`~kvmtrace.model.sizes.live_ring_size`), else None. KVM_RESET_DIRTY_RINGS
         latency is per VM: it is reported on the pseudo ring
         ``RingKey(pid, vm, -1)``, as kvmtrace.analysis.aggregate does for events.
         """
@@ -510,8 +511,7 @@ class Probes:
                     key = key._replace(vm=fds[key.pid])
             rows[key] = merge_rows(rows[key], row) if key in rows else row
         for key, v in rows.items():
-            size = (v["size"] or entries_from_bytes(vm_bytes.get((key.pid, key.vm), 0))
-                    or infer_entries(v["exit_used_min"]))
+            size = live_ring_size(v["size"], vm_bytes.get((key.pid, key.vm), 0), v["exit_used_min"])
             max_used, lost = v["max_used"], v["overwritten"]
             if self.mode != "top-light":
                 max_used, lost = live_used_counts(v, size)

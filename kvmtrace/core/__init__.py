@@ -4,6 +4,8 @@
 - :mod:`.kvm_abi`: kernel ABI facts of the dirty ring, defined once: ``struct
   kvm_dirty_gfn`` (16 bytes) and its flags, the reserve (64, plus 512 with Intel PML), the
   size limits, u32/s32 serial arithmetic, ring-size inference, the ``vm`` packing.
+- :mod:`.columns`: :class:`~.columns.EventColumns`, events as columns (group table, ts,
+  per-group columns): what a recording stores and what replay reads.
 - :mod:`.events`: the event record (``EVENT_DTYPE``, twin of ``struct kt_event``) and
   :class:`~.events.Kind`.
 - :mod:`.counters`: per-ring counters and snapshots, the currency of every view.

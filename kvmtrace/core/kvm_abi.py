@@ -31,7 +31,7 @@ __all__ = [
     "soft_limit_of",
     "valid_entries",
     "infer_size",
-    "infer_entries",
+    "RESERVES_UNKNOWN",
     "VM_UNKNOWN",
     "VM_GEN_SHIFT",
     "vm_fd",
@@ -96,38 +96,54 @@ def valid_entries(entries: int) -> bool:
             and not entries & (entries - 1))
 
 
-def infer_size(
-    max_used: int, exit_used: int, reserved: int = KVM_DIRTY_RING_RSVD_ENTRIES
-) -> int | None:
-    """Ring size (entries) implied by a soft-full exit seen at ``used = exit_used``, when
-    the reserve is known (the replay's rule).
+#: The reserves a host may use when which one is not known (live maps): without and with
+#: Intel PML.
+RESERVES_UNKNOWN: tuple[int, ...] = (KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML)
 
-    The kernel exits only when ``used >= soft_limit = size - reserved``, so
-    ``size <= exit_used + reserved``; without overflow ``size >= max_used``; sizes are
-    powers of two and at least one page. Returns the smallest size that fits both bounds,
-    or the upper bound when none does (the ring overflowed before the exit); None when no
-    size KVM accepts fits (an exit too early to be a soft-full one). Assumes the ring did
-    not overflow by more than ``reserved`` entries before its first exit.
-    """
+
+def _size_for_reserve(exit_used: int, max_used: int, reserved: int) -> int | None:
     upper = min(_pow2_floor(max(exit_used, 0) + reserved), KVM_DIRTY_RING_MAX_ENTRIES)
-    lower = max(MIN_RING_ENTRIES, _pow2_ceil(max_used))
+    lower = max(MIN_RING_ENTRIES, _pow2_ceil(max_used), _pow2_ceil(reserved))
     size = lower if lower <= upper else upper
-    return size if valid_entries(size) else None
+    return size if valid_entries(size) and size >= reserved else None
 
 
-def infer_entries(exit_used_min: int) -> int | None:
-    """Ring entries implied by the smallest ``used`` seen at a soft-full exit when the
-    reserve is not known (the live maps' rule), or None.
+def infer_size(
+    exit_used: int, max_used: int | None = None,
+    reserved: int | tuple[int, ...] = KVM_DIRTY_RING_RSVD_ENTRIES,
+) -> int | None:
+    """Ring size (entries of ``struct kvm_dirty_gfn``) implied by a soft-full exit seen at
+    ``used = exit_used``, or None: the one inference rule of the package (replay, the
+    reference replay and the live maps).
 
-    The reserve is 64 (KVM_DIRTY_RING_RSVD_ENTRIES) or, with Intel PML, 576. An exit
-    usually happens at exactly the soft limit; only a unique power-of-two answer of at
-    least 256 entries counts, anything else stays unknown rather than guessed.
+    Kernel facts (virt/kvm/dirty_ring.c, kvm_main.c): ``soft_limit = size - reserve``
+    where the reserve is ``kvm_dirty_ring_get_rsvd_entries()`` =
+    ``KVM_DIRTY_RING_RSVD_ENTRIES`` (64) + ``kvm_cpu_dirty_log_size()`` (the PML buffer,
+    512, on VMX hosts with PML on; 0 otherwise). Linux 5.11-6.15 had one reserve per host
+    (``kvm_dirty_ring_get_rsvd_entries(void)``); since 6.16 it is per VM
+    (``kvm_dirty_ring_get_rsvd_entries(struct kvm *)``, 0 PML entries for a TDX guest).
+    ``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING)`` accepts a power of two of at least one page
+    and of at least the reserve, at most 65536 entries; a vCPU exits
+    (``KVM_EXIT_DIRTY_RING_FULL``) only at ``used >= soft_limit``.
+
+    For one reserve ``r``: ``size <= exit_used + r`` (upper bound) and, without overflow,
+    ``size >= max_used`` (lower bound, ``max_used`` defaults to ``exit_used``); the answer
+    is the smallest accepted size within both bounds, else the upper bound (the ring
+    overflowed before exiting), else None (an exit too early to be a soft-full one).
+    Assumes the ring did not overflow by more than ``r`` entries before its first exit.
+
+    ``reserved`` may name several reserves when which one the host uses is unknown
+    (:data:`RESERVES_UNKNOWN`): their bounds overlap (an exit at 448 fits 512 - 64 and
+    1024 - 576), so an answer then counts only when the exit was exactly at its soft
+    limit (``exit_used + r == size``), and only a unique answer is returned.
     """
-    if exit_used_min <= 0:
+    mx = exit_used if max_used is None else max_used
+    if isinstance(reserved, int):
+        return _size_for_reserve(exit_used, mx, reserved)
+    if exit_used <= 0:
         return None
-    found = {n for n in (exit_used_min + KVM_DIRTY_RING_RSVD_ENTRIES,
-                         exit_used_min + RSVD_ENTRIES_PML)
-             if n >= MIN_RING_ENTRIES and not n & (n - 1)}
+    found = {s for r in reserved
+             if (s := _size_for_reserve(exit_used, mx, r)) is not None and s == exit_used + r}
     return found.pop() if len(found) == 1 else None
 
 

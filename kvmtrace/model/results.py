@@ -1,4 +1,5 @@
-"""What a replay finds per ring: :class:`Anomaly` and :class:`RingResult`.
+"""What a replay finds per ring: :class:`Anomaly` and :class:`RingResult`; and the state
+types both replays keep per ring: :class:`SoftEpisode`, :class:`PendingReset`.
 
 Shared by the reference replay (:mod:`kvmtrace.testing.reference`) and the fast one
 (:mod:`kvmtrace.analysis.replay`) so that both can be compared field by field. A ring is
@@ -16,7 +17,8 @@ import numpy as np
 
 from ..core.counters import HIST_BUCKETS
 
-__all__ = ["AnomalyKind", "Anomaly", "RingResult", "RingId", "LIST_CAP", "Durations"]
+__all__ = ["AnomalyKind", "Anomaly", "RingResult", "RingId", "LIST_CAP", "Durations",
+           "SoftEpisode", "PendingReset"]
 
 RingId = tuple[int, int, int]  # (pid, vm, ring index)
 
@@ -189,3 +191,43 @@ class RingResult:
                 self.harvested_unknown,
                 self.harvest_sum1, self.harvest_sum2, self.first_ns, self.last_ns,
                 self.stalls.key(), self.exit_to_push.key())
+
+
+@dataclass
+class SoftEpisode:
+    """One soft-limit episode of a ring: ``used >= soft_limit`` (``size - reserve``
+    entries of ``struct kvm_dirty_ring``) from the push that reached the limit until a
+    reset brings ``used`` below it. Ring state of both replays, not a result.
+
+    ``exited``: a soft-full exit (``KVM_EXIT_DIRTY_RING_FULL``) happened in it; ``past``:
+    pushes made at ``used > soft_limit`` before any exit; ``first``: (ts ns, dirty_index,
+    reset_index) of the first of those; ``max_used``: the most entries used in it.
+    """
+
+    max_used: int
+    exited: bool = False
+    past: int = 0
+    first: tuple[int, int, int] | None = None
+
+    def add(self, *, exited: bool = False, past: int = 0, max_used: int = 0,
+            first: tuple[int, int, int] | None = None) -> None:
+        """Fold in more of the episode: exits, pushes past the limit (``first``: the
+        first of them, kept only if none was seen before), the most used."""
+        self.exited = self.exited or exited
+        self.past += past
+        self.max_used = max(self.max_used, max_used)
+        if self.first is None:
+            self.first = first
+
+
+@dataclass
+class PendingReset:
+    """A ``reset_index`` advance that push events showed (the reset walk ran while the
+    vCPU pushed) and no ``kvm_dirty_ring_reset`` event has confirmed yet: from ``start`` to
+    ``to`` (u32 indices), first seen at ``ts`` (ns) with ``dirty_index`` then. Still
+    pending at the end of the trace it is a gap on kernels before 6.16."""
+
+    ts: int
+    dirty_index: int
+    start: int
+    to: int

@@ -27,11 +27,13 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
+from ..core.columns import EventColumns
 from ..core.events import EVENT_DTYPE
 from ..core.sources import SourceMeta
 from ..errors import OutputError, UsageError
-from .recording_codec import MAX_BLOCK_EVENTS, encode_events
-from .recording_decode import BlockParts, decode_parts
+from .recording_codec import encode_events
+from .recording_decode import decode_parts
+from .recording_format import MAX_BLOCK_EVENTS
 
 __all__ = [
     "MAGIC",
@@ -333,8 +335,9 @@ class Recording:
         for parts in self.column_batches():
             yield parts.events()
 
-    def column_batches(self) -> Iterator[BlockParts]:
-        """As :meth:`batches`, each block as its columns (group-major, as stored), without
+    def column_batches(self) -> Iterator[EventColumns]:
+        """As :meth:`batches`, each block as its columns
+        (:class:`~kvmtrace.core.columns.EventColumns`, group-major, as stored), without
         building EVENT_DTYPE records: what replay reads."""
         with open(self.path, "rb", buffering=0) as f:
             for offset, _count in self._index:
@@ -445,7 +448,7 @@ class Recording:
         return payload
 
     def _decode_parts(self, pos: int, head: bytes, fields: tuple[Any, ...],
-                      stored: bytes) -> BlockParts:
+                      stored: bytes) -> EventColumns:
         payload = self._payload(pos, head, fields, stored)
         try:
             parts = decode_parts(payload)

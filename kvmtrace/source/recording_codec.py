@@ -23,51 +23,38 @@ Encoding costs about 45 ns per event of a live recording (it was ~190 with the r
 copies): groups are numbered through a lookup table when the key fields span small ranges
 (one VMM, a few vCPU threads), the widths are costed on a sample of about 8 Ki deltas (the
 patches are then found exactly), and zlib runs at level 2 with a window no larger than the
-stream. Decoding (:mod:`.recording_decode`) is a fixed number of numpy passes per column, no
-per-event Python. Arithmetic
-wraps modulo the field width, so every u32/u64 value round-trips. The ``pad`` bytes are
-not stored and decode as zeros.
+stream. The byte layout: :mod:`.recording_format`. Decoding (:mod:`.recording_decode`)
+is a fixed number of numpy passes per column, no per-event Python. Arithmetic wraps
+modulo the field width, so every u32/u64 value round-trips. The ``pad`` bytes are not
+stored and decode as zeros.
 """
 
 from __future__ import annotations
 
-import struct
 import zlib
 
 import numpy as np
 
+from ..core.columns import DIRTY_RESET_DTYPE
 from ..core.events import EVENT_DTYPE
 from ..errors import UsageError
+from .recording_format import (
+    COLUMN_HEADER,
+    DELTA_COLUMNS,
+    EVENTS_HEADER,
+    GROUP_DTYPE,
+    GROUP_KEYS,
+    MAX_BLOCK_EVENTS,
+    MODE_DELTA,
+    MODE_GROUP_CONST,
+    STREAM_HEADER,
+    STREAM_STORED,
+    STREAM_ZLIB,
+)
 
 __all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "encode_events"]
 
-#: One row of a block's group table (20 bytes).
-GROUP_DTYPE = np.dtype(
-    [("pid", "<u4"), ("tid", "<u4"), ("vm", "<i4"), ("ring", "<i4"), ("kind", "u1"),
-     ("pad", "V3")]
-)
-assert GROUP_DTYPE.itemsize == 20
-_KEYS = ("pid", "tid", "vm", "ring", "kind")
-
-#: Coded columns, in storage order: (field, unsigned dtype, delta within group?).
-DELTA_COLUMNS: tuple[tuple[str, np.dtype, bool], ...] = (
-    ("ts", np.dtype("<u8"), False),
-    ("value", np.dtype("<u8"), True),
-    ("dirty_index", np.dtype("<u4"), True),
-    ("reset_index", np.dtype("<u4"), True),
-    ("slot", np.dtype("<u4"), True),
-)
 _SIGNED = {4: np.dtype("<i4"), 8: np.dtype("<i8")}
-
-_BLOCK = struct.Struct("<IIBBH")  # events, groups, group-number bytes, columns, reserved
-_COLUMN = struct.Struct("<BBHIQ")  # mode, bits, reserved, patches, lo
-_STREAM = struct.Struct("<BII")  # codec (0 stored, 1 zlib), stored bytes, raw bytes
-_MODE_DELTA, _MODE_GROUP_CONST = 0, 1
-_DIRTY_RESET = np.dtype({"names": ["both"], "formats": ["<u8"],
-                         "offsets": [EVENT_DTYPE.fields["dirty_index"][1]],
-                         "itemsize": EVENT_DTYPE.itemsize})
-assert EVENT_DTYPE.fields["reset_index"][1] == EVENT_DTYPE.fields["dirty_index"][1] + 4
-MAX_BLOCK_EVENTS = 1 << 16  # so that group numbers fit in 2 bytes
 _MAX_BIT_PLANES = 2  # 3..7 leftover bits take a byte plane: faster to decode
 _MIN_RATIO = 2.0  # compress a stream only if zlib at least halves it (inflate is slow)
 _SMALL_RADIX = 1 << 16  # largest product of key-field ranges numbered by lookup table
@@ -81,9 +68,9 @@ def _put_stream(data: bytes, out: list[bytes], level: int) -> None:
             # a window no larger than the stream: same output, a cheaper deflate state
             z = zlib.compress(data, level, min(15, max(9, len(data).bit_length())))
             if len(z) * _MIN_RATIO <= len(data):
-                out += [_STREAM.pack(1, len(z), len(data)), z]
+                out += [STREAM_HEADER.pack(STREAM_ZLIB, len(z), len(data)), z]
                 return
-    out += [_STREAM.pack(0, len(data), len(data)), data]
+    out += [STREAM_HEADER.pack(STREAM_STORED, len(data), len(data)), data]
 
 
 def _dense(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +93,7 @@ def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     n = len(ev)
     spans: list[tuple[np.ndarray, int, int]] = []
     radix = 1
-    for name in _KEYS:
+    for name in GROUP_KEYS:
         col = np.ascontiguousarray(ev[name])  # one strided pass, then contiguous ones
         lo, hi = int(col.min()), int(col.max())
         spans.append((col, lo, hi - lo + 1))
@@ -125,7 +112,7 @@ def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     lut = np.cumsum(present, dtype=np.int32) - 1
     table = np.zeros(len(keys), GROUP_DTYPE)
     rest = keys
-    for name, (col, lo, span) in zip(reversed(_KEYS), reversed(spans), strict=True):
+    for name, (col, lo, span) in zip(reversed(GROUP_KEYS), reversed(spans), strict=True):
         table[name] = (rest % span + lo).astype(col.dtype)
         rest = rest // span
     gid_dtype = np.uint8 if len(table) <= 256 else np.uint16
@@ -140,13 +127,13 @@ def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(ev)
     change = np.zeros(n, dtype=bool)
     change[0] = True
-    for key in _KEYS:
+    for key in GROUP_KEYS:
         col = ev[key]
         change[1:] |= col[1:] != col[:-1]
     starts = np.flatnonzero(change)
     runs = np.diff(np.append(starts, n))
     # one int64 key per run head, mixing the dense index of each field (mixed radix)
-    fields = [_dense(ev[name][starts]) for name in _KEYS]
+    fields = [_dense(ev[name][starts]) for name in GROUP_KEYS]
     radix = 1
     for vals, _ in fields:
         radix *= len(vals)
@@ -157,12 +144,12 @@ def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keys, inverse = _dense(key)
         table = np.zeros(len(keys), GROUP_DTYPE)
         rest = keys.copy()
-        for name, (vals, _) in zip(reversed(_KEYS), reversed(fields), strict=True):
+        for name, (vals, _) in zip(reversed(GROUP_KEYS), reversed(fields), strict=True):
             table[name] = vals[rest % len(vals)]
             rest //= len(vals)
     else:  # very many distinct values: compare the rows' bytes
         heads = np.zeros(len(starts), dtype=GROUP_DTYPE)
-        for name in _KEYS:
+        for name in GROUP_KEYS:
             heads[name] = ev[name][starts]
         table, inverse = np.unique(heads.view("V20"), return_inverse=True)
         table = table.view(GROUP_DTYPE)
@@ -215,7 +202,7 @@ def _encode_delta(d: np.ndarray, out: list[bytes], level: int) -> None:
         pos = np.flatnonzero(r >= d.dtype.type(1 << bits))
     else:
         pos = np.empty(0, np.intp)
-    out.append(_COLUMN.pack(_MODE_DELTA, bits, 0, len(pos), lo))
+    out.append(COLUMN_HEADER.pack(MODE_DELTA, bits, 0, len(pos), lo))
     if len(pos):
         _put_stream(pos.astype("<u4").tobytes() + d[pos].tobytes(), out, level)
         r[pos] = 0
@@ -233,7 +220,7 @@ def _encode_one(ev: np.ndarray, level: int) -> bytes:
     table, gid = _groups(ev)
     ngroups = len(table)
     gid_width = 0 if ngroups == 1 else gid.dtype.itemsize
-    out: list[bytes] = [_BLOCK.pack(n, ngroups, gid_width, len(DELTA_COLUMNS), 0),
+    out: list[bytes] = [EVENTS_HEADER.pack(n, ngroups, gid_width, len(DELTA_COLUMNS), 0),
                         table.tobytes()]
     order = starts = None
     if gid_width:
@@ -243,7 +230,7 @@ def _encode_one(ev: np.ndarray, level: int) -> bytes:
     bounds = starts if starts is not None else np.zeros(1, np.intp)
     pair = None
     if order is not None:  # adjacent u32 fields: one u64 gather instead of two
-        pair = ev.view(_DIRTY_RESET)["both"].take(order).view("<u4")
+        pair = ev.view(DIRTY_RESET_DTYPE)["both"].take(order).view("<u4")
     for name, dtype, grouped in DELTA_COLUMNS:
         col = ev[name].view(dtype)
         if pair is not None and name in ("dirty_index", "reset_index"):
@@ -257,7 +244,7 @@ def _encode_one(ev: np.ndarray, level: int) -> bytes:
             # constant within every group: its only nonzero deltas are at group starts
             nonzero = np.count_nonzero(d)
             if nonzero <= ngroups and np.count_nonzero(d[bounds]) == nonzero:
-                out += [_COLUMN.pack(_MODE_GROUP_CONST, 0, 0, 0, 0), col[bounds].tobytes()]
+                out += [COLUMN_HEADER.pack(MODE_GROUP_CONST, 0, 0, 0, 0), col[bounds].tobytes()]
                 continue
         _encode_delta(d, out, level)
     return b"".join(out)

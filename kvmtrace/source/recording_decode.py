@@ -1,6 +1,7 @@
-"""Decoder of one EVENTS block of a kvmtrace recording (the layout: :mod:`.recording_codec`
-and docs/FORMAT.md), to its columns as stored (:class:`BlockParts`, what replay reads) or
-to :data:`~kvmtrace.core.events.EVENT_DTYPE` records.
+"""Decoder of one EVENTS block of a kvmtrace recording (the layout: :mod:`.recording_format`
+and docs/FORMAT.md), to its columns as stored
+(:class:`~kvmtrace.core.columns.EventColumns`, what replay reads) or to
+:data:`~kvmtrace.core.events.EVENT_DTYPE` records.
 
 Every step is a fixed number of numpy passes per column, no per-event Python; u32/u64
 arithmetic wraps like the encoder's.
@@ -10,24 +11,23 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.events import EVENT_DTYPE
-from .recording_codec import (
-    _BLOCK,
-    _COLUMN,
-    _DIRTY_RESET,
-    _KEYS,
-    _MODE_DELTA,
-    _MODE_GROUP_CONST,
-    _STREAM,
+from ..core.columns import EventColumns
+from .recording_format import (
+    COLUMN_HEADER,
     DELTA_COLUMNS,
+    EVENTS_HEADER,
     GROUP_DTYPE,
+    MODE_DELTA,
+    MODE_GROUP_CONST,
+    STREAM_HEADER,
+    STREAM_STORED,
+    STREAM_ZLIB,
 )
 
-__all__ = ["BlockParts", "decode_parts", "decode_events"]
+__all__ = ["decode_parts", "decode_events"]
 
 
 class _Reader:
@@ -48,14 +48,14 @@ class _Reader:
         return arr
 
     def stream(self, expect: int) -> memoryview | bytes:
-        codec, stored, raw = self.unpack(_STREAM)
+        codec, stored, raw = self.unpack(STREAM_HEADER)
         if raw != expect or self.off + stored > len(self.buf):
             raise ValueError("bad stream length")
         data = self.buf[self.off : self.off + stored]
         self.off += stored
-        if codec == 0:
+        if codec == STREAM_STORED:
             return data
-        if codec != 1:
+        if codec != STREAM_ZLIB:
             raise ValueError(f"unknown stream codec {codec}")
         try:
             out = zlib.decompress(data, bufsize=max(raw, 1))
@@ -96,50 +96,11 @@ def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
     return np.cumsum(d, dtype=dtype, out=d)
 
 
-@dataclass
-class BlockParts:
-    """One decoded EVENTS block before it becomes records: the group table, each event's
-    group number in time order (None: one group), ``ts`` in time order, and the grouped
-    columns group-major (``grouped``: n values, events taken group by group) or, when
-    constant within every group, once per group (``const``: ngroups values)."""
-
-    n: int
-    table: np.ndarray  # GROUP_DTYPE
-    gid: np.ndarray | None  # u1/u2, time order
-    order: np.ndarray | None  # argsort(gid, stable): time position of each group-major event
-    ts: np.ndarray  # u64 ns, time order
-    grouped: dict[str, np.ndarray]
-    const: dict[str, np.ndarray]
-
-    def events(self) -> np.ndarray:
-        """The block as EVENT_DTYPE records."""
-        tmpl = np.zeros(len(self.table), EVENT_DTYPE)
-        for key in _KEYS:
-            tmpl[key] = self.table[key]
-        for name, v in self.const.items():
-            tmpl[name] = v
-        gid, order = self.gid, self.order
-        ev = tmpl.take(gid) if gid is not None else tmpl.take(np.zeros(self.n, np.intp))
-        ev["ts"] = self.ts
-        cols = dict(self.grouped)
-        if order is not None and "dirty_index" in cols and "reset_index" in cols:
-            # adjacent u32 fields: one u64 scatter instead of two
-            both = cols.pop("dirty_index").astype(np.uint64)
-            both |= np.left_shift(cols.pop("reset_index"), np.uint64(32), dtype=np.uint64)
-            ev.view(_DIRTY_RESET)["both"][order] = both
-        for name, v in cols.items():
-            if order is not None:
-                ev[name][order] = v
-            else:
-                ev[name] = v
-        return ev
-
-
-def decode_parts(payload: bytes | bytearray | memoryview) -> BlockParts:
+def decode_parts(payload: bytes | bytearray | memoryview) -> EventColumns:
     """The parts of one EVENTS block payload; ValueError if it is malformed."""
     rd = _Reader(payload)
     try:
-        n, ngroups, gid_width, ncols, _ = rd.unpack(_BLOCK)
+        n, ngroups, gid_width, ncols, _ = rd.unpack(EVENTS_HEADER)
         if ncols != len(DELTA_COLUMNS) or gid_width not in (0, 1, 2) or ngroups < 1:
             raise ValueError("bad block header")
         table = rd.array(GROUP_DTYPE, ngroups)
@@ -153,10 +114,10 @@ def decode_parts(payload: bytes | bytearray | memoryview) -> BlockParts:
         const: dict[str, np.ndarray] = {}
         ts = None
         for name, dtype, is_grouped in DELTA_COLUMNS:
-            mode, width, _, npatch, lo = rd.unpack(_COLUMN)
-            if mode == _MODE_GROUP_CONST and is_grouped:
+            mode, width, _, npatch, lo = rd.unpack(COLUMN_HEADER)
+            if mode == MODE_GROUP_CONST and is_grouped:
                 const[name] = rd.array(dtype, ngroups)
-            elif mode == _MODE_DELTA:
+            elif mode == MODE_DELTA:
                 v = _decode_delta(rd, n, dtype, width, npatch, lo)
                 if is_grouped:
                     grouped[name] = v
@@ -168,7 +129,7 @@ def decode_parts(payload: bytes | bytearray | memoryview) -> BlockParts:
             raise ValueError("trailing bytes" if ts is not None else "no ts column")
     except (struct.error, ValueError, TypeError, IndexError) as err:
         raise ValueError(f"malformed EVENTS block: {err}") from None
-    return BlockParts(n, table, gid, order, ts, grouped, const)
+    return EventColumns(n, table, gid, order, ts, grouped, const)
 
 
 def decode_events(payload: bytes | bytearray | memoryview) -> np.ndarray:

@@ -23,7 +23,7 @@ field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring ind
 - events reach the ring model in causal order, not trace order: a reset with
   dirty_index D after push D and before push D + 1, ties (exits, stalls at index D) by
   time then trace order; defined here one event at a time (:meth:`_Track.arrive`), with
-  the look-ahead bounds of :mod:`kvmtrace.analysis.ringorder` (HOLD_VCPU, HOLD_RESETS);
+  the look-ahead bounds of :mod:`kvmtrace.analysis.replay.order` (HOLD_VCPU, HOLD_RESETS);
   a ring-size event and a VM's first soft-full exit of unknown size first drain the VM's
   waiting events;
 - entries carry the number of the push that wrote them; an entry lost to an overwrite,
@@ -35,7 +35,8 @@ field. Per ring (one ``struct kvm_dirty_ring``, keyed by pid, VM fd and ring ind
 - a reset_index advance shown by pushes and by no later reset event is a gap only on
   kernels before 6.16 (later ones stop a reset part-way with -EINTR and no event);
 - the ring size comes from KT_RING_SIZE events, else the source's meta, else it is
-  inferred for the whole VM at its first soft-full exit (:func:`~kvmtrace.core.kvm_abi.infer_size`);
+  inferred for the whole VM at its first soft-full exit (the policy of
+  :mod:`kvmtrace.model.sizes`, shared with the fast replay);
   until then rings are modelled with KVM_DIRTY_RING_MAX_ENTRIES entries (exact for
   harvests) and overflow/soft-limit checks wait for the size.
 """
@@ -54,21 +55,27 @@ from ..core.kvm_abi import (
     KVM_DIRTY_RING_MAX_ENTRIES,
     KVM_DIRTY_RING_RSVD_ENTRIES,
     UNKNOWN_SLOT,
-    entries_from_bytes,
-    infer_size,
     s32,
     u32,
-    valid_entries,
 )
 from ..core.sources import SourceMeta
 from ..model.digest import MultisetDigest
-from ..model.results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
+from ..model.results import (
+    LIST_CAP,
+    Anomaly,
+    AnomalyKind,
+    PendingReset,
+    RingId,
+    RingResult,
+    SoftEpisode,
+)
 from ..model.ring import DirtyRing, resets_interruptible
+from ..model.sizes import RingSizes
 
 __all__ = ["ReferenceReplay", "ReferenceResult"]
 
 A = AnomalyKind
-HOLD_VCPU = 64  #: as kvmtrace.analysis.ringorder
+HOLD_VCPU = 64  #: as kvmtrace.analysis.replay.order
 HOLD_RESETS = 1024
 _Ev = tuple[int, int, int, int, int, int, int]  # kind, ts, di, ri, slot, value, seq
 
@@ -98,11 +105,11 @@ class _Track:
         self.harvest: list[tuple[int, int]] = []
         self.anomalies: list[Anomaly] = []
         self.overflow: Anomaly | None = None
-        self.soft: dict | None = None  # exited, past, first (ts, di, ri), max_used
+        self.soft: SoftEpisode | None = None
         self.last_exit_reset: int | None = None
         self.livelock: Anomaly | None = None
         self.exit_ts: int | None = None
-        self.unconfirmed: tuple[int, int, int, int] | None = None  # ts, di, from, to
+        self.unconfirmed: PendingReset | None = None
 
     @property
     def cap(self) -> int:
@@ -204,11 +211,11 @@ class _Track:
             self._soft_check()
             ep = self.soft
             if ep is not None:
-                ep["max_used"] = max(ep["max_used"], after)
-                if before >= size - self.reserved and not ep["exited"]:
-                    ep["past"] += 1
-                    if ep["first"] is None:
-                        ep["first"] = (ts, r.dirty_index, r.reset_index)
+                ep.max_used = max(ep.max_used, after)
+                if before >= size - self.reserved and not ep.exited:
+                    ep.past += 1
+                    if ep.first is None:
+                        ep.first = (ts, r.dirty_index, r.reset_index)
 
     def _fill_gap(self, ts: int, n: int) -> None:
         assert self.ring is not None
@@ -265,7 +272,7 @@ class _Track:
             self.start(di, ri)
         else:
             self._sync_dirty(ts, di, ri, "reset")
-            if self.unconfirmed is not None and s32(ri - self.unconfirmed[3]) >= 0:
+            if self.unconfirmed is not None and s32(ri - self.unconfirmed.to) >= 0:
                 self.unconfirmed = None
             self._sync_reset(ts, ri, "reset")
         self._indices(di, ri)
@@ -283,9 +290,9 @@ class _Track:
             if beyond > 0:
                 self.anomaly(A.RESET_BEYOND, ts, r.dirty_index, ri, beyond)
             if event == "push" and self.unconfirmed is None:
-                self.unconfirmed = (ts, r.dirty_index, r.reset_index, ri)
+                self.unconfirmed = PendingReset(ts, r.dirty_index, r.reset_index, ri)
             elif event == "push":
-                self.unconfirmed = self.unconfirmed[:3] + (ri,)
+                self.unconfirmed.to = ri
             skip = d - min(d, self.cap)
             self.res.harvested_unknown += skip
             r.reset_index = u32(r.reset_index + skip)
@@ -315,23 +322,24 @@ class _Track:
             return
         used = self.used()
         if used >= size - self.reserved and self.soft is None:
-            self.soft = {"exited": False, "past": 0, "first": None, "max_used": used}
+            self.soft = SoftEpisode(max_used=used)
         elif used < size - self.reserved and self.soft is not None:
             self.close_soft()
 
     def close_soft(self) -> None:
         ep, self.soft = self.soft, None
-        if (ep is not None and not ep["exited"] and ep["past"]
-                and ep["max_used"] > self.res.size):
-            ts, di, ri = ep["first"]
-            self.anomaly(A.NO_EXIT, ts, di, ri, ep["past"],
-                         soft_limit=self.res.size - self.reserved, max_used=ep["max_used"])
+        if (ep is not None and not ep.exited and ep.past
+                and ep.max_used > self.res.size):
+            assert ep.first is not None
+            ts, di, ri = ep.first
+            self.anomaly(A.NO_EXIT, ts, di, ri, ep.past,
+                         soft_limit=self.res.size - self.reserved, max_used=ep.max_used)
 
     def on_exit(self, ts: int) -> None:
         self._seen(ts)
         self.res.soft_full_exits += 1
         if self.soft is not None:
-            self.soft["exited"] = True
+            self.soft.exited = True
         if self.ring is not None:
             cur = self.ring.reset_index
             if self.last_exit_reset is not None and cur == self.last_exit_reset:
@@ -394,10 +402,10 @@ class _Track:
                          used=self.used())
         pages = sorted((s, o, p[0]) for (s, o), p in self.lost.items() if p[1] > p[2])
         self.res.lost_pages, self.res.lost_page_count = pages[:LIST_CAP], len(pages)
-        if self.unconfirmed is not None and not self.eintr:
-            ts, di, frm, to = self.unconfirmed
-            self.anomaly(A.GAP, ts, di, to, 1, index="reset_index", expected=frm, got=to,
-                         event="push")
+        p = self.unconfirmed
+        if p is not None and not self.eintr:
+            self.anomaly(A.GAP, p.ts, p.dirty_index, p.to, 1, index="reset_index",
+                         expected=p.start, got=p.to, event="push")
 
 
 class ReferenceReplay:
@@ -408,26 +416,20 @@ class ReferenceReplay:
         self.meta = meta or SourceMeta(kind="unknown")
         self.reserved = reserved
         self.tracks: dict[RingId, _Track] = {}
-        self.vm_size: dict[tuple[int, int], tuple[int, str]] = {}
+        self.sizes = RingSizes(self.meta, reserved)
         self.seq = 0
         self.eintr = resets_interruptible(self.meta.kernel_release)
-
-    def _vm_size(self, pid: int, vm: int) -> tuple[int | None, str]:
-        if (pid, vm) not in self.vm_size:
-            size = self.meta.ring_size(pid, vm)
-            if size is not None:
-                self.vm_size[(pid, vm)] = (size, "meta")
-        return self.vm_size.get((pid, vm), (None, "unknown"))
 
     def track(self, key: RingId) -> _Track:
         t = self.tracks.get(key)
         if t is None:
-            size, source = self._vm_size(key[0], key[1])
+            size, source = self.sizes.size(key[0], key[1])
             t = self.tracks[key] = _Track(key, size, source, self.reserved, self.eintr)
         return t
 
-    def _set_vm_size(self, pid: int, vm: int, size: int, source: str, ts: int) -> None:
-        self.vm_size[(pid, vm)] = (size, source)
+    def _resize_vm(self, pid: int, vm: int, ts: int) -> None:
+        size, source = self.sizes.size(pid, vm)
+        assert size is not None
         for key, t in self.tracks.items():
             if key[:2] == (pid, vm) and t.res.size != size:
                 t.set_size(size, source, ts)
@@ -456,24 +458,20 @@ class ReferenceReplay:
             di, ri = int(e["dirty_index"]), int(e["reset_index"])
             if kind == Kind.RING_SIZE:
                 self._drain(pid, vm)
-                size = entries_from_bytes(int(e["value"]))
-                if not valid_entries(size):
-                    continue
-                if self._vm_size(pid, vm)[0] != size or self.vm_size[(pid, vm)][1] != "trace":
-                    self._set_vm_size(pid, vm, size, "trace", ts)
+                if self.sizes.from_event(pid, vm, int(e["value"])) is not None:
+                    self._resize_vm(pid, vm, ts)
                 continue
             if kind not in (Kind.PUSH, Kind.RESET, Kind.EXIT, Kind.STALL):
                 continue
             t = self.track((pid, vm, ring))
             ev = (kind, ts, di, ri, int(e["slot"]), int(e["value"]), self.seq)
-            unknown = kind == Kind.EXIT and self._vm_size(pid, vm)[0] is None
+            unknown = kind == Kind.EXIT and not self.sizes.known(pid, vm)
             if unknown:  # infer the VM's ring size at its first soft-full exit
                 self._drain(pid, vm)
                 if t.ring is not None:
                     mx = max(x.res.max_used for k, x in self.tracks.items() if k[:2] == (pid, vm))
-                    size = infer_size(mx, t.used(), self.reserved)
-                    if size is not None:
-                        self._set_vm_size(pid, vm, size, "inferred", ts)
+                    if self.sizes.infer(pid, vm, t.used(), mx) is not None:
+                        self._resize_vm(pid, vm, ts)
             t.arrive(ev, lambda ev, t=t: self._process(t, ev))
             if unknown:
                 t.pump(lambda ev, t=t: self._process(t, ev), True)

@@ -3,13 +3,14 @@
 Works on any :class:`~kvmtrace.core.sources.EventSource` (recording, imported ftrace or
 ``perf script`` text, live). Per ring it checks the stream against the kernel's rules and
 reports anomalies (see :mod:`kvmtrace.testing.reference`, whose semantics this follows
-exactly, vectorised per ring and per batch: :mod:`.ringbulk`, :mod:`.ringstate`; each
-ring's events first put in causal order, :mod:`.ringorder`), totals,
+exactly, vectorised per ring and per batch: :mod:`.bulk`, :mod:`.ringstate`; each
+ring's events first put in causal order, :mod:`.order`), totals,
 the multiset digest of harvested (slot, offset) entries, dirty rate and working set per
 vCPU (:mod:`.workingset`), and optionally the exits another ring size would have caused
 (:mod:`.simulate`). State is bounded: per ring, its entries (at most 65536) and counters.
-A recording is read as stored, column by column (:meth:`Replay.feed_columns`,
-:mod:`.colfeed`), without building 48-byte records; both ways give the same report.
+A source with columns (:class:`~kvmtrace.core.columns.EventColumns`: a recording's blocks
+as stored) is read column by column (:meth:`Replay.feed_columns`, :mod:`.colfeed`),
+without building 48-byte records; both ways give the same report.
 """
 
 from __future__ import annotations
@@ -18,20 +19,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.events import Kind
-from ..core.kvm_abi import (
-    KVM_DIRTY_RING_RSVD_ENTRIES,
-    entries_from_bytes,
-    infer_size,
-    valid_entries,
-)
-from ..core.sources import EventSource, SourceMeta
-from ..model.results import Anomaly, RingId, RingResult
-from ..model.ring import resets_interruptible
-from ..source.recording_decode import BlockParts
+from ...core.columns import EventColumns
+from ...core.events import Kind
+from ...core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES
+from ...core.sources import EventSource, SourceMeta
+from ...model.results import Anomaly, RingId, RingResult
+from ...model.ring import resets_interruptible
+from ...model.sizes import RingSizes
+from .bulk import Cols, feed_ring
 from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
-from .ringbulk import Cols, feed_ring
-from .ringorder import RingOrder, order_segment
+from .order import RingOrder, order_segment
 from .ringstate import FastRing
 from .simulate import RingSizeSim, SimResult
 from .workingset import HotPage, RingWs, WorkingSet
@@ -68,8 +65,8 @@ class ReplayReport:
 
 
 class Replay:
-    """Feed EVENT_DTYPE batches in time order with :meth:`feed` (or a recording's blocks
-    with :meth:`feed_columns`; the two may be mixed), then :meth:`finish`.
+    """Feed EVENT_DTYPE batches in time order with :meth:`feed` (or EventColumns with
+    :meth:`feed_columns`; the two may be mixed), then :meth:`finish`.
 
     ``meta`` supplies ring sizes the events do not carry; ``reserved`` is the kernel's
     reserve (64; 576 on Intel hosts with PML); ``keep_harvest`` keeps every harvested
@@ -84,7 +81,7 @@ class Replay:
         self.reserved = reserved
         self.keep = keep_harvest
         self.rings: dict[RingId, FastRing] = {}
-        self.vm_size: dict[tuple[int, int], tuple[int, str]] = {}
+        self.sizes = RingSizes(self.meta, reserved)
         self.events = 0
         self.ws = WorkingSet(window_ns) if pages else None
         self.sim = RingSizeSim(simulate_entries, reserved) if simulate_entries else None
@@ -96,17 +93,10 @@ class Replay:
         self._eintr = resets_interruptible(self.meta.kernel_release)
 
     # -- sizes ------------------------------------------------------------------------
-    def _size_of(self, pid: int, vm: int) -> tuple[int | None, str]:
-        if (pid, vm) not in self.vm_size:
-            size = self.meta.ring_size(pid, vm)
-            if size is not None:
-                self.vm_size[(pid, vm)] = (size, "meta")
-        return self.vm_size.get((pid, vm), (None, "unknown"))
-
     def _ring(self, key: RingId) -> FastRing:
         r = self.rings.get(key)
         if r is None:
-            size, source = self._size_of(key[0], key[1])
+            size, source = self.sizes.size(key[0], key[1])
             r = self.rings[key] = FastRing(key, size, source, self.reserved, self.keep,
                                            self._eintr)
             self._order[key] = RingOrder()
@@ -138,8 +128,10 @@ class Replay:
             if key[:2] == (pid, vm) and ro.carry is not None:
                 self._feed_ring(key, _EMPTY, drain=True)
 
-    def _set_vm_size(self, pid: int, vm: int, size: int, source: str, ts: int) -> None:
-        self.vm_size[(pid, vm)] = (size, source)
+    def _resize_vm(self, pid: int, vm: int, ts: int) -> None:
+        """The VM's rings take its size (and source) now in :attr:`sizes`."""
+        size, source = self.sizes.size(pid, vm)
+        assert size is not None
         for key, r in self.rings.items():
             if key[:2] == (pid, vm) and r.res.size != size:
                 r.set_size(size, source, ts)
@@ -173,15 +165,16 @@ class Replay:
         if pos < n:
             self._segment(ev, cols, ring, one_vm, pos, n)
 
-    def feed_columns(self, parts: BlockParts) -> None:
-        """As :meth:`feed` for one block of a recording as stored (columnar, see
-        :mod:`.colfeed`); the same report, without building EVENT_DTYPE records. Blocks
+    def feed_columns(self, parts: EventColumns) -> None:
+        """As :meth:`feed` for events as columns (a source's ``column_batches()``, e.g. a
+        recording's blocks as stored; see :mod:`.colfeed`); the same report, without
+        building EVENT_DTYPE records. Blocks
         with events taken one by one (ring sizes, exits of VMs of unknown size) and
         ``simulate_entries`` go through :meth:`feed`."""
-        t = parts.table
+        t = parts.groups
         kinds = t["kind"]
         if self.sim is not None or (kinds == Kind.RING_SIZE).any() or any(
-                self._size_of(int(p), int(v))[0] is None
+                not self.sizes.known(int(p), int(v))
                 for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
                                     t["vm"][kinds == _EXIT].tolist(), strict=True))):
             self.feed(parts.events())
@@ -222,7 +215,7 @@ class Replay:
         xs = np.flatnonzero(kind == _EXIT)
         if len(xs):
             pv = zip(ev["pid"][xs].tolist(), ev["vm"][xs].tolist(), strict=True)
-            unknown = {k for k in set(pv) if self._size_of(*k)[0] is None}
+            unknown = {k for k in set(pv) if not self.sizes.known(*k)}
             if unknown:
                 out += [int(x) for x in xs
                         if (int(ev["pid"][x]), int(ev["vm"][x])) in unknown]
@@ -232,22 +225,20 @@ class Replay:
         pid, vm, ts = int(e["pid"]), int(e["vm"]), int(e["ts"])
         if int(e["kind"]) == Kind.RING_SIZE:
             self._drain_vm(pid, vm)
-            size = entries_from_bytes(int(e["value"]))
-            if valid_entries(size) and self._size_of(pid, vm) != (size, "trace"):
-                self._set_vm_size(pid, vm, size, "trace", ts)
+            if self.sizes.from_event(pid, vm, int(e["value"])) is not None:
+                self._resize_vm(pid, vm, ts)
             return
         key = (pid, vm, int(e["ring"]))
         r = self._ring(key)
         one = Cols(*(np.array([e[f]]) for f in ("ts", "kind", "dirty_index", "reset_index",
                                                  "slot", "value")))
-        unknown = self._size_of(pid, vm)[0] is None
+        unknown = not self.sizes.known(pid, vm)
         if unknown:  # the VM's first soft-full exit tells its ring size
             self._drain_vm(pid, vm)
             if r.started:
                 mx = max(x.res.max_used for k, x in self.rings.items() if k[:2] == (pid, vm))
-                size = infer_size(mx, r.used(), self.reserved)
-                if size is not None:
-                    self._set_vm_size(pid, vm, size, "inferred", ts)
+                if self.sizes.infer(pid, vm, r.used(), mx) is not None:
+                    self._resize_vm(pid, vm, ts)
         self._feed_ring(key, one, drain=unknown)
 
     def _segment(self, ev: np.ndarray, cols: Cols, ring: np.ndarray, one_vm: bool, a: int,
@@ -361,9 +352,11 @@ class Replay:
 def replay_source(source: EventSource, **options: object) -> ReplayReport:
     """Replay a whole source; ``options`` as for :class:`Replay`."""
     rp = Replay(source.meta, **options)  # type: ignore[arg-type]
-    columns = getattr(source, "column_batches", None)
-    if columns is not None and rp.sim is None:
-        for parts in columns():
+    # every source declares column_batches() once the sources share one base class
+    # (kvmtrace.core.sources); until then a source without it has no columns
+    columns = getattr(source, "column_batches", lambda: None)() if rp.sim is None else None
+    if columns is not None:
+        for parts in columns:
             rp.feed_columns(parts)
     else:
         for batch in source.batches():

@@ -2,21 +2,31 @@
 on numpy storage, one event or one run of pushes at a time.
 
 This is the replay's careful path, taken around irregular events (gaps, indices going
-back, overflow, a reset past dirty_index). Clean stretches go through
-:mod:`kvmtrace.analysis.ringbulk` instead. State is bounded: ``cap`` entries of
-(slot u32, offset u64, live bool: the kernel's flags are set, push number i64), where
-``cap`` is the ring size in entries or, while
-the size is unknown, KVM_DIRTY_RING_MAX_ENTRIES (harvests stay exact: an index maps to a
-distinct position within any 65536 consecutive indices).
+back, overflow, a reset past dirty_index). Clean stretches go through :mod:`.bulk`
+instead, which computes them vectorised and applies them through this class's methods:
+the state changes only here. State is bounded: ``cap`` entries of (slot u32, offset u64,
+live bool: the kernel's flags are set, push number i64), where ``cap`` is the ring size in
+entries or, while the size is unknown, KVM_DIRTY_RING_MAX_ENTRIES (harvests stay exact: an
+index maps to a distinct position within any 65536 consecutive indices). Soft-limit
+episodes and pending resets are :class:`~kvmtrace.model.results.SoftEpisode` and
+:class:`~kvmtrace.model.results.PendingReset`, as in the reference.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..core.kvm_abi import KVM_DIRTY_RING_MAX_ENTRIES, U32_MASK, UNKNOWN_SLOT, s32, u32
-from ..model.digest import MultisetDigest
-from ..model.results import LIST_CAP, Anomaly, AnomalyKind, RingId, RingResult
+from ...core.kvm_abi import KVM_DIRTY_RING_MAX_ENTRIES, U32_MASK, UNKNOWN_SLOT, s32, u32
+from ...model.digest import MultisetDigest
+from ...model.results import (
+    LIST_CAP,
+    Anomaly,
+    AnomalyKind,
+    PendingReset,
+    RingId,
+    RingResult,
+    SoftEpisode,
+)
 from .lostpages import LostPages
 
 __all__ = ["FastRing"]
@@ -44,11 +54,11 @@ class FastRing:
         self.harvest_parts: list[tuple[np.ndarray, np.ndarray]] = []
         self.anomalies: list[Anomaly] = []
         self.overflow: Anomaly | None = None
-        self.soft: dict | None = None  # exited, past, first (ts, di, ri), max_used
+        self.soft: SoftEpisode | None = None
         self.last_exit_reset: int | None = None
         self.livelock: Anomaly | None = None
         self.exit_ts: int | None = None
-        self.unconfirmed: tuple[int, int, int, int] | None = None  # ts, di, from, to
+        self.unconfirmed: PendingReset | None = None
         self.irregular = False  # live flags may differ from the [reset, dirty) window
 
     # -- storage ----------------------------------------------------------------------
@@ -134,8 +144,7 @@ class FastRing:
         if real:
             self.res.pushes += n
             if self.exit_ts is not None:
-                self.res.exit_to_push.add(int(ts[0]) - self.exit_ts)
-                self.exit_ts = None
+                self.push_after_exit(int(ts[0]))
 
     def _overwrite(self, ts: np.ndarray, c0: int, lost: np.ndarray, used0: int) -> None:
         where = np.flatnonzero(lost)
@@ -163,16 +172,14 @@ class FastRing:
             k_open = max(0, limit - used0 - 1)
             if k_open >= n:
                 return
-            self.soft = {"exited": False, "past": 0, "first": None,
-                         "max_used": used0 + k_open + 1}
+            self.soft = SoftEpisode(max_used=used0 + k_open + 1)
         ep = self.soft
-        ep["max_used"] = max(ep["max_used"], used0 + n)
-        if not ep["exited"]:
+        ep.max_used = max(ep.max_used, used0 + n)
+        if not ep.exited:
             k_past = max(0, limit - used0)
             if k_past < n:
-                ep["past"] += n - k_past
-                if ep["first"] is None:
-                    ep["first"] = (int(ts[k_past]), u32(first_dirty + k_past + 1), self.reset)
+                ep.add(past=n - k_past,
+                       first=(int(ts[k_past]), u32(first_dirty + k_past + 1), self.reset))
 
     def fill_gap(self, ts: int, n: int) -> None:
         fill = min(n, self.cap)
@@ -243,7 +250,7 @@ class FastRing:
             self.start(di, ri)
         else:
             self.sync_dirty(ts, di, ri, "reset")
-            if self.unconfirmed is not None and s32(ri - self.unconfirmed[3]) >= 0:
+            if self.unconfirmed is not None and s32(ri - self.unconfirmed.to) >= 0:
                 self.unconfirmed = None
             self.sync_reset(ts, ri, "reset")
         self.indices(di, ri, s32(di - ri))
@@ -260,11 +267,10 @@ class FastRing:
             if beyond > 0:
                 self.anomaly(A.RESET_BEYOND, ts, self.dirty, ri, beyond)
                 self.irregular = True
-            if event == "push":
-                frm = self.reset if self.unconfirmed is None else self.unconfirmed[2]
-                ts0 = ts if self.unconfirmed is None else self.unconfirmed[0]
-                di0 = self.dirty if self.unconfirmed is None else self.unconfirmed[1]
-                self.unconfirmed = (ts0, di0, frm, ri)
+            if event == "push" and self.unconfirmed is None:
+                self.unconfirmed = PendingReset(ts, self.dirty, self.reset, ri)
+            elif event == "push":
+                self.unconfirmed.to = ri
             skip = d - min(d, self.cap)
             self.res.harvested_unknown += skip
             self.collect(u32(self.reset + skip), d - skip)
@@ -304,7 +310,7 @@ class FastRing:
             return
         used = self.used()
         if used >= size - self.reserved and self.soft is None:
-            self.soft = {"exited": False, "past": 0, "first": None, "max_used": used}
+            self.soft = SoftEpisode(max_used=used)
         elif used < size - self.reserved and self.soft is not None:
             self.close_soft()
 
@@ -313,18 +319,19 @@ class FastRing:
         # pushes past the soft limit are the kernel's rule until the vCPU's next guest
         # entry, which no event shows (a reset before it drops the request): only a
         # vCPU that kept pushing into a full ring (used > size) without an exit is one
-        if (ep is not None and not ep["exited"] and ep["past"]
-                and ep["max_used"] > self.res.size):  # type: ignore[operator]
-            ts, di, ri = ep["first"]
-            self.anomaly(A.NO_EXIT, ts, di, ri, ep["past"],
+        if (ep is not None and not ep.exited and ep.past
+                and ep.max_used > self.res.size):  # type: ignore[operator]
+            assert ep.first is not None
+            ts, di, ri = ep.first
+            self.anomaly(A.NO_EXIT, ts, di, ri, ep.past,
                          soft_limit=self.res.size - self.reserved,  # type: ignore[operator]
-                         max_used=ep["max_used"])
+                         max_used=ep.max_used)
 
     def on_exit(self, ts: int) -> None:
         self.seen(ts, ts)
         self.res.soft_full_exits += 1
         if self.soft is not None:
-            self.soft["exited"] = True
+            self.soft.exited = True
         if self.started:
             self.exit_livelock(ts, self.dirty, self.reset)
         self.exit_ts = ts
@@ -389,10 +396,10 @@ class FastRing:
             self.anomaly(A.STUCK, self.res.last_ns or 0, self.dirty, self.reset, n,
                          used=self.used())
         self.res.lost_pages, self.res.lost_page_count = self.lost.result(LIST_CAP)
-        if self.unconfirmed is not None and not self.eintr:
-            ts, di, frm, to = self.unconfirmed
-            self.anomaly(A.GAP, ts, di, to, 1, index="reset_index", expected=frm, got=to,
-                         event="push")
+        p = self.unconfirmed
+        if p is not None and not self.eintr:
+            self.anomaly(A.GAP, p.ts, p.dirty_index, p.to, 1, index="reset_index",
+                         expected=p.start, got=p.to, event="push")
         self.res.harvest_sum1, self.res.harvest_sum2 = self.digest.sum1, self.digest.sum2
 
     def harvested(self) -> list[tuple[int, int]]:
@@ -404,3 +411,95 @@ class FastRing:
         s = np.concatenate([p[0] for p in self.harvest_parts])
         o = np.concatenate([p[1] for p in self.harvest_parts])
         return list(zip(s.tolist(), o.tolist(), strict=True))
+
+    # -- a clean stretch at once (:mod:`.bulk`, :mod:`.exits`) -------------------------
+    def window_regular(self) -> bool:
+        """Whether the live flags are exactly the ``[reset_index, dirty_index)`` window
+        (after an irregular event they may not be); once they are, the ring is regular
+        again."""
+        if not self.irregular:
+            return True
+        n = min(max(self.used(), 0), self.cap)
+        expect = np.zeros(self.cap, dtype=bool)
+        self.fill(expect, self.reset, n, True)
+        if n != self.used() or not np.array_equal(expect, self.live):
+            return False
+        self.irregular = False
+        return True
+
+    def on_stall(self, ns: int) -> None:
+        """A KT_STALL event: the vCPU waited ``ns`` for a soft-full ring to drain."""
+        self.res.stalls.add(ns)
+
+    def count_clean(self, pushes: int, resets: int, exits: int, stalls: np.ndarray) -> None:
+        """The events of a clean stretch, counted (``stalls``: their durations, ns)."""
+        self.res.pushes += pushes
+        self.res.resets += resets
+        self.res.soft_full_exits += exits
+        if len(stalls):
+            self.res.stalls.add_many(stalls)
+
+    def confirm_resets(self, reset_indices: np.ndarray) -> None:
+        """Reset events with these reset_index values (u32): one at or past a pending
+        reset's end confirms it."""
+        p = self.unconfirmed
+        if p is not None and len(reset_indices) and (
+                (reset_indices - np.uint32(p.to)).astype(np.uint32, copy=False).view(np.int32)
+                >= 0).any():
+            self.unconfirmed = None
+
+    def collect_new(self, s: np.ndarray, o: np.ndarray) -> None:
+        """Entries pushed and collected by a reset within one stretch (slot, offset in
+        push order; the first pushes the model has not stored yet)."""
+        if self.lost:
+            self.lost.collected(s, o, np.arange(self.nseq, self.nseq + len(s)))
+        self.add_harvest(s, o)
+
+    def reset_progress(self, entries: int, exits: bool) -> None:
+        """reset_index moved ``entries`` forward over a stretch; ``exits``: soft-full exits
+        among its events (:func:`~.exits.exits` then decides the livelock)."""
+        self.res.entries_reset += entries
+        if not exits:
+            self.livelock = None
+
+    def store_pushes(self, end: int, s: np.ndarray, o: np.ndarray, n: int) -> None:
+        """The last ``len(s)`` of ``n`` consecutive pushes whose last one made
+        dirty_index ``end``: their slot and offset into the ring's entries."""
+        k = len(s)
+        start = (end - k) & U32_MASK
+        self.put(self.slot, start, s)
+        self.put(self.off, start, o)
+        self.put(self.seq, start, np.arange(self.nseq + n - k, self.nseq + n, dtype=np.int64))
+        self.nseq += n
+
+    def move_window(self, dirty: int, reset: int, used_before: int) -> None:
+        """The indices after a clean stretch; the live flags follow the new window."""
+        self.fill(self.live, self.reset, max(0, used_before), False)
+        self.fill(self.live, reset, max(0, s32(dirty - reset)), True)
+        self.dirty, self.reset = dirty, reset
+
+    def push_after_exit(self, ts: int) -> None:
+        """The first push after a soft-full exit, at ``ts`` (ns)."""
+        assert self.exit_ts is not None
+        self.res.exit_to_push.add(ts - self.exit_ts)
+        self.exit_ts = None
+
+    def exit_to_push_many(self, ns: np.ndarray) -> None:
+        """Exit -> next push durations (ns) of exits within one stretch."""
+        self.res.exit_to_push.add_many(ns)
+
+    def end_livelock(self) -> None:
+        """Reset progress: a livelock episode, if any, is over."""
+        self.livelock = None
+
+    def after_exits(self, last_reset: int | None, waiting_since: int | None) -> None:
+        """State after a stretch's soft-full exits: reset_index at the last one (None: kept
+        as is) and, when no push followed it, its time (ns)."""
+        if last_reset is not None:
+            self.last_exit_reset = last_reset
+        self.exit_ts = waiting_since
+
+    def open_soft(self, ep: SoftEpisode) -> None:
+        """A soft-limit episode starts (none is open)."""
+        assert self.soft is None
+        self.soft = ep

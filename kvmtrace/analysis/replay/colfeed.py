@@ -1,12 +1,13 @@
-"""Per-ring columns straight from a recording's columnar block, for :meth:`Replay.feed_columns`.
+"""Per-ring columns straight from a source's :class:`~kvmtrace.core.columns.EventColumns`
+(a recording's blocks as stored), for :meth:`Replay.feed_columns`.
 
-A recording stores each EVENTS block group-major (:mod:`kvmtrace.source.recording_codec`:
-a group is one (pid, tid, vm, ring, kind)). Instead of building 48-byte ``struct
-kt_event`` records and splitting them per ring again, the block's groups are mapped to
-rings (``struct kvm_dirty_ring``, keyed (pid, vm, vCPU index)) and each column is gathered
-once per block into ring-major, time-ordered arrays; a ring's events are then plain
-slices of them. The pushes of a ring written by one thread are one group, i.e. contiguous
-slices of the stored columns, which the working set reads directly.
+The columns are group-major (a group is one (pid, tid, vm, ring, kind)). Instead of
+building 48-byte ``struct kt_event`` records and splitting them per ring again, the
+block's groups are mapped to rings (``struct kvm_dirty_ring``, keyed (pid, vm, vCPU
+index)) and each column is gathered once per block into ring-major, time-ordered arrays;
+a ring's events are then plain slices of them. The pushes of a ring written by one thread
+are one group, i.e. contiguous slices of the stored columns, which the working set reads
+directly.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.events import Kind
-from ..model.results import RingId
-from ..source.recording_decode import BlockParts
-from .ringbulk import Cols
+from ...core.columns import EventColumns
+from ...core.events import Kind
+from ...model.results import RingId
+from .bulk import Cols
 from .workingset import PushTimes
 
 __all__ = ["COLUMN_BATCH", "RingCols", "join_ring_cols", "ring_columns", "ring_keys"]
@@ -41,7 +42,7 @@ class RingCols:
     pushes: tuple[np.ndarray | PushTimes, np.ndarray, np.ndarray] | None
 
 
-def _push_times(parts: BlockParts, a: int, e: int) -> PushTimes:
+def _push_times(parts: EventColumns, a: int, e: int) -> PushTimes:
     """Times of the group-major events a..e (one group): their ends now, the array (a
     gather in time order) only if the working set asks for it."""
     if parts.order is None:
@@ -51,13 +52,13 @@ def _push_times(parts: BlockParts, a: int, e: int) -> PushTimes:
                      lambda: np.take(ts, order[a:e]))
 
 
-def _grouped(parts: BlockParts, name: str, g: int, a: int, b: int) -> np.ndarray:
+def _grouped(parts: EventColumns, name: str, g: int, a: int, b: int) -> np.ndarray:
     if name in parts.const:
         return np.full(b - a, parts.const[name][g], dtype=parts.const[name].dtype)
     return parts.grouped[name][a:b]
 
 
-def _column(parts: BlockParts, name: str, idx: np.ndarray, gsel: np.ndarray | None
+def _column(parts: EventColumns, name: str, idx: np.ndarray, gsel: np.ndarray | None
             ) -> np.ndarray:
     """Column ``name`` at group-major positions ``idx`` (groups ``gsel``)."""
     if name in parts.const:
@@ -79,10 +80,10 @@ def ring_keys(table: np.ndarray) -> list[tuple[RingId, bool]]:
     return sorted(keys.items())
 
 
-def ring_columns(parts: BlockParts) -> list[RingCols]:
+def ring_columns(parts: EventColumns) -> list[RingCols]:
     """Every ring's events of the block (kinds PUSH..STALL; others are left out), rings in
     (pid, vm, index) order."""
-    table = parts.table
+    table = parts.groups
     kinds = table["kind"].astype(np.intp)
     valid = (kinds >= _PUSH) & (kinds <= _STALL)
     keys = [k for k, _ in ring_keys(table)]

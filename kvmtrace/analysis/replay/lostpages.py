@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.kvm_abi import UNKNOWN_SLOT
+from ...core.kvm_abi import UNKNOWN_SLOT
 
 __all__ = ["LostPages"]
 

@@ -36,9 +36,9 @@ from collections import deque
 
 import numpy as np
 
-from ..core.events import Kind
-from ..core.kvm_abi import U32_MASK, s32
-from .ringbulk import Cols
+from ...core.events import Kind
+from ...core.kvm_abi import U32_MASK, s32
+from .bulk import Cols
 
 __all__ = ["HOLD_VCPU", "HOLD_RESETS", "RingOrder", "order_segment", "concat_cols"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..model.results import RingId
+from ...model.results import RingId
 
 __all__ = ["WorkingSet", "RingWs", "HotPage", "PushTimes"]
 

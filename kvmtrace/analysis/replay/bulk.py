@@ -7,7 +7,7 @@ the live flags equal the ``[reset_index, dirty_index)`` window. Then the referen
 semantics reduce to index arithmetic: counters are sums, the harvested entries are those
 of indices reset_start..reset_end (old ones from the ring arrays, new ones straight from
 the batch's pushes), soft-limit episodes are runs of ``used >= soft_limit`` (soft-full
-exits and episodes: :mod:`.ringexits`). Anything else goes to
+exits and episodes: :mod:`.exits`). Anything else goes to
 :class:`~.ringstate.FastRing` event by event (pushes still in vectorised runs) up to the
 ring's next reset event. The test for a clean stretch is a few passes over the pushes and
 resets (:func:`_all_clean`); the exact first irregular event is only looked for when it
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.events import Kind
-from ..core.kvm_abi import U32_MASK, s32
-from .ringexits import PushPos, exits, soft
+from ...core.events import Kind
+from ...core.kvm_abi import U32_MASK, s32
+from .exits import PushPos, exits, soft
 from .ringstate import FastRing
 
 __all__ = ["Cols", "feed_ring"]
@@ -127,7 +127,7 @@ def _slow(ring: FastRing, c: Cols, a: int, b: int,
         elif k == _EXIT:
             ring.on_exit(ts)
         elif k == _STALL:
-            ring.res.stalls.add(int(c.off[i]))
+            ring.on_stall(int(c.off[i]))
         i += 1
     return pi
 
@@ -163,13 +163,8 @@ def _clean_prefix(ring: FastRing, c: Cols, a: int) -> tuple[int, _Pre | None]:
     """How many events from ``a`` form a clean stretch (see the module docstring)."""
     if ring.overflow is not None:
         return 0, None
-    if ring.irregular:
-        n = min(max(ring.used(), 0), ring.cap)
-        expect = np.zeros(ring.cap, dtype=bool)
-        ring.fill(expect, ring.reset, n, True)
-        if n != ring.used() or not np.array_equal(expect, ring.live):
-            return 0, None
-        ring.irregular = False
+    if not ring.window_regular():
+        return 0, None
     n = len(c) - a
     pre = _pushes_resets(ring, c, a, len(c))
     if pre is None:
@@ -223,7 +218,6 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
     """The clean stretch a..b; returns its number of pushes."""
     kind = c.kind[a:b]
     ts = c.ts[a:b]
-    res = ring.res
     if pre is None:
         pre = _pushes_resets(ring, c, a, b)
     if pre is not None and pre.other is not None:
@@ -246,8 +240,6 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
         if first < b - a:
             last = max(int(ib[-1]) if len(ib) else -1, int(xpos[-1]) if len(xpos) else -1)
             ring.seen(ts[first], ts[last])
-    if len(spos):
-        res.stalls.add_many(c.off[a:b][spos])
     d0, r0 = ring.dirty, ring.reset
     if pre is not None:
         di, ri, used = pre.di, pre.ri, pre.used
@@ -258,13 +250,9 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
         used = _s32(di)
         d1, r1 = d0, r0
     np_ = len(pp)
-    res.pushes += np_
-    res.resets += len(ib) - np_
-    res.soft_full_exits += len(xpos)
+    ring.count_clean(np_, len(ib) - np_, len(xpos), c.off[a:b][spos])
     if ring.unconfirmed is not None and len(ib) > np_:
-        rr = ri[~pre.push]  # type: ignore[union-attr]
-        if (_s32(rr - np.uint32(ring.unconfirmed[3])) >= 0).any():
-            ring.unconfirmed = None
+        ring.confirm_resets(ri[~pre.push])  # type: ignore[union-attr]
     # harvest and storage
     adv = s32(r1 - r0)
     u_old = s32(d0 - r0)
@@ -280,31 +268,20 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
             else:
                 assert ppos is not None
                 hs, ho = c.slot[a:b][ppos[:new_n]], c.off[a:b][ppos[:new_n]]
-            if ring.lost:
-                ring.lost.collected(hs, ho, np.arange(ring.nseq, ring.nseq + new_n))
-            ring.add_harvest(hs, ho)
-        res.entries_reset += adv
-        ring.livelock = None if not len(xpos) else ring.livelock
+            ring.collect_new(hs, ho)
+        ring.reset_progress(adv, bool(len(xpos)))
     if np_:
         k = min(np_, ring.cap)
-        start = (d1 - k) & U32_MASK
         if pushes is not None:
             ps, po, p0 = pushes
-            ring.put(ring.slot, start, ps[p0 + np_ - k:p0 + np_])
-            ring.put(ring.off, start, po[p0 + np_ - k:p0 + np_])
+            ring.store_pushes(d1, ps[p0 + np_ - k:p0 + np_], po[p0 + np_ - k:p0 + np_], np_)
         else:
             assert ppos is not None
-            ring.put(ring.slot, start, c.slot[a:b][ppos[-k:]])
-            ring.put(ring.off, start, c.off[a:b][ppos[-k:]])
-        ring.put(ring.seq, start, np.arange(ring.nseq + np_ - k, ring.nseq + np_,
-                                            dtype=np.int64))
-        ring.nseq += np_
+            ring.store_pushes(d1, c.slot[a:b][ppos[-k:]], c.off[a:b][ppos[-k:]], np_)
     if np_ or adv > 0:
-        ring.fill(ring.live, r0, max(0, u_old), False)
-        ring.fill(ring.live, r1, max(0, s32(d1 - r1)), True)
-    ring.dirty, ring.reset = d1, r1
+        ring.move_window(d1, r1, u_old)
     if len(xpos) or ring.exit_ts is not None:
         exits(ring, ts, pp, xpos, ib, di, ri, d0, r0, r1)
-    if res.size is not None:
+    if ring.res.size is not None:
         soft(ring, kind, ts, c.di[a:b], c.ri[a:b], ib, xpos, used, u_old)
     return np_

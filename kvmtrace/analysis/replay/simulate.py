@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.events import Kind
-from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, U32_MASK
-from ..model.results import RingId
+from ...core.events import Kind
+from ...core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, U32_MASK
+from ...model.results import RingId
 
 __all__ = ["RingSizeSim", "SimResult", "ASSUMPTIONS"]
 

@@ -1,5 +1,5 @@
 """Soft-full exits and soft-limit episodes over a clean stretch of one ring's events (the
-fast path of :mod:`.ringbulk`): livelock episodes, exit -> next push times, pushes past the
+fast path of :mod:`.bulk`): livelock episodes, exit -> next push times, pushes past the
 soft limit (``size - reserved`` entries of ``struct kvm_dirty_ring``) without an exit, as
 :mod:`kvmtrace.testing.reference` defines them, vectorised over the stretch.
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.events import Kind
+from ...core.events import Kind
+from ...model.results import SoftEpisode
 from .ringstate import FastRing
 
 __all__ = ["PushPos", "exits", "soft"]
@@ -43,10 +44,8 @@ def exits(ring: FastRing, ts: np.ndarray, pp: PushPos, xpos: np.ndarray,
            ib: np.ndarray, dis: np.ndarray, ris: np.ndarray, d0: int, r0: int,
            r1: int) -> None:
     """Soft-full exits: livelock episodes and exit -> next push times, in event order."""
-    res = ring.res
     if ring.exit_ts is not None and len(pp) and (not len(xpos) or pp.at(0) < xpos[0]):
-        res.exit_to_push.add(int(ts[pp.at(0)]) - ring.exit_ts)
-        ring.exit_ts = None
+        ring.push_after_exit(int(ts[pp.at(0)]))
     if not len(xpos):
         return
     j = np.searchsorted(ib, xpos) - 1
@@ -58,25 +57,26 @@ def exits(ring: FastRing, ts: np.ndarray, pp: PushPos, xpos: np.ndarray,
         pn = pp.at_many(np.minimum(nxt, n - 1))
         nextx = np.append(xpos[1:], np.iinfo(np.intp).max)
         ok = (nxt < n) & (pn < nextx)
-        res.exit_to_push.add_many(ts[pn[ok]].astype(np.int64) - ts[xpos[ok]].astype(np.int64))
+        ring.exit_to_push_many(ts[pn[ok]].astype(np.int64) - ts[xpos[ok]].astype(np.int64))
     last = np.concatenate(([-1 if ring.last_exit_reset is None else ring.last_exit_reset],
                            rxs[:-1]))
     if not (rxs == last).any():  # no exit without reset progress: no livelock step
         prev = np.concatenate(([r0], rxs[:-1]))
         if (rxs != prev).any() or r1 != int(rxs[-1]):
-            ring.livelock = None
-        ring.last_exit_reset = int(rxs[-1])
+            ring.end_livelock()
+        last_reset = int(rxs[-1])
     else:
         prev_reset = r0
         for q, x in enumerate(xpos.tolist()):
             dx, rx = (int(dis[j[q]]), int(ris[j[q]])) if j[q] >= 0 else (d0, r0)
             if rx != prev_reset:
-                ring.livelock = None
+                ring.end_livelock()
             prev_reset = rx
             ring.exit_livelock(int(ts[x]), dx, rx)
         if r1 != prev_reset:
-            ring.livelock = None
-    ring.exit_ts = int(ts[xpos[-1]]) if nxt[-1] >= n else None
+            ring.end_livelock()
+        last_reset = None  # exit_livelock kept it
+    ring.after_exits(last_reset, int(ts[xpos[-1]]) if nxt[-1] >= n else None)
 
 
 def soft(ring: FastRing, kind: np.ndarray, ts: np.ndarray, cdi: np.ndarray,
@@ -125,7 +125,7 @@ def soft(ring: FastRing, kind: np.ndarray, ts: np.ndarray, cdi: np.ndarray,
     cnt = np.cumsum(ex_in)
     base = np.maximum.accumulate(np.where(start, cnt - ex_in, 0))
     exited = (cnt - base) > 0
-    if is_open and ring.soft["exited"]:  # type: ignore[index]
+    if is_open and ring.soft.exited:  # type: ignore[union-attr]
         exited |= ep == 0
     push_in = ek == _PUSH
     past = push_in & (u > limit) & ~exited
@@ -150,15 +150,13 @@ def soft(ring: FastRing, kind: np.ndarray, ts: np.ndarray, cdi: np.ndarray,
             st = ring.soft
             assert st is not None
         else:
-            st = {"exited": False, "past": 0, "first": None, "max_used": int(u[pi[lo]])}
-        st["exited"] = st["exited"] or bool(has_exit[e])
-        st["past"] += int(past_n[e])
-        st["max_used"] = max(st["max_used"], mx)
-        if st["first"] is None and past_n[e]:
+            st = SoftEpisode(max_used=int(u[pi[lo]]))
+            ring.open_soft(st)
+        first = None
+        if st.first is None and past_n[e]:
             k = int(pos_a[pi[lo:hi][past[pi[lo:hi]]][0]])
-            st["first"] = (int(ts[k]), int(cdi[k]), int(cri[k]))
-        ring.soft = st
+            first = (int(ts[k]), int(cdi[k]), int(cri[k]))
+        st.add(exited=bool(has_exit[e]), past=int(past_n[e]), max_used=mx, first=first)
         if e != last_ep:
             ring.close_soft()
-    if last_ep < 0:
-        ring.soft = None
+    assert last_ep >= 0 or ring.soft is None

@@ -11,7 +11,7 @@ from kvmtrace.analysis.aggregate import Aggregator, ReplaySource, log2_buckets
 from kvmtrace.analysis.rates import compute_interval, subtract
 from kvmtrace.core.counters import HIST_BUCKETS, RingKey, Snapshot, VmCounters, VmKey
 from kvmtrace.core.events import Kind, empty
-from kvmtrace.core.sources import SourceMeta
+from kvmtrace.core.sources import EventSource, SourceMeta
 from kvmtrace.source.detect import open_source
 
 
@@ -162,7 +162,7 @@ def test_replay_source_steps_through_file_time():
     ev = synth(1000, dt=1_000_000, reset_every=100)  # 1000 pushes + 10 resets over 1.01 s
     last = int(ev["ts"][-1])
 
-    class Src:
+    class Src(EventSource):
         meta = SourceMeta(kind="recording")
         lost = 3
 

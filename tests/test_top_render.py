@@ -21,7 +21,7 @@ from kvmtrace.core.counters import (
     VmInfo,
     VmKey,
 )
-from kvmtrace.core.sources import SourceMeta
+from kvmtrace.core.sources import SnapshotSource, SourceMeta
 from kvmtrace.errors import UsageError
 from kvmtrace.views.prometheus import Exporter, parse_listen, render_metrics
 from kvmtrace.views.top_curses import TopState
@@ -211,7 +211,7 @@ def test_prometheus_text():
 def test_prometheus_scrape_over_http():
     _, b = two_snapshots()
 
-    class Fake:
+    class Fake(SnapshotSource):
         meta = SourceMeta(kind="live")
         calls = 0
 

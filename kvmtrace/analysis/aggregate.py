@@ -49,7 +49,7 @@ from ..core.counters import (
 )
 from ..core.events import Kind
 from ..core.kvm_abi import U32_MASK, entries_from_bytes, u32
-from ..core.sources import EventSource, SourceMeta
+from ..core.sources import EventSource, SnapshotSource, SourceMeta
 
 __all__ = ["Aggregator", "ReplaySource", "log2_buckets"]
 
@@ -236,7 +236,7 @@ def _add_hist(dst: list[int], add: np.ndarray) -> None:
         dst[i] += int(add[i])
 
 
-class ReplaySource:
+class ReplaySource(SnapshotSource):
     """A SnapshotSource over an EventSource: file time advances ``step_ns`` per snapshot.
 
     The first :meth:`snapshot` is the empty state at the first event's ts; each later call
@@ -264,7 +264,7 @@ class ReplaySource:
         once its first batch is read (this reads it)."""
         if self._until is None and self._pending is None and not self._exhausted:
             self._fill()
-        return list(getattr(self.source, "warnings", ()))
+        return list(self.source.warnings)
 
     @property
     def done(self) -> bool:

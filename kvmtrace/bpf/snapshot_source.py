@@ -27,14 +27,14 @@ import time
 
 from ..core.counters import Snapshot, VmInfo
 from ..core.kvm_abi import entries_from_bytes, vm_fd, vm_gen
-from ..core.sources import SourceMeta
+from ..core.sources import SnapshotSource, SourceMeta
 from .loader import Probes
 from .vmident import ProcWatcher, VmIdentity, resolve_vm, vm_fds
 
 __all__ = ["LiveSource"]
 
 
-class LiveSource:
+class LiveSource(SnapshotSource):
     """SnapshotSource over :class:`~kvmtrace.bpf.loader.Probes` (loads them unless given)."""
 
     def __init__(

@@ -67,9 +67,9 @@ def run(args: argparse.Namespace) -> int:
             profiles.append(profile_source(src))
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
-        for w in getattr(src, "warnings", ()):  # text whose rings were not all told apart
+        for w in src.warnings:  # text whose rings were not all told apart
             print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
-        if getattr(src, "truncated", False):
+        if src.truncated:
             print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
                   "compared what it holds", file=sys.stderr)
     cmp = compare_profiles(*profiles, base_path=args.base, new_path=args.new,

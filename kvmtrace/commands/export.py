@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         n = export_perfetto(src, args.perfetto,
                             counter_interval_ns=int(args.counter_interval_us * 1000))
         print(f"kvmtrace export: {n} trace events -> {args.perfetto}", file=sys.stderr)
-    if getattr(src, "truncated", False):
+    if src.truncated:
         print(f"kvmtrace export: warning: {args.file} ends early (writer killed?); exported "
               "what it holds", file=sys.stderr)
     return 0

@@ -95,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
                                reserved=args.reserved)
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
-    truncated = bool(getattr(src, "truncated", False))
-    warnings = list(getattr(src, "warnings", ()))  # text traces: rings not told apart
-    unsure = getattr(src, "unsure", set())
+    truncated = src.truncated
+    warnings = list(src.warnings)  # text traces: rings not told apart
+    unsure = src.unsure
     if unsure:  # a reset these rings share could be either's: claim nothing from it
         report.anomalies = [a for a in report.anomalies if a.ring not in unsure]
     for w in warnings:

@@ -133,12 +133,12 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         ring_entries=_int(args.ring_entries, "--ring-entries", 1),
         ring_bytes=_int(args.ring_bytes, "--ring-bytes", 16),
         hook=args.hook,
-        light=bool(getattr(args, "light", False)),
+        light=bool(args.light),
     )
     if opts.light and opts.replay:
         raise UsageError("--light only applies to the live view",
                          "drop --light: a replay reads every recorded event anyway")
-    command = list(getattr(args, "command", None) or [])
+    command = list(args.command or [])
     if command and command[0] == "--":
         command = command[1:]
     if command and (opts.replay or opts.pid):
@@ -151,7 +151,7 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
     return opts
 
 
-class _Latest:
+class _Latest(SnapshotSource):
     """SnapshotSource handing out the last snapshot the main loop took (Prometheus next to a
     replay or a batch loop: one reader of the source, scrapes see what the loop printed)."""
 
@@ -252,7 +252,7 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
             print("\n".join(lines) + "\n", flush=True)
         prev = cur
         done += 1
-        if exited or (replay and getattr(source, "done", False)):
+        if exited or (replay and source.done):
             break
     return 0
 
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _end_status(source: SnapshotSource, child: PausedChild | None) -> str | None:
-    if getattr(source, "done", False):
+    if source.done:
         return "end of file (q: quit)"
     if child is not None and child.poll() is not None:
         return f"command exited with status {child.returncode} (q: quit)"
@@ -353,8 +353,6 @@ def _end_status(source: SnapshotSource, child: PausedChild | None) -> str | None
 def _close(source: SnapshotSource, timeout_s: float = 5.0) -> None:
     """Close the source without ever hanging the exit: what a close leaves undone (BPF
     links, netlink sockets) the kernel undoes when the process ends."""
-    close = getattr(source, "close", None)
-    if callable(close):
-        worker = threading.Thread(target=close, daemon=True)
-        worker.start()
-        worker.join(timeout_s)
+    worker = threading.Thread(target=source.close, daemon=True)
+    worker.start()
+    worker.join(timeout_s)

@@ -28,7 +28,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.events import EVENT_DTYPE
-from ..core.sources import SourceMeta
+from ..core.sources import EventSource, SourceMeta
 from ..errors import OutputError, UsageError
 from .recording_codec import MAX_BLOCK_EVENTS, encode_events
 from .recording_decode import BlockParts, decode_parts
@@ -296,7 +296,7 @@ class RecordingWriter:
             self.ts_last = hi if self.ts_last is None else max(self.ts_last, hi)
 
 
-class Recording:
+class Recording(EventSource):
     """A recording opened for reading; an EventSource (kvmtrace/core/sources.py).
 
     Known at open (one pass over block headers): ``meta``, ``events`` (complete events),

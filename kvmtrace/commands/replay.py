@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
+from .args import add_input, add_json, add_ring_size, add_subcommand
 
 __all__ = ["register", "run"]
 
@@ -31,22 +32,19 @@ exit status: 0 clean, 1 anomalies found (or events lost), 2 bad input
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "replay",
+    p = add_subcommand(
+        sub, "replay",
         help="cross-check a trace against the dirty-ring model; find lost dirty pages",
         description="Replay a recording (kvmtrace record), tracefs text or perf script "
         "output\nthrough a model of struct kvm_dirty_ring: anomalies (overflow, pushes past "
         "the\nsoft limit, lost events, bad indices, livelock), per-ring totals, stalls, a\n"
         "digest of the harvested entries, dirty rate and working set per vCPU.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, run=run,
     )
-    p.add_argument("file", help="recording, tracefs trace text or perf script text")
-    p.add_argument("--json", action="store_true", help="print one JSON object (schema 1)")
-    p.add_argument("--ring-entries", type=int, metavar="N",
-                   help="ring size in entries where the trace does not say")
-    p.add_argument("--ring-bytes", type=int, metavar="B",
-                   help="ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
+    add_input(p, "recording, tracefs trace text or perf script text")
+    add_json(p)
+    add_ring_size(p, "ring size in entries where the trace does not say",
+                  "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
     p.add_argument("--simulate-ring-entries", type=int, metavar="N",
                    help="also report the soft-full exits a ring of N entries would cause")
     p.add_argument("--dump-harvest", metavar="OUT",
@@ -58,7 +56,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reserved", type=int, default=KVM_DIRTY_RING_RSVD_ENTRIES,
                    metavar="64|576",
                    help="entries KVM keeps back: 64, or 576 on Intel hosts with PML")
-    p.set_defaults(func=run)
 
 
 def _check(args: argparse.Namespace) -> None:

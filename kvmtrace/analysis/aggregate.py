@@ -38,15 +38,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..core.counters import (
-    HIST_BUCKETS,
-    RingCounters,
-    RingKey,
-    Snapshot,
-    VmCounters,
-    VmInfo,
-    VmKey,
-)
+from ..core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmCounters, VmInfo, VmKey
 from ..core.events import Kind
 from ..core.kvm_abi import U32_MASK, entries_from_bytes, u32
 from ..core.sources import EventSource, SnapshotSource, SourceMeta

@@ -16,7 +16,7 @@ use plain attribute access.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -60,14 +60,15 @@ class EventSource(ABC):
 
     meta: SourceMeta
 
-    #: The source's blocks as columns, for readers that can skip building EVENT_DTYPE
-    #: records (a recording's ``column_batches()``: an iterator of its decoded blocks in
-    #: file order); None when the source has records only.
-    column_batches: Callable[[], Iterator[Any]] | None = None
-
     @abstractmethod
     def batches(self) -> Iterator[np.ndarray]:
         """Events in time order, as EVENT_DTYPE arrays of any length."""
+
+    def column_batches(self) -> Iterator[Any] | None:
+        """The same events as columns, one block at a time (a recording's decoded blocks in
+        file order), for readers that can skip building EVENT_DTYPE records; None when the
+        source has no columns of its own (read :meth:`batches`)."""
+        return None
 
     @property
     @abstractmethod

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
 from .args import add_input, add_json, add_ring_size, add_subcommand
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "ReplayOptions", "replay_options"]
 
 EPILOG = """examples:
   kvmtrace replay run.kvt                       # a recording of 'kvmtrace record'
@@ -58,6 +59,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="entries KVM keeps back: 64, or 576 on Intel hosts with PML")
 
 
+@dataclass(frozen=True)
+class ReplayOptions:
+    """What the replay engine is asked to do, checked: the keywords of
+    :class:`kvmtrace.analysis.replay.Replay`."""
+
+    reserved: int  # entries KVM keeps back: 64, or 576 with Intel PML
+    keep_harvest: bool  # keep every harvested (slot, offset) for --dump-harvest
+    window_ns: int  # working-set window, ns
+    simulate_entries: int | None  # also simulate a ring of this many entries
+
+
+def replay_options(args: argparse.Namespace) -> ReplayOptions:
+    """The engine's options from the command line; UsageError (one line) on a bad value."""
+    _check(args)
+    return ReplayOptions(reserved=args.reserved, keep_harvest=bool(args.dump_harvest),
+                         window_ns=max(1, int(args.window * 1e9)),
+                         simulate_entries=args.simulate_ring_entries)
+
+
 def _check(args: argparse.Namespace) -> None:
     if args.reserved not in (KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML):
         raise UsageError(f"--reserved {args.reserved}: KVM keeps back 64 entries, or 576 "
@@ -80,16 +100,13 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check(args)
+    opts = replay_options(args)
     from ..analysis.replay import replay_source
     from ..source.detect import open_source
 
     src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
     try:
-        report = replay_source(src, keep_harvest=bool(args.dump_harvest),
-                               window_ns=max(1, int(args.window * 1e9)),
-                               simulate_entries=args.simulate_ring_entries,
-                               reserved=args.reserved)
+        report = replay_source(src, **asdict(opts))
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
     truncated = src.truncated

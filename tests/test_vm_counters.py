@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from test_aggregate import one, synth
 
 from kvmtrace.analysis.aggregate import Aggregator, ReplaySource
 from kvmtrace.analysis.rates import compute_interval, subtract
 from kvmtrace.core.counters import HIST_BUCKETS, RingKey, Snapshot, VmCounters, VmKey
-from kvmtrace.core.events import Kind
+from kvmtrace.core.events import Kind, empty
 from kvmtrace.core.sources import EventSource, SourceMeta
 from kvmtrace.views.prometheus import render_metrics
 from kvmtrace.views.top_render import render_top
@@ -26,15 +25,32 @@ LAT_B = (1_000_000,)
 CUT = 50_000  # ts between the first reset of VM (7, 3) and the others
 
 
+def pushes(n: int, *, vm: int, ring: int, t0: int) -> np.ndarray:
+    """n pushes into ring ``ring`` of VM (7, vm), 1 us apart, none reset."""
+    ev = empty(n)
+    ev["ts"] = t0 + 1000 * np.arange(n)
+    ev["kind"], ev["pid"], ev["vm"], ev["ring"] = Kind.PUSH, 7, vm, ring
+    ev["dirty_index"] = np.arange(1, n + 1)
+    return ev
+
+
+def reset_lat(ts: int, ns: int, *, vm: int) -> np.ndarray:
+    """One KVM_RESET_DIRTY_RINGS of VM (7, vm) that took ``ns`` (ring -1, as recorded)."""
+    ev = empty(1)
+    ev["ts"], ev["kind"], ev["value"] = ts, Kind.RESET_LAT, ns
+    ev["pid"], ev["vm"], ev["ring"] = 7, vm, -1
+    return ev
+
+
 def events() -> np.ndarray:
     ev = np.concatenate([
-        synth(10, ring=0, vm=3, dt=1000),
-        synth(10, ring=1, vm=3, t0=1, dt=1000),
-        synth(10, ring=0, vm=4, t0=2, dt=1000),
-        one(Kind.RESET_LAT, 20_000, LAT_A[0], vm=3, ring=-1),
-        one(Kind.RESET_LAT, 60_000, LAT_A[1], vm=3, ring=-1),
-        one(Kind.RESET_LAT, 70_000, LAT_A[2], vm=3, ring=-1),
-        one(Kind.RESET_LAT, 80_000, LAT_B[0], vm=4, ring=-1),
+        pushes(10, vm=3, ring=0, t0=0),
+        pushes(10, vm=3, ring=1, t0=1),
+        pushes(10, vm=4, ring=0, t0=2),
+        reset_lat(20_000, LAT_A[0], vm=3),
+        reset_lat(60_000, LAT_A[1], vm=3),
+        reset_lat(70_000, LAT_A[2], vm=3),
+        reset_lat(80_000, LAT_B[0], vm=4),
     ])
     return ev[np.argsort(ev["ts"], kind="stable")]
 

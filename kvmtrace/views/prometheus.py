@@ -10,9 +10,9 @@ comm}`` (``vm`` the VM's fd, ``vm_gen`` the VMs seen under that fd before it):
 - gauges ``kvmtrace_ring_used_entries``, ``..._max_used_entries``, ``..._size_entries``
   (absent while the size is unknown);
 - histograms ``kvmtrace_ring_stall_seconds`` (soft-full stall, exit 31 to the next KVM_RUN)
-  and ``kvmtrace_reset_latency_seconds{pid,vm,comm}`` (KVM_RESET_DIRTY_RINGS, per VM; no
-  ``_sum``: the snapshot keeps no total), from the log2 ns buckets: bucket i holds values below
-  ``2**(i+1)`` ns, so it becomes ``le="2**(i+1) / 1e9"``;
+  and ``kvmtrace_reset_latency_seconds{pid,vm,comm}`` (KVM_RESET_DIRTY_RINGS, a vm ioctl:
+  per VM, from ``Snapshot.vm_counters``; no ``_sum`` series), from the log2 ns buckets:
+  bucket i holds values below ``2**(i+1)`` ns, so it becomes ``le="2**(i+1) / 1e9"``;
 - ``kvmtrace_lost_events_total`` and ``kvmtrace_vm_info{pid,vm,comm,name,ring_bytes} 1``.
 
 Rates and percentiles are left to PromQL (``rate()``, ``histogram_quantile()``).

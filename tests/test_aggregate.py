@@ -9,9 +9,9 @@ import numpy as np
 
 from kvmtrace.analysis.aggregate import Aggregator, ReplaySource, log2_buckets
 from kvmtrace.analysis.rates import compute_interval, subtract
-from kvmtrace.core.counters import HIST_BUCKETS, RingKey, Snapshot
+from kvmtrace.core.counters import HIST_BUCKETS, RingKey, Snapshot, VmCounters, VmKey
 from kvmtrace.core.events import Kind, empty
-from kvmtrace.core.sources import SourceMeta
+from kvmtrace.core.sources import EventSource, SourceMeta
 from kvmtrace.source.detect import open_source
 
 
@@ -127,8 +127,10 @@ def test_stall_and_reset_latency_histograms():
     c = snap.rings[RingKey(7, 3, 0)]
     assert c.stall_ns == 3_001_500
     assert [i for i, n in enumerate(c.stall_hist) if n] == [10, 21]
-    assert list(snap.rings) == [RingKey(7, 3, 0)]  # VM-wide: copied to every ring of the VM
-    assert [i for i, n in enumerate(c.reset_lat_hist) if n] == [16]
+    assert list(snap.rings) == [RingKey(7, 3, 0)]  # VM-wide: in the VM's counters
+    vc = snap.vm_counters[VmKey(7, 3)]
+    assert (vc.reset_ioctls, vc.reset_ns) == (1, 70_000)
+    assert [i for i, n in enumerate(vc.reset_lat_hist) if n] == [16]
     iv = compute_interval(None, snap)
     assert [(r.index, r.reset_p99_ns) for r in iv.rings] == [(0, 1 << 17)]
     assert iv.rings[0].stall_p99_ns == 1 << 22 and iv.rings[0].stall_p50_ns == 1 << 11
@@ -160,7 +162,7 @@ def test_replay_source_steps_through_file_time():
     ev = synth(1000, dt=1_000_000, reset_every=100)  # 1000 pushes + 10 resets over 1.01 s
     last = int(ev["ts"][-1])
 
-    class Src:
+    class Src(EventSource):
         meta = SourceMeta(kind="recording")
         lost = 3
 
@@ -226,7 +228,10 @@ def test_vm_wide_reset_latency_counted_once_per_ioctl():
     agg.feed(ev[np.argsort(ev["ts"], kind="stable")])
     snap = agg.snapshot()
     assert sorted(snap.rings) == [RingKey(7, 3, 0), RingKey(7, 3, 1)]
-    assert all(sum(c.reset_lat_hist) == 2 for c in snap.rings.values())
+    lat = [0] * HIST_BUCKETS
+    lat[12] = lat[13] = 1  # 5000 ns, 9000 ns
+    assert snap.vm_counters == {VmKey(7, 3): VmCounters(reset_ioctls=2, reset_ns=14_000,
+                                                        reset_lat_hist=lat)}
     (vm,) = compute_interval(None, snap).vms
     assert sum(vm.reset_lat_hist) == 2 and vm.reset_p99_ns == 1 << 14
     lines = render_metrics(snap).splitlines()

@@ -17,7 +17,7 @@ from conftest import kvmtrace_cmd
 from kvmtrace.analysis.compare import STALL_EVENTS, STALL_EXIT_TO_PUSH, profile_source
 from kvmtrace.analysis.distribution import Reservoir
 from kvmtrace.core.events import Kind, empty
-from kvmtrace.core.sources import SourceMeta
+from kvmtrace.core.sources import EventSource, SourceMeta
 from kvmtrace.source.recording import RecordingWriter, open_recording
 from kvmtrace.testing.synth import SynthVm
 
@@ -192,7 +192,7 @@ def test_derived_stall_pairs_exit_with_next_push_of_its_ring_across_batches(samp
     ev["ring"] = [0, 1, 0, 0]
     ev["dirty_index"] = [0, 1, 1, 2]
 
-    class Split:
+    class Split(EventSource):
         meta = SourceMeta(kind="ftrace")
         lost = 0
 

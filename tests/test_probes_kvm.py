@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, kvmtrace_cmd, require, require_kvm_bpf
 
-from kvmtrace.core.counters import RingKey
+from kvmtrace.core.counters import RingKey, VmKey
 from kvmtrace.core.events import Kind
 from kvmtrace.errors import MissingFeature, UsageError
 
@@ -81,7 +81,7 @@ def test_aggregates_equal_ground_truth(traced) -> None:
     _hook, _p, truth, _ev, snap, _rings = traced
     pid, vm = truth["pid"], truth["vm_fd"]
     assert truth["ring_entries"] == RING_BYTES // 16
-    real = {k: c for k, c in snap.rings.items() if k.ring >= 0}
+    real = snap.rings  # ring rows only: the VM-wide reset ioctl is in snap.vm_counters
     assert sorted(real) == [RingKey(pid, vm, r["index"]) for r in truth["rings"]]
     for r in truth["rings"]:
         c = real[RingKey(pid, vm, r["index"])]
@@ -95,8 +95,8 @@ def test_aggregates_equal_ground_truth(traced) -> None:
         assert c.lost == 0
         assert sum(c.stall_hist) == r["soft_full_exits"]
         assert (c.stall_ns > 0) == (r["soft_full_exits"] > 0)
-    vm_ring = snap.rings[RingKey(pid, vm, -1)]  # KVM_RESET_DIRTY_RINGS latency, per VM
-    assert sum(vm_ring.reset_lat_hist) == truth["resets"]
+    vmc = snap.vm_counters[VmKey(pid, vm)]  # KVM_RESET_DIRTY_RINGS (a vm ioctl), per VM
+    assert vmc.reset_ioctls == sum(vmc.reset_lat_hist) == truth["resets"]
     assert snap.vms[(pid, vm)].ring_bytes == truth["ring_bytes"]
     assert snap.lost_events == 0
 
@@ -180,7 +180,10 @@ def test_preexisting_vm_is_resolved_by_live_source(kvm, bpf_root, identity) -> N
         assert raw_vms == {-1, vm} and set(ev["vm"][ev["kind"] == Kind.PUSH].tolist()) == {-1}
     else:
         assert raw_vms == {vm} and set(ev["vm"].tolist()) == {vm}
-    assert sorted(snap.rings) == [RingKey(child.pid, vm, -1), RingKey(child.pid, vm, 0)]
+    assert sorted(snap.rings) == [RingKey(child.pid, vm, 0)]
+    assert list(snap.vm_counters) == [VmKey(child.pid, vm)]
+    assert snap.vm_counters[VmKey(child.pid, vm)].reset_ioctls == int(
+        (ev["kind"] == Kind.RESET_LAT).sum())
     ring = snap.rings[RingKey(child.pid, vm, 0)]
     (truth_ring,) = truth["rings"]
     pushes = ev[ev["kind"] == Kind.PUSH]

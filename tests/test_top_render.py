@@ -12,8 +12,16 @@ import pytest
 from conftest import kvmtrace_cmd
 
 from kvmtrace.analysis.rates import compute_interval
-from kvmtrace.core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo
-from kvmtrace.core.sources import SourceMeta
+from kvmtrace.core.counters import (
+    HIST_BUCKETS,
+    RingCounters,
+    RingKey,
+    Snapshot,
+    VmCounters,
+    VmInfo,
+    VmKey,
+)
+from kvmtrace.core.sources import SnapshotSource, SourceMeta
 from kvmtrace.errors import UsageError
 from kvmtrace.views.prometheus import Exporter, parse_listen, render_metrics
 from kvmtrace.views.top_curses import TopState
@@ -53,7 +61,8 @@ def two_snapshots() -> tuple[Snapshot, Snapshot]:
         stall_ns=99 * 1_500_000 + 20_000_000)
     b.rings[RingKey(100, 5, 1)] = RingCounters(pushes=30, dirty_index=30, reset_index=0,
                                                max_used=30, size=256)
-    b.rings[RingKey(100, 5, -1)] = RingCounters(reset_lat_hist=hist(b15=3))
+    b.vm_counters[VmKey(100, 5)] = VmCounters(reset_ioctls=3, reset_ns=3 * 40_000,
+                                             reset_lat_hist=hist(b15=3))
     b.rings[RingKey(200, 7, 0)] = RingCounters(pushes=2050, dirty_index=2050, reset_index=2000,
                                                max_used=300, lost=44)
     b.vms[(100, 5)] = VmInfo(pid=100, vm=5, comm="qemu-system-x86", name="db1", ring_bytes=4096)
@@ -202,7 +211,7 @@ def test_prometheus_text():
 def test_prometheus_scrape_over_http():
     _, b = two_snapshots()
 
-    class Fake:
+    class Fake(SnapshotSource):
         meta = SourceMeta(kind="live")
         calls = 0
 

@@ -23,9 +23,10 @@ Semantics (per ring = ``struct kvm_dirty_ring`` of one vCPU, keyed by (pid, vm f
   ``dirty_index - reset_index`` of one push or reset event, in entries.
 - ``lost``: pushes that left ``used > size`` (the entry overwrote an unharvested one);
   only counted while the ring size is known.
-- ``stall_hist``/``stall_ns``: KT_STALL durations in ns. ``reset_lat_hist``: KT_RESET_LAT
-  durations in ns; the ioctl is VM-wide (event ring -1), so like the in-kernel ``vms`` map
-  it is kept per VM and every ring of the VM carries the VM's histogram.
+- ``stall_hist``/``stall_ns``: KT_STALL durations in ns.
+- per VM (:class:`~kvmtrace.core.counters.VmCounters`, like the in-kernel ``vms`` map):
+  ``reset_ioctls``, ``reset_ns`` and ``reset_lat_hist`` from KT_RESET_LAT events (one per
+  KVM_RESET_DIRTY_RINGS vm ioctl, duration in ns; their ring field is -1 on disk).
 - ring ``size`` (entries of 16-byte ``struct kvm_dirty_gfn``): from KT_RING_SIZE events
   (``value`` = ring bytes, per VM), else from :meth:`SourceMeta.ring_size`, else None
   (:class:`~kvmtrace.model.sizes.RingSizes`, without inference).
@@ -38,10 +39,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmInfo
+from ..core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmCounters, VmInfo, VmKey
 from ..core.events import Kind
 from ..core.kvm_abi import U32_MASK, u32
-from ..core.sources import EventSource, SourceMeta
+from ..core.sources import EventSource, SnapshotSource, SourceMeta
 from ..model.sizes import RingSizes
 
 __all__ = ["Aggregator", "ReplaySource", "log2_buckets"]
@@ -78,7 +79,7 @@ class Aggregator:
         self._rings: dict[RingKey, RingCounters] = {}
         self._have_index: set[RingKey] = set()
         self._vms: dict[tuple[int, int], VmInfo] = {}
-        self._reset_lat: dict[tuple[int, int], list[int]] = {}
+        self._vm_counters: dict[VmKey, VmCounters] = {}
 
     # -- feeding --------------------------------------------------------------------------
     def feed(self, events: np.ndarray) -> None:
@@ -114,9 +115,11 @@ class Aggregator:
     def _vm_events(self, events: np.ndarray) -> None:
         lat = events[events["kind"] == Kind.RESET_LAT]
         for pid, vm in {(int(p), int(v)) for p, v in zip(lat["pid"], lat["vm"], strict=True)}:
-            mine = lat[(lat["pid"] == pid) & (lat["vm"] == vm)]
-            hist = self._reset_lat.setdefault((pid, vm), [0] * HIST_BUCKETS)
-            _add_hist(hist, log2_buckets(mine["value"]))
+            ns = lat["value"][(lat["pid"] == pid) & (lat["vm"] == vm)]
+            vc = self._vm_counters.setdefault(VmKey(pid, vm), VmCounters())
+            vc.reset_ioctls += len(ns)
+            vc.reset_ns += int(ns.sum(dtype=np.uint64))
+            _add_hist(vc.reset_lat_hist, log2_buckets(ns))
             self._vm(pid, vm)
         for ev in events[events["kind"] == Kind.RING_SIZE]:
             self._ring_size_event(int(ev["pid"]), int(ev["vm"]), int(ev["value"]))
@@ -188,15 +191,11 @@ class Aggregator:
     # -- reading --------------------------------------------------------------------------
     def snapshot(self, time_ns: int | None = None) -> Snapshot:
         """A copy of the counters now; ``time_ns`` defaults to the last event's ts."""
-        rings = copy.deepcopy(self._rings)
-        for key, c in rings.items():
-            hist = self._reset_lat.get((key.pid, key.vm))
-            if hist is not None:
-                c.reset_lat_hist = list(hist)
         return Snapshot(
             time_ns=self.time_ns if time_ns is None else time_ns,
-            rings=rings,
+            rings=copy.deepcopy(self._rings),
             vms=copy.deepcopy(self._vms),
+            vm_counters=copy.deepcopy(self._vm_counters),
             lost_events=self.lost_events,
         )
 
@@ -229,7 +228,7 @@ def _add_hist(dst: list[int], add: np.ndarray) -> None:
         dst[i] += int(add[i])
 
 
-class ReplaySource:
+class ReplaySource(SnapshotSource):
     """A SnapshotSource over an EventSource: file time advances ``step_ns`` per snapshot.
 
     The first :meth:`snapshot` is the empty state at the first event's ts; each later call
@@ -257,7 +256,7 @@ class ReplaySource:
         once its first batch is read (this reads it)."""
         if self._until is None and self._pending is None and not self._exhausted:
             self._fill()
-        return list(getattr(self.source, "warnings", ()))
+        return list(self.source.warnings)
 
     @property
     def done(self) -> bool:

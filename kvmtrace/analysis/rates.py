@@ -5,11 +5,10 @@ interval, taken from the delta of the log2 ns histograms (:func:`hist_percentile
 percentile is the upper bound of its power-of-two bucket). Cumulative fields stay cumulative
 (since the source started, or since ``baseline`` when the view was told to reset counters).
 
-KVM_RESET_DIRTY_RINGS latency is VM-wide: the in-kernel maps (and the Aggregator) keep one
-histogram per VM and every ring of the VM carries a copy, so a VM's reset histogram is the
-element-wise maximum over its rings (:func:`vm_reset_hist`), not their sum. A ring index
-below 0 ("the VM, ring unknown") becomes a ring row only when it carries ring events (pushes,
-exits, resets, stalls); its reset-latency histogram still feeds the VM's.
+KVM_RESET_DIRTY_RINGS latency is VM-wide: it comes from the snapshot's per-VM table
+(:attr:`Snapshot.vm_counters`); a VM's rows and each of its ring rows show the VM's
+percentile. A ring index below 0 ("the VM, ring unknown") becomes a ring row only when it
+carries ring events (pushes, exits, resets, stalls).
 """
 
 from __future__ import annotations
@@ -21,12 +20,14 @@ from ..core.counters import (
     RingCounters,
     RingKey,
     Snapshot,
+    VmCounters,
     VmInfo,
+    VmKey,
     hist_percentile,
 )
 from .stuck import worst
 
-__all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract", "vm_reset_hist"]
+__all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract"]
 
 
 @dataclass
@@ -53,9 +54,8 @@ class RingRates:
     d_lost: int
     stall_p50_ns: int | None  # interval percentiles (log2 bucket upper bound), None if none
     stall_p99_ns: int | None
-    reset_p99_ns: int | None
+    reset_p99_ns: int | None  # the VM's KVM_RESET_DIRTY_RINGS latency (a vm ioctl)
     stall_hist: list[int] = field(default_factory=list)  # interval delta
-    reset_lat_hist: list[int] = field(default_factory=list)  # interval delta
     stall_hist_total: list[int] = field(default_factory=list)  # cumulative
     stranded: int = 0  # of lost: stranded by a stuck ring (kvmtrace.analysis.stuck)
     stuck: str | None = None  # why the ring is flagged stuck, None when it is not
@@ -90,8 +90,10 @@ class RingRates:
 
 @dataclass
 class VmRates(RingRates):
-    """Totals of one VM: sums of its rings (size: per ring when all agree, else None)."""
+    """Totals of one VM: sums of its rings (size: per ring when all agree, else None), and
+    its KVM_RESET_DIRTY_RINGS latencies over the interval (log2 ns buckets)."""
 
+    reset_lat_hist: list[int] = field(default_factory=list)  # interval delta
     comm: str = ""
     name: str | None = None
     ring_bytes: int | None = None
@@ -115,7 +117,7 @@ class Interval:
     def total(self) -> VmRates:
         """All VMs together."""
         total = _total(list(self.vms), -1, -1, VmInfo(pid=-1, vm=-1), self.interval_s,
-                       across_vms=True)
+                       _sum_hist([v.reset_lat_hist for v in self.vms]))
         total.rings = sum(v.rings for v in self.vms)
         return total
 
@@ -130,10 +132,10 @@ def _rate(delta: int, seconds: float) -> float:
     return delta / seconds if seconds > 0 else 0.0
 
 
-def _ring_rates(key: RingKey, cur: RingCounters, prev: RingCounters | None, dt: float) -> RingRates:
+def _ring_rates(key: RingKey, cur: RingCounters, prev: RingCounters | None, dt: float,
+                reset_p99_ns: int | None) -> RingRates:
     p = prev or RingCounters()
     stall = _delta_hist(cur.stall_hist, prev.stall_hist if prev else None)
-    rlat = _delta_hist(cur.reset_lat_hist, prev.reset_lat_hist if prev else None)
     return RingRates(
         pid=key.pid,
         vm=key.vm,
@@ -155,9 +157,8 @@ def _ring_rates(key: RingKey, cur: RingCounters, prev: RingCounters | None, dt: 
         d_lost=cur.lost - p.lost,
         stall_p50_ns=hist_percentile(stall, 0.50),
         stall_p99_ns=hist_percentile(stall, 0.99),
-        reset_p99_ns=hist_percentile(rlat, 0.99),
+        reset_p99_ns=reset_p99_ns,
         stall_hist=stall,
-        reset_lat_hist=rlat,
         stall_hist_total=list(cur.stall_hist),
         stranded=cur.stranded,
         stuck=cur.stuck,
@@ -172,20 +173,19 @@ def _sum_hist(hists: list[list[int]]) -> list[int]:
     return out
 
 
-def vm_reset_hist(hists: list[list[int]]) -> list[int]:
-    """One VM's reset-latency histogram from its rings' copies: element-wise maximum."""
-    out = [0] * HIST_BUCKETS
-    for h in hists:
-        out = [max(a, b) for a, b in zip(out, h, strict=True)]
-    return out
+def _vm_reset_hist(key: VmKey, cur: Snapshot, prev: Snapshot | None) -> list[int]:
+    """The VM's KVM_RESET_DIRTY_RINGS latency histogram over prev -> cur."""
+    c = cur.vm_counters.get(key)
+    if c is None:
+        return [0] * HIST_BUCKETS
+    p = prev.vm_counters.get(key) if prev is not None else None
+    return _delta_hist(c.reset_lat_hist, p.reset_lat_hist if p is not None else None)
 
 
 def _total(parts: list[RingRates], pid: int, vm: int, info: VmInfo, dt: float,
-           *, across_vms: bool = False) -> VmRates:
+           rlat: list[int]) -> VmRates:
     sizes = {r.size for r in parts if r.index >= 0}
     stall = _sum_hist([r.stall_hist for r in parts])
-    hists = [r.reset_lat_hist for r in parts]
-    rlat = _sum_hist(hists) if across_vms else vm_reset_hist(hists)
     return VmRates(
         pid=pid,
         vm=vm,
@@ -248,12 +248,20 @@ def subtract(cur: Snapshot, base: Snapshot) -> Snapshot:
             size=c.size,
             stall_hist=_delta_hist(c.stall_hist, b.stall_hist),
             stall_ns=c.stall_ns - b.stall_ns,
-            reset_lat_hist=_delta_hist(c.reset_lat_hist, b.reset_lat_hist),
+        )
+    vm_counters: dict[VmKey, VmCounters] = {}
+    for key, v in cur.vm_counters.items():
+        w = base.vm_counters.get(key)
+        vm_counters[key] = v if w is None else VmCounters(
+            reset_ioctls=v.reset_ioctls - w.reset_ioctls,
+            reset_ns=v.reset_ns - w.reset_ns,
+            reset_lat_hist=_delta_hist(v.reset_lat_hist, w.reset_lat_hist),
         )
     return Snapshot(
         time_ns=cur.time_ns,
         rings=rings,
         vms=cur.vms,
+        vm_counters=vm_counters,
         lost_events=cur.lost_events - base.lost_events,
     )
 
@@ -266,26 +274,24 @@ def compute_interval(prev: Snapshot | None, cur: Snapshot, *, pid: int = 0) -> I
     """
     dt = (cur.time_ns - prev.time_ns) / 1e9 if prev is not None else 0.0
     dt = max(dt, 0.0)
-    per_vm: dict[tuple[int, int], list[RingRates]] = {}
+    per_vm: dict[VmKey, list[RingRates]] = {}
+    reset_hists: dict[VmKey, list[int]] = {}
     for key in sorted(cur.rings):
         if pid and key.pid != pid:
             continue
+        vkey = VmKey(key.pid, key.vm)
+        if vkey not in reset_hists:
+            reset_hists[vkey] = _vm_reset_hist(vkey, cur, prev)
         old = prev.rings.get(key) if prev is not None else None
-        per_vm.setdefault((key.pid, key.vm), []).append(
-            _ring_rates(key, cur.rings[key], old, dt)
+        per_vm.setdefault(vkey, []).append(
+            _ring_rates(key, cur.rings[key], old, dt, hist_percentile(reset_hists[vkey], 0.99))
         )
     rings: list[RingRates] = []
     vms: list[VmRates] = []
     for (vpid, vm), parts in per_vm.items():
         info = cur.vms.get((vpid, vm)) or VmInfo(pid=vpid, vm=vm)
-        total = _total(parts, vpid, vm, info, dt)
-        vm_reset_p99 = total.reset_p99_ns
-        for r in parts:
-            if not _is_ring_row(r):
-                continue
-            if r.reset_p99_ns is None:
-                r.reset_p99_ns = vm_reset_p99
-            rings.append(r)
+        total = _total(parts, vpid, vm, info, dt, reset_hists[VmKey(vpid, vm)])
+        rings += [r for r in parts if _is_ring_row(r)]
         if total.rings:
             vms.append(total)
     lost_prev = prev.lost_events if prev is not None else 0

@@ -20,14 +20,14 @@ import numpy as np
 
 from ..core.events import EVENT_DTYPE
 from ..core.kvm_abi import entries_from_bytes
-from ..core.sources import SourceMeta
+from ..core.sources import EventSource, SourceMeta
 from .loader import Probes
 from .ringbuf import RingBufReader
 
 __all__ = ["LiveEvents"]
 
 
-class LiveEvents:
+class LiveEvents(EventSource):
     """EventSource over freshly loaded probes; ``stop()`` (any thread or a signal handler)
     ends :meth:`batches` after it has drained what the kernel already produced.
 

@@ -30,10 +30,12 @@ from ..core.counters import (
     RingCounters,
     RingKey,
     Snapshot,
+    VmCounters,
     VmInfo,
+    VmKey,
 )
 from ..core.events import EVENT_DTYPE
-from ..core.kvm_abi import entries_from_bytes, s32, u32
+from ..core.kvm_abi import s32, u32
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import tracefs
 from ..host.btf import Btf, load_vmlinux
@@ -479,8 +481,9 @@ class Probes:
         Ring size: read from ``struct kvm_dirty_ring`` (raw tracepoints), else from the VM's
         KVM_ENABLE_CAP, else inferred from soft-full exits
         (:func:`~kvmtrace.model.sizes.live_ring_size`), else None. KVM_RESET_DIRTY_RINGS
-        latency is per VM: it is reported on the pseudo ring
-        ``RingKey(pid, vm, -1)``, as kvmtrace.analysis.aggregate does for events.
+        (a vm ioctl: count, total ns, latency histogram) goes to the VM's
+        :class:`~kvmtrace.core.counters.VmCounters` in ``snap.vm_counters``, one per VM
+        the ``vms`` map holds.
         """
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         vkeys, vvals = self.read_map("vms")
@@ -491,11 +494,11 @@ class Probes:
             pid, vm = int(k["pid"]), int(k["vm"])
             vm_bytes[(pid, vm)] = int(v["ring_bytes"])
             snap.vms[(pid, vm)] = VmInfo(pid=pid, vm=vm, ring_bytes=int(v["ring_bytes"]) or None)
-            if v["reset_ioctls"]:
-                snap.rings[RingKey(pid, vm, -1)] = RingCounters(
-                    size=entries_from_bytes(int(v["ring_bytes"])) or None,
-                    reset_lat_hist=[int(x) for x in v["reset_lat_hist"]],
-                )
+            snap.vm_counters[VmKey(pid, vm)] = VmCounters(
+                reset_ioctls=int(v["reset_ioctls"]),
+                reset_ns=int(v["reset_ns"]),
+                reset_lat_hist=[int(x) for x in v["reset_lat_hist"]],
+            )
         raw: dict[RingKey, dict[str, Any]] = {
             RingKey(int(k["pid"]), int(k["vm"]), int(k["ring"])):
                 {name: v[name].tolist() for name in RING_VAL_DTYPE.names}

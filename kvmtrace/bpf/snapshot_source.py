@@ -26,15 +26,15 @@ import os
 import time
 
 from ..core.counters import Snapshot, VmInfo
-from ..core.kvm_abi import vm_fd, vm_gen
-from ..core.sources import SourceMeta
+from ..core.kvm_abi import entries_from_bytes, vm_fd, vm_gen
+from ..core.sources import SnapshotSource, SourceMeta
 from .loader import Probes
 from .vmident import ProcWatcher, VmIdentity, resolve_vm, vm_fds
 
 __all__ = ["LiveSource"]
 
 
-class LiveSource:
+class LiveSource(SnapshotSource):
     """SnapshotSource over :class:`~kvmtrace.bpf.loader.Probes` (loads them unless given)."""
 
     def __init__(
@@ -97,6 +97,9 @@ class LiveSource:
             known = snap.vms.get((pid, vm))
             vms[(pid, vm)] = self._ident.info(pid, vm, known.ring_bytes if known else None)
         snap.vms = vms
+        for (pid, vm), info in vms.items():  # the VM's KVM_ENABLE_CAP; its rings may say more
+            if info.ring_bytes:
+                self.meta.ring_entries[(pid, vm)] = entries_from_bytes(info.ring_bytes)
         for key, counters in snap.rings.items():
             if counters.size is not None:
                 self.meta.ring_entries[(key.pid, key.vm)] = counters.size
@@ -106,6 +109,9 @@ class LiveSource:
         """Forget VMs of live processes that were gone, with unchanged counts, at this
         snapshot and the previous one (both showed their final counts)."""
         counts: dict[tuple[int, int], tuple[int, ...]] = {}
+        for (pid, vm), vc in snap.vm_counters.items():  # a VM that reset rings, maybe no row
+            if vc.reset_ioctls and vm >= 0 and pid not in self._exited:
+                counts[(pid, vm)] = (0, 0, 0, 0)
         for key, c in snap.rings.items():
             if key.vm >= 0 and key.pid not in self._exited:
                 old = counts.get((key.pid, key.vm), (0, 0, 0, 0))

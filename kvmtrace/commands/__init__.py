@@ -1,4 +1,5 @@
-"""commands (floor 5): one module per subcommand, thin over the library.
+"""commands (floor 5): one module per subcommand, thin over the library, and
+:mod:`.args`, the argument helpers they share.
 
 :mod:`.top`, :mod:`.record`, :mod:`.replay`, :mod:`.compare`, :mod:`.export`,
 :mod:`.workload`, :mod:`.doctor`.

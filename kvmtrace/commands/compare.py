@@ -15,6 +15,7 @@ import math
 import sys
 
 from ..errors import UsageError
+from .args import add_input, add_json, add_ring_size, add_subcommand
 
 __all__ = ["register", "run"]
 
@@ -30,26 +31,22 @@ exit status: 0 no regression, 1 a regression found, 2 bad input
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
+    p = add_subcommand(
+        sub, "compare",
         help="compare two traces: dirty rate, stalls, reset latency; flag regressions",
         description="Compare a BASE and a NEW trace of the same workload (recordings, "
         "tracefs or perf\nscript text) per ring index: push rate, soft-full exits per 10k "
         "pushes, entries\nper reset, max used, overwritten entries, and exact stall and "
         "reset-latency\npercentiles, each with base, new, change and a verdict.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, run=run,
     )
-    p.add_argument("base", help="the trace before the change")
-    p.add_argument("new", help="the trace after the change")
+    add_input(p, "the trace before the change", "base")
+    add_input(p, "the trace after the change", "new")
     p.add_argument("--threshold", type=float, default=10.0, metavar="PCT",
                    help="smallest change in percent that gets a verdict (default 10)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (schema 1)")
-    p.add_argument("--ring-entries", type=int, metavar="N",
-                   help="ring size in entries where a trace does not say (both traces)")
-    p.add_argument("--ring-bytes", type=int, metavar="B",
-                   help="ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
-    p.set_defaults(func=run)
+    add_json(p)
+    add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
+                  "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,9 +64,9 @@ def run(args: argparse.Namespace) -> int:
             profiles.append(profile_source(src))
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
-        for w in getattr(src, "warnings", ()):  # text whose rings were not all told apart
+        for w in src.warnings:  # text whose rings were not all told apart
             print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
-        if getattr(src, "truncated", False):
+        if src.truncated:
             print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
                   "compared what it holds", file=sys.stderr)
     cmp = compare_profiles(*profiles, base_path=args.base, new_path=args.new,

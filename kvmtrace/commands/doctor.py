@@ -7,6 +7,7 @@ import json
 import textwrap
 
 from ..host.doctor import Check, ready, run_checks
+from .args import add_json, add_subcommand
 
 __all__ = ["register", "run", "format_check"]
 
@@ -17,16 +18,14 @@ EXAMPLES = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "doctor",
+    p = add_subcommand(
+        sub, "doctor",
         help="check that this host can run kvmtrace",
         description="Check every requirement: /dev/kvm, the dirty-ring capability, tracefs, "
         "the dirty-ring tracepoints, bcc, kernel headers, BPF features.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES, run=run,
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    add_json(p, "print one JSON object")
 
 
 def format_check(c: Check, width: int = 80) -> list[str]:

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
+from .args import add_input, add_ring_size, add_subcommand
 
 __all__ = ["register", "run", "open_input"]
 
@@ -19,29 +20,26 @@ EPILOG = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
+    p = add_subcommand(
+        sub, "export",
         help="convert a recording to Parquet or a Perfetto timeline",
         description="Convert a recording (or imported ftrace / perf script text) to Parquet,\n"
         "one row per event, for DuckDB, Polars or Spark; or to a Chrome JSON timeline\n"
         "for the Perfetto UI: per-vCPU ring occupancy counters, soft-full stall slices,\n"
         "resets.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, run=run,
     )
-    p.add_argument("file", help="a recording (kvmtrace record), ftrace or perf script text")
+    add_input(p, "a recording (kvmtrace record), ftrace or perf script text")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--parquet", metavar="OUT", help="write one row per event to OUT")
     out.add_argument("--perfetto", metavar="OUT",
                      help="write a Chrome JSON trace (Perfetto UI) to OUT")
-    p.add_argument("--ring-entries", type=int, metavar="N",
-                   help="ring size in entries when the input does not say (text imports)")
+    add_ring_size(p, "ring size in entries when the input does not say (text imports)")
     p.add_argument("--counter-interval-us", type=float, default=100.0, metavar="US",
                    help="Perfetto: at most one 'used' sample per ring per US µs, besides the "
                         "samples around resets (0 = every event; default 100)")
     p.add_argument("--row-group-rows", type=int, default=1 << 20, metavar="N",
                    help="Parquet: rows per row group (default 1048576)")
-    p.set_defaults(func=run)
 
 
 def open_input(path: str, ring_entries: int | None) -> Any:
@@ -77,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         n = export_perfetto(src, args.perfetto,
                             counter_interval_ns=int(args.counter_interval_us * 1000))
         print(f"kvmtrace export: {n} trace events -> {args.perfetto}", file=sys.stderr)
-    if getattr(src, "truncated", False):
+    if src.truncated:
         print(f"kvmtrace export: warning: {args.file} ends early (writer killed?); exported "
               "what it holds", file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ from ..core.events import Kind
 from ..errors import UsageError
 from ..host.child import PausedChild
 from ..source.recording import RecordingWriter
+from .args import HOOKS, add_command, add_pid, add_subcommand, command_of
 
 __all__ = ["register", "run", "RecordSummary", "record"]
 
@@ -28,25 +29,22 @@ EXAMPLES = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "record",
+    p = add_subcommand(
+        sub, "record",
         help="record every dirty-ring event to a file",
         description="Record every push, reset and soft-full exit (and the stall and reset "
         "latencies) with timestamps into a compact recording; like perf record. "
         "Events the kernel side could not deliver are counted and stored in the file.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES, run=run,
     )
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="recording to write")
-    p.add_argument("-p", "--pid", type=int, default=0, help="only this VMM process")
+    add_pid(p)
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--ringbuf-pages", type=int, default=4096,
                    help="BPF ring buffer size in pages, a power of two (default 4096)")
-    p.add_argument("--hook", choices=("auto", "raw_tp", "tp"), default="auto",
+    p.add_argument("--hook", choices=HOOKS, default="auto",
                    help="raw tracepoints or tracepoints (default: best available)")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
-                   help="run COMMAND and record its VMs until it exits")
-    p.set_defaults(func=run)
+    add_command(p, "run COMMAND and record its VMs until it exits")
 
 
 @dataclass
@@ -137,9 +135,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
 
 
 def run(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
+    command = command_of(args)
     out = Path(args.output)
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist", "create it or pick another -o")

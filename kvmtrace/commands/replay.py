@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
+from .args import add_input, add_json, add_ring_size, add_subcommand
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "ReplayOptions", "replay_options"]
 
 EPILOG = """examples:
   kvmtrace replay run.kvt                       # a recording of 'kvmtrace record'
@@ -31,22 +33,19 @@ exit status: 0 clean, 1 anomalies found (or events lost), 2 bad input
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "replay",
+    p = add_subcommand(
+        sub, "replay",
         help="cross-check a trace against the dirty-ring model; find lost dirty pages",
         description="Replay a recording (kvmtrace record), tracefs text or perf script "
         "output\nthrough a model of struct kvm_dirty_ring: anomalies (overflow, pushes past "
         "the\nsoft limit, lost events, bad indices, livelock), per-ring totals, stalls, a\n"
         "digest of the harvested entries, dirty rate and working set per vCPU.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, run=run,
     )
-    p.add_argument("file", help="recording, tracefs trace text or perf script text")
-    p.add_argument("--json", action="store_true", help="print one JSON object (schema 1)")
-    p.add_argument("--ring-entries", type=int, metavar="N",
-                   help="ring size in entries where the trace does not say")
-    p.add_argument("--ring-bytes", type=int, metavar="B",
-                   help="ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
+    add_input(p, "recording, tracefs trace text or perf script text")
+    add_json(p)
+    add_ring_size(p, "ring size in entries where the trace does not say",
+                  "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
     p.add_argument("--simulate-ring-entries", type=int, metavar="N",
                    help="also report the soft-full exits a ring of N entries would cause")
     p.add_argument("--dump-harvest", metavar="OUT",
@@ -58,7 +57,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reserved", type=int, default=KVM_DIRTY_RING_RSVD_ENTRIES,
                    metavar="64|576",
                    help="entries KVM keeps back: 64, or 576 on Intel hosts with PML")
-    p.set_defaults(func=run)
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """What the replay engine is asked to do, checked: the keywords of
+    :class:`kvmtrace.analysis.replay.Replay`."""
+
+    reserved: int  # entries KVM keeps back: 64, or 576 with Intel PML
+    keep_harvest: bool  # keep every harvested (slot, offset) for --dump-harvest
+    window_ns: int  # working-set window, ns
+    simulate_entries: int | None  # also simulate a ring of this many entries
+
+
+def replay_options(args: argparse.Namespace) -> ReplayOptions:
+    """The engine's options from the command line; UsageError (one line) on a bad value."""
+    _check(args)
+    return ReplayOptions(reserved=args.reserved, keep_harvest=bool(args.dump_harvest),
+                         window_ns=max(1, int(args.window * 1e9)),
+                         simulate_entries=args.simulate_ring_entries)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -83,21 +100,18 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check(args)
+    opts = replay_options(args)
     from ..analysis.replay import replay_source
     from ..source.detect import open_source
 
     src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
     try:
-        report = replay_source(src, keep_harvest=bool(args.dump_harvest),
-                               window_ns=max(1, int(args.window * 1e9)),
-                               simulate_entries=args.simulate_ring_entries,
-                               reserved=args.reserved)
+        report = replay_source(src, **asdict(opts))
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
-    truncated = bool(getattr(src, "truncated", False))
-    warnings = list(getattr(src, "warnings", ()))  # text traces: rings not told apart
-    unsure = getattr(src, "unsure", set())
+    truncated = src.truncated
+    warnings = list(src.warnings)  # text traces: rings not told apart
+    unsure = src.unsure
     if unsure:  # a reset these rings share could be either's: claim nothing from it
         report.anomalies = [a for a in report.anomalies if a.ring not in unsure]
     for w in warnings:

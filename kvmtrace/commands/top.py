@@ -24,6 +24,7 @@ from ..core.sources import SnapshotSource, SourceMeta
 from ..errors import UsageError
 from ..host.child import PausedChild
 from ..views.top_render import SORT_KEYS, render_top
+from .args import HOOKS, add_command, add_json, add_pid, add_ring_size, add_subcommand, command_of
 
 __all__ = ["register", "run", "TopOptions", "parse_options"]
 
@@ -60,38 +61,35 @@ class TopOptions:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "top",
+    p = add_subcommand(
+        sub, "top",
         help="live per-ring view of the dirty ring (like top)",
         description="One row per dirty ring (vCPU) and a total per VM: size, used and fill, "
         "max used, pushes/s, soft-full exits/s, stall p99, resets/s, entries per reset, "
         "reset p99, lost entries. Interactive, batch (-b, text or --json) or Prometheus.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES, run=run,
     )
     # Values are parsed in parse_options() so a bad one is a single error line (exit 2).
-    p.add_argument("-p", "--pid", default="0", metavar="PID", help="only this VMM process")
+    add_pid(p, typed=False)
     p.add_argument("-d", "--delay", default="1", metavar="SECS", help="refresh interval (1)")
     p.add_argument("-n", "--iterations", metavar="COUNT", help="stop after COUNT refreshes")
     p.add_argument("-b", "--batch", action="store_true", help="print instead of curses")
-    p.add_argument("--json", action="store_true", help="batch NDJSON, one object per interval")
+    add_json(p, "batch NDJSON, one object per interval")
     p.add_argument("-s", "--sort", default="push", metavar="KEY",
                    help=f"sort column: {', '.join(SORT_KEYS)} (push)")
     p.add_argument("--prometheus", metavar="ADDR:PORT",
                    help="serve /metrics (':PORT' = 127.0.0.1)")
     p.add_argument("--replay", metavar="FILE", help="a recording or ftrace/perf-script text")
-    p.add_argument("--ring-entries", metavar="N", help="ring size for --replay text traces")
-    p.add_argument("--ring-bytes", metavar="B", help="ring size in bytes, ditto")
+    add_ring_size(p, "ring size for --replay text traces", "ring size in bytes, ditto",
+                  typed=False)
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
     p.add_argument("--light", action="store_true",
                    help="no probe on every push (cost independent of the push rate): "
                    "pushes, used, max used and lost are updated at each ring's resets "
                    "only (the JSON says \"mode\": \"light\"); rings of VMs older than "
                    "top count pushes from their first reset seen")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
-                   help="run COMMAND, show only its VMs, stop (batch) when it exits; its "
-                   "output goes to stderr in batch mode and is shown after the view ends")
-    p.set_defaults(func=run)
+    add_command(p, "run COMMAND, show only its VMs, stop (batch) when it exits; its "
+                "output goes to stderr in batch mode and is shown after the view ends")
 
 
 def _int(value: str | None, flag: str, low: int) -> int | None:
@@ -119,7 +117,7 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         raise UsageError(f"bad -d {args.delay!r}", f"give seconds between {low:g} and 86400")
     if args.sort not in SORT_KEYS:
         raise UsageError(f"unknown sort key {args.sort!r}", f"use one of {', '.join(SORT_KEYS)}")
-    if args.hook not in ("auto", "raw_tp", "tp"):
+    if args.hook not in HOOKS:
         raise UsageError(f"unknown --hook {args.hook!r}", "use auto, raw_tp or tp")
     opts = TopOptions(
         pid=_int(args.pid, "-p", 0) or 0,
@@ -133,14 +131,12 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         ring_entries=_int(args.ring_entries, "--ring-entries", 1),
         ring_bytes=_int(args.ring_bytes, "--ring-bytes", 16),
         hook=args.hook,
-        light=bool(getattr(args, "light", False)),
+        light=bool(args.light),
     )
     if opts.light and opts.replay:
         raise UsageError("--light only applies to the live view",
                          "drop --light: a replay reads every recorded event anyway")
-    command = list(getattr(args, "command", None) or [])
-    if command and command[0] == "--":
-        command = command[1:]
+    command = command_of(args)
     if command and (opts.replay or opts.pid):
         raise UsageError("-- COMMAND cannot be combined with --replay or -p",
                          "top -- COMMAND follows COMMAND's own process")
@@ -151,7 +147,7 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
     return opts
 
 
-class _Latest:
+class _Latest(SnapshotSource):
     """SnapshotSource handing out the last snapshot the main loop took (Prometheus next to a
     replay or a batch loop: one reader of the source, scrapes see what the loop printed)."""
 
@@ -252,7 +248,7 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
             print("\n".join(lines) + "\n", flush=True)
         prev = cur
         done += 1
-        if exited or (replay and getattr(source, "done", False)):
+        if exited or (replay and source.done):
             break
     return 0
 
@@ -343,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _end_status(source: SnapshotSource, child: PausedChild | None) -> str | None:
-    if getattr(source, "done", False):
+    if source.done:
         return "end of file (q: quit)"
     if child is not None and child.poll() is not None:
         return f"command exited with status {child.returncode} (q: quit)"
@@ -353,8 +349,6 @@ def _end_status(source: SnapshotSource, child: PausedChild | None) -> str | None
 def _close(source: SnapshotSource, timeout_s: float = 5.0) -> None:
     """Close the source without ever hanging the exit: what a close leaves undone (BPF
     links, netlink sockets) the kernel undoes when the process ends."""
-    close = getattr(source, "close", None)
-    if callable(close):
-        worker = threading.Thread(target=close, daemon=True)
-        worker.start()
-        worker.join(timeout_s)
+    worker = threading.Thread(target=source.close, daemon=True)
+    worker.start()
+    worker.join(timeout_s)

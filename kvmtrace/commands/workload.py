@@ -11,6 +11,7 @@ from ..core.kvm_abi import bytes_from_entries
 from ..errors import UsageError
 from ..vmm.guest import PATTERNS
 from ..vmm.workload import HARVEST_MODES, WorkloadConfig, run_workload
+from .args import add_json, add_subcommand
 
 __all__ = ["register", "run", "config_from_args"]
 
@@ -28,11 +29,11 @@ EPILOG = """examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "workload", help="run a real guest that dirties pages through the dirty ring",
+    p = add_subcommand(
+        sub, "workload", help="run a real guest that dirties pages through the dirty ring",
         description="Run the built-in VMM: N vCPU threads, each with its own dirty ring,\n"
         "each writing its own guest pages; harvest like a VMM, report per-ring counts.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, run=run)
     p.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPU threads (1)")
     p.add_argument("--ring-bytes", type=int, metavar="B",
                    help="dirty ring size per vCPU in bytes, power of two >= 4096 (4096)")
@@ -67,10 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="signal the harvesting thread inside KVM_RESET_DIRTY_RINGS so "
                    "calls are cut short (they are retried; see reset_eintr)")
     p.add_argument("--pid-file", metavar="PATH", help="write this process's pid here first")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    add_json(p, "print one JSON object at the end")
     p.add_argument("--dump-harvest", metavar="FILE",
                    help="write every harvested [slot, offset] per ring as JSON")
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> WorkloadConfig:

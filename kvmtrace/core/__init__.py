@@ -8,9 +8,10 @@
   per-group columns): what a recording stores and what replay reads.
 - :mod:`.events`: the event record (``EVENT_DTYPE``, twin of ``struct kt_event``) and
   :class:`~.events.Kind`.
-- :mod:`.counters`: per-ring counters and snapshots, the currency of every view.
+- :mod:`.counters`: per-ring and per-VM counters (``RingKey`` -> ``RingCounters``,
+  ``VmKey`` -> ``VmCounters``) and snapshots, the currency of every view.
 - :mod:`.sources`: :class:`~.sources.SourceMeta` and the EventSource / SnapshotSource
-  interfaces.
+  base classes (what any source answers, with defaults).
 
 Glossary: *overwritten* entries were lost to ring overflow (a push onto an entry not yet
 collected by a reset); *stranded* entries were pushed while the ring was stuck after an

@@ -1,9 +1,16 @@
-"""Per-ring counters, the common currency of every view.
+"""Per-ring and per-VM counters, the common currency of every view.
 
-A :class:`Snapshot` holds cumulative counters since the source started, per ring, keyed by
-:class:`RingKey` (VMM pid, VM file descriptor in that process, ring index = vCPU index of
-``struct kvm_dirty_ring``). Views take two snapshots and derive rates and percentiles
-themselves; sources never compute rates.
+A :class:`Snapshot` holds cumulative counters since the source started in two tables:
+
+- per ring (``struct kvm_dirty_ring`` of one vCPU), keyed by :class:`RingKey` (VMM pid, VM
+  file descriptor in that process, ring index = vCPU index): :class:`RingCounters`;
+- per VM (``struct kvm``), keyed by :class:`VmKey` (VMM pid, VM file descriptor):
+  :class:`VmCounters`, what belongs to the whole VM rather than to one of its rings (the
+  ``KVM_RESET_DIRTY_RINGS`` vm ioctl resets every ring of the VM at once), and
+  :class:`VmInfo`, who the VM is.
+
+Views take two snapshots and derive rates and percentiles themselves; sources never
+compute rates.
 
 Histograms are log2 buckets of nanoseconds: bucket i counts values v with
 ``2**i <= v < 2**(i+1)`` (bucket 0 also holds 0), :data:`HIST_BUCKETS` of them, matching
@@ -18,7 +25,8 @@ from typing import NamedTuple
 from .kvm_abi import u32
 
 __all__ = ["HIST_BUCKETS", "STRANDED", "NO_RESET_PROGRESS", "OVERFLOW", "REASONS", "STUCK_EXITS",
-           "RingKey", "RingCounters", "VmInfo", "Snapshot", "hist_percentile"]
+           "RingKey", "RingCounters", "VmKey", "VmCounters", "VmInfo", "Snapshot",
+           "hist_percentile"]
 
 HIST_BUCKETS = 40
 
@@ -40,7 +48,16 @@ STUCK_EXITS = 3
 class RingKey(NamedTuple):
     pid: int
     vm: int  # VM fd in the VMM process; -1 unknown
-    ring: int  # kvm_dirty_ring.index (vCPU index)
+    ring: int  # kvm_dirty_ring.index (vCPU index); -1 unknown (text traces)
+
+
+class VmKey(NamedTuple):
+    """One VM (``struct kvm``): the VMM's pid and the VM's fd in it (packed with its
+    generation, :func:`~kvmtrace.core.kvm_abi.vm_fd`/``vm_gen``; -1 unknown). Equal to the
+    plain tuple ``(pid, vm)`` and to a :class:`RingKey`'s first two fields."""
+
+    pid: int
+    vm: int
 
 
 @dataclass
@@ -60,11 +77,25 @@ class RingCounters:
     size: int | None = None  # entries; None = unknown
     stall_hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
     stall_ns: int = 0  # total
-    reset_lat_hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
 
     @property
     def used(self) -> int:
         return u32(self.dirty_index - self.reset_index)
+
+
+@dataclass
+class VmCounters:
+    """Cumulative counters of one VM (``struct kvm``), all since the source began.
+
+    ``KVM_RESET_DIRTY_RINGS`` is a vm ioctl: one call resets every vCPU's ring of the VM
+    (one ``kvm_dirty_ring_reset`` per ring, counted in :attr:`RingCounters.resets`), so
+    its count and duration belong to the VM, not to a ring. Durations are ns, from the
+    ioctl's entry to its return; the histogram is log2 buckets (:data:`HIST_BUCKETS`).
+    """
+
+    reset_ioctls: int = 0  # completed KVM_RESET_DIRTY_RINGS ioctls
+    reset_ns: int = 0  # their total duration, ns
+    reset_lat_hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
 
 
 @dataclass
@@ -80,7 +111,8 @@ class VmInfo:
 class Snapshot:
     time_ns: int  # CLOCK_MONOTONIC of the snapshot (live) or of the last event (files)
     rings: dict[RingKey, RingCounters] = field(default_factory=dict)
-    vms: dict[tuple[int, int], VmInfo] = field(default_factory=dict)
+    vms: dict[tuple[int, int], VmInfo] = field(default_factory=dict)  # VmKey -> who
+    vm_counters: dict[VmKey, VmCounters] = field(default_factory=dict)
     lost_events: int = 0  # events the kernel side could not deliver or count
 
 

@@ -7,18 +7,23 @@
   computed from any EventSource by :class:`~kvmtrace.analysis.aggregate.Aggregator`.
 
 ``top``, ``replay`` and exports take either kind through these interfaces, so they cannot
-tell a live kernel from a file.
+tell a live kernel from a file. Both are abstract base classes: every source subclasses
+one, and what a caller may ask of any source (``truncated``, ``warnings``, ``unsure``,
+``done``, ``close()``, ``column_batches``) is declared here with its default, so callers
+use plain attribute access.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
+    from .columns import EventColumns
     from .counters import Snapshot
 
 __all__ = ["SourceMeta", "EventSource", "SnapshotSource"]
@@ -48,22 +53,71 @@ class SourceMeta:
         return None
 
 
-class EventSource(Protocol):
+class EventSource(ABC):
+    """A stream of events in time order; subclasses set :attr:`meta` and define
+    :meth:`batches` and :attr:`lost`. The rest has defaults a source overrides when it
+    knows more (a recording cut short, a text trace whose rings could not be told apart).
+    """
+
     meta: SourceMeta
 
+    @abstractmethod
     def batches(self) -> Iterator[np.ndarray]:
         """Events in time order, as EVENT_DTYPE arrays of any length."""
-        ...
+
+    def column_batches(self) -> Iterator[EventColumns] | None:
+        """The same events as columns, one block at a time (a recording's decoded blocks in
+        file order), for readers that can skip building EVENT_DTYPE records; None when the
+        source has no columns of its own (read :meth:`batches`)."""
+        return None
 
     @property
+    @abstractmethod
     def lost(self) -> int:
         """Events the producer could not deliver (known once batches() is exhausted)."""
-        ...
+
+    @property
+    def truncated(self) -> bool:
+        """True when the source ends early (a recording whose writer was killed)."""
+        return False
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line each: what the source could not tell (known once batches() ran)."""
+        return []
+
+    @property
+    def unsure(self) -> set[tuple[int, int, int]]:
+        """(pid, vm, ring index) of rings whose resets the source could not tell apart:
+        a replay claims no anomaly of theirs (known once batches() ran)."""
+        return set()
+
+    def close(self) -> None:
+        """Release what the source holds (files, probes); a no-op by default."""
+        return None
 
 
-class SnapshotSource(Protocol):
+class SnapshotSource(ABC):
+    """Cumulative counters at points in time; subclasses set :attr:`meta` and define
+    :meth:`snapshot`."""
+
     meta: SourceMeta
 
+    @abstractmethod
     def snapshot(self) -> Snapshot:
         """Cumulative counters now (live) or at the source's current position."""
-        ...
+
+    @property
+    def done(self) -> bool:
+        """True once a file source has fed every event (its snapshots no longer move);
+        a live source is never done."""
+        return False
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line each: what the underlying events could not tell."""
+        return []
+
+    def close(self) -> None:
+        """Release what the source holds (probes, sockets); a no-op by default."""
+        return None

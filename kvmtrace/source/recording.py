@@ -29,7 +29,7 @@ import numpy as np
 from .. import __version__
 from ..core.columns import EventColumns
 from ..core.events import EVENT_DTYPE
-from ..core.sources import SourceMeta
+from ..core.sources import EventSource, SourceMeta
 from ..errors import OutputError, UsageError
 from .recording_codec import encode_events
 from .recording_decode import decode_parts
@@ -298,7 +298,7 @@ class RecordingWriter:
             self.ts_last = hi if self.ts_last is None else max(self.ts_last, hi)
 
 
-class Recording:
+class Recording(EventSource):
     """A recording opened for reading; an EventSource (kvmtrace/core/sources.py).
 
     Known at open (one pass over block headers): ``meta``, ``events`` (complete events),

@@ -44,7 +44,7 @@ from ..core.kvm_abi import (
     VM_UNKNOWN,
     entries_from_bytes,
 )
-from ..core.sources import SourceMeta
+from ..core.sources import EventSource, SourceMeta
 from ..errors import UsageError
 from .textscan import K_DREXIT, K_PUSH, K_RESET, K_UEXIT, Scanned, scan
 from .textvms import TextVms
@@ -76,7 +76,7 @@ def resolve_ring_entries(ring_entries: int | None, ring_bytes: int | None) -> in
     return from_bytes
 
 
-class TextSource:
+class TextSource(EventSource):
     """EventSource over a tracefs or ``perf script`` text file (see module docstring)."""
 
     kind = "text"
@@ -100,10 +100,8 @@ class TextSource:
         self.dropped_exits = 0  #: kvm_userspace_exit(31) paired with kvm_dirty_ring_exit
         self._lone = False  # an exit 31 came without kvm_dirty_ring_exit
         self.cache_bytes = 256 << 20  #: events kept between the two reads of the file
-        #: one line each: what the text could not tell (e.g. rings not told apart)
-        self.warnings: list[str] = []
-        #: (pid, vm, index) of rings whose resets the text could not tell apart
-        self.unsure: set[tuple[int, int, int]] = set()
+        self._warnings: list[str] = []
+        self._unsure: set[tuple[int, int, int]] = set()
         self.separated = False  #: rings of several VMs were told apart (vm -2, -3, ...)
         self.unplaced = 0  #: reset events no VM could be named for (under vm -1)
 
@@ -111,6 +109,16 @@ class TextSource:
     def lost(self) -> int:
         """Events the kernel reported lost (tracefs ``[LOST n EVENTS]`` lines)."""
         return self._lost
+
+    @property
+    def warnings(self) -> list[str]:
+        """One line each: what the text could not tell (e.g. rings not told apart)."""
+        return self._warnings
+
+    @property
+    def unsure(self) -> set[tuple[int, int, int]]:
+        """(pid, vm, index) of rings whose resets the text could not tell apart."""
+        return self._unsure
 
     def batches(self) -> Iterator[np.ndarray]:
         """Events chunk by chunk, each chunk in time order, ``vm`` set by
@@ -125,8 +133,8 @@ class TextSource:
                 held += ev.nbytes
                 cache = cache + [ev] if held <= self.cache_bytes else None
         vms.solve()
-        self.warnings = list(vms.warnings)
-        self.unsure = set(vms.unsure)
+        self._warnings = list(vms.warnings)
+        self._unsure = set(vms.unsure)
         self.unplaced = vms.unplaced
         self.separated = vms.needed
         nres = 0

@@ -10,9 +10,9 @@ comm}`` (``vm`` the VM's fd, ``vm_gen`` the VMs seen under that fd before it):
 - gauges ``kvmtrace_ring_used_entries``, ``..._max_used_entries``, ``..._size_entries``
   (absent while the size is unknown);
 - histograms ``kvmtrace_ring_stall_seconds`` (soft-full stall, exit 31 to the next KVM_RUN)
-  and ``kvmtrace_reset_latency_seconds{pid,vm,comm}`` (KVM_RESET_DIRTY_RINGS, per VM; no
-  ``_sum``: the snapshot keeps no total), from the log2 ns buckets: bucket i holds values below
-  ``2**(i+1)`` ns, so it becomes ``le="2**(i+1) / 1e9"``;
+  and ``kvmtrace_reset_latency_seconds{pid,vm,comm}`` (KVM_RESET_DIRTY_RINGS, a vm ioctl:
+  per VM, from ``Snapshot.vm_counters``; no ``_sum`` series), from the log2 ns buckets:
+  bucket i holds values below ``2**(i+1)`` ns, so it becomes ``le="2**(i+1) / 1e9"``;
 - ``kvmtrace_lost_events_total`` and ``kvmtrace_vm_info{pid,vm,comm,name,ring_bytes} 1``.
 
 Rates and percentiles are left to PromQL (``rate()``, ``histogram_quantile()``).
@@ -25,7 +25,6 @@ import threading
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ..analysis.rates import vm_reset_hist
 from ..core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot
 from ..core.kvm_abi import vm_fd, vm_gen
 from ..core.sources import SnapshotSource
@@ -123,15 +122,11 @@ def render_metrics(snap: Snapshot) -> str:
     name = "kvmtrace_reset_latency_seconds"
     out += [f"# HELP {name} Duration of KVM_RESET_DIRTY_RINGS ioctls.",
             f"# TYPE {name} histogram"]
-    per_vm: dict[tuple[int, int], list[list[int]]] = {}
-    for k, c in rings:
-        per_vm.setdefault((k.pid, k.vm), []).append(c.reset_lat_hist)
-    for (pid, vm), hists in per_vm.items():
-        hist = vm_reset_hist(hists)
-        if any(hist):
+    for (pid, vm), vc in sorted(snap.vm_counters.items()):
+        if any(vc.reset_lat_hist):
             info = snap.vms.get((pid, vm))
             base = [("pid", pid), *_vm(vm), ("comm", info.comm if info else "")]
-            _histogram(out, name, base, hist, None)
+            _histogram(out, name, base, vc.reset_lat_hist, None)
     name = "kvmtrace_lost_events_total"
     out += [f"# HELP {name} Events the kernel side could not deliver or count.",
             f"# TYPE {name} counter", f"{name} {snap.lost_events}"]

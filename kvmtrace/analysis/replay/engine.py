@@ -352,9 +352,7 @@ class Replay:
 def replay_source(source: EventSource, **options: object) -> ReplayReport:
     """Replay a whole source; ``options`` as for :class:`Replay`."""
     rp = Replay(source.meta, **options)  # type: ignore[arg-type]
-    # every source declares column_batches() once the sources share one base class
-    # (kvmtrace.core.sources); until then a source without it has no columns
-    columns = getattr(source, "column_batches", lambda: None)() if rp.sim is None else None
+    columns = source.column_batches() if rp.sim is None else None
     if columns is not None:
         for parts in columns:
             rp.feed_columns(parts)

@@ -18,7 +18,7 @@ from conftest import kvmtrace_cmd, require
 from textcapture import TRACEFS, multivm_cmd, perf_capture, tracefs_capture
 
 from kvmtrace.analysis.aggregate import Aggregator
-from kvmtrace.analysis.compare import profile_source
+from kvmtrace.analysis.profile import profile_source
 from kvmtrace.analysis.replay import replay_source
 from kvmtrace.core.events import Kind
 from kvmtrace.source.detect import open_source

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from textcapture import multivm_cmd, perf_capture, tracefs_capture  # noqa: E402
 
 from kvmtrace.analysis.aggregate import Aggregator  # noqa: E402
-from kvmtrace.analysis.compare import profile_source  # noqa: E402
+from kvmtrace.analysis.profile import profile_source  # noqa: E402
 from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
 from kvmtrace.core.events import Kind  # noqa: E402
 from kvmtrace.core.kvm_abi import VM_UNKNOWN  # noqa: E402

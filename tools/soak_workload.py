@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from kvmtrace.vmm.guest import GuestLayout  # noqa: E402
 from kvmtrace.vmm.helpers import usable_cpus  # noqa: E402
-from kvmtrace.vmm.result import WorkloadResult  # noqa: E402
+from kvmtrace.vmm.truth import WorkloadResult  # noqa: E402
 from kvmtrace.vmm.workload import WorkloadConfig, run_workload  # noqa: E402
 
 

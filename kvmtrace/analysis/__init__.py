@@ -9,6 +9,6 @@
   :mod:`.ringexits` (soft-full exits and episodes), :mod:`.lostpages` (lost pages),
   :mod:`.workingset` (dirty rate, working set, hot pages), :mod:`.simulate` (other ring
   sizes, what-if).
-- :mod:`.compare`: a trace's performance profile; :mod:`.comparison` compares two;
+- :mod:`.profile`: a trace's performance profile; :mod:`.comparison` compares two;
   :mod:`.distribution` holds exact distributions and the test of whether two differ.
 """

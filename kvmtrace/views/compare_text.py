@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from ..analysis.compare import ALL, Profile
 from ..analysis.comparison import Comparison, MetricRow, Verdict
+from ..analysis.profile import ALL, Profile
 
 __all__ = ["render_text", "format_value"]
 

@@ -42,7 +42,7 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
                     "trace_exits", "stall_ns"}]}}
 
 ``--dump-harvest`` writes the shape of ``kvmtrace workload --dump-harvest``
-(:meth:`kvmtrace.vmm.result.WorkloadResult.harvest_dump`): ``{"pid", "vm_fd",
+(:meth:`kvmtrace.vmm.truth.WorkloadResult.harvest_dump`): ``{"pid", "vm_fd",
 "ring_entries", "rings": [{"index", "harvested": [[slot, offset], ...]}]}``, with ``pid``,
 ``vm_fd`` and ``ring_entries`` null when the trace holds several VMs or does not say, and
 ``pid``/``vm`` on each ring as well. Entries are in the order resets collected them.

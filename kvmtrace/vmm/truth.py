@@ -6,11 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["RingResult", "WorkloadResult"]
+__all__ = ["RingTruth", "WorkloadResult"]
 
 
 @dataclass
-class RingResult:
+class RingTruth:
     """Ground truth for one vCPU's dirty ring (``struct kvm_dirty_ring`` of vCPU ``index``).
 
     pages_written: guest writes that could dirty a page (exact, from the guest's counter).
@@ -101,7 +101,7 @@ class WorkloadResult:
     harvest: str
     reaper_ms: float
     harvest_delay_us: float
-    rings: list[RingResult]
+    rings: list[RingTruth]
     resets: int = 0
     reset_returned: int = 0
     livelock: bool = False

@@ -30,7 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvmtrace.bpf.ringbuf import RingBufReader, prog_test_run  # noqa: E402
+from kvmtrace.bpf.ringbuf import RingBufReader  # noqa: E402
+from kvmtrace.testing.prog_run import prog_test_run  # noqa: E402
 
 PER_RUN = 256
 RB_PAGES = 16384  # 64 MiB

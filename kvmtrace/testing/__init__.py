@@ -8,4 +8,6 @@ floor: may import anything, nothing in the package imports it).
   bulk streams for benchmarks (:func:`~.synth.bulk_stream`).
 - :mod:`.vm_cycles`: cycles of concurrent built-in VMs in one process, held on stdin until
   a tracer is attached (``python -m kvmtrace.testing.vm_cycles PLAN``).
+- :mod:`.prog_run`: runs a BPF program in the kernel (BPF_PROG_TEST_RUN), a producer for
+  the ring-buffer tests and benchmark.
 """

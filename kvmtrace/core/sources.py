@@ -57,7 +57,8 @@ class EventSource(Protocol):
 
     @property
     def lost(self) -> int:
-        """Events the producer could not deliver (known once batches() is exhausted)."""
+        """Lost events: events the producer could not deliver (known once batches() is
+        exhausted)."""
         ...
 
 

@@ -65,7 +65,7 @@ def _side(label: str, path: str, p: Profile) -> list[str]:
     out = [head + (path if len(path) <= room else "..." + path[-(room - 3):])]
     info = f"#   {p.kind}, {p.events} events over {format_value(p.span_ns, 'ns')}"
     if p.lost_events:
-        info += f", {p.lost_events} lost"
+        info += f", {p.lost_events} lost events"
     if p.stall_source:
         info += f"; stalls: {p.stall_source}"
     out.append(info)

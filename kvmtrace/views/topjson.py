@@ -8,7 +8,7 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
      "interval_s": <seconds>, "lost_events": <cumulative>,
      "rings": [{"pid", "vm", "vm_gen", "index", "size" (entries, null unknown), "used", "max_used",
                 "fill_pct" (null unknown), "pushes", "soft_full_exits", "resets",
-                "entries_reset", "lost" (overwritten + stranded), "stranded",
+                "entries_reset", "lost" (lost pages: overwritten + stranded), "stranded",
                 "stuck" (bool), "stuck_reason" (null, "stranded", "no_reset_progress" or
                 "overflow": kvmtrace.analysis.stuck), "stall_ns" (cumulative since start),
                 "push_rate", "exit_rate", "reset_rate", "lost_rate" (per second),

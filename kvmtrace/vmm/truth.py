@@ -186,7 +186,7 @@ class WorkloadResult:
                 f"{r.distinct:>8} {r.lost_suspected:>6} {r.soft_full_exits:>5} "
                 f"{r.stall_ns / 1e6:>8.2f} {r.run_ns / 1e6:>8.1f} {_rate(r.pushes_per_s):>7}")
         if self.lost_suspected:
-            lines.append(f"{self.lost_suspected} written page(s) never harvested: "
+            lines.append(f"{self.lost_suspected} lost page(s), written but never harvested: "
                          "the ring overflowed")
         stuck = sum(1 for r in self.rings if r.left_dirty or r.unreset)
         if stuck:

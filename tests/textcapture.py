@@ -1,20 +1,35 @@
 """Capture the kernel's own text of the dirty-ring tracepoints for one command: tracefs
 (a private instance filtered on the command's pid and its threads) or ``perf record``
-then ``perf script``. Both return (trace text path, the command's stdout)."""
+then ``perf script``. Both return (trace text path, the command's stdout).
+:class:`PerfSession` is ``perf record -a`` switched on through its control fifo (for a
+capture that must be recording before the workload starts). Shared by the tests and
+tools/ (soak_text, soak_replay through tests/replay_capture.py)."""
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 
 TRACEFS = Path("/sys/kernel/tracing")
 EVENTS = ("kvm_dirty_ring_push", "kvm_dirty_ring_reset", "kvm_dirty_ring_exit",
           "kvm_userspace_exit")
 HERE = Path(__file__).resolve().parent
+#: python -c program: wait for one byte on stdin, then exec argv[1:] (see :func:`held`)
+HOLD = "import os, sys\nsys.stdin.read(1)\nos.execv(sys.executable, sys.argv[1:])"
+
+
+def held(cmd: list[str]) -> list[str]:
+    """argv of ``cmd`` (a command of this interpreter: ``cmd[0]`` is ``sys.executable``)
+    that first waits for a line on stdin, as :func:`tracefs_capture` wants."""
+    return [sys.executable, "-c", HOLD, *cmd]
 
 
 def multivm_cmd(vms: int, *flags: str, wait: bool = False) -> list[str]:
@@ -23,12 +38,14 @@ def multivm_cmd(vms: int, *flags: str, wait: bool = False) -> list[str]:
             *(["--wait"] if wait else []), *flags]
 
 
-def tracefs_capture(out: Path, cmd: list[str], *, tgid: bool = False,
-                    timeout: float = 120) -> tuple[Path, str]:
+def tracefs_capture(out: Path, cmd: list[str], *, events: Sequence[str] = EVENTS,
+                    tgid: bool = False, timeout: float = 120) -> tuple[Path, str]:
     """Run ``cmd`` (which reads one line from stdin before it starts, as multivm.py
-    --wait) with the four events enabled in a tracefs instance of its own; write the
-    instance's ``trace`` to ``out``. ``tgid``: options/record-tgid (the pid column)."""
-    inst = TRACEFS / "instances" / f"kvmtrace-test-{os.getpid()}-{out.stem}"
+    --wait or :func:`held`) with ``events`` (kvm:*) enabled in a tracefs instance of its
+    own, filtered on its pid (threads follow through ``event-fork``); write the instance's
+    ``trace`` to ``out``. ``tgid``: options/record-tgid (the pid column). RuntimeError
+    with its stderr if ``cmd`` fails."""
+    inst = TRACEFS / "instances" / f"kvmtrace-test-{os.getpid()}-{time.monotonic_ns()}"
     inst.mkdir()
     try:
         (inst / "buffer_size_kb").write_text("32768\n")
@@ -36,19 +53,111 @@ def tracefs_capture(out: Path, cmd: list[str], *, tgid: bool = False,
         (inst / "options" / "record-tgid").write_text("1\n" if tgid else "0\n")
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        (inst / "set_event_pid").write_text(f"{proc.pid}\n")
-        for name in EVENTS:
-            (inst / "events" / "kvm" / name / "enable").write_text("1\n")
-        (inst / "tracing_on").write_text("1\n")
-        stdout, stderr = proc.communicate("go\n", timeout=timeout)
-        assert proc.returncode == 0, stderr
+        try:
+            (inst / "set_event_pid").write_text(f"{proc.pid}\n")
+            for name in events:
+                (inst / "events" / "kvm" / name / "enable").write_text("1\n")
+            (inst / "tracing_on").write_text("1\n")
+            stdout, stderr = proc.communicate("go\n", timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         (inst / "tracing_on").write_text("0\n")
+        if proc.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[-1]).name} failed: {stderr[-2000:]}")
         out.write_bytes((inst / "trace").read_bytes())
         return out, stdout
     finally:
-        for name in EVENTS:
-            (inst / "events" / "kvm" / name / "enable").write_text("0\n")
+        for name in events:
+            try:
+                (inst / "events" / "kvm" / name / "enable").write_text("0\n")
+            except OSError:
+                pass
         inst.rmdir()
+
+
+class PerfSession:
+    """``perf record -a -e kvm:EVENT ...`` into ``out``/perf.data, started with recording
+    off (``-D -1``) and switched on through perf's control fifo: entering returns once
+    perf acknowledged ``enable``, so it records before the workload starts (``perf record
+    -- CMD`` here sometimes records nothing). ``mmap_pages``: perf's ``-m``. perf's
+    stderr goes to ``out``/perf.err. :meth:`stop` ends the recording; :meth:`script`
+    writes its ``perf script`` text."""
+
+    def __init__(self, out: Path, events: Sequence[str] = EVENTS[:3], *,
+                 mmap_pages: int | None = None) -> None:
+        perf = shutil.which("perf")
+        if perf is None:
+            raise FileNotFoundError("perf")
+        self.perf, self.out = perf, out
+        self.data, self.err = out / "perf.data", out / "perf.err"
+        self._ctl, self._ack = out / "perf.ctl", out / "perf.ack"
+        self._cmd = [perf, "record", "-a", "-D", "-1", "--control",
+                     f"fifo:{self._ctl},{self._ack}",
+                     *(["-m", str(mmap_pages)] if mmap_pages else []), "-o", str(self.data)]
+        for name in events:
+            self._cmd += ["-e", f"kvm:{name}"]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._fds: list[int] = []
+
+    def __enter__(self) -> PerfSession:
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkfifo(self._ctl)
+            os.mkfifo(self._ack)
+            # O_RDWR: opening a fifo then does not block
+            self._fds = [os.open(self._ctl, os.O_RDWR), os.open(self._ack, os.O_RDWR)]
+            self._ctl_fd, self._ack_fd = self._fds
+            with self.err.open("w") as err:
+                self.proc = subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL, stderr=err)
+            os.write(self._ctl_fd, b"enable\n")
+            ready, _, _ = select.select([self._ack_fd], [], [], 60)
+            if not ready or not os.read(self._ack_fd, 64).startswith(b"ack"):
+                raise RuntimeError(f"perf did not acknowledge enable: {self.stderr()}")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+    def stop(self, timeout: float = 60) -> str:
+        """SIGINT, as a user's Ctrl-C: perf writes perf.data out and exits (0, or by
+        re-raising SIGINT). Returns perf's stderr."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=timeout)
+        return self.stderr()
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    def script(self, path: Path, *, pid: int | None = None, ns: bool = False,
+               timeout: float = 120) -> str:
+        """``perf script`` of the recording (only ``pid``'s events if given; ``ns``:
+        nanosecond timestamps, else perf's default microseconds) with the pid/tid column,
+        into ``path``; returns perf script's stderr."""
+        cmd = [self.perf, "script", "-i", str(self.data),
+               *(["--pid", str(pid)] if pid is not None else []), *(["--ns"] if ns else []),
+               "-F", "comm,pid,tid,cpu,time,event,trace"]
+        with path.open("w") as f:
+            sp = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True, check=True,
+                                timeout=timeout)
+        return sp.stderr
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        self._ctl.unlink(missing_ok=True)
+        self._ack.unlink(missing_ok=True)
 
 
 def perf_capture(out: Path, cmd: list[str], *, pid_column: bool = False,

@@ -7,7 +7,9 @@ tools/ (soak_text, soak_replay through tests/replay_capture.py)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -17,6 +19,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from kvmtrace.core.events import Kind
 
 TRACEFS = Path("/sys/kernel/tracing")
 EVENTS = ("kvm_dirty_ring_push", "kvm_dirty_ring_reset", "kvm_dirty_ring_exit",
@@ -189,3 +196,61 @@ def perf_capture(out: Path, cmd: list[str], *, pid_column: bool = False,
         if out.stat().st_size:
             return out, proc.stdout
     raise AssertionError(f"perf record wrote no samples six times: {proc.stderr}")
+
+
+# -- what a capture of built-in VMs is held to -------------------------------------------
+
+#: the per-ring counts every reader must give exactly as the VMM made them
+COUNTS = ("pushes", "entries_reset", "resets", "soft_full_exits")
+
+
+def counts(ring: object) -> tuple[int, ...]:
+    """:data:`COUNTS` of any per-ring counter object (the aggregator's RingCounters, a
+    replay's ring result, a profile's ring row)."""
+    return tuple(getattr(ring, name) for name in COUNTS)
+
+
+def vmm_counts(vm: dict[str, Any]) -> dict[int, tuple[int, ...]]:
+    """Per ring index of one VM's ground truth (``workload --json``): its pages written,
+    entries reset, KVM_RESET_DIRTY_RINGS calls (one reset event per ring each) and
+    soft-full exits, in :data:`COUNTS` order."""
+    return {r["index"]: (r["pages_written"], r["entries_reset"], vm["resets"],
+                         r["soft_full_exits"]) for r in vm["rings"]}
+
+
+def vmm_counts_by_vm(truth: list[dict[str, Any]], ev: np.ndarray
+                     ) -> dict[tuple[int | None, int], tuple[int, ...]]:
+    """:func:`vmm_counts` of several VMs keyed (VM id, ring index), a VM's id being the one
+    its vCPU threads' pushes carry in ``ev`` (None unless exactly one)."""
+    pushes = ev[ev["kind"] == Kind.PUSH]
+    out: dict[tuple[int | None, int], tuple[int, ...]] = {}
+    for vm in truth:
+        ids = {int(x) for r in vm["rings"]
+               for x in np.unique(pushes["vm"][pushes["tid"] == r["tid"]])}
+        vid = next(iter(ids)) if len(ids) == 1 else None
+        for index, c in vmm_counts(vm).items():
+            out[(vid, index)] = c
+    return out
+
+
+def text_is_whole(text: str, truth: list[dict[str, Any]]) -> bool:
+    """Whether trace ``text`` has a push line for every page each vCPU thread wrote and a
+    reset line for every ring of every KVM_RESET_DIRTY_RINGS call, counted on the kernel's
+    own text (not through the importer): perf on a busy host now and then writes a
+    perf.data that lacks events without reporting a loss."""
+    return all(len(re.findall(rf"\b{r['tid']}\b[^\n]*kvm_dirty_ring_push", text))
+               == r["pages_written"] for vm in truth for r in vm["rings"]) and text.count(
+        "kvm_dirty_ring_reset:") == sum(vm["resets"] * vm["vcpus"] for vm in truth)
+
+
+def capture_vms(how: str, flags: Sequence[str], out: Path, vms: int = 2
+                ) -> tuple[Path, list[dict[str, Any]], bool]:
+    """``vms`` built-in VMs in one process (tests/multivm.py ``flags``) captured by
+    ``how`` ("tracefs" or "perf") into ``out``: (the text, the VMs' ground truths,
+    whether the text is whole: :func:`text_is_whole`)."""
+    if how == "tracefs":
+        path, stdout = tracefs_capture(out, multivm_cmd(vms, *flags, wait=True))
+    else:
+        path, stdout = perf_capture(out, multivm_cmd(vms, *flags))
+    truth = json.loads(stdout)
+    return path, truth, text_is_whole(path.read_text(), truth)

@@ -14,7 +14,6 @@ The seq and random streams are :func:`kvmtrace.testing.synth.workload_stream`.
 
 from __future__ import annotations
 
-import argparse
 import re
 import resource
 import sys
@@ -23,14 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import ROOT, parser
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from kvmtrace.core.events import EVENT_DTYPE, Kind  # noqa: E402
-from kvmtrace.core.sources import SourceMeta  # noqa: E402
-from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
-from kvmtrace.testing.synth import workload_stream  # noqa: E402
+from kvmtrace.core.events import EVENT_DTYPE, Kind
+from kvmtrace.core.sources import SourceMeta
+from kvmtrace.source.recording import RecordingWriter, open_recording
+from kvmtrace.testing.synth import workload_stream
 
 SAMPLES = ROOT / "tests" / "data" / "samples"
 
@@ -63,6 +60,16 @@ def parse_sample(path: Path) -> np.ndarray:
     return np.array(rows, dtype=EVENT_DTYPE)
 
 
+def read_timed(path: Path) -> tuple[int, float]:
+    """Decode a recording batch by batch: (events, seconds)."""
+    rec = open_recording(path)
+    t0 = time.perf_counter()
+    got = 0
+    for batch in rec.batches():
+        got += len(batch)
+    return got, time.perf_counter() - t0
+
+
 def measure(name: str, ev: np.ndarray, tmp: Path, repeat: int = 3) -> None:
     path = tmp / f"{name}.kvt"
     best_enc = best_dec = float("inf")
@@ -71,12 +78,8 @@ def measure(name: str, ev: np.ndarray, tmp: Path, repeat: int = 3) -> None:
         with RecordingWriter(path, SourceMeta(kind="bench")) as w:
             w.write(ev)
         best_enc = min(best_enc, time.perf_counter() - t0)
-        rec = open_recording(path)
-        t0 = time.perf_counter()
-        got = 0
-        for batch in rec.batches():
-            got += len(batch)
-        best_dec = min(best_dec, time.perf_counter() - t0)
+        got, dec = read_timed(path)
+        best_dec = min(best_dec, dec)
     assert got == len(ev)
     size = path.stat().st_size
     print(f"{name:<28} {len(ev):>10} events {size / len(ev):6.2f} B/event  "
@@ -97,12 +100,7 @@ def big(n: int, tmp: Path) -> None:
             written += len(part)
     enc = time.perf_counter() - t0
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rec = open_recording(path)
-    t0 = time.perf_counter()
-    got = 0
-    for batch in rec.batches():
-        got += len(batch)
-    dec = time.perf_counter() - t0
+    got, dec = read_timed(path)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"big file: {n} events, {path.stat().st_size / 2**20:.0f} MiB "
           f"({path.stat().st_size / n:.2f} B/event), write {n / enc / 1e6:.1f} M/s, "
@@ -111,7 +109,7 @@ def big(n: int, tmp: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--events", type=int, default=2_000_000)
     ap.add_argument("--big", type=int, default=0, help="also write+read a file of N events")
     args = ap.parse_args()

@@ -18,11 +18,11 @@ import pytest
 from conftest import ROOT
 
 from kvmtrace.bpf.loader import Probes
+from kvmtrace.testing.held import attach, release
 from kvmtrace.testing.snapshot_watch import (
     plan,
     pushes_by_ring,
     pushes_written,
-    release,
     snapshot_mismatch,
     start_cycles,
     watch_cycles,
@@ -109,12 +109,7 @@ def test_exited_vmm_leaves_no_map_entries(kvm, bpf_root):
     except ImportError:
         require(False, "pyroute2 not installed (the process watcher needs it)")
     child = start_cycles(plan(2, 3, 1))
-    try:
-        source = LiveSource(probes=Probes(pid=child.pid), watch=True)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
+    source = attach(child, lambda: LiveSource(probes=Probes(pid=child.pid), watch=True))
     with source:
         truths = release(child)
         held = source.probes.map_sizes()

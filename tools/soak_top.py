@@ -35,9 +35,9 @@ from _common import ROOT, kvmtrace_cmd, parser, repeat
 
 from kvmtrace.bpf.loader import Probes
 from kvmtrace.bpf.snapshot_source import LiveSource
+from kvmtrace.testing.held import release
 from kvmtrace.testing.snapshot_watch import (
     plan,
-    release,
     snapshot_mismatch,
     start_cycles,
     watch_cycles,

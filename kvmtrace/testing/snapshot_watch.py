@@ -18,8 +18,9 @@ from typing import Any
 
 from ..bpf.loader import Probes
 from ..core.counters import Snapshot
+from .held import attach, release
 
-__all__ = ["FD_BITS", "plan", "start_cycles", "release", "watch_cycles", "pushes_by_ring",
+__all__ = ["FD_BITS", "plan", "start_cycles", "watch_cycles", "pushes_by_ring",
            "pushes_written", "snapshot_mismatch"]
 
 _CHECKOUT = Path(__file__).resolve().parents[2]  # where ``-m kvmtrace...`` imports from
@@ -34,22 +35,11 @@ def plan(vms: int, vcpus: int, cycles: int, pages: int = 300) -> list[list[dict[
 
 
 def start_cycles(cycles: list[list[dict[str, Any]]]) -> subprocess.Popen[bytes]:
-    """The vm_cycles child of ``cycles``, held until one byte arrives on its stdin."""
+    """The vm_cycles child of ``cycles``, held until one byte arrives on its stdin
+    (:func:`kvmtrace.testing.held.release`)."""
     return subprocess.Popen([sys.executable, "-m", "kvmtrace.testing.vm_cycles",
                              json.dumps(cycles)], cwd=_CHECKOUT, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE)
-
-
-def release(child: subprocess.Popen[bytes]) -> list[dict[str, Any]]:
-    """Let a held child run; its VMs' ground truths (``WorkloadResult.to_dict()``) once
-    it exited (RuntimeError if it failed)."""
-    assert child.stdin is not None and child.stdout is not None
-    child.stdin.write(b"go")
-    child.stdin.close()
-    truths = json.loads(child.stdout.read())
-    if child.wait() != 0 or None in truths:
-        raise RuntimeError(f"the VM cycles child failed (exit {child.returncode})")
-    return truths
 
 
 def watch_cycles(cycles: list[list[dict[str, Any]]], **options: Any
@@ -58,12 +48,7 @@ def watch_cycles(cycles: list[list[dict[str, Any]]], **options: Any
     the while: (the VMs' ground truths, every snapshot taken, the probes still open: the
     caller closes them)."""
     child = start_cycles(cycles)
-    try:
-        probes = Probes(pid=child.pid, **options)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
+    probes = attach(child, lambda: Probes(pid=child.pid, **options))
     snaps: list[Snapshot] = []
     done = threading.Event()
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import kvmtrace_cmd, require
-from textcapture import TRACEFS, capture_vms, counts, vmm_counts_by_vm
+from textcapture import TRACEFS, VM_WORKLOADS, capture_vms, counts, vmm_counts_by_vm
 
 from kvmtrace.analysis.aggregate import Aggregator
 from kvmtrace.analysis.profile import profile_source
@@ -23,22 +23,8 @@ from kvmtrace.source.detect import open_source
 
 pytestmark = pytest.mark.kernel
 
-SCENARIOS = {
-    # soft-full exits, resets by the vCPU threads and by a reaper per VM; the VMs dirty
-    # 2000 and 2200 pages, so their last resets (the VMM's final harvest, which changes
-    # no ring when the reaper got there first) differ in their indices
-    "reaper-exits": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
-                     "--pages-step", "200", "--passes", "2", "--exit-every", "8",
-                     "--harvest", "reaper", "--reaper-ms", "2"),
-    # a reaper every ms racing vCPUs that never exit (1 MiB rings: no overflow)
-    "fast-reaper": ("--vcpus", "2", "--ring-bytes", "1048576", "--pages", "20000",
-                    "--duration", "0.5", "--exit-every", "0", "--harvest", "reaper",
-                    "--reaper-ms", "1"),
-}
-# identical VMs end in identical indices: the VMM's final reset call on each, when its
-# reaper got there first, changes no ring and fits both VMs (the text cannot tell)
-SAME = ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000", "--passes", "2",
-        "--exit-every", "8", "--harvest", "reaper", "--reaper-ms", "2")
+SCENARIOS = {name: VM_WORKLOADS[name] for name in ("reaper-exits", "fast-reaper")}
+SAME = VM_WORKLOADS["same-vms"]  # identical VMs: exact, or the importer warns
 
 
 def capture(how: str, flags: tuple[str, ...], tmp_path: Path

@@ -200,6 +200,31 @@ def perf_capture(out: Path, cmd: list[str], *, pid_column: bool = False,
 
 # -- what a capture of built-in VMs is held to -------------------------------------------
 
+#: tests/multivm.py flags of the two-VM text scenarios (test_text_vms_kvm, soak_text)
+VM_WORKLOADS: dict[str, tuple[str, ...]] = {
+    # soft-full exits, resets by the vCPU threads and by a reaper per VM; the VMs dirty
+    # 2000 and 2200 pages, so their last resets (the VMM's final harvest, which changes
+    # no ring when the reaper got there first) differ in their indices
+    "reaper-exits": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
+                     "--pages-step", "200", "--passes", "2", "--exit-every", "8",
+                     "--harvest", "reaper", "--reaper-ms", "2"),
+    # identical VMs end in identical indices: the VMM's final reset call on each, when its
+    # reaper got there first, changes no ring and fits both VMs (the text cannot tell)
+    "same-vms": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
+                 "--passes", "2", "--exit-every", "8", "--harvest", "reaper",
+                 "--reaper-ms", "2"),
+    # a reaper every ms racing vCPUs that never exit (1 MiB rings: no overflow)
+    "fast-reaper": ("--vcpus", "2", "--ring-bytes", "1048576", "--pages", "20000",
+                    "--duration", "0.5", "--exit-every", "0", "--harvest", "reaper",
+                    "--reaper-ms", "1"),
+    # each thread closes its VM and creates another (new vCPU threads, fds reused)
+    "fd-reuse": ("--cycles", "2", "--vcpus", "2", "--ring-bytes", "4096", "--pages",
+                 "2000", "--pages-step", "200", "--passes", "2", "--exit-every", "8",
+                 "--harvest", "reaper", "--reaper-ms", "2"),
+    "on-full": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "3000",
+                "--pages-step", "100", "--passes", "2", "--exit-every", "1"),
+}
+
 #: the per-ring counts every reader must give exactly as the VMM made them
 COUNTS = ("pushes", "entries_reset", "resets", "soft_full_exits")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import Column, Table, parser
-from textcapture import capture_vms, counts, vmm_counts_by_vm
+from textcapture import VM_WORKLOADS, capture_vms, counts, vmm_counts_by_vm
 
 from kvmtrace.analysis.aggregate import Aggregator
 from kvmtrace.analysis.profile import profile_source
@@ -45,23 +45,7 @@ from kvmtrace.analysis.replay import Replay, replay_source
 from kvmtrace.core.kvm_abi import VM_UNKNOWN
 from kvmtrace.source.detect import open_source
 
-WORKLOADS = {
-    "reaper-exits": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
-                     "--pages-step", "200", "--passes", "2", "--exit-every", "8",
-                     "--harvest", "reaper", "--reaper-ms", "2"),
-    "same-vms": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
-                 "--passes", "2", "--exit-every", "8", "--harvest", "reaper",
-                 "--reaper-ms", "2"),
-    "fast-reaper": ("--vcpus", "2", "--ring-bytes", "1048576", "--pages", "20000",
-                    "--duration", "0.5", "--exit-every", "0", "--harvest", "reaper",
-                    "--reaper-ms", "1"),
-    # each thread closes its VM and creates another (new vCPU threads, fds reused)
-    "fd-reuse": ("--cycles", "2", "--vcpus", "2", "--ring-bytes", "4096", "--pages",
-                 "2000", "--pages-step", "200", "--passes", "2", "--exit-every", "8",
-                 "--harvest", "reaper", "--reaper-ms", "2"),
-    "on-full": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "3000",
-                "--pages-step", "100", "--passes", "2", "--exit-every", "1"),
-}
+WORKLOADS = VM_WORKLOADS  # tests/textcapture.py
 SCENARIOS = [f"{w}/{how}" for w in WORKLOADS for how in ("tracefs", "perf")]
 TABLE = Table([Column("scenario", "<22"), Column("runs", ">4"), Column("short", ">5"),
                Column("exact", ">5"), Column("warned", ">6"), Column("wrong", ">5"),

@@ -63,9 +63,11 @@ def test_attr_layout_is_the_kernels(cls: type[ctypes.Structure]) -> None:
     assert {n: kernel.get(n) for n in mine} == mine
 
 
-def test_map_info_layout_is_the_kernels() -> None:
-    kernel = {n: m.offset for n, m in load_vmlinux().members("bpf_map_info").items()}
-    mine = _layout(b.MapInfo)
+@pytest.mark.parametrize(("cls", "struct_name"), [(b.MapInfo, "bpf_map_info"),
+                                                   (b.ProgInfo, "bpf_prog_info")])
+def test_info_layout_is_the_kernels(cls: type[ctypes.Structure], struct_name: str) -> None:
+    kernel = {n: m.offset for n, m in load_vmlinux().members(struct_name).items()}
+    mine = _layout(cls)
     assert {n: kernel.get(n) for n in mine} == mine
 
 

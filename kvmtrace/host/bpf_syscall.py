@@ -14,7 +14,8 @@ BPF_PROG_LOAD               5  3.18   :class:`ProgLoadAttr` (expected_attach_typ
                                       attach_btf_id 5.5)
 BPF_PROG_TEST_RUN          10  4.12   :class:`ProgTestRunAttr` (ctx_in 5.2; flags, cpu
                                       5.10, as raw tracepoint programs; batch_size 5.18)
-BPF_OBJ_GET_INFO_BY_FD     15  4.13   :class:`ObjInfoAttr` over a :class:`MapInfo`
+BPF_OBJ_GET_INFO_BY_FD     15  4.13   :class:`ObjInfoAttr` over a :class:`MapInfo` or a
+                                      :class:`ProgInfo` (run_time_ns, run_cnt: 5.1)
 BPF_RAW_TRACEPOINT_OPEN    17  4.17   :class:`RawTracepointOpenAttr`
 BPF_MAP_LOOKUP_BATCH       24  5.6    :class:`MapBatchAttr`
 ========================  ===  =====  =================================================
@@ -42,6 +43,7 @@ __all__ = [
     "ProgTestRunAttr",
     "ObjInfoAttr",
     "MapInfo",
+    "ProgInfo",
     "RawTracepointOpenAttr",
     "MapBatchAttr",
     "bpf",
@@ -49,6 +51,7 @@ __all__ = [
     "prog_load",
     "raw_tracepoint_open",
     "map_info",
+    "prog_info",
 ]
 
 # __NR_bpf per machine (arch/*/ syscall tables)
@@ -162,6 +165,22 @@ class MapInfo(ctypes.Structure):
     ]
 
 
+class ProgInfo(ctypes.Structure):
+    """``struct bpf_prog_info`` up to ``run_cnt`` (208 bytes); the run counters grow only
+    while sysctl ``kernel.bpf_stats_enabled`` is 1."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("_head", ctypes.c_uint8 * 48),
+        ("name", ctypes.c_char * 16),  # offset 64
+        ("_mid", ctypes.c_uint8 * 112),
+        ("run_time_ns", ctypes.c_uint64),  # offset 192: total ns in the program
+        ("run_cnt", ctypes.c_uint64),  # runs
+    ]
+
+
 class ObjInfoAttr(ctypes.Structure):
     """``union bpf_attr``, BPF_OBJ_GET_INFO_BY_FD member."""
 
@@ -247,4 +266,12 @@ def map_info(map_fd: int) -> MapInfo:
     info = MapInfo()
     bpf(BpfCmd.OBJ_GET_INFO_BY_FD,
         ObjInfoAttr(map_fd, ctypes.sizeof(info), ctypes.addressof(info)))
+    return info
+
+
+def prog_info(prog_fd: int) -> ProgInfo:
+    """BPF_OBJ_GET_INFO_BY_FD on a program fd: its ``struct bpf_prog_info`` head."""
+    info = ProgInfo()
+    bpf(BpfCmd.OBJ_GET_INFO_BY_FD,
+        ObjInfoAttr(prog_fd, ctypes.sizeof(info), ctypes.addressof(info)))
     return info

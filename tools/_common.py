@@ -22,12 +22,9 @@ for _path in (ROOT / "tests", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-__all__ = ["ROOT", "kvmtrace_cmd", "reaper_workload", "HOLD", "cpu_seconds", "require_root",
+__all__ = ["ROOT", "kvmtrace_cmd", "reaper_workload", "cpu_seconds", "require_root",
            "parser", "Outcome", "repeat", "Column", "Table"]
 
-#: argv prefix that waits for one byte on stdin, then execs the rest (a tracer attaches
-#: to the pid first)
-HOLD = "import os, sys; sys.stdin.read(1); os.execv(sys.executable, sys.argv[1:])"
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 

@@ -26,7 +26,6 @@ import sys
 import time
 
 from _common import (
-    HOLD,
     ROOT,
     Column,
     Table,
@@ -35,6 +34,7 @@ from _common import (
     parser,
     require_root,
 )
+from textcapture import held
 
 CONFIGS = {
     # sustained: pages dirtied again as soon as the reaper gives them back
@@ -58,7 +58,7 @@ def one_run(config: str, duration: float, delay: float, with_top: bool,
             light: bool = False) -> dict:
     extra = ["--duration", str(duration)] if config == "reaper" else []
     wl_argv = kvmtrace_cmd("workload", *CONFIGS[config], *extra, "--json")
-    wl = subprocess.Popen([sys.executable, "-c", HOLD, *wl_argv], stdin=subprocess.PIPE,
+    wl = subprocess.Popen(held(wl_argv), stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     top = None
     out: dict = {"top": with_top}

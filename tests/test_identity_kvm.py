@@ -124,7 +124,7 @@ def _first_resets(ev: np.ndarray) -> dict[tuple[int, int, int], int]:
 
 
 def traced(groups: list[list[dict]], preexisting: tuple[int, int] | None = None):
-    """Run ``groups`` (identity_util.VMS_SCRIPT) under five sets of probes attached at once:
+    """Run ``groups`` (identity_util.VMS_CMD) under five sets of probes attached at once:
     top's (fast path), top's hash-map path, top --light, tracepoint hooks, and event output.
     ``preexisting`` (VMs, vCPUs): load the probes only once the first group's VMs and
     vCPUs exist. Returns (truths, {name: probes}, events); the probes are still open."""
@@ -235,14 +235,13 @@ def test_two_vms_created_before_the_probes_and_a_reused_fd(kvm, bpf_root) -> Non
 def test_record_and_replay_keep_reused_fds_apart(tmp_path, kvm, bpf_root) -> None:
     """``record -- VMM`` of three VMs under one reused fd, then ``replay --json``: three
     sets of rings (gen 0, 1, 2), each with the VMM's harvested pushes, clean."""
-    import sys
-
-    from identity_util import VMS_SCRIPT
+    from identity_util import VMS_CMD
 
     out = tmp_path / "reuse.kvt"
-    proc = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--", sys.executable, "-c",
-                                       VMS_SCRIPT, json.dumps(SEQ), "run"),
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--", *VMS_CMD,
+                                       json.dumps(SEQ)),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     truths = json.loads(proc.stdout)
     assert gens_of(truths) == [0, 1, 2]

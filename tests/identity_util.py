@@ -21,7 +21,7 @@ from kvmtrace.core.events import Kind
 from kvmtrace.core.kvm_abi import vm_id
 
 __all__ = ["ROOT", "VMS_CMD", "vmm", "kvm_links", "stop_when", "rings_of", "finish",
-           "first_pushes", "gens_of"]
+           "first_dirty_index", "gens_of"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,9 +94,9 @@ def rings_of(truths: list[dict[str, Any]], gens: list[int] | None = None
     return out
 
 
-def first_pushes(ev: np.ndarray) -> dict[tuple[int, int, int], int]:
-    """(pid, vm, ring) -> dirty_index of its first push in ``ev``."""
+def first_dirty_index(ev: np.ndarray, kind: Kind = Kind.PUSH) -> dict[tuple[int, int, int], int]:
+    """(pid, vm, ring) -> dirty_index of its first push (or event of ``kind``) in ``ev``."""
     out: dict[tuple[int, int, int], int] = {}
-    for e in ev[ev["kind"] == Kind.PUSH]:
+    for e in ev[ev["kind"] == kind]:
         out.setdefault((int(e["pid"]), int(e["vm"]), int(e["ring"])), int(e["dirty_index"]))
     return out

@@ -449,7 +449,8 @@ class Probes:
         return slots[slots["ptr"] != 0]
 
     def lost(self) -> int:
-        """Sum over CPUs and slots of the per-CPU ``lost`` counters."""
+        """Lost events: the sum over CPUs and slots of the per-CPU ``lost`` counters (events
+        the ring buffer had no room for, rings/VMs/threads a full map could not track)."""
         table = self._bpf[b"lost"]
         return sum(int(x) for i in range(LOST_SLOTS) for x in table[ctypes.c_int(i)])
 

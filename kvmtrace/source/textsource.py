@@ -109,7 +109,8 @@ class TextSource:
 
     @property
     def lost(self) -> int:
-        """Events the kernel reported lost (tracefs ``[LOST n EVENTS]`` lines)."""
+        """Lost events: events the kernel reported dropped (tracefs ``[LOST n EVENTS]``
+        lines)."""
         return self._lost
 
     def batches(self) -> Iterator[np.ndarray]:

@@ -151,7 +151,8 @@ class WorkloadResult:
 
     def summary(self) -> str:
         """A short text report, at most 80 columns wide: one row per ring, with its cycle
-        (``cy``) and VM (fd, ``5#1`` for the second VM under fd 5)."""
+        (``cy``) and VM (fd, ``5#1`` for the second VM under fd 5); ``lost`` is the ring's
+        lost pages (``lost_suspected``: written, never harvested)."""
         how = f"{self.passes} pass(es)" if self.duration_s is None else f"{self.duration_s} s"
         vms = (f"{self.vms} VMs x {self.vcpus} vCPU(s)" if self.vms > 1
                else f"vm fd {self.vm_fd}, {self.vcpus} vCPU(s)")

@@ -1,12 +1,13 @@
 """Names say what they hold, once: no two public classes of the package share a name, and
 no two modules share a file name (except that ``commands/<name>.py``, the module of
-subcommand ``name``, may share it with the library module it drives). Read with ast, nothing is
-imported.
+subcommand ``name``, may share it with the library module it drives). And no test imports a
+tools/ script. Read with ast, nothing is imported.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -59,3 +60,25 @@ def test_module_names_are_unique_outside_subcommands() -> None:
         found[path.stem].append(_rel(path))
     twins = {stem: where for stem, where in found.items() if len(where) > 1}
     assert twins == {}
+
+
+def test_no_test_imports_a_tools_script() -> None:
+    """tools/ scripts sit on top of the tests' helpers, never under them: no tests/*.py
+    imports a module named like a tools/*.py script, nor loads a file from tools/."""
+    tests = ROOT.parent / "tests"
+    scripts = {p.stem for p in (ROOT.parent / "tools").glob("*.py")}
+    assert "soak_top" in scripts
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text, str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            found += [f"{path.name}:{node.lineno} {n}" for n in names
+                      if n.split(".")[0] in scripts or n.split(".")[0] == "tools"]
+        if re.search(r"spec_from_file_location\([^)]*tools/", text):
+            found.append(f"{path.name}: loads a file from tools/")
+    assert found == []

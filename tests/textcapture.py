@@ -72,7 +72,8 @@ def tracefs_capture(out: Path, cmd: list[str], *, events: Sequence[str] = EVENTS
                 proc.wait()
         (inst / "tracing_on").write_text("0\n")
         if proc.returncode != 0:
-            raise RuntimeError(f"{Path(cmd[-1]).name} failed: {stderr[-2000:]}")
+            raise RuntimeError(f"the traced command exited {proc.returncode}: "
+                               f"{stderr[-2000:]}")
         out.write_bytes((inst / "trace").read_bytes())
         return out, stdout
     finally:

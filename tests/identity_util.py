@@ -20,38 +20,22 @@ from conftest import kvm_fds
 from kvmtrace.core.events import Kind
 from kvmtrace.core.kvm_abi import vm_id
 
-__all__ = ["ROOT", "VMS_SCRIPT", "vmm", "kvm_links", "stop_when", "rings_of", "finish",
-           "first_pushes", "gens_of"]
+__all__ = ["ROOT", "VMS_CMD", "vmm", "kvm_links", "stop_when", "rings_of", "finish",
+           "first_dirty_index", "gens_of"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# argv[1]: JSON [[cfg, ...], ...]: groups run one after the other (so VM fds are reused),
-# the VMs of a group at once in threads (several VMs in one process). Prints the ground
-# truths of every VM in (group, VM) order. argv[2] == "gate": waits for a byte on stdin.
-VMS_SCRIPT = """
-import json, sys, threading
-from kvmtrace.vmm.workload import WorkloadConfig, run_workload
-if sys.argv[2] == "gate":
-    sys.stdin.buffer.read(1)
-out = []
-for group in json.loads(sys.argv[1]):
-    res = [None] * len(group)
-    def run(i, cfg):
-        res[i] = run_workload(WorkloadConfig(**cfg)).to_dict()
-    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(group)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    out += res
-print(json.dumps(out))
-"""
+#: argv of a VMM child running groups of VMs (kvmtrace.testing.vm_cycles): groups one
+#: after the other (so VM fds are reused), the VMs of a group at once in threads (several
+#: VMs in one process); it waits for a byte on stdin (EOF will do), then prints the ground
+#: truths of every VM in (group, VM) order
+VMS_CMD = [sys.executable, "-m", "kvmtrace.testing.vm_cycles"]
 
 
 def vmm(groups: list[list[dict[str, Any]]], gate: bool = False) -> subprocess.Popen[bytes]:
-    """A child running VMS_SCRIPT (stdout: the truths); ``gate``: held until fed a byte."""
-    return subprocess.Popen([sys.executable, "-c", VMS_SCRIPT, json.dumps(groups),
-                             "gate" if gate else "run"], cwd=ROOT,
+    """A child running ``groups`` (:data:`VMS_CMD`; stdout: the truths); ``gate``: held
+    until fed a byte."""
+    return subprocess.Popen([*VMS_CMD, json.dumps(groups)], cwd=ROOT,
                             stdin=subprocess.PIPE if gate else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
@@ -110,9 +94,9 @@ def rings_of(truths: list[dict[str, Any]], gens: list[int] | None = None
     return out
 
 
-def first_pushes(ev: np.ndarray) -> dict[tuple[int, int, int], int]:
-    """(pid, vm, ring) -> dirty_index of its first push in ``ev``."""
+def first_dirty_index(ev: np.ndarray, kind: Kind = Kind.PUSH) -> dict[tuple[int, int, int], int]:
+    """(pid, vm, ring) -> dirty_index of its first push (or event of ``kind``) in ``ev``."""
     out: dict[tuple[int, int, int], int] = {}
-    for e in ev[ev["kind"] == Kind.PUSH]:
+    for e in ev[ev["kind"] == kind]:
         out.setdefault((int(e["pid"]), int(e["vm"]), int(e["ring"])), int(e["dirty_index"]))
     return out

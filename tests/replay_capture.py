@@ -18,11 +18,7 @@ which after an overflow the kernel's reset walk may not have reached).
 from __future__ import annotations
 
 import json
-import os
 import re
-import select
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from textcapture import EVENTS as TEXT_EVENTS
+from textcapture import PerfSession, held, tracefs_capture
+
 __all__ = ["AHEAD", "INCOMPLETE", "PAGES_DIFFER", "Run", "clean", "record_run",
            "tracefs_run", "perf_run", "truth_lost_pages", "compare"]
 
-TRACEFS = Path("/sys/kernel/tracing")
 _LOST = re.compile(r"\blost \d+|\d+ lost\b", re.I)  # perf's words for dropped events
-EVENTS = ("kvm_dirty_ring_push", "kvm_dirty_ring_reset", "kvm_dirty_ring_exit")
+EVENTS = TEXT_EVENTS[:3]  # push, reset, exit
 
 
 def _cmd(*args: str) -> list[str]:
@@ -71,47 +69,15 @@ def record_run(out: Path, *args: str, timeout: float = 120) -> Run:
     return _load(out, path, "recording")
 
 
-def _write(path: Path, text: str) -> None:
-    path.write_text(text)
-
-
 def tracefs_run(out: Path, *args: str, timeout: float = 120) -> Run:
     """The workload traced by a private tracefs instance, filtered to its pid (threads
-    follow through ``event-fork``); the instance's ``trace`` text is the trace."""
+    follow through ``event-fork``); the instance's ``trace`` text is the trace. The
+    workload waits on stdin, then execs: its pid is filtered and the events enabled
+    before it creates a thread."""
     out.mkdir(parents=True, exist_ok=True)
-    inst = TRACEFS / "instances" / f"kvmtrace-replay-{os.getpid()}-{time.monotonic_ns()}"
-    inst.mkdir()
-    try:
-        _write(inst / "buffer_size_kb", "32768")
-        _write(inst / "options" / "event-fork", "1")
-        # the workload waits on stdin, then execs: its pid is filtered and the events
-        # enabled before it creates a thread
-        hold = "import os, sys\nsys.stdin.read(1)\nos.execv(sys.executable, sys.argv[1:])"
-        cmd = [sys.executable, "-c", hold, *_workload(out, args)]
-        with (out / "truth.json").open("w") as f:
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=f,
-                                    stderr=subprocess.PIPE, text=True)
-            try:
-                _write(inst / "set_event_pid", str(proc.pid))
-                for name in EVENTS:
-                    _write(inst / "events" / "kvm" / name / "enable", "1")
-                _, err = proc.communicate("go", timeout=timeout)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        _write(inst / "tracing_on", "0")
-        if proc.returncode != 0:
-            raise RuntimeError(f"workload failed: {err[-2000:]}")
-        path = out / "trace.txt"
-        path.write_bytes((inst / "trace").read_bytes())
-    finally:
-        for name in EVENTS:
-            try:
-                _write(inst / "events" / "kvm" / name / "enable", "0")
-            except OSError:
-                pass
-        inst.rmdir()
+    path, stdout = tracefs_capture(out / "trace.txt", held(_workload(out, args)),
+                                   events=EVENTS, timeout=timeout)
+    (out / "truth.json").write_text(stdout)
     return _load(out, path, "ftrace")
 
 
@@ -144,56 +110,24 @@ def _perf_once(out: Path, *args: str, timeout: float = 120) -> Run:
     through perf's control fifo, and the workload started once perf acknowledged them:
     ``perf record -- CMD`` here sometimes records nothing), then ``perf script`` of the
     workload's pid with microsecond timestamps (perf's default)."""
-    perf = shutil.which("perf")
-    if perf is None:
-        raise FileNotFoundError("perf")
-    out.mkdir(parents=True, exist_ok=True)
-    data, ctl, ack = out / "perf.data", out / "perf.ctl", out / "perf.ack"
-    os.mkfifo(ctl)
-    os.mkfifo(ack)
-    ctl_fd, ack_fd = os.open(ctl, os.O_RDWR), os.open(ack, os.O_RDWR)
-    cmd = [perf, "record", "-a", "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-m", "2048",
-           "-o", str(data)]
-    for name in EVENTS:
-        cmd += ["-e", f"kvm:{name}"]
-    err = (out / "perf.err").open("w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        os.write(ctl_fd, b"enable\n")
-        ready, _, _ = select.select([ack_fd], [], [], 60)
-        if not ready or not os.read(ack_fd, 64).startswith(b"ack"):
-            raise RuntimeError("perf did not acknowledge enable")
+    with PerfSession(out, EVENTS, mmap_pages=2048) as perf:
         with (out / "truth.json").open("w") as f:
             w = subprocess.run(_workload(out, args), stdout=f, stderr=subprocess.PIPE,
                                text=True, timeout=timeout)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(ctl_fd)
-        os.close(ack_fd)
-        err.close()
-        ctl.unlink()
-        ack.unlink()
+        perr = perf.stop()
     if w.returncode != 0:
         raise RuntimeError(f"workload failed: {w.stderr[-2000:]}")
-    perr = (out / "perf.err").read_text()
     if _LOST.search(perr):
         raise PerfLost(f"perf record lost events: {perr[-300:]}")
     if "Captured and wrote" not in perr:
         raise RuntimeError(f"perf record failed: {perr[-2000:]}")
     pid = json.loads((out / "truth.json").read_text())["pid"]
     path = out / "perf.txt"
-    with path.open("w") as f:
-        sp = subprocess.run([perf, "script", "-i", str(data), "--pid", str(pid),
-                             "-F", "comm,pid,tid,cpu,time,event,trace"], stdout=f,
-                            stderr=subprocess.PIPE, text=True, check=True, timeout=timeout)
-    if _LOST.search(sp.stderr):  # "Processed N events and lost M chunks!"
-        raise PerfLost(f"perf lost events: {sp.stderr.strip()[-300:]}")
+    script_err = perf.script(path, pid=pid, timeout=timeout)
+    if _LOST.search(script_err):  # "Processed N events and lost M chunks!"
+        raise PerfLost(f"perf lost events: {script_err.strip()[-300:]}")
     if path.stat().st_size:
-        data.unlink()
+        perf.data.unlink()
     return _load(out, path, "perf-script")
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import kvmtrace_cmd
 
-from kvmtrace.analysis.compare import STALL_EVENTS, STALL_EXIT_TO_PUSH, profile_source
 from kvmtrace.analysis.distribution import Reservoir
+from kvmtrace.analysis.profile import STALL_EVENTS, STALL_EXIT_TO_PUSH, profile_source
 from kvmtrace.core.events import Kind, empty
 from kvmtrace.core.sources import EventSource, SourceMeta
 from kvmtrace.source.recording import RecordingWriter, open_recording

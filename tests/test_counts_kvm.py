@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import kvmtrace_cmd, record_workload, require_kvm_bpf
+from textcapture import COUNTS, counts, vmm_counts
 
 from kvmtrace.analysis.replay import replay_source
 from kvmtrace.source.detect import open_source
@@ -33,16 +33,6 @@ SCENARIOS = {
                      "--passes", "3", "--exit-every", "8", "--harvest", "reaper",
                      "--reaper-ms", "2"),
 }
-FIELDS = ("pushes", "entries_reset", "resets", "soft_full_exits")
-
-
-def truth_counts(truth: dict[str, Any]) -> dict[int, tuple[int, ...]]:
-    """Per ring index: the VMM's pages written, entries reset, KVM_RESET_DIRTY_RINGS
-    calls (one reset event per ring each) and soft-full exits."""
-    return {r["index"]: (r["pages_written"], r["entries_reset"], truth["resets"],
-                         r["soft_full_exits"]) for r in truth["rings"]}
-
-
 def run_json(*args: str) -> str:
     proc = subprocess.run(kvmtrace_cmd(*args), capture_output=True, text=True, timeout=120)
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -55,7 +45,7 @@ def top_replay_counts(path: Path, span_ns: int) -> dict[int, tuple[int, ...]]:
     lines = run_json("top", "-b", "--json", "-d", step, "--replay", str(path)).splitlines()
     assert len(lines) >= 20  # the run's advances are split across many intervals
     last = json.loads(lines[-1])
-    return {r["index"]: tuple(r[f] for f in FIELDS) for r in last["rings"]}
+    return {r["index"]: tuple(r[f] for f in COUNTS) for r in last["rings"]}
 
 
 def compare_counts(path: Path) -> dict[int, tuple[int, ...]]:
@@ -72,7 +62,7 @@ def test_replay_top_replay_and_compare_count_what_the_vmm_did(
         scenario: str, attempt: int, tmp_path: Path) -> None:
     require_kvm_bpf()
     run = record_workload(tmp_path, *SCENARIOS[scenario])
-    truth = truth_counts(run.truth)
+    truth = vmm_counts(run.truth)
     assert sorted(truth) == [0, 1]
     # a clean run: every page written was harvested and reset, and the kernel's own count
     # (what KVM_RESET_DIRTY_RINGS returned) is the VMM's
@@ -80,8 +70,7 @@ def test_replay_top_replay_and_compare_count_what_the_vmm_did(
     assert run.truth["reset_returned"] == run.truth["entries_reset"]
     assert run.truth["lost_suspected"] == 0
     rep = replay_source(open_source(run.path))
-    replayed = {r.ring[2]: (r.pushes, r.entries_reset, r.resets, r.soft_full_exits)
-                for r in rep.rings}
+    replayed = {r.ring[2]: counts(r) for r in rep.rings}
     assert replayed == truth
     span = max(r.last_ns for r in rep.rings) - min(r.first_ns for r in rep.rings)
     assert top_replay_counts(run.path, span) == truth

@@ -25,6 +25,7 @@ from conftest import ROOT
 from kvmtrace.bpf.loader import Probes, add_push_slots, live_used_counts
 from kvmtrace.core.events import Kind
 from kvmtrace.core.kvm_abi import vm_id
+from kvmtrace.testing.held import attach, release
 
 pytestmark = pytest.mark.kernel
 
@@ -59,20 +60,12 @@ def fast_and_hash(**options: Any) -> Iterator[tuple[Probes, Probes, list[dict]]]
     without the fast path: (fast, hash, the runs' ground truths), the probes still open."""
     child = subprocess.Popen([sys.executable, "-c", SEQUENTIAL_VMS, json.dumps(RUNS)],
                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        fast = Probes(pid=child.pid, hook="raw_tp", **options)
-        slow = Probes(pid=child.pid, hook="raw_tp", fast_push=False, **options)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
+    fast, slow = attach(child, lambda: (
+        Probes(pid=child.pid, hook="raw_tp", **options),
+        Probes(pid=child.pid, hook="raw_tp", fast_push=False, **options)))
     with fast, slow:
         assert fast.fast_push and not slow.fast_push
-        assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(b"go")
-        child.stdin.close()
-        truths = json.loads(child.stdout.read())
-        assert child.wait() == 0
+        truths = release(child)
         yield fast, slow, truths
 
 

@@ -11,8 +11,8 @@ from kvmtrace.core.kvm_abi import KVM_DIRTY_GFN_F_DIRTY as DIRTY
 from kvmtrace.core.kvm_abi import KVM_DIRTY_GFN_F_RESET as RESET
 from kvmtrace.errors import UsageError
 from kvmtrace.vmm.reset import CallOutcome, RingReset, attribute_reset, reset_run, ring_reset
-from kvmtrace.vmm.result import RingResult, WorkloadResult
-from kvmtrace.vmm.vm import DirtyRing, check_ring_bytes
+from kvmtrace.vmm.truth import RingTruth, WorkloadResult
+from kvmtrace.vmm.vm import MappedRing, check_ring_bytes
 from kvmtrace.vmm.workload import WorkloadConfig
 
 
@@ -47,7 +47,7 @@ def test_harvest_marks_reset_and_stops_at_first_clean():
     k = FakeKernel(8)
     for off in (0x100, 0x101, 0x102):
         k.push(0, off)
-    ring = DirtyRing(k.buf, 8)
+    ring = MappedRing(k.buf, 8)
     assert ring.harvest() == [(0, 0x100), (0, 0x101), (0, 0x102)]
     assert ring.fetch == 3
     assert [k.flags(i) for i in range(4)] == [RESET, RESET, RESET, 0]
@@ -58,12 +58,12 @@ def test_harvest_marks_reset_and_stops_at_first_clean():
 def test_harvest_reads_slot_and_64bit_offset():
     k = FakeKernel(4)
     k.push(7, 0x1_2345_6789)
-    assert DirtyRing(k.buf, 4).harvest() == [(7, 0x1_2345_6789)]
+    assert MappedRing(k.buf, 4).harvest() == [(7, 0x1_2345_6789)]
 
 
 def test_fetch_index_wraps():
     k = FakeKernel(4)
-    ring = DirtyRing(k.buf, 4)
+    ring = MappedRing(k.buf, 4)
     reset_index = 0
     got = []
     for off in range(11):
@@ -80,7 +80,7 @@ def test_harvest_limit_and_budget():
     k = FakeKernel(8)
     for off in range(8):
         k.push(0, off)
-    ring = DirtyRing(k.buf, 8)
+    ring = MappedRing(k.buf, 8)
     assert len(ring.harvest(limit=3)) == 3
     assert ring.harvest() == [(0, off) for off in range(3, 8)]
     assert ring.harvest() == []
@@ -91,16 +91,16 @@ def test_overflow_loses_the_overwritten_entries():
     k = FakeKernel(256)
     for page in range(300):
         k.push(0, page)
-    got = DirtyRing(k.buf, 256).harvest()
+    got = MappedRing(k.buf, 256).harvest()
     assert len(got) == 256
     assert {off for _, off in got} == set(range(44, 300))
 
 
 def test_ring_rejects_bad_sizes():
     with pytest.raises(ValueError):
-        DirtyRing(bytearray(16 * 6), 6)
+        MappedRing(bytearray(16 * 6), 6)
     with pytest.raises(ValueError):
-        DirtyRing(bytearray(16), 4)
+        MappedRing(bytearray(16), 4)
 
 
 @pytest.mark.parametrize("size", [0, 2048, 4095, 6144, 12288])
@@ -128,9 +128,9 @@ def test_config_rejects(kwargs):
 
 
 def _result() -> WorkloadResult:
-    rings = [RingResult(index=0, pages_written=10, harvested=9, distinct=9, lost_suspected=1,
+    rings = [RingTruth(index=0, pages_written=10, harvested=9, distinct=9, lost_suspected=1,
                         entries_reset=9, run_ns=1_000_000),
-             RingResult(index=1, pages_written=10, harvested=10, distinct=10,
+             RingTruth(index=1, pages_written=10, harvested=10, distinct=10,
                         entries_reset=10, run_ns=2_000_000)]
     return WorkloadResult(
         pid=1, vm_fd=5, cap=223, ring_bytes=4096, ring_entries=256, soft_limit=192, vcpus=2,
@@ -162,7 +162,7 @@ def test_summary_several_vms_and_cycles():
     res = _result()
     res.vms, res.vm_cycles, res.reset_eintr, res.interrupt_resets = 2, 2, 3, True
     res.migrate_ms = 5.0
-    res.rings = [RingResult(index=0, vm_fd=fd, vm_gen=cycle, cycle=cycle,
+    res.rings = [RingTruth(index=0, vm_fd=fd, vm_gen=cycle, cycle=cycle,
                             pages_written=123456789, harvested=123456789, run_ns=10**9,
                             left_dirty=1 if fd == 9 else 0)
                  for cycle in (0, 1) for fd in (5, 9)]
@@ -183,10 +183,10 @@ def test_dump_names_vm_of_each_ring():
     assert [(r["pid"], r["vm"], r["index"]) for r in dump["rings"]] == [(1, 5, 0), (1, 6, 1)]
 
 
-def _harvested_ring(k: FakeKernel, pushes: int) -> DirtyRing:
+def _harvested_ring(k: FakeKernel, pushes: int) -> MappedRing:
     for off in range(pushes):
         k.push(0, off)
-    ring = DirtyRing(k.buf, k.entries)
+    ring = MappedRing(k.buf, k.entries)
     assert len(ring.harvest()) == pushes
     return ring
 
@@ -236,7 +236,7 @@ def test_stuck_ring_has_an_empty_run():
     k = FakeKernel(256)
     for page in range(300):
         k.push(0, page)
-    ring = DirtyRing(k.buf, 256)
+    ring = MappedRing(k.buf, 256)
     assert len(ring.harvest()) == 256
     assert k.reset(0) == 256
     k.push(0, 300)

@@ -19,7 +19,7 @@ from conftest import kvmtrace_cmd
 from identity_util import (
     ROOT,
     finish,
-    first_pushes,
+    first_dirty_index,
     gens_of,
     rings_of,
     stop_when,
@@ -116,15 +116,8 @@ def _counts(ev: np.ndarray) -> dict[tuple[int, int, int], Counter]:
     return out
 
 
-def _first_resets(ev: np.ndarray) -> dict[tuple[int, int, int], int]:
-    out: dict[tuple[int, int, int], int] = {}
-    for e in ev[ev["kind"] == Kind.RESET]:
-        out.setdefault((int(e["pid"]), int(e["vm"]), int(e["ring"])), int(e["dirty_index"]))
-    return out
-
-
 def traced(groups: list[list[dict]], preexisting: tuple[int, int] | None = None):
-    """Run ``groups`` (identity_util.VMS_SCRIPT) under five sets of probes attached at once:
+    """Run ``groups`` (identity_util.VMS_CMD) under five sets of probes attached at once:
     top's (fast path), top's hash-map path, top --light, tracepoint hooks, and event output.
     ``preexisting`` (VMs, vCPUs): load the probes only once the first group's VMs and
     vCPUs exist. Returns (truths, {name: probes}, events); the probes are still open."""
@@ -171,8 +164,8 @@ def check_rings(truths, probes, ev, preexisting: int = 0) -> None:
     counts = _counts(ev)
     assert sorted(counts) == sorted(want)
     old = rings_of(truths[:preexisting], gens_of(truths)[:preexisting])
-    first = {k: v for k, v in first_pushes(ev).items() if k in old}
-    first_reset = _first_resets(ev)
+    first = {k: v for k, v in first_dirty_index(ev).items() if k in old}
+    first_reset = first_dirty_index(ev, Kind.RESET)
     for name in ("fast", "hash", "tp", "light"):
         rows = _snapshot_rows(probes[name])
         assert sorted(rows) == sorted(want), name
@@ -235,14 +228,13 @@ def test_two_vms_created_before_the_probes_and_a_reused_fd(kvm, bpf_root) -> Non
 def test_record_and_replay_keep_reused_fds_apart(tmp_path, kvm, bpf_root) -> None:
     """``record -- VMM`` of three VMs under one reused fd, then ``replay --json``: three
     sets of rings (gen 0, 1, 2), each with the VMM's harvested pushes, clean."""
-    import sys
-
-    from identity_util import VMS_SCRIPT
+    from identity_util import VMS_CMD
 
     out = tmp_path / "reuse.kvt"
-    proc = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--", sys.executable, "-c",
-                                       VMS_SCRIPT, json.dumps(SEQ), "run"),
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--", *VMS_CMD,
+                                       json.dumps(SEQ)),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
     truths = json.loads(proc.stdout)
     assert gens_of(truths) == [0, 1, 2]
@@ -287,7 +279,7 @@ def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeyp
             child.kill()
             child.wait()
     want = rings_of(truths)
-    first = first_pushes(ev)
+    first = first_dirty_index(ev)
     assert sorted(_counts(ev)) == sorted(rows) == sorted(want)
     assert {k: c.pushes for k, c in rows.items()} == {
         k: r["harvested"] - first[k] + 1 for k, r in want.items()}

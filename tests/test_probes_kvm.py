@@ -22,6 +22,7 @@ from conftest import ROOT, kvmtrace_cmd, require, require_kvm_bpf
 from kvmtrace.core.counters import RingKey, VmKey
 from kvmtrace.core.events import Kind
 from kvmtrace.errors import MissingFeature, UsageError
+from kvmtrace.testing.held import attach, release
 
 VCPUS, RING_BYTES, PAGES = 2, 4096, 1000
 WORKLOAD = ["workload", "--vcpus", str(VCPUS), "--ring-bytes", str(RING_BYTES),
@@ -41,12 +42,8 @@ def run_traced(hook: str):
     from kvmtrace.bpf.loader import Probes
 
     child = gated(WORKLOAD)
-    try:
-        probes = Probes(pid=child.pid, hook=hook, with_events=True, ringbuf_pages=256)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
+    probes = attach(child, lambda: Probes(pid=child.pid, hook=hook, with_events=True,
+                                          ringbuf_pages=256))
     assert child.stdin is not None and child.stdout is not None
     child.stdin.write(b"go")
     child.stdin.close()
@@ -226,17 +223,8 @@ def test_two_vms_in_one_process_are_kept_apart(kvm, bpf_root) -> None:
 
     child = subprocess.Popen([sys.executable, "-c", TWO_VMS], cwd=ROOT,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        probes = Probes(pid=child.pid, hook="auto")
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
-    assert child.stdin is not None and child.stdout is not None
-    child.stdin.write(b"go")
-    child.stdin.close()
-    truths = json.loads(child.stdout.read())
-    assert child.wait() == 0
+    probes = attach(child, lambda: Probes(pid=child.pid, hook="auto"))
+    truths = release(child)
     snap = probes.snapshot()
     probes.close()
     assert len({t["vm_fd"] for t in truths}) == 2
@@ -363,17 +351,10 @@ def test_watcher_drops_exited_vmm_one_snapshot_later(kvm, bpf_root) -> None:
     from kvmtrace.bpf.snapshot_source import LiveSource
 
     child = gated(WORKLOAD)
-    try:
-        source = LiveSource(probes=Probes(pid=child.pid, hook="auto"), watch=True)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
-    assert child.stdin is not None and child.stdout is not None
-    child.stdin.write(b"go")
-    child.stdin.close()
-    truth = json.loads(child.stdout.read())
-    child.wait()  # the connector's exit message is queued before the parent is notified
+    source = attach(child, lambda: LiveSource(probes=Probes(pid=child.pid, hook="auto"),
+                                              watch=True))
+    # the connector's exit message is queued before the parent is notified of the exit
+    truth = release(child)
     last = source.snapshot()  # sees the exit, still reports the final counts
     assert source.probes.fast_push
     held_slots = len(source.probes.push_slots())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import subprocess
 import sys
@@ -22,13 +21,9 @@ from kvmtrace.source.recording import (
     is_recording,
     open_recording,
 )
+from kvmtrace.testing.synth import workload_stream as synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench_format", ROOT / "tools/bench_format.py")
-assert _spec and _spec.loader
-bench_format = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_format)
-synthetic = bench_format.synthetic
 
 META = SourceMeta(
     kind="live",

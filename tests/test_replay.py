@@ -17,8 +17,8 @@ from conftest import kvmtrace_cmd
 from kvmtrace.core.sources import SourceMeta
 from kvmtrace.source.recording import RecordingWriter
 from kvmtrace.testing.synth import SynthVm
-from kvmtrace.vmm.result import RingResult as WlRing
-from kvmtrace.vmm.result import WorkloadResult
+from kvmtrace.vmm.truth import RingTruth as WlRing
+from kvmtrace.vmm.truth import WorkloadResult
 
 PID, VM = 4242, 9
 

@@ -4,11 +4,8 @@ sequence, and both replay to the same counters and harvest (issue 4, item 6)."""
 
 from __future__ import annotations
 
-import os
-import select
 import shutil
 import signal
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import record_workload, require, require_kvm_bpf
+from textcapture import PerfSession
 
 from kvmtrace.analysis.replay import Replay, replay_source
 from kvmtrace.core.events import EVENT_DTYPE, Kind
@@ -26,8 +24,6 @@ from kvmtrace.source.recording import open_recording
 pytestmark = pytest.mark.kernel
 
 CLEAN = ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "1000", "--exit-every", "1")
-PERF_EVENTS = ("kvm:kvm_dirty_ring_push", "kvm:kvm_dirty_ring_reset",
-               "kvm:kvm_dirty_ring_exit")
 
 
 def pairs(items: Any) -> Counter[tuple[int, int]]:
@@ -49,55 +45,25 @@ def ring_sequences(ev: np.ndarray) -> dict[int, list[tuple[int, ...]]]:
     return out
 
 
-def _read_ack(fd: int, timeout: float) -> bytes:
-    r, _, _ = select.select([fd], [], [], timeout)
-    return os.read(fd, 64) if r else b""
-
-
 @pytest.fixture
 def perf_recorder(tmp_path: Path) -> Iterator[Callable[[], Path]]:
-    """Starts `perf record -a` with events disabled and enables them through its control
-    fifo; the ack says perf really records. Yields stop() -> the `perf script` text."""
+    """`perf record -a` of the dirty-ring tracepoints, recording (perf acknowledged its
+    enable) before the test's workload starts. Yields stop() -> the `perf script` text."""
     require_kvm_bpf()
-    perf = shutil.which("perf")
-    require(perf is not None, "perf not installed (tools/setup.sh --test: linux-perf)")
-    assert perf is not None
-    ctl, ack = tmp_path / "perf.ctl", tmp_path / "perf.ack"
-    os.mkfifo(ctl)
-    os.mkfifo(ack)
-    ctl_fd = os.open(ctl, os.O_RDWR)  # O_RDWR: opening a fifo does not block
-    ack_fd = os.open(ack, os.O_RDWR)
-    data, err = tmp_path / "perf.data", tmp_path / "perf.err"
-    cmd = [perf, "record", "-a", "-D", "-1", "--control", f"fifo:{ctl},{ack}",
-           "-o", str(data)]
-    for name in PERF_EVENTS:
-        cmd += ["-e", name]
-    with err.open("w") as errf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
-    try:
-        os.write(ctl_fd, b"enable\n")
-        got = _read_ack(ack_fd, 60)
-        assert got.startswith(b"ack"), f"perf did not ack enable: {err.read_text()}"
+    require(shutil.which("perf") is not None,
+            "perf not installed (tools/setup.sh --test: linux-perf)")
+    with PerfSession(tmp_path) as perf:
 
         def stop() -> Path:
-            proc.send_signal(signal.SIGINT)
+            err = perf.stop()
             # perf ends by re-raising SIGINT once perf.data is complete
-            assert proc.wait(timeout=60) in (0, -signal.SIGINT), err.read_text()
-            assert "Captured and wrote" in err.read_text()
+            assert perf.returncode in (0, -signal.SIGINT), err
+            assert "Captured and wrote" in err
             text = tmp_path / "perf.txt"
-            with text.open("w") as f:
-                subprocess.run([perf, "script", "-i", str(data), "--ns",
-                                "-F", "comm,pid,tid,cpu,time,event,trace"],
-                               stdout=f, stderr=subprocess.DEVNULL, check=True, timeout=120)
+            perf.script(text, ns=True)
             return text
 
         yield stop
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(ctl_fd)
-        os.close(ack_fd)
 
 
 def test_kvmtrace_and_perf_agree_event_for_event(tmp_path: Path,

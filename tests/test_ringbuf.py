@@ -14,10 +14,10 @@ from kvmtrace.bpf.ringbuf import (
     DISCARD_BIT,
     RingBufReader,
     decode_records,
-    prog_test_run,
 )
 from kvmtrace.core.events import EVENT_DTYPE
 from kvmtrace.errors import UsageError
+from kvmtrace.testing.prog_run import prog_test_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_RUN = 64

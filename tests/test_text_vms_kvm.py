@@ -6,7 +6,6 @@ with no anomaly and no warning, against the VMM's ground truth."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,55 +14,34 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import kvmtrace_cmd, require
-from textcapture import TRACEFS, multivm_cmd, perf_capture, tracefs_capture
+from textcapture import TRACEFS, VM_WORKLOADS, capture_vms, counts, vmm_counts_by_vm
 
 from kvmtrace.analysis.aggregate import Aggregator
-from kvmtrace.analysis.compare import profile_source
+from kvmtrace.analysis.profile import profile_source
 from kvmtrace.analysis.replay import replay_source
-from kvmtrace.core.events import Kind
 from kvmtrace.source.detect import open_source
 
 pytestmark = pytest.mark.kernel
 
-SCENARIOS = {
-    # soft-full exits, resets by the vCPU threads and by a reaper per VM; the VMs dirty
-    # 2000 and 2200 pages, so their last resets (the VMM's final harvest, which changes
-    # no ring when the reaper got there first) differ in their indices
-    "reaper-exits": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
-                     "--pages-step", "200", "--passes", "2", "--exit-every", "8",
-                     "--harvest", "reaper", "--reaper-ms", "2"),
-    # a reaper every ms racing vCPUs that never exit (1 MiB rings: no overflow)
-    "fast-reaper": ("--vcpus", "2", "--ring-bytes", "1048576", "--pages", "20000",
-                    "--duration", "0.5", "--exit-every", "0", "--harvest", "reaper",
-                    "--reaper-ms", "1"),
-}
-# identical VMs end in identical indices: the VMM's final reset call on each, when its
-# reaper got there first, changes no ring and fits both VMs (the text cannot tell)
-SAME = ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000", "--passes", "2",
-        "--exit-every", "8", "--harvest", "reaper", "--reaper-ms", "2")
+SCENARIOS = {name: VM_WORKLOADS[name] for name in ("reaper-exits", "fast-reaper")}
+SAME = VM_WORKLOADS["same-vms"]  # identical VMs: exact, or the importer warns
 
 
 def capture(how: str, flags: tuple[str, ...], tmp_path: Path
             ) -> tuple[Path, list[dict[str, Any]]]:
     require(Path("/dev/kvm").exists(), "no /dev/kvm")
+    if how == "tracefs":
+        require((TRACEFS / "instances").is_dir(), "tracefs not mounted")
+    else:
+        require(shutil.which("perf") is not None, "perf not installed (linux-perf)")
     for _ in range(3):
-        if how == "tracefs":
-            require((TRACEFS / "instances").is_dir(), "tracefs not mounted")
-            path, out = tracefs_capture(tmp_path / "trace.txt",
-                                        multivm_cmd(2, *flags, wait=True))
-        else:
-            require(shutil.which("perf") is not None, "perf not installed (linux-perf)")
-            path, out = perf_capture(tmp_path / "perf.txt", multivm_cmd(2, *flags))
-        truth = json.loads(out)
+        path, truth, whole = capture_vms(how, flags, tmp_path / f"{how}.txt")
         for vm in truth:  # the runs themselves were clean
             assert vm["lost_suspected"] == 0 and vm["reset_returned"] == vm["entries_reset"]
         # perf on a busy host now and then writes a perf.data that lacks events (no loss
         # reported): the text then lacks pushes or resets the VMM made, whatever the
         # importer does
-        text = path.read_text()
-        if all(len(re.findall(rf"\b{r['tid']}\b[^\n]*kvm_dirty_ring_push", text))
-               == r["pages_written"] for vm in truth for r in vm["rings"]) and text.count(
-                "kvm_dirty_ring_reset:") == sum(vm["resets"] * vm["vcpus"] for vm in truth):
+        if whole:
             return path, truth
     raise AssertionError(f"three {how} captures lacked pushes the VMM made")
 
@@ -71,16 +49,10 @@ def capture(how: str, flags: tuple[str, ...], tmp_path: Path
 def expected(truth: list[dict[str, Any]], ev: np.ndarray) -> dict[tuple[int, int], tuple]:
     """Per (synthetic vm, ring index): the VMM's pages written, entries reset, resets and
     soft-full exits. A VM's synthetic id is the one its vCPU threads' pushes carry."""
-    pushes = ev[ev["kind"] == Kind.PUSH]
-    out = {}
-    for vm in truth:
-        ids = {int(x) for r in vm["rings"] for x in np.unique(pushes["vm"][pushes["tid"]
-                                                                         == r["tid"]])}
-        assert len(ids) == 1 and min(ids) <= -2, ids  # one synthetic id per VM
-        for r in vm["rings"]:
-            out[(next(iter(ids)), r["index"])] = (
-                r["pages_written"], r["entries_reset"], vm["resets"], r["soft_full_exits"])
-    assert len({k[0] for k in out}) == len(truth)  # and different VMs, different ids
+    out = vmm_counts_by_vm(truth, ev)
+    vids = {vid for vid, _ in out}
+    assert None not in vids and max(vids) <= -2, vids  # one synthetic id per VM
+    assert len(vids) == len(truth)  # and different VMs, different ids
     return out
 
 
@@ -101,24 +73,21 @@ def test_two_vms_in_one_process_told_apart(scenario: str, how: str, attempt: int
     for batch in open_source(path, ring_bytes=ring_bytes).batches():
         agg.feed(batch)
     snap = agg.snapshot()
-    assert {(k.vm, k.ring): (c.pushes, c.entries_reset, c.resets, c.soft_full_exits)
-            for k, c in snap.rings.items()} == want
+    assert {(k.vm, k.ring): counts(c) for k, c in snap.rings.items()} == want
     assert sum(c.lost for c in snap.rings.values()) == 0
 
     prof = profile_source(open_source(path, ring_bytes=ring_bytes))
     for idx in (0, 1):  # compare adds the rings of one index across VMs
         mine = [v for (vm, i), v in want.items() if i == idx]
         row = prof.rings[idx]
-        assert (row.pushes, row.entries_reset, row.resets, row.soft_full_exits) == tuple(
-            sum(v[j] for v in mine) for j in range(4))
+        assert counts(row) == tuple(sum(v[j] for v in mine) for j in range(4))
         assert row.overwritten == 0
     # the replay counts the same and finds nothing wrong in a clean run; with a reaper
     # racing the vCPUs this also needs its causal order of a reset and the pushes around
     # it (issue 8, item 2) and no no_exit when a reset landed before the next guest entry
     # (item 4)
     rep = replay_source(open_source(path, ring_bytes=ring_bytes))
-    assert {(r.ring[1], r.ring[2]): (r.pushes, r.entries_reset, r.resets, r.soft_full_exits)
-            for r in rep.rings} == want
+    assert {(r.ring[1], r.ring[2]): counts(r) for r in rep.rings} == want
     assert rep.anomalies == []
 
 
@@ -132,8 +101,7 @@ def test_identical_vms_exact_or_warned(tmp_path: Path, attempt: int) -> None:
     want = expected(truth, ev)
     agg = Aggregator(src.meta)
     agg.feed(ev)
-    got = {(k.vm, k.ring): (c.pushes, c.entries_reset, c.resets, c.soft_full_exits)
-           for k, c in agg.snapshot().rings.items()}
+    got = {(k.vm, k.ring): counts(c) for k, c in agg.snapshot().rings.items()}
     if not src.warnings:
         assert got == want
         return

@@ -13,83 +13,35 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from collections import Counter
-from typing import Any
 
 import pytest
 from conftest import ROOT
 
 from kvmtrace.bpf.loader import Probes
+from kvmtrace.testing.held import attach, release
+from kvmtrace.testing.snapshot_watch import (
+    plan,
+    pushes_by_ring,
+    pushes_written,
+    snapshot_mismatch,
+    start_cycles,
+    watch_cycles,
+)
 
 pytestmark = pytest.mark.kernel
 
-CYCLES_OF_VMS = ["-m", "kvmtrace.testing.vm_cycles"]  # run_cycles(), held on stdin
-FD_BITS = 20  # vm = fd | gen << 20 (COMMON.md decision 1): the fd is the low 20 bits
-
-
-def cycles(vms: int, vcpus: int, n: int, pages: int = 300) -> list[list[dict[str, Any]]]:
-    cfg = {"vcpus": vcpus, "ring_bytes": 4096, "pages": pages, "exit_every": 1}
-    return [[dict(cfg) for _ in range(vms)] for _ in range(n)]
-
-
-def run_and_watch(plan: list[list[dict]], **options: Any) -> tuple[list[dict], list, Probes]:
-    """Run ``plan`` in one child under Probes(pid=child, **options), snapshotting all the
-    while: (the VMs' ground truths, every snapshot taken, the probes still open)."""
-    child = subprocess.Popen([sys.executable, *CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        probes = Probes(pid=child.pid, **options)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
-    snaps: list = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            snaps.append(probes.snapshot())
-
-    watcher = threading.Thread(target=watch)
-    assert child.stdin is not None and child.stdout is not None
-    watcher.start()
-    try:
-        child.stdin.write(b"go")
-        child.stdin.close()
-        truths = json.loads(child.stdout.read())
-        assert child.wait() == 0
-    finally:
-        done.set()
-        watcher.join()
-    snaps.append(probes.snapshot())
-    return truths, snaps, probes
-
-
-def pushes_by_ring(snap) -> Counter:
-    got: Counter = Counter()
-    for key, c in snap.rings.items():
-        if key.ring >= 0:
-            got[(key.pid, key.vm & ((1 << FD_BITS) - 1), key.ring)] += c.pushes
-    return got
-
 
 def check(truths: list[dict], snaps: list) -> None:
-    want: Counter = Counter()
+    want = pushes_written(truths)
     for t in truths:
         for r in t["rings"]:
-            want[(t["pid"], t["vm_fd"], r["index"])] += r["pages_written"]
             assert r["harvested"] == r["pages_written"] and r["lost_suspected"] == 0
     final = snaps[-1]
     assert pushes_by_ring(final) == want
     assert sum(c.entries_reset for k, c in final.rings.items() if k.ring >= 0) == sum(want.values())
     assert all(c.lost == 0 and c.stuck is None for c in final.rings.values())
-    prev: Counter = Counter()
-    for snap in snaps:  # no push vanishes for an interval, none is counted twice
-        cur = pushes_by_ring(snap)
-        assert all(cur[k] >= n for k, n in prev.items()), (prev - cur)
-        assert all(cur[k] <= want[k] for k in cur)
-        prev = cur
+    # no push vanishes for an interval, none is counted twice
+    assert snapshot_mismatch(truths, snaps) is None
     assert final.lost_events == 0
 
 
@@ -97,7 +49,7 @@ def check(truths: list[dict], snaps: list) -> None:
 def test_many_rings_through_four_slots_stay_exact(kvm, bpf_root, run):
     """4 slots for 3 cycles of 4 VMs x 5 vCPUs (60 rings, 20 at a time): collisions, owner
     changes and folds under a snapshot loop."""
-    truths, snaps, probes = run_and_watch(cycles(4, 5, 3), push_slot_bits=2)
+    truths, snaps, probes = watch_cycles(plan(4, 5, 3), push_slot_bits=2)
     with probes:
         assert probes.fast_push
         check(truths, snaps)
@@ -108,7 +60,7 @@ def test_many_rings_through_four_slots_stay_exact(kvm, bpf_root, run):
 def test_more_rings_than_slots_stay_exact(kvm, bpf_root):
     """More rings than the default 1024 slots' worth with a 64-slot array: 2 cycles of
     8 VMs x 12 vCPUs (192 rings)."""
-    truths, snaps, probes = run_and_watch(cycles(8, 12, 2, pages=200), push_slot_bits=6)
+    truths, snaps, probes = watch_cycles(plan(8, 12, 2, pages=200), push_slot_bits=6)
     with probes:
         check(truths, snaps)
 
@@ -116,7 +68,7 @@ def test_more_rings_than_slots_stay_exact(kvm, bpf_root):
 def test_1200_rings_with_the_default_slots_stay_exact(kvm, bpf_root):
     """30 VMs x 40 vCPUs (6 cycles of 5 VMs at once: 1200 rings, more than the 1024 slots;
     rings of earlier cycles keep theirs, later rings collide and take the hash-map path)."""
-    truths, snaps, probes = run_and_watch(cycles(5, 40, 6, pages=100))
+    truths, snaps, probes = watch_cycles(plan(5, 40, 6, pages=100))
     with probes:
         check(truths, snaps)
         assert sum(len(t["rings"]) for t in truths) == 1200
@@ -124,7 +76,7 @@ def test_1200_rings_with_the_default_slots_stay_exact(kvm, bpf_root):
 
 def test_free_slot_is_a_compare_and_delete(kvm, bpf_root):
     """Probes.free_slot() frees a slot only while its seq is the one read with it."""
-    truths, snaps, probes = run_and_watch(cycles(1, 2, 1), push_slot_bits=4)
+    truths, snaps, probes = watch_cycles(plan(1, 2, 1), push_slot_bits=4)
     with probes:
         check(truths, snaps)
         index, slots = probes.read_map("push_slots")
@@ -156,21 +108,10 @@ def test_exited_vmm_leaves_no_map_entries(kvm, bpf_root):
         import pyroute2  # noqa: F401
     except ImportError:
         require(False, "pyroute2 not installed (the process watcher needs it)")
-    plan = cycles(2, 3, 1)
-    child = subprocess.Popen([sys.executable, *CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        source = LiveSource(probes=Probes(pid=child.pid), watch=True)
-    except BaseException:
-        child.kill()
-        child.wait()
-        raise
+    child = start_cycles(plan(2, 3, 1))
+    source = attach(child, lambda: LiveSource(probes=Probes(pid=child.pid), watch=True))
     with source:
-        assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(b"go")
-        child.stdin.close()
-        truths = json.loads(child.stdout.read())
-        assert child.wait() == 0
+        truths = release(child)
         held = source.probes.map_sizes()
         assert (held["rings"], held["vms"], held["vcpus"]) == (6, 2, 6)
         assert held["tids"] >= 6  # the vCPU threads and the thread creating the VMs

@@ -19,7 +19,7 @@ from conftest import kvm_fds, kvmtrace_cmd
 
 from kvmtrace.vmm.guest import GuestLayout
 from kvmtrace.vmm.helpers import usable_cpus
-from kvmtrace.vmm.result import WorkloadResult
+from kvmtrace.vmm.truth import WorkloadResult
 from kvmtrace.vmm.workload import WorkloadConfig, run_workload
 
 pytestmark = pytest.mark.kernel

@@ -30,9 +30,7 @@ kernel.bpf_stats_enabled on for the run (announced, restored).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -41,10 +39,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, Column, Table, parser, reaper_workload, require_root
 
-from kvmtrace.bpf.progstats import bpf_stats, prog_stats  # noqa: E402
+from kvmtrace.bpf.progstats import bpf_stats, prog_stats
 
 PUSH = "kvm_dirty_ring_push"
 RESET = "kvm_dirty_ring_reset"
@@ -52,10 +49,8 @@ RESET = "kvm_dirty_ring_reset"
 
 def workload(seconds: float) -> tuple[float, int]:
     """Run the workload; (ns per push per vCPU (run time / harvested entries), pushes)."""
-    argv = [sys.executable, "-m", "kvmtrace", "workload", "--vcpus", "2", "--ring-bytes",
-            "1048576", "--pages", "16000", "--exit-every", "0", "--harvest", "reaper",
-            "--reaper-ms", "10", "--duration", str(seconds), "--json"]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    out = subprocess.run(reaper_workload(seconds), capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
     rings = json.loads(out)["rings"]
     return (statistics.mean(r["run_ns"] / r["harvested"] for r in rings),
             sum(r["harvested"] for r in rings))
@@ -147,29 +142,29 @@ def run_record_hash(seconds: float) -> Row:
     return run_record(seconds, fast_push=False)
 
 
+TABLE = Table([Column("round", ">5"), Column("mode", ">11"), Column("pushes", ">9"),
+               Column("push ns", ">8", ">8.1f"), Column("resets", ">7"),
+               Column("rst ns", ">7", ">7.0f"), Column("all ns/push", ">11", ">11.1f"),
+               Column("ns/push", ">8", ">8.0f"), Column("share", ">6")])
 MODES = {"empty": run_empty, "top": run_top, "top-hash": run_top_hash, "light": run_light,
          "record": run_record, "record-hash": run_record_hash}
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = parser(__doc__, rounds=3)
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench_probe_cost: needs root (BPF)", file=sys.stderr)
-        return 2
+    require_root("bench_probe_cost", "BPF")
     got: dict[str, list[Row]] = {m: [] for m in MODES}
     with bpf_stats():
-        print(f"{'round':>5} {'mode':>11} {'pushes':>9} {'push ns':>8} {'resets':>7} "
-              f"{'rst ns':>7} {'all ns/push':>11} {'ns/push':>8} {'share':>6}")
+        print(TABLE.header())
         for i in range(args.rounds):
             for mode, fn in MODES.items():
                 r = fn(args.seconds)
                 got[mode].append(r)
-                print(f"{i:>5} {mode:>11} {r.pushes:>9} {r.push_ns:>8.1f} {r.reset_runs:>7} "
-                      f"{r.reset_ns:>7.0f} {r.all_per_push:>11.1f} {r.ns_push:>8.0f} "
-                      f"{100 * r.all_per_push / r.ns_push:>5.2f}%", flush=True)
+                print(TABLE.row(i, mode, r.pushes, r.push_ns, r.reset_runs, r.reset_ns,
+                                r.all_per_push, r.ns_push,
+                                f"{100 * r.all_per_push / r.ns_push:.2f}%"), flush=True)
     print()
     floor = statistics.median(r.push_ns for r in got["empty"])
     for mode in MODES:

@@ -36,36 +36,22 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import cpu_seconds, kvmtrace_cmd, parser, reaper_workload, require_root
 
-from kvmtrace.core.events import Kind  # noqa: E402
-from kvmtrace.source.recording import open_recording  # noqa: E402
+from kvmtrace.core.events import Kind
+from kvmtrace.source.recording import open_recording
 
-KVMTRACE = [sys.executable, "-m", "kvmtrace"]
 PERF_EVENTS = ["-e", "kvm:kvm_dirty_ring_push", "-e", "kvm:kvm_dirty_ring_reset",
                "-e", "kvm:kvm_dirty_ring_exit"]
 
 
 def workload(args: argparse.Namespace) -> list[str]:
-    return [*KVMTRACE, "workload", "--json", "--vcpus", str(args.vcpus), "--ring-bytes",
-            "1048576", "--pages", str(args.pages), "--exit-every", "0", "--harvest", "reaper",
-            "--reaper-ms", "10", "--duration", str(args.seconds)]
+    return reaper_workload(args.seconds, vcpus=args.vcpus, pages=args.pages)
 
 
 def rate(truth: dict) -> float:
     """Guest page writes per second per vCPU."""
     return statistics.mean(r["pages_written"] / (r["run_ns"] / 1e9) for r in truth["rings"])
-
-
-TICK_S = 1 / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of process ``pid`` alone (all its threads, no children), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * TICK_S  # stat fields 14 and 15
 
 
 def children(pid: int) -> list[str]:
@@ -92,17 +78,17 @@ def run_traced(cmd: list[str], out: Path, tmp: Path) -> tuple[str, str, int, dic
                 proc.kill()
             if cpu0 is None:
                 if out.exists() and out.stat().st_size:
-                    cpu0, start = cpu_s(proc.pid), now
+                    cpu0, start = cpu_seconds(proc.pid), now
             elif child is None:
                 kids = children(proc.pid)
                 child = kids[0] if kids else None
             elif child not in children(proc.pid):
                 break
             else:
-                cpu1, end = cpu_s(proc.pid), now
+                cpu1, end = cpu_seconds(proc.pid), now
             time.sleep(0.02)
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
-        total = cpu_s(proc.pid)
+        total = cpu_seconds(proc.pid)
         rc = proc.wait()
         so.seek(0)
         se.seek(0)
@@ -116,7 +102,7 @@ def run_once(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
     out.unlink(missing_ok=True)
     cmd = workload(args)
     if mode == "kvmtrace":
-        cmd = [*KVMTRACE, "record", "-o", str(out), "--", *cmd]
+        cmd = kvmtrace_cmd("record", "-o", str(out), "--", *cmd)
     elif mode == "perf":
         cmd = ["perf", "record", "-q", *PERF_EVENTS, "-o", str(out), "--", *cmd]
     if mode == "none":
@@ -146,14 +132,12 @@ def run_once(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = parser(__doc__, rounds=3)
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--vcpus", type=int, default=2)
     ap.add_argument("--pages", type=int, default=16000)
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("bench_record: run as root (BPF and perf tracepoints)")
+    require_root("bench_record", "BPF and perf tracepoints")
     modes = ["none", "kvmtrace"] + (["perf"] if shutil.which("perf") else [])
     results: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as tmp:

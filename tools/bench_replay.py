@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_format import synthetic  # noqa: E402
 
 from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
 from kvmtrace.core.events import Kind  # noqa: E402
@@ -50,6 +49,7 @@ from kvmtrace.core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, entries_from_byte
 from kvmtrace.core.sources import SourceMeta  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
 from kvmtrace.testing.synth import bulk_stream  # noqa: E402
+from kvmtrace.testing.synth import workload_stream as synthetic  # noqa: E402
 
 GOAL_RATE = 20e6  # events/s
 GOAL_RSS = 1 << 30  # bytes, for 100 M events

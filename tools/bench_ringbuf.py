@@ -19,18 +19,16 @@ ring's header) into a 64 MiB ring buffer.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, parser, require_root
 
-from kvmtrace.bpf.ringbuf import RingBufReader, prog_test_run  # noqa: E402
+from kvmtrace.bpf.ringbuf import RingBufReader
+from kvmtrace.testing.prog_run import prog_test_run
 
 PER_RUN = 256
 RB_PAGES = 16384  # 64 MiB
@@ -142,10 +140,10 @@ def stream(b: Any, fn: Any, rb: RingBufReader, seconds: float,
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = parser(__doc__, rounds=3)
     ap.add_argument("--seconds", type=float, default=2.0)
     args = ap.parse_args()
+    require_root("bench_ringbuf", "BPF")
     b, fn = load()
     rb = RingBufReader(b[b"events"].map_fd)
     b[b"events"].open_ring_buffer(lambda ctx, data, size: CALLBACK[0](ctx, data, size))

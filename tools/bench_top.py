@@ -18,18 +18,24 @@ compile before it is left out and reported on its own). With ``--light`` top run
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HOLD = "import os, sys; sys.stdin.read(1); os.execv(sys.executable, sys.argv[1:])"
+from _common import (
+    ROOT,
+    Column,
+    Table,
+    cpu_seconds,
+    kvmtrace_cmd,
+    parser,
+    require_root,
+)
+from textcapture import held
+
 CONFIGS = {
     # sustained: pages dirtied again as soon as the reaper gives them back
     "reaper": ["--vcpus", "2", "--ring-bytes", "1048576", "--pages", "16000", "--exit-every",
@@ -38,17 +44,9 @@ CONFIGS = {
     "tight": ["--vcpus", "2", "--ring-bytes", "1048576", "--pages", "60000", "--exit-every",
               "0"],
 }
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, seconds (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def kvmtrace(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kvmtrace", *args]
+TABLE = Table([Column("run", ">3"), Column("top", ">4"), Column("pushes/s", ">10", ">10.0f"),
+               Column("pushes/cpu-s", ">12", ">12.0f"), Column("top CPU %", ">9"),
+               Column("attach s", ">8")])
 
 
 def pushes_per_s(result: dict) -> float:
@@ -59,8 +57,8 @@ def pushes_per_s(result: dict) -> float:
 def one_run(config: str, duration: float, delay: float, with_top: bool,
             light: bool = False) -> dict:
     extra = ["--duration", str(duration)] if config == "reaper" else []
-    wl_argv = kvmtrace("workload", *CONFIGS[config], *extra, "--json")
-    wl = subprocess.Popen([sys.executable, "-c", HOLD, *wl_argv], stdin=subprocess.PIPE,
+    wl_argv = kvmtrace_cmd("workload", *CONFIGS[config], *extra, "--json")
+    wl = subprocess.Popen(held(wl_argv), stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     top = None
     out: dict = {"top": with_top}
@@ -68,7 +66,7 @@ def one_run(config: str, duration: float, delay: float, with_top: bool,
         if with_top:
             t0 = time.monotonic()
             top = subprocess.Popen(
-                kvmtrace("top", "-b", "--json", "-p", str(wl.pid), "-d", str(delay),
+                kvmtrace_cmd("top", "-b", "--json", "-p", str(wl.pid), "-d", str(delay),
                          *(["--light"] if light else [])),
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
             assert top.stdout is not None
@@ -106,7 +104,7 @@ def one_run(config: str, duration: float, delay: float, with_top: bool,
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--pairs", type=int, default=3, help="runs without + with top (3)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per run (5)")
     ap.add_argument("--delay", type=float, default=1.0, help="top refresh, seconds (1)")
@@ -115,14 +113,11 @@ def main() -> int:
                          "(one pass of first writes)")
     ap.add_argument("--light", action="store_true", help="run top --light (no push probe)")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("bench_top: needs root (BPF)", file=sys.stderr)
-        return 2
+    require_root("bench_top", "BPF")
     print(f"workload: {' '.join(CONFIGS[args.config])}"
           + (f" --duration {args.duration:g}" if args.config == "reaper" else ""))
     print(f"top: {'top --light (no push probe)' if args.light else 'top (all probes)'}")
-    print(f"{'run':>3} {'top':>4} {'pushes/s':>10} {'pushes/cpu-s':>12} {'top CPU %':>9} "
-          f"{'attach s':>8}")
+    print(TABLE.header())
     wall_ratios: list[float] = []
     cpu_ratios: list[float] = []
     cpus: list[float] = []
@@ -135,8 +130,8 @@ def main() -> int:
             pair.append(r)
             cpu = f"{r['top_cpu_pct']:.2f}" if with_top else "-"
             att = f"{r['attach_s']:.2f}" if with_top else "-"
-            print(f"{i:>3} {'yes' if with_top else 'no':>4} {r['pushes_per_s']:>10.0f} "
-                  f"{r['pushes_per_cpu_s']:>12.0f} {cpu:>9} {att:>8}", flush=True)
+            print(TABLE.row(i, "yes" if with_top else "no", r["pushes_per_s"],
+                            r["pushes_per_cpu_s"], cpu, att), flush=True)
             if with_top:
                 cpus.append(r["top_cpu_pct"])
         wall_ratios.append(pair[1]["pushes_per_s"] / pair[0]["pushes_per_s"])

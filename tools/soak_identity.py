@@ -22,14 +22,12 @@ every anomaly (a failed run, with its first assertion lines); exit 1 if any.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, parser, repeat, require_root
+
 TESTS = "tests/test_identity_kvm.py::"
 SCENARIOS = {
     "record-p": "test_record_of_a_running_vm_has_one_identity[auto-True]",
@@ -55,28 +53,17 @@ def run_once(test: str) -> str | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=20)
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        print("soak_identity: needs root (BPF, /dev/kvm)", file=sys.stderr)
-        return 2
-    if args.runs < 1:
-        print("soak_identity: --runs must be >= 1", file=sys.stderr)
-        return 2
+    require_root("soak_identity", "BPF, /dev/kvm")
     bad = 0
     for name in args.only or list(SCENARIOS):
-        anomalies = []
-        t0 = time.monotonic()
-        for i in range(args.runs):
-            err = run_once(SCENARIOS[name])
-            if err is not None:
-                anomalies.append(f"run {i}: {err}")
-        bad += len(anomalies)
-        print(f"{name:>12}: {args.runs} runs, {len(anomalies)} anomalies "
-              f"({time.monotonic() - t0:.0f} s)", flush=True)
-        for a in anomalies:
+        out = repeat(lambda name=name: run_once(SCENARIOS[name]), args.runs)
+        bad += len(out.failures)
+        print(f"{name:>12}: {args.runs} runs, {len(out.failures)} anomalies "
+              f"({out.seconds:.0f} s)", flush=True)
+        for a in out.failures:
             print(f"{'':>14}{a}", flush=True)
     return 1 if bad else 0
 

@@ -21,18 +21,14 @@ of it), which are not compared. Exit status 1 when any run mismatched.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from replay_capture import (  # noqa: E402
+from _common import Column, Table, parser
+from replay_capture import (
     AHEAD,
     INCOMPLETE,
     PAGES_DIFFER,
@@ -61,11 +57,14 @@ SCENARIOS = {
                      "--pages", "5000", "--passes", "3"),
 }
 FORMATS = {"recording": record_run, "ftrace": tracefs_run, "perf-script": perf_run}
+TABLE = Table([Column("scenario", "<14"), Column("format", "<12"), Column("runs", ">4"),
+               Column("lossy", ">5"), Column("anomalies", ">9"), Column("on clean", ">8"),
+               Column("mismatch", ">8"), Column("pages", ">5"), Column("ahead", ">5"),
+               Column("cut", ">5"), Column("s/run", ">6", ">6.1f")])
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=20)
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
     ap.add_argument("--format", action="append", choices=sorted(FORMATS))
     ap.add_argument("--keep", metavar="DIR", help="copy the runs that mismatched to DIR")
@@ -73,9 +72,7 @@ def main() -> int:
     scenarios = args.scenario or list(SCENARIOS)
     formats = args.format or list(FORMATS)
     failed = False
-    print(f"{'scenario':<14} {'format':<12} {'runs':>4} {'lossy':>5} {'anomalies':>9} "
-          f"{'on clean':>8} {'mismatch':>8} {'pages':>5} {'ahead':>5} "
-          f"{'cut':>5} {'s/run':>6}")
+    print(TABLE.header())
     with tempfile.TemporaryDirectory(prefix="soak-replay-") as tmp:
         for name in scenarios:
             for fmt in formats:
@@ -108,10 +105,8 @@ def main() -> int:
                     for f in out.glob("*.data"):
                         f.unlink()
                 per = (time.monotonic() - t0) / max(args.runs, 1)
-                print(f"{name:<14} {fmt:<12} {args.runs:>4} {lossy:>5} {anomalies:>9} "
-                      f"{clean_anomalies:>8} {mismatched:>8} {pages:>5} {ahead:>5} "
-                      f"{cut:>5} {per:>6.1f}",
-                      flush=True)
+                print(TABLE.row(name, fmt, args.runs, lossy, anomalies, clean_anomalies,
+                                mismatched, pages, ahead, cut, per), flush=True)
                 for note in notes[:3]:
                     print(f"    {note}")
                 failed |= bool(mismatched)

@@ -29,7 +29,6 @@ Exit status 0 when no run was wrong.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -37,75 +36,41 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from _common import Column, Table, parser
+from textcapture import VM_WORKLOADS, capture_vms, counts, vmm_counts_by_vm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from kvmtrace.analysis.aggregate import Aggregator
+from kvmtrace.analysis.profile import profile_source
+from kvmtrace.analysis.replay import Replay, replay_source
+from kvmtrace.core.kvm_abi import VM_UNKNOWN
+from kvmtrace.source.detect import open_source
 
-from textcapture import multivm_cmd, perf_capture, tracefs_capture  # noqa: E402
-
-from kvmtrace.analysis.aggregate import Aggregator  # noqa: E402
-from kvmtrace.analysis.compare import profile_source  # noqa: E402
-from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
-from kvmtrace.core.events import Kind  # noqa: E402
-from kvmtrace.core.kvm_abi import VM_UNKNOWN  # noqa: E402
-from kvmtrace.source.detect import open_source  # noqa: E402
-
-WORKLOADS = {
-    "reaper-exits": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
-                     "--pages-step", "200", "--passes", "2", "--exit-every", "8",
-                     "--harvest", "reaper", "--reaper-ms", "2"),
-    "same-vms": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "2000",
-                 "--passes", "2", "--exit-every", "8", "--harvest", "reaper",
-                 "--reaper-ms", "2"),
-    "fast-reaper": ("--vcpus", "2", "--ring-bytes", "1048576", "--pages", "20000",
-                    "--duration", "0.5", "--exit-every", "0", "--harvest", "reaper",
-                    "--reaper-ms", "1"),
-    # each thread closes its VM and creates another (new vCPU threads, fds reused)
-    "fd-reuse": ("--cycles", "2", "--vcpus", "2", "--ring-bytes", "4096", "--pages",
-                 "2000", "--pages-step", "200", "--passes", "2", "--exit-every", "8",
-                 "--harvest", "reaper", "--reaper-ms", "2"),
-    "on-full": ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "3000",
-                "--pages-step", "100", "--passes", "2", "--exit-every", "1"),
-}
+WORKLOADS = VM_WORKLOADS  # tests/textcapture.py
 SCENARIOS = [f"{w}/{how}" for w in WORKLOADS for how in ("tracefs", "perf")]
+TABLE = Table([Column("scenario", "<22"), Column("runs", ">4"), Column("short", ">5"),
+               Column("exact", ">5"), Column("warned", ">6"), Column("wrong", ">5"),
+               Column("replay!=", ">8"), Column("anomalies", ">9"), Column("merged", ">7"),
+               Column("overwr.", ">8")])
 
 
 def one_run(scenario: str, tmp: Path) -> dict:
     work, how = scenario.split("/")
-    flags = WORKLOADS[work]
-    if how == "tracefs":
-        path, out = tracefs_capture(tmp / "t.txt", multivm_cmd(2, *flags, wait=True))
-    else:
-        path, out = perf_capture(tmp / "t.txt", multivm_cmd(2, *flags))
-    truth = json.loads(out)
+    path, truth, whole = capture_vms(how, WORKLOADS[work], tmp / "t.txt")
+    out = json.dumps(truth)
     rb = truth[0]["ring_bytes"]
     src = open_source(path, ring_bytes=rb)
     ev = np.concatenate(list(src.batches()))
-    want: dict[tuple[int, int], tuple[int, ...]] = {}
-    pushes = ev[ev["kind"] == Kind.PUSH]
-    short = any(int((pushes["tid"] == r["tid"]).sum()) != r["pages_written"]
-                for vm in truth for r in vm["rings"]) or int(
-        (ev["kind"] == Kind.RESET).sum()) != sum(vm["resets"] * vm["vcpus"] for vm in truth)
-    for vm in truth:
-        ids = {int(x) for r in vm["rings"]
-               for x in np.unique(pushes["vm"][pushes["tid"] == r["tid"]])}
-        vid = ids.pop() if len(ids) == 1 else None
-        for r in vm["rings"]:
-            want[(vid, r["index"])] = (r["pages_written"], r["entries_reset"],
-                                       vm["resets"], r["soft_full_exits"])
+    short = not whole
+    want = vmm_counts_by_vm(truth, ev)
     rep = replay_source(open_source(path, ring_bytes=rb))
-    got = {(r.ring[1], r.ring[2]): (r.pushes, r.entries_reset, r.resets, r.soft_full_exits)
-           for r in rep.rings}
+    got = {(r.ring[1], r.ring[2]): counts(r) for r in rep.rings}
     agg = Aggregator(src.meta)
     agg.feed(ev)
-    agg_got = {(k.vm, k.ring): (c.pushes, c.entries_reset, c.resets, c.soft_full_exits)
-               for k, c in agg.snapshot().rings.items()}
+    agg_got = {(k.vm, k.ring): counts(c) for k, c in agg.snapshot().rings.items()}
     prof = profile_source(open_source(path, ring_bytes=rb))
-    cmp_ok = all((prof.rings[i].pushes, prof.rings[i].entries_reset, prof.rings[i].resets,
-                  prof.rings[i].soft_full_exits)
-                 == tuple(sum(v[j] for (_, x), v in want.items() if x == i)
-                          for j in range(4)) for i in (0, 1))
+    cmp_ok = all(counts(prof.rings[i])
+                 == tuple(sum(v[j] for (_, x), v in want.items() if x == i) for j in range(4))
+                 for i in (0, 1))
     merged = ev.copy()
     merged["vm"] = VM_UNKNOWN
     rp = Replay(src.meta)
@@ -128,15 +93,12 @@ def one_run(scenario: str, tmp: Path) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=20)
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--scenario", action="append", choices=SCENARIOS)
     ap.add_argument("--keep", type=Path, help="copy the text of failing runs here")
     a = ap.parse_args()
     ok = True
-    print(f"{'scenario':<22} {'runs':>4} {'short':>5} {'exact':>5} {'warned':>6} "
-          f"{'wrong':>5} {'replay!=':>8} {'anomalies':>9} {'merged':>7} {'overwr.':>8}  "
-          "anomaly kinds")
+    print(TABLE.header() + "  anomaly kinds")
     for scenario in a.scenario or SCENARIOS:
         n = short = exact = warned = wrong = rdiff = merged = over = 0
         kinds: Counter[str] = Counter()
@@ -160,9 +122,8 @@ def main() -> int:
                     (a.keep / f"{name}.txt").write_bytes(r["path"].read_bytes())
                     (a.keep / f"{name}.json").write_text(r["truth"])
         ok &= wrong == 0
-        print(f"{scenario:<22} {n:>4} {short:>5} {exact:>5} {warned:>6} {wrong:>5} "
-              f"{rdiff:>8} {sum(kinds.values()):>9} {merged:>7} {over:>8}  {dict(kinds)}",
-              flush=True)
+        print(TABLE.row(scenario, n, short, exact, warned, wrong, rdiff,
+                        sum(kinds.values()), merged, over) + f"  {dict(kinds)}", flush=True)
     return 0 if ok else 1
 
 

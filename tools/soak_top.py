@@ -25,35 +25,32 @@ Prints one line per scenario: runs, mismatches (and the first mismatch seen). Ro
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, kvmtrace_cmd, parser, repeat
 
-from kvmtrace.bpf.loader import Probes  # noqa: E402
-from kvmtrace.bpf.snapshot_source import LiveSource  # noqa: E402
-
-CYCLES_OF_VMS = ["-m", "kvmtrace.testing.vm_cycles"]  # run_cycles(), held on stdin
-FD_MASK = (1 << 20) - 1
-
-
-def kvmtrace(*args: str) -> list[str]:
-    return [sys.executable, "-m", "kvmtrace", *args]
+from kvmtrace.bpf.loader import Probes
+from kvmtrace.bpf.snapshot_source import LiveSource
+from kvmtrace.testing.held import release
+from kvmtrace.testing.snapshot_watch import (
+    plan,
+    snapshot_mismatch,
+    start_cycles,
+    watch_cycles,
+)
 
 
 def overflow(pages: int, light: bool, vcpus: int = 1) -> str | None:
     mode = ["--light"] if light else []
-    proc = subprocess.run(kvmtrace("top", "-b", "--json", *mode, "-d", "0.5", "--",
-                                   *kvmtrace("workload", "--vcpus", str(vcpus), "--ring-bytes",
-                                             "4096", "--pages", str(pages), "--exit-every",
-                                             "0", "--json")),
+    proc = subprocess.run(kvmtrace_cmd("top", "-b", "--json", *mode, "-d", "0.5", "--",
+                                       *kvmtrace_cmd("workload", "--vcpus", str(vcpus),
+                                                     "--ring-bytes", "4096", "--pages",
+                                                     str(pages), "--exit-every", "0",
+                                                     "--json")),
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     if proc.returncode != 0:
         return f"top exited {proc.returncode}: {proc.stderr[-200:]}"
@@ -70,68 +67,19 @@ def overflow(pages: int, light: bool, vcpus: int = 1) -> str | None:
     return None
 
 
-def _child(plan: list) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *CYCLES_OF_VMS, json.dumps(plan)], cwd=ROOT,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-
-def _pushes(snap) -> Counter:
-    got: Counter = Counter()
-    for key, c in snap.rings.items():
-        if key.ring >= 0:
-            got[(key.pid, key.vm & FD_MASK, key.ring)] += c.pushes
-    return got
-
-
 def slots(stats: Counter, vms: int = 4, vcpus: int = 5, cycles: int = 3, pages: int = 300,
           bits: int | None = 2) -> str | None:
-    cfg = {"vcpus": vcpus, "ring_bytes": 4096, "pages": pages, "exit_every": 1}
-    child = _child([[cfg] * vms] * cycles)
-    with Probes(pid=child.pid, push_slot_bits=bits) as probes:
-        snaps: list = []
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                snaps.append(probes.snapshot())
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(b"go")
-        child.stdin.close()
-        truths = json.loads(child.stdout.read())
-        child.wait()
-        done.set()
-        watcher.join()
-        snaps.append(probes.snapshot())
+    truths, snaps, probes = watch_cycles(plan(vms, vcpus, cycles, pages), push_slot_bits=bits)
+    with probes:
         stats["snapshots"] += len(snaps)
         stats["retries"] += probes.snapshot_retries
-    want: Counter = Counter()
-    for t in truths:
-        for r in t["rings"]:
-            want[(t["pid"], t["vm_fd"], r["index"])] += r["pages_written"]
-    prev: Counter = Counter()
-    for snap in snaps:
-        cur = _pushes(snap)
-        back = {k: (n, cur[k]) for k, n in prev.items() if cur[k] < n}
-        if back:
-            return f"pushes went back: {sorted(back.items())[:3]}"
-        prev = cur
-    if prev != want:
-        return f"final pushes differ: {sorted((want - prev).items())[:3]}"
-    return None
+    return snapshot_mismatch(truths, snaps)
 
 
 def cleanup() -> str | None:
-    cfg = {"vcpus": 3, "ring_bytes": 4096, "pages": 300, "exit_every": 1}
-    child = _child([[cfg] * 2])
+    child = start_cycles(plan(2, 3, 1))
     with LiveSource(probes=Probes(pid=child.pid), watch=True) as source:
-        assert child.stdin is not None and child.stdout is not None
-        child.stdin.write(b"go")
-        child.stdin.close()
-        child.stdout.read()
-        child.wait()
+        release(child)
         time.sleep(0.2)
         source.snapshot()
         source.snapshot()
@@ -140,8 +88,7 @@ def cleanup() -> str | None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=20)
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--only", default="", help="comma-separated scenario names")
     args = ap.parse_args()
     stats: Counter = Counter()
@@ -160,18 +107,12 @@ def main() -> int:
     for name, fn in scenarios.items():
         if only and name not in only:
             continue
-        bad, first = 0, None
-        t0 = time.monotonic()
-        for _ in range(args.runs):
-            why = fn()
-            if why:
-                bad += 1
-                first = first or why
+        out = repeat(fn, args.runs)
         extra = (f"  snapshots {stats['snapshots']} retries {stats['retries']}"
                  if name in ("slots", "rings1200") else "")
         stats.clear()
-        print(f"{name:15} runs {args.runs:3}  mismatches {bad:3}  "
-              f"{time.monotonic() - t0:6.1f} s{extra}" + (f"  first: {first}" if first else ""),
+        print(f"{name:15} runs {args.runs:3}  mismatches {len(out.failures):3}  "
+              f"{out.seconds:6.1f} s{extra}" + (f"  first: {out.first}" if out.first else ""),
               flush=True)
     return 0
 

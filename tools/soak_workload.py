@@ -14,22 +14,18 @@ rings, livelocks, lost pages), then each anomaly seen.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import Column, Table, parser, require_root
 
-from kvmtrace.vmm.guest import GuestLayout  # noqa: E402
-from kvmtrace.vmm.helpers import usable_cpus  # noqa: E402
-from kvmtrace.vmm.result import WorkloadResult  # noqa: E402
-from kvmtrace.vmm.workload import WorkloadConfig, run_workload  # noqa: E402
+from kvmtrace.vmm.guest import GuestLayout
+from kvmtrace.vmm.helpers import usable_cpus
+from kvmtrace.vmm.truth import WorkloadResult
+from kvmtrace.vmm.workload import WorkloadConfig, run_workload
 
 
 def common(res: WorkloadResult) -> list[str]:
@@ -196,25 +192,27 @@ def soak(sc: Scenario, runs: int) -> Tally:
     return tally
 
 
+TABLE = Table([Column("scenario", "<19"), Column("runs", ">4"), Column("bad", ">4"),
+               Column("rings", ">6"), Column("cut", ">5"), Column("sent", ">5"),
+               Column("stuck", ">5"), Column("livelk", ">6"), Column("lost", ">7"),
+               Column("s/run", ">6", ">6.2f")])
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=20, help="runs per scenario (20)")
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--only", nargs="*", metavar="NAME",
                     help=f"scenarios to run ({', '.join(s.name for s in SCENARIOS)})")
     args = ap.parse_args()
-    if os.geteuid() != 0 or not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        print("soak_workload: needs root and /dev/kvm", file=sys.stderr)
-        return 2
+    require_root("soak_workload", "/dev/kvm", kvm=True)
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
-    print(f"{'scenario':<19} {'runs':>4} {'bad':>4} {'rings':>6} {'cut':>5} {'sent':>5} "
-          f"{'stuck':>5} {'livelk':>6} {'lost':>7} {'s/run':>6}")
+    print(TABLE.header())
     failed = []
     for sc in chosen:
         t = soak(sc, args.runs)
         s = t.stats
-        print(f"{sc.name:<19} {t.runs:>4} {t.bad_runs:>4} {s['rings']:>6} {s['cut']:>5} "
-              f"{s['sent']:>5} {s['stuck']:>5} {s['livelock']:>6} {s['lost']:>7} "
-              f"{t.seconds / max(t.runs, 1):>6.2f}", flush=True)
+        print(TABLE.row(sc.name, t.runs, t.bad_runs, s["rings"], s["cut"], s["sent"],
+                        s["stuck"], s["livelock"], s["lost"], t.seconds / max(t.runs, 1)),
+              flush=True)
         if t.anomalies:
             failed.append((sc.name, t.anomalies))
     for name, anomalies in failed:

@@ -21,8 +21,8 @@ Semantics (per ring = ``struct kvm_dirty_ring`` of one vCPU, keyed by (pid, vm f
 - ``dirty_index``/``reset_index``: the furthest seen on a push or reset event (a reset's
   ``dirty_index`` is read while the vCPU may still push); ``max_used``: the largest
   ``dirty_index - reset_index`` of one push or reset event, in entries.
-- ``lost``: pushes that left ``used > size`` (the entry overwrote an unharvested one);
-  only counted while the ring size is known.
+- ``lost``: overwritten entries, pushes that left ``used > size`` (the entry overwrote an
+  unharvested one); only counted while the ring size is known.
 - ``stall_hist``/``stall_ns``: KT_STALL durations in ns.
 - per VM (:class:`~kvmtrace.core.counters.VmCounters`, like the in-kernel ``vms`` map):
   ``reset_ioctls``, ``reset_ns`` and ``reset_lat_hist`` from KT_RESET_LAT events (one per
@@ -109,7 +109,7 @@ class Aggregator:
             self._feed_ring(self._ring(key), events[part])
 
     def add_lost(self, n: int) -> None:
-        """Events the producer could not deliver (a source's ``lost``)."""
+        """Lost events: events the producer could not deliver (a source's ``lost``)."""
         self.lost_events += int(n)
 
     def _vm_events(self, events: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Compare two :class:`~kvmtrace.analysis.compare.Profile` objects metric by metric.
+"""Compare two :class:`~kvmtrace.analysis.profile.Profile` objects metric by metric.
 
 For every ring index present in either trace (and the ``"all"`` row) each metric gets the
 base value, the new value, ``ratio = new / base`` and a verdict:
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .compare import ALL, Profile, RingProfile
 from .distribution import Reservoir, Shift, percentile_shift, percentiles
+from .profile import ALL, Profile, RingProfile
 
 __all__ = [
     "SCHEMA",

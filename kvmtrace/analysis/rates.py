@@ -57,7 +57,7 @@ class RingRates:
     reset_p99_ns: int | None  # the VM's KVM_RESET_DIRTY_RINGS latency (a vm ioctl)
     stall_hist: list[int] = field(default_factory=list)  # interval delta
     stall_hist_total: list[int] = field(default_factory=list)  # cumulative
-    stranded: int = 0  # of lost: stranded by a stuck ring (kvmtrace.analysis.stuck)
+    stranded: int = 0  # of lost pages: stranded by a stuck ring (kvmtrace.analysis.stuck)
     stuck: str | None = None  # why the ring is flagged stuck, None when it is not
 
     @property

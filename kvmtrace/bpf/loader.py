@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import struct
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from ..core.events import EVENT_DTYPE
 from ..core.kvm_abi import s32, u32
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import tracefs
+from ..host.bpf_syscall import BpfCmd, MapBatchAttr, ProgTestRunAttr, bpf
 from ..host.btf import Btf, load_vmlinux
 from ..host.features import detect
 from ..host.headers import use_headers
@@ -321,23 +321,7 @@ def slots_settled(before: np.ndarray, after: np.ndarray) -> bool:
     return len(seq0) == len(seq1) and bool(np.all(seq0 == seq1)) and not np.any(seq1 & 1)
 
 
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)  # bpf(2); None: unknown
-_BPF_PROG_TEST_RUN = 10
-_BPF_MAP_LOOKUP_BATCH = 24
-_BATCH = struct.Struct("<QQQQIIQQ")  # union bpf_attr's batch member (48 bytes)
-_TEST_RUN = struct.Struct("<IIIIQQIIIIQQIII4x")  # union bpf_attr's test member (80 bytes)
 _SNAPSHOT_TRIES = 100
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf_syscall(cmd: int, attr: ctypes.Array) -> int:
-    """bpf(cmd, attr): 0, or -errno (-ENOSYS where the syscall number is not known here)."""
-    if _NR_BPF is None:
-        return -errno.ENOSYS
-    ctypes.set_errno(0)
-    ret = _LIBC.syscall(_NR_BPF, cmd, attr, len(attr))
-    return 0 if ret == 0 else -ctypes.get_errno()
-
 
 class Probes:
     """The loaded, attached probes. ``snapshot()`` reads the aggregation maps once."""
@@ -468,7 +452,8 @@ class Probes:
         return slots[slots["ptr"] != 0]
 
     def lost(self) -> int:
-        """Sum over CPUs and slots of the per-CPU ``lost`` counters."""
+        """Lost events: the sum over CPUs and slots of the per-CPU ``lost`` counters (events
+        the ring buffer had no room for, rings/VMs/threads a full map could not track)."""
         table = self._bpf[b"lost"]
         return sum(int(x) for i in range(LOST_SLOTS) for x in table[ctypes.c_int(i)])
 
@@ -573,12 +558,13 @@ class Probes:
         keys = np.zeros(n, np.uint32)
         vals = np.zeros(n, PUSH_SLOT_DTYPE)
         out_batch = ctypes.c_uint32(0)
-        attr = ctypes.create_string_buffer(_BATCH.pack(
-            0, ctypes.addressof(out_batch), keys.ctypes.data, vals.ctypes.data, n,
-            int(table.map_fd), 0, 0), _BATCH.size)
-        ret = _bpf_syscall(_BPF_MAP_LOOKUP_BATCH, attr)
-        count = _BATCH.unpack(attr.raw)[4]
-        if ret in (0, -errno.ENOENT) and count == n:
+        attr = MapBatchAttr(out_batch=ctypes.addressof(out_batch), keys=keys.ctypes.data,
+                            values=vals.ctypes.data, count=n, map_fd=int(table.map_fd))
+        try:
+            ok = bpf(BpfCmd.MAP_LOOKUP_BATCH, attr) == 0
+        except OSError as err:
+            ok = err.errno == errno.ENOENT  # ENOENT: the walk reached the end
+        if ok and attr.count == n:
             return vals[np.argsort(keys, kind="stable")]
         index, slots = self.read_map("push_slots")
         return slots[np.argsort(index, kind="stable")]
@@ -635,14 +621,16 @@ class Probes:
 
             self._free_fd = int(self._bpf.load_func(b"kt_free_slot", BPF.RAW_TRACEPOINT).fd)
         ctx = (ctypes.c_uint64 * 2)(index, seq)
-        attr = ctypes.create_string_buffer(_TEST_RUN.pack(
-            self._free_fd, 0, 0, 0, 0, 0, 0, 0, ctypes.sizeof(ctx), 0,
-            ctypes.addressof(ctx), 0, 0, 0, 0), _TEST_RUN.size)
-        ret = _bpf_syscall(_BPF_PROG_TEST_RUN, attr)
-        if ret:
-            raise KvmtraceError(f"BPF_PROG_TEST_RUN of kt_free_slot failed: {os.strerror(-ret)}",
-                                "a kernel with raw tracepoint test runs (5.10+) is needed")
-        return _TEST_RUN.unpack(attr.raw)[1] == 0
+        attr = ProgTestRunAttr(prog_fd=self._free_fd, ctx_size_in=ctypes.sizeof(ctx),
+                               ctx_in=ctypes.addressof(ctx))
+        try:
+            bpf(BpfCmd.PROG_TEST_RUN, attr)
+        except OSError as err:
+            raise KvmtraceError("BPF_PROG_TEST_RUN of kt_free_slot failed: "
+                                f"{os.strerror(err.errno)}",
+                                "a kernel with raw tracepoint test runs (5.10+) is needed"
+                                ) from None
+        return attr.retval == 0
 
     def forget_threads(self, tids: set[int]) -> int:
         """Drop the per-thread entries (map ``tids``) of exited threads; returns how many

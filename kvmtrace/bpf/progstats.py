@@ -9,22 +9,17 @@ cost.
 
 from __future__ import annotations
 
-import ctypes
-import struct
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..host.bpf_syscall import prog_info
+
 __all__ = ["ProgStats", "prog_stats", "bpf_stats"]
 
 SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}
-_BPF_OBJ_GET_INFO_BY_FD = 15
-# struct bpf_prog_info (include/uapi/linux/bpf.h): name[16] at 64, run_time_ns at 192,
-# run_cnt at 200 (fields present since Linux 5.1)
-_INFO_LEN = 208
 
 
 @dataclass(frozen=True)
@@ -40,22 +35,9 @@ class ProgStats:
 
 def prog_stats(fd: int) -> ProgStats:
     """Counters of the program behind ``fd`` (bpf(BPF_OBJ_GET_INFO_BY_FD))."""
-    import os
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    info = ctypes.create_string_buffer(_INFO_LEN)
-    attr = ctypes.create_string_buffer(struct.pack("IIQ", fd, _INFO_LEN,
-                                                   ctypes.addressof(info)), 128)
-    nr = _SYS_BPF.get(os.uname().machine)
-    if nr is None:
-        raise OSError(f"bpf syscall number unknown on {os.uname().machine}")
-    if libc.syscall(nr, _BPF_OBJ_GET_INFO_BY_FD, attr, 128) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"BPF_OBJ_GET_INFO_BY_FD: {os.strerror(err)}")
-    raw = info.raw
-    name = raw[64:80].split(b"\0", 1)[0].decode(errors="replace")
-    run_time, run_cnt = struct.unpack_from("QQ", raw, 192)
-    return ProgStats(name, run_cnt, run_time)
+    info = prog_info(fd)
+    return ProgStats(info.name.decode(errors="replace"), int(info.run_cnt),
+                     int(info.run_time_ns))
 
 
 @contextmanager

@@ -25,7 +25,6 @@ architectures would need real barriers, which Python cannot emit: the reader ref
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -37,6 +36,7 @@ import numpy as np
 
 from ..core.events import EVENT_DTYPE
 from ..errors import MissingFeature, UsageError
+from ..host.bpf_syscall import MAP_TYPE_RINGBUF, map_info
 
 __all__ = [
     "BUSY_BIT",
@@ -44,99 +44,11 @@ __all__ = [
     "HEADER_BYTES",
     "RingBufReader",
     "decode_records",
-    "map_info",
-    "prog_test_run",
 ]
 
 BUSY_BIT = 1 << 31
 DISCARD_BIT = 1 << 30
 HEADER_BYTES = 8  # struct bpf_ringbuf_hdr {u32 len; u32 pg_off}
-
-_SYS_BPF = {"x86_64": 321}
-_BPF_PROG_TEST_RUN = 10
-_BPF_OBJ_GET_INFO_BY_FD = 15
-_BPF_MAP_TYPE_RINGBUF = 27
-
-
-class _MapInfo(ctypes.Structure):
-    """The head of struct bpf_map_info (include/uapi/linux/bpf.h)."""
-
-    _fields_ = [
-        ("type", ctypes.c_uint32),
-        ("id", ctypes.c_uint32),
-        ("key_size", ctypes.c_uint32),
-        ("value_size", ctypes.c_uint32),
-        ("max_entries", ctypes.c_uint32),
-        ("map_flags", ctypes.c_uint32),
-        ("name", ctypes.c_char * 16),
-        ("_rest", ctypes.c_uint8 * 64),
-    ]
-
-
-class _InfoAttr(ctypes.Structure):
-    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64)]
-
-
-class _TestRunAttr(ctypes.Structure):
-    """union bpf_attr, the BPF_PROG_TEST_RUN member."""
-
-    _fields_ = [
-        ("prog_fd", ctypes.c_uint32),
-        ("retval", ctypes.c_uint32),
-        ("data_size_in", ctypes.c_uint32),
-        ("data_size_out", ctypes.c_uint32),
-        ("data_in", ctypes.c_uint64),
-        ("data_out", ctypes.c_uint64),
-        ("repeat", ctypes.c_uint32),
-        ("duration", ctypes.c_uint32),  # ns per run, averaged
-        ("ctx_size_in", ctypes.c_uint32),
-        ("ctx_size_out", ctypes.c_uint32),
-        ("ctx_in", ctypes.c_uint64),
-        ("ctx_out", ctypes.c_uint64),
-        ("flags", ctypes.c_uint32),
-        ("cpu", ctypes.c_uint32),
-        ("batch_size", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
-    ]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf(cmd: int, attr: ctypes.Structure) -> int:
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise MissingFeature(f"bpf() syscall number unknown on {platform.machine()}",
-                             "run kvmtrace on x86-64")
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), ctypes.byref(attr),
-                        ctypes.c_uint(ctypes.sizeof(attr)))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"bpf(cmd {cmd}): {os.strerror(err)}")
-    return int(ret)
-
-
-def map_info(map_fd: int) -> tuple[int, int, str]:
-    """(map type, max_entries, name) of a BPF map fd, by BPF_OBJ_GET_INFO_BY_FD."""
-    info = _MapInfo()
-    attr = _InfoAttr(map_fd, ctypes.sizeof(info), ctypes.addressof(info))
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
-    return int(info.type), int(info.max_entries), info.name.decode(errors="replace")
-
-
-def prog_test_run(prog_fd: int, data: bytes = b"\0" * 64, repeat: int = 1) -> tuple[int, int]:
-    """Run a BPF program ``repeat`` times in the kernel (BPF_PROG_TEST_RUN) on ``data``.
-
-    A kernel-side producer for tests and benchmarks (socket-filter/XDP programs take a
-    packet of at least 14 bytes). Returns (program return value, mean ns per run).
-    The GIL is released during the syscall, so another thread can consume meanwhile.
-    """
-    buf = ctypes.create_string_buffer(data, len(data))
-    attr = _TestRunAttr(prog_fd=prog_fd, data_size_in=len(data),
-                        data_in=ctypes.addressof(buf), repeat=repeat)
-    _bpf(_BPF_PROG_TEST_RUN, attr)
-    return int(attr.retval), int(attr.duration)
 
 
 def _record_dtype(dtype: np.dtype) -> np.dtype:
@@ -229,10 +141,11 @@ class RingBufReader:
             raise MissingFeature("the bulk ring-buffer reader relies on x86-64 memory ordering",
                                  "use bcc's ring_buffer_poll() on this architecture")
         try:
-            mtype, size, _ = map_info(map_fd)
+            info = map_info(map_fd)
         except OSError as err:
-            raise UsageError(f"fd {map_fd} is not a BPF map: {err.strerror}") from None
-        if mtype != _BPF_MAP_TYPE_RINGBUF:
+            raise UsageError(f"fd {map_fd} is not a BPF map: {os.strerror(err.errno)}") from None
+        mtype, size = int(info.type), int(info.max_entries)
+        if mtype != MAP_TYPE_RINGBUF:
             raise UsageError(f"BPF map fd {map_fd} has type {mtype}, not a ring buffer (27)")
         self.dtype = np.dtype(dtype)
         self.size = size  # bytes of data, a power of two

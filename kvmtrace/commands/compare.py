@@ -1,7 +1,7 @@
 """``kvmtrace compare BASE NEW``: did a kernel or VMM change make the dirty ring slower?
 
 Profiles both traces (recording, tracefs text or ``perf script`` text, detected) with
-:func:`kvmtrace.analysis.compare.profile_source`, compares them with
+:func:`kvmtrace.analysis.profile.profile_source`, compares them with
 :func:`kvmtrace.analysis.comparison.compare_profiles` and prints an 80-column table
 (:mod:`kvmtrace.views.compare_text`) or one JSON object. Exit status: 0 no regression,
 1 a regression found, 2 bad input.
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if not math.isfinite(args.threshold) or not 0 <= args.threshold < 1e6:
         raise UsageError(f"--threshold {args.threshold}: not a percentage",
                          "give a number from 0 up, e.g. --threshold 10")
-    from ..analysis.compare import profile_source
     from ..analysis.comparison import compare_profiles
+    from ..analysis.profile import profile_source
     from ..source.detect import open_source
 
     profiles = []

@@ -63,7 +63,7 @@ class RecordSummary:
         progress) are named after it: ``; STUCK rings: pid:vm:ring reason, ...``."""
         per = self.bytes / self.events if self.events else 0.0
         out = (f"recorded {self.events} events ({self.pushes} pushes) in {self.seconds:.1f} s, "
-               f"{self.lost} lost, {self.bytes} bytes ({per:.2f} bytes/event) to {path}")
+               f"{self.lost} lost events, {self.bytes} bytes ({per:.2f} bytes/event) to {path}")
         if self.stuck:
             out += "; STUCK rings: " + ", ".join(
                 f"{pid}:{vm}:{ring} {why}" for (pid, vm, ring), why in sorted(self.stuck.items()))

@@ -3,7 +3,8 @@
 Reads a kvmtrace recording, tracefs text or ``perf script`` text (detected), replays it
 with :func:`kvmtrace.analysis.replay.replay_source` and prints the text report
 (:mod:`kvmtrace.views.replay_text`) or one JSON object (:mod:`kvmtrace.views.replay_json`).
-Exit status: 0 clean, 1 anomalies found or events lost, 2 bad input.
+Exit status: 0 clean, 1 anomalies found or lost events (the tracer dropped some), 2 bad
+input.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ EPILOG = """examples:
   kvmtrace replay run.kvt --simulate-ring-entries 1024   # exits with a smaller ring?
   kvmtrace replay run.kvt --dump-harvest harvest.json    # every harvested (slot, offset)
 
-exit status: 0 clean, 1 anomalies found (or events lost), 2 bad input
+exit status: 0 clean, 1 anomalies found (or lost events), 2 bad input
 """
 
 
@@ -35,7 +36,7 @@ exit status: 0 clean, 1 anomalies found (or events lost), 2 bad input
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_subcommand(
         sub, "replay",
-        help="cross-check a trace against the dirty-ring model; find lost dirty pages",
+        help="cross-check a trace against the dirty-ring model; find lost pages",
         description="Replay a recording (kvmtrace record), tracefs text or perf script "
         "output\nthrough a model of struct kvm_dirty_ring: anomalies (overflow, pushes past "
         "the\nsoft limit, lost events, bad indices, livelock), per-ring totals, stalls, a\n"

@@ -66,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="live per-ring view of the dirty ring (like top)",
         description="One row per dirty ring (vCPU) and a total per VM: size, used and fill, "
         "max used, pushes/s, soft-full exits/s, stall p99, resets/s, entries per reset, "
-        "reset p99, lost entries. Interactive, batch (-b, text or --json) or Prometheus.",
+        "reset p99, lost pages (overwritten + stranded). Interactive, batch (-b, text or "
+        "--json) or Prometheus.",
         epilog=EXAMPLES, run=run,
     )
     # Values are parsed in parse_options() so a bad one is a single error line (exit 2).
@@ -76,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-b", "--batch", action="store_true", help="print instead of curses")
     add_json(p, "batch NDJSON, one object per interval")
     p.add_argument("-s", "--sort", default="push", metavar="KEY",
-                   help=f"sort column: {', '.join(SORT_KEYS)} (push)")
+                   help=f"sort column: {', '.join(SORT_KEYS)} (push); lost = lost pages")
     p.add_argument("--prometheus", metavar="ADDR:PORT",
                    help="serve /metrics (':PORT' = 127.0.0.1)")
     p.add_argument("--replay", metavar="FILE", help="a recording or ftrace/perf-script text")
@@ -85,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
     p.add_argument("--light", action="store_true",
                    help="no probe on every push (cost independent of the push rate): "
-                   "pushes, used, max used and lost are updated at each ring's resets "
+                   "pushes, used, max used and lost pages are updated at each ring's resets "
                    "only (the JSON says \"mode\": \"light\"); rings of VMs older than "
                    "top count pushes from their first reset seen")
     add_command(p, "run COMMAND, show only its VMs, stop (batch) when it exits; its "

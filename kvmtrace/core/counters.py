@@ -71,7 +71,7 @@ class RingCounters:
     dirty_index: int = 0  # last seen (free-running u32)
     reset_index: int = 0
     max_used: int = 0  # max over time of dirty_index - reset_index
-    lost: int = 0  # entries lost: overwritten (pushed beyond size) + stranded
+    lost: int = 0  # lost pages: overwritten (pushed beyond size) + stranded entries
     stranded: int = 0  # of lost: pushed after a reset left the ring stuck (overflow aftermath)
     stuck: str | None = None  # why the ring is flagged stuck (kvmtrace.analysis.stuck), or None
     size: int | None = None  # entries; None = unknown

@@ -74,7 +74,8 @@ class EventSource(ABC):
     @property
     @abstractmethod
     def lost(self) -> int:
-        """Events the producer could not deliver (known once batches() is exhausted)."""
+        """Lost events: events the producer could not deliver (known once batches() is
+        exhausted)."""
 
     @property
     def truncated(self) -> bool:

@@ -27,9 +27,9 @@ LIST_CAP = 100_000
 
 
 class AnomalyKind(enum.StrEnum):
-    OVERFLOW = "overflow"  #: used > size: unharvested entries overwritten, dirty pages lost
+    OVERFLOW = "overflow"  #: used > size: unharvested entries overwritten (lost pages)
     NO_EXIT = "no_exit"  #: pushes past the soft limit and no soft-full exit followed
-    GAP = "gap"  #: dirty_index/reset_index jumped: the trace lost events
+    GAP = "gap"  #: dirty_index/reset_index jumped: lost events (the trace dropped some)
     RESET_BEYOND = "reset_beyond"  #: reset_index passed dirty_index
     BACKWARDS = "backwards"  #: an index went back
     LIVELOCK = "livelock"  #: repeated soft-full exits with no reset progress
@@ -62,7 +62,7 @@ class Anomaly:
             more = f" and {n - 4} more" if n > 4 else ""
             return (
                 f"ring overflow: used reached {x['max_used']} > size {x['size']}, "
-                f"{n} unharvested entries overwritten (dirty pages lost): {shown}{more}"
+                f"{n} unharvested entries overwritten (lost pages): {shown}{more}"
             )
         if k is AnomalyKind.NO_EXIT:
             return (
@@ -74,8 +74,8 @@ class Anomaly:
             what = x["index"]
             return (
                 f"{what} jumped from {x['expected']:#x} to {x['got']:#x} at a {x['event']} "
-                f"event: {n} {'push' if what == 'dirty_index' else 'reset'} "
-                f"event(s) lost by the trace"
+                f"event: {n} lost {'push' if what == 'dirty_index' else 'reset'} "
+                f"event(s) (the trace dropped them)"
             )
         if k is AnomalyKind.RESET_BEYOND:
             return (
@@ -167,11 +167,12 @@ class RingResult:
     size_source: str = "unknown"  #: "trace", "meta", "inferred", "unknown"
     dirty_index: int = 0  #: last
     reset_index: int = 0  #: last
-    overwritten: int = 0  #: entries overwritten before harvest (dirty pages lost)
+    overwritten: int = 0  #: entries overwritten before harvest (lost pages)
     stranded: int = 0  #: entries pushed and never collectable: the ring ended stuck
     stuck: bool = False  #: at the end, reset_index on a cleared entry while used > 0
     #: distinct (slot, offset) among overwritten + stranded entries whose latest push was
-    #: never collected, with how many of their entries were lost; sorted, at most LIST_CAP
+    #: never collected, with how many of their entries were overwritten or stranded;
+    #: sorted, at most LIST_CAP
     lost_pages: list[tuple[int, int, int]] = field(default_factory=list)
     lost_page_count: int = 0  #: len(lost_pages) before the cap
     harvested: int = 0  #: entries collected by resets whose content the model knew

@@ -194,7 +194,7 @@ class RecordingWriter:
         self._meta_dirty = True
 
     def flush(self) -> None:
-        """Write everything pending (events, lost count, meta) as complete blocks."""
+        """Write everything pending (events, lost events count, meta) as complete blocks."""
         self._check_open()
         self._write_events()
         if self.lost != self._lost_written:
@@ -302,8 +302,8 @@ class Recording(EventSource):
     """A recording opened for reading; an EventSource (kvmtrace/core/sources.py).
 
     Known at open (one pass over block headers): ``meta``, ``events`` (complete events),
-    ``lost``, ``blocks``, ``ts_first``/``ts_last`` (ns), ``complete`` (END block present),
-    ``truncated`` (no END block: the writer was killed, or the file was cut) and
+    ``lost`` (lost events), ``blocks``, ``ts_first``/``ts_last`` (ns), ``complete`` (END
+    block present), ``truncated`` (no END block: the writer was killed, or the file was cut) and
     ``torn_bytes`` (bytes of an incomplete last block, ignored).
     """
 

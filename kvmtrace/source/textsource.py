@@ -107,7 +107,8 @@ class TextSource(EventSource):
 
     @property
     def lost(self) -> int:
-        """Events the kernel reported lost (tracefs ``[LOST n EVENTS]`` lines)."""
+        """Lost events: events the kernel reported dropped (tracefs ``[LOST n EVENTS]``
+        lines)."""
         return self._lost
 
     @property

@@ -4,8 +4,14 @@ floor: may import anything, nothing in the package imports it).
 - :mod:`.reference`: the reference replay, one event at a time over
   :class:`kvmtrace.model.ring.DirtyRing`; the fast replay (:mod:`kvmtrace.analysis.replay`)
   must agree with it exactly.
-- :mod:`.synth`: synthetic event streams from model rings (:class:`~.synth.SynthVm`) and
-  bulk streams for benchmarks (:func:`~.synth.bulk_stream`).
+- :mod:`.synth`: synthetic event streams from model rings (:class:`~.synth.SynthVm`), bulk
+  streams for benchmarks (:func:`~.synth.bulk_stream`) and VMM-like streams with jitter
+  (:func:`~.synth.workload_stream`).
 - :mod:`.vm_cycles`: cycles of concurrent built-in VMs in one process, held on stdin until
   a tracer is attached (``python -m kvmtrace.testing.vm_cycles PLAN``).
+- :mod:`.prog_run`: runs a BPF program in the kernel (BPF_PROG_TEST_RUN), a producer for
+  the ring-buffer tests and benchmark.
+- :mod:`.held`: attach a tracer to a held child, then release it and read its JSON.
+- :mod:`.snapshot_watch`: a vm_cycles child under the probes with a snapshot loop, and
+  the laws the snapshots obey (live top's tests and tools/soak_top.py).
 """

@@ -4,7 +4,9 @@
 event the real tracepoint would: ``push`` (after dirty_index++), ``exit`` (soft-full exit at
 guest entry), ``reset`` (one event per ring per KVM_RESET_DIRTY_RINGS). Tests use it to
 build streams with known anomalies. :func:`bulk_stream` builds large, clean streams with
-numpy for throughput measurements.
+numpy for throughput measurements; :func:`workload_stream` a VMM-like stream with jitter,
+soft-full exits, stalls and periodic resets (the recording tests' ground truth and
+tools/bench_format.py's streams).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.events import EVENT_DTYPE, Kind, empty
-from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, bytes_from_entries
+from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, bytes_from_entries, soft_limit_of
 from ..model.ring import DirtyRing
 
-__all__ = ["SynthVm", "bulk_stream"]
+__all__ = ["SynthVm", "bulk_stream", "workload_stream"]
 
 
 class SynthVm:
@@ -132,3 +134,92 @@ def bulk_stream(cycles: int, *, rings: int = 4, entries: int = 4096, pages: int 
         ev["dirty_index"][pos] = ev["reset_index"][pos] = (c[:, 0] + 1) * limit
     ev["ts"] = 1_000_000_000 + np.arange(ev.size, dtype=np.uint64) * 50
     return ev
+
+
+def workload_stream(n: int, vcpus: int = 4, pattern: str = "seq", ring_entries: int = 512,
+                    pages: int = 1 << 18, seed: int = 1, pid: int = 4321, vm: int = 11,
+                    period_ns: int = 2_000_000, push_ns: int = 10_000) -> np.ndarray:
+    """About ``n`` (at least n, then cut to n) events of a dirty-ring workload, time-ordered.
+
+    Each vCPU pushes every ``push_ns`` on average (80 % fixed, 20 % exponential jitter);
+    every 0.5-3 ``period_ns`` the VMM resets all rings (one RESET per ring, one RESET_LAT); a
+    vCPU that reaches the soft limit (entries - 64) exits (EXIT) and stalls until that
+    reset (STALL at the end of the stall, value = its ns). ``pattern`` "seq" walks pages in
+    order per vCPU, "random" picks them at random.
+    """
+    rng = np.random.default_rng(seed)
+    soft = soft_limit_of(ring_entries)
+    t = 1_000_000_000
+    dirty = [0] * vcpus
+    reset = [0] * vcpus
+    cursor = [i * (pages // vcpus) for i in range(vcpus)]
+    clock = [t + int(rng.integers(0, push_ns)) for _ in range(vcpus)]
+    stalled: list[int | None] = [None] * vcpus
+    chunks: list[np.ndarray] = []
+    head = empty(1)
+    head[0] = (t - 1000, bytes_from_entries(ring_entries), pid, pid, 0, 0, 223, -1, vm,
+               Kind.RING_SIZE, b"")
+    chunks.append(head)
+    total = 1
+    while total < n:
+        t_end = t + int(period_ns * rng.uniform(0.5, 3.0))
+        guess = (t_end - t) // push_ns * 2 + 8
+        for i in range(vcpus):
+            tid = pid + 1 + i
+            times = clock[i] + np.cumsum(
+                (push_ns * 0.8 + rng.exponential(push_ns * 0.2, guess)).astype(np.int64))
+            times = times[times < t_end]
+            room = soft - (dirty[i] - reset[i])
+            full = len(times) >= room
+            k = min(len(times), room)
+            times = times[:k]
+            ev = empty(k + (1 if full else 0))
+            if k:
+                ev["ts"][:k] = times
+                ev["dirty_index"][:k] = dirty[i] + 1 + np.arange(k)
+                ev["reset_index"][:k] = reset[i]
+                ev["kind"][:k] = Kind.PUSH
+                if pattern == "seq":
+                    ev["value"][:k] = (cursor[i] + np.arange(k)) % pages
+                    cursor[i] = (cursor[i] + k) % pages
+                else:
+                    ev["value"][:k] = rng.integers(0, pages, k)
+                dirty[i] += k
+            if full:
+                exit_ts = (int(times[-1]) if k else clock[i]) + 300
+                ev[k] = (exit_ts, 0, pid, tid, dirty[i], reset[i], 0, i, vm, Kind.EXIT, b"")
+                stalled[i] = exit_ts + 2000
+                clock[i] = t_end + 50_000 + int(rng.integers(0, 5000))
+            elif k:
+                clock[i] = int(times[-1]) + push_ns
+            ev["pid"] = pid
+            ev["tid"] = tid
+            ev["ring"] = i
+            ev["vm"] = vm
+            chunks.append(ev)
+            total += len(ev)
+        lat = 20_000 + int(rng.integers(0, 20_000))
+        ev = empty(2 * vcpus + 1)
+        for i in range(vcpus):
+            entries = dirty[i] - reset[i]
+            reset[i] = dirty[i]
+            ev[i] = (t_end + 1000 + 500 * i, entries, pid, pid, dirty[i], reset[i], 0, i, vm,
+                     Kind.RESET, b"")
+            # the next period's pushes come after this ring's reset (their reset_index is
+            # the new one): never before it, even with a push late in this period
+            clock[i] = max(clock[i], t_end + 1001 + 500 * i)
+        ev[vcpus] = (t_end + lat, lat, pid, pid, 0, 0, 0, -1, vm, Kind.RESET_LAT, b"")
+        m = vcpus + 1
+        for i in range(vcpus):
+            if stalled[i] is not None:
+                end = clock[i] - 1000
+                ev[m] = (end, end - stalled[i], pid, pid + 1 + i, dirty[i], reset[i], 0, i, vm,
+                         Kind.STALL, b"")
+                m += 1
+                stalled[i] = None
+        chunks.append(ev[:m])
+        total += m
+        t = t_end
+    out = np.concatenate(chunks)
+    out = out[np.argsort(out["ts"], kind="stable")]
+    return out[:n]

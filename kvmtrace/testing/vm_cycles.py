@@ -4,8 +4,9 @@
 :class:`~kvmtrace.vmm.workload.WorkloadConfig` field dicts) waits for one byte on stdin (so
 a tracer can attach first), then runs each cycle's VMs together on threads, one cycle after
 another (a later cycle's VMs reuse the fds of the earlier ones), and prints the VMs' ground
-truths (``WorkloadResult.to_dict()``) as one JSON list. Used by the live-top tests and
-``tools/soak_top.py``.
+truths (``WorkloadResult.to_dict()``) as one JSON list (stdin at EOF starts it at once).
+Used by the live-top and VM identity tests, ``tools/soak_top.py`` and
+``tools/soak_identity.py``.
 """
 
 from __future__ import annotations

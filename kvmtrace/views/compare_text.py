@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from ..analysis.compare import ALL, Profile
 from ..analysis.comparison import Comparison, MetricRow, Verdict
+from ..analysis.profile import ALL, Profile
 
 __all__ = ["render_text", "format_value"]
 
@@ -65,7 +65,7 @@ def _side(label: str, path: str, p: Profile) -> list[str]:
     out = [head + (path if len(path) <= room else "..." + path[-(room - 3):])]
     info = f"#   {p.kind}, {p.events} events over {format_value(p.span_ns, 'ns')}"
     if p.lost_events:
-        info += f", {p.lost_events} lost"
+        info += f", {p.lost_events} lost events"
     if p.stall_source:
         info += f"; stalls: {p.stall_source}"
     out.append(info)

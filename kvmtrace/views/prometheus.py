@@ -6,7 +6,7 @@ comm}`` (``vm`` the VM's fd, ``vm_gen`` the VMs seen under that fd before it):
 
 - counters ``kvmtrace_ring_pushes_total``, ``..._soft_full_exits_total``,
   ``..._resets_total``, ``..._entries_reset_total`` (entries), ``..._lost_entries_total``
-  (pushes that overwrote an unharvested entry);
+  (lost pages: entries overwritten by an overflow + stranded by a stuck ring);
 - gauges ``kvmtrace_ring_used_entries``, ``..._max_used_entries``, ``..._size_entries``
   (absent while the size is unknown);
 - histograms ``kvmtrace_ring_stall_seconds`` (soft-full stall, exit 31 to the next KVM_RUN)
@@ -41,7 +41,7 @@ _COUNTERS = (
     ("resets_total", "resets", "Ring resets (one per ring per KVM_RESET_DIRTY_RINGS)."),
     ("entries_reset_total", "entries_reset", "Entries the resets gave back to the ring."),
     ("lost_entries_total", "lost",
-     "Entries lost: overwritten before a reset (overflow) + stranded by a stuck ring."),
+     "Lost pages: entries overwritten (overflow) + stranded by a stuck ring."),
     ("stranded_entries_total", "stranded",
      "Entries pushed after a reset left the ring stuck: never harvested, never reset."),
 )

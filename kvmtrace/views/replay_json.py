@@ -4,10 +4,10 @@ Schema 1 (counts in ring entries (``struct kvm_dirty_gfn``) or events; times in 
 trace's clock unless the name says ``_s``; unknown values are ``null``, never NaN)::
 
     {"schema": 1, "source": <"recording", "ftrace", "perf-script", ...>, "file": <path>,
-     "events": <events read>, "lost": <events the producer could not deliver>,
+     "events": <events read>, "lost": <lost events: the producer could not deliver them>,
      "truncated": <the recording ends early>, "reserved": <entries kept back: 64 or 576>,
      "start_ns", "end_ns": <first/last event of any ring; null without rings>,
-     "clean": <no anomaly and nothing lost>,
+     "clean": <no anomaly and no lost events>,
      "warnings": [<one line each: what the input could not tell, e.g. text rings not
                   told apart (their anomalies are left out)>],
      "rings": [{"pid" (0 unknown), "vm" (VM fd, -1 unknown; -2, -3, ...: VMs a text
@@ -20,9 +20,9 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
                 reset collected them), "stranded" (entries pushed while the ring is stuck:
                 never collected), "stuck" (reset_index ends on a cleared entry with
                 entries pushed: the ring can never be reset again), "lost_pages" ([[slot,
-                offset, entries lost], ...]: distinct pages among the overwritten and
-                stranded entries whose latest push was never collected, sorted, at most
-                kvmtrace.model.results.LIST_CAP), "lost_page_count", "harvested",
+                offset, entries overwritten or stranded], ...]: distinct pages among the
+                overwritten and stranded entries whose latest push was never collected,
+                sorted, at most kvmtrace.model.results.LIST_CAP), "lost_page_count", "harvested",
                 "harvested_unknown", "digest" (32 hex digits: harvested (slot, offset)
                 multiset), "first_ns", "last_ns",
                 "stall": {"count", "total_ns", "p50_ns", "p99_ns", "max_ns"} (KT_STALL),
@@ -42,7 +42,7 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
                     "trace_exits", "stall_ns"}]}}
 
 ``--dump-harvest`` writes the shape of ``kvmtrace workload --dump-harvest``
-(:meth:`kvmtrace.vmm.result.WorkloadResult.harvest_dump`): ``{"pid", "vm_fd",
+(:meth:`kvmtrace.vmm.truth.WorkloadResult.harvest_dump`): ``{"pid", "vm_fd",
 "ring_entries", "rings": [{"index", "harvested": [[slot, offset], ...]}]}``, with ``pid``,
 ``vm_fd`` and ``ring_entries`` null when the trace holds several VMs or does not say, and
 ``pid``/``vm`` on each ring as well. Entries are in the order resets collected them.

@@ -1,9 +1,9 @@
 """Text report of ``kvmtrace replay``: at most 80 columns, one section per concern.
 
-Sections: header (source, events, lost, span), per-ring counters (``struct kvm_dirty_ring``
+Sections: header (source, events, lost events, span), per-ring counters (``struct kvm_dirty_ring``
 of each vCPU: size and where it came from, pushes, resets, entries reset, soft-full exits,
-max used), per-ring stalls and harvest digest, lost dirty pages (overwritten and stranded
-entries, deduplicated by page with how many entries each lost, stuck rings), anomalies
+max used), per-ring stalls and harvest digest, lost pages (overwritten and stranded
+entries, deduplicated by page with how many entries of each, stuck rings), anomalies
 (time from the first event, ring, indices, one sentence each), dirty rate and working set
 per vCPU, hottest pages per VM and the ``--simulate-ring-entries`` comparison.
 Times: ms/us from the trace's ns.
@@ -46,14 +46,15 @@ def _header(report: ReplayReport, file: str | None, truncated: bool) -> list[str
     start, end = ring_span(report)
     span = "-" if start is None or end is None else _ms(end - start)
     out = [f"kvmtrace replay: {file}" if file else "kvmtrace replay",
-           f"source {report.source_kind}, {report.events} events, {report.lost} lost, "
+           f"source {report.source_kind}, {report.events} events, {report.lost} lost events, "
            f"span {span}",
            f"{len(report.rings)} ring(s); KVM reserve {report.reserved} entries "
            f"(soft limit = size - {report.reserved})"]
     if truncated:
         out.append("warning: the recording ends early (writer killed?); replayed what it holds")
     if report.lost:
-        out.append(f"warning: the producer lost {report.lost} events: counts are lower bounds")
+        out.append(f"warning: {report.lost} lost events (the tracer dropped them): counts are "
+                   "lower bounds")
     return out
 
 
@@ -89,7 +90,7 @@ def _lost(report: ReplayReport) -> list[str]:
     rings = [r for r in report.rings if r.overwritten or r.stranded or r.lost_page_count]
     if not rings:
         return []
-    out = ["", "lost dirty pages (never collected by a reset), page x entries lost:",
+    out = ["", "lost pages (overwritten + stranded: no reset collected them), page x entries:",
            f"{'ring':>4} {'overwrit':>8} {'stranded':>8} {'stuck':>5} {'pages':>6}  first"]
     for r in rings:
         line = (f"{r.ring[2]:>4} {r.overwritten:>8} {r.stranded:>8} "

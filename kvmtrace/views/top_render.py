@@ -136,7 +136,7 @@ HELP_LINES = (
     "PUSH/s EXIT/s RST/s: ring pushes, soft-full exits (31), ring resets per second",
     "STL99: p99 of the soft-full stall (exit 31 to the next KVM_RUN)",
     "RST99: p99 of KVM_RESET_DIRTY_RINGS (upper bound of a power-of-two bucket)",
-    "LOST: entries overwritten before a reset (overflow) + stranded by a stuck ring",
+    "LOST: lost pages = entries overwritten (overflow) + stranded by a stuck ring",
     "vcpuN! / pid:vm!: stuck ring (line 3 says why): stranded = a reset stopped on an",
     "  entry it cleared after an overflow; no_reset_progress = soft-full exits, no resets",
 )

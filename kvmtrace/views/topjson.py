@@ -8,7 +8,7 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
      "interval_s": <seconds>, "lost_events": <cumulative>,
      "rings": [{"pid", "vm", "vm_gen", "index", "size" (entries, null unknown), "used", "max_used",
                 "fill_pct" (null unknown), "pushes", "soft_full_exits", "resets",
-                "entries_reset", "lost" (overwritten + stranded), "stranded",
+                "entries_reset", "lost" (lost pages: overwritten + stranded), "stranded",
                 "stuck" (bool), "stuck_reason" (null, "stranded", "no_reset_progress" or
                 "overflow": kvmtrace.analysis.stuck), "stall_ns" (cumulative since start),
                 "push_rate", "exit_rate", "reset_rate", "lost_rate" (per second),
@@ -20,10 +20,10 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
               KVM_RESET_DIRTY_RINGS ioctl)}]}
 
 ``mode`` is ``light`` for ``top --light`` (no push probe): a ring's pushes, used, max_used
-and lost are then updated at its resets only, so they lag by up to one harvest cycle and
+and lost (pages) are then updated at its resets only, so they lag by up to one harvest cycle and
 push_rate is the dirty_index advance seen at the interval's resets; ``full`` otherwise.
-A VM's ``stuck``/``stuck_reason`` is its most serious ring's. ``lost`` counts ring entries
-lost to an overflow: overwritten before a reset plus stranded by a stuck ring.
+A VM's ``stuck``/``stuck_reason`` is its most serious ring's. ``lost`` counts lost pages:
+ring entries overwritten by an overflow before a reset plus stranded by a stuck ring.
 ``vm`` is the VM's file descriptor in the VMM process (-1 unknown) and ``vm_gen`` the VMs
 seen under that fd before this one (the fd was reused: kvmtrace.core.kvm_abi); ``index`` is
 ``kvm_dirty_ring.index`` (the vCPU index, -1 unknown).

@@ -2,8 +2,11 @@
 hold kvmtrace to. Its KVM ioctl layer is :mod:`kvmtrace.host.kvm`.
 
 - :mod:`.guest`: the 32-bit guest program, assembled here.
-- :mod:`.vm`: VM, vCPU and dirty-ring objects (ctypes ioctl + mmap).
+- :mod:`.vm`: VM and vCPU objects and :class:`~.vm.MappedRing`, the mmap'd view of a
+  vCPU's kernel ring (ctypes ioctl + mmap).
 - :mod:`.workload`: N VMs of M vCPU threads, harvested like a VMM; :mod:`.harvest` one
   VM's harvest, :mod:`.reset` what a KVM_RESET_DIRTY_RINGS did, :mod:`.helpers` the side
-  threads (reset interrupter, vCPU migrator), :mod:`.result` the ground-truth report.
+  threads (reset interrupter, vCPU migrator).
+- :mod:`.truth`: the ground-truth report, :class:`~.truth.WorkloadResult` with one
+  :class:`~.truth.RingTruth` per ring.
 """

@@ -16,7 +16,7 @@ from collections import deque
 from ..errors import KvmtraceError
 from .helpers import ResetInterrupter
 from .reset import attribute_reset, reset_run
-from .result import RingResult
+from .truth import RingTruth
 from .vm import Vcpu, Vm, describe_oserror
 
 __all__ = ["RingState", "Harvester", "MAX_RESET_RETRIES"]
@@ -30,7 +30,7 @@ class RingState:
     ``full_mark``: ``res.harvested`` at this vCPU's previous exit 31 (livelock check).
     """
 
-    def __init__(self, vcpu: Vcpu, res: RingResult, keep: bool) -> None:
+    def __init__(self, vcpu: Vcpu, res: RingTruth, keep: bool) -> None:
         self.vcpu = vcpu
         self.res = res
         self.seen: set[tuple[int, int]] = set()

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.kvm_abi import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET
-from .vm import DirtyRing
+from .vm import MappedRing
 
 __all__ = ["RingReset", "CallOutcome", "reset_run", "ring_reset", "attribute_reset"]
 
@@ -60,7 +60,7 @@ class CallOutcome:
         return sum(self.per_ring)
 
 
-def reset_run(ring: DirtyRing, start: int, limit: int | None = None) -> int:
+def reset_run(ring: MappedRing, start: int, limit: int | None = None) -> int:
     """Consecutive RESET-flagged entries from ring index ``start`` (the kernel's
     ``reset_index``): the most one walk can reset in this ring. ``limit``: read no more
     than this many (each RESET entry is a harvested entry not reset yet, so the VMM's
@@ -76,7 +76,7 @@ def reset_run(ring: DirtyRing, start: int, limit: int | None = None) -> int:
     return min(ends, default=len(flags))
 
 
-def ring_reset(ring: DirtyRing, start: int, run: int) -> RingReset:
+def ring_reset(ring: MappedRing, start: int, run: int) -> RingReset:
     """Read back one ring after a call whose walk started at ring index ``start`` with
     ``run`` RESET-flagged entries ahead of it."""
     if run <= 0:
@@ -92,7 +92,7 @@ def ring_reset(ring: DirtyRing, start: int, run: int) -> RingReset:
         return RingReset(first_left, True)
 
 
-def attribute_reset(rings: list[tuple[DirtyRing, int, int]]) -> CallOutcome:
+def attribute_reset(rings: list[tuple[MappedRing, int, int]]) -> CallOutcome:
     """Read back every ring of a VM (vCPU index order; per ring its walk start and run
     before the call) after one KVM_RESET_DIRTY_RINGS call."""
     per_ring: list[int] = []

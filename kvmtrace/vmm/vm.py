@@ -25,13 +25,13 @@ from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import kvm as k
 from ..host.kvm import open_kvm, probe_ring_caps
 
-__all__ = ["DirtyRing", "check_ring_bytes", "Vm", "Vcpu",
+__all__ = ["MappedRing", "check_ring_bytes", "Vm", "Vcpu",
            "describe_oserror"]
 
 
 
-class DirtyRing:
-    """A VMM's view of one vCPU's ``struct kvm_dirty_gfn`` array and its fetch index.
+class MappedRing:
+    """The VMM's mmap'd view of one vCPU's ``struct kvm_dirty_gfn`` array and its fetch index.
 
     ``buf`` is any writable buffer of ``entries`` * 16 bytes (the vCPU fd's mmap, or a
     bytearray in tests). ``fetch`` counts entries harvested so far (it wraps only through
@@ -118,7 +118,7 @@ class Vcpu:
         self._ring_map = mmap.mmap(self.fd, vm.ring_bytes, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE,
                                    offset=k.KVM_DIRTY_LOG_PAGE_OFFSET * k.PAGE_SIZE)
-        self.ring = DirtyRing(self._ring_map, entries_from_bytes(vm.ring_bytes))
+        self.ring = MappedRing(self._ring_map, entries_from_bytes(vm.ring_bytes))
 
     def run(self) -> int:
         """KVM_RUN once (GIL released); returns ``kvm_run.exit_reason``.

@@ -30,7 +30,7 @@ from ..host.kvm import open_kvm
 from .guest import PATTERNS, GuestCode, GuestLayout, assemble
 from .harvest import Harvester, RingState
 from .helpers import Migrator, ResetInterrupter, usable_cpus
-from .result import RingResult, WorkloadResult
+from .truth import RingTruth, WorkloadResult
 from .vm import Vm, check_ring_bytes, describe_oserror
 
 __all__ = ["HARVEST_MODES", "LIVELOCK_EXITS", "STOP_SIGNAL", "MAX_VMS", "MAX_VM_CYCLES",
@@ -111,7 +111,7 @@ class _VmRun:
     def __init__(self, cfg: WorkloadConfig, vm: Vm, number: int, cycle: int, gen: int,
                  code: GuestCode) -> None:
         self.vm, self.number, self.cycle, self.gen, self.code = vm, number, cycle, gen, code
-        self.rings = [RingState(vcpu, RingResult(index=vcpu.index, vm_fd=vm.fd, vm_gen=gen,
+        self.rings = [RingState(vcpu, RingTruth(index=vcpu.index, vm_fd=vm.fd, vm_gen=gen,
                                                  cycle=cycle), cfg.keep_harvest)
                       for vcpu in vm.vcpus]
         self.interrupter = (ResetInterrupter(STOP_SIGNAL, cfg.seed * 1000 + number)

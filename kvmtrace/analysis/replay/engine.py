@@ -60,7 +60,7 @@ class ReplayReport:
 
     @property
     def exit_status(self) -> int:
-        """0 clean, 1 anomalies (or events lost by the producer)."""
+        """0 clean, 1 anomalies (or lost events: the producer dropped some)."""
         return 0 if self.clean else 1
 
 

@@ -6,11 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["RingResult", "WorkloadResult"]
+__all__ = ["RingTruth", "WorkloadResult"]
 
 
 @dataclass
-class RingResult:
+class RingTruth:
     """Ground truth for one vCPU's dirty ring (``struct kvm_dirty_ring`` of vCPU ``index``).
 
     pages_written: guest writes that could dirty a page (exact, from the guest's counter).
@@ -101,7 +101,7 @@ class WorkloadResult:
     harvest: str
     reaper_ms: float
     harvest_delay_us: float
-    rings: list[RingResult]
+    rings: list[RingTruth]
     resets: int = 0
     reset_returned: int = 0
     livelock: bool = False
@@ -151,7 +151,8 @@ class WorkloadResult:
 
     def summary(self) -> str:
         """A short text report, at most 80 columns wide: one row per ring, with its cycle
-        (``cy``) and VM (fd, ``5#1`` for the second VM under fd 5)."""
+        (``cy``) and VM (fd, ``5#1`` for the second VM under fd 5); ``lost`` is the ring's
+        lost pages (``lost_suspected``: written, never harvested)."""
         how = f"{self.passes} pass(es)" if self.duration_s is None else f"{self.duration_s} s"
         vms = (f"{self.vms} VMs x {self.vcpus} vCPU(s)" if self.vms > 1
                else f"vm fd {self.vm_fd}, {self.vcpus} vCPU(s)")
@@ -186,7 +187,7 @@ class WorkloadResult:
                 f"{r.distinct:>8} {r.lost_suspected:>6} {r.soft_full_exits:>5} "
                 f"{r.stall_ns / 1e6:>8.2f} {r.run_ns / 1e6:>8.1f} {_rate(r.pushes_per_s):>7}")
         if self.lost_suspected:
-            lines.append(f"{self.lost_suspected} written page(s) never harvested: "
+            lines.append(f"{self.lost_suspected} lost page(s), written but never harvested: "
                          "the ring overflowed")
         stuck = sum(1 for r in self.rings if r.left_dirty or r.unreset)
         if stuck:

@@ -1,0 +1,138 @@
+"""What the tools/ scripts (soak_*.py, bench_*.py) share: importing this module makes the
+checkout's ``kvmtrace`` and the tests' capture helpers (tests/*.py) importable; then the
+command lines of kvmtrace and of the benchmark workload, the root check, the ``--runs`` and
+``--rounds`` options, a run-and-count loop and fixed-width result tables.
+
+A script imports it first (``from _common import ...``), before any ``kvmtrace`` import;
+tools/ is on ``sys.path`` as the script's own folder. Tests never import tools/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT / "tests", ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+__all__ = ["ROOT", "kvmtrace_cmd", "reaper_workload", "cpu_seconds", "require_root",
+           "parser", "Outcome", "repeat", "Column", "Table"]
+
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def kvmtrace_cmd(*args: str) -> list[str]:
+    """argv that runs this checkout's kvmtrace with this interpreter."""
+    return [sys.executable, "-m", "kvmtrace", *args]
+
+
+def reaper_workload(seconds: float | None, *, vcpus: int = 2, pages: int = 16000,
+                    json_out: bool = True) -> list[str]:
+    """The benchmarks' sustained workload: ``kvmtrace workload`` with a tight guest loop
+    (no I/O exits) over 1 MiB rings and a reaper harvesting every 10 ms, so pages are
+    dirtied again as fast as they are given back; ``seconds`` None: no --duration."""
+    return kvmtrace_cmd("workload", *(["--json"] if json_out else []), "--vcpus", str(vcpus),
+                        "--ring-bytes", "1048576", "--pages", str(pages), "--exit-every",
+                        "0", "--harvest", "reaper", "--reaper-ms", "10",
+                        *([] if seconds is None else ["--duration", str(seconds)]))
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads, no children), seconds
+    (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+def require_root(tool: str, needs: str, *, kvm: bool = False) -> None:
+    """Exit 2 with one line unless root (and, with ``kvm``, /dev/kvm read-write)."""
+    if os.geteuid() != 0 or (kvm and not os.access("/dev/kvm", os.R_OK | os.W_OK)):
+        print(f"{tool}: needs root ({needs})", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
+    return n
+
+
+def parser(doc: str | None, *, runs: int | None = None,
+           rounds: int | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser described by the first line of ``doc``, with ``--runs`` (a soak:
+    runs per scenario) and/or ``--rounds`` (a benchmark) when their default is given."""
+    ap = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    if runs is not None:
+        ap.add_argument("--runs", type=_positive, default=runs,
+                        help=f"runs per scenario ({runs})")
+    if rounds is not None:
+        ap.add_argument("--rounds", type=_positive, default=rounds,
+                        help=f"rounds of every mode ({rounds})")
+    return ap
+
+
+@dataclass
+class Outcome:
+    """What :func:`repeat` saw: runs, the failures (``run N: why``) and the seconds."""
+
+    runs: int = 0
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def first(self) -> str | None:
+        """The first failure's reason (without its run number), or None."""
+        return self.failures[0].split(": ", 1)[1] if self.failures else None
+
+
+def repeat(run: Callable[[], str | None], runs: int) -> Outcome:
+    """Call ``run`` ``runs`` times; each call returns None (as expected) or why not. An
+    exception is a failure of that run (``error: ...``), not of the soak."""
+    out = Outcome()
+    t0 = time.monotonic()
+    for i in range(runs):
+        try:
+            why = run()
+        except Exception as err:  # noqa: BLE001
+            why = f"error: {type(err).__name__}: {err}"
+        out.runs += 1
+        if why is not None:
+            out.failures.append(f"run {i}: {why}")
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its title, the format spec of the title (``>8``) and of a value
+    (``>8.1f``; default: the title's)."""
+
+    title: str
+    spec: str
+    value_spec: str | None = None
+
+
+class Table:
+    """Fixed-width rows: :meth:`header` the titles, :meth:`row` one value per column,
+    columns joined by ``sep``."""
+
+    def __init__(self, columns: Sequence[Column], sep: str = " ") -> None:
+        self.columns = list(columns)
+        self.sep = sep
+
+    def header(self) -> str:
+        return self.sep.join(f"{c.title:{c.spec}}" for c in self.columns)
+
+    def row(self, *values: object) -> str:
+        if len(values) != len(self.columns):
+            raise ValueError(f"{len(values)} values for {len(self.columns)} columns")
+        return self.sep.join(f"{v:{c.value_spec or c.spec}}"
+                             for c, v in zip(self.columns, values, strict=True))

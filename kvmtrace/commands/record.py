@@ -10,11 +10,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..analysis.stuck import EventStuck
 from ..bpf.event_source import LiveEvents
+from ..core.counters import VmName
 from ..core.events import Kind
 from ..errors import UsageError
 from ..host.child import PausedChild
+from ..host.vmnames import resolve
 from ..source.recording import RecordingWriter
 
 __all__ = ["register", "run", "RecordSummary", "record"]
@@ -72,6 +76,31 @@ class RecordSummary:
         return out
 
 
+class _Names:
+    """Per (pid, vm) seen in the events, the VM's name, VMM kind and comm from /proc
+    (kvmtrace.host.vmnames), looked up once per process while it still runs; a process
+    already gone when its first events are read is looked up again on its next VM."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[int, int]] = set()
+        self.by_pid: dict[int, VmName] = {}
+
+    def learn(self, batch: np.ndarray) -> dict[tuple[int, int], VmName]:
+        keys = set(zip(batch["pid"].tolist(), batch["vm"].tolist(), strict=True)) - self.seen
+        new: dict[tuple[int, int], VmName] = {}
+        for pid, vm in keys:
+            if pid <= 0:
+                continue
+            who = self.by_pid.get(pid)
+            if who is None:
+                who = resolve(pid)
+                if who.comm:  # still running: its answer holds for its later VMs
+                    self.by_pid[pid] = who
+            self.seen.add((pid, vm))
+            new[(pid, vm)] = who
+        return new
+
+
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
            command: list[str] | None = None, ringbuf_pages: int = 4096, hook: str = "auto",
            flush_s: float = 1.0, quiet: bool = False) -> RecordSummary:
@@ -105,8 +134,12 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
             elif not quiet:
                 print("Recording dirty-ring events... Hit Ctrl-C to end.", file=sys.stderr)
             last_flush = time.monotonic()
+            names = _Names()
             for batch in source.batches():
                 if len(batch):
+                    learnt = names.learn(batch)
+                    if learnt:
+                        writer.update_meta(vms=learnt)
                     writer.write(batch)
                     events += len(batch)
                     pushes += int((batch["kind"] == Kind.PUSH).sum())

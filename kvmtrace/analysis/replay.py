@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.counters import VmName
 from ..core.events import Kind
 from ..core.kvm_abi import (
     KVM_DIRTY_RING_RSVD_ENTRIES,
@@ -56,6 +57,9 @@ class ReplayReport:
     hottest: dict[tuple[int, int], list[HotPage]] = field(default_factory=dict)
     simulation: SimResult | None = None
     harvested: dict[RingId, list[tuple[int, int]]] | None = None
+    #: (pid, vm) of the rings -> VMM kind, name, comm from the source's meta (recordings
+    #: of format 1.2 on); empty when the source carries no names (text traces)
+    vms: dict[tuple[int, int], VmName] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
@@ -338,6 +342,10 @@ class Replay:
             anomalies=anomalies,
             window_ns=self.ws.window_ns if self.ws else 0,
         )
+        for pid, vm in sorted({k[:2] for k in keys}):
+            who = self.meta.vm_name(pid, vm)
+            if who is not None:
+                report.vms[(pid, vm)] = who
         if self.ws is not None:
             self.ws.finish()
             report.workingset = dict(self.ws.rings)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.kvm_abi import vm_fd, vm_gen
 from .compare import ALL, Profile, RingProfile
 from .distribution import Reservoir, Shift, percentile_shift, percentiles
 
@@ -119,7 +120,9 @@ class Comparison:
 
 def _side(p: Profile, path: str) -> dict[str, Any]:
     return {"path": path, "source": p.kind, "events": p.events, "span_ns": p.span_ns,
-            "lost": p.lost_events, "stall_source": p.stall_source, "sampled": p.sampled}
+            "lost": p.lost_events, "stall_source": p.stall_source, "sampled": p.sampled,
+            "vms": [{"pid": v.pid, "vm": vm_fd(v.vm), "vm_gen": vm_gen(v.vm), "name": v.name,
+                     "vmm": v.vmm, "comm": v.comm or None} for v in p.vms]}
 
 
 # (name, unit, direction: +1 higher is better, -1 lower is better, 0 none, getter)

@@ -85,9 +85,11 @@ def _ch_name(value: str) -> str | None:
 
 
 def _is_kvmtrace_workload(argv: list[str]) -> bool:
+    """The first ``kvmtrace`` word (the program, or ``-m kvmtrace``) runs ``workload``: not
+    ``kvmtrace record -- kvmtrace workload``, the recorder."""
     for i, arg in enumerate(argv[:-1]):
-        if os.path.basename(arg) == "kvmtrace" and argv[i + 1] == "workload":
-            return True
+        if os.path.basename(arg) == "kvmtrace":
+            return argv[i + 1] == "workload"
     return False
 
 

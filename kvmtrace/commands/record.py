@@ -78,12 +78,21 @@ class RecordSummary:
 
 class _Names:
     """Per (pid, vm) seen in the events, the VM's name, VMM kind and comm from /proc
-    (kvmtrace.host.vmnames), looked up once per process while it still runs; a process
-    already gone when its first events are read is looked up again on its next VM."""
+    (kvmtrace.host.vmnames), looked up once per process while it still runs. ``-- COMMAND``
+    is also looked up on every pass of the loop (:meth:`watch`) until its events come, so
+    a VMM that ends before its first events are read still has its name (and the comm
+    last seen, which may be the launcher's if it never ran one pass after exec)."""
 
     def __init__(self) -> None:
         self.seen: set[tuple[int, int]] = set()
         self.by_pid: dict[int, VmName] = {}
+        self.last: dict[int, VmName] = {}
+
+    def watch(self, pid: int) -> None:
+        if pid not in self.by_pid:
+            who = resolve(pid)
+            if who.comm:
+                self.last[pid] = who
 
     def learn(self, batch: np.ndarray) -> dict[tuple[int, int], VmName]:
         keys = set(zip(batch["pid"].tolist(), batch["vm"].tolist(), strict=True)) - self.seen
@@ -96,6 +105,8 @@ class _Names:
                 who = resolve(pid)
                 if who.comm:  # still running: its answer holds for its later VMs
                     self.by_pid[pid] = who
+                else:
+                    who = self.last.get(pid, who)
             self.seen.add((pid, vm))
             new[(pid, vm)] = who
         return new
@@ -156,6 +167,8 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                     stop()
                 if child is not None and child.poll() is not None:
                     stop()
+                elif child is not None:
+                    names.watch(child.pid)
             writer.add_lost(source.lost - writer.lost)
             lost = writer.lost
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,24 @@ def test_a_v10_recording_replays_without_names() -> None:
     assert "VM names: none recorded (a recording older than format 1.2)" in out.stdout
     rep = json.loads(_cli("replay", str(V10), "--json").stdout)
     assert [v["name"] for v in rep["vms"]] == [None]
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
+def test_record_names_a_real_qemu(tmp_path: Path) -> None:
+    """QEMU ``-name guest=web01`` with a dirty ring, stopped before its first instruction
+    (``-S``): no push, yet the recording names its VM (from the ring-size event)."""
+    require_kvm_bpf()
+    out = tmp_path / "qemu.kvt"
+    rec = _cli("record", "-o", str(out), "--duration", "3", "--",
+               "qemu-system-x86_64", "-name", "guest=web01,debug-threads=on", "-display",
+               "none", "-S", "-accel", "kvm,dirty-ring-size=4096", "-nodefaults",
+               "-serial", "none", "-monitor", "none")
+    assert rec.returncode == 0, rec.stderr
+    meta = Recording(out).meta
+    assert set(meta.vms.values()) == {VmName(vmm="qemu", name="web01", comm="qemu-system-x86")}
+    (pid, vm), = meta.vms
+    rep = json.loads(_cli("replay", str(out), "--json").stdout)
+    assert rep["vms"] == [{"pid": pid, "vm": vm & 0xFFFFF, "vm_gen": vm >> 20, "name": "web01",
+                           "vmm": "qemu", "comm": "qemu-system-x86"}]
+    assert f"VM {pid}:{vm} web01 (qemu, qemu-system-x86)" in _cli(
+        "replay", str(out)).stdout.splitlines()

@@ -57,8 +57,8 @@ class ReplayReport:
     hottest: dict[tuple[int, int], list[HotPage]] = field(default_factory=dict)
     simulation: SimResult | None = None
     harvested: dict[RingId, list[tuple[int, int]]] | None = None
-    #: (pid, vm) of the rings -> VMM kind, name, comm from the source's meta (recordings
-    #: of format 1.2 on); empty when the source carries no names (text traces)
+    #: (pid, vm) of the rings and of the meta's named VMs -> VMM kind, name, comm from the
+    #: source's meta (recordings of format 1.2 on); empty when the source carries no names
     vms: dict[tuple[int, int], VmName] = field(default_factory=dict)
 
     @property
@@ -342,8 +342,8 @@ class Replay:
             anomalies=anomalies,
             window_ns=self.ws.window_ns if self.ws else 0,
         )
-        for pid, vm in sorted({k[:2] for k in keys}):
-            who = self.meta.vm_name(pid, vm)
+        for pid, vm in sorted({k[:2] for k in keys} | set(self.meta.vms)):
+            who = self.meta.vm_name(pid, vm)  # also VMs with no ring event (none pushed)
             if who is not None:
                 report.vms[(pid, vm)] = who
         if self.ws is not None:

@@ -13,7 +13,8 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "vms": [{"pid", "vm", "vm_gen", "name" (the VM's name: QEMU -name guest=, libvirt
               domain, Firecracker --id, ...; null unknown), "vmm" (VMM kind: "qemu",
               "libvirt", "firecracker", "cloud-hypervisor", "kvmtrace"; null unknown),
-              "comm" (the VMM's task name; null unknown)}]: one per VM of the rings, names
+              "comm" (the VMM's task name; null unknown)}]: one per VM of the rings (and per
+              named VM without ring events, e.g. QEMU with dirty logging off), names
               as the recording's meta holds them (kvmtrace.host.vmnames); text traces and
               recordings older than format 1.2 carry none (all null),
      "rings": [{"pid" (0 unknown), "vm" (VM fd, -1 unknown; -2, -3, ...: VMs a text
@@ -90,9 +91,10 @@ def _durations(d: Durations) -> dict[str, int | None]:
 
 
 def vm_dicts(report: ReplayReport) -> list[dict[str, Any]]:
-    """``vms``: per (pid, vm) of the rings, its name, VMM kind and comm (null unknown)."""
+    """``vms``: per (pid, vm) of the rings or named in the meta, its name, VMM kind and comm
+    (null unknown)."""
     out = []
-    for pid, vm in sorted({r.ring[:2] for r in report.rings}):
+    for pid, vm in sorted({r.ring[:2] for r in report.rings} | set(report.vms)):
         who = report.vms.get((pid, vm))
         out.append({"pid": pid, "vm": vm_fd(vm), "vm_gen": vm_gen(vm),
                     "name": who.name if who else None, "vmm": who.vmm if who else None,

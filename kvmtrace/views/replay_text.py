@@ -62,7 +62,7 @@ def _header(report: ReplayReport, file: str | None, truncated: bool) -> list[str
 def _names(report: ReplayReport) -> list[str]:
     """One line per VM, ``VM pid:vm NAME (vmm, comm)`` as live top labels it (the name,
     else the comm); one line saying so when the trace carries no names."""
-    vms = sorted({r.ring[:2] for r in report.rings})
+    vms = sorted({r.ring[:2] for r in report.rings} | set(report.vms))
     if vms and not report.vms:
         if report.source_kind == "recording":
             return ["VM names: none recorded (a recording older than format 1.2)"]

@@ -85,6 +85,26 @@ def test_resolver_of_a_process_that_is_gone() -> None:
     assert resolve(proc.pid) == VmName() and cmdline(proc.pid) == [] and comm(proc.pid) == ""
 
 
+def test_resolver_of_a_zombie() -> None:
+    """Exited, not reaped: the kernel keeps comm but shows an empty cmdline; the resolver
+    says nothing rather than "no name"."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while _state(proc.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _state(proc.pid) == "Z"
+        assert cmdline(proc.pid) == [] and comm(proc.pid) == os.path.basename(sys.executable)[:15]
+        assert resolve(proc.pid) == VmName()
+    finally:
+        proc.wait()
+
+
+def _state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
 def test_parse_argv_of_other_forms() -> None:
     assert parse_argv([]) == (None, None)
     # the console script; the recorder running it is no VMM ("record" follows "kvmtrace")

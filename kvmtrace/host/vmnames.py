@@ -16,7 +16,7 @@ The VMM kinds and where each puts the VM's name on its command line:
   ``python -m kvmtrace workload``).
 
 Any other process: kind None, name None; its ``comm`` is still reported. A process gone
-before it was asked: every field empty, never an error.
+(or a zombie) before it was asked: every field empty, never an error.
 """
 
 from __future__ import annotations
@@ -120,6 +120,11 @@ def vm_name(argv: list[str]) -> str | None:
 
 def resolve(pid: int) -> VmName:
     """What ``/proc/PID`` says of process ``pid``: VMM kind, VM name and ``comm`` (the
-    kernel's 15-byte task name); all empty once the process is gone."""
-    vmm, name = parse_argv(cmdline(pid))
+    kernel's 15-byte task name). All empty once the process is gone, and also while it
+    is a zombie (exited, not yet reaped: the kernel then shows an empty cmdline), so an
+    empty ``comm`` always means "ask earlier next time", never "a VMM without a name"."""
+    argv = cmdline(pid)
+    if not argv:
+        return VmName()
+    vmm, name = parse_argv(argv)
     return VmName(vmm=vmm, name=name, comm=comm(pid))

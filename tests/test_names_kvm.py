@@ -170,3 +170,16 @@ def test_record_names_a_real_qemu(tmp_path: Path) -> None:
                            "vmm": "qemu", "comm": "qemu-system-x86"}]
     assert f"VM {pid}:{vm} web01 (qemu, qemu-system-x86)" in _cli(
         "replay", str(out)).stdout.splitlines()
+
+
+@pytest.mark.parametrize("try_", range(3))
+def test_a_short_lived_vmm_keeps_its_name(try_: int, tmp_path: Path) -> None:
+    """Racy by nature: a VMM that ends within a poll of the recorder (20 pages, one vCPU)
+    may be gone, or a zombie, when its first events are read; record still names it (from
+    its watch of ``-- COMMAND``). tools/soak_names.py runs this many times."""
+    require_kvm_bpf()
+    name = f"short-{try_}"
+    run = record_workload(tmp_path, "--name", name, "--pages", "20")
+    assert run.truth["name"] == name
+    assert Recording(run.path).meta.vms == {
+        (run.truth["pid"], run.truth["vm_fd"]): VmName(vmm="kvmtrace", name=name, comm=COMM)}

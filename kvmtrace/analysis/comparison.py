@@ -17,6 +17,9 @@ Directions: push rate (dirty pages per second) higher is better; stall and reset
 percentiles, soft-full exits per 10k pushes, max used, overwritten entries and lost events
 lower is better. A ratio with a zero base is None (and the change is infinite unless the
 new value is zero too); a ratio of two equal values is 1.0.
+
+Each side of the JSON (``base``, ``new``) also lists its ``vms``: ``pid``, ``vm`` (fd),
+``vm_gen``, ``name``, ``vmm`` (VMM kind) and ``comm``, null where the trace carries none.
 """
 
 from __future__ import annotations

@@ -135,7 +135,10 @@ class Aggregator:
     def _vm(self, pid: int, vm: int) -> VmInfo:
         info = self._vms.get((pid, vm))
         if info is None:
-            info = self._vms[(pid, vm)] = VmInfo(pid=pid, vm=vm, comm=self._comm(pid))
+            who = self.meta.vm_name(pid, vm)  # a recording's names (format 1.2 on)
+            info = self._vms[(pid, vm)] = VmInfo(
+                pid=pid, vm=vm, comm=(who.comm if who else "") or self._comm(pid),
+                name=who.name if who else None, vmm=who.vmm if who else None)
         return info
 
     def _comm(self, pid: int) -> str:

@@ -17,6 +17,9 @@ Directions: push rate (dirty pages per second) higher is better; stall and reset
 percentiles, soft-full exits per 10k pushes, max used, overwritten entries and lost events
 lower is better. A ratio with a zero base is None (and the change is infinite unless the
 new value is zero too); a ratio of two equal values is 1.0.
+
+Each side of the JSON (``base``, ``new``) also lists its ``vms``: ``pid``, ``vm`` (fd),
+``vm_gen``, ``name``, ``vmm`` (VMM kind) and ``comm``, null where the trace carries none.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.kvm_abi import vm_fd, vm_gen
 from .distribution import Reservoir, Shift, percentile_shift, percentiles
 from .profile import ALL, Profile, RingProfile
 
@@ -119,7 +123,9 @@ class Comparison:
 
 def _side(p: Profile, path: str) -> dict[str, Any]:
     return {"path": path, "source": p.kind, "events": p.events, "span_ns": p.span_ns,
-            "lost": p.lost_events, "stall_source": p.stall_source, "sampled": p.sampled}
+            "lost": p.lost_events, "stall_source": p.stall_source, "sampled": p.sampled,
+            "vms": [{"pid": v.pid, "vm": vm_fd(v.vm), "vm_gen": vm_gen(v.vm), "name": v.name,
+                     "vmm": v.vmm, "comm": v.comm or None} for v in p.vms]}
 
 
 # (name, unit, direction: +1 higher is better, -1 lower is better, 0 none, getter)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.counters import VmInfo
 from ..core.events import Kind
 from ..core.sources import EventSource
 from .aggregate import Aggregator
@@ -86,6 +87,9 @@ class Profile:
     lost_events: int = 0  #: events the producer could not deliver (source.lost)
     stall_source: str | None = None  #: STALL_EVENTS, STALL_EXIT_TO_PUSH or None (no stalls)
     rings: dict[int | str, RingProfile] = field(default_factory=dict)  #: index or ALL
+    #: the trace's VMs in (pid, vm) order with their names, VMM kind and comm where the
+    #: source carries them (recordings of format 1.2 on; text traces: name None)
+    vms: list[VmInfo] = field(default_factory=list)
 
     @property
     def span_ns(self) -> int:
@@ -172,7 +176,9 @@ def profile_source(source: EventSource, *, cap: int = DEFAULT_CAP) -> Profile:
         reset_lat.add(batch["value"][batch["kind"] == Kind.RESET_LAT])
     prof.lost_events = int(source.lost)
     total = prof.rings[ALL] = RingProfile(stall_ns=Reservoir(1), reset_lat_ns=reset_lat)
-    for key, c in agg.snapshot().rings.items():
+    snap = agg.snapshot()
+    prof.vms = [snap.vms[k] for k in sorted(snap.vms)]
+    for key, c in snap.rings.items():
         row = prof.rings.get(key.ring)
         if row is None:
             row = prof.rings[key.ring] = RingProfile(stall_ns=Reservoir(1),

@@ -6,11 +6,11 @@ probes name every VM by its ``struct kvm *`` and so know the fd of VMs created b
 tracing too (bpf/probes/dirty_ring.bpf.c, KT_VM_PTR); without it they learn the fd from the
 VMM's ioctls seen while tracing, report vm = -1 for pushes and exits of older VMs, and
 :func:`resolve_vm` takes the process's only ``anon_inode:kvm-vm`` fd when there is exactly
-one (gen 0). Names come from the command line: QEMU's ``-name`` (``guest=`` or the first field),
-Firecracker's ``--id``, cloud-hypervisor's ``--api-socket`` file name (libvirt names it
-after the domain). :class:`ProcWatcher` reports process exec/exit through the kernel's
-process connector (pyroute2.ProcEventSocket) so a live view can notice VMMs without
-polling /proc; it is optional and stays out of the map-reading path.
+one (gen 0). Names and VMM kinds come from the command line (kvmtrace.host.vmnames: QEMU's
+``-name``, libvirt's domain, Firecracker's ``--id``, cloud-hypervisor's ``--api-socket``
+file name, the built-in VMM's ``--name``). :class:`ProcWatcher` reports process exec/exit
+through the kernel's process connector (pyroute2.ProcEventSocket) so a live view can
+notice VMMs without polling /proc; it is optional and stays out of the map-reading path.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import select
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.counters import VmInfo
+from ..core.counters import VmInfo, VmName
+from ..host.vmnames import cmdline, comm, resolve, vm_name
 
 __all__ = [
     "KVM_VM_LINK",
@@ -60,75 +61,18 @@ def resolve_vm(pid: int) -> int:
     return fds[0] if len(fds) == 1 else -1
 
 
-def cmdline(pid: int) -> list[str]:
-    try:
-        raw = (PROC / str(pid) / "cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def comm(pid: int) -> str:
-    try:
-        return (PROC / str(pid) / "comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _opt(argv: list[str], *names: str) -> str | None:
-    """Value of the first ``NAME VALUE`` or ``NAME=VALUE`` among names."""
-    for i, arg in enumerate(argv):
-        for name in names:
-            if arg == name and i + 1 < len(argv):
-                return argv[i + 1]
-            if arg.startswith(name + "="):
-                return arg[len(name) + 1 :]
-    return None
-
-
-def _qemu_name(value: str) -> str | None:
-    # QEMU option syntax: fields split by ',', a literal comma is written ',,'.
-    fields = value.replace(",,", "\0").split(",")
-    fields = [f.replace("\0", ",") for f in fields]
-    for f in fields:
-        if f.startswith("guest="):
-            return f[len("guest=") :] or None
-    return fields[0] if fields and "=" not in fields[0] and fields[0] else None
-
-
-def vm_name(argv: list[str]) -> str | None:
-    """The VM's name from a VMM command line, or None."""
-    if not argv:
-        return None
-    prog = os.path.basename(argv[0])
-    if "qemu" in prog or "-name" in argv:
-        value = _opt(argv, "-name", "--name")
-        if value:
-            return _qemu_name(value)
-    if "firecracker" in prog:
-        return _opt(argv, "--id")
-    if "cloud-hypervisor" in prog:
-        sock = _opt(argv, "--api-socket")
-        if sock:
-            path = dict(p.split("=", 1) for p in sock.split(",") if "=" in p).get("path", sock)
-            base = os.path.basename(path)
-            for suffix in ("-socket", ".sock", ".socket"):
-                base = base.removesuffix(suffix)
-            return base or None
-    return None
-
-
 class VmIdentity:
-    """Caches per process what /proc says (comm, name); ``forget`` when it exits."""
+    """Caches per process what /proc says (comm, name, VMM kind); ``forget`` when it exits."""
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple[str, str | None]] = {}
+        self._cache: dict[int, VmName] = {}
 
     def info(self, pid: int, vm: int, ring_bytes: int | None = None) -> VmInfo:
         if pid not in self._cache:
-            self._cache[pid] = (comm(pid), vm_name(cmdline(pid)))
-        c, name = self._cache[pid]
-        return VmInfo(pid=pid, vm=vm, comm=c, name=name, ring_bytes=ring_bytes)
+            self._cache[pid] = resolve(pid)
+        who = self._cache[pid]
+        return VmInfo(pid=pid, vm=vm, comm=who.comm, name=who.name, vmm=who.vmm,
+                      ring_bytes=ring_bytes)
 
     def forget(self, pid: int) -> None:
         self._cache.pop(pid, None)

@@ -10,11 +10,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..analysis.stuck import EventStuck
 from ..bpf.event_source import LiveEvents
+from ..core.counters import VmName
 from ..core.events import Kind
 from ..errors import UsageError
 from ..host.child import PausedChild
+from ..host.vmnames import resolve
 from ..source.recording import RecordingWriter
 from .args import HOOKS, add_command, add_pid, add_subcommand, command_of
 
@@ -70,6 +74,42 @@ class RecordSummary:
         return out
 
 
+class _Names:
+    """Per (pid, vm) seen in the events, the VM's name, VMM kind and comm from /proc
+    (kvmtrace.host.vmnames), looked up once per process while it still runs. ``-- COMMAND``
+    is also looked up on every pass of the loop (:meth:`watch`) until its events come, so
+    a VMM that ends before its first events are read still has its name (and the comm
+    last seen, which may be the launcher's if it never ran one pass after exec)."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[int, int]] = set()
+        self.by_pid: dict[int, VmName] = {}
+        self.last: dict[int, VmName] = {}
+
+    def watch(self, pid: int) -> None:
+        if pid not in self.by_pid:
+            who = resolve(pid)
+            if who.comm:
+                self.last[pid] = who
+
+    def learn(self, batch: np.ndarray) -> dict[tuple[int, int], VmName]:
+        keys = set(zip(batch["pid"].tolist(), batch["vm"].tolist(), strict=True)) - self.seen
+        new: dict[tuple[int, int], VmName] = {}
+        for pid, vm in keys:
+            if pid <= 0:
+                continue
+            who = self.by_pid.get(pid)
+            if who is None:
+                who = resolve(pid)
+                if who.comm:  # still running: its answer holds for its later VMs
+                    self.by_pid[pid] = who
+                else:
+                    who = self.last.get(pid, who)
+            self.seen.add((pid, vm))
+            new[(pid, vm)] = who
+        return new
+
+
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
            command: list[str] | None = None, ringbuf_pages: int = 4096, hook: str = "auto",
            flush_s: float = 1.0, quiet: bool = False) -> RecordSummary:
@@ -103,8 +143,12 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
             elif not quiet:
                 print("Recording dirty-ring events... Hit Ctrl-C to end.", file=sys.stderr)
             last_flush = time.monotonic()
+            names = _Names()
             for batch in source.batches():
                 if len(batch):
+                    learnt = names.learn(batch)
+                    if learnt:
+                        writer.update_meta(vms=learnt)
                     writer.write(batch)
                     events += len(batch)
                     pushes += int((batch["kind"] == Kind.PUSH).sum())
@@ -121,6 +165,8 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                     stop()
                 if child is not None and child.poll() is not None:
                     stop()
+                elif child is not None:
+                    names.watch(child.pid)
             writer.add_lost(source.lost - writer.lost)
             lost = writer.lost
     finally:

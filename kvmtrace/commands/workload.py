@@ -67,6 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interrupt-resets", action="store_true",
                    help="signal the harvesting thread inside KVM_RESET_DIRTY_RINGS so "
                    "calls are cut short (they are retried; see reset_eintr)")
+    p.add_argument("--name", metavar="NAME",
+                   help="the VM's name, as QEMU's -name guest=NAME (shown by top, kept by "
+                        "record)")
     p.add_argument("--pid-file", metavar="PATH", help="write this process's pid here first")
     add_json(p, "print one JSON object at the end")
     p.add_argument("--dump-harvest", metavar="FILE",
@@ -92,7 +95,7 @@ def config_from_args(args: argparse.Namespace) -> WorkloadConfig:
         exit_every=args.exit_every, harvest=args.harvest, reaper_ms=args.reaper_ms,
         harvest_delay_us=args.harvest_delay_us, start_delay_ms=args.start_delay_ms,
         keep_harvest=bool(args.dump_harvest), vms=args.vms, vm_cycles=args.vm_cycles,
-        migrate_ms=args.migrate_ms, interrupt_resets=args.interrupt_resets)
+        migrate_ms=args.migrate_ms, interrupt_resets=args.interrupt_resets, name=args.name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 from .kvm_abi import u32
 
 __all__ = ["HIST_BUCKETS", "STRANDED", "NO_RESET_PROGRESS", "OVERFLOW", "REASONS", "STUCK_EXITS",
-           "RingKey", "RingCounters", "VmKey", "VmCounters", "VmInfo", "Snapshot",
+           "RingKey", "RingCounters", "VmKey", "VmCounters", "VmName", "VmInfo", "Snapshot",
            "hist_percentile"]
 
 HIST_BUCKETS = 40
@@ -83,6 +83,18 @@ class RingCounters:
         return u32(self.dirty_index - self.reset_index)
 
 
+@dataclass(frozen=True)
+class VmName:
+    """What a VMM process's command line says of its VM (kvmtrace.host.vmnames): ``vmm``
+    (its kind: "qemu", "libvirt", "firecracker", "cloud-hypervisor", "kvmtrace" or None),
+    ``name`` (QEMU -name guest=, libvirt domain, Firecracker --id, ...; None unknown) and
+    ``comm`` (the kernel's task name of the process; "" unknown)."""
+
+    vmm: str | None = None
+    name: str | None = None
+    comm: str = ""
+
+
 @dataclass
 class VmCounters:
     """Cumulative counters of one VM (``struct kvm``), all since the source began.
@@ -105,6 +117,7 @@ class VmInfo:
     comm: str = ""
     name: str | None = None  # QEMU -name, cloud-hypervisor/firecracker id, ...
     ring_bytes: int | None = None
+    vmm: str | None = None  # VMM kind, see VmName
 
 
 @dataclass

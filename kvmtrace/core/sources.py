@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .counters import VmName
+
 if TYPE_CHECKING:
     from .columns import EventColumns
     from .counters import Snapshot
@@ -35,6 +37,9 @@ class SourceMeta:
 
     ring_entries maps (pid, vm) -> ring size in entries (struct kvm_dirty_gfn, 16 bytes
     each); a key (pid, -1) or (-1, -1) is a default for that pid or for everything.
+    vms maps (pid, vm) -> the VM's :class:`~kvmtrace.core.counters.VmName` (VMM kind, name,
+    comm) as the recorder found it; empty where the source knows none (text traces, files
+    of format 1.1 and older).
     """
 
     kind: str  # "recording", "ftrace", "perf-script", "live"
@@ -45,6 +50,15 @@ class SourceMeta:
     tracepoint_formats: dict[str, str] = field(default_factory=dict)
     ring_entries: dict[tuple[int, int], int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    vms: dict[tuple[int, int], VmName] = field(default_factory=dict)
+
+    def vm_name(self, pid: int, vm: int) -> VmName | None:
+        """The VmName of (pid, vm), else of another VM of that process (names belong to the
+        process: its command line), else None."""
+        found = self.vms.get((pid, vm))
+        if found is None:
+            found = next((v for (p, _vm), v in sorted(self.vms.items()) if p == pid), None)
+        return found
 
     def ring_size(self, pid: int, vm: int) -> int | None:
         for key in ((pid, vm), (pid, -1), (-1, -1)):

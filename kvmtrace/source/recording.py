@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.columns import EventColumns
+from ..core.counters import VmName
 from ..core.events import EVENT_DTYPE
 from ..core.sources import EventSource, SourceMeta
 from ..errors import OutputError, UsageError
@@ -48,7 +49,8 @@ __all__ = [
 ]
 
 MAGIC = b"\x89KVT\r\n\x1a\n"
-FORMAT_VERSION = (1, 1)  # (major, minor): a reader refuses a newer major; 1.1: vm packs a gen
+# (major, minor): a reader refuses a newer major; 1.1: vm packs a gen; 1.2: meta "vms"
+FORMAT_VERSION = (1, 2)
 FILE_HEADER = struct.Struct("<8sHHI")  # magic, major, minor, flags
 BLOCK_HEADER = struct.Struct("<4sBBHIIIQQI")  # see docs/FORMAT.md
 BLOCK_SYNC = b"KTBK"
@@ -68,16 +70,34 @@ _EVENT_BYTES = np.dtype((np.void, EVENT_DTYPE.itemsize))
 
 
 def meta_to_dict(meta: SourceMeta) -> dict[str, Any]:
-    """SourceMeta as JSON-safe data; ring_entries becomes [[pid, vm, entries], ...]."""
+    """SourceMeta as JSON-safe data; ring_entries becomes [[pid, vm, entries], ...] and
+    vms ``[{"pid", "vm", "vmm", "name", "comm"}, ...]`` (format 1.2, docs/FORMAT.md)."""
     d = asdict(meta)
     d["ring_entries"] = [[int(p), int(v), int(e)] for (p, v), e in meta.ring_entries.items()]
+    d["vms"] = [{"pid": int(p), "vm": int(v), "vmm": n.vmm, "name": n.name, "comm": n.comm}
+                for (p, v), n in sorted(meta.vms.items())]
     return d
+
+
+def _vms_from(items: Any) -> dict[tuple[int, int], VmName]:
+    """The meta's ``vms`` list back as a dict; entries not shaped as written are skipped."""
+    out: dict[tuple[int, int], VmName] = {}
+    for it in items if isinstance(items, list) else []:
+        try:
+            key = (int(it["pid"]), int(it["vm"]))
+        except (TypeError, KeyError, ValueError):
+            continue
+        vmm, name, comm = it.get("vmm"), it.get("name"), it.get("comm")
+        out[key] = VmName(vmm=vmm if isinstance(vmm, str) else None,
+                          name=name if isinstance(name, str) else None,
+                          comm=comm if isinstance(comm, str) else "")
+    return out
 
 
 def meta_from_dict(d: dict[str, Any]) -> SourceMeta:
     """Inverse of :func:`meta_to_dict` (unknown keys land in ``extra``)."""
     known = {"kind", "kernel_release", "host", "start_time", "hooks", "tracepoint_formats",
-             "ring_entries", "extra"}
+             "ring_entries", "extra", "vms"}
     extra = dict(d.get("extra") or {})
     extra.update({k: v for k, v in d.items() if k not in known})
     return SourceMeta(
@@ -89,6 +109,7 @@ def meta_from_dict(d: dict[str, Any]) -> SourceMeta:
         tracepoint_formats=dict(d.get("tracepoint_formats") or {}),
         ring_entries={(int(p), int(v)): int(e) for p, v, e in d.get("ring_entries") or []},
         extra=extra,
+        vms=_vms_from(d.get("vms")),
     )
 
 

@@ -59,6 +59,18 @@ def _mark(row: MetricRow, threshold_pct: float) -> str:
     return ""
 
 
+def _names(p: Profile) -> str:
+    """``#   VMs: web01 (qemu pid 4242), ...`` (the name, else the comm, as top labels a
+    VM); a trace that carries no names says so."""
+    if p.vms and not any(v.name or v.comm for v in p.vms):
+        what = "recording older than format 1.2" if p.kind == "recording" else f"{p.kind} text"
+        return f"#   VM names: none ({what})"
+    parts = [f"{v.name or v.comm or '?'} ({v.vmm or 'VMM'} pid {v.pid or '?'})"
+             for v in p.vms]
+    line = "#   VMs: " + ", ".join(parts)
+    return line if len(line) <= WIDTH else line[: WIDTH - 1] + "~"
+
+
 def _side(label: str, path: str, p: Profile) -> list[str]:
     head = f"# {label}: "
     room = WIDTH - len(head)
@@ -69,6 +81,7 @@ def _side(label: str, path: str, p: Profile) -> list[str]:
     if p.stall_source:
         info += f"; stalls: {p.stall_source}"
     out.append(info)
+    out.append(_names(p))
     if p.sampled:
         out.append("#   sampled: distributions hold a uniform sample of their values")
     return out

@@ -16,6 +16,9 @@ slot            int64                       memslot, ``as_id << 16 | id`` (push)
 offset          int64, null unless push     page (gfn) within the slot
 value           int64, null for push        stall/reset_lat: ns; ring_size: bytes; reset: as
                                             the source gave it
+vm_name         dictionary<int32, string>   the VM's name (QEMU -name guest=, libvirt domain,
+                                            Firecracker --id, ...) from the meta's ``vms``;
+                                            null unknown (text traces, older recordings)
 ==============  ==========================  =================================================
 
 File key-value metadata: ``kvmtrace.meta`` (the source's SourceMeta as JSON, see
@@ -33,7 +36,7 @@ import numpy as np
 
 from .. import __version__
 from ..core.events import Kind
-from ..core.sources import EventSource
+from ..core.sources import EventSource, SourceMeta
 from ..errors import MissingFeature, UsageError
 from ..source.recording import meta_to_dict
 
@@ -69,10 +72,28 @@ def parquet_schema() -> Any:
         ("slot", pa.int64()),
         ("offset", pa.int64()),
         ("value", pa.int64()),
+        ("vm_name", pa.dictionary(pa.int32(), pa.string())),
     ])
 
 
-def _table(ev: np.ndarray, schema: Any) -> Any:
+def _vm_names(ev: np.ndarray, meta: SourceMeta) -> Any:
+    """The ``vm_name`` column: per event, its VM's name from ``meta.vms`` (null unknown)."""
+    pa = _pa()
+    names = sorted({v.name for v in meta.vms.values() if v.name})
+    pairs = (ev["pid"].astype(np.int64) << 32) | (ev["vm"].astype(np.int64) & 0xFFFFFFFF)
+    uniq, inv = np.unique(pairs, return_inverse=True)
+    per = np.full(len(uniq), -1, np.int32)
+    for i, key in enumerate(uniq.tolist()):
+        vm = key & 0xFFFFFFFF
+        who = meta.vm_name(key >> 32, vm - (1 << 32) if vm >= 1 << 31 else vm)
+        if who is not None and who.name:
+            per[i] = names.index(who.name)
+    idx = per[inv.reshape(-1)]
+    return pa.DictionaryArray.from_arrays(pa.array(idx, mask=idx < 0),
+                                          pa.array(names, pa.string()))
+
+
+def _table(ev: np.ndarray, schema: Any, meta: SourceMeta) -> Any:
     pa = _pa()
     push = ev["kind"] == Kind.PUSH
     value = ev["value"].view(np.int64)
@@ -91,6 +112,7 @@ def _table(ev: np.ndarray, schema: Any) -> Any:
         pa.array(ev["slot"].astype(np.int64)),
         pa.array(value, mask=~push),
         pa.array(value, mask=push),
+        _vm_names(ev, meta),
     ]
     return pa.Table.from_arrays(cols, schema=schema)
 
@@ -115,7 +137,7 @@ def export_parquet(source: EventSource, path: str | os.PathLike[str], *,
             os.fspath(path), schema, compression=compression,
             # dictionaries for the few-valued columns, deltas for the counters: 2.5x faster
             # to write than dictionary-everything, and smaller
-            use_dictionary=["kind", "pid", "tid", "vm", "ring", "slot"],
+            use_dictionary=["kind", "pid", "tid", "vm", "ring", "slot", "vm_name"],
             column_encoding={c: "DELTA_BINARY_PACKED"
                              for c in ("ts_ns", "dirty_index", "reset_index")},
         )
@@ -131,7 +153,7 @@ def export_parquet(source: EventSource, path: str | os.PathLike[str], *,
             cut = len(ev) if all_rows else len(ev) // row_group_rows * row_group_rows
             for start in range(0, cut, row_group_rows):
                 part = ev[start : min(start + row_group_rows, cut)]
-                writer.write_table(_table(part, schema), row_group_size=row_group_rows)
+                writer.write_table(_table(part, schema, source.meta), row_group_size=row_group_rows)
                 rows += len(part)
             pending = [ev[cut:]] if cut < len(ev) else []
             npending = len(ev) - cut

@@ -1,6 +1,8 @@
 """Perfetto timeline export, in the Chrome JSON trace format (the Perfetto UI opens it).
 
-Each VMM process (pid) gets one thread-like track per (vm, ring) -- synthetic thread ids
+Each VMM process (pid) is named after its VM where the meta says (``web01 (qemu pid
+4242)``; format 1.2 recordings), else ``VMM 4242``, and gets one thread-like track per
+(vm, ring) -- synthetic thread ids
 from :data:`TRACK_TID_BASE` up, named ``vm V ring R`` (``vm V`` for VM-wide events) -- with:
 
 - a counter ``vm V ring R used`` (``args.used`` = dirty_index - reset_index, entries of
@@ -77,7 +79,7 @@ class _PerfettoWriter:
         if pid not in self.pids:
             self.pids.add(pid)
             self.emit(json.dumps({"ph": "M", "pid": pid, "name": "process_name",
-                                  "args": {"name": f"VMM {pid}"}}))
+                                  "args": {"name": self.process_name(pid, vm)}}))
         vm_name = f"vm {vm}" if vm >= 0 else "vm ?"
         name = f"{vm_name} ring {ring}" if ring >= 0 else vm_name
         size = self.meta.ring_size(pid, vm)
@@ -89,6 +91,16 @@ class _PerfettoWriter:
         self.emit(json.dumps({"ph": "M", "pid": pid, "tid": tr.tid, "name": "thread_sort_index",
                               "args": {"sort_index": ring + 1}}))
         return tr
+
+    def process_name(self, pid: int, vm: int) -> str:
+        """``NAME (KIND pid P)`` when the meta names the VM (format 1.2 recordings), else
+        ``COMM (VMM pid P)`` or ``VMM P``."""
+        who = self.meta.vm_name(pid, vm)
+        if who is not None and who.name:
+            return f"{who.name} ({who.vmm or 'VMM'} pid {pid})"
+        if who is not None and who.comm:
+            return f"{who.comm} (VMM pid {pid})"
+        return f"VMM {pid}"
 
     def counter(self, pid: int, tr: _Track, ts: int, used: int) -> None:
         self.emit(f'{{"ph":"C","pid":{pid},"tid":{tr.tid},"ts":{_us(ts)},'

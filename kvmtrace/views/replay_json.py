@@ -10,9 +10,16 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "clean": <no anomaly and no lost events>,
      "warnings": [<one line each: what the input could not tell, e.g. text rings not
                   told apart (their anomalies are left out)>],
+     "vms": [{"pid", "vm", "vm_gen", "name" (the VM's name: QEMU -name guest=, libvirt
+              domain, Firecracker --id, ...; null unknown), "vmm" (VMM kind: "qemu",
+              "libvirt", "firecracker", "cloud-hypervisor", "kvmtrace"; null unknown),
+              "comm" (the VMM's task name; null unknown)}]: one per VM of the rings (and per
+              named VM without ring events, e.g. QEMU with dirty logging off), names
+              as the recording's meta holds them (kvmtrace.host.vmnames); text traces and
+              recordings older than format 1.2 carry none (all null),
      "rings": [{"pid" (0 unknown), "vm" (VM fd, -1 unknown; -2, -3, ...: VMs a text
                 trace's rings were told apart into), "vm_gen" (VMs seen before it under
-                that fd: 0, 1, ...), "index" (kvm_dirty_ring.index),
+                that fd: 0, 1, ...), "name" (as in "vms"), "index" (kvm_dirty_ring.index),
                 "size" (entries; null unknown), "size_source" ("trace", "meta",
                 "inferred", "unknown"), "soft_limit" (null unknown), "pushes",
                 "lost_pushes", "resets", "entries_reset", "soft_full_exits", "max_used",
@@ -59,7 +66,7 @@ from ..core.kvm_abi import vm_fd, vm_gen
 from ..model.digest import digest_of
 from ..model.results import Anomaly, Durations, RingId, RingResult
 
-__all__ = ["SCHEMA", "report_dict", "dumps_report", "harvest_dump", "ring_dict",
+__all__ = ["SCHEMA", "report_dict", "dumps_report", "harvest_dump", "ring_dict", "vm_dicts",
            "anomaly_dict", "ring_span"]
 
 SCHEMA = 1
@@ -83,10 +90,22 @@ def _durations(d: Durations) -> dict[str, int | None]:
             "p99_ns": d.quantile_ns(0.99), "max_ns": d.max_ns if d.count else None}
 
 
-def ring_dict(r: RingResult, reserved: int) -> dict[str, Any]:
-    """One entry of ``rings``."""
+def vm_dicts(report: ReplayReport) -> list[dict[str, Any]]:
+    """``vms``: per (pid, vm) of the rings or named in the meta, its name, VMM kind and comm
+    (null unknown)."""
+    out = []
+    for pid, vm in sorted({r.ring[:2] for r in report.rings} | set(report.vms)):
+        who = report.vms.get((pid, vm))
+        out.append({"pid": pid, "vm": vm_fd(vm), "vm_gen": vm_gen(vm),
+                    "name": who.name if who else None, "vmm": who.vmm if who else None,
+                    "comm": (who.comm or None) if who else None})
+    return out
+
+
+def ring_dict(r: RingResult, reserved: int, name: str | None = None) -> dict[str, Any]:
+    """One entry of ``rings`` (``name``: its VM's, see ``vms``)."""
     return {
-        **_ring_ref(r.ring),
+        **_ring_ref(r.ring), "name": name,
         "size": r.size, "size_source": r.size_source,
         "soft_limit": None if r.size is None else r.size - reserved,
         "pushes": r.pushes, "lost_pushes": r.lost_pushes, "resets": r.resets,
@@ -175,7 +194,8 @@ def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
         "events": report.events, "lost": report.lost, "truncated": truncated,
         "reserved": report.reserved, "start_ns": start, "end_ns": end,
         "clean": report.clean, "warnings": list(warnings or []),
-        "rings": [ring_dict(r, report.reserved) for r in report.rings],
+        "vms": vm_dicts(report),
+        "rings": [ring_dict(r, report.reserved, _name(report, r.ring)) for r in report.rings],
         "anomalies": [anomaly_dict(a, start) for a in report.anomalies],
         "workingset": _workingset(report),
         "hottest": [{"pid": pid, "vm": vm_fd(vm), "vm_gen": vm_gen(vm),
@@ -184,6 +204,11 @@ def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
                     for (pid, vm), pages in sorted(report.hottest.items())],
         "simulation": _simulation(report),
     }
+
+
+def _name(report: ReplayReport, ring: RingId) -> str | None:
+    who = report.vms.get((ring[0], ring[1]))
+    return who.name if who else None
 
 
 def dumps_report(report: ReplayReport, **kw: Any) -> str:

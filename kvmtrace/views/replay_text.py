@@ -1,11 +1,12 @@
 """Text report of ``kvmtrace replay``: at most 80 columns, one section per concern.
 
-Sections: header (source, events, lost events, span), per-ring counters (``struct kvm_dirty_ring``
-of each vCPU: size and where it came from, pushes, resets, entries reset, soft-full exits,
-max used), per-ring stalls and harvest digest, lost pages (overwritten and stranded
-entries, deduplicated by page with how many entries of each, stuck rings), anomalies
-(time from the first event, ring, indices, one sentence each), dirty rate and working set
-per vCPU, hottest pages per VM and the ``--simulate-ring-entries`` comparison.
+Sections: header (source, events, lost events, span; a line per VM: its name and VMM kind),
+per-ring counters (``struct kvm_dirty_ring`` of each vCPU: size and where it came from,
+pushes, resets, entries reset, soft-full exits, max used), per-ring stalls and harvest
+digest, lost pages (overwritten and stranded entries, deduplicated by page with how
+many entries each lost, stuck rings), anomalies (time from the first event, ring, indices,
+one sentence each), dirty rate and working set per vCPU, hottest pages per VM and the
+``--simulate-ring-entries`` comparison.
 Times: ms/us from the trace's ns.
 """
 
@@ -50,11 +51,33 @@ def _header(report: ReplayReport, file: str | None, truncated: bool) -> list[str
            f"span {span}",
            f"{len(report.rings)} ring(s); KVM reserve {report.reserved} entries "
            f"(soft limit = size - {report.reserved})"]
+    out += _names(report)
     if truncated:
         out.append("warning: the recording ends early (writer killed?); replayed what it holds")
     if report.lost:
         out.append(f"warning: {report.lost} lost events (the tracer dropped them): counts are "
                    "lower bounds")
+    return out
+
+
+def _names(report: ReplayReport) -> list[str]:
+    """One line per VM, ``VM pid:vm NAME (vmm, comm)`` as live top labels it (the name,
+    else the comm); one line saying so when the trace carries no names."""
+    vms = sorted({r.ring[:2] for r in report.rings} | set(report.vms))
+    if vms and not report.vms:
+        if report.source_kind == "recording":
+            return ["VM names: none recorded (a recording older than format 1.2)"]
+        return [f"VM names: none ({report.source_kind} text carries no VM names)"]
+    out = []
+    for pid, vm in vms:
+        who = report.vms.get((pid, vm))
+        p, v = _who((pid, vm, 0))
+        if who is None:
+            out.append(f"VM {p}:{v} ?")
+            continue
+        detail = ", ".join(x for x in (who.vmm, who.comm if who.name else None) if x)
+        out.append(f"VM {p}:{v} {who.name or who.comm or '?'}"
+                   + (f" ({detail})" if detail else ""))
     return out
 
 

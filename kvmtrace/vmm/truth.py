@@ -116,6 +116,7 @@ class WorkloadResult:
     reset_mismatch: int = 0
     interrupts_sent: int = 0
     vm_runs: list[dict[str, Any]] = field(default_factory=list)
+    name: str | None = None  # --name: what kvmtrace.host.vmnames finds on the command line
 
     @property
     def entries_reset(self) -> int:

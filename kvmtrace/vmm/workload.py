@@ -68,6 +68,7 @@ class WorkloadConfig:
     vm_cycles: int = 1
     migrate_ms: float | None = None
     interrupt_resets: bool = False
+    name: str | None = None  # the VM's name (--name), as QEMU's -name guest=; in the result
 
     def validate(self) -> GuestLayout:
         """Check everything that does not need the kernel; returns the guest layout."""
@@ -96,6 +97,8 @@ class WorkloadConfig:
                 raise UsageError(f"--{name.replace('_', '-')} must not be negative")
         if self.harvest != "on-full" and not self.reaper_ms > 0:
             raise UsageError("--reaper-ms must be > 0 with --harvest reaper or lazy")
+        if self.name is not None and (not self.name or "\0" in self.name):
+            raise UsageError("--name must be a non-empty string", "e.g. --name web01")
         if self.migrate_ms is not None:
             if not self.migrate_ms > 0:
                 raise UsageError(f"--migrate-ms {self.migrate_ms} must be > 0")
@@ -336,7 +339,8 @@ def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, kvm_fd: int,
         interrupt_resets=cfg.interrupt_resets,
         reset_eintr=sum(v["reset_eintr"] for v in vm_runs),
         reset_mismatch=sum(v["reset_mismatch"] for v in vm_runs),
-        interrupts_sent=sum(v["interrupts_sent"] for v in vm_runs), vm_runs=vm_runs)
+        interrupts_sent=sum(v["interrupts_sent"] for v in vm_runs), vm_runs=vm_runs,
+        name=cfg.name)
 
 
 def _run_cycle(cfg: WorkloadConfig, runs: list[_VmRun], can_signal: bool,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...core.columns import EventColumns
+from ...core.counters import VmName
 from ...core.events import Kind
 from ...core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES
 from ...core.sources import EventSource, SourceMeta
@@ -53,6 +54,9 @@ class ReplayReport:
     hottest: dict[tuple[int, int], list[HotPage]] = field(default_factory=dict)
     simulation: SimResult | None = None
     harvested: dict[RingId, list[tuple[int, int]]] | None = None
+    #: (pid, vm) of the rings and of the meta's named VMs -> VMM kind, name, comm from the
+    #: source's meta (recordings of format 1.2 on); empty when the source carries no names
+    vms: dict[tuple[int, int], VmName] = field(default_factory=dict)
 
     @property
     def clean(self) -> bool:
@@ -329,6 +333,10 @@ class Replay:
             anomalies=anomalies,
             window_ns=self.ws.window_ns if self.ws else 0,
         )
+        for pid, vm in sorted({k[:2] for k in keys} | set(self.meta.vms)):
+            who = self.meta.vm_name(pid, vm)  # also VMs with no ring event (none pushed)
+            if who is not None:
+                report.vms[(pid, vm)] = who
         if self.ws is not None:
             self.ws.finish()
             report.workingset = dict(self.ws.rings)

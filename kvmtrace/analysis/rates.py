@@ -10,6 +10,12 @@ histogram per VM and every ring of the VM carries a copy, so a VM's reset histog
 element-wise maximum over its rings (:func:`vm_reset_hist`), not their sum. A ring index
 below 0 ("the VM, ring unknown") becomes a ring row only when it carries ring events (pushes,
 exits, resets, stalls); its reset-latency histogram still feeds the VM's.
+
+Dirty rate in QEMU's terms (:func:`dirty_rate_mbps`): MB/s where MB is MiB of 4 KiB guest
+pages, i.e. entries pushed per second x 4096 / 2**20. One ``struct kvm_dirty_gfn`` entry is
+one dirtied 4 KiB page, so this is what QEMU's ``calc-dirty-rate`` (mode ``dirty-ring``)
+reports per vCPU as ``vcpu-dirty-rate`` and for the VM as ``dirty-rate`` (QEMU truncates
+to an integer; kvmtrace keeps the fraction).
 """
 
 from __future__ import annotations
@@ -26,7 +32,20 @@ from ..core.counters import (
 )
 from .stuck import worst
 
-__all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract", "vm_reset_hist"]
+__all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract", "vm_reset_hist",
+           "DIRTY_PAGE_BYTES", "dirty_rate_mbps"]
+
+#: bytes of guest memory one dirty-ring entry stands for (a 4 KiB page on x86)
+DIRTY_PAGE_BYTES = 4096
+
+
+def dirty_rate_mbps(entries_per_s: float | None) -> float | None:
+    """QEMU's dirty rate of ``entries_per_s`` (ring entries pushed per second):
+    entries pushed per second x 4096 / 2**20, in MB/s (MiB of 4 KiB pages per second).
+    None stays None (rate unknown)."""
+    if entries_per_s is None:
+        return None
+    return entries_per_s * DIRTY_PAGE_BYTES / (1 << 20)
 
 
 @dataclass
@@ -69,6 +88,12 @@ class RingRates:
     def push_rate(self) -> float:
         """Pushes per second over the interval (0 for a zero-length interval)."""
         return _rate(self.d_pushes, self.interval_s)
+
+    @property
+    def dirty_rate_mbps(self) -> float:
+        """Dirty rate in QEMU's terms over the interval: entries pushed per second x 4096
+        / 2**20 (MB/s of 4 KiB pages; :func:`dirty_rate_mbps`)."""
+        return self.push_rate * DIRTY_PAGE_BYTES / (1 << 20)
 
     @property
     def exit_rate(self) -> float:

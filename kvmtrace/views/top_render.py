@@ -6,7 +6,9 @@ lower priority are dropped below that; the label column takes extra width). The 
 and batch text mode both print these lines; tests read them directly.
 
 Units: SIZE, USED, MAXU, LOST and E/RST are ring entries (16-byte ``struct kvm_dirty_gfn``);
-FIL% = USED / SIZE; */s are events per second over the interval; STL99 and RST99 are the
+FIL% = USED / SIZE; */s are events per second over the interval; MB/s is the dirty rate as
+QEMU's calc-dirty-rate counts it (entries pushed per second x 4096 / 2**20: MiB of 4 KiB
+pages per second; E/RST yields its place below 86 columns); STL99 and RST99 are the
 interval's 99th percentile of the soft-full stall (exit 31 to the next KVM_RUN) and of
 KVM_RESET_DIRTY_RINGS, as the upper bound of their power-of-two ns bucket.
 """
@@ -111,16 +113,20 @@ COLUMNS: tuple[Column, ...] = (
     Column("fill", "FIL%", 4, _pct, lambda r: _num(r.fill_pct), 2),
     Column("max", "MAXU", 5, lambda r: fmt_count(r.max_used), lambda r: r.max_used, 4),
     Column("push", "PUSH/s", 6, lambda r: fmt_rate(r.push_rate), lambda r: r.push_rate, 0),
+    Column("mbps", "MB/s", 5, lambda r: fmt_rate(r.dirty_rate_mbps),
+           lambda r: r.dirty_rate_mbps, 1),
     Column("exit", "EXIT/s", 6, lambda r: fmt_rate(r.exit_rate), lambda r: r.exit_rate, 1),
     Column("stall", "STL99", 5, lambda r: fmt_ns(r.stall_p99_ns), lambda r: _num(r.stall_p99_ns),
            1),
     Column("reset", "RST/s", 5, lambda r: fmt_rate(r.reset_rate), lambda r: r.reset_rate, 2),
-    Column("epr", "E/RST", 5, _epr, lambda r: _num(r.entries_per_reset), 3),
+    Column("epr", "E/RST", 5, _epr, lambda r: _num(r.entries_per_reset), 6),
     Column("rlat", "RST99", 5, lambda r: fmt_ns(r.reset_p99_ns), lambda r: _num(r.reset_p99_ns), 3),
     Column("lost", "LOST", 5, lambda r: fmt_count(r.lost), lambda r: r.lost, 1),
 )
-#: "vm" = natural order (pid, VM fd, ring index); the others sort largest first.
-SORT_KEYS: tuple[str, ...] = ("vm",) + tuple(c.key for c in COLUMNS)
+#: "vm" = natural order (pid, VM fd, ring index); the others sort largest first. "mbps"
+#: (PUSH/s in QEMU's unit) comes last, so that the keys before it keep their places.
+SORT_KEYS: tuple[str, ...] = ("vm",) + tuple(c.key for c in COLUMNS if c.key != "mbps") + (
+    "mbps",)
 LABEL_MIN = 12
 
 HELP_LINES = (
@@ -134,6 +140,7 @@ HELP_LINES = (
     "SIZE USED MAXU LOST E/RST: entries (16-byte struct kvm_dirty_gfn)",
     "FIL% = USED / SIZE; SIZE ? = unknown (VM created before tracing began)",
     "PUSH/s EXIT/s RST/s: ring pushes, soft-full exits (31), ring resets per second",
+    "MB/s: dirty rate as QEMU counts it: PUSH/s x 4 KiB pages, in MiB/s",
     "STL99: p99 of the soft-full stall (exit 31 to the next KVM_RUN)",
     "RST99: p99 of KVM_RESET_DIRTY_RINGS (upper bound of a power-of-two bucket)",
     "LOST: entries overwritten before a reset (overflow) + stranded by a stuck ring",

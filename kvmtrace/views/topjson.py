@@ -12,6 +12,8 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
                 "stuck" (bool), "stuck_reason" (null, "stranded", "no_reset_progress" or
                 "overflow": kvmtrace.analysis.stuck), "stall_ns" (cumulative since start),
                 "push_rate", "exit_rate", "reset_rate", "lost_rate" (per second),
+                "dirty_rate_mbps" (QEMU's dirty rate: entries pushed per second x 4096 /
+                2**20, MiB of 4 KiB pages per second; compare calc-dirty-rate),
                 "entries_per_reset" (interval; null without resets),
                 "stall_p50_ns", "stall_p99_ns", "reset_p99_ns" (interval; null if none),
                 "stall_hist" (cumulative log2 buckets: [i] counts 2**i <= ns < 2**(i+1))}],
@@ -67,6 +69,7 @@ def ring_json(r: RingRates) -> dict[str, Any]:
         "stuck_reason": r.stuck,
         "stall_ns": r.stall_ns,
         "push_rate": _round(r.push_rate),
+        "dirty_rate_mbps": _round(r.dirty_rate_mbps),
         "exit_rate": _round(r.exit_rate),
         "reset_rate": _round(r.reset_rate),
         "lost_rate": _round(r.lost_rate),

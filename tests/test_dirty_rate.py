@@ -3,11 +3,6 @@ pages) in top's text and JSON views, Prometheus and replay, from counts set by h
 
 from __future__ import annotations
 
-import json
-import subprocess
-
-from conftest import kvmtrace_cmd
-
 from kvmtrace.analysis.rates import compute_interval, dirty_rate_mbps
 from kvmtrace.core.counters import RingCounters, RingKey, Snapshot, VmInfo
 from kvmtrace.testing.qemu import qemu_mbps

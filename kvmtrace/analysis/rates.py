@@ -31,9 +31,10 @@ from ..core.counters import (
     hist_percentile,
 )
 from .stuck import worst
+from .workingset import RingWs
 
 __all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract", "vm_reset_hist",
-           "DIRTY_PAGE_BYTES", "dirty_rate_mbps"]
+           "DIRTY_PAGE_BYTES", "dirty_rate_mbps", "SpanRate", "span_rates", "window_rates"]
 
 #: bytes of guest memory one dirty-ring entry stands for (a 4 KiB page on x86)
 DIRTY_PAGE_BYTES = 4096
@@ -46,6 +47,57 @@ def dirty_rate_mbps(entries_per_s: float | None) -> float | None:
     if entries_per_s is None:
         return None
     return entries_per_s * DIRTY_PAGE_BYTES / (1 << 20)
+
+
+@dataclass(frozen=True)
+class SpanRate:
+    """Pushes over an active span (first to last push, ns of the trace's clock): the dirty
+    rate of a ring or a VM over a recording."""
+
+    pushes: int
+    first_ns: int | None
+    last_ns: int | None
+
+    @property
+    def seconds(self) -> float | None:
+        """Length of the span; None with fewer than two distinct push times."""
+        if self.first_ns is None or self.last_ns is None or self.last_ns <= self.first_ns:
+            return None
+        return (self.last_ns - self.first_ns) / 1e9
+
+    @property
+    def push_rate(self) -> float | None:
+        s = self.seconds
+        return None if s is None else self.pushes / s
+
+    @property
+    def dirty_rate_mbps(self) -> float | None:
+        """Entries pushed per second over the span x 4096 / 2**20 (QEMU's MB/s)."""
+        return dirty_rate_mbps(self.push_rate)
+
+
+def span_rates(rings: dict[tuple[int, int, int], RingWs]
+               ) -> tuple[dict[tuple[int, int, int], SpanRate], dict[tuple[int, int], SpanRate]]:
+    """Per ring (pid, vm, index) and per VM (pid, vm): pushes over the active span (a VM's
+    span runs from its first ring's first push to its last ring's last push)."""
+    per_ring = {k: SpanRate(w.pushes, w.first_ns, w.last_ns) for k, w in rings.items()}
+    per_vm: dict[tuple[int, int], SpanRate] = {}
+    for (pid, vm, _), r in sorted(per_ring.items()):
+        old = per_vm.get((pid, vm))
+        if old is None:
+            per_vm[(pid, vm)] = r
+            continue
+        firsts = [x for x in (old.first_ns, r.first_ns) if x is not None]
+        lasts = [x for x in (old.last_ns, r.last_ns) if x is not None]
+        per_vm[(pid, vm)] = SpanRate(old.pushes + r.pushes, min(firsts, default=None),
+                                     max(lasts, default=None))
+    return per_ring, per_vm
+
+
+def window_rates(ws: RingWs, window_ns: int) -> list[tuple[int, float]]:
+    """(window index, dirty rate MB/s) of each window the ring pushed in: the window's
+    entries pushed per second x 4096 / 2**20 (a window is ``window_ns`` long)."""
+    return [(w, dirty_rate_mbps(n * 1e9 / window_ns) or 0.0) for w, n, _ in ws.windows]
 
 
 @dataclass

@@ -35,8 +35,9 @@ from typing import Any
 
 from ..vmm.multiboot import MultibootGuest
 
-__all__ = ["QEMU_BINARY", "qemu_binary", "qemu_mbps", "QemuDirtyRate", "SyncQmp", "Qemu",
-           "QemuError"]
+__all__ = ["QEMU_BINARY", "qemu_binary", "qemu_mbps", "qemu_rounding", "QemuDirtyRate",
+           "SyncQmp", "Qemu", "QemuError", "CalcRecording", "record_calc_dirty_rate",
+           "Agreement", "compare_with_qemu"]
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: QEMU's minimal firmware (Debian's qemu-system-data): boots a multiboot guest in about
@@ -57,6 +58,12 @@ def qemu_mbps(entries: int, duration_ms: int, page_size: int = 4096) -> int:
     """QEMU 7.2's per-vCPU dirty rate of ``entries`` harvested over ``duration_ms``:
     ``((entries * page_size) >> 20) * 1000 // duration_ms`` (two truncations)."""
     return ((entries * page_size) >> 20) * 1000 // duration_ms
+
+
+def qemu_rounding(mbps: float, duration_ms: int) -> int:
+    """A dirty rate of ``mbps`` (MiB/s, with its fraction) rounded the way QEMU 7.2 rounds
+    its own: the MiB dirtied over ``duration_ms`` truncated, then MiB/s truncated."""
+    return int(mbps * duration_ms / 1000) * 1000 // duration_ms
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,8 @@ class Qemu:
         """QEMU's command line."""
         binary = qemu_binary() or QEMU_BINARY
         firmware = ["-bios", QBOOT] if os.path.exists(QBOOT) else []
-        return [binary, "-nodefaults", *firmware, "-accel", f"kvm,dirty-ring-size={self.ring_entries}",
+        return [binary, "-nodefaults", *firmware,
+                "-accel", f"kvm,dirty-ring-size={self.ring_entries}",
                 "-m", str(self.guest.memory_mib), "-smp", str(self.guest.vcpus),
                 "-kernel", kernel, "-display", "none", "-serial", "none", "-no-reboot",
                 "-qmp", f"unix:{sock},server=on,wait=off", "-name", f"guest={self.name}",
@@ -243,3 +251,100 @@ class Qemu:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class CalcRecording:
+    """A ``kvmtrace record -p QEMU_PID`` that ran across one ``calc-dirty-rate``."""
+
+    qemu: QemuDirtyRate
+    path: Path  #: the recording
+    pid: int  #: QEMU's pid
+    record_stderr: str
+
+
+def record_calc_dirty_rate(qemu: Qemu, out: Path, seconds: int = 2,
+                           timeout: float = 60.0) -> CalcRecording:
+    """Record QEMU (``kvmtrace record -p PID``, started and attached first) while it runs
+    ``calc-dirty-rate`` over ``seconds``; stop the recording (SIGINT) once QEMU has its
+    figure. QEMU pushes to its rings only while dirty logging is on, here only during the
+    calculation, so every push in the recording lies in QEMU's window."""
+    import sys
+
+    cmd = [sys.executable, "-m", "kvmtrace", "record", "-o", str(out), "-p", str(qemu.pid)]
+    rec = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert rec.stderr is not None
+        seen = []
+        while "Recording dirty-ring events" not in (line := rec.stderr.readline()):
+            seen.append(line)
+            if not line and rec.poll() is not None:
+                raise QemuError(f"kvmtrace record exited: {''.join(seen)[-500:]}")
+        rate = qemu.calc_dirty_rate(seconds)
+        time.sleep(0.1)  # the last events reach the recording
+        rec.send_signal(signal.SIGINT)
+        _, err = rec.communicate(timeout=timeout)
+        if rec.returncode != 0:
+            raise QemuError(f"kvmtrace record failed ({rec.returncode}): {err[-500:]}")
+        return CalcRecording(rate, out, qemu.pid, "".join(seen) + err)
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """One vCPU: kvmtrace's dirty rate on QEMU's window against QEMU's ``vcpu-dirty-rate``.
+
+    ``entries``: pushes of the vCPU's ring in QEMU's window (first push of the calculation
+    to its final ``KVM_RESET_DIRTY_RINGS``); ``kvmtrace_mbps``: those x 4096 / 2**20 over
+    QEMU's calc-time; ``kvmtrace_rounded``: the same rounded as QEMU rounds;
+    ``span_mbps``: ``replay``'s ``dirty_rate_mbps`` of the ring (over its first to last
+    push, the measured span, which QEMU does not use: it divides by calc-time)."""
+
+    vcpu: int
+    entries: int
+    kvmtrace_mbps: float
+    kvmtrace_rounded: int
+    qemu_mbps: int
+    span_mbps: float | None
+
+    @property
+    def rel_diff(self) -> float:
+        """|rounded - QEMU's| / QEMU's."""
+        return abs(self.kvmtrace_rounded - self.qemu_mbps) / max(self.qemu_mbps, 1)
+
+
+def final_reset_ns(events: Any, qemu: QemuDirtyRate) -> int:
+    """QEMU's window end in a recording: the last ``kvm_dirty_ring_reset`` before QEMU
+    said "measured" (its final reap: after it QEMU takes its end count and stops logging;
+    pushes after it are in no count of QEMU's)."""
+    from ..core.events import Kind
+
+    ts = events["ts"][(events["kind"] == Kind.RESET) & (events["ts"] < qemu.measured_ns)]
+    if not len(ts):
+        raise QemuError("no ring reset during calc-dirty-rate in the recording")
+    return int(ts.max())
+
+
+def compare_with_qemu(events: Any, replay_json: dict[str, Any],
+                      qemu: QemuDirtyRate) -> list[Agreement]:
+    """Per vCPU of QEMU's answer: the pushes of ring ``vcpu`` in ``events`` (a recording's
+    EVENT_DTYPE array) from the calc-dirty-rate command to the final reset
+    (:func:`final_reset_ns`), as MB/s over QEMU's calc-time, against QEMU's figure; with
+    ``replay --json``'s per-ring ``dirty_rate_mbps`` beside it."""
+    from ..core.events import Kind
+
+    end = final_reset_ns(events, qemu)
+    push = events[(events["kind"] == Kind.PUSH) & (events["ts"] > qemu.asked_ns)
+                  & (events["ts"] <= end)]
+    span = {r["index"]: r["dirty_rate_mbps"] for r in replay_json["rings"]}
+    calc_ms = qemu.calc_time_s * 1000
+    out = []
+    for vcpu, q in sorted(qemu.vcpu_dirty_rate.items()):
+        n = int((push["ring"] == vcpu).sum())
+        mbps = n * 4096 / (1 << 20) * 1000 / calc_ms
+        out.append(Agreement(vcpu, n, mbps, qemu_mbps(n, calc_ms), q, span.get(vcpu)))
+    return out

@@ -59,3 +59,21 @@ def test_prometheus():
     assert f"kvmtrace_ring_dirty_rate_mbps{{{lab}}} 10.0" in lines
     assert ('kvmtrace_vm_dirty_rate_mbps{pid="100",vm="5",vm_gen="0",comm="qemu-system-x86"}'
             ' 11.0') in lines
+
+
+def test_top_says_dirty_logging_off():
+    """A VM whose ring size is known (KVM_ENABLE_CAP seen) and that never pushed: a line
+    that says why nothing shows, not the empty screen."""
+    snap = Snapshot(time_ns=SEC)
+    snap.vms[(300, 9)] = VmInfo(pid=300, vm=9, comm="qemu-system-x86", name="web01",
+                                ring_bytes=65536)
+    iv = compute_interval(None, snap)
+    lines = render_top(iv, 80, 24)
+    assert lines[HEADER_LINES + 1:] == [
+        "300:9 web01   ring 4096 entries, 0 pushes",
+        "  dirty logging off: starts with a migration, calc-dirty-rate or a dirty limit"]
+    assert interval_json(iv)["idle_vms"] == [{"pid": 300, "vm": 9, "vm_gen": 0,
+                                              "comm": "qemu-system-x86", "name": "web01",
+                                              "ring_bytes": 65536}]
+    a, b = snapshots()  # a VM with pushes is not idle
+    assert compute_interval(a, b).idle == []

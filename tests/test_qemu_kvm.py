@@ -74,3 +74,19 @@ def test_dirty_rate_agrees_with_qemu(tmp_path, qemu_ok, vcpus):
     assert abs(vm_rounded - rate.dirty_rate) <= 0.01 * rate.dirty_rate, (vm_rounded, rate)
     (vm,) = report["vms"]
     assert vm["pushes"] == len(pushes) and vm["rings"] == vcpus
+
+
+@pytest.mark.kernel
+def test_top_says_dirty_logging_off(tmp_path, qemu_ok):
+    """QEMU with a dirty ring and no dirty logging pushes nothing: ``top`` names the VM,
+    its ring size (QEMU's dirty-ring-size) and why nothing shows."""
+    guest = MultibootGuest(vcpus=2, pages=1024)
+    argv = Qemu(guest, ring_entries=2048, name="idle01").argv(
+        str(guest.write(tmp_path / "guest.elf")), str(tmp_path / "qmp.sock"))
+    p = subprocess.run(kvmtrace_cmd("top", "-b", "-n", "3", "-d", "0.5", "--", *argv),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    last = p.stdout.split("kvmtrace top")[-1].splitlines()
+    (row,) = [ln for ln in last if "ring 2048 entries, 0 pushes" in ln]
+    assert row.split()[1] == "idle01"
+    assert "  dirty logging off: starts with a migration, calc-dirty-rate or a dirty limit" in last

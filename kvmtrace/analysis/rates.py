@@ -188,6 +188,10 @@ class Interval:
     vms: list[VmRates]
     lost_events: int  # cumulative
     lost_events_rate: float
+    #: VMs with a dirty ring of known size (KVM_ENABLE_CAP seen) but no ring event since
+    #: tracing began: no push, exit or reset. For QEMU this is dirty logging off: it pushes
+    #: only during a migration, calc-dirty-rate or a dirty limit.
+    idle: list[VmInfo] = field(default_factory=list)
 
     def total(self) -> VmRates:
         """All VMs together."""
@@ -366,6 +370,9 @@ def compute_interval(prev: Snapshot | None, cur: Snapshot, *, pid: int = 0) -> I
         if total.rings:
             vms.append(total)
     lost_prev = prev.lost_events if prev is not None else 0
+    shown = {(v.pid, v.vm) for v in vms}
+    idle = [info for key, info in sorted(cur.vms.items())
+            if key not in shown and info.ring_bytes and (not pid or key[0] == pid)]
     return Interval(
         time_ns=cur.time_ns,
         interval_s=dt,
@@ -373,4 +380,5 @@ def compute_interval(prev: Snapshot | None, cur: Snapshot, *, pid: int = 0) -> I
         vms=vms,
         lost_events=cur.lost_events,
         lost_events_rate=_rate(cur.lost_events - lost_prev, dt),
+        idle=idle,
     )

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..analysis.rates import Interval, RingRates, VmRates
-from ..core.kvm_abi import vm_label
+from ..core.kvm_abi import GFN_BYTES, vm_label
 
 __all__ = [
     "SORT_KEYS",
     "WAITING",
+    "LOGGING_OFF",
     "HEADER_LINES",
     "HELP_LINES",
     "Column",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 WAITING = "Waiting for a VM using the dirty ring (KVM_CAP_DIRTY_LOG_RING)..."
+#: under a VM with a dirty ring of known size that has pushed nothing yet
+LOGGING_OFF = "dirty logging off: starts with a migration, calc-dirty-rate or a dirty limit"
 HEADER_LINES = 3  #: lines above the column titles; the titles are line HEADER_LINES
 
 
@@ -268,7 +271,7 @@ def render_top(
     lines.append(_title_row(label_w, cols))
     if show_help:
         body = list(HELP_LINES)
-    elif not iv.rings:
+    elif not iv.rings and not iv.idle:
         body = ["", WAITING if not pid else f"Waiting for pid {pid} to use the dirty ring..."]
     else:
         body = []
@@ -279,6 +282,12 @@ def render_top(
             body.append(_row(_vm_label(v), v, label_w, cols))
             for r in _sorted(rings_by_vm.get((v.pid, v.vm), []), sort_key, reverse):
                 body.append(_row(_ring_label(r), r, label_w, cols))
+        for info in iv.idle:
+            who = info.name or info.comm
+            size = f"ring {(info.ring_bytes or 0) // GFN_BYTES} entries, 0 pushes"
+            label = f"{info.pid}:{vm_label(info.vm)} {who}".rstrip()
+            body.append(f"{label.ljust(label_w)} {size}")
+            body.append(f"  {LOGGING_OFF}")
     if height is not None:
         room = max(height - len(lines), 0)
         if len(body) > room:

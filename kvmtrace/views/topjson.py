@@ -19,7 +19,9 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
                 "stall_hist" (cumulative log2 buckets: [i] counts 2**i <= ns < 2**(i+1))}],
      "vms": [{"pid", "vm", "vm_gen", "comm", "name", "ring_bytes", "rings", and the ring fields
               summed over the VM's rings ("resets" counts ring resets: one per ring per
-              KVM_RESET_DIRTY_RINGS ioctl)}]}
+              KVM_RESET_DIRTY_RINGS ioctl)}],
+     "idle_vms": [{"pid", "vm", "vm_gen", "comm", "name", "ring_bytes"}: VMs with a dirty
+              ring of known size and no ring event yet (QEMU: dirty logging off)]}
 
 ``mode`` is ``light`` for ``top --light`` (no push probe): a ring's pushes, used, max_used
 and lost are then updated at its resets only, so they lag by up to one harvest cycle and
@@ -110,6 +112,8 @@ def interval_json(iv: Interval, *, wall_time: float | None = None,
         "lost_events": iv.lost_events,
         "rings": [ring_json(r) for r in iv.rings],
         "vms": [vm_json(v) for v in iv.vms],
+        "idle_vms": [{"pid": i.pid, "vm": vm_fd(i.vm), "vm_gen": vm_gen(i.vm), "comm": i.comm,
+                      "name": i.name, "ring_bytes": i.ring_bytes} for i in iv.idle],
     }
 
 

@@ -25,7 +25,13 @@ from conftest import kvmtrace_cmd, require, require_kvm_bpf
 
 from kvmtrace.core.events import Kind
 from kvmtrace.source.recording import open_recording
-from kvmtrace.testing.qemu import Qemu, compare_with_qemu, qemu_binary, record_calc_dirty_rate
+from kvmtrace.testing.qemu import (
+    Qemu,
+    compare_with_qemu,
+    qemu_binary,
+    qemu_mbps,
+    record_calc_dirty_rate,
+)
 from kvmtrace.vmm.multiboot import MultibootGuest
 
 CALC_S = 2
@@ -69,6 +75,9 @@ def test_dirty_rate_agrees_with_qemu(tmp_path, qemu_ok, vcpus):
     detail = [(a.vcpu, a.entries, a.kvmtrace_rounded, a.qemu_mbps, a.span_mbps) for a in rows]
     assert all(a.qemu_mbps >= MIN_MBPS for a in rows), detail
     assert all(a.rel_diff <= 0.01 for a in rows), detail
+    # exact: the entries QEMU harvested (the resets' reset_index advance) give its figure
+    calc_ms = CALC_S * 1000
+    assert [qemu_mbps(a.harvested, calc_ms) for a in rows] == [a.qemu_mbps for a in rows]
     # per VM: QEMU's total is the sum of its truncated per-vCPU figures
     vm_rounded = sum(a.kvmtrace_rounded for a in rows)
     assert abs(vm_rounded - rate.dirty_rate) <= 0.01 * rate.dirty_rate, (vm_rounded, rate)

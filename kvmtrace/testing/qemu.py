@@ -310,6 +310,9 @@ class Agreement:
     kvmtrace_rounded: int
     qemu_mbps: int
     span_mbps: float | None
+    #: entries QEMU harvested in the window, from the ring's resets (reset_index advance):
+    #: what QEMU counts, so ``qemu_mbps(harvested, calc-time)`` is QEMU's figure exactly
+    harvested: int = 0
 
     @property
     def rel_diff(self) -> float:
@@ -343,8 +346,15 @@ def compare_with_qemu(events: Any, replay_json: dict[str, Any],
     span = {r["index"]: r["dirty_rate_mbps"] for r in replay_json["rings"]}
     calc_ms = qemu.calc_time_s * 1000
     out = []
+    resets = events[events["kind"] == Kind.RESET]
     for vcpu, q in sorted(qemu.vcpu_dirty_rate.items()):
         n = int((push["ring"] == vcpu).sum())
         mbps = n * 4096 / (1 << 20) * 1000 / calc_ms
-        out.append(Agreement(vcpu, n, mbps, qemu_mbps(n, calc_ms), q, span.get(vcpu)))
+        mine = resets[resets["ring"] == vcpu]
+        before = mine["reset_index"][mine["ts"] <= qemu.asked_ns]
+        upto = mine["reset_index"][mine["ts"] <= end]
+        harvested = ((int(upto[-1]) if len(upto) else 0)
+                     - (int(before[-1]) if len(before) else 0)) & 0xFFFFFFFF
+        out.append(Agreement(vcpu, n, mbps, qemu_mbps(n, calc_ms), q, span.get(vcpu),
+                             harvested))
     return out

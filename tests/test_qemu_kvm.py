@@ -35,7 +35,7 @@ from kvmtrace.testing.qemu import (
 from kvmtrace.vmm.multiboot import MultibootGuest
 
 CALC_S = 2
-MIN_MBPS = 100  #: below this, 1 % is less than QEMU's 1 MB/s resolution
+MIN_MBPS = 40  #: the guest ran: a QEMU livelocked after an overflow reports 8-23 MB/s
 
 
 def require_qemu() -> None:

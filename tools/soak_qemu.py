@@ -9,7 +9,7 @@ entries QEMU harvested in it (the resets' reset_index advance), kvmtrace's MB/s 
 window rounded as QEMU rounds, QEMU's ``vcpu-dirty-rate``, their difference, and
 ``replay``'s ``dirty_rate_mbps`` over the ring's first to last push. A run fails when the
 rounded figure is more than 1 % from QEMU's, when the harvested entries do not give QEMU's
-figure exactly, or when QEMU's is below 100 MB/s (the guest did not run, or QEMU's ring
+figure exactly, or when QEMU's is below 40 MB/s (the guest did not run, or QEMU's ring
 overflowed and livelocked). Root only.
 
     .venv/bin/python tools/soak_qemu.py [--runs 20] [--vcpus 1,2] [--seconds 2]
@@ -36,7 +36,7 @@ from kvmtrace.testing.qemu import (  # noqa: E402
 )
 from kvmtrace.vmm.multiboot import MultibootGuest  # noqa: E402
 
-MIN_MBPS = 100
+MIN_MBPS = 40  # the guest ran: a QEMU livelocked after an overflow reports 8-23 MB/s
 
 
 def one_run(vcpus: int, seconds: int, tmp: Path) -> tuple[bool, str]:

@@ -3,6 +3,11 @@ pages) in top's text and JSON views, Prometheus and replay, from counts set by h
 
 from __future__ import annotations
 
+import json
+import subprocess
+
+from conftest import kvmtrace_cmd
+
 from kvmtrace.analysis.rates import compute_interval, dirty_rate_mbps
 from kvmtrace.core.counters import RingCounters, RingKey, Snapshot, VmInfo
 from kvmtrace.testing.qemu import qemu_mbps
@@ -77,3 +82,25 @@ def test_top_says_dirty_logging_off():
                                               "ring_bytes": 65536}]
     a, b = snapshots()  # a VM with pushes is not idle
     assert compute_interval(a, b).idle == []
+
+
+def test_replay_fields(samples):
+    """replay --json: per ring, per VM and per window, with the definition applied to the
+    replay's own pushes per second (3 vCPUs x 400 pages of a perf script sample)."""
+    p = subprocess.run(kvmtrace_cmd("replay", "--json",
+                                    str(samples / "perf-script-3vcpu-4096B-400pages.txt")),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    ws = {w["index"]: w for w in d["workingset"]["rings"]}
+    for r in d["rings"]:
+        w = ws[r["index"]]
+        assert r["dirty_rate_mbps"] == w["dirty_rate_mbps"] == round(
+            w["rate_per_s"] * 4096 / 2**20, 3)
+        assert [x[0] for x in w["window_dirty_rate_mbps"]] == [x[0] for x in w["windows"]]
+    (vm,) = d["vms"]
+    assert (vm["rings"], vm["pushes"]) == (3, 1200)
+    text = subprocess.run(kvmtrace_cmd("replay", str(samples /
+                                                     "perf-script-3vcpu-4096B-400pages.txt")),
+                          capture_output=True, text=True, timeout=120).stdout
+    assert "MB/s" in text and all(len(ln) <= 80 for ln in text.splitlines())

@@ -12,7 +12,7 @@ from kvmtrace.analysis.rates import compute_interval, dirty_rate_mbps
 from kvmtrace.core.counters import RingCounters, RingKey, Snapshot, VmInfo
 from kvmtrace.testing.qemu import qemu_mbps
 from kvmtrace.views.prometheus import render_metrics
-from kvmtrace.views.top_render import HEADER_LINES, render_top
+from kvmtrace.views.top_render import HEADER_LINES, WAITING, render_top
 from kvmtrace.views.topjson import interval_json
 
 SEC = 1_000_000_000
@@ -80,6 +80,8 @@ def test_top_says_dirty_logging_off():
     assert interval_json(iv)["idle_vms"] == [{"pid": 300, "vm": 9, "vm_gen": 0,
                                               "comm": "qemu-system-x86", "name": "web01",
                                               "ring_bytes": 65536}]
+    # top --light learns pushes at resets only: no claim about dirty logging there
+    assert WAITING in render_top(iv, 80, 24, mode="light")[-1]
     a, b = snapshots()  # a VM with pushes is not idle
     assert compute_interval(a, b).idle == []
 

@@ -269,9 +269,10 @@ def render_top(
     lines = [title, summary, third]
     label_w, cols = _layout(width)
     lines.append(_title_row(label_w, cols))
+    idle = [] if light else iv.idle  # light: pushes are known at resets only
     if show_help:
         body = list(HELP_LINES)
-    elif not iv.rings and not iv.idle:
+    elif not iv.rings and not idle:
         body = ["", WAITING if not pid else f"Waiting for pid {pid} to use the dirty ring..."]
     else:
         body = []
@@ -282,7 +283,7 @@ def render_top(
             body.append(_row(_vm_label(v), v, label_w, cols))
             for r in _sorted(rings_by_vm.get((v.pid, v.vm), []), sort_key, reverse):
                 body.append(_row(_ring_label(r), r, label_w, cols))
-        for info in iv.idle:
+        for info in idle:
             who = info.name or info.comm
             size = f"ring {(info.ring_bytes or 0) // GFN_BYTES} entries, 0 pushes"
             label = f"{info.pid}:{vm_label(info.vm)} {who}".rstrip()

@@ -45,6 +45,7 @@ def test_loop_and_tables(pattern):
 
 
 def test_bad_shapes_are_usage_errors():
-    for kw in ({"vcpus": 0}, {"pages": 0}, {"pattern": "zigzag"}, {"vcpus": 256}):
+    for kw in ({"vcpus": 0}, {"pages": 0}, {"pattern": "zigzag"}, {"vcpus": 256},
+               {"vcpus": 255, "pages": 16384}):  # tables would reach the data pages
         with pytest.raises(UsageError):
             MultibootGuest(**kw)

@@ -6,6 +6,8 @@ floor: may import anything, nothing in the package imports it).
   must agree with it exactly.
 - :mod:`.synth`: synthetic event streams from model rings (:class:`~.synth.SynthVm`) and
   bulk streams for benchmarks (:func:`~.synth.bulk_stream`).
+- :mod:`.qemu`: QEMU as a test peer: start it on the multiboot guest, QMP through
+  ``qemu.qmp``, its own ``calc-dirty-rate`` figures and kvmtrace's beside them.
 - :mod:`.vm_cycles`: cycles of concurrent built-in VMs in one process, held on stdin until
   a tracer is attached (``python -m kvmtrace.testing.vm_cycles PLAN``).
 """

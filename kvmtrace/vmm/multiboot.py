@@ -44,6 +44,10 @@ _CODE = 0x80  #: offset of the bootstrap code
 _SEL_CODE, _SEL_DATA = 0x08, 0x10
 _GDT = struct.pack("<QQQ", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)  # null, code, data
 _DELAY = 1 << 20  #: loop iterations between the IPIs
+# code lengths (bytes), checked when the image is built: the bootstrap's extra code with
+# more than one vCPU (copy + APIC enable + INIT + 2 startup IPIs), the common entry, the
+# other vCPUs' 32-bit entry
+_BOOT_SMP_LEN, _COMMON_LEN, _AP32_LEN = 74, 41, 15
 
 
 def _u32(x: int) -> bytes:
@@ -92,6 +96,9 @@ class MultibootGuest:
                              f"use one of {', '.join(PATTERNS)}")
         if not 0 <= self.passes <= 0xFFFFFFFF:
             raise UsageError(f"passes {self.passes}: must be 0..2**32-1")
+        if LOAD_ADDR + 2 * PAGE_SIZE + 4 * self.table_len * self.vcpus > DATA_ADDR:
+            raise UsageError(f"{self.vcpus} vCPUs x {self.pages} pages: the visit tables do "
+                             "not fit below the data pages", "use fewer pages or vCPUs")
 
     @property
     def table_len(self) -> int:
@@ -116,19 +123,20 @@ class MultibootGuest:
     def loop_span(self) -> tuple[int, int]:
         """[start, end) guest addresses of the dirtying loop: a vCPU whose EIP is in it
         has booted and runs the workload."""
-        common = LOAD_ADDR + _CODE + 1 + (74 if self.vcpus > 1 else 0)
-        return common + 41, common + 41 + len(assemble(self.exit_every, QEMU_PORT).code)
+        common = LOAD_ADDR + _CODE + 1 + (_BOOT_SMP_LEN if self.vcpus > 1 else 0)
+        start = common + _COMMON_LEN
+        return start, start + len(assemble(self.exit_every, QEMU_PORT).code)
 
     def image(self) -> bytes:
         """The ELF32 file."""
         loop = assemble(self.exit_every, QEMU_PORT).code
         table_bytes = 4 * self.table_len
         # layout: headers | boot | common + loop | ap32 | trampoline | pad | tables
-        boot_len = 1 + (74 if self.vcpus > 1 else 0)
+        boot_len = 1 + (_BOOT_SMP_LEN if self.vcpus > 1 else 0)
         common = LOAD_ADDR + _CODE + boot_len
-        ap32 = common + 41 + len(loop)
-        assert (common + 41, ap32) == self.loop_span()
-        tramp_at = ap32 + 15
+        ap32 = common + _COMMON_LEN + len(loop)
+        assert (common + _COMMON_LEN, ap32) == self.loop_span()
+        tramp_at = ap32 + _AP32_LEN
         tramp = _trampoline(ap32)
         tables_at = -(-(tramp_at + len(tramp)) // PAGE_SIZE) * PAGE_SIZE
         boot = b"\xfa"  # cli
@@ -155,8 +163,9 @@ class MultibootGuest:
                        + b"\x31\xd2")  # xor edx, edx; the loop follows
         ap32_code = (b"\x66\xb8" + struct.pack("<H", _SEL_DATA)  # mov ax, 0x10
                      + b"\x8e\xd8\x8e\xc0\x8e\xd0"  # mov ds/es/ss, ax
-                     + b"\xe9" + _u32(common - (ap32 + 15)))  # jmp common
-        assert (len(boot), len(common_code), len(ap32_code)) == (boot_len, 41, 15), \
+                     + b"\xe9" + _u32(common - (ap32 + _AP32_LEN)))  # jmp common
+        assert (len(boot), len(common_code), len(ap32_code)) == (
+            boot_len, _COMMON_LEN, _AP32_LEN), \
             (len(boot), len(common_code), len(ap32_code))
         text = boot + common_code + loop + ap32_code + tramp
         tables = b"".join(

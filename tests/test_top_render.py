@@ -87,18 +87,22 @@ def test_render_80x24_rows_and_totals():
     assert lines[1].startswith("VMs 2  rings 3  push/s 3.01k  exits/s 3.0  resets/s 2.0  lost 44")
     assert lines[1].endswith("events lost 2")
     assert lines[2] == "hooks: tp push"
+    # E/RST yields its place to MB/s below 86 columns
     assert lines[HEADER_LINES].split() == ["VM/VCPU", "SIZE", "USED", "FIL%", "MAXU", "PUSH/s",
-                                           "EXIT/s", "STL99", "RST/s", "E/RST", "RST99", "LOST"]
+                                           "MB/s", "EXIT/s", "STL99", "RST/s", "RST99", "LOST"]
     body = [line.split() for line in lines[HEADER_LINES + 1:]]
     # VM 100 pushes 2010/s > VM 200 1000/s; inside VM 100 ring 0 (2000/s) before ring 1.
     assert [row[:2] for row in body] == [["100:5", "db1"], ["vcpu0", "256"], ["vcpu1", "256"],
                                          ["200:7", "python3"], ["vcpu0", "?"]]
-    assert body[0][2:] == ["256", "158", "31%", "192", "2.01k", "3.0", "2.1ms", "2.0", "200",
+    # MB/s = pushes/s x 4096 / 2**20: 2010/s -> 7.85, 2000/s -> 7.81, 10/s -> 0.04
+    assert body[0][2:] == ["256", "158", "31%", "192", "2.01k", "7.9", "3.0", "2.1ms", "2.0",
                            "66us", "0"]
-    assert body[1][1:] == ["256", "128", "50%", "192", "2.00k", "3.0", "2.1ms", "2.0", "200",
+    assert body[1][1:] == ["256", "128", "50%", "192", "2.00k", "7.8", "3.0", "2.1ms", "2.0",
                            "66us", "0"]
-    assert body[2][1:] == ["256", "30", "12%", "30", "10", "0", "-", "0", "-", "66us", "0"]
-    assert body[4][1:] == ["?", "50", "?", "300", "1.00k", "0", "-", "0", "-", "-", "44"]
+    assert body[2][1:] == ["256", "30", "12%", "30", "10", "0.0", "0", "-", "0", "66us", "0"]
+    assert body[4][1:] == ["?", "50", "?", "300", "1.00k", "3.9", "0", "-", "0", "-", "44"]
+    wide = render_top(iv, 86, 24, "push")
+    assert wide[HEADER_LINES].split()[6:11] == ["MB/s", "EXIT/s", "STL99", "RST/s", "E/RST"]
 
 
 def test_sort_keys_reverse_and_span():
@@ -204,7 +208,7 @@ def test_prometheus_text():
     assert "kvmtrace_lost_events_total 2" in lines
     assert ('kvmtrace_vm_info{pid="100",vm="5",vm_gen="0",comm="qemu-system-x86",name="db1",'
             'ring_bytes="4096"} 1') in lines
-    assert sum(ln.startswith("# TYPE ") for ln in lines) == 14
+    assert sum(ln.startswith("# TYPE ") for ln in lines) == 17  # 3 of them: dirty rate
     assert f'kvmtrace_ring_stuck{{{lab},reason=""}} 0' in lines
 
 

@@ -9,11 +9,18 @@ KVM_RESET_DIRTY_RINGS latency is VM-wide: it comes from the snapshot's per-VM ta
 (:attr:`Snapshot.vm_counters`); a VM's rows and each of its ring rows show the VM's
 percentile. A ring index below 0 ("the VM, ring unknown") becomes a ring row only when it
 carries ring events (pushes, exits, resets, stalls).
+
+Dirty rate in QEMU's terms (:func:`dirty_rate_mbps`): MB/s where MB is MiB of 4 KiB guest
+pages, i.e. entries pushed per second x 4096 / 2**20. One ``struct kvm_dirty_gfn`` entry is
+one dirtied 4 KiB page, so this is what QEMU's ``calc-dirty-rate`` (mode ``dirty-ring``)
+reports per vCPU as ``vcpu-dirty-rate`` and for the VM as ``dirty-rate`` (QEMU truncates
+to an integer; kvmtrace keeps the fraction).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..core.counters import (
     HIST_BUCKETS,
@@ -27,7 +34,74 @@ from ..core.counters import (
 )
 from .stuck import worst
 
-__all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract"]
+if TYPE_CHECKING:
+    from .replay.workingset import RingWs
+
+__all__ = ["RingRates", "VmRates", "Interval", "compute_interval", "subtract",
+           "DIRTY_PAGE_BYTES", "dirty_rate_mbps", "SpanRate", "span_rates", "window_rates"]
+
+#: bytes of guest memory one dirty-ring entry stands for (a 4 KiB page on x86)
+DIRTY_PAGE_BYTES = 4096
+
+
+def dirty_rate_mbps(entries_per_s: float | None) -> float | None:
+    """QEMU's dirty rate of ``entries_per_s`` (ring entries pushed per second):
+    entries pushed per second x 4096 / 2**20, in MB/s (MiB of 4 KiB pages per second).
+    None stays None (rate unknown)."""
+    if entries_per_s is None:
+        return None
+    return entries_per_s * DIRTY_PAGE_BYTES / (1 << 20)
+
+
+@dataclass(frozen=True)
+class SpanRate:
+    """Pushes over an active span (first to last push, ns of the trace's clock): the dirty
+    rate of a ring or a VM over a recording."""
+
+    pushes: int
+    first_ns: int | None
+    last_ns: int | None
+
+    @property
+    def seconds(self) -> float | None:
+        """Length of the span; None with fewer than two distinct push times."""
+        if self.first_ns is None or self.last_ns is None or self.last_ns <= self.first_ns:
+            return None
+        return (self.last_ns - self.first_ns) / 1e9
+
+    @property
+    def push_rate(self) -> float | None:
+        s = self.seconds
+        return None if s is None else self.pushes / s
+
+    @property
+    def dirty_rate_mbps(self) -> float | None:
+        """Entries pushed per second over the span x 4096 / 2**20 (QEMU's MB/s)."""
+        return dirty_rate_mbps(self.push_rate)
+
+
+def span_rates(rings: dict[tuple[int, int, int], RingWs]
+               ) -> tuple[dict[tuple[int, int, int], SpanRate], dict[tuple[int, int], SpanRate]]:
+    """Per ring (pid, vm, index) and per VM (pid, vm): pushes over the active span (a VM's
+    span runs from its first ring's first push to its last ring's last push)."""
+    per_ring = {k: SpanRate(w.pushes, w.first_ns, w.last_ns) for k, w in rings.items()}
+    per_vm: dict[tuple[int, int], SpanRate] = {}
+    for (pid, vm, _), r in sorted(per_ring.items()):
+        old = per_vm.get((pid, vm))
+        if old is None:
+            per_vm[(pid, vm)] = r
+            continue
+        firsts = [x for x in (old.first_ns, r.first_ns) if x is not None]
+        lasts = [x for x in (old.last_ns, r.last_ns) if x is not None]
+        per_vm[(pid, vm)] = SpanRate(old.pushes + r.pushes, min(firsts, default=None),
+                                     max(lasts, default=None))
+    return per_ring, per_vm
+
+
+def window_rates(ws: RingWs, window_ns: int) -> list[tuple[int, float]]:
+    """(window index, dirty rate MB/s) of each window the ring pushed in: the window's
+    entries pushed per second x 4096 / 2**20 (a window is ``window_ns`` long)."""
+    return [(w, dirty_rate_mbps(n * 1e9 / window_ns) or 0.0) for w, n, _ in ws.windows]
 
 
 @dataclass
@@ -69,6 +143,12 @@ class RingRates:
     def push_rate(self) -> float:
         """Pushes per second over the interval (0 for a zero-length interval)."""
         return _rate(self.d_pushes, self.interval_s)
+
+    @property
+    def dirty_rate_mbps(self) -> float:
+        """Dirty rate in QEMU's terms over the interval: entries pushed per second x 4096
+        / 2**20 (MB/s of 4 KiB pages; :func:`dirty_rate_mbps`)."""
+        return self.push_rate * DIRTY_PAGE_BYTES / (1 << 20)
 
     @property
     def exit_rate(self) -> float:
@@ -113,6 +193,10 @@ class Interval:
     vms: list[VmRates]
     lost_events: int  # cumulative
     lost_events_rate: float
+    #: VMs with a dirty ring of known size (KVM_ENABLE_CAP seen) but no ring event since
+    #: tracing began: no push, exit or reset. For QEMU this is dirty logging off: it pushes
+    #: only during a migration, calc-dirty-rate or a dirty limit.
+    idle: list[VmInfo] = field(default_factory=list)
 
     def total(self) -> VmRates:
         """All VMs together."""
@@ -295,6 +379,9 @@ def compute_interval(prev: Snapshot | None, cur: Snapshot, *, pid: int = 0) -> I
         if total.rings:
             vms.append(total)
     lost_prev = prev.lost_events if prev is not None else 0
+    shown = {(v.pid, v.vm) for v in vms}
+    idle = [info for key, info in sorted(cur.vms.items())
+            if key not in shown and info.ring_bytes and (not pid or key[0] == pid)]
     return Interval(
         time_ns=cur.time_ns,
         interval_s=dt,
@@ -302,4 +389,5 @@ def compute_interval(prev: Snapshot | None, cur: Snapshot, *, pid: int = 0) -> I
         vms=vms,
         lost_events=cur.lost_events,
         lost_events_rate=_rate(cur.lost_events - lost_prev, dt),
+        idle=idle,
     )

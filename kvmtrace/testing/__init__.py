@@ -7,6 +7,8 @@ floor: may import anything, nothing in the package imports it).
 - :mod:`.synth`: synthetic event streams from model rings (:class:`~.synth.SynthVm`), bulk
   streams for benchmarks (:func:`~.synth.bulk_stream`) and VMM-like streams with jitter
   (:func:`~.synth.workload_stream`).
+- :mod:`.qemu`: QEMU as a test peer: start it on the multiboot guest, QMP through
+  ``qemu.qmp``, its own ``calc-dirty-rate`` figures and kvmtrace's beside them.
 - :mod:`.vm_cycles`: cycles of concurrent built-in VMs in one process, held on stdin until
   a tracer is attached (``python -m kvmtrace.testing.vm_cycles PLAN``).
 - :mod:`.prog_run`: runs a BPF program in the kernel (BPF_PROG_TEST_RUN), a producer for

@@ -13,9 +13,14 @@ comm}`` (``vm`` the VM's fd, ``vm_gen`` the VMs seen under that fd before it):
   and ``kvmtrace_reset_latency_seconds{pid,vm,comm}`` (KVM_RESET_DIRTY_RINGS, a vm ioctl:
   per VM, from ``Snapshot.vm_counters``; no ``_sum`` series), from the log2 ns buckets:
   bucket i holds values below ``2**(i+1)`` ns, so it becomes ``le="2**(i+1) / 1e9"``;
-- ``kvmtrace_lost_events_total`` and ``kvmtrace_vm_info{pid,vm,comm,name,ring_bytes} 1``.
+- ``kvmtrace_lost_events_total`` and ``kvmtrace_vm_info{pid,vm,comm,name,ring_bytes} 1``;
+- the dirty rate in QEMU's terms (``calc-dirty-rate``): counter
+  ``kvmtrace_ring_dirty_bytes_total`` (pushes x 4096: ``rate(...) / 2^20`` is MiB/s) and
+  gauge ``kvmtrace_ring_dirty_rate_mbps`` (entries pushed per second x 4096 / 2**20 over the
+  time since the exporter's previous scrape; absent on the first scrape), per ring and per
+  VM (``kvmtrace_vm_dirty_rate_mbps{pid,vm,vm_gen,comm}``).
 
-Rates and percentiles are left to PromQL (``rate()``, ``histogram_quantile()``).
+Other rates and percentiles are left to PromQL (``rate()``, ``histogram_quantile()``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import threading
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ..analysis.rates import DIRTY_PAGE_BYTES, dirty_rate_mbps
 from ..core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot
 from ..core.kvm_abi import vm_fd, vm_gen
 from ..core.sources import SnapshotSource
@@ -88,8 +94,38 @@ def _histogram(
     out.append(f"{name}_count{lab} {total}")
 
 
-def render_metrics(snap: Snapshot) -> str:
-    """The text exposition of one snapshot."""
+def _dirty_rates(out: list[str], snap: Snapshot, prev: Snapshot | None,
+                 ring_rows: list[tuple[RingKey, RingCounters]],
+                 labels: dict[RingKey, list[tuple[str, object]]]) -> None:
+    name = "kvmtrace_ring_dirty_bytes_total"
+    out += [f"# HELP {name} Guest memory dirtied: entries pushed x {DIRTY_PAGE_BYTES} bytes.",
+            f"# TYPE {name} counter"]
+    out += [f"{name}{_labels(labels[k])} {c.pushes * DIRTY_PAGE_BYTES}" for k, c in ring_rows]
+    dt = (snap.time_ns - prev.time_ns) / 1e9 if prev is not None else 0.0
+    rates: dict[RingKey, float] = {}
+    if prev is not None and dt > 0:
+        for k, c in ring_rows:
+            old = prev.rings.get(k)
+            rates[k] = dirty_rate_mbps(max(0, c.pushes - (old.pushes if old else 0)) / dt) or 0.0
+    help_ = ("Dirty rate as QEMU's calc-dirty-rate counts it: entries pushed per second x "
+             "4096 / 2^20 (MiB/s), since the previous scrape.")
+    name = "kvmtrace_ring_dirty_rate_mbps"
+    out += [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+    out += [f"{name}{_labels(labels[k])} {v!r}" for k, v in rates.items()]
+    name = "kvmtrace_vm_dirty_rate_mbps"
+    out += [f"# HELP {name} {help_} Sum over the VM's rings.", f"# TYPE {name} gauge"]
+    per_vm: dict[tuple[int, int], float] = {}
+    for k, v in rates.items():
+        per_vm[(k.pid, k.vm)] = per_vm.get((k.pid, k.vm), 0.0) + v
+    for (pid, vm), v in sorted(per_vm.items()):
+        info = snap.vms.get((pid, vm))
+        base = [("pid", pid), *_vm(vm), ("comm", info.comm if info else "")]
+        out.append(f"{name}{_labels(base)} {v!r}")
+
+
+def render_metrics(snap: Snapshot, prev: Snapshot | None = None) -> str:
+    """The text exposition of one snapshot; ``prev`` (the previous scrape's snapshot)
+    gives the dirty-rate gauges."""
     rings = sorted(snap.rings.items())
     labels: dict[RingKey, list[tuple[str, object]]] = {}
     for key, _ in rings:
@@ -109,6 +145,7 @@ def render_metrics(snap: Snapshot) -> str:
             value = getattr(c, attr)
             if value is not None:
                 out.append(f"{name}{_labels(labels[k])} {value}")
+    _dirty_rates(out, snap, prev, ring_rows, labels)
     name = "kvmtrace_ring_stuck"
     out += [f"# HELP {name} 1 while the ring is stuck (reason label), else 0.",
             f"# TYPE {name} gauge"]
@@ -164,6 +201,7 @@ class Exporter:
                  lock: threading.Lock | None = None) -> None:
         self.source = source
         self.lock = lock or threading.Lock()
+        self._prev: Snapshot | None = None  # the previous scrape's, for the dirty rate
         exporter = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -200,7 +238,8 @@ class Exporter:
     def scrape(self) -> str:
         with self.lock:
             snap = self.source.snapshot()
-        return render_metrics(snap)
+            prev, self._prev = self._prev, snap
+        return render_metrics(snap, prev)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)

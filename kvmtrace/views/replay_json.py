@@ -13,7 +13,9 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "vms": [{"pid", "vm", "vm_gen", "name" (the VM's name: QEMU -name guest=, libvirt
               domain, Firecracker --id, ...; null unknown), "vmm" (VMM kind: "qemu",
               "libvirt", "firecracker", "cloud-hypervisor", "kvmtrace"; null unknown),
-              "comm" (the VMM's task name; null unknown)}]: one per VM of the rings (and per
+              "comm" (the VMM's task name; null unknown), "rings", "pushes", "first_ns",
+              "last_ns" (first and last push of any of its rings), "dirty_rate_mbps"
+              (over that span)}]: one per VM of the rings (and per
               named VM without ring events, e.g. QEMU with dirty logging off), names
               as the recording's meta holds them (kvmtrace.host.vmnames); text traces and
               recordings older than format 1.2 carry none (all null),
@@ -31,7 +33,9 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
                 overwritten and stranded entries whose latest push was never collected,
                 sorted, at most kvmtrace.model.results.LIST_CAP), "lost_page_count", "harvested",
                 "harvested_unknown", "digest" (32 hex digits: harvested (slot, offset)
-                multiset), "first_ns", "last_ns",
+                multiset), "first_ns", "last_ns", "dirty_rate_mbps" (QEMU's dirty rate
+                over the ring's first to last push: entries pushed per second x 4096 /
+                2**20, MiB/s of 4 KiB pages; null with fewer than two push times),
                 "stall": {"count", "total_ns", "p50_ns", "p99_ns", "max_ns"} (KT_STALL),
                 "exit_to_push": {... the same, soft-full exit to the ring's next push}}],
      "anomalies": [{"kind", "ring": {"pid", "vm", "index"}, "time" (ns), "time_s" (from
@@ -40,8 +44,10 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
                     "entries": [[slot, offset], ...] (overflow: the overwritten ones,
                     at most kvmtrace.model.results.LIST_CAP)}],
      "workingset": {"window_ns", "rings": [{"pid", "vm", "index", "pushes", "rate_per_s",
-                    "peak_rate_per_s", "distinct_mean", "distinct_max",
-                    "windows": [[window index, pushes, distinct pages], ...]}]},
+                    "peak_rate_per_s", "dirty_rate_mbps", "peak_dirty_rate_mbps",
+                    "distinct_mean", "distinct_max",
+                    "windows": [[window index, pushes, distinct pages], ...],
+                    "window_dirty_rate_mbps": [[window index, MB/s], ...]}]},
      "hottest": [{"pid", "vm", "vm_gen", "pages": [{"slot", "offset", "pushes"}]}],
      "simulation": null or {"entries", "soft_limit", "exits", "trace_exits",
                     "stall_ns" (estimate; null without a stall in the trace),
@@ -61,6 +67,7 @@ import json
 import math
 from typing import Any
 
+from ..analysis.rates import SpanRate, dirty_rate_mbps, span_rates, window_rates
 from ..analysis.replay import ReplayReport
 from ..core.kvm_abi import vm_fd, vm_gen
 from ..model.digest import digest_of
@@ -90,20 +97,29 @@ def _durations(d: Durations) -> dict[str, int | None]:
             "p99_ns": d.quantile_ns(0.99), "max_ns": d.max_ns if d.count else None}
 
 
-def vm_dicts(report: ReplayReport) -> list[dict[str, Any]]:
+def vm_dicts(report: ReplayReport, per_vm: dict[tuple[int, int], SpanRate]
+             ) -> list[dict[str, Any]]:
     """``vms``: per (pid, vm) of the rings or named in the meta, its name, VMM kind and comm
-    (null unknown)."""
+    (null unknown), its rings, and its pushes over its active span with the dirty rate."""
     out = []
     for pid, vm in sorted({r.ring[:2] for r in report.rings} | set(report.vms)):
         who = report.vms.get((pid, vm))
+        v = per_vm.get((pid, vm))
         out.append({"pid": pid, "vm": vm_fd(vm), "vm_gen": vm_gen(vm),
                     "name": who.name if who else None, "vmm": who.vmm if who else None,
-                    "comm": (who.comm or None) if who else None})
+                    "comm": (who.comm or None) if who else None,
+                    "rings": sum(1 for r in report.rings if r.ring[:2] == (pid, vm)),
+                    "pushes": v.pushes if v else 0,
+                    "first_ns": v.first_ns if v else None,
+                    "last_ns": v.last_ns if v else None,
+                    "dirty_rate_mbps": _num(v.dirty_rate_mbps if v else None)})
     return out
 
 
-def ring_dict(r: RingResult, reserved: int, name: str | None = None) -> dict[str, Any]:
-    """One entry of ``rings`` (``name``: its VM's, see ``vms``)."""
+def ring_dict(r: RingResult, reserved: int, name: str | None = None,
+              rate: SpanRate | None = None) -> dict[str, Any]:
+    """One entry of ``rings`` (``name``: its VM's, see ``vms``; ``rate``: its pushes over
+    its active span)."""
     return {
         **_ring_ref(r.ring), "name": name,
         "size": r.size, "size_source": r.size_source,
@@ -118,6 +134,7 @@ def ring_dict(r: RingResult, reserved: int, name: str | None = None) -> dict[str
         "digest": digest_of(r.harvested, r.harvest_sum1, r.harvest_sum2),
         "first_ns": r.first_ns, "last_ns": r.last_ns,
         "stall": _durations(r.stalls), "exit_to_push": _durations(r.exit_to_push),
+        "dirty_rate_mbps": _num(rate.dirty_rate_mbps if rate else None),
     }
 
 
@@ -157,12 +174,17 @@ def _workingset(report: ReplayReport) -> dict[str, Any]:
         ws = report.workingset[key]
         distinct = [w[2] for w in ws.windows]
         peak = max((w[1] for w in ws.windows), default=0)
+        peak_rate = peak * 1e9 / report.window_ns if ws.windows else None
         rings.append({
             **_ring_ref(key), "pushes": ws.pushes, "rate_per_s": _num(ws.rate()),
-            "peak_rate_per_s": _num(peak * 1e9 / report.window_ns) if ws.windows else None,
+            "peak_rate_per_s": _num(peak_rate),
+            "dirty_rate_mbps": _num(dirty_rate_mbps(ws.rate())),
+            "peak_dirty_rate_mbps": _num(dirty_rate_mbps(peak_rate)),
             "distinct_mean": _num(sum(distinct) / len(distinct)) if distinct else None,
             "distinct_max": max(distinct) if distinct else None,
             "windows": [[int(w), int(p), int(d)] for w, p, d in ws.windows],
+            "window_dirty_rate_mbps": [[int(w), _num(m)]
+                                       for w, m in window_rates(ws, report.window_ns)],
         })
     return {"window_ns": report.window_ns, "rings": rings}
 
@@ -189,13 +211,15 @@ def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
                 ) -> dict[str, Any]:
     """The whole ``--json`` object (schema 1, see the module docstring)."""
     start, end = ring_span(report)
+    per_ring, per_vm = span_rates(report.workingset)
     return {
         "schema": SCHEMA, "source": report.source_kind, "file": file,
         "events": report.events, "lost": report.lost, "truncated": truncated,
         "reserved": report.reserved, "start_ns": start, "end_ns": end,
         "clean": report.clean, "warnings": list(warnings or []),
-        "vms": vm_dicts(report),
-        "rings": [ring_dict(r, report.reserved, _name(report, r.ring)) for r in report.rings],
+        "vms": vm_dicts(report, per_vm),
+        "rings": [ring_dict(r, report.reserved, _name(report, r.ring), per_ring.get(r.ring))
+                  for r in report.rings],
         "anomalies": [anomaly_dict(a, start) for a in report.anomalies],
         "workingset": _workingset(report),
         "hottest": [{"pid": pid, "vm": vm_fd(vm), "vm_gen": vm_gen(vm),

@@ -5,7 +5,8 @@ per-ring counters (``struct kvm_dirty_ring`` of each vCPU: size and where it cam
 pushes, resets, entries reset, soft-full exits, max used), per-ring stalls and harvest
 digest, lost pages (overwritten and stranded entries, deduplicated by page with how
 many entries each lost, stuck rings), anomalies (time from the first event, ring, indices,
-one sentence each), dirty rate and working set per vCPU, hottest pages per VM and the
+one sentence each), dirty rate and working set per vCPU (push/s and MB/s in QEMU's
+terms: entries pushed per second x 4096 / 2**20) and per VM, hottest pages per VM and the
 ``--simulate-ring-entries`` comparison.
 Times: ms/us from the trace's ns.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import textwrap
 
+from ..analysis.rates import dirty_rate_mbps, span_rates
 from ..analysis.replay import ReplayReport
 from ..core.kvm_abi import vm_label
 from ..model.digest import digest_of
@@ -156,8 +158,8 @@ def _workingset(report: ReplayReport) -> list[str]:
     if not report.workingset:
         return []
     out = ["", f"dirty rate and working set per vCPU (windows of {_ms(report.window_ns)}):",
-           f"{'ring':>4} {'pid':>7} {'vm':>3} {'pushes':>10} {'push/s':>10} {'peak/s':>10} "
-           f"{'ws mean':>9} {'ws max':>8} {'windows':>7}"]
+           f"{'ring':>4} {'pid':>7} {'vm':>3} {'pushes':>9} {'push/s':>9} {'MB/s':>7} "
+           f"{'peak/s':>9} {'ws mean':>8} {'ws max':>7} {'windows':>7}"]
     for key in sorted(report.workingset):
         ws = report.workingset[key]
         pid, vm = _who(key)
@@ -165,10 +167,23 @@ def _workingset(report: ReplayReport) -> list[str]:
         rate = ws.rate()
         peak = max((w[1] for w in ws.windows), default=0) * 1e9 / report.window_ns
         mean = f"{sum(distinct) / len(distinct):.0f}" if distinct else "-"
+        mbps = dirty_rate_mbps(rate)
         out.append(_fit(
-            f"{key[2]:>4} {pid:>7} {vm:>3} {ws.pushes:>10} "
-            f"{'-' if rate is None else f'{rate:.0f}':>10} {peak:>10.0f} {mean:>9} "
-            f"{max(distinct, default=0):>8} {len(ws.windows):>7}"))
+            f"{key[2]:>4} {pid:>7} {vm:>3} {ws.pushes:>9} "
+            f"{'-' if rate is None else f'{rate:.0f}':>9} "
+            f"{'-' if mbps is None else f'{mbps:.1f}':>7} {peak:>9.0f} {mean:>8} "
+            f"{max(distinct, default=0):>7} {len(ws.windows):>7}"))
+    _, per_vm = span_rates(report.workingset)
+    for (pid_, vm_), v in sorted(per_vm.items()):
+        pid, vm = _who((pid_, vm_, 0))
+        mbps = v.dirty_rate_mbps
+        out.append(_fit(
+            f"{'all':>4} {pid:>7} {vm:>3} {v.pushes:>9} "
+            f"{'-' if v.push_rate is None else f'{v.push_rate:.0f}':>9} "
+            f"{'-' if mbps is None else f'{mbps:.1f}':>7}"))
+    out += textwrap.wrap("MB/s: dirty rate as QEMU's calc-dirty-rate counts it, entries "
+                         "pushed per second x 4096 / 2^20, over the first to last push; "
+                         "all: the VM's rings together", WIDTH)
     return out
 
 

@@ -6,7 +6,9 @@ lower priority are dropped below that; the label column takes extra width). The 
 and batch text mode both print these lines; tests read them directly.
 
 Units: SIZE, USED, MAXU, LOST and E/RST are ring entries (16-byte ``struct kvm_dirty_gfn``);
-FIL% = USED / SIZE; */s are events per second over the interval; STL99 and RST99 are the
+FIL% = USED / SIZE; */s are events per second over the interval; MB/s is the dirty rate as
+QEMU's calc-dirty-rate counts it (entries pushed per second x 4096 / 2**20: MiB of 4 KiB
+pages per second; E/RST yields its place below 86 columns); STL99 and RST99 are the
 interval's 99th percentile of the soft-full stall (exit 31 to the next KVM_RUN) and of
 KVM_RESET_DIRTY_RINGS, as the upper bound of their power-of-two ns bucket.
 """
@@ -17,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..analysis.rates import Interval, RingRates, VmRates
-from ..core.kvm_abi import vm_label
+from ..core.kvm_abi import GFN_BYTES, vm_label
 
 __all__ = [
     "SORT_KEYS",
     "WAITING",
+    "LOGGING_OFF",
     "HEADER_LINES",
     "HELP_LINES",
     "Column",
@@ -36,6 +39,8 @@ __all__ = [
 ]
 
 WAITING = "Waiting for a VM using the dirty ring (KVM_CAP_DIRTY_LOG_RING)..."
+#: under a VM with a dirty ring of known size that has pushed nothing yet
+LOGGING_OFF = "dirty logging off: starts with a migration, calc-dirty-rate or a dirty limit"
 HEADER_LINES = 3  #: lines above the column titles; the titles are line HEADER_LINES
 
 
@@ -111,16 +116,20 @@ COLUMNS: tuple[Column, ...] = (
     Column("fill", "FIL%", 4, _pct, lambda r: _num(r.fill_pct), 2),
     Column("max", "MAXU", 5, lambda r: fmt_count(r.max_used), lambda r: r.max_used, 4),
     Column("push", "PUSH/s", 6, lambda r: fmt_rate(r.push_rate), lambda r: r.push_rate, 0),
+    Column("mbps", "MB/s", 5, lambda r: fmt_rate(r.dirty_rate_mbps),
+           lambda r: r.dirty_rate_mbps, 1),
     Column("exit", "EXIT/s", 6, lambda r: fmt_rate(r.exit_rate), lambda r: r.exit_rate, 1),
     Column("stall", "STL99", 5, lambda r: fmt_ns(r.stall_p99_ns), lambda r: _num(r.stall_p99_ns),
            1),
     Column("reset", "RST/s", 5, lambda r: fmt_rate(r.reset_rate), lambda r: r.reset_rate, 2),
-    Column("epr", "E/RST", 5, _epr, lambda r: _num(r.entries_per_reset), 3),
+    Column("epr", "E/RST", 5, _epr, lambda r: _num(r.entries_per_reset), 6),
     Column("rlat", "RST99", 5, lambda r: fmt_ns(r.reset_p99_ns), lambda r: _num(r.reset_p99_ns), 3),
     Column("lost", "LOST", 5, lambda r: fmt_count(r.lost), lambda r: r.lost, 1),
 )
-#: "vm" = natural order (pid, VM fd, ring index); the others sort largest first.
-SORT_KEYS: tuple[str, ...] = ("vm",) + tuple(c.key for c in COLUMNS)
+#: "vm" = natural order (pid, VM fd, ring index); the others sort largest first. "mbps"
+#: (PUSH/s in QEMU's unit) comes last, so that the keys before it keep their places.
+SORT_KEYS: tuple[str, ...] = ("vm",) + tuple(c.key for c in COLUMNS if c.key != "mbps") + (
+    "mbps",)
 LABEL_MIN = 12
 
 HELP_LINES = (
@@ -134,6 +143,7 @@ HELP_LINES = (
     "SIZE USED MAXU LOST E/RST: entries (16-byte struct kvm_dirty_gfn)",
     "FIL% = USED / SIZE; SIZE ? = unknown (VM created before tracing began)",
     "PUSH/s EXIT/s RST/s: ring pushes, soft-full exits (31), ring resets per second",
+    "MB/s: dirty rate as QEMU counts it: PUSH/s x 4 KiB pages, in MiB/s",
     "STL99: p99 of the soft-full stall (exit 31 to the next KVM_RUN)",
     "RST99: p99 of KVM_RESET_DIRTY_RINGS (upper bound of a power-of-two bucket)",
     "LOST: lost pages = entries overwritten (overflow) + stranded by a stuck ring",
@@ -259,9 +269,10 @@ def render_top(
     lines = [title, summary, third]
     label_w, cols = _layout(width)
     lines.append(_title_row(label_w, cols))
+    idle = [] if light else iv.idle  # light: pushes are known at resets only
     if show_help:
         body = list(HELP_LINES)
-    elif not iv.rings:
+    elif not iv.rings and not idle:
         body = ["", WAITING if not pid else f"Waiting for pid {pid} to use the dirty ring..."]
     else:
         body = []
@@ -272,6 +283,12 @@ def render_top(
             body.append(_row(_vm_label(v), v, label_w, cols))
             for r in _sorted(rings_by_vm.get((v.pid, v.vm), []), sort_key, reverse):
                 body.append(_row(_ring_label(r), r, label_w, cols))
+        for info in idle:
+            who = info.name or info.comm
+            size = f"ring {(info.ring_bytes or 0) // GFN_BYTES} entries, 0 pushes"
+            label = f"{info.pid}:{vm_label(info.vm)} {who}".rstrip()
+            body.append(f"{label.ljust(label_w)} {size}")
+            body.append(f"  {LOGGING_OFF}")
     if height is not None:
         room = max(height - len(lines), 0)
         if len(body) > room:

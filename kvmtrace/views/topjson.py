@@ -12,12 +12,16 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
                 "stuck" (bool), "stuck_reason" (null, "stranded", "no_reset_progress" or
                 "overflow": kvmtrace.analysis.stuck), "stall_ns" (cumulative since start),
                 "push_rate", "exit_rate", "reset_rate", "lost_rate" (per second),
+                "dirty_rate_mbps" (QEMU's dirty rate: entries pushed per second x 4096 /
+                2**20, MiB of 4 KiB pages per second; compare calc-dirty-rate),
                 "entries_per_reset" (interval; null without resets),
                 "stall_p50_ns", "stall_p99_ns", "reset_p99_ns" (interval; null if none),
                 "stall_hist" (cumulative log2 buckets: [i] counts 2**i <= ns < 2**(i+1))}],
      "vms": [{"pid", "vm", "vm_gen", "comm", "name", "ring_bytes", "rings", and the ring fields
               summed over the VM's rings ("resets" counts ring resets: one per ring per
-              KVM_RESET_DIRTY_RINGS ioctl)}]}
+              KVM_RESET_DIRTY_RINGS ioctl)}],
+     "idle_vms": [{"pid", "vm", "vm_gen", "comm", "name", "ring_bytes"}: VMs with a dirty
+              ring of known size and no ring event yet (QEMU: dirty logging off)]}
 
 ``mode`` is ``light`` for ``top --light`` (no push probe): a ring's pushes, used, max_used
 and lost (pages) are then updated at its resets only, so they lag by up to one harvest cycle and
@@ -67,6 +71,7 @@ def ring_json(r: RingRates) -> dict[str, Any]:
         "stuck_reason": r.stuck,
         "stall_ns": r.stall_ns,
         "push_rate": _round(r.push_rate),
+        "dirty_rate_mbps": _round(r.dirty_rate_mbps),
         "exit_rate": _round(r.exit_rate),
         "reset_rate": _round(r.reset_rate),
         "lost_rate": _round(r.lost_rate),
@@ -107,6 +112,8 @@ def interval_json(iv: Interval, *, wall_time: float | None = None,
         "lost_events": iv.lost_events,
         "rings": [ring_json(r) for r in iv.rings],
         "vms": [vm_json(v) for v in iv.vms],
+        "idle_vms": [{"pid": i.pid, "vm": vm_fd(i.vm), "vm_gen": vm_gen(i.vm), "comm": i.comm,
+                      "name": i.name, "ring_bytes": i.ring_bytes} for i in iv.idle],
     }
 
 

@@ -66,8 +66,10 @@ def test_replay_json_names_the_vm(run: RecordedRun) -> None:
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
     pid, vm = run.truth["pid"], run.truth["vm_fd"]
-    assert rep["vms"] == [{"pid": pid, "vm": vm, "vm_gen": 0, "name": NAME, "vmm": "kvmtrace",
-                           "comm": COMM}]
+    names = ("pid", "vm", "vm_gen", "name", "vmm", "comm", "rings", "pushes")
+    assert [{k: v[k] for k in names} for v in rep["vms"]] == [
+        {"pid": pid, "vm": vm, "vm_gen": 0, "name": NAME, "vmm": "kvmtrace", "comm": COMM,
+         "rings": 2, "pushes": sum(r["pages_written"] for r in run.truth["rings"])}]
     assert [(r["index"], r["name"]) for r in rep["rings"]] == [(0, NAME), (1, NAME)]
 
 
@@ -167,7 +169,8 @@ def test_record_names_a_real_qemu(tmp_path: Path) -> None:
     (pid, vm), = meta.vms
     rep = json.loads(_cli("replay", str(out), "--json").stdout)
     assert rep["vms"] == [{"pid": pid, "vm": vm & 0xFFFFF, "vm_gen": vm >> 20, "name": "web01",
-                           "vmm": "qemu", "comm": "qemu-system-x86"}]
+                           "vmm": "qemu", "comm": "qemu-system-x86", "rings": 0, "pushes": 0,
+                           "first_ns": None, "last_ns": None, "dirty_rate_mbps": None}]
     assert f"VM {pid}:{vm} web01 (qemu, qemu-system-x86)" in _cli(
         "replay", str(out)).stdout.splitlines()
 

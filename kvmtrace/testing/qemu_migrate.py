@@ -1,0 +1,147 @@
+"""QEMU live migration as a test peer: migrate a :class:`~.qemu.Qemu` guest while
+``kvmtrace record -p PID`` records, and keep QEMU's own figures to hold the recording to.
+
+:func:`record_migration` sets ``max-bandwidth`` (bytes/s) so that a guest dirtying its
+pages faster than that does not converge, starts ``migrate`` to ``exec:cat > /dev/null``,
+and polls ``query-migrate`` every ``poll_s`` (each poll's CLOCK_MONOTONIC send and receive
+times, ``ram.dirty-sync-count`` and the rest of QEMU's ``ram`` figures). After
+``syncs_before_converge`` syncs it raises ``downtime-limit`` (ms) so that QEMU's next
+pending-size check lets it stop the VM and complete: one run shows a migration that does
+not converge, then one that does. QEMU's final ``query-migrate`` (status ``completed``)
+holds the exact ``dirty-sync-count``.
+
+:func:`sync_count_violations` holds kvmtrace's sync times (the iteration boundaries of
+:mod:`kvmtrace.analysis.migration`) to the polls: QEMU counts a sync (``dirty_sync_count++``
+in ``migration_bitmap_sync``) before it reaps and resets, so a poll sent after kvmtrace's
+n-th sync must report at least n.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .qemu import Qemu, QemuError
+
+__all__ = ["MigrationPoll", "MigrationRun", "record_migration", "sync_count_violations",
+           "start_recorder", "stop_recorder"]
+
+
+@dataclass(frozen=True)
+class MigrationPoll:
+    """One ``query-migrate``: sent and answered (CLOCK_MONOTONIC ns), QEMU's answer."""
+
+    sent_ns: int
+    recv_ns: int
+    info: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return str(self.info.get("status"))
+
+    @property
+    def syncs(self) -> int | None:
+        """QEMU's ``ram.dirty-sync-count`` (None before QEMU reports ram figures)."""
+        ram = self.info.get("ram")
+        return None if ram is None else int(ram["dirty-sync-count"])
+
+
+@dataclass(frozen=True)
+class MigrationRun:
+    """A recorded migration: the recording, QEMU's pid, every poll and the final answer."""
+
+    path: Path
+    pid: int
+    polls: list[MigrationPoll]
+    final: dict[str, Any]  #: query-migrate once completed
+    converge_ns: int | None  #: when downtime-limit was raised (None: it never was)
+    record_stderr: str
+
+    @property
+    def sync_count(self) -> int:
+        """QEMU's final ``dirty-sync-count``."""
+        return int(self.final["ram"]["dirty-sync-count"])
+
+
+def start_recorder(pid: int, out: Path) -> subprocess.Popen:
+    """``kvmtrace record -o OUT -p PID``, returned once it says it records."""
+    cmd = [sys.executable, "-m", "kvmtrace", "record", "-o", str(out), "-p", str(pid)]
+    rec = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    assert rec.stderr is not None
+    seen = []
+    while "Recording dirty-ring events" not in (line := rec.stderr.readline()):
+        seen.append(line)
+        if not line and rec.poll() is not None:
+            raise QemuError(f"kvmtrace record exited: {''.join(seen)[-500:]}")
+    return rec
+
+
+def stop_recorder(rec: subprocess.Popen, timeout: float = 60.0) -> str:
+    """SIGINT the recorder and wait; its stderr. Raises :class:`QemuError` on failure."""
+    rec.send_signal(signal.SIGINT)
+    try:
+        _, err = rec.communicate(timeout=timeout)
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+    if rec.returncode != 0:
+        raise QemuError(f"kvmtrace record failed ({rec.returncode}): {err[-500:]}")
+    return err
+
+
+def record_migration(qemu: Qemu, out: Path, *, bandwidth: int = 32 << 20,
+                     syncs_before_converge: int = 4, converge_downtime_ms: int = 60_000,
+                     poll_s: float = 0.01, timeout: float = 90.0) -> MigrationRun:
+    """Migrate ``qemu`` to ``exec:cat > /dev/null`` while recording it to ``out``."""
+    assert qemu.qmp is not None, "QEMU not started"
+    qmp = qemu.qmp
+    rec = start_recorder(qemu.pid, out)
+    try:
+        qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth})
+        qmp.execute("migrate", {"uri": "exec:cat > /dev/null"})
+        polls: list[MigrationPoll] = []
+        converge_ns = None
+        deadline = time.monotonic() + timeout
+        while True:
+            sent = time.monotonic_ns()
+            info = qmp.execute("query-migrate")
+            poll = MigrationPoll(sent, time.monotonic_ns(), info)
+            polls.append(poll)
+            if poll.status == "completed":
+                break
+            if poll.status in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise QemuError(f"migration did not complete: {info}")
+            if (converge_ns is None and poll.syncs is not None
+                    and poll.syncs >= syncs_before_converge):
+                converge_ns = time.monotonic_ns()
+                qmp.execute("migrate-set-parameters",
+                            {"downtime-limit": converge_downtime_ms})
+            time.sleep(poll_s)
+        time.sleep(0.1)  # the last events reach the recording
+        err = stop_recorder(rec)
+        return MigrationRun(out, qemu.pid, polls, polls[-1].info, converge_ns, err)
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+
+
+def sync_count_violations(sync_ts: list[int], polls: list[MigrationPoll]) -> list[str]:
+    """Polls that contradict kvmtrace's sync times ``sync_ts`` (ns, in order): a poll sent
+    after the n-th sync must report ``dirty-sync-count`` >= n. Empty when none does."""
+    bad = []
+    for p in polls:
+        if p.syncs is None:
+            continue
+        before = sum(1 for t in sync_ts if t < p.sent_ns)
+        if p.syncs < before:
+            bad.append(f"poll at {p.sent_ns}: QEMU says {p.syncs} syncs, kvmtrace saw "
+                       f"{before} before it")
+    return bad

@@ -7,8 +7,14 @@ and polls ``query-migrate`` every ``poll_s`` (each poll's CLOCK_MONOTONIC send a
 times, ``ram.dirty-sync-count`` and the rest of QEMU's ``ram`` figures). After
 ``syncs_before_converge`` syncs it raises ``downtime-limit`` (ms) so that QEMU's next
 pending-size check lets it stop the VM and complete: one run shows a migration that does
-not converge, then one that does. QEMU's final ``query-migrate`` (status ``completed``)
-holds the exact ``dirty-sync-count``.
+not converge, then one that does. With the ``pause-before-switchover`` capability QEMU
+stops the VM after its last live sync and waits (status ``pre-switchover``): that poll
+holds the exact count of live syncs (``MigrationRun.live``); ``migrate-continue`` lets it
+make its stop-and-copy sync and complete, and the final ``query-migrate`` (status
+``completed``) holds the exact ``dirty-sync-count``. The stop-and-copy sync collects
+what the vCPUs pushed between the last live sync and the stop; when that is nothing QEMU
+does not reset the rings (``kvm_dirty_ring_reap_locked`` resets only what it collected)
+and no recording can show that sync.
 
 :func:`sync_count_violations` holds kvmtrace's sync times (the iteration boundaries of
 :mod:`kvmtrace.analysis.migration`) to the polls: QEMU counts a sync (``dirty_sync_count++``
@@ -59,6 +65,7 @@ class MigrationRun:
     pid: int
     polls: list[MigrationPoll]
     final: dict[str, Any]  #: query-migrate once completed
+    live: MigrationPoll | None  #: the poll that saw ``pre-switchover`` (VM stopped)
     converge_ns: int | None  #: when downtime-limit was raised (None: it never was)
     record_stderr: str
 
@@ -66,6 +73,12 @@ class MigrationRun:
     def sync_count(self) -> int:
         """QEMU's final ``dirty-sync-count``."""
         return int(self.final["ram"]["dirty-sync-count"])
+
+    @property
+    def live_sync_count(self) -> int | None:
+        """QEMU's ``dirty-sync-count`` with the VM stopped before switchover (its live
+        syncs; None without ``pause-before-switchover``)."""
+        return None if self.live is None else self.live.syncs
 
 
 def start_recorder(pid: int, out: Path) -> subprocess.Popen:
@@ -98,13 +111,17 @@ def stop_recorder(rec: subprocess.Popen, timeout: float = 60.0) -> str:
 
 def record_migration(qemu: Qemu, out: Path, *, bandwidth: int = 32 << 20,
                      syncs_before_converge: int = 4, converge_downtime_ms: int = 60_000,
-                     poll_s: float = 0.01, timeout: float = 90.0) -> MigrationRun:
+                     poll_s: float = 0.01, timeout: float = 90.0,
+                     pause_before_switchover: bool = True) -> MigrationRun:
     """Migrate ``qemu`` to ``exec:cat > /dev/null`` while recording it to ``out``."""
     assert qemu.qmp is not None, "QEMU not started"
     qmp = qemu.qmp
     rec = start_recorder(qemu.pid, out)
     try:
         qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth})
+        qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": pause_before_switchover}]})
+        live = None
         qmp.execute("migrate", {"uri": "exec:cat > /dev/null"})
         polls: list[MigrationPoll] = []
         converge_ns = None
@@ -116,6 +133,9 @@ def record_migration(qemu: Qemu, out: Path, *, bandwidth: int = 32 << 20,
             polls.append(poll)
             if poll.status == "completed":
                 break
+            if poll.status == "pre-switchover" and live is None:
+                live = poll
+                qmp.execute("migrate-continue", {"state": "pre-switchover"})
             if poll.status in ("failed", "cancelled") or time.monotonic() > deadline:
                 raise QemuError(f"migration did not complete: {info}")
             if (converge_ns is None and poll.syncs is not None
@@ -126,7 +146,7 @@ def record_migration(qemu: Qemu, out: Path, *, bandwidth: int = 32 << 20,
             time.sleep(poll_s)
         time.sleep(0.1)  # the last events reach the recording
         err = stop_recorder(rec)
-        return MigrationRun(out, qemu.pid, polls, polls[-1].info, converge_ns, err)
+        return MigrationRun(out, qemu.pid, polls, polls[-1].info, live, converge_ns, err)
     finally:
         if rec.poll() is None:
             rec.kill()

@@ -35,6 +35,7 @@ from typing import Any
 from .qemu import Qemu, QemuError
 
 __all__ = ["MigrationPoll", "MigrationRun", "record_migration", "sync_count_violations",
+           "migration_failures", "outstanding_entries",
            "start_recorder", "stop_recorder"]
 
 
@@ -164,4 +165,63 @@ def sync_count_violations(sync_ts: list[int], polls: list[MigrationPoll]) -> lis
         if p.syncs < before:
             bad.append(f"poll at {p.sent_ns}: QEMU says {p.syncs} syncs, kvmtrace saw "
                        f"{before} before it")
+    return bad
+
+
+def outstanding_entries(events: Any, before_ns: int) -> int:
+    """Entries pushed but not collected, summed over rings, after the last reset before
+    ``before_ns`` (the VM stopped by then): each ring's last ``dirty_index`` less the
+    ``reset_index`` its last reset before ``before_ns`` left (its first push's
+    ``reset_index`` when it had none)."""
+    from ..core.events import Kind
+
+    total = 0
+    for ring in sorted(set(events["ring"][events["kind"] == Kind.PUSH].tolist())):
+        mine = events[events["ring"] == ring]
+        push = mine[mine["kind"] == Kind.PUSH]
+        reset = mine[(mine["kind"] == Kind.RESET) & (mine["ts"] < before_ns)]
+        base = int(reset["reset_index"][reset["ts"].argmax()]) if len(reset) \
+            else int(push["reset_index"][push["ts"].argmin()])
+        total += max(0, int(push["dirty_index"].max()) - base)
+    return total
+
+
+def migration_failures(run: MigrationRun, migrations: list[dict[str, Any]], events: Any,
+                       vcpus: int, pages: int) -> list[str]:
+    """What ``replay --json``'s ``migrations`` (``migrations``) gets wrong about ``run``
+    (empty: nothing). ``events``: the recording's events; ``vcpus`` and ``pages``: the
+    guest's, each vCPU writing each of its ``pages`` pages every pass.
+
+    Checked exactly: one migration of QEMU's pid, the VM stopped after it; the syncs before
+    the ``pre-switchover`` poll are QEMU's live ``dirty-sync-count``; all syncs are QEMU's
+    final count, less one when no entry was left in the rings at the stop (the
+    stop-and-copy sync had nothing to reset: :func:`outstanding_entries`); no poll
+    contradicts the sync times; every window between two live syncs holds
+    ``vcpus * pages`` distinct pages, ``pages`` per vCPU ring (a pass takes milliseconds,
+    a window at least 100 ms)."""
+
+    mine = [m for m in migrations if m["pid"] == run.pid]
+    if len(mine) != 1:
+        return [f"{len(mine)} migrations of pid {run.pid} in replay: {migrations}"]
+    m = mine[0]
+    its = m["iterations"]
+    ts = [it["ts"] for it in its]
+    bad = sync_count_violations(ts, run.polls)
+    if not m["stopped"]:
+        bad.append("replay says the VM did not stop after the last sync")
+    if run.live is not None:
+        live = [t for t in ts if t < run.live.sent_ns]
+        if len(live) != run.live_sync_count:
+            bad.append(f"{len(live)} syncs before pre-switchover, QEMU says "
+                       f"{run.live_sync_count}")
+        left = outstanding_entries(events, run.live.sent_ns)
+        expect = run.sync_count - (0 if left else 1)
+        if len(ts) != expect:
+            bad.append(f"{len(ts)} syncs shown, QEMU counted {run.sync_count} with "
+                       f"{left} entries left in the rings at the stop: expected {expect}")
+        for it in its[1:len(live)]:
+            per = sorted(r["pages"] for r in it["rings"])
+            if it["pages"] != vcpus * pages or per != [pages] * vcpus:
+                bad.append(f"iteration {it['number']}: {it['pages']} pages {per}, the "
+                           f"guest dirties {pages} per vCPU x {vcpus}")
     return bad

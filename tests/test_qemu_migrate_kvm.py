@@ -5,7 +5,9 @@ QEMU (2 vCPUs, dirty ring of 4096 entries) runs the multiboot guest (each vCPU w
 /dev/null`` at 32 MiB/s, too slow for the guest's dirty rate, so it iterates without
 converging until the test raises ``downtime-limit``; ``pause-before-switchover`` stops it
 once the VM is stopped, so ``query-migrate`` gives the exact count of live syncs
-(``dirty-sync-count``), then the final count. ``kvmtrace record -p`` records throughout.
+(``dirty-sync-count``), then the final count. QEMU writes its own trace (its syncs, the
+entries each reap collected and its soft-full exits, with thread ids:
+:mod:`kvmtrace.testing.qemu_trace`). ``kvmtrace record -p`` records throughout.
 :func:`kvmtrace.testing.qemu_migrate.migration_failures` lists what it checks exactly.
 """
 
@@ -22,6 +24,7 @@ from kvmtrace.core.events import Kind
 from kvmtrace.source.recording import open_recording
 from kvmtrace.testing.qemu import Qemu
 from kvmtrace.testing.qemu_migrate import migration_failures, record_migration
+from kvmtrace.testing.qemu_trace import read_trace, trace_args
 from kvmtrace.vmm.multiboot import MultibootGuest
 
 VCPUS, PAGES = 2, 4096
@@ -31,7 +34,9 @@ VCPUS, PAGES = 2, 4096
 @pytest.mark.parametrize("attempt", range(2))
 def test_migration_iterations_match_qemu(tmp_path, qemu_ok, attempt):  # noqa: F811
     guest = MultibootGuest(vcpus=VCPUS, pages=PAGES, exit_every=16)
-    with Qemu(guest, ring_entries=4096, name="kvmtrace-migrate") as qemu:
+    log = tmp_path / "qemu-trace.log"
+    with Qemu(guest, ring_entries=4096, name="kvmtrace-migrate",
+              extra_args=trace_args(log)) as qemu:
         qemu.wait_guest()
         run = record_migration(qemu, tmp_path / "mig.kvt")
     assert run.final["status"] == "completed"
@@ -42,7 +47,7 @@ def test_migration_iterations_match_qemu(tmp_path, qemu_ok, attempt):  # noqa: F
     assert report["lost"] == 0
     ev = open_recording(run.path).read_all()
     assert set(ev["pid"][ev["kind"] == Kind.PUSH].tolist()) == {run.pid}
-    assert migration_failures(run, report["migrations"], ev, VCPUS, PAGES) == []
+    assert migration_failures(run, report, read_trace(log), VCPUS, PAGES) == []
     (mig,) = report["migrations"]
     syncs = mig["syncs"]
     assert syncs >= run.live_sync_count >= 3  # several iterations: the bandwidth limit held

@@ -7,8 +7,8 @@ Each run boots QEMU (``-accel kvm,dirty-ring-size=4096``) on the generated multi
 while it migrates to ``exec:cat > /dev/null`` at ``--bandwidth`` MiB/s (not converging
 until ``downtime-limit`` is raised after ``--syncs`` syncs; ``pause-before-switchover``
 gives QEMU's exact live sync count), replays the recording and prints QEMU's live and
-final ``dirty-sync-count``, the syncs replay shows, the entries left in the rings at the
-stop, pages per iteration and replay's verdict. A run fails on anything
+final ``dirty-sync-count`` and the entries each of its syncs reaped (QEMU's own trace),
+the syncs replay shows, pages per iteration and replay's verdict. A run fails on anything
 :func:`kvmtrace.testing.qemu_migrate.migration_failures` finds. Root only.
 
     .venv/bin/python tools/soak_qemu_migrate.py [--runs 20] [--vcpus 1,2] [--bandwidth 32]
@@ -26,13 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kvmtrace.source.recording import open_recording  # noqa: E402
 from kvmtrace.testing.qemu import Qemu  # noqa: E402
-from kvmtrace.testing.qemu_migrate import (  # noqa: E402
-    migration_failures,
-    outstanding_entries,
-    record_migration,
-)
+from kvmtrace.testing.qemu_migrate import migration_failures, record_migration  # noqa: E402
+from kvmtrace.testing.qemu_trace import read_trace, trace_args  # noqa: E402
 from kvmtrace.vmm.multiboot import MultibootGuest  # noqa: E402
 
 PAGES = 4096
@@ -40,23 +36,24 @@ PAGES = 4096
 
 def one_run(vcpus: int, bandwidth_mib: int, syncs: int, tmp: Path) -> tuple[bool, str]:
     guest = MultibootGuest(vcpus=vcpus, pages=PAGES, exit_every=16)
-    with Qemu(guest, ring_entries=4096, name=f"soak-migrate{vcpus}") as qemu:
+    log = tmp / "qemu-trace.log"
+    with Qemu(guest, ring_entries=4096, name=f"soak-migrate{vcpus}",
+              extra_args=trace_args(log)) as qemu:
         qemu.wait_guest()
         run = record_migration(qemu, tmp / "mig.kvt", bandwidth=bandwidth_mib << 20,
                                syncs_before_converge=syncs)
     p = subprocess.run([sys.executable, "-m", "kvmtrace", "replay", "--json", str(run.path)],
                        capture_output=True, text=True, timeout=300)
     report = json.loads(p.stdout)
-    ev = open_recording(run.path).read_all()
-    bad = migration_failures(run, report["migrations"], ev, vcpus, PAGES)
+    qtrace = read_trace(log)
+    bad = migration_failures(run, report, qtrace, vcpus, PAGES)
     migs = report["migrations"]
     shown = [m["syncs"] for m in migs]
-    left = outstanding_entries(ev, run.live.sent_ns) if run.live else None
     pages = [it["pages"] for m in migs for it in m["iterations"]]
     verdict = migs[0]["verdict"] if len(migs) == 1 else "-"
-    line = (f"QEMU live {run.live_sync_count} final {run.sync_count}, replay {shown} syncs "
-            f"({left} entries left at the stop), pages {pages}, lost {report['lost']}: "
-            f"{verdict}")
+    line = (f"QEMU live {run.live_sync_count} final {run.sync_count} syncs, reaped "
+            f"{[s.reaped for s in qtrace.syncs]}; replay {shown} syncs, pages {pages}, "
+            f"lost {report['lost']}: {verdict}")
     return not bad and report["lost"] == 0, line + ("; " + "; ".join(bad) if bad else "")
 
 

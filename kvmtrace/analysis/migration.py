@@ -15,15 +15,22 @@ What marks an iteration (QEMU 7.2, accel/kvm/kvm-all.c and migration/ram.c):
   (pids being handed out in increasing order) the reaper's tid is below every vCPU's tid
   and the migration thread's above. The rule: **an iteration boundary is a reset of the
   rings by a thread of the VMM that never pushed, exited or stalled and whose tid is above
-  the lowest vCPU tid** (a *sync thread*). Its n-th reset is QEMU's sync n.
-- Limits: a sync that collected nothing does not reset (no boundary shows; a guest that
-  dirties pages makes every sync collect some); ``calc-dirty-rate`` and the dirty limit's
-  rate thread sync the same way from threads of their own and show as sync threads too; a
-  pid wrap between QEMU's start and ``migrate`` breaks the tid order.
+  the lowest vCPU tid** (a *sync thread*). Its resets are QEMU's syncs that collected
+  something; checked against QEMU's own trace (``migration_bitmap_sync_start`` and
+  ``kvm_dirty_ring_reap reaped N pages`` with thread ids: tests/test_qemu_migrate_kvm.py).
+- Limits: a sync that collected nothing does not reset and does not show. Measured with
+  a guest that dirties pages all the time: QEMU's first sync (right after logging starts)
+  and its stop-and-copy sync (after the VM stopped; nothing when the vCPUs dirtied nothing
+  after the last live sync) sometimes collect nothing, every sync between them collects.
+  ``calc-dirty-rate`` and the dirty limit's rate thread sync the same way from threads of
+  their own and show as sync threads too; a pid wrap between QEMU's start and ``migrate``
+  breaks the tid order.
 
 Per iteration n (window: the ring's reset by sync n-1, exclusive, to its reset by sync n;
-the first from the first event of the ring): entries *harvested* (the ring's
-``reset_index`` advance over the window: collected by any thread), distinct *pages* among
+the first from the first event of the ring): entries the sync itself *collected* (its
+resets' ``reset_index`` advance: QEMU's ``kvm_dirty_ring_reap reaped N pages``), entries
+*harvested* (the ring's ``reset_index`` advance over the window: collected by any
+thread), distinct *pages* among
 the pushes those entries hold (``dirty_index`` in the window's index range), soft-full
 exits and stall ns (STALL events ending in the window, by time). Pages dirtied in window
 n-1 are what QEMU had to send in window n (its bitmap after sync n-1; after sync 1 it sends
@@ -71,7 +78,8 @@ class RingWindow:
 
 @dataclass(frozen=True)
 class Iteration:
-    """Sync ``number`` (QEMU's ``dirty-sync-count`` right after it) and the window before."""
+    """The ``number``-th sync seen (QEMU's ``dirty-sync-count`` after it, less the syncs
+    that collected nothing) and the window before it."""
 
     number: int
     ts: int  #: ns, CLOCK_MONOTONIC: the sync's last ring reset
@@ -80,6 +88,7 @@ class Iteration:
     pages: int  #: distinct pages dirtied in the window, all rings
     other_resets: dict[str, int]  #: resets by "vcpu" and "reaper" threads in the window
     sent_pages: int | None = None  #: pages QEMU sent in the window (None: not known)
+    collected: int = 0  #: entries the sync's own reset collected (reset_index advance)
 
     @property
     def duration_ns(self) -> int:
@@ -129,12 +138,19 @@ class Migration:
         return "not converging: as many pages dirtied as sent in the last iteration"
 
 
-def reset_calls(resets: np.ndarray) -> list[np.ndarray]:
-    """RESET events (one thread's, time order) split into KVM_RESET_DIRTY_RINGS calls:
-    a call visits rings in increasing index, its resets less than RESET_GAP_NS apart."""
+def reset_calls(resets: np.ndarray, lats: np.ndarray | None = None) -> list[np.ndarray]:
+    """RESET events (one thread's, time order) split into KVM_RESET_DIRTY_RINGS calls.
+    With that thread's RESET_LAT events (``lats``: one per call, ts = its end, value = its
+    ns) a call is the resets inside one; without them (text traces), resets that visit
+    rings in increasing index less than :data:`RESET_GAP_NS` apart."""
     if not len(resets):
         return []
     ts = resets["ts"].astype(np.int64)
+    if lats is not None and len(lats):
+        ends = np.sort(lats["ts"].astype(np.int64))
+        call = np.searchsorted(ends, ts, side="left")  # the first call ending at/after
+        cut = np.flatnonzero(np.diff(call)) + 1
+        return np.split(resets, cut)
     ring = resets["ring"]
     new = np.ones(len(resets), bool)
     new[1:] = (np.diff(ts) > RESET_GAP_NS) | (ring[1:] <= ring[:-1])
@@ -169,8 +185,9 @@ def _vm_migrations(pid: int, vm: int, ev: np.ndarray) -> list[Migration]:
     others = sorted(set(resets["tid"].tolist()) - set(vcpu_tids))
     reapers = [t for t in others if t < lowest]
     out = []
+    lats = ev[kind == Kind.RESET_LAT]
     for tid in (t for t in others if t > lowest):
-        calls = reset_calls(resets[resets["tid"] == tid])
+        calls = reset_calls(resets[resets["tid"] == tid], lats[lats["tid"] == tid])
         mig = Migration(pid, vm, tid, vcpu_tids, reapers)
         mig.iterations = _iterations(ev, calls, set(vcpu_tids), set(reapers))
         pushes = ev["ts"][kind == Kind.PUSH]
@@ -196,6 +213,7 @@ def _iterations(ev: np.ndarray, calls: list[np.ndarray], vcpus: set[int],
                        push["ts"].astype(np.int64))
     exits = ev[kind == Kind.EXIT]
     stalls = ev[kind == Kind.STALL]
+    lats = ev[kind == Kind.RESET_LAT]
     all_resets = ev[kind == Kind.RESET]
     start_all = int(ev["ts"][0])
     prev_bound: dict[int, int] = {}
@@ -204,6 +222,13 @@ def _iterations(ev: np.ndarray, calls: list[np.ndarray], vcpus: set[int],
     for n, call in enumerate(calls, 1):
         bound = {int(e["ring"]): int(e["ts"]) for e in call}
         t_end = int(call["ts"][-1])
+        collected = 0
+        for e in call:  # resets are serialised (kvm->slots_lock): the ring's previous one
+            mine = all_resets[(all_resets["ring"] == e["ring"]) & (all_resets["ts"] < e["ts"])]
+            ring = int(e["ring"])
+            before = (int(mine["reset_index"][-1]) if len(mine)
+                      else per_ring[ring][2] if ring in per_ring else 0)
+            collected += int(e["reset_index"]) - before
         windows, pages = [], []
         for r in rings:
             ts, ri, first, di, page, pts = per_ring[r]
@@ -219,17 +244,18 @@ def _iterations(ev: np.ndarray, calls: list[np.ndarray], vcpus: set[int],
             windows.append(RingWindow(r, hi - lo, len(got), int(in_t.sum()), len(rex),
                                       int(rst["value"].sum())))
         win = all_resets[(all_resets["ts"] > prev_ts) & (all_resets["ts"] < int(call["ts"][0]))]
-        other = {"vcpu": _calls(win, vcpus), "reaper": _calls(win, reapers)}
+        other = {"vcpu": _calls(win, lats, vcpus), "reaper": _calls(win, lats, reapers)}
         distinct = len(np.unique(np.concatenate(pages))) if pages else 0
         sent = out[-1].pages if n >= 3 else None
-        out.append(Iteration(n, t_end, prev_ts, windows, distinct, other, sent))
+        out.append(Iteration(n, t_end, prev_ts, windows, distinct, other, sent, collected))
         prev_bound.update(bound)
         prev_ts = t_end
     return out
 
 
-def _calls(resets: np.ndarray, tids: set[int]) -> int:
-    return sum(len(reset_calls(resets[resets["tid"] == t])) for t in tids)
+def _calls(resets: np.ndarray, lats: np.ndarray, tids: set[int]) -> int:
+    return sum(len(reset_calls(resets[resets["tid"] == t], lats[lats["tid"] == t]))
+               for t in tids)
 
 
 def migrations_from_batches(batches: Callable[[], Iterable[np.ndarray]]) -> list[Migration]:

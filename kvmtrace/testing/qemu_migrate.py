@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from .qemu import Qemu, QemuError
+from .qemu_trace import QemuTrace
 
 __all__ = ["MigrationPoll", "MigrationRun", "record_migration", "sync_count_violations",
-           "migration_failures", "outstanding_entries",
+           "migration_failures",
            "start_recorder", "stop_recorder"]
 
 
@@ -168,57 +169,49 @@ def sync_count_violations(sync_ts: list[int], polls: list[MigrationPoll]) -> lis
     return bad
 
 
-def outstanding_entries(events: Any, before_ns: int) -> int:
-    """Entries pushed but not collected, summed over rings, after the last reset before
-    ``before_ns`` (the VM stopped by then): each ring's last ``dirty_index`` less the
-    ``reset_index`` its last reset before ``before_ns`` left (its first push's
-    ``reset_index`` when it had none)."""
-    from ..core.events import Kind
-
-    total = 0
-    for ring in sorted(set(events["ring"][events["kind"] == Kind.PUSH].tolist())):
-        mine = events[events["ring"] == ring]
-        push = mine[mine["kind"] == Kind.PUSH]
-        reset = mine[(mine["kind"] == Kind.RESET) & (mine["ts"] < before_ns)]
-        base = int(reset["reset_index"][reset["ts"].argmax()]) if len(reset) \
-            else int(push["reset_index"][push["ts"].argmin()])
-        total += max(0, int(push["dirty_index"].max()) - base)
-    return total
-
-
-def migration_failures(run: MigrationRun, migrations: list[dict[str, Any]], events: Any,
+def migration_failures(run: MigrationRun, report: dict[str, Any], qtrace: QemuTrace,
                        vcpus: int, pages: int) -> list[str]:
-    """What ``replay --json``'s ``migrations`` (``migrations``) gets wrong about ``run``
-    (empty: nothing). ``events``: the recording's events; ``vcpus`` and ``pages``: the
-    guest's, each vCPU writing each of its ``pages`` pages every pass.
+    """What ``replay --json`` (``report``) gets wrong about ``run`` (empty: nothing), held
+    to QEMU's own trace ``qtrace`` (:mod:`.qemu_trace`) and ``query-migrate``; ``vcpus``
+    and ``pages``: the guest's, each vCPU writing each of its ``pages`` pages every pass.
 
-    Checked exactly: one migration of QEMU's pid, the VM stopped after it; the syncs before
-    the ``pre-switchover`` poll are QEMU's live ``dirty-sync-count``; all syncs are QEMU's
-    final count, less one when no entry was left in the rings at the stop (the
-    stop-and-copy sync had nothing to reset: :func:`outstanding_entries`); no poll
-    contradicts the sync times; every window between two live syncs holds
+    Checked exactly: one migration of QEMU's pid, the VM stopped after it; QEMU's trace
+    holds ``dirty-sync-count`` syncs, all by replay's sync thread; the entries each sync
+    that collected something collected are replay's syncs' ``collected``, in order; the
+    syncs replay shows before the ``pre-switchover`` poll are QEMU's live syncs that
+    collected something; no poll contradicts the sync times; soft-full exits per vCPU are
+    QEMU's ``kvm_dirty_ring_full`` per vCPU; every window between two live syncs holds
     ``vcpus * pages`` distinct pages, ``pages`` per vCPU ring (a pass takes milliseconds,
     a window at least 100 ms)."""
-
-    mine = [m for m in migrations if m["pid"] == run.pid]
+    mine = [m for m in report["migrations"] if m["pid"] == run.pid]
     if len(mine) != 1:
-        return [f"{len(mine)} migrations of pid {run.pid} in replay: {migrations}"]
+        return [f"{len(mine)} migrations of pid {run.pid} in replay: {report['migrations']}"]
     m = mine[0]
     its = m["iterations"]
     ts = [it["ts"] for it in its]
     bad = sync_count_violations(ts, run.polls)
     if not m["stopped"]:
         bad.append("replay says the VM did not stop after the last sync")
-    if run.live is not None:
+    if len(qtrace.syncs) != run.sync_count:
+        bad.append(f"QEMU's trace has {len(qtrace.syncs)} syncs, query-migrate "
+                   f"{run.sync_count}")
+    tids = {s.tid for s in qtrace.syncs}
+    if tids != {m["tid"]}:
+        bad.append(f"QEMU synced from threads {sorted(tids)}, replay says {m['tid']}")
+    reaped = [s.reaped for s in qtrace.syncs if s.reaped]
+    if reaped != [it["collected"] for it in its]:
+        bad.append(f"QEMU's syncs reaped {[s.reaped for s in qtrace.syncs]}, replay's "
+                   f"collected {[it['collected'] for it in its]}")
+    exits = {r["index"]: r["soft_full_exits"] for r in report["rings"]
+             if r["pid"] == run.pid}
+    if exits != {i: qtrace.full_exits.get(i, 0) for i in range(vcpus)}:
+        bad.append(f"soft-full exits {exits}, QEMU's {dict(qtrace.full_exits)}")
+    if run.live is not None and run.live_sync_count is not None:
         live = [t for t in ts if t < run.live.sent_ns]
-        if len(live) != run.live_sync_count:
-            bad.append(f"{len(live)} syncs before pre-switchover, QEMU says "
-                       f"{run.live_sync_count}")
-        left = outstanding_entries(events, run.live.sent_ns)
-        expect = run.sync_count - (0 if left else 1)
-        if len(ts) != expect:
-            bad.append(f"{len(ts)} syncs shown, QEMU counted {run.sync_count} with "
-                       f"{left} entries left in the rings at the stop: expected {expect}")
+        want = sum(1 for s in qtrace.syncs[:run.live_sync_count] if s.reaped)
+        if len(live) != want:
+            bad.append(f"{len(live)} syncs before pre-switchover, QEMU made "
+                       f"{run.live_sync_count} of which {want} collected something")
         for it in its[1:len(live)]:
             per = sorted(r["pages"] for r in it["rings"])
             if it["pages"] != vcpus * pages or per != [pages] * vcpus:

@@ -4,10 +4,11 @@
 JSON (one object per sync thread of a VM)::
 
     {"pid", "vm" (fd), "vm_gen", "tid" (the sync thread), "vcpu_tids", "reaper_tids",
-     "syncs" (syncs that reset the rings: QEMU's dirty-sync-count, less its stop-and-copy
-     sync when that collected nothing), "stopped" (no push after the last sync),
+     "syncs" (syncs that reset the rings: QEMU's dirty-sync-count, less its syncs that
+     collected nothing), "stopped" (no push after the last sync),
      "verdict" (one sentence),
-     "iterations": [{"number", "ts" (ns), "start_ns", "duration_ns", "harvested" (entries),
+     "iterations": [{"number", "ts" (ns), "start_ns", "duration_ns", "collected" (entries
+                     the sync's own reset collected), "harvested" (entries, any thread),
                      "pages" (distinct 4 KiB pages dirtied in the window),
                      "dirty_rate_mbps", "sent_pages" (pages QEMU sent in the window, the
                      previous window's; null before iteration 3), "transfer_rate_mbps",
@@ -28,9 +29,10 @@ from ..core.kvm_abi import vm_fd, vm_gen, vm_label
 
 __all__ = ["migration_dicts", "migration_lines", "STOP_SYNC_NOTE"]
 
-STOP_SYNC_NOTE = ("QEMU's stop-and-copy sync resets the rings only if the vCPUs dirtied "
-                  "pages after its last live sync; when they did not, QEMU's "
-                  "dirty-sync-count is one more than the syncs shown.")
+STOP_SYNC_NOTE = ("A sync that collects nothing does not reset the rings and is not "
+                  "shown: QEMU's dirty-sync-count can be higher by its first sync (right "
+                  "after logging starts) and its stop-and-copy sync (when the vCPUs "
+                  "dirtied nothing after the last live one).")
 
 
 def _num(x: float | None) -> float | None:
@@ -39,7 +41,8 @@ def _num(x: float | None) -> float | None:
 
 def _iteration(it: Iteration) -> dict[str, Any]:
     return {"number": it.number, "ts": it.ts, "start_ns": it.start_ns,
-            "duration_ns": it.duration_ns, "harvested": it.harvested, "pages": it.pages,
+            "duration_ns": it.duration_ns, "collected": it.collected,
+            "harvested": it.harvested, "pages": it.pages,
             "dirty_rate_mbps": _num(it.dirty_rate_mbps), "sent_pages": it.sent_pages,
             "transfer_rate_mbps": _num(it.transfer_rate_mbps), "converging": it.converging,
             "other_resets": dict(it.other_resets),

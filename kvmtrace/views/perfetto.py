@@ -178,7 +178,7 @@ class _PerfettoWriter:
         tr = self.track(mig.pid, mig.vm, MIGRATION_RING)
         vm_name = f"vm {mig.vm}" if mig.vm >= 0 else "vm ?"
         for it in mig.iterations:
-            args = {"pages": it.pages, "harvested": it.harvested,
+            args = {"pages": it.pages, "collected": it.collected, "harvested": it.harvested,
                     "dirty_rate_mbps": _round(it.dirty_rate_mbps),
                     "sent_pages": it.sent_pages,
                     "transfer_rate_mbps": _round(it.transfer_rate_mbps),

@@ -207,7 +207,9 @@ def migration_failures(run: MigrationRun, report: dict[str, Any], qtrace: QemuTr
     if exits != {i: qtrace.full_exits.get(i, 0) for i in range(vcpus)}:
         bad.append(f"soft-full exits {exits}, QEMU's {dict(qtrace.full_exits)}")
     if run.live is not None and run.live_sync_count is not None:
-        live = [t for t in ts if t < run.live.sent_ns]
+        # QEMU answers the poll once it is paused: no sync between its answer and
+        # migrate-continue, so every live sync lies before the answer
+        live = [t for t in ts if t < run.live.recv_ns]
         want = sum(1 for s in qtrace.syncs[:run.live_sync_count] if s.reaped)
         if len(live) != want:
             bad.append(f"{len(live)} syncs before pre-switchover, QEMU made "

@@ -36,7 +36,8 @@ from .qemu import Qemu, QemuDirtyRate, QemuError
 from .qemu_migrate import start_recorder, stop_recorder
 from .qemu_trace import QemuTrace, read_trace, trace_args
 
-__all__ = ["LIVELOCK_GUEST", "LivelockRun", "livelock_attempt", "first_stuck_line"]
+__all__ = ["LIVELOCK_GUEST", "LivelockRun", "livelock_attempt", "first_stuck_line",
+           "livelock_failures", "top_reason"]
 
 #: 1 vCPU writing 16384 pages over and over with no exit of its own
 LIVELOCK_GUEST = MultibootGuest(vcpus=1, pages=16384, exit_every=0)
@@ -129,3 +130,72 @@ def livelock_attempt(workdir: Path, *, ring_entries: int = 1024, seconds: int = 
             top.wait(timeout=30)
         pid = qemu.pid
     return LivelockRun(out, pid, rate, read_trace(log), got, scraped, delay_s)
+
+
+def livelock_failures(run: LivelockRun, report: dict[str, Any], text: str,
+                      reasons: tuple[str, ...]) -> list[str]:
+    """What ``replay --json`` (``report``), its text (``text``), top's lines and the
+    Prometheus scrape of ``run`` get wrong about an overflowed ring (empty: nothing);
+    ``reasons``: top's stuck reasons. Checked exactly, against QEMU's own trace: replay's
+    resets of the ring are QEMU's reaps, its harvested entries QEMU's reaped total, the
+    entries lost (overwritten + stranded) the pushes QEMU never reaped; replay names the
+    overflow, the livelock and the stuck ring (ring 0 of QEMU's pid, in that order of
+    time); top flags the ring stuck no later than its second refresh after the overflow,
+    its last line has replay's lost and pushes; Prometheus says ``kvmtrace_ring_stuck`` 1
+    for it."""
+    bad: list[str] = []
+    rings = [r for r in report["rings"] if r["pid"] == run.pid]
+    if [(r["index"], r["size"]) for r in rings] != [(0, 1024)]:
+        return [f"rings {[(r['index'], r['size']) for r in rings]}, expected ring 0 of 1024"]
+    ring = rings[0]
+    reaps = [n for v in run.qtrace.reaps.values() for n in v if n]
+    if list(run.qtrace.full_exits) != [0] or run.qtrace.syncs:
+        bad.append(f"QEMU's trace: exits {dict(run.qtrace.full_exits)}, "
+                   f"syncs {len(run.qtrace.syncs)}")
+    if (ring["resets"], ring["harvested"], ring["entries_reset"]) != (
+            len(reaps), sum(reaps), sum(reaps)):
+        bad.append(f"resets {ring['resets']}, harvested {ring['harvested']}, entries reset "
+                   f"{ring['entries_reset']}; QEMU reaped {reaps}")
+    lost = ring["overwritten"] + ring["stranded"]
+    if lost != ring["pushes"] - sum(reaps) or not ring["stuck"]:
+        bad.append(f"lost {lost}, stuck {ring['stuck']}: {ring['pushes']} pushed, QEMU "
+                   f"reaped {sum(reaps)}")
+    first: dict[str, dict[str, Any]] = {}
+    for a in report["anomalies"]:
+        first.setdefault(a["kind"], a)
+        if (a["ring"]["pid"], a["ring"]["index"]) != (run.pid, 0):
+            bad.append(f"anomaly on another ring: {a}")
+    if not {"overflow", "livelock", "stuck"} <= set(first):
+        return bad + [f"replay names {sorted(first)}"]
+    overflow = first["overflow"]["time"]
+    if not overflow <= first["livelock"]["time"] <= first["stuck"]["time"]:
+        bad.append("overflow, livelock and stuck out of order")
+    for kind in ("overflow", "livelock"):
+        if f" {kind} ring 0 pid {run.pid} " not in text:
+            bad.append(f"replay's text does not name the {kind}")
+    after = [ln for ln in run.top_lines if ln["time_ns"] > overflow]
+    flagged = first_stuck_line(after, run.pid, 0)
+    if flagged is None or after.index(flagged) > 1:
+        bad.append(f"top flagged the ring at refresh "
+                   f"{None if flagged is None else after.index(flagged)} after the overflow")
+    else:
+        (r,) = [r for r in flagged["rings"] if r["pid"] == run.pid]
+        if r["stuck_reason"] not in reasons:
+            bad.append(f"top's reason {r['stuck_reason']!r}")
+    last = [r for r in run.top_lines[-1]["rings"] if r["pid"] == run.pid]
+    if [(r["lost"], r["pushes"]) for r in last] != [(lost, ring["pushes"])]:
+        bad.append(f"top's last line {last}: replay lost {lost}, pushes {ring['pushes']}")
+    stuck = [ln for ln in run.scraped.splitlines()
+             if ln.startswith("kvmtrace_ring_stuck{") and f'pid="{run.pid}"' in ln]
+    if len(stuck) != 1 or not stuck[0].endswith(" 1") or 'ring="0"' not in stuck[0]:
+        bad.append(f"Prometheus: {stuck}")
+    return bad
+
+
+def top_reason(run: LivelockRun, overflow_ns: int) -> str | None:
+    """top's stuck reason at its first flag after ``overflow_ns``."""
+    line = first_stuck_line([ln for ln in run.top_lines if ln["time_ns"] > overflow_ns],
+                            run.pid, 0)
+    if line is None:
+        return None
+    return next(r["stuck_reason"] for r in line["rings"] if r["pid"] == run.pid)

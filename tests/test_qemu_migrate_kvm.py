@@ -53,8 +53,9 @@ def test_migration_iterations_match_qemu(tmp_path, qemu_ok, attempt):  # noqa: F
     assert syncs >= run.live_sync_count >= 3  # several iterations: the bandwidth limit held
     text = subprocess.run(kvmtrace_cmd("replay", str(run.path)), capture_output=True,
                           text=True, timeout=300).stdout
-    assert f"migration of pid {run.pid} vm " in text and f": {syncs} syncs by thread" in text
-    assert "completed: the VM stopped after the last sync" in text
+    assert f"(migration iterations) of pid {run.pid} vm " in text
+    assert f"  {syncs} syncs by thread {mig['tid']}; " in text
+    assert "no push after the last sync: the VM stopped" in text
     out = tmp_path / "mig.json"
     e = subprocess.run(kvmtrace_cmd("export", str(run.path), "--perfetto", str(out)),
                        capture_output=True, text=True, timeout=300)

@@ -51,9 +51,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.events import Kind
+from .throttle import StallSplit, stall_splits
 
 __all__ = ["RESET_GAP_NS", "RingWindow", "Iteration", "Migration", "reset_calls",
-           "find_migrations", "migrations_from_batches", "PAGE_BYTES"]
+           "find_migrations", "migrations_from_batches", "replay_extras", "PAGE_BYTES"]
 
 PAGE_BYTES = 4096
 #: two resets of one thread further apart than this are two KVM_RESET_DIRTY_RINGS
@@ -124,13 +125,15 @@ class Migration:
     vcpu_tids: list[int]
     reaper_tids: list[int]  #: non-vCPU resetting threads below the vCPUs (the reaper)
     iterations: list[Iteration] = field(default_factory=list)
-    stopped: bool = False  #: no push after the last sync (stop-and-copy: the VM stopped)
+    #: no push after the last sync: the VM stopped (stop-and-copy) or logging ended
+    stopped: bool = False
 
     @property
     def verdict(self) -> str:
         known = [it for it in self.iterations if it.converging is not None]
         if self.stopped:
-            return "completed: the VM stopped after the last sync (stop-and-copy)"
+            return ("no push after the last sync: the VM stopped (a migration's "
+                    "stop-and-copy) or dirty logging ended")
         if not known:
             return "too few iterations to tell"
         if known[-1].converging:
@@ -259,10 +262,17 @@ def _calls(resets: np.ndarray, lats: np.ndarray, tids: set[int]) -> int:
 
 
 def migrations_from_batches(batches: Callable[[], Iterable[np.ndarray]]) -> list[Migration]:
-    """:func:`find_migrations` over a source's batches, in bounded memory unless there is a
-    migration: ``batches()`` is called once for everything but pushes (and the set of
-    pushing threads), and a second time, only when a sync thread was found, for the
-    pushes of those VMs (held in memory: a migration's length of them)."""
+    """:func:`find_migrations` over a source's batches (see :func:`replay_extras`)."""
+    return replay_extras(batches)[0]
+
+
+def replay_extras(batches: Callable[[], Iterable[np.ndarray]]
+                  ) -> tuple[list[Migration], list[StallSplit]]:
+    """:func:`find_migrations` and :func:`~.throttle.stall_splits` over a source's
+    batches, in bounded memory unless there is a migration: ``batches()`` is called once
+    for everything but pushes (and the set of pushing threads), and a second time, only
+    when a sync thread was found, for the pushes of those VMs (held in memory: a
+    migration's length of them)."""
     rest, push_tids = [], set()
     for b in batches():
         push = b["kind"] == Kind.PUSH
@@ -270,8 +280,9 @@ def migrations_from_batches(batches: Callable[[], Iterable[np.ndarray]]) -> list
         push_tids.update(zip(b["pid"][push].tolist(), b["vm"][push].tolist(),
                              b["tid"][push].tolist(), strict=True))
     if not rest:
-        return []
+        return [], []
     ev = np.concatenate(rest)
+    splits = stall_splits(ev)
     keep = set()
     for pid, vm in set(zip(ev["pid"].tolist(), ev["vm"].tolist(), strict=True)):
         mine = ev[(ev["pid"] == pid) & (ev["vm"] == vm)]
@@ -281,13 +292,13 @@ def migrations_from_batches(batches: Callable[[], Iterable[np.ndarray]]) -> list
         if vcpu and any(t > min(vcpu) for t in resetters):
             keep.add((pid, vm))
     if not keep:
-        return []
+        return [], splits
     wanted = np.array([p << 32 | (v & 0xFFFFFFFF) for p, v in keep], dtype=np.uint64)
     pushes = []
     for b in batches():
         push = b[b["kind"] == Kind.PUSH]
         pushes.append(push[np.isin(_vm_key(push), wanted)])
-    return find_migrations(np.concatenate([ev, *pushes]))
+    return find_migrations(np.concatenate([ev, *pushes])), splits
 
 
 def _vm_key(ev: np.ndarray) -> np.ndarray:

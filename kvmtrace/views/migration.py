@@ -25,9 +25,11 @@ import textwrap
 from typing import Any
 
 from ..analysis.migration import Iteration, Migration
+from ..analysis.throttle import THROTTLED_NS, StallSplit
 from ..core.kvm_abi import vm_fd, vm_gen, vm_label
 
-__all__ = ["migration_dicts", "migration_lines", "STOP_SYNC_NOTE"]
+__all__ = ["migration_dicts", "migration_lines", "STOP_SYNC_NOTE", "stall_split_dicts",
+           "stall_split_lines"]
 
 STOP_SYNC_NOTE = ("A sync that collects nothing does not reset the rings and is not "
                   "shown: QEMU's dirty-sync-count can be higher by its first sync (right "
@@ -49,6 +51,35 @@ def _iteration(it: Iteration) -> dict[str, Any]:
             "rings": [{"index": r.ring, "harvested": r.harvested, "pages": r.pages,
                        "pushes": r.pushes, "soft_full_exits": r.soft_full_exits,
                        "stall_ns": r.stall_ns} for r in it.rings]}
+
+
+def stall_split_dicts(splits: list[StallSplit]) -> list[dict[str, Any]]:
+    """The ``stall_split`` list of ``replay --json``: per vCPU ring, its soft-full stalls
+    split at the thread's own reset (:mod:`kvmtrace.analysis.throttle`)."""
+    return [{"pid": s.pid, "vm": vm_fd(s.vm), "vm_gen": vm_gen(s.vm), "index": s.ring,
+             "stalls": s.stalls, "stall_ns": s.stall_ns, "harvest_ns": s.harvest_ns,
+             "after_reset_ns": s.after_reset_ns, "throttled": s.throttled,
+             "unsplit": s.unsplit, "unsplit_ns": s.unsplit_ns} for s in splits]
+
+
+def stall_split_lines(splits: list[StallSplit], width: int = 80) -> list[str]:
+    """Text: only when some stall was throttled (a dirty limit slept the vCPU)."""
+    if not any(s.throttled for s in splits):
+        return []
+    out = ["", "soft-full stalls: harvest vs after the reset (a dirty limit's throttle)",
+           f"{'ring':>4} {'pid':>7} {'vm':>3} {'stalls':>7} {'stall':>9} {'harvest':>9} "
+           f"{'throttle':>9} {'throttled':>9} {'unsplit':>7}"]
+    for s in splits:
+        vm = vm_label(s.vm) if s.vm != -1 else "?"
+        out.append(f"{s.ring:>4} {s.pid:>7} {vm:>3} {s.stalls:>7} {s.stall_ns / 1e6:>7.1f}ms "
+                   f"{s.harvest_ns / 1e6:>7.1f}ms {s.after_reset_ns / 1e6:>7.1f}ms "
+                   f"{s.throttled:>9} {s.unsplit:>7}")
+    out += textwrap.wrap(
+        "harvest: soft-full exit to the end of the vCPU thread's own KVM_RESET_DIRTY_RINGS; "
+        "throttle: from there to the next KVM_RUN (QEMU's dirty-limit sleep; microseconds "
+        f"without one); throttled: stalls with {THROTTLED_NS // 1_000_000} ms or more of it; "
+        "unsplit: stalls without a reset of their own thread.", width)
+    return out
 
 
 def migration_dicts(migrations: list[Migration]) -> list[dict[str, Any]]:
@@ -74,9 +105,9 @@ def migration_lines(migrations: list[Migration], start_ns: int | None,
     for m in migrations:
         vm = vm_label(m.vm) if m.vm != -1 else "?"
         reaper = ",".join(map(str, m.reaper_tids)) or "-"
-        out += ["", f"migration of pid {m.pid} vm {vm}: {len(m.iterations)} syncs by "
-                    f"thread {m.tid}",
-                *textwrap.wrap(f"reaper thread {reaper}; vCPU threads "
+        out += ["", f"dirty-log syncs (migration iterations) of pid {m.pid} vm {vm}",
+                *textwrap.wrap(f"{len(m.iterations)} syncs by thread {m.tid}; reaper "
+                               f"thread {reaper}; vCPU threads "
                                f"{', '.join(map(str, m.vcpu_tids))}", width,
                                initial_indent="  ", subsequent_indent="  "),
                 f"  {m.verdict}",

@@ -46,7 +46,10 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
                     "stall_ns" (estimate; null without a stall in the trace),
                     "assumptions": [...], "rings": [{"pid", "vm", "index", "exits",
                     "trace_exits", "stall_ns"}]},
-     "migrations": [<live-migration iterations: kvmtrace.views.migration>]}
+     "migrations": [<live-migration iterations: kvmtrace.views.migration>],
+     "stall_split": [<per vCPU ring: soft-full stalls split into harvest and the time
+                     after the vCPU's own reset (a dirty limit's throttle):
+                     kvmtrace.views.migration>]}
 
 ``--dump-harvest`` writes the shape of ``kvmtrace workload --dump-harvest``
 (:meth:`kvmtrace.vmm.result.WorkloadResult.harvest_dump`): ``{"pid", "vm_fd",
@@ -64,10 +67,11 @@ from typing import Any
 from ..analysis.migration import Migration
 from ..analysis.rates import SpanRate, dirty_rate_mbps, span_rates, window_rates
 from ..analysis.replay import ReplayReport
+from ..analysis.throttle import StallSplit
 from ..core.kvm_abi import vm_fd, vm_gen
 from ..model.digest import digest_of
 from ..model.results import Anomaly, Durations, RingId, RingResult
-from .migration import migration_dicts
+from .migration import migration_dicts, stall_split_dicts
 
 __all__ = ["SCHEMA", "report_dict", "dumps_report", "harvest_dump", "ring_dict",
            "anomaly_dict", "ring_span"]
@@ -183,7 +187,8 @@ def _simulation(report: ReplayReport) -> dict[str, Any] | None:
 
 def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
                 truncated: bool = False, warnings: list[str] | None = None,
-                migrations: list[Migration] | None = None) -> dict[str, Any]:
+                migrations: list[Migration] | None = None,
+                stall_splits: list[StallSplit] | None = None) -> dict[str, Any]:
     """The whole ``--json`` object (schema 1, see the module docstring); ``migrations``:
     :func:`kvmtrace.analysis.migration.find_migrations` of the same trace."""
     start, end = ring_span(report)
@@ -207,6 +212,7 @@ def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
                     for (pid, vm), pages in sorted(report.hottest.items())],
         "simulation": _simulation(report),
         "migrations": migration_dicts(migrations or []),
+        "stall_split": stall_split_dicts(stall_splits or []),
     }
 
 

@@ -17,10 +17,11 @@ import textwrap
 from ..analysis.migration import Migration
 from ..analysis.rates import dirty_rate_mbps, span_rates
 from ..analysis.replay import ReplayReport
+from ..analysis.throttle import StallSplit
 from ..core.kvm_abi import vm_label
 from ..model.digest import digest_of
 from ..model.results import Durations, RingId
-from .migration import migration_lines
+from .migration import migration_lines, stall_split_lines
 from .replay_json import ring_span
 
 __all__ = ["render_text", "WIDTH", "MAX_ANOMALIES"]
@@ -196,7 +197,8 @@ def _simulation(report: ReplayReport) -> list[str]:
 
 def render_text(report: ReplayReport, *, file: str | None = None, top: int = 10,
                 truncated: bool = False, warnings: list[str] | None = None,
-                migrations: list[Migration] | None = None) -> str:
+                migrations: list[Migration] | None = None,
+                stall_splits: list[StallSplit] | None = None) -> str:
     """The whole text report (lines of at most :data:`WIDTH` columns); ``migrations``:
     :func:`kvmtrace.analysis.migration.find_migrations` of the same trace."""
     lines = (_header(report, file, truncated)
@@ -204,5 +206,6 @@ def render_text(report: ReplayReport, *, file: str | None = None, top: int = 10,
                 for x in textwrap.wrap(f"warning: {w}", WIDTH, subsequent_indent="  ")]
              + _rings(report) + _lost(report) + _anomalies(report)
              + _workingset(report) + _hottest(report, top) + _simulation(report)
-             + migration_lines(migrations or [], ring_span(report)[0], WIDTH))
+             + migration_lines(migrations or [], ring_span(report)[0], WIDTH)
+             + stall_split_lines(stall_splits or [], WIDTH))
     return "\n".join(_fit(line) for line in lines)

@@ -9,7 +9,9 @@ clock). The events (QEMU 7.2 accel/kvm/trace-events, migration/trace-events):
 - ``kvm_dirty_ring_reap reaped N pages (took U us)``: one reap of the rings, by any thread;
   QEMU issues ``KVM_RESET_DIRTY_RINGS`` after it only when N > 0;
 - ``kvm_dirty_ring_full vcpu I``: vCPU I's thread got ``KVM_EXIT_DIRTY_RING_FULL``;
-- ``kvm_dirty_ring_reaper wait|wakeup|init``: the reaper thread.
+- ``kvm_dirty_ring_reaper wait|wakeup|init``: the reaper thread;
+- ``dirtylimit_vcpu_execute CPU[I] sleep U us``: under ``set-vcpu-dirty-limit``, vCPU I's
+  thread sleeps U us after a soft-full exit's reap (the sleep a signal may cut short).
 
 :func:`trace_args` gives the command-line arguments; :func:`read_trace` parses the file.
 """
@@ -24,9 +26,11 @@ from pathlib import Path
 __all__ = ["TRACE_EVENTS", "trace_args", "QemuSync", "QemuTrace", "read_trace"]
 
 TRACE_EVENTS = ("migration_bitmap_sync_start", "migration_bitmap_sync_end",
-                "kvm_dirty_ring_reap", "kvm_dirty_ring_full", "kvm_dirty_ring_reaper")
+                "kvm_dirty_ring_reap", "kvm_dirty_ring_full", "kvm_dirty_ring_reaper",
+                "dirtylimit_vcpu_execute")
 _LINE = re.compile(r"^(\d+)@\d+\.\d+:(\w+) ?(.*)$")
 _REAPED = re.compile(r"reaped (\d+) pages")
+_SLEEP = re.compile(r"CPU\[(\d+)\] sleep (\d+) us")
 
 
 def trace_args(log: str | Path) -> list[str]:
@@ -52,6 +56,8 @@ class QemuTrace:
     reaps: dict[int, list[int]] = field(default_factory=dict)
     full_exits: Counter[int] = field(default_factory=Counter)  #: vCPU index -> exits
     reaper_tid: int | None = None
+    #: vCPU index -> each dirty-limit sleep asked for (us), in order
+    throttle_sleeps: dict[int, list[int]] = field(default_factory=dict)
 
 
 def read_trace(path: str | Path) -> QemuTrace:
@@ -77,4 +83,8 @@ def read_trace(path: str | Path) -> QemuTrace:
             out.full_exits[int(args.split()[-1])] += 1
         elif name == "kvm_dirty_ring_reaper":
             out.reaper_tid = tid
+        elif name == "dirtylimit_vcpu_execute":
+            t = _SLEEP.search(args)
+            if t is not None:
+                out.throttle_sleeps.setdefault(int(t[1]), []).append(int(t[2]))
     return out

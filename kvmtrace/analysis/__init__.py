@@ -9,6 +9,8 @@
   :mod:`.ringexits` (soft-full exits and episodes), :mod:`.lostpages` (lost pages),
   :mod:`.workingset` (dirty rate, working set, hot pages), :mod:`.simulate` (other ring
   sizes, what-if).
+- :mod:`.migration`: a VMM's dirty-log syncs (live-migration iterations);
+  :mod:`.throttle`: soft-full stalls split into harvest and throttle.
 - :mod:`.compare`: a trace's performance profile; :mod:`.comparison` compares two;
   :mod:`.distribution` holds exact distributions and the test of whether two differ.
 """

@@ -8,4 +8,7 @@ floor: may import anything, nothing in the package imports it).
   bulk streams for benchmarks (:func:`~.synth.bulk_stream`).
 - :mod:`.vm_cycles`: cycles of concurrent built-in VMs in one process, held on stdin until
   a tracer is attached (``python -m kvmtrace.testing.vm_cycles PLAN``).
+- :mod:`.qemu_migrate`, :mod:`.qemu_livelock`, :mod:`.qemu_dirtylimit`: QEMU migrating,
+  livelocked after an overflow and under a dirty limit, recorded; :mod:`.qemu_trace`
+  reads QEMU's own trace (``-trace``) as their ground truth.
 """

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kvmtrace.source.recording import open_recording  # noqa: E402
 from kvmtrace.testing.qemu import Qemu  # noqa: E402
 from kvmtrace.testing.qemu_dirtylimit import (  # noqa: E402
     dirty_limit_failures,
@@ -41,7 +42,7 @@ def one_run(limit: int, seconds: float, tmp: Path) -> tuple[bool, str]:
                        capture_output=True, text=True, timeout=300)
     report = json.loads(p.stdout)
     qtrace = read_trace(log)
-    bad = dirty_limit_failures(run, report, qtrace, 1)
+    bad = dirty_limit_failures(run, report, qtrace, open_recording(run.path).read_all(), 1)
     sleeps = qtrace.throttle_sleeps.get(0, [])
     cells = [f"QEMU: {qtrace.full_exits.get(0, 0)} exits, {len(sleeps)} sleeps of "
              f"{sorted(set(sleeps))} us; current rate {[a['current-rate'] for a in run.answer]}"]

@@ -58,6 +58,8 @@ class QemuTrace:
     reaper_tid: int | None = None
     #: vCPU index -> each dirty-limit sleep asked for (us), in order
     throttle_sleeps: dict[int, list[int]] = field(default_factory=dict)
+    #: vCPU index -> per soft-full exit, in order: whether QEMU slept after its reap
+    exit_slept: dict[int, list[bool]] = field(default_factory=dict)
 
 
 def read_trace(path: str | Path) -> QemuTrace:
@@ -81,10 +83,14 @@ def read_trace(path: str | Path) -> QemuTrace:
                 out.reaps.setdefault(tid, []).append(n)
         elif name == "kvm_dirty_ring_full":
             out.full_exits[int(args.split()[-1])] += 1
+            out.exit_slept.setdefault(int(args.split()[-1]), []).append(False)
         elif name == "kvm_dirty_ring_reaper":
             out.reaper_tid = tid
         elif name == "dirtylimit_vcpu_execute":
             t = _SLEEP.search(args)
             if t is not None:
                 out.throttle_sleeps.setdefault(int(t[1]), []).append(int(t[2]))
+                slept = out.exit_slept.get(int(t[1]))
+                if slept:
+                    slept[-1] = True
     return out

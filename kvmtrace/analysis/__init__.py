@@ -6,6 +6,8 @@
 - :mod:`.replay`: a subpackage, the replay engine: rebuilds every ring over time from
   events or event columns and reports anomalies (engine, ring state, causal order, bulk
   path, exits, working set, lost pages, what-if simulation).
+- :mod:`.migration`: a VMM's dirty-log syncs (live-migration iterations);
+  :mod:`.throttle`: soft-full stalls split into harvest and throttle.
 - :mod:`.profile`: a trace's performance profile; :mod:`.comparison` compares two;
   :mod:`.distribution` holds exact distributions and the test of whether two differ.
 """

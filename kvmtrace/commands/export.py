@@ -70,10 +70,14 @@ def run(args: argparse.Namespace) -> int:
         rows = export_parquet(src, args.parquet, row_group_rows=args.row_group_rows)
         print(f"kvmtrace export: {rows} events -> {args.parquet}", file=sys.stderr)
     else:
+        from ..analysis.migration import migrations_from_batches
         from ..views.perfetto import export_perfetto
 
+        migrations = migrations_from_batches(
+            lambda: open_input(args.file, args.ring_entries).batches())
         n = export_perfetto(src, args.perfetto,
-                            counter_interval_ns=int(args.counter_interval_us * 1000))
+                            counter_interval_ns=int(args.counter_interval_us * 1000),
+                            migrations=migrations)
         print(f"kvmtrace export: {n} trace events -> {args.perfetto}", file=sys.stderr)
     if src.truncated:
         print(f"kvmtrace export: warning: {args.file} ends early (writer killed?); exported "

@@ -127,16 +127,20 @@ def run(args: argparse.Namespace) -> int:
         except OSError as err:
             raise UsageError(f"cannot write {args.dump_harvest}: {err.strerror}",
                              "give a writable path") from None
+    from ..analysis.migration import replay_extras
+
+    migrations, splits = replay_extras(lambda: open_source(
+        args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes).batches())
     if args.json:
         from ..views.replay_json import dumps_report
 
         print(dumps_report(report, file=args.file, top=args.top, truncated=truncated,
-                           warnings=warnings))
+                           warnings=warnings, migrations=migrations, stall_splits=splits))
     else:
         from ..views.replay_text import render_text
 
         print(render_text(report, file=args.file, top=args.top, truncated=truncated,
-                          warnings=warnings))
+                          warnings=warnings, migrations=migrations, stall_splits=splits))
     if truncated:
         print(f"kvmtrace replay: warning: {args.file} ends early (writer killed?); "
               "replayed what it holds", file=sys.stderr)

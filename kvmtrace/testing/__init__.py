@@ -16,4 +16,7 @@ floor: may import anything, nothing in the package imports it).
 - :mod:`.held`: attach a tracer to a held child, then release it and read its JSON.
 - :mod:`.snapshot_watch`: a vm_cycles child under the probes with a snapshot loop, and
   the laws the snapshots obey (live top's tests and tools/soak_top.py).
+- :mod:`.qemu_migrate`, :mod:`.qemu_livelock`, :mod:`.qemu_dirtylimit`: QEMU migrating,
+  livelocked after an overflow and under a dirty limit, recorded; :mod:`.qemu_trace`
+  reads QEMU's own trace (``-trace``) as their ground truth.
 """

@@ -3,7 +3,8 @@
 - :mod:`.top_render`: the ``top`` screen as plain lines (pure); :mod:`.top_curses` the
   interactive loop over it; :mod:`.topjson` the batch NDJSON.
 - :mod:`.prometheus`: the ``/metrics`` exporter.
-- :mod:`.replay_text`, :mod:`.replay_json`: the ``replay`` report.
+- :mod:`.replay_text`, :mod:`.replay_json`: the ``replay`` report; :mod:`.replay_migration` its
+  migration iterations and stall split.
 - :mod:`.compare_text`: the ``compare`` report.
 - :mod:`.parquet`, :mod:`.perfetto`: exports of a recording.
 """

@@ -13,7 +13,11 @@ from :data:`TRACK_TID_BASE` up, named ``vm V ring R`` (``vm V`` for VM-wide even
 - an instant ``reset`` per kvm_dirty_ring_reset (``args.entries_reset``: reset_index
   advance since the ring's previous event, when known), and ``soft-full exit`` per exit;
 - on the VM-wide track: ``KVM_RESET_DIRTY_RINGS`` slices (RESET_LAT) and ``ring size``
-  instants (RING_SIZE).
+  instants (RING_SIZE);
+- with ``migrations`` (:mod:`kvmtrace.analysis.migration`): a ``vm V migration`` track per
+  sync thread with one slice ``iteration N`` per window between two syncs (``args``: pages,
+  harvested entries, dirty and sent MB/s, converging, pages per vCPU ring), an instant
+  ``sync N`` at each sync, and a counter ``vm V dirty pages`` per iteration.
 
 Timestamps are CLOCK_MONOTONIC in µs with ns decimals. The JSON is streamed: memory stays
 bounded by one batch of events.
@@ -22,20 +26,27 @@ bounded by one batch of events.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import IO, Any
 
 import numpy as np
 
+from ..analysis.migration import Migration
 from ..core.events import Kind
 from ..core.kvm_abi import entries_from_bytes, u32
 from ..core.sources import EventSource
 from ..errors import UsageError
 from ..source.recording import meta_to_dict
 
-__all__ = ["TRACK_TID_BASE", "export_perfetto"]
+__all__ = ["TRACK_TID_BASE", "MIGRATION_RING", "export_perfetto"]
 
 TRACK_TID_BASE = 1_000_000_000  # synthetic tids of ring tracks (above any real tid)
+MIGRATION_RING = -2  #: the track key's ring of a VM's migration track
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(x, 3)
 
 
 def _us(ns: int) -> str:
@@ -82,6 +93,8 @@ class _PerfettoWriter:
                                   "args": {"name": self.process_name(pid, vm)}}))
         vm_name = f"vm {vm}" if vm >= 0 else "vm ?"
         name = f"{vm_name} ring {ring}" if ring >= 0 else vm_name
+        if ring == MIGRATION_RING:
+            name = f"{vm_name} migration"
         size = self.meta.ring_size(pid, vm)
         label = f"{name} ({size} entries)" if size and ring >= 0 else name
         tr = _Track(TRACK_TID_BASE + len(self.tracks), name)
@@ -172,6 +185,27 @@ class _PerfettoWriter:
         if self.interval:
             tr.bucket = int(bucket[-1])
 
+    def migration(self, mig: Migration) -> None:
+        """The iterations of one sync thread on a track of their own."""
+        tr = self.track(mig.pid, mig.vm, MIGRATION_RING)
+        vm_name = f"vm {mig.vm}" if mig.vm >= 0 else "vm ?"
+        for it in mig.iterations:
+            args = {"pages": it.pages, "collected": it.collected, "harvested": it.harvested,
+                    "dirty_rate_mbps": _round(it.dirty_rate_mbps),
+                    "sent_pages": it.sent_pages,
+                    "transfer_rate_mbps": _round(it.transfer_rate_mbps),
+                    "converging": it.converging,
+                    "pages_per_ring": {str(r.ring): r.pages for r in it.rings},
+                    "resets_by_vcpus": it.other_resets.get("vcpu", 0),
+                    "resets_by_reaper": it.other_resets.get("reaper", 0)}
+            start = max(0, it.start_ns)
+            self.emit(f'{{"ph":"X","pid":{mig.pid},"tid":{tr.tid},"ts":{_us(start)},'
+                      f'"dur":{_us(it.ts - start)},"name":"iteration {it.number}",'
+                      f'"args":{json.dumps(args)}}}')
+            self.instant(mig.pid, tr, f"sync {it.number}", it.ts, {"thread": mig.tid})
+            self.emit(f'{{"ph":"C","pid":{mig.pid},"tid":{tr.tid},"ts":{_us(it.ts)},'
+                      f'"name":"{vm_name} dirty pages","args":{{"pages":{it.pages}}}}}')
+
     def finish(self) -> None:
         for (pid, _, _), tr in self.tracks.items():  # the last value of every ring
             if not tr.last_emitted and tr.last_ts >= 0:
@@ -179,8 +213,11 @@ class _PerfettoWriter:
 
 
 def export_perfetto(source: EventSource, path: str | os.PathLike[str], *,
-                    counter_interval_ns: int = 100_000) -> int:
-    """Write ``source`` as a Chrome JSON trace; returns the number of trace events."""
+                    counter_interval_ns: int = 100_000,
+                    migrations: list[Migration] | None = None) -> int:
+    """Write ``source`` as a Chrome JSON trace; returns the number of trace events.
+    ``migrations``: :func:`kvmtrace.analysis.migration.find_migrations` of the same trace,
+    drawn on a track of their own."""
     try:
         out = open(path, "w", buffering=1 << 20)
     except OSError as err:
@@ -192,6 +229,8 @@ def export_perfetto(source: EventSource, path: str | os.PathLike[str], *,
             if len(ev):
                 w.batch(ev)
         w.finish()
+        for mig in migrations or []:
+            w.migration(mig)
         meta = meta_to_dict(source.meta)
         meta["lost"] = int(source.lost)
         out.write("\n],\n\"metadata\":" + json.dumps({"kvmtrace": meta}, default=str) + "}\n")

@@ -52,7 +52,11 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "simulation": null or {"entries", "soft_limit", "exits", "trace_exits",
                     "stall_ns" (estimate; null without a stall in the trace),
                     "assumptions": [...], "rings": [{"pid", "vm", "index", "exits",
-                    "trace_exits", "stall_ns"}]}}
+                    "trace_exits", "stall_ns"}]},
+     "migrations": [<live-migration iterations: kvmtrace.views.replay_migration>],
+     "stall_split": [<per vCPU ring: soft-full stalls split into harvest and the time
+                     after the vCPU's own reset (a dirty limit's throttle):
+                     kvmtrace.views.replay_migration>]}
 
 ``--dump-harvest`` writes the shape of ``kvmtrace workload --dump-harvest``
 (:meth:`kvmtrace.vmm.truth.WorkloadResult.harvest_dump`): ``{"pid", "vm_fd",
@@ -67,11 +71,14 @@ import json
 import math
 from typing import Any
 
+from ..analysis.migration import Migration
 from ..analysis.rates import SpanRate, dirty_rate_mbps, span_rates, window_rates
 from ..analysis.replay import ReplayReport
+from ..analysis.throttle import StallSplit
 from ..core.kvm_abi import vm_fd, vm_gen
 from ..model.digest import digest_of
 from ..model.results import Anomaly, Durations, RingId, RingResult
+from .replay_migration import migration_dicts, stall_split_dicts
 
 __all__ = ["SCHEMA", "report_dict", "dumps_report", "harvest_dump", "ring_dict", "vm_dicts",
            "anomaly_dict", "ring_span"]
@@ -207,9 +214,11 @@ def _simulation(report: ReplayReport) -> dict[str, Any] | None:
 
 
 def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
-                truncated: bool = False, warnings: list[str] | None = None
-                ) -> dict[str, Any]:
-    """The whole ``--json`` object (schema 1, see the module docstring)."""
+                truncated: bool = False, warnings: list[str] | None = None,
+                migrations: list[Migration] | None = None,
+                stall_splits: list[StallSplit] | None = None) -> dict[str, Any]:
+    """The whole ``--json`` object (schema 1, see the module docstring); ``migrations``:
+    :func:`kvmtrace.analysis.migration.find_migrations` of the same trace."""
     start, end = ring_span(report)
     per_ring, per_vm = span_rates(report.workingset)
     return {
@@ -227,6 +236,8 @@ def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
                                for p in pages[:top]]}
                     for (pid, vm), pages in sorted(report.hottest.items())],
         "simulation": _simulation(report),
+        "migrations": migration_dicts(migrations or []),
+        "stall_split": stall_split_dicts(stall_splits or []),
     }
 
 

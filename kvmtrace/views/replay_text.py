@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import textwrap
 
+from ..analysis.migration import Migration
 from ..analysis.rates import dirty_rate_mbps, span_rates
 from ..analysis.replay import ReplayReport
+from ..analysis.throttle import StallSplit
 from ..core.kvm_abi import vm_label
 from ..model.digest import digest_of
 from ..model.results import Durations, RingId
+from .replay_migration import migration_lines, stall_split_lines
 from .replay_json import ring_span
 
 __all__ = ["render_text", "WIDTH", "MAX_ANOMALIES"]
@@ -217,11 +220,16 @@ def _simulation(report: ReplayReport) -> list[str]:
 
 
 def render_text(report: ReplayReport, *, file: str | None = None, top: int = 10,
-                truncated: bool = False, warnings: list[str] | None = None) -> str:
-    """The whole text report (lines of at most :data:`WIDTH` columns)."""
+                truncated: bool = False, warnings: list[str] | None = None,
+                migrations: list[Migration] | None = None,
+                stall_splits: list[StallSplit] | None = None) -> str:
+    """The whole text report (lines of at most :data:`WIDTH` columns); ``migrations``:
+    :func:`kvmtrace.analysis.migration.find_migrations` of the same trace."""
     lines = (_header(report, file, truncated)
              + [x for w in warnings or []
                 for x in textwrap.wrap(f"warning: {w}", WIDTH, subsequent_indent="  ")]
              + _rings(report) + _lost(report) + _anomalies(report)
-             + _workingset(report) + _hottest(report, top) + _simulation(report))
+             + _workingset(report) + _hottest(report, top) + _simulation(report)
+             + migration_lines(migrations or [], ring_span(report)[0], WIDTH)
+             + stall_split_lines(stall_splits or [], WIDTH))
     return "\n".join(_fit(line) for line in lines)

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Repeat tests/test_qemu_migrate_kvm.py's scenario: a traced QEMU live migration against
+QEMU's own ``query-migrate``.
+
+Each run boots QEMU (``-accel kvm,dirty-ring-size=4096``) on the generated multiboot guest
+(4096 pages per vCPU, an ``out`` every 16 writes), records it with ``kvmtrace record -p``
+while it migrates to ``exec:cat > /dev/null`` at ``--bandwidth`` MiB/s (not converging
+until ``downtime-limit`` is raised after ``--syncs`` syncs; ``pause-before-switchover``
+gives QEMU's exact live sync count), replays the recording and prints QEMU's live and
+final ``dirty-sync-count`` and the entries each of its syncs reaped (QEMU's own trace),
+the syncs replay shows, pages per iteration and replay's verdict. A run fails on anything
+:func:`kvmtrace.testing.qemu_migrate.migration_failures` finds. Root only.
+
+    .venv/bin/python tools/soak_qemu_migrate.py [--runs 20] [--vcpus 1,2] [--bandwidth 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kvmtrace.testing.qemu import Qemu  # noqa: E402
+from kvmtrace.testing.qemu_migrate import migration_failures, record_migration  # noqa: E402
+from kvmtrace.testing.qemu_trace import read_trace, trace_args  # noqa: E402
+from kvmtrace.vmm.multiboot import MultibootGuest  # noqa: E402
+
+PAGES = 4096
+
+
+def one_run(vcpus: int, bandwidth_mib: int, syncs: int, tmp: Path) -> tuple[bool, str]:
+    guest = MultibootGuest(vcpus=vcpus, pages=PAGES, exit_every=16)
+    log = tmp / "qemu-trace.log"
+    with Qemu(guest, ring_entries=4096, name=f"soak-migrate{vcpus}",
+              extra_args=trace_args(log)) as qemu:
+        qemu.wait_guest()
+        run = record_migration(qemu, tmp / "mig.kvt", bandwidth=bandwidth_mib << 20,
+                               syncs_before_converge=syncs)
+    p = subprocess.run([sys.executable, "-m", "kvmtrace", "replay", "--json", str(run.path)],
+                       capture_output=True, text=True, timeout=300)
+    report = json.loads(p.stdout)
+    qtrace = read_trace(log)
+    bad = migration_failures(run, report, qtrace, vcpus, PAGES)
+    migs = report["migrations"]
+    shown = [m["syncs"] for m in migs]
+    pages = [it["pages"] for m in migs for it in m["iterations"]]
+    verdict = migs[0]["verdict"] if len(migs) == 1 else "-"
+    line = (f"QEMU live {run.live_sync_count} final {run.sync_count} syncs, reaped "
+            f"{[s.reaped for s in qtrace.syncs]}; replay {shown} syncs, pages {pages}, "
+            f"lost {report['lost']}: {verdict}")
+    return not bad and report["lost"] == 0, line + ("; " + "; ".join(bad) if bad else "")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--vcpus", default="1,2", help="comma-separated vCPU counts")
+    ap.add_argument("--bandwidth", type=int, default=32, help="max-bandwidth, MiB/s")
+    ap.add_argument("--syncs", type=int, default=4, help="syncs before it may converge")
+    args = ap.parse_args()
+    counts = [int(v) for v in args.vcpus.split(",")]
+    failed = 0
+    for i in range(args.runs):
+        vcpus = counts[i % len(counts)]
+        with tempfile.TemporaryDirectory(prefix="kvmtrace-soak-migrate-") as tmp:
+            try:
+                ok, line = one_run(vcpus, args.bandwidth, args.syncs, Path(tmp))
+            except Exception as err:  # one failed run is a result, not the end
+                ok, line = False, f"error: {err}"
+        failed += not ok
+        print(f"run {i + 1} ({vcpus} vCPU): {'ok' if ok else 'FAIL'}: {line}", flush=True)
+    print(f"{args.runs} runs, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

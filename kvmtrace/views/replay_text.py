@@ -22,8 +22,8 @@ from ..analysis.throttle import StallSplit
 from ..core.kvm_abi import vm_label
 from ..model.digest import digest_of
 from ..model.results import Durations, RingId
-from .replay_migration import migration_lines, stall_split_lines
 from .replay_json import ring_span
+from .replay_migration import migration_lines, stall_split_lines
 
 __all__ = ["render_text", "WIDTH", "MAX_ANOMALIES"]
 

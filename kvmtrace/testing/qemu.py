@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -37,7 +38,7 @@ from ..vmm.multiboot import MultibootGuest
 
 __all__ = ["QEMU_BINARY", "qemu_binary", "qemu_mbps", "qemu_rounding", "QemuDirtyRate",
            "SyncQmp", "Qemu", "QemuError", "CalcRecording", "record_calc_dirty_rate",
-           "Agreement", "compare_with_qemu"]
+           "Agreement", "compare_with_qemu", "start_recorder", "stop_recorder"]
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: QEMU's minimal firmware (Debian's qemu-system-data): boots a multiboot guest in about
@@ -269,29 +270,43 @@ def record_calc_dirty_rate(qemu: Qemu, out: Path, seconds: int = 2,
     ``calc-dirty-rate`` over ``seconds``; stop the recording (SIGINT) once QEMU has its
     figure. QEMU pushes to its rings only while dirty logging is on, here only during the
     calculation, so every push in the recording lies in QEMU's window."""
-    import sys
-
-    cmd = [sys.executable, "-m", "kvmtrace", "record", "-o", str(out), "-p", str(qemu.pid)]
-    rec = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+    rec = start_recorder(qemu.pid, out)
     try:
-        assert rec.stderr is not None
-        seen = []
-        while "Recording dirty-ring events" not in (line := rec.stderr.readline()):
-            seen.append(line)
-            if not line and rec.poll() is not None:
-                raise QemuError(f"kvmtrace record exited: {''.join(seen)[-500:]}")
         rate = qemu.calc_dirty_rate(seconds)
         time.sleep(0.1)  # the last events reach the recording
-        rec.send_signal(signal.SIGINT)
-        _, err = rec.communicate(timeout=timeout)
-        if rec.returncode != 0:
-            raise QemuError(f"kvmtrace record failed ({rec.returncode}): {err[-500:]}")
-        return CalcRecording(rate, out, qemu.pid, "".join(seen) + err)
+        return CalcRecording(rate, out, qemu.pid, stop_recorder(rec, timeout))
     finally:
         if rec.poll() is None:
             rec.kill()
             rec.wait()
+
+
+def start_recorder(pid: int, out: Path) -> subprocess.Popen:
+    """``kvmtrace record -o OUT -p PID``, returned once it says it records."""
+    cmd = [sys.executable, "-m", "kvmtrace", "record", "-o", str(out), "-p", str(pid)]
+    rec = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    assert rec.stderr is not None
+    seen = []
+    while "Recording dirty-ring events" not in (line := rec.stderr.readline()):
+        seen.append(line)
+        if not line and rec.poll() is not None:
+            raise QemuError(f"kvmtrace record exited: {''.join(seen)[-500:]}")
+    return rec
+
+
+def stop_recorder(rec: subprocess.Popen, timeout: float = 60.0) -> str:
+    """SIGINT the recorder and wait; its stderr. Raises :class:`QemuError` on failure."""
+    rec.send_signal(signal.SIGINT)
+    try:
+        _, err = rec.communicate(timeout=timeout)
+    finally:
+        if rec.poll() is None:
+            rec.kill()
+            rec.wait()
+    if rec.returncode != 0:
+        raise QemuError(f"kvmtrace record failed ({rec.returncode}): {err[-500:]}")
+    return err
 
 
 @dataclass(frozen=True)

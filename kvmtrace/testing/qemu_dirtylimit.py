@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .qemu import Qemu
-from .qemu_migrate import start_recorder, stop_recorder
+from .qemu import Qemu, start_recorder, stop_recorder
 
 __all__ = ["DirtyLimitRun", "record_dirty_limit", "dirty_limit_failures"]
 

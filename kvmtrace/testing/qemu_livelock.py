@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..vmm.multiboot import MultibootGuest
-from .qemu import Qemu, QemuDirtyRate, QemuError
-from .qemu_migrate import start_recorder, stop_recorder
+from .qemu import Qemu, QemuDirtyRate, QemuError, start_recorder, stop_recorder
 from .qemu_trace import QemuTrace, read_trace, trace_args
 
 __all__ = ["LIVELOCK_GUEST", "LivelockRun", "livelock_attempt", "first_stuck_line",

@@ -24,15 +24,12 @@ n-th sync must report at least n.
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .qemu import Qemu, QemuError
+from .qemu import Qemu, QemuError, start_recorder, stop_recorder
 from .qemu_trace import QemuTrace
 
 __all__ = ["MigrationPoll", "MigrationRun", "record_migration", "sync_count_violations",
@@ -81,34 +78,6 @@ class MigrationRun:
         """QEMU's ``dirty-sync-count`` with the VM stopped before switchover (its live
         syncs; None without ``pause-before-switchover``)."""
         return None if self.live is None else self.live.syncs
-
-
-def start_recorder(pid: int, out: Path) -> subprocess.Popen:
-    """``kvmtrace record -o OUT -p PID``, returned once it says it records."""
-    cmd = [sys.executable, "-m", "kvmtrace", "record", "-o", str(out), "-p", str(pid)]
-    rec = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
-    assert rec.stderr is not None
-    seen = []
-    while "Recording dirty-ring events" not in (line := rec.stderr.readline()):
-        seen.append(line)
-        if not line and rec.poll() is not None:
-            raise QemuError(f"kvmtrace record exited: {''.join(seen)[-500:]}")
-    return rec
-
-
-def stop_recorder(rec: subprocess.Popen, timeout: float = 60.0) -> str:
-    """SIGINT the recorder and wait; its stderr. Raises :class:`QemuError` on failure."""
-    rec.send_signal(signal.SIGINT)
-    try:
-        _, err = rec.communicate(timeout=timeout)
-    finally:
-        if rec.poll() is None:
-            rec.kill()
-            rec.wait()
-    if rec.returncode != 0:
-        raise QemuError(f"kvmtrace record failed ({rec.returncode}): {err[-500:]}")
-    return err
 
 
 def record_migration(qemu: Qemu, out: Path, *, bandwidth: int = 32 << 20,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ for _path in (ROOT / "tests", ROOT):
         sys.path.insert(0, str(_path))
 
 __all__ = ["ROOT", "kvmtrace_cmd", "reaper_workload", "cpu_seconds", "require_root",
-           "parser", "Outcome", "repeat", "Column", "Table"]
+           "parser", "Outcome", "repeat", "soak_runs", "Column", "Table"]
 
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
@@ -108,6 +109,22 @@ def repeat(run: Callable[[], str | None], runs: int) -> Outcome:
             out.failures.append(f"run {i}: {why}")
     out.seconds = time.monotonic() - t0
     return out
+
+
+def soak_runs(label: str, runs: int, one: Callable[[Path], tuple[bool, str]]) -> int:
+    """Call ``one(folder)`` ``runs`` times, each in a new temporary folder, and print
+    ``LABEL run N: ok|FAIL: LINE`` per run as it ends; an exception is a failed run (its
+    message the line), not the end of the soak. Returns how many runs failed."""
+    failed = 0
+    for i in range(runs):
+        with tempfile.TemporaryDirectory(prefix="kvmtrace-soak-") as tmp:
+            try:
+                ok, line = one(Path(tmp))
+            except Exception as err:  # noqa: BLE001
+                ok, line = False, f"error: {err}"
+        failed += not ok
+        print(f"{label}run {i + 1}: {'ok' if ok else 'FAIL'}: {line}", flush=True)
+    return failed
 
 
 @dataclass(frozen=True)

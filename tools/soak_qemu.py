@@ -17,24 +17,21 @@ overflowed and livelocked). Root only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import kvmtrace_cmd, parser, soak_runs
 
-from kvmtrace.source.recording import open_recording  # noqa: E402
-from kvmtrace.testing.qemu import (  # noqa: E402
+from kvmtrace.source.recording import open_recording
+from kvmtrace.testing.qemu import (
     Qemu,
     compare_with_qemu,
     qemu_mbps,
     record_calc_dirty_rate,
 )
-from kvmtrace.vmm.multiboot import MultibootGuest  # noqa: E402
+from kvmtrace.vmm.multiboot import MultibootGuest
 
 MIN_MBPS = 40  # the guest ran: a QEMU livelocked after an overflow reports 8-23 MB/s
 
@@ -44,7 +41,7 @@ def one_run(vcpus: int, seconds: int, tmp: Path) -> tuple[bool, str]:
     with Qemu(guest, ring_entries=4096, name=f"soak{vcpus}") as qemu:
         qemu.wait_guest()
         run = record_calc_dirty_rate(qemu, tmp / "calc.kvt", seconds)
-    p = subprocess.run([sys.executable, "-m", "kvmtrace", "replay", "--json", str(run.path)],
+    p = subprocess.run(kvmtrace_cmd("replay", "--json", str(run.path)),
                        capture_output=True, text=True, timeout=300)
     report = json.loads(p.stdout)
     rows = compare_with_qemu(open_recording(run.path).read_all(), report, run.qemu)
@@ -59,26 +56,15 @@ def one_run(vcpus: int, seconds: int, tmp: Path) -> tuple[bool, str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=20)
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--vcpus", default="1,2", help="comma-separated vCPU counts")
     ap.add_argument("--seconds", type=int, default=2, help="calc-time (default 2)")
     args = ap.parse_args()
-    failed = 0
-    total = 0
-    for vcpus in (int(v) for v in args.vcpus.split(",")):
-        for i in range(args.runs):
-            with tempfile.TemporaryDirectory(prefix="kvmtrace-soak-qemu-") as tmp:
-                try:
-                    ok, line = one_run(vcpus, args.seconds, Path(tmp))
-                except Exception as err:  # one failed run is a result, not the end
-                    ok, line = False, f"error: {err}"
-            total += 1
-            failed += not ok
-            print(f"{vcpus} vCPU run {i + 1}: {'ok' if ok else 'FAIL'}: {line}", flush=True)
-    print(f"{total} runs, {failed} outside 1 %")
+    counts = [int(v) for v in args.vcpus.split(",")]
+    failed = sum(soak_runs(f"{n} vCPU ", args.runs,
+                           lambda tmp, n=n: one_run(n, args.seconds, tmp)) for n in counts)
+    print(f"{args.runs * len(counts)} runs, {failed} outside 1 %")
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,24 +11,21 @@ finds. Root only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import kvmtrace_cmd, parser, soak_runs
 
-from kvmtrace.source.recording import open_recording  # noqa: E402
-from kvmtrace.testing.qemu import Qemu  # noqa: E402
-from kvmtrace.testing.qemu_dirtylimit import (  # noqa: E402
+from kvmtrace.source.recording import open_recording
+from kvmtrace.testing.qemu import Qemu
+from kvmtrace.testing.qemu_dirtylimit import (
     dirty_limit_failures,
     record_dirty_limit,
 )
-from kvmtrace.testing.qemu_trace import read_trace, trace_args  # noqa: E402
-from kvmtrace.vmm.multiboot import MultibootGuest  # noqa: E402
+from kvmtrace.testing.qemu_trace import read_trace, trace_args
+from kvmtrace.vmm.multiboot import MultibootGuest
 
 
 def one_run(limit: int, seconds: float, tmp: Path) -> tuple[bool, str]:
@@ -38,7 +35,7 @@ def one_run(limit: int, seconds: float, tmp: Path) -> tuple[bool, str]:
               extra_args=trace_args(log)) as qemu:
         qemu.wait_guest()
         run = record_dirty_limit(qemu, tmp / "limit.kvt", limit, seconds)
-    p = subprocess.run([sys.executable, "-m", "kvmtrace", "replay", "--json", str(run.path)],
+    p = subprocess.run(kvmtrace_cmd("replay", "--json", str(run.path)),
                        capture_output=True, text=True, timeout=300)
     report = json.loads(p.stdout)
     qtrace = read_trace(log)
@@ -54,23 +51,13 @@ def one_run(limit: int, seconds: float, tmp: Path) -> tuple[bool, str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=20)
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--limit", type=int, default=100, help="MB/s per vCPU")
     ap.add_argument("--seconds", type=float, default=4.0)
     args = ap.parse_args()
-    failed = 0
-    for i in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="kvmtrace-soak-dirtylimit-") as tmp:
-            try:
-                ok, line = one_run(args.limit, args.seconds, Path(tmp))
-            except Exception as err:  # one failed run is a result, not the end
-                ok, line = False, f"error: {err}"
-        failed += not ok
-        print(f"run {i + 1}: {'ok' if ok else 'FAIL'}: {line}", flush=True)
+    failed = soak_runs("", args.runs, lambda tmp: one_run(args.limit, args.seconds, tmp))
     print(f"{args.runs} runs, {failed} failed")
     return 1 if failed else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

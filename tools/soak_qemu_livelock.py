@@ -12,18 +12,15 @@ rate and the soft-full exits. Root only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import kvmtrace_cmd, parser, soak_runs
 
-from kvmtrace.core.counters import REASONS  # noqa: E402
-from kvmtrace.testing.qemu_livelock import (  # noqa: E402
+from kvmtrace.core.counters import REASONS
+from kvmtrace.testing.qemu_livelock import (
     livelock_attempt,
     livelock_failures,
     top_reason,
@@ -31,7 +28,7 @@ from kvmtrace.testing.qemu_livelock import (  # noqa: E402
 
 
 def replay(path: Path, *extra: str) -> str:
-    return subprocess.run([sys.executable, "-m", "kvmtrace", "replay", *extra, str(path)],
+    return subprocess.run(kvmtrace_cmd("replay", *extra, str(path)),
                           capture_output=True, text=True, timeout=300).stdout
 
 
@@ -54,24 +51,19 @@ def one_run(ring_entries: int, tmp: Path) -> tuple[bool, bool, str]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=20)
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--ring-entries", type=int, default=1024)
     args = ap.parse_args()
-    hits = failed = 0
-    for i in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="kvmtrace-soak-livelock-") as tmp:
-            try:
-                hit, ok, line = one_run(args.ring_entries, Path(tmp))
-            except Exception as err:  # one failed run is a result, not the end
-                hit, ok, line = False, False, f"error: {err}"
-        hits += hit
-        failed += not ok
-        state = "overflow" if hit else "no overflow"
-        print(f"run {i + 1}: {state}, {'ok' if ok else 'FAIL'}: {line}", flush=True)
-    print(f"{args.runs} QEMU starts, {hits} overflowed, {failed} failed")
-    return 1 if failed else 0
+    hits = []
 
+    def one(tmp: Path) -> tuple[bool, str]:
+        hit, ok, line = one_run(args.ring_entries, tmp)
+        hits.append(hit)
+        return ok, f"{'overflow' if hit else 'no overflow'}: {line}"
+
+    failed = soak_runs("", args.runs, one)
+    print(f"{args.runs} QEMU starts, {sum(hits)} overflowed, {failed} failed")
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())

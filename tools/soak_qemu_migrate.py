@@ -16,20 +16,17 @@ the syncs replay shows, pages per iteration and replay's verdict. A run fails on
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import kvmtrace_cmd, parser, soak_runs
 
-from kvmtrace.testing.qemu import Qemu  # noqa: E402
-from kvmtrace.testing.qemu_migrate import migration_failures, record_migration  # noqa: E402
-from kvmtrace.testing.qemu_trace import read_trace, trace_args  # noqa: E402
-from kvmtrace.vmm.multiboot import MultibootGuest  # noqa: E402
+from kvmtrace.testing.qemu import Qemu
+from kvmtrace.testing.qemu_migrate import migration_failures, record_migration
+from kvmtrace.testing.qemu_trace import read_trace, trace_args
+from kvmtrace.vmm.multiboot import MultibootGuest
 
 PAGES = 4096
 
@@ -42,7 +39,7 @@ def one_run(vcpus: int, bandwidth_mib: int, syncs: int, tmp: Path) -> tuple[bool
         qemu.wait_guest()
         run = record_migration(qemu, tmp / "mig.kvt", bandwidth=bandwidth_mib << 20,
                                syncs_before_converge=syncs)
-    p = subprocess.run([sys.executable, "-m", "kvmtrace", "replay", "--json", str(run.path)],
+    p = subprocess.run(kvmtrace_cmd("replay", "--json", str(run.path)),
                        capture_output=True, text=True, timeout=300)
     report = json.loads(p.stdout)
     qtrace = read_trace(log)
@@ -58,23 +55,20 @@ def one_run(vcpus: int, bandwidth_mib: int, syncs: int, tmp: Path) -> tuple[bool
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=20)
+    ap = parser(__doc__, runs=20)
     ap.add_argument("--vcpus", default="1,2", help="comma-separated vCPU counts")
     ap.add_argument("--bandwidth", type=int, default=32, help="max-bandwidth, MiB/s")
     ap.add_argument("--syncs", type=int, default=4, help="syncs before it may converge")
     args = ap.parse_args()
     counts = [int(v) for v in args.vcpus.split(",")]
-    failed = 0
-    for i in range(args.runs):
-        vcpus = counts[i % len(counts)]
-        with tempfile.TemporaryDirectory(prefix="kvmtrace-soak-migrate-") as tmp:
-            try:
-                ok, line = one_run(vcpus, args.bandwidth, args.syncs, Path(tmp))
-            except Exception as err:  # one failed run is a result, not the end
-                ok, line = False, f"error: {err}"
-        failed += not ok
-        print(f"run {i + 1} ({vcpus} vCPU): {'ok' if ok else 'FAIL'}: {line}", flush=True)
+    runs = iter(range(args.runs))
+
+    def one(tmp: Path) -> tuple[bool, str]:
+        vcpus = counts[next(runs) % len(counts)]
+        ok, line = one_run(vcpus, args.bandwidth, args.syncs, tmp)
+        return ok, f"{vcpus} vCPU: {line}"
+
+    failed = soak_runs("", args.runs, one)
     print(f"{args.runs} runs, {failed} failed")
     return 1 if failed else 0
 

@@ -45,16 +45,18 @@ free-running without a u32 wrap (2**32 pushes per ring).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.events import Kind
+from ..core.columns import GROUP_FIELDS, EventColumns
+from ..core.events import EVENT_DTYPE, Kind
+from ..core.sources import EventSource
 from .throttle import StallSplit, stall_splits
 
 __all__ = ["RESET_GAP_NS", "RingWindow", "Iteration", "Migration", "reset_calls",
-           "find_migrations", "migrations_from_batches", "replay_extras", "PAGE_BYTES"]
+           "find_migrations", "migrations_of", "replay_extras", "ExtrasTap", "PAGE_BYTES"]
 
 PAGE_BYTES = 4096
 #: two resets of one thread further apart than this are two KVM_RESET_DIRTY_RINGS
@@ -261,24 +263,87 @@ def _calls(resets: np.ndarray, lats: np.ndarray, tids: set[int]) -> int:
                for t in tids)
 
 
-def migrations_from_batches(batches: Callable[[], Iterable[np.ndarray]]) -> list[Migration]:
-    """:func:`find_migrations` over a source's batches (see :func:`replay_extras`)."""
-    return replay_extras(batches)[0]
+def migrations_of(open_src: Callable[[], EventSource]) -> list[Migration]:
+    """:func:`find_migrations` over a source (see :func:`replay_extras`)."""
+    return replay_extras(open_src)[0]
 
 
-def replay_extras(batches: Callable[[], Iterable[np.ndarray]]
-                  ) -> tuple[list[Migration], list[StallSplit]]:
-    """:func:`find_migrations` and :func:`~.throttle.stall_splits` over a source's
-    batches, in bounded memory unless there is a migration: ``batches()`` is called once
-    for everything but pushes (and the set of pushing threads), and a second time, only
-    when a sync thread was found, for the pushes of those VMs (held in memory: a
-    migration's length of them)."""
-    rest, push_tids = [], set()
-    for b in batches():
+def _pushers_and_rest(cols: EventColumns) -> tuple[set[tuple[int, int, int]], np.ndarray]:
+    """One block as columns: the (pid, vm, tid) of its pushing threads (from the group
+    table) and its events other than pushes as records, without building the pushes'."""
+    g = cols.groups
+    push_g = g["kind"] == Kind.PUSH
+    pushers = set(zip(g["pid"][push_g].tolist(), g["vm"][push_g].tolist(),
+                      g["tid"][push_g].tolist(), strict=True))
+    if push_g.all():
+        return pushers, np.zeros(0, EVENT_DTYPE)
+    if not push_g.any() or cols.gid is None or cols.order is None:
+        ev = cols.events()
+        return pushers, ev[ev["kind"] != Kind.PUSH]
+    gm_gid = cols.gid[cols.order]  # each group-major event's group
+    keep = ~push_g[gm_gid]
+    times = cols.order[keep]  # their time positions
+    by_time = np.argsort(times, kind="stable")
+    tmpl = np.zeros(len(g), EVENT_DTYPE)
+    for key in GROUP_FIELDS:
+        tmpl[key] = g[key]
+    for name, v in cols.const.items():
+        tmpl[name] = v
+    ev = tmpl.take(gm_gid[keep][by_time])
+    ev["ts"] = cols.ts[times[by_time]]
+    for name, v in cols.grouped.items():
+        ev[name] = v[keep][by_time]
+    return pushers, ev
+
+
+class ExtrasTap:
+    """A :class:`~kvmtrace.analysis.replay.engine.ReplayTap`: while the replay reads the
+    file, keeps the pushing threads and every event but pushes (a recording's pushes are
+    never built as records), for :func:`replay_extras`."""
+
+    def __init__(self) -> None:
+        self.push_tids: set[tuple[int, int, int]] = set()
+        self.rest: list[np.ndarray] = []
+
+    def columns(self, cols: EventColumns) -> None:
+        pushers, ev = _pushers_and_rest(cols)
+        self.push_tids |= pushers
+        self.rest.append(ev)
+
+    def batch(self, b: np.ndarray) -> None:
         push = b["kind"] == Kind.PUSH
-        rest.append(b[~push])
-        push_tids.update(zip(b["pid"][push].tolist(), b["vm"][push].tolist(),
-                             b["tid"][push].tolist(), strict=True))
+        self.rest.append(b[~push])
+        if push.any():  # the (pid, vm, tid) of pushing threads: few, among many pushes
+            p = b[push]  # a tid names one thread, so one pid: unique on (tid, vm) alone
+            key = (p["tid"].astype(np.uint64) << np.uint64(32)) | p["vm"].astype(np.uint32)
+            heads = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])  # runs of one thread
+            _, first = np.unique(key[heads], return_index=True)
+            first = heads[first]
+            self.push_tids.update(zip(p["pid"][first].tolist(), p["vm"][first].tolist(),
+                                      p["tid"][first].tolist(), strict=True))
+
+    def read(self, src: EventSource) -> ExtrasTap:
+        """Fill the tap from ``src`` alone (when no replay runs)."""
+        columns = src.column_batches()
+        if columns is not None:
+            for cols in columns:
+                self.columns(cols)
+        else:
+            for b in src.batches():
+                self.batch(b)
+        return self
+
+
+def replay_extras(open_src: Callable[[], EventSource], tap: ExtrasTap | None = None
+                  ) -> tuple[list[Migration], list[StallSplit]]:
+    """:func:`find_migrations` and :func:`~.throttle.stall_splits` over a source, in
+    bounded memory unless there is a migration: everything but pushes (and the set of
+    pushing threads) comes from ``tap``, filled by the replay's own pass (else
+    ``open_src()`` is read once for it), and ``open_src()`` is read again only when a
+    sync thread was found, for the pushes of those VMs (held in memory: a migration's
+    length of them)."""
+    tap = tap or ExtrasTap().read(open_src())
+    push_tids, rest = tap.push_tids, tap.rest
     if not rest:
         return [], []
     ev = np.concatenate(rest)
@@ -295,7 +360,7 @@ def replay_extras(batches: Callable[[], Iterable[np.ndarray]]
         return [], splits
     wanted = np.array([p << 32 | (v & 0xFFFFFFFF) for p, v in keep], dtype=np.uint64)
     pushes = []
-    for b in batches():
+    for b in open_src().batches():
         push = b[b["kind"] == Kind.PUSH]
         pushes.append(push[np.isin(_vm_key(push), wanted)])
     return find_migrations(np.concatenate([ev, *pushes])), splits

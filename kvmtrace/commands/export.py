@@ -70,11 +70,11 @@ def run(args: argparse.Namespace) -> int:
         rows = export_parquet(src, args.parquet, row_group_rows=args.row_group_rows)
         print(f"kvmtrace export: {rows} events -> {args.parquet}", file=sys.stderr)
     else:
-        from ..analysis.migration import migrations_from_batches
+        from ..analysis.migration import migrations_of
         from ..views.perfetto import export_perfetto
 
-        migrations = migrations_from_batches(
-            lambda: open_input(args.file, args.ring_entries).batches())
+        migrations = migrations_of(
+            lambda: open_input(args.file, args.ring_entries))
         n = export_perfetto(src, args.perfetto,
                             counter_interval_ns=int(args.counter_interval_us * 1000),
                             migrations=migrations)

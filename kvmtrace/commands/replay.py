@@ -102,12 +102,14 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     opts = replay_options(args)
+    from ..analysis.migration import ExtrasTap, replay_extras
     from ..analysis.replay import replay_source
     from ..source.detect import open_source
 
     src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
     try:
-        report = replay_source(src, **asdict(opts))
+        tap = ExtrasTap()
+        report = replay_source(src, tap, **asdict(opts))
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
     truncated = src.truncated
@@ -127,10 +129,8 @@ def run(args: argparse.Namespace) -> int:
         except OSError as err:
             raise UsageError(f"cannot write {args.dump_harvest}: {err.strerror}",
                              "give a writable path") from None
-    from ..analysis.migration import replay_extras
-
     migrations, splits = replay_extras(lambda: open_source(
-        args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes).batches())
+        args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes), tap)
     if args.json:
         from ..views.replay_json import dumps_report
 

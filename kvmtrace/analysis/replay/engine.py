@@ -16,6 +16,7 @@ without building 48-byte records; both ways give the same report.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -357,14 +358,29 @@ class Replay:
         return {k: (t / c if c else None) for k, (t, c) in acc.items()}
 
 
-def replay_source(source: EventSource, **options: object) -> ReplayReport:
-    """Replay a whole source; ``options`` as for :class:`Replay`."""
+class ReplayTap(Protocol):
+    """Sees every block a replay reads, as it reads it (one pass over the file for the
+    replay and what else wants the events, e.g. kvmtrace.analysis.migration)."""
+
+    def columns(self, cols: EventColumns) -> None: ...
+
+    def batch(self, batch: np.ndarray) -> None: ...
+
+
+def replay_source(source: EventSource, tap: ReplayTap | None = None,
+                  **options: object) -> ReplayReport:
+    """Replay a whole source; ``options`` as for :class:`Replay`; ``tap`` sees each block
+    (as columns where the source has them, else as EVENT_DTYPE batches)."""
     rp = Replay(source.meta, **options)  # type: ignore[arg-type]
     columns = source.column_batches() if rp.sim is None else None
     if columns is not None:
         for parts in columns:
             rp.feed_columns(parts)
+            if tap is not None:
+                tap.columns(parts)
     else:
         for batch in source.batches():
             rp.feed(batch)
+            if tap is not None:
+                tap.batch(batch)
     return rp.finish(lost=source.lost, source_kind=source.meta.kind)

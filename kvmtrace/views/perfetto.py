@@ -30,7 +30,7 @@ import numpy as np
 from ..core.events import Kind
 from ..core.kvm_abi import entries_from_bytes, u32
 from ..core.sources import EventSource
-from ..errors import UsageError
+from ..host.outfile import atomic_output
 from ..source.recording import meta_to_dict
 
 __all__ = ["TRACK_TID_BASE", "export_perfetto"]
@@ -181,11 +181,8 @@ class _PerfettoWriter:
 def export_perfetto(source: EventSource, path: str | os.PathLike[str], *,
                     counter_interval_ns: int = 100_000) -> int:
     """Write ``source`` as a Chrome JSON trace; returns the number of trace events."""
-    try:
-        out = open(path, "w", buffering=1 << 20)
-    except OSError as err:
-        raise UsageError(f"cannot create {path}: {err.strerror}", "give a writable path") from None
-    with out:
+    with atomic_output(path, text=True) as dest:
+        out = dest.file
         out.write('{"displayTimeUnit":"ns","traceEvents":[\n')
         w = _PerfettoWriter(out, source, counter_interval_ns)
         for ev in source.batches():

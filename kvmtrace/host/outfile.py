@@ -25,6 +25,7 @@ Two kinds of temporary file:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import UsageError
+from ..errors import OutputError, UsageError
 
 __all__ = ["OUTPUT_MODE", "AtomicOutput", "check_output", "atomic_output", "create_partial",
            "commit", "discard"]
@@ -44,6 +45,8 @@ __all__ = ["OUTPUT_MODE", "AtomicOutput", "check_output", "atomic_output", "crea
 #: mode of every file kvmtrace creates (like perf.data): a recording is a memory-access
 #: trace of a guest
 OUTPUT_MODE = 0o600
+#: errors of writing the output (not of reading the input): said as such, exit 1
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -182,14 +185,21 @@ def atomic_output(path: str | os.PathLike[str], *,
             f = open(fd, "w" if text else "wb", buffering=1 << 20,  # noqa: SIM115
                      encoding="utf-8" if text else None)
             try:
-                yield AtomicOutput(out, temp, f)
-                f.flush()
-                if fsync:
-                    os.fsync(f.fileno())
-            finally:
-                f.close()
-            os.replace(temp, out)
-            done = True
+                try:
+                    yield AtomicOutput(out, temp, f)
+                    f.flush()
+                    if fsync:
+                        os.fsync(f.fileno())
+                finally:
+                    f.close()
+                os.replace(temp, out)
+                done = True
+            except OSError as err:
+                if err.errno not in _WRITE_ERRORS:
+                    raise
+                was = "left as it was" if os.path.lexists(out) else "not created"
+                raise OutputError(f"cannot write {out}: {err.strerror}; {out} {was}",
+                                  "free space or write elsewhere") from None
     finally:
         if not done:
             with contextlib.suppress(OSError):

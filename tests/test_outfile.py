@@ -269,3 +269,27 @@ def test_record_writes_0600_and_keeps_the_old(tmp_path: Path, kvm, bpf_root) -> 
     assert f"moved the existing {out} to {out}.old" in proc.stderr
     assert leftovers(tmp_path) == []
     assert not open_recording(out).truncated
+
+
+def test_devices_and_stdout_are_written_in_place(tmp_path: Path) -> None:
+    """/dev/null stays the device (a rename would have replaced it with a file, as root);
+    /dev/stdout is the pipe it names; stdout appended to the input is refused."""
+    src = recording(tmp_path / "run.kvt")
+    before = os.lstat("/dev/null")
+    assert run("export", str(src), "--perfetto", "/dev/null").returncode == 0
+    after = os.lstat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino
+    piped = run("export", str(src), "--perfetto", "/dev/stdout")
+    assert piped.returncode == 0, piped.stderr
+    file_out = tmp_path / "run.json"
+    assert run("export", str(src), "--perfetto", str(file_out)).returncode == 0
+    assert piped.stdout == file_out.read_text()
+    digest = sha(src)
+    with src.open("ab") as tail:
+        proc = subprocess.run(kvmtrace_cmd("export", str(src), "--perfetto", "/dev/stdout"),
+                              stdout=tail, stderr=subprocess.PIPE, text=True, timeout=60)
+    line = one_line(proc, 2)
+    assert line.endswith(f"--perfetto /dev/stdout is the input {src}: it would be overwritten "
+                         "(fix: write the output to another file)")
+    assert sha(src) == digest
+    assert leftovers(tmp_path) == []

@@ -7,7 +7,9 @@ opened), and renamed over the destination only once it is complete. Before anyth
 created, :func:`check_output` refuses (``UsageError``, one line, exit 2) a destination that
 is a symlink or a directory, whose directory does not exist, or that is one of the command's
 inputs (the same file by ``st_dev``/``st_ino``, so also through a symlink or a hard link;
-or the same path when neither exists yet).
+or the same path when neither exists yet). An existing device or FIFO (``/dev/null``) and
+``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N`` (the process's own fds, though links) are
+written in place: a rename would replace the device node.
 
 Two kinds of temporary file:
 
@@ -39,8 +41,8 @@ from typing import IO, Any
 
 from ..errors import OutputError, UsageError
 
-__all__ = ["OUTPUT_MODE", "AtomicOutput", "check_output", "atomic_output", "create_partial",
-           "commit", "discard"]
+__all__ = ["OUTPUT_MODE", "AtomicOutput", "check_output", "atomic_output", "is_special",
+           "open_special", "create_partial", "commit", "discard"]
 
 #: mode of every file kvmtrace creates (like perf.data): a recording is a memory-access
 #: trace of a guest
@@ -66,7 +68,13 @@ def check_output(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLik
         st = None
     except OSError as err:
         raise UsageError(f"{flag} {out}: {err.strerror}", "give another output path") from None
-    if st is not None and stat.S_ISLNK(st.st_mode):
+    std = _fd_name(out)
+    if std is not None:  # the caller's own fd (/dev/stdout): its file, not a link, counts
+        try:
+            st = os.fstat(std)
+        except OSError as err:
+            raise UsageError(f"{flag} {out}: {err.strerror}", "give a file path") from None
+    elif st is not None and stat.S_ISLNK(st.st_mode):
         raise UsageError(f"{flag} {out} is a symlink: kvmtrace does not write through one",
                          "give the real path, or remove the link")
     if st is not None and stat.S_ISDIR(st.st_mode):
@@ -82,7 +90,7 @@ def check_output(path: str | os.PathLike[str], inputs: Iterable[str | os.PathLik
             ist = None
         if st is not None and ist is not None:
             try:
-                same = _same(os.stat(out), ist)
+                same = _same(st if std is not None else os.stat(out), ist)
             except OSError:
                 same = False
         else:
@@ -165,6 +173,12 @@ def atomic_output(path: str | os.PathLike[str], *,
     ``fsync=True``) and renamed to ``path``; on any exception, Ctrl-C or SIGTERM it is
     removed and ``path`` is left as it was. Checks :func:`check_output` first."""
     out = check_output(path, inputs, flag=flag)
+    if is_special(out):  # /dev/stdout, /dev/null, a FIFO: written as it is, never replaced
+        f = open(open_special(out, flag), "w" if text else "wb",  # noqa: SIM115
+                 buffering=1 << 20, encoding="utf-8" if text else None)
+        with f:
+            yield AtomicOutput(out, out, f)
+        return
     _sweep(out)
     fd = -1
     for _ in range(16):
@@ -204,6 +218,40 @@ def atomic_output(path: str | os.PathLike[str], *,
         if not done:
             with contextlib.suppress(OSError):
                 temp.unlink()
+
+
+def _fd_name(path: Path) -> int | None:
+    """The fd that ``/dev/stdout``, ``/dev/stderr`` or ``/dev/fd/N`` names, else None."""
+    name = os.fspath(path)
+    if name in ("/dev/stdout", "/dev/stderr"):
+        return 1 if name == "/dev/stdout" else 2
+    m = re.fullmatch(r"/(?:dev|proc/self)/fd/(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def is_special(path: Path) -> bool:
+    """True if ``path`` names one of our fds (``/dev/stdout``), or exists and is a device,
+    FIFO or socket (not followed if a link): written in place."""
+    if _fd_name(path) is not None:
+        return True
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode))
+
+
+def open_special(path: Path, flag: str = "output") -> int:
+    """Open an existing device or FIFO (``/dev/null``, ``/dev/stdout``) to write in place:
+    no temporary file, no rename (which would replace the device node)."""
+    std = _fd_name(path)
+    try:
+        if std is not None:
+            return os.dup(std)
+        return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise UsageError(f"cannot open {flag} {path}: {err.strerror}",
+                         "give a writable path") from None
 
 
 def create_partial(path: str | os.PathLike[str]) -> tuple[Path, int]:

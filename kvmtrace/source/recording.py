@@ -32,7 +32,14 @@ from ..core.counters import VmName
 from ..core.events import EVENT_DTYPE
 from ..core.sources import EventSource, SourceMeta
 from ..errors import OutputError, UsageError
-from ..host.outfile import check_output, commit, create_partial, discard
+from ..host.outfile import (
+    check_output,
+    commit,
+    create_partial,
+    discard,
+    is_special,
+    open_special,
+)
 from .recording_codec import encode_events
 from .recording_decode import decode_parts
 from .recording_format import MAX_BLOCK_EVENTS
@@ -171,7 +178,11 @@ class RecordingWriter:
         #: ``path.old`` once close() moved an earlier recording there (``keep_old=True``)
         self.old: Path | None = None
         check_output(self.path, flag="recording")
-        self.temp, fd = create_partial(self.path)  # 0600, O_EXCL|O_NOFOLLOW
+        if is_special(self.path):  # /dev/null, a FIFO: written in place, never renamed over
+            self.temp: Path | None = None
+            fd = open_special(self.path, "recording")
+        else:
+            self.temp, fd = create_partial(self.path)  # 0600, O_EXCL|O_NOFOLLOW
         self._fd: int | None = fd
         try:
             self._write(FILE_HEADER.pack(MAGIC, *FORMAT_VERSION, 0))
@@ -179,7 +190,8 @@ class RecordingWriter:
         except BaseException:
             self._fd = None
             os.close(fd)
-            discard(self.temp)
+            if self.temp is not None:
+                discard(self.temp)
             raise
 
     # -- public API -------------------------------------------------------------------
@@ -262,7 +274,8 @@ class RecordingWriter:
                 pass
             os.close(fd)
             try:
-                self.old = commit(self.temp, self.path, keep_old=self.keep_old)
+                if self.temp is not None:
+                    self.old = commit(self.temp, self.path, keep_old=self.keep_old)
             except OSError as err:
                 raise OutputError(f"cannot rename {self.temp} to {self.path}: {err.strerror}",
                                   f"the recording is {self.temp}") from None

@@ -170,11 +170,11 @@ def test_export_sigkilled_midway_keeps_the_old_destination(tmp_path: Path) -> No
     assert src.exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_export_terminated_midway_removes_its_temporary_file(tmp_path: Path,
                                                              sig: signal.Signals) -> None:
     _, dest, before, rc = _slow_export(tmp_path, sig)
-    assert rc == (143 if sig == signal.SIGTERM else 130)
+    assert rc == {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGHUP: 129}[sig]
     assert sha(dest) == before
     assert leftovers(tmp_path) == []
 

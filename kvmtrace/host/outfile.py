@@ -14,7 +14,7 @@ written in place: a rename would replace the device node.
 Two kinds of temporary file:
 
 - **exports** (:func:`atomic_output`): ``.NAME.PID.TOKEN.tmp``, hidden. It is removed on
-  any error, on Ctrl-C and on SIGTERM; the destination is untouched. SIGKILL leaves it
+  any error, on Ctrl-C, SIGTERM and SIGHUP; the destination is untouched. SIGKILL leaves it
   behind; the next write to the same destination removes such leftovers whose writer
   process no longer runs.
 - **recordings** (:func:`create_partial` / :func:`commit`): ``NAME.PID.partial``, visible
@@ -145,23 +145,28 @@ class _Terminated(SystemExit):
     pass
 
 
+_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
-    """SIGTERM raises SystemExit(143) inside the block (so ``finally`` clauses run), where
-    nobody else handles SIGTERM; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) inside the block (so ``finally``
+    clauses run), where nobody else handles them; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def raise_exit(*_: object) -> None:
-        raise _Terminated(128 + signal.SIGTERM)
+    def raise_exit(signum: int, _frame: object) -> None:
+        raise _Terminated(128 + signum)
 
-    signal.signal(signal.SIGTERM, raise_exit)
+    mine = [s for s in _EXIT_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
+    for s in mine:
+        signal.signal(s, raise_exit)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in mine:
+            signal.signal(s, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -170,7 +175,7 @@ def atomic_output(path: str | os.PathLike[str], *,
                   text: bool = False, fsync: bool = False) -> Iterator[AtomicOutput]:
     """Write ``path`` atomically: ``with atomic_output(p, inputs=[src]) as out:
     out.file.write(...)``. On a clean exit the temporary file is flushed (fsynced with
-    ``fsync=True``) and renamed to ``path``; on any exception, Ctrl-C or SIGTERM it is
+    ``fsync=True``) and renamed to ``path``; on any exception, Ctrl-C, SIGTERM or SIGHUP it is
     removed and ``path`` is left as it was. Checks :func:`check_output` first."""
     out = check_output(path, inputs, flag=flag)
     if is_special(out):  # /dev/stdout, /dev/null, a FIFO: written as it is, never replaced

@@ -96,6 +96,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.dump_harvest:  # refused before anything is read or written
         check_output(args.dump_harvest, [args.file], flag="--dump-harvest")
 
+
 def run(args: argparse.Namespace) -> int:
     opts = replay_options(args)
     from ..analysis.replay import replay_source

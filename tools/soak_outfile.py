@@ -15,7 +15,9 @@ Scenarios (each run sends its signal after a random delay):
                 loaded) readable
   record-term   the same with SIGTERM: FILE a complete new recording, FILE.old the old FILE
 
-Prints per scenario: runs, failures and seconds. Exit status 0 when nothing failed.
+Prints per scenario: runs, failures and seconds; then what the signals met (old file kept,
+export completed, temporary file left, .partial left, recording renamed) counted over all
+runs. Exit status 0 when nothing failed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _common import Column, Table, kvmtrace_cmd, parser, repeat, require_root
@@ -60,6 +63,8 @@ class Soak:
             self.ref[fmt] = sha(out)
         self.n = 0
         self.rng = random.Random(1)
+        #: what the signal met, per scenario kind: "old kept", "completed", ".partial", ...
+        self.seen: Counter[str] = Counter()
 
     def export(self, sigs: tuple[signal.Signals, ...]) -> str | None:
         self.n += 1
@@ -79,6 +84,8 @@ class Soak:
         if dest.read_bytes() != b"old\n" and sha(dest) != self.ref[fmt]:
             return f"{fmt} after {sig.name}: the destination is neither old nor complete"
         left = temps(d)
+        self.seen["export: " + ("old kept" if dest.read_bytes() == b"old\n" else "completed")
+                  + (", temp left" if left else "")] += 1
         if sig != signal.SIGKILL and left:
             return f"{fmt} after {sig.name}: left {[p.name for p in left]}"
         if len(left) > 1:
@@ -107,6 +114,8 @@ class Soak:
         if "Traceback" in err:
             return f"traceback: {err.strip().splitlines()[-1]}"
         left = temps(d)
+        self.seen[f"record {sig.name}: " + (".partial left" if left else "no .partial")
+                  + (", renamed" if old.read_bytes() == b"the newer recording" else "")] += 1
         if sig == signal.SIGKILL:
             if (out.read_bytes(), old.read_bytes()) != (b"the newer recording",
                                                          b"the older recording"):
@@ -152,6 +161,8 @@ def main() -> int:
             for f in out.failures:
                 print(f"  {f}")
             failed += len(out.failures)
+        for what, n in sorted(soak.seen.items()):
+            print(f"{n:5d}  {what}")
     return 0 if failed == 0 else 1
 
 

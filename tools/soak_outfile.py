@@ -3,7 +3,8 @@
 
     .venv/bin/python tools/soak_outfile.py [--runs N] [--scenario NAME ...]
 
-Scenarios (each run sends its signal after a random delay):
+Scenarios (each run sends its signal after a random delay; for record, half the runs
+while the probes load, half after the recording began):
 
   export-kill   ``kvmtrace export`` of a million events (Perfetto or Parquet, alternately)
                 over an existing file, SIGKILLed: the file is the old one byte for byte or
@@ -108,7 +109,13 @@ class Soak:
                             "--exit-every", "4")
         proc = subprocess.Popen(kvmtrace_cmd("record", "-o", str(out), "--", *work),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(self.rng.uniform(0.1, 4.0))
+        if self.rng.random() < 0.5:  # while the probes load (seconds here)
+            time.sleep(self.rng.uniform(0.1, 3.0))
+        else:  # while it records: after the .partial file appeared
+            deadline = time.monotonic() + 60
+            while not temps(d) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(self.rng.uniform(0.0, 3.0))
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         if "Traceback" in err:

@@ -87,3 +87,14 @@ def test_doctor_not_root(kvm):
     assert "Traceback" not in proc.stderr
     root_line = next(line for line in proc.stdout.splitlines() if " root " in f" {line} ")
     assert root_line.startswith("MISSING")
+    if os.geteuid() == 0 or not os.access("/sys/kernel/tracing", os.R_OK):
+        # the one thing wrong is said once: not root. tracefs is mounted (the kernel's own
+        # /proc/self/mounts says so), only root may look: no mount is suggested
+        missing = [line.split()[1] for line in proc.stdout.splitlines()
+                   if line.startswith("MISSING")]
+        assert missing == ["root"], proc.stdout
+        assert "mount -t tracefs" not in proc.stdout
+        mounts = Path("/proc/self/mounts").read_text().split("\n")
+        mount = next(line.split()[1] for line in mounts if line.split()[2:3] == ["tracefs"])
+        assert f"ok      tracefs                     {mount} (mounted; root only)" in \
+            proc.stdout.splitlines()

@@ -51,7 +51,8 @@ def record_running(tmp_path, hook: str, by_pid: bool) -> tuple[dict, np.ndarray,
                                             "--duration", "30", *pid),
                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
-        while not (out.exists() and out.stat().st_size > 0):  # probes loaded
+        partial = tmp_path / f"run.kvt.{rec.pid}.partial"  # run.kvt once it ends
+        while not (partial.exists() and partial.stat().st_size > 0):  # probes loaded
             assert rec.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         truth = finish(work)  # type: ignore[arg-type]

@@ -64,7 +64,8 @@ def _start_recorder(tmp: Path, seconds: str) -> tuple[subprocess.Popen, subproce
     rec = subprocess.Popen(kvmtrace_cmd("record", "-o", str(out)), stderr=subprocess.PIPE,
                            text=True)
     deadline = time.monotonic() + 60
-    while not (out.exists() and out.stat().st_size > 0):  # header written once probes load
+    partial = tmp / f"run.kvt.{rec.pid}.partial"  # the recording until it ends cleanly
+    while not (partial.exists() and partial.stat().st_size > 0):  # once probes load
         assert rec.poll() is None, rec.stderr.read() if rec.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.05)
@@ -80,7 +81,8 @@ def test_sigkill_keeps_all_but_the_last_second(tmp_path, kvm, bpf_root):
     time.sleep(1.5)  # longer than the recorder's 1 s flush period
     rec.send_signal(signal.SIGKILL)
     rec.wait()
-    r = open_recording(out)
+    assert not out.exists()  # renamed to run.kvt only at a clean end
+    r = open_recording(tmp_path / f"run.kvt.{rec.pid}.partial")
     ev = r.read_all()  # no END block, maybe a torn tail: still readable
     mine = ev[(ev["pid"] == truth["pid"]) & (ev["kind"] == Kind.PUSH)]
     pushed = sum(ring["harvested"] for ring in truth["rings"])
@@ -95,6 +97,7 @@ def test_sigterm_closes_cleanly(tmp_path, kvm, bpf_root):
     assert rec.returncode == 0, err
     assert "recorded" in err and "0 lost" in err
     r = open_recording(out)
+    assert list(tmp_path.glob("*.partial")) == []
     ev = r.read_all()
     assert not r.truncated
     assert r.meta.extra.get("end", True)

@@ -77,7 +77,9 @@ def run_traced(cmd: list[str], out: Path, tmp: Path) -> tuple[str, str, int, dic
             if now - t0 > 600:
                 proc.kill()
             if cpu0 is None:
-                if out.exists() and out.stat().st_size:
+                # kvmtrace record writes OUT.PID.partial until it ends; perf writes OUT
+                partial = out.with_name(f"{out.name}.{proc.pid}.partial")
+                if any(p.exists() and p.stat().st_size for p in (out, partial)):
                     cpu0, start = cpu_seconds(proc.pid), now
             elif child is None:
                 kids = children(proc.pid)

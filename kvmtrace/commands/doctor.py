@@ -30,10 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def format_check(c: Check, width: int = 80) -> list[str]:
     status = "ok" if c.ok else ("MISSING" if c.required else "absent")
+    if not c.checked:  # not root: only root can tell
+        status = "unknown"
     line = f"{status:<8}{c.name:<28}{c.detail}"
     wrap = {"break_long_words": False, "break_on_hyphens": False}
     lines = textwrap.wrap(line, width, subsequent_indent=" " * 8, **wrap) or [line]
-    if not c.ok and c.fix:
+    if not c.ok and c.checked and c.fix:
         label = "fix" if c.required else "note"
         lines += textwrap.wrap(f"{label}: {c.fix}", width, initial_indent=" " * 8,
                                subsequent_indent=" " * 14, **wrap)

@@ -1,5 +1,9 @@
 """``kvmtrace export FILE --parquet OUT | --perfetto OUT``: a recording (or imported trace
-text) to Parquet for SQL/dataframe tools, or to a Perfetto/Chrome JSON timeline."""
+text) to Parquet for SQL/dataframe tools, or to a Perfetto/Chrome JSON timeline.
+
+OUT is written atomically (:mod:`kvmtrace.host.outfile`): created 0600 beside OUT and
+renamed into place when complete; OUT that is the input, a symlink or a directory is
+refused with exit 2 before anything is written."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
+from ..host.outfile import check_output
 from .args import add_input, add_ring_size, add_subcommand
 
 __all__ = ["register", "run", "open_input"]
@@ -63,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--counter-interval-us {args.counter_interval_us}: must be >= 0")
     if args.row_group_rows <= 0:
         raise UsageError(f"--row-group-rows {args.row_group_rows}: must be positive")
+    flag, dest = ("--parquet", args.parquet) if args.parquet else ("--perfetto", args.perfetto)
+    check_output(dest, [args.file], flag=flag)  # before anything is read or written
     src = open_input(args.file, args.ring_entries)
     if args.parquet:
         from ..views.parquet import export_parquet

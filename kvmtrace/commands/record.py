@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import time
@@ -18,6 +17,7 @@ from ..core.counters import VmName
 from ..core.events import Kind
 from ..errors import UsageError
 from ..host.child import PausedChild
+from ..host.outfile import check_output
 from ..host.vmnames import resolve
 from ..source.recording import RecordingWriter
 from .args import HOOKS, add_command, add_pid, add_subcommand, command_of
@@ -59,6 +59,8 @@ class RecordSummary:
     seconds: float
     pushes: int
     child_status: int | None
+    #: where an earlier recording at the output path was moved (FILE.old), if any
+    old: Path | None = None
     #: (pid, vm, ring) -> why it is stuck (kvmtrace.analysis.stuck), for flagged rings
     stuck: dict[tuple[int, int, int], str] = field(default_factory=dict)
 
@@ -136,7 +138,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
     pushes = events = 0
     stuck = EventStuck()
     try:
-        with source, RecordingWriter(output, source.meta) as writer:
+        with source, RecordingWriter(output, source.meta, keep_old=True) as writer:
             writer.flush()  # the header and meta are on disk before the first event
             if child is not None:
                 child.release()
@@ -177,23 +179,19 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
     return RecordSummary(events=events, lost=lost, bytes=output.stat().st_size,
                          seconds=time.monotonic() - t0, pushes=pushes,
                          child_status=child.returncode if child is not None else None,
-                         stuck=stuck.stuck())
+                         stuck=stuck.stuck(), old=writer.old)
 
 
 def run(args: argparse.Namespace) -> int:
     command = command_of(args)
-    out = Path(args.output)
-    if not out.parent.is_dir():
-        raise UsageError(f"directory {out.parent} does not exist", "create it or pick another -o")
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration must be positive", "give seconds, e.g. --duration 10")
-    if out.is_dir():
-        raise UsageError(f"{out} is a directory", "give a file name, e.g. -o run.kvt")
-    if out.exists() and out.stat().st_size:  # like perf record: never overwrite a recording
-        backup = out.with_name(out.name + ".old")
-        os.replace(out, backup)
-        print(f"kvmtrace record: moved the existing {out} to {backup}", file=sys.stderr)
+    # refused here (symlink, directory, no such directory); FILE itself is only replaced,
+    # and an earlier FILE moved to FILE.old, when the recording is complete
+    out = check_output(args.output, flag="-o")
     summary = record(out, pid=args.pid, duration=args.duration, command=command or None,
                      ringbuf_pages=args.ringbuf_pages, hook=args.hook)
+    if summary.old is not None:
+        print(f"kvmtrace record: moved the existing {out} to {summary.old}", file=sys.stderr)
     print(summary.line(str(out)), file=sys.stderr)
     return 0

@@ -13,10 +13,10 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
+from ..host.outfile import atomic_output, check_output
 from .args import add_input, add_json, add_ring_size, add_subcommand
 
 __all__ = ["register", "run", "ReplayOptions", "replay_options"]
@@ -93,11 +93,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--simulate-ring-entries {n} is not a ring KVM accepts",
                          f"give a power of two from 256 to 65536 above the reserve "
                          f"{args.reserved}, e.g. 1024")
-    if args.dump_harvest:
-        out = Path(args.dump_harvest)
-        if out.is_dir() or not out.parent.is_dir():
-            raise UsageError(f"--dump-harvest {out}: cannot write there",
-                             "give a file path in an existing directory")
+    if args.dump_harvest:  # refused before anything is read or written
+        check_output(args.dump_harvest, [args.file], flag="--dump-harvest")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,13 +119,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dump_harvest:
         from ..views.replay_json import harvest_dump
 
-        try:
-            with open(args.dump_harvest, "w") as f:
-                json.dump(harvest_dump(report), f)
-                f.write("\n")
-        except OSError as err:
-            raise UsageError(f"cannot write {args.dump_harvest}: {err.strerror}",
-                             "give a writable path") from None
+        with atomic_output(args.dump_harvest, inputs=[args.file], flag="--dump-harvest",
+                           text=True) as out:
+            json.dump(harvest_dump(report), out.file)
+            out.file.write("\n")
     migrations, splits = replay_extras(lambda: open_source(
         args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes), tap)
     if args.json:

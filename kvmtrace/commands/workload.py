@@ -9,6 +9,7 @@ import sys
 
 from ..core.kvm_abi import bytes_from_entries
 from ..errors import UsageError
+from ..host.outfile import atomic_output, check_output
 from ..vmm.guest import PATTERNS
 from ..vmm.workload import HARVEST_MODES, WorkloadConfig, run_workload
 from .args import add_json, add_subcommand
@@ -101,21 +102,16 @@ def config_from_args(args: argparse.Namespace) -> WorkloadConfig:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.validate()
+    if args.dump_harvest:  # before the guest runs: not a symlink, directory or the pid file
+        check_output(args.dump_harvest, [args.pid_file] if args.pid_file else [],
+                     flag="--dump-harvest")
     if args.pid_file:
-        try:
-            with open(args.pid_file, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-        except OSError as err:
-            raise UsageError(f"cannot write --pid-file {args.pid_file}: {err.strerror}") \
-                from None
+        with atomic_output(args.pid_file, flag="--pid-file", text=True) as out:
+            out.file.write(f"{os.getpid()}\n")
     result = run_workload(config)
     if args.dump_harvest:
-        try:
-            with open(args.dump_harvest, "w") as fh:
-                json.dump(result.harvest_dump(), fh)
-        except OSError as err:
-            raise UsageError(f"cannot write --dump-harvest {args.dump_harvest}: "
-                             f"{err.strerror}") from None
+        with atomic_output(args.dump_harvest, flag="--dump-harvest", text=True) as out:
+            json.dump(result.harvest_dump(), out.file)
     print(result.to_json() if args.json else result.summary())
     sys.stdout.flush()
     return 0

@@ -9,4 +9,6 @@
 - :mod:`.kallsyms`: kernel symbol addresses.
 - :mod:`.kvm`: KVM ioctls (numbers, structs, /dev/kvm, dirty-ring caps).
 - :mod:`.child`: run ``-- COMMAND`` held before exec until the tracer is attached.
+- :mod:`.outfile`: every file kvmtrace writes: 0600, O_EXCL|O_NOFOLLOW, atomic rename,
+  never over an input or through a symlink.
 """

@@ -3,6 +3,10 @@
 Each check says ok or not, what was found, and the exact command that fixes it. Checks
 marked ``required=False`` describe optional extras (kprobes, fentry, perf) that add detail
 on kernels that have them; kvmtrace works without them.
+
+Run by a user who is not root, the checks only root can make (tracefs is mode 0700, and
+/dev/kvm often 0600; BPF programs load for root only) are reported ``checked=False``
+("unknown") rather than missing, so the one thing wrong is said once: not root.
 """
 
 from __future__ import annotations
@@ -30,14 +34,42 @@ class Check:
     detail: str
     fix: str = ""
     required: bool = True
+    #: False: only root can tell (the user is not root); ``ok`` is then False
+    checked: bool = True
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _unknown(name: str, what: str, required: bool = True) -> Check:
+    """A check only root can make, for a user who is not root."""
+    return Check(name, False, f"{what}; run as root to check", required=required,
+                 checked=False)
+
+
 def _root() -> Check:
-    ok = os.geteuid() == 0
-    return Check("root", ok, "euid 0" if ok else f"euid {os.geteuid()}", "sudo kvmtrace ...")
+    ok = _is_root()
+    return Check("root", ok, "euid 0" if ok else
+                 f"euid {os.geteuid()}: BPF programs and tracefs (mode 0700) need root",
+                 "run it as root: sudo kvmtrace ...")
+
+
+def _mounted_tracefs() -> str | None:
+    """A tracefs mount point from /proc/self/mounts (readable by anyone), or None."""
+    try:
+        with open("/proc/self/mounts") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "tracefs":
+            return parts[1]
+    return None
 
 
 def _kvm() -> list[Check]:
@@ -48,6 +80,9 @@ def _kvm() -> list[Check]:
     try:
         fd = open_kvm()
     except MissingFeature as err:
+        if not _is_root() and os.path.exists(k.KVM_DEV) and not os.access(k.KVM_DEV, os.W_OK):
+            return [_unknown("/dev/kvm", f"{k.KVM_DEV} present, root only"),
+                    _unknown("dirty ring", f"{k.KVM_DEV} root only")]
         return [
             Check("/dev/kvm", False, err.message, err.fix or ""),
             Check("dirty ring", False, "no /dev/kvm", ring_fix),
@@ -75,6 +110,11 @@ def _kvm() -> list[Check]:
 
 def _tracefs() -> list[Check]:
     root = tracefs.find_tracefs()
+    mount = _mounted_tracefs()
+    if root is None and mount is not None and not _is_root():  # mounted, root only
+        checks = [Check("tracefs", True, f"{mount} (mounted; root only)")]
+        return checks + [_unknown(f"{system}:{name}", "tracefs is root only")
+                         for system, name in tracefs.DIRTY_RING_EVENTS]
     checks = [
         Check(
             "tracefs",
@@ -115,7 +155,16 @@ def _headers() -> Check:
     return Check("kernel headers", True, f"{found.path} ({how})")
 
 
+def _btf(present: bool) -> Check:
+    return Check("BTF", present, "/sys/kernel/btf/vmlinux" if present else "missing",
+                 "CONFIG_DEBUG_INFO_BTF=y (needed for raw tracepoints only)", required=False)
+
+
 def _features() -> list[Check]:
+    if not _is_root():  # probing loads BPF programs: root only
+        unknown = [_unknown(name, "BPF programs load for root only", required=False)
+                   for name in ("raw tracepoints", "kprobes", "fentry/fexit")]
+        return [unknown[0], _btf(os.path.exists("/sys/kernel/btf/vmlinux")), *unknown[1:]]
     f = features.detect()
     return [
         Check(
@@ -125,13 +174,7 @@ def _features() -> list[Check]:
             "none needed: kvmtrace falls back to tracepoints",
             required=False,
         ),
-        Check(
-            "BTF",
-            f.btf,
-            "/sys/kernel/btf/vmlinux" if f.btf else "missing",
-            "CONFIG_DEBUG_INFO_BTF=y (needed for raw tracepoints only)",
-            required=False,
-        ),
+        _btf(f.btf),
         Check(
             "kprobes",
             f.kprobes,

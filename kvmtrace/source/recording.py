@@ -5,9 +5,9 @@ CRC-32, appended with one ``write()`` each: META (the :class:`~.base.SourceMeta`
 the last one wins), EVENTS (a compressed columnar block of
 :data:`~kvmtrace.core.events.EVENT_DTYPE` events, see :mod:`.recording_codec`), LOST
 (cumulative count of events the producer could not deliver) and END (totals, written by
-:meth:`RecordingWriter.close`). A writer killed at any instant leaves a file readable up to
-its last complete block; the reader ignores a torn tail and says so in
-:attr:`Recording.truncated`.
+:meth:`RecordingWriter.close`). The writer writes ``NAME.PID.partial`` and renames it to
+NAME when closed; a writer killed at any instant leaves that file readable up to its last
+complete block; the reader ignores a torn tail and says so in :attr:`Recording.truncated`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,14 @@ from ..core.counters import VmName
 from ..core.events import EVENT_DTYPE
 from ..core.sources import EventSource, SourceMeta
 from ..errors import OutputError, UsageError
+from ..host.outfile import (
+    check_output,
+    commit,
+    create_partial,
+    discard,
+    is_special,
+    open_special,
+)
 from .recording_codec import encode_events
 from .recording_decode import decode_parts
 from .recording_format import MAX_BLOCK_EVENTS
@@ -127,7 +135,12 @@ def _block(btype: int, payload: bytes, count: int = 0, ts_min: int = 0, ts_max: 
 
 
 class RecordingWriter:
-    """Appends events to a recording at ``path`` (created or truncated).
+    """Writes events to a recording at ``path`` (replaced when complete).
+
+    The file is written as ``NAME.PID.partial`` beside ``path`` (mode 0600, created with
+    O_EXCL|O_NOFOLLOW; :mod:`kvmtrace.host.outfile`) and renamed to ``path`` by
+    :meth:`close`; a writer killed with SIGKILL leaves the ``.partial`` file, readable up to
+    its last complete block, and ``path`` untouched.
 
     ``write()`` buffers; a block is encoded and written once ``block_events`` events are
     pending or on ``flush()``. Call ``flush()`` at least once a second so that a SIGKILL
@@ -142,7 +155,8 @@ class RecordingWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], meta: SourceMeta, *,
-                 block_events: int = 1 << 16, level: int = 2, fsync: bool = False) -> None:
+                 block_events: int = 1 << 16, level: int = 2, fsync: bool = False,
+                 keep_old: bool = False) -> None:
         self.path = Path(path)
         self.meta = meta_from_dict(meta_to_dict(meta))  # a private copy
         self.block_events = min(max(1, int(block_events)), MAX_BLOCK_EVENTS)
@@ -160,15 +174,25 @@ class RecordingWriter:
         self._meta_dirty = False
         self._created = time.time()
         self._failed: OutputError | None = None
+        self.keep_old = keep_old
+        #: ``path.old`` once close() moved an earlier recording there (``keep_old=True``)
+        self.old: Path | None = None
+        check_output(self.path, flag="recording")
+        if is_special(self.path):  # /dev/null, a FIFO: written in place, never renamed over
+            self.temp: Path | None = None
+            fd = open_special(self.path, "recording")
+        else:
+            self.temp, fd = create_partial(self.path)  # 0600, O_EXCL|O_NOFOLLOW
+        self._fd: int | None = fd
         try:
-            self._fd: int | None = os.open(
-                self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644
-            )
-        except OSError as err:
-            raise UsageError(f"cannot create {self.path}: {err.strerror}",
-                             "give a writable output path") from None
-        self._write(FILE_HEADER.pack(MAGIC, *FORMAT_VERSION, 0))
-        self._write_meta()
+            self._write(FILE_HEADER.pack(MAGIC, *FORMAT_VERSION, 0))
+            self._write_meta()
+        except BaseException:
+            self._fd = None
+            os.close(fd)
+            if self.temp is not None:
+                discard(self.temp)
+            raise
 
     # -- public API -------------------------------------------------------------------
     def write(self, events: np.ndarray) -> None:
@@ -228,20 +252,33 @@ class RecordingWriter:
             os.fsync(self._fd)
 
     def close(self) -> None:
-        """Flush and write the END block with totals. Safe to call twice."""
+        """Flush, write the END block with totals, fsync and rename the ``.partial`` file
+        to ``path`` (with ``keep_old``, an existing non-empty ``path`` becomes ``path.old``
+        first). After a write error the file, cut back to its last whole block, is renamed
+        all the same: it is all there is. Safe to call twice."""
         if self._fd is None:
             return
+        fd = self._fd
         try:
-            if self._failed:  # the file ends at its last whole block: leave it so
-                return
-            self.flush()
-            end = {"events": self.events, "lost": self.lost, "blocks": self.blocks,
-                   "ts_first": self.ts_first, "ts_last": self.ts_last,
-                   "end_time": time.time()}
-            self._write(_block(BlockType.END, json.dumps(end).encode(), level=0))
+            if not self._failed:  # else the file ends at its last whole block: leave it so
+                self.flush()
+                end = {"events": self.events, "lost": self.lost, "blocks": self.blocks,
+                       "ts_first": self.ts_first, "ts_last": self.ts_last,
+                       "end_time": time.time()}
+                self._write(_block(BlockType.END, json.dumps(end).encode(), level=0))
         finally:
-            fd, self._fd = self._fd, None
+            self._fd = None
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
             os.close(fd)
+            try:
+                if self.temp is not None:
+                    self.old = commit(self.temp, self.path, keep_old=self.keep_old)
+            except OSError as err:
+                raise OutputError(f"cannot rename {self.temp} to {self.path}: {err.strerror}",
+                                  f"the recording is {self.temp}") from None
 
     @property
     def closed(self) -> bool:

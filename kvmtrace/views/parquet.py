@@ -37,7 +37,8 @@ import numpy as np
 from .. import __version__
 from ..core.events import Kind
 from ..core.sources import EventSource, SourceMeta
-from ..errors import MissingFeature, UsageError
+from ..errors import MissingFeature
+from ..host.outfile import atomic_output
 from ..source.recording import meta_to_dict
 
 __all__ = ["KIND_NAMES", "export_parquet", "parquet_schema"]
@@ -120,30 +121,30 @@ def _table(ev: np.ndarray, schema: Any, meta: SourceMeta) -> Any:
 def export_parquet(source: EventSource, path: str | os.PathLike[str], *,
                    row_group_rows: int = 1 << 20, compression: str = "zstd") -> int:
     """Write every event of ``source`` to a Parquet file; returns the number of rows."""
-    pa = _pa()
+    _pa()
     import pyarrow.parquet as pq
 
     meta = json.dumps(meta_to_dict(source.meta), default=str, sort_keys=True)
     schema = parquet_schema().with_metadata({"kvmtrace.meta": meta,
                                              "kvmtrace.version": __version__})
-    rows = 0
-    pending: list[np.ndarray] = []
-    npending = 0
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UsageError(f"cannot create {path}: no directory {parent}", "give a writable path")
-    try:
+    with atomic_output(path) as out:
         writer = pq.ParquetWriter(
-            os.fspath(path), schema, compression=compression,
+            out.file, schema, compression=compression,
             # dictionaries for the few-valued columns, deltas for the counters: 2.5x faster
             # to write than dictionary-everything, and smaller
             use_dictionary=["kind", "pid", "tid", "vm", "ring", "slot", "vm_name"],
             column_encoding={c: "DELTA_BINARY_PACKED"
                              for c in ("ts_ns", "dirty_index", "reset_index")},
         )
-    except OSError as err:
-        raise UsageError(f"cannot create {path}: {err.strerror or err}",
-                         "give a writable path") from None
+        rows = _write_all(writer, source, schema, row_group_rows)
+    return rows
+
+
+def _write_all(writer: Any, source: EventSource, schema: Any, row_group_rows: int) -> int:
+    pa = _pa()
+    rows = 0
+    pending: list[np.ndarray] = []
+    npending = 0
     with writer:
         def flush(all_rows: bool) -> None:
             nonlocal pending, npending, rows

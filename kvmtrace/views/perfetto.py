@@ -36,7 +36,7 @@ from ..analysis.migration import Migration
 from ..core.events import Kind
 from ..core.kvm_abi import entries_from_bytes, u32
 from ..core.sources import EventSource
-from ..errors import UsageError
+from ..host.outfile import atomic_output
 from ..source.recording import meta_to_dict
 
 __all__ = ["TRACK_TID_BASE", "MIGRATION_RING", "export_perfetto"]
@@ -218,11 +218,8 @@ def export_perfetto(source: EventSource, path: str | os.PathLike[str], *,
     """Write ``source`` as a Chrome JSON trace; returns the number of trace events.
     ``migrations``: :func:`kvmtrace.analysis.migration.find_migrations` of the same trace,
     drawn on a track of their own."""
-    try:
-        out = open(path, "w", buffering=1 << 20)
-    except OSError as err:
-        raise UsageError(f"cannot create {path}: {err.strerror}", "give a writable path") from None
-    with out:
+    with atomic_output(path, text=True) as dest:
+        out = dest.file
         out.write('{"displayTimeUnit":"ns","traceEvents":[\n')
         w = _PerfettoWriter(out, source, counter_interval_ns)
         for ev in source.batches():

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+import sys
+import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 from ..core.sources import EventSource
 from ..errors import KvmtraceError, UsageError
@@ -18,7 +22,7 @@ from .ftrace import FtraceSource
 from .perfscript import PerfScriptSource
 from .textsource import resolve_ring_entries
 
-__all__ = ["open_source", "detect_format"]
+__all__ = ["open_source", "detect_format", "stream_path"]
 
 HEAD_BYTES = 1 << 20
 RECORDING_MAGIC = b"\x89KVT\r\n\x1a\n"  # also kvmtrace.source.recording.MAGIC
@@ -58,10 +62,58 @@ def detect_format(path: str | os.PathLike[str]) -> str:
                      "record with 'kvmtrace record'")
 
 
+_SPOOLED: dict[str, int] = {}  # stream name -> fd of its unnamed copy (kept open)
+
+
+def stream_path(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """``path`` itself for a regular file (or one that cannot be stat'ed: the reader says
+    why); for ``-`` (stdin), a FIFO, a socket or a character device, a path to an unnamed
+    copy of the stream (``O_TMPFILE`` in the temporary directory, mode 0600, gone when the
+    process ends), read once to its end in 1 MiB pieces: readers need to seek and read a
+    file twice, a stream can be read only once."""
+    name = os.fspath(path)
+    if name in _SPOOLED:
+        return f"/proc/self/fd/{_SPOOLED[name]}"
+    if name != "-":
+        try:
+            mode = os.stat(name).st_mode
+        except OSError:
+            return path
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            return path
+    try:
+        out = os.open(tempfile.gettempdir(), os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError as err:
+        raise UsageError(f"cannot keep a copy of {name}: {err.strerror}",
+                         "save the trace to a file first, then give its path") from None
+    try:
+        if name == "-":
+            _copy(sys.stdin.buffer, out)
+        else:
+            with open(name, "rb", buffering=0) as src:
+                _copy(src, out)
+    except OSError as err:
+        os.close(out)
+        raise UsageError(f"cannot read {'stdin' if name == '-' else name}: {err.strerror}",
+                         "save the trace to a file first, then give its path") from None
+    _SPOOLED[name] = out
+    return f"/proc/self/fd/{out}"
+
+
+def _copy(src: BinaryIO, fd: int) -> None:
+    while chunk := src.read(1 << 20):
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+
+
 def open_source(path: str | os.PathLike[str], *, ring_entries: int | None = None,
                 ring_bytes: int | None = None) -> EventSource:
-    """An EventSource for ``path``. ``ring_entries``/``ring_bytes`` give the ring size
-    when the trace does not (a default for every VM: meta.ring_entries[(-1, -1)])."""
+    """An EventSource for ``path``; ``-`` is stdin, and stdin, FIFOs and other streams
+    are read once to their end (:func:`stream_path`). ``ring_entries``/``ring_bytes``
+    give the ring size when the trace does not (a default for every VM:
+    meta.ring_entries[(-1, -1)])."""
+    path = stream_path(path)
     fmt = detect_format(path)
     if fmt == "ftrace":
         return FtraceSource(path, ring_entries=ring_entries, ring_bytes=ring_bytes)

@@ -73,6 +73,7 @@ class BlockType:
 
 
 _CODEC_NONE, _CODEC_ZLIB = 0, 1
+_BLOCK_NAMES = {1: "META", 2: "EVENTS", 3: "LOST", 4: "END"}
 _LOST = struct.Struct("<Q")
 _EVENT_BYTES = np.dtype((np.void, EVENT_DTYPE.itemsize))
 
@@ -432,8 +433,8 @@ class Recording(EventSource):
         what = ("another recording" if f.read(len(MAGIC)) == MAGIC
                 else "data that is not part of the recording")
         self._warnings.append(
-            f"{self.path}: {self.trailing_bytes} bytes after the END block at byte {pos} "
-            f"({what}) ignored")
+            f"{self.path}: {self.trailing_bytes} bytes after the END block, from byte {pos} "
+            f"({what}), ignored")
 
     def _format_error(self, pos: int, what: str) -> UsageError:
         return self._fail(f"damaged recording: {what} at byte {pos}")
@@ -518,7 +519,8 @@ class Recording(EventSource):
             limit = MAX_JSON_BYTES
         if raw_len > limit or (codec == _CODEC_NONE and raw_len != stored_len):
             raise self._format_error(
-                pos, f"block declaring {raw_len} bytes (at most {limit} for its type)")
+                pos, f"{_BLOCK_NAMES[btype]} block declaring {raw_len} bytes (at most "
+                f"{limit})")
 
     def _parse_json(self, pos: int, payload: bytes, what: str,
                     check: Any) -> dict[str, Any]:
@@ -532,13 +534,15 @@ class Recording(EventSource):
     def _payload(self, pos: int, head: bytes, fields: tuple[Any, ...], stored: bytes) -> bytes:
         _, _, codec, _, stored_len, raw_len, _, _, _, crc = fields
         if len(stored) != stored_len or zlib.crc32(stored, zlib.crc32(head[:-4])) != crc:
-            raise self._fail(f"damaged block at byte {pos} (CRC mismatch)")
+            raise self._fail(f"damaged {_BLOCK_NAMES.get(fields[1], 'unknown')} block at byte "
+                             f"{pos} (CRC mismatch)")
         if codec == _CODEC_NONE:
             return stored
         try:
             return inflate(stored, raw_len)
         except ValueError as err:
-            raise self._fail(f"damaged block at byte {pos} ({err})") from None
+            raise self._fail(f"damaged {_BLOCK_NAMES.get(fields[1], 'unknown')} block at byte "
+                             f"{pos} ({err})") from None
 
     def _decode_parts(self, pos: int, head: bytes, fields: tuple[Any, ...],
                       stored: bytes) -> EventColumns:

@@ -39,6 +39,9 @@ def fuzz(reader: str, cases: int, worker: Worker, tally: Tally, work: Path,
         path.write_bytes(data)
         argv = argv_for(command, path, out)
         bad = tally.add(reader, argv, worker.run(argv), data)
+        done = tally.cases[reader]
+        if done % 1000 == 0:
+            print(f"  {reader}: {done} cases, {len(tally.problems)} problems", flush=True)
         if bad:
             n = len(tally.problems)
             (keep / f"{reader}-{n}.in").write_bytes(data)

@@ -80,6 +80,9 @@ for line in sys.stdin:
         rc, tb = -2, traceback.format_exc()[-2000:]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what a command set, undone
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGALRM, alarm)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"rc": rc, "err": err.getvalue()[-2000:], "tb": tb,
                       "secs": time.monotonic() - t0, "rss_kib": rss}), flush=True)
@@ -105,9 +108,10 @@ class Outcome:
             return f"traceback or crash: {(self.tb or self.err)[-600:]}"
         if "Traceback" in self.err:
             return f"traceback on stderr: {self.err[-600:]}"
-        if self.rc == 2:
-            lines = [x for x in self.err.splitlines() if x.strip()]
-            if len(lines) != 1:
+        if self.rc == 2:  # one error line (warnings said before it are not errors)
+            lines = [x for x in self.err.splitlines()
+                     if x.strip() and ": warning:" not in x and not x.startswith(" ")]
+            if len(lines) != 1 or ": error:" not in lines[0]:
                 return f"exit 2 with {len(lines)} lines: {self.err[-600:]}"
             return None
         if self.rc not in (0, 1):

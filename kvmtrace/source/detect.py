@@ -34,30 +34,32 @@ _FTRACE_LINE = re.compile(
     rb"kvm_(?:dirty_ring_|userspace_exit)", re.M)
 
 
-def detect_format(path: str | os.PathLike[str]) -> str:
-    """"recording", "ftrace" or "perf-script"; UsageError when it is none of them."""
+def detect_format(path: str | os.PathLike[str], *, name: str | None = None) -> str:
+    """"recording", "ftrace" or "perf-script"; UsageError when it is none of them.
+    ``name``: what messages call the file (default: the path)."""
     p = Path(path)
+    shown = name or str(path)
     try:
         with open(p, "rb") as f:
             head = f.read(HEAD_BYTES)
     except IsADirectoryError:
-        raise UsageError(f"{p} is a directory", "give a trace file") from None
+        raise UsageError(f"{shown} is a directory", "give a trace file") from None
     except OSError as err:
-        raise UsageError(f"cannot read {p}: {err.strerror}", "give a readable file") from None
+        raise UsageError(f"cannot read {shown}: {err.strerror}", "give a readable file") from None
     if head.startswith(RECORDING_MAGIC):
         return "recording"
     if head.startswith(b"PERFILE2"):
-        raise UsageError(f"{p} is a perf.data file",
+        raise UsageError(f"{shown} is a perf.data file",
                          f"convert it first: perf script -i {p} > {p}.txt")
     if b"\0" in head[:4096]:
-        raise UsageError(f"{p} is neither a kvmtrace recording nor trace text",
+        raise UsageError(f"{shown} is neither a kvmtrace recording nor trace text",
                          "give a .kvt recording, a tracefs trace or perf script output")
     pm, fm = _PERF_LINE.search(head), _FTRACE_LINE.search(head)
     if pm and (not fm or pm.start() <= fm.start()):
         return "perf-script"
     if fm or head.lstrip().startswith(b"# tracer:"):
         return "ftrace"
-    raise UsageError(f"no dirty-ring events recognised at the start of {p}",
+    raise UsageError(f"no dirty-ring events recognised at the start of {shown}",
                      "trace kvm:kvm_dirty_ring_push/reset/exit with tracefs or perf, or "
                      "record with 'kvmtrace record'")
 
@@ -113,12 +115,15 @@ def open_source(path: str | os.PathLike[str], *, ring_entries: int | None = None
     are read once to their end (:func:`stream_path`). ``ring_entries``/``ring_bytes``
     give the ring size when the trace does not (a default for every VM:
     meta.ring_entries[(-1, -1)])."""
+    name = "stdin" if os.fspath(path) == "-" else str(path)
     path = stream_path(path)
-    fmt = detect_format(path)
+    fmt = detect_format(path, name=name)
     if fmt == "ftrace":
-        return FtraceSource(path, ring_entries=ring_entries, ring_bytes=ring_bytes)
+        return FtraceSource(path, ring_entries=ring_entries, ring_bytes=ring_bytes,
+                            name=name)
     if fmt == "perf-script":
-        return PerfScriptSource(path, ring_entries=ring_entries, ring_bytes=ring_bytes)
+        return PerfScriptSource(path, ring_entries=ring_entries, ring_bytes=ring_bytes,
+                                name=name)
     entries = resolve_ring_entries(ring_entries, ring_bytes)
     try:
         from .recording import open_recording
@@ -127,7 +132,7 @@ def open_source(path: str | os.PathLike[str], *, ring_entries: int | None = None
                             f"recordings ({err})",
                             "update kvmtrace (kvmtrace.source.recording is missing)"
                             ) from None
-    src = open_recording(path)
+    src = open_recording(path, name=name)
     if entries:
         src.meta.ring_entries.setdefault((-1, -1), entries)
     return src

@@ -337,8 +337,9 @@ class Recording(EventSource):
     ``torn_bytes`` (bytes of an incomplete last block, ignored).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
         self.path = Path(path)
+        self.name = name or str(path)  #: what messages call the file (``-``: stdin)
         self.meta = SourceMeta(kind="recording")
         self.version: tuple[int, int] = (0, 0)
         self.events = 0
@@ -386,14 +387,14 @@ class Recording(EventSource):
 
     # -- internals ---------------------------------------------------------------------
     def _fail(self, what: str) -> UsageError:
-        return UsageError(f"{self.path}: {what}",
+        return UsageError(f"{self.name}: {what}",
                           "give a recording written by 'kvmtrace record'")
 
     def _scan(self) -> None:
         try:
             f = open(self.path, "rb")
         except OSError as err:
-            raise UsageError(f"cannot open {self.path}: {err.strerror}",
+            raise UsageError(f"cannot open {self.name}: {err.strerror}",
                              "check the path") from None
         with f:
             size = os.fstat(f.fileno()).st_size
@@ -406,7 +407,7 @@ class Recording(EventSource):
             _, major, minor, _ = FILE_HEADER.unpack(head)
             if major > FORMAT_VERSION[0]:
                 raise UsageError(
-                    f"{self.path}: recording format {major}.{minor} is newer than this "
+                    f"{self.name}: recording format {major}.{minor} is newer than this "
                     f"kvmtrace reads ({FORMAT_VERSION[0]}.x)", "upgrade kvmtrace")
             self.version = (major, minor)
             pos = FILE_HEADER.size
@@ -433,7 +434,7 @@ class Recording(EventSource):
         what = ("another recording" if f.read(len(MAGIC)) == MAGIC
                 else "data that is not part of the recording")
         self._warnings.append(
-            f"{self.path}: {self.trailing_bytes} bytes after the END block, from byte {pos} "
+            f"{self.name}: {self.trailing_bytes} bytes after the END block, from byte {pos} "
             f"({what}), ignored")
 
     def _format_error(self, pos: int, what: str) -> UsageError:
@@ -556,9 +557,10 @@ class Recording(EventSource):
         return parts
 
 
-def open_recording(path: str | os.PathLike[str]) -> Recording:
-    """Open a recording; UsageError (one line) if it is missing or not a recording."""
-    return Recording(path)
+def open_recording(path: str | os.PathLike[str], *, name: str | None = None) -> Recording:
+    """Open a recording; UsageError (one line) if it is missing or not a recording.
+    ``name``: what messages call it (default: the path)."""
+    return Recording(path, name=name)
 
 
 def is_recording(path: str | os.PathLike[str]) -> bool:

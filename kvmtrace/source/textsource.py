@@ -83,8 +83,10 @@ class TextSource(EventSource):
     perf = False
 
     def __init__(self, path: str | os.PathLike[str], *, ring_entries: int | None = None,
-                 ring_bytes: int | None = None, chunk_bytes: int = 16 << 20) -> None:
+                 ring_bytes: int | None = None, chunk_bytes: int = 16 << 20,
+                 name: str | None = None) -> None:
         self.path = Path(path)
+        self.name = name or str(path)  #: what messages call the file (``-``: stdin)
         if not self.path.is_file():
             raise UsageError(f"cannot read {self.path}: no such file",
                              "give the path of a trace file")
@@ -148,11 +150,11 @@ class TextSource(EventSource):
         """Lines skipped by the first read, said with their counts (never dropped quietly)."""
         out = []
         if self.bad_lines:
-            out.append(f"{self.path}: {self.bad_lines} lines naming a dirty-ring event could "
+            out.append(f"{self.name}: {self.bad_lines} lines naming a dirty-ring event could "
                        "not be parsed and were skipped")
         if self.other_lines:
             this, other = ("perf script", "tracefs") if self.perf else ("tracefs", "perf script")
-            out.append(f"{self.path}: {self.other_lines} dirty-ring lines in {other} format "
+            out.append(f"{self.name}: {self.other_lines} dirty-ring lines in {other} format "
                        f"in a {this} trace were skipped (give each format in its own file)")
         return out
 

@@ -252,6 +252,7 @@ class ReplaySource(SnapshotSource):
         self._exhausted = False
         self._until: int | None = None
         self._time = 0
+        self.skipped_steps = 0  #: empty steps jumped over (a gap in the file's time)
 
     @property
     def warnings(self) -> list[str]:
@@ -276,12 +277,24 @@ class ReplaySource(SnapshotSource):
                 return False
         return True
 
+    def _skip_empty(self) -> None:
+        """Jump over steps with no event, keeping one empty step before the next event:
+        the number of snapshots is bounded by the events, not by the file's time span."""
+        if self._until is None or not self._fill():
+            return
+        assert self._pending is not None
+        k = (int(self._pending["ts"][0]) - self._until) // self.step_ns - 1
+        if k > 0:
+            self._until += k * self.step_ns
+            self.skipped_steps += k
+
     def snapshot(self) -> Snapshot:
         if self._until is None:
             self._until = int(self._pending["ts"][0]) if self._fill() else 0
             self._time = self._until
             return self.agg.snapshot(self._time)
         if not self.done:
+            self._skip_empty()
             self._until += self.step_ns
             while self._fill():
                 assert self._pending is not None

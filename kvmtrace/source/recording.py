@@ -43,6 +43,14 @@ from ..host.outfile import (
 from .recording_codec import encode_events
 from .recording_decode import decode_parts
 from .recording_format import MAX_BLOCK_EVENTS
+from .recording_limits import (
+    MAX_JSON_BYTES,
+    check_end,
+    check_meta,
+    events_raw_limit,
+    inflate,
+    load_json,
+)
 
 __all__ = [
     "MAGIC",
@@ -73,6 +81,7 @@ class BlockType:
 
 
 _CODEC_NONE, _CODEC_ZLIB = 0, 1
+_BLOCK_NAMES = {1: "META", 2: "EVENTS", 3: "LOST", 4: "END"}
 _LOST = struct.Struct("<Q")
 _EVENT_BYTES = np.dtype((np.void, EVENT_DTYPE.itemsize))
 
@@ -365,8 +374,9 @@ class Recording(EventSource):
     ``torn_bytes`` (bytes of an incomplete last block, ignored).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
         self.path = Path(path)
+        self.name = name or str(path)  #: what messages call the file (``-``: stdin)
         self.meta = SourceMeta(kind="recording")
         self.version: tuple[int, int] = (0, 0)
         self.events = 0
@@ -378,6 +388,8 @@ class Recording(EventSource):
         self.end: dict[str, Any] | None = None
         self._lost = 0
         self._index: list[tuple[int, int]] = []  # (offset of header, events) of EVENTS blocks
+        self._warnings: list[str] = []
+        self.trailing_bytes = 0  #: bytes after the END block (ignored, with a warning)
         self._scan()
 
     @property
@@ -412,14 +424,14 @@ class Recording(EventSource):
 
     # -- internals ---------------------------------------------------------------------
     def _fail(self, what: str) -> UsageError:
-        return UsageError(f"{self.path}: {what}",
+        return UsageError(f"{self.name}: {what}",
                           "give a recording written by 'kvmtrace record'")
 
     def _scan(self) -> None:
         try:
             f = open(self.path, "rb")
         except OSError as err:
-            raise UsageError(f"cannot open {self.path}: {err.strerror}",
+            raise UsageError(f"cannot open {self.name}: {err.strerror}",
                              "check the path") from None
         with f:
             size = os.fstat(f.fileno()).st_size
@@ -432,11 +444,14 @@ class Recording(EventSource):
             _, major, minor, _ = FILE_HEADER.unpack(head)
             if major > FORMAT_VERSION[0]:
                 raise UsageError(
-                    f"{self.path}: recording format {major}.{minor} is newer than this "
+                    f"{self.name}: recording format {major}.{minor} is newer than this "
                     f"kvmtrace reads ({FORMAT_VERSION[0]}.x)", "upgrade kvmtrace")
             self.version = (major, minor)
             pos = FILE_HEADER.size
             while pos < size:
+                if self.complete:
+                    self._trailing(f, pos, size)
+                    break
                 if not self._scan_block(f, pos, size):
                     self.torn_bytes = size - pos
                     break
@@ -444,18 +459,57 @@ class Recording(EventSource):
             if self.end is not None:
                 self._lost = max(self._lost, int(self.end.get("lost", 0)))
 
+    @property
+    def warnings(self) -> list[str]:
+        """One line each: data after the END block (another recording, or garbage)."""
+        return list(self._warnings)
+
+    def _trailing(self, f: Any, pos: int, size: int) -> None:
+        """Bytes after the END block: ignored, and said (FORMAT.md, "Reading rules")."""
+        self.trailing_bytes = size - pos
+        f.seek(pos)
+        what = ("another recording" if f.read(len(MAGIC)) == MAGIC
+                else "data that is not part of the recording")
+        self._warnings.append(
+            f"{self.name}: {self.trailing_bytes} bytes after the END block, from byte {pos} "
+            f"({what}), ignored")
+
+    def _format_error(self, pos: int, what: str) -> UsageError:
+        return self._fail(f"damaged recording: {what} at byte {pos}")
+
+    @staticmethod
+    def _zero_tail(f: Any, pos: int, size: int) -> bool:
+        """True if the file is all zeros from ``pos``: what a power loss leaves of blocks
+        whose data never reached the disk (read in bounded pieces)."""
+        f.seek(pos)
+        while pos < size:
+            chunk = f.read(min(1 << 20, size - pos))
+            if not chunk or chunk.count(0) != len(chunk):
+                return not chunk
+            pos += len(chunk)
+        return True
+
     def _scan_block(self, f: Any, pos: int, size: int) -> bool:
-        """Index the block at ``pos``; False if it is incomplete or damaged (a torn tail)."""
+        """Index the block at ``pos``; False if it is a torn tail (the block runs past the
+        end of the file, or it is the last block and its CRC fails); a format error naming
+        the offset if a block in the middle is damaged or malformed."""
         f.seek(pos)
         head = f.read(BLOCK_HEADER.size)
-        if len(head) < BLOCK_HEADER.size or self.complete:
+        if len(head) < BLOCK_HEADER.size:
             return False
         fields = BLOCK_HEADER.unpack(head)
         sync, btype, codec, _, stored_len, raw_len, count, ts_min, ts_max, _ = fields
         end = pos + BLOCK_HEADER.size + stored_len
-        if (sync != BLOCK_SYNC or btype not in (1, 2, 3, 4) or codec > _CODEC_ZLIB
-                or raw_len > MAX_RAW_BYTES or end > size):
+        if sync != BLOCK_SYNC or btype not in (1, 2, 3, 4) or codec > _CODEC_ZLIB:
+            if self._zero_tail(f, pos, size):
+                return False
+            what = ("no block sync word" if sync != BLOCK_SYNC else
+                    f"unknown block type {btype}" if btype not in (1, 2, 3, 4) else
+                    f"unknown block codec {codec}")
+            raise self._format_error(pos, what)
+        if end > size:
             return False
+        self._check_sizes(pos, btype, codec, stored_len, raw_len, count, ts_min, ts_max)
         if btype == BlockType.EVENTS and end < size:
             f.seek(end)  # not the last block: its CRC is checked when it is decoded
         else:
@@ -463,16 +517,19 @@ class Recording(EventSource):
             try:
                 payload = self._payload(pos, head, fields, stored)
             except UsageError:
-                return False
+                if end == size:
+                    return False  # the last block: as a killed writer leaves it
+                raise
             if btype == BlockType.META:
+                d = self._parse_json(pos, payload, "META", check_meta)
                 try:
-                    self.meta = meta_from_dict(self._parse_json(payload, "META"))
-                except (TypeError, ValueError, AttributeError):
-                    raise self._fail("damaged META block") from None
+                    self.meta = meta_from_dict(d)
+                except (TypeError, ValueError, AttributeError, OverflowError):
+                    raise self._format_error(pos, "malformed META block") from None
             elif btype == BlockType.LOST:
                 self._lost = _LOST.unpack(payload)[0]
             elif btype == BlockType.END:
-                self.end = self._parse_json(payload, "END")
+                self.end = self._parse_json(pos, payload, "END", check_end)
                 self.complete = True
         if btype == BlockType.EVENTS:
             self._index.append((pos, count))
@@ -482,28 +539,48 @@ class Recording(EventSource):
             self.ts_last = ts_max if self.ts_last is None else max(self.ts_last, ts_max)
         return True
 
-    def _parse_json(self, payload: bytes, what: str) -> dict[str, Any]:
+    def _check_sizes(self, pos: int, btype: int, codec: int, stored_len: int, raw_len: int,
+                     count: int, ts_min: int, ts_max: int) -> None:
+        """What the header declares, within what the format allows (a format error)."""
+        if btype == BlockType.EVENTS:
+            if not 0 < count <= MAX_BLOCK_EVENTS:
+                raise self._format_error(
+                    pos, f"EVENTS block of {count} events (1 to {MAX_BLOCK_EVENTS})")
+            if ts_min > ts_max:
+                raise self._format_error(pos, "EVENTS block whose ts_min > ts_max")
+            limit = events_raw_limit(count)
+        elif btype == BlockType.LOST:
+            limit = _LOST.size
+            if raw_len != limit:
+                raise self._format_error(pos, f"LOST block of {raw_len} bytes (8)")
+        else:
+            limit = MAX_JSON_BYTES
+        if raw_len > limit or (codec == _CODEC_NONE and raw_len != stored_len):
+            raise self._format_error(
+                pos, f"{_BLOCK_NAMES[btype]} block declaring {raw_len} bytes (at most "
+                f"{limit})")
+
+    def _parse_json(self, pos: int, payload: bytes, what: str,
+                    check: Any) -> dict[str, Any]:
         try:
-            d = json.loads(payload)
-        except ValueError:
-            d = None
-        if not isinstance(d, dict):
-            raise self._fail(f"damaged {what} block")
+            d = load_json(payload)
+            check(d)
+        except ValueError as err:
+            raise self._format_error(pos, f"malformed {what} block ({err})") from None
         return d
 
     def _payload(self, pos: int, head: bytes, fields: tuple[Any, ...], stored: bytes) -> bytes:
         _, _, codec, _, stored_len, raw_len, _, _, _, crc = fields
         if len(stored) != stored_len or zlib.crc32(stored, zlib.crc32(head[:-4])) != crc:
-            raise self._fail(f"damaged block at byte {pos} (CRC mismatch)")
+            raise self._fail(f"damaged {_BLOCK_NAMES.get(fields[1], 'unknown')} block at byte "
+                             f"{pos} (CRC mismatch)")
         if codec == _CODEC_NONE:
             return stored
         try:
-            payload = zlib.decompress(stored, bufsize=max(raw_len, 1))
-        except zlib.error:
-            raise self._fail(f"damaged block at byte {pos} (bad zlib data)") from None
-        if len(payload) != raw_len:
-            raise self._fail(f"damaged block at byte {pos} (length mismatch)")
-        return payload
+            return inflate(stored, raw_len)
+        except ValueError as err:
+            raise self._fail(f"damaged {_BLOCK_NAMES.get(fields[1], 'unknown')} block at byte "
+                             f"{pos} ({err})") from None
 
     def _decode_parts(self, pos: int, head: bytes, fields: tuple[Any, ...],
                       stored: bytes) -> EventColumns:
@@ -517,9 +594,10 @@ class Recording(EventSource):
         return parts
 
 
-def open_recording(path: str | os.PathLike[str]) -> Recording:
-    """Open a recording; UsageError (one line) if it is missing or not a recording."""
-    return Recording(path)
+def open_recording(path: str | os.PathLike[str], *, name: str | None = None) -> Recording:
+    """Open a recording; UsageError (one line) if it is missing or not a recording.
+    ``name``: what messages call it (default: the path)."""
+    return Recording(path, name=name)
 
 
 def is_recording(path: str | os.PathLike[str]) -> bool:

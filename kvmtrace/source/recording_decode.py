@@ -10,7 +10,6 @@ arithmetic wraps like the encoder's.
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 
@@ -20,12 +19,14 @@ from .recording_format import (
     DELTA_COLUMNS,
     EVENTS_HEADER,
     GROUP_DTYPE,
+    MAX_BLOCK_EVENTS,
     MODE_DELTA,
     MODE_GROUP_CONST,
     STREAM_HEADER,
     STREAM_STORED,
     STREAM_ZLIB,
 )
+from .recording_limits import inflate
 
 __all__ = ["decode_parts", "decode_events"]
 
@@ -57,13 +58,7 @@ class _Reader:
             return data
         if codec != STREAM_ZLIB:
             raise ValueError(f"unknown stream codec {codec}")
-        try:
-            out = zlib.decompress(data, bufsize=max(raw, 1))
-        except zlib.error as err:
-            raise ValueError(f"bad zlib stream: {err}") from None
-        if len(out) != raw:
-            raise ValueError("bad stream length")
-        return out
+        return inflate(data, raw)
 
 
 def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
@@ -72,6 +67,8 @@ def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
     if bits > 8 * full:
         raise ValueError(f"bad column width {bits} bits")
     pos = vals = None
+    if npatch > n:
+        raise ValueError(f"{npatch} patches for {n} events")
     if npatch:
         raw = rd.stream(npatch * (4 + full))
         pos = np.frombuffer(raw, "<u4", npatch)
@@ -103,6 +100,8 @@ def decode_parts(payload: bytes | bytearray | memoryview) -> EventColumns:
         n, ngroups, gid_width, ncols, _ = rd.unpack(EVENTS_HEADER)
         if ncols != len(DELTA_COLUMNS) or gid_width not in (0, 1, 2) or ngroups < 1:
             raise ValueError("bad block header")
+        if n > MAX_BLOCK_EVENTS or ngroups > max(n, 1):
+            raise ValueError(f"{n} events in {ngroups} groups (at most {MAX_BLOCK_EVENTS})")
         table = rd.array(GROUP_DTYPE, ngroups)
         gid = order = None
         if gid_width:

@@ -83,8 +83,10 @@ class TextSource(EventSource):
     perf = False
 
     def __init__(self, path: str | os.PathLike[str], *, ring_entries: int | None = None,
-                 ring_bytes: int | None = None, chunk_bytes: int = 16 << 20) -> None:
+                 ring_bytes: int | None = None, chunk_bytes: int = 16 << 20,
+                 name: str | None = None) -> None:
         self.path = Path(path)
+        self.name = name or str(path)  #: what messages call the file (``-``: stdin)
         if not self.path.is_file():
             raise UsageError(f"cannot read {self.path}: no such file",
                              "give the path of a trace file")
@@ -97,6 +99,7 @@ class TextSource(EventSource):
         self.chunk_bytes = max(1 << 16, chunk_bytes)
         self._lost = 0
         self.bad_lines = 0  #: lines naming a dirty-ring event that could not be parsed
+        self.other_lines = 0  #: dirty-ring lines in the other text format (skipped)
         self.dropped_exits = 0  #: kvm_userspace_exit(31) paired with kvm_dirty_ring_exit
         self._lone = False  # an exit 31 came without kvm_dirty_ring_exit
         self.cache_bytes = 256 << 20  #: events kept between the two reads of the file
@@ -134,7 +137,7 @@ class TextSource(EventSource):
                 held += ev.nbytes
                 cache = cache + [ev] if held <= self.cache_bytes else None
         vms.solve()
-        self._warnings = list(vms.warnings)
+        self._warnings = self._line_warnings() + list(vms.warnings)
         self._unsure = set(vms.unsure)
         self.unplaced = vms.unplaced
         self.separated = vms.needed
@@ -143,8 +146,20 @@ class TextSource(EventSource):
             nres += vms.assign(ev, nres)
             yield ev
 
+    def _line_warnings(self) -> list[str]:
+        """Lines skipped by the first read, said with their counts (never dropped quietly)."""
+        out = []
+        if self.bad_lines:
+            out.append(f"{self.name}: {self.bad_lines} lines naming a dirty-ring event could "
+                       "not be parsed and were skipped")
+        if self.other_lines:
+            this, other = ("perf script", "tracefs") if self.perf else ("tracefs", "perf script")
+            out.append(f"{self.name}: {self.other_lines} dirty-ring lines in {other} format "
+                       f"in a {this} trace were skipped (give each format in its own file)")
+        return out
+
     def _read(self) -> Iterator[np.ndarray]:
-        self._lost = self.bad_lines = self.dropped_exits = 0
+        self._lost = self.bad_lines = self.other_lines = self.dropped_exits = 0
         self._lone = False
         pending: set[int] = set()  # tids whose kvm_dirty_ring_exit awaits its exit 31
         tid_ring: dict[int, int] = {}
@@ -173,6 +188,8 @@ class TextSource(EventSource):
             self._lost += sum(int(m) for m in _LOST.findall(buf))
         sc = scan(buf, self.perf)
         self.bad_lines += sc.bad
+        self.other_lines += buf.count(b": kvm_dirty_ring_" if self.perf
+                                      else b"kvm:kvm_dirty_ring_")
         keep = self._exits(sc, pending, tid_ring)
         n = len(sc.kind) if keep is None else int(keep.sum())
         ev = np.zeros(n, dtype=EVENT_DTYPE)

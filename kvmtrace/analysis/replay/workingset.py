@@ -119,14 +119,7 @@ class WorkingSet:
             rw.first_ns = pt.first
         rw.last_ns = pt.last
         rw.pushes += n
-        w0 = (pt.first - self.t0) // self.window_ns
-        w1 = (pt.last - self.t0) // self.window_ns
-        wins = list(range(w0, w1 + 1))
-        bounds = [0, n]
-        if w1 != w0:  # window edges by binary search (ts is sorted)
-            edges = np.array([max(0, self.t0 + w * self.window_ns) for w in wins[1:]],
-                             dtype=np.uint64)
-            bounds = [0, *np.searchsorted(pt.make(), edges).tolist(), n]
+        wins, bounds = self._occupied(pt)
         parts = []  # per slot: slot, its offsets (intp), window cuts into them, range
         for s, sel in self._by_slot(slot):
             o = off if sel is None else off[sel]
@@ -161,6 +154,32 @@ class WorkingSet:
                     if not len(seg):
                         continue
                 self._mark(rw, s, seg, span)
+
+    def _occupied(self, pt: PushTimes) -> tuple[list[int], list[int]]:
+        """The windows the pushes fall in (index from t0) and the pushes' cuts between
+        them: at most one window per push, whatever the time between them (a trace whose
+        clock jumps by 1e8 s costs what its events cost, not 1e8 windows)."""
+        assert self.t0 is not None
+        t0, wns, n = self.t0, self.window_ns, pt.n
+        w0 = (pt.first - t0) // wns
+        w1 = (pt.last - t0) // wns
+        if w1 == w0:
+            return [w0], [0, n]
+        ts = pt.make()
+        top = int(np.iinfo(np.uint64).max)
+        if w1 - w0 < n:  # dense: every window edge by one binary search
+            wins = list(range(w0, w1 + 1))
+            edges = np.array([min(top, max(0, t0 + w * wns)) for w in wins[1:]],
+                             dtype=np.uint64)
+            return wins, [0, *np.searchsorted(ts, edges).tolist(), n]
+        wins, bounds, i = [], [0], 0  # sparse: jump from push to push
+        while i < n:
+            w = (int(ts[i]) - t0) // wns
+            edge = t0 + (w + 1) * wns
+            i = n if edge > top else int(np.searchsorted(ts, np.uint64(max(0, edge))))
+            wins.append(w)
+            bounds.append(i)
+        return wins, bounds
 
     def _window(self, rw: RingWs, wi: int) -> None:
         if wi != rw.cur:

@@ -218,6 +218,7 @@ def _fresh_recordings() -> list[bytes]:
                 w.flush()
                 os.close(w._fd)  # noqa: SLF001 (a killed writer leaves its file so)
                 w._fd = None  # noqa: SLF001
+                p = w.temp  # a killed writer's file is still NAME.PID.partial
             out.append(p.read_bytes())
     return out
 

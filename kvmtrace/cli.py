@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .commands.args import Parser
 from .errors import KvmtraceError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -27,7 +28,7 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kvmtrace",
         description="Observe the KVM dirty ring (KVM_CAP_DIRTY_LOG_RING) per vCPU.",
         epilog=EPILOG,

@@ -17,19 +17,34 @@ from ..bpf.event_source import LiveEvents
 from ..core.counters import VmName
 from ..core.events import Kind
 from ..errors import UsageError
-from ..host.child import PausedChild
+from ..host.child import PausedChild, check_command, exit_status
 from ..host.vmnames import resolve
 from ..source.recording import RecordingWriter
-from .args import HOOKS, add_command, add_pid, add_subcommand, command_of
+from .args import (
+    HOOKS,
+    MAX_SECONDS,
+    add_command,
+    add_pid,
+    add_subcommand,
+    check_pid,
+    command_of,
+    integer,
+    number,
+)
 
-__all__ = ["register", "run", "RecordSummary", "record"]
+__all__ = ["register", "run", "RecordSummary", "record", "check_flags"]
 
 EXAMPLES = """examples:
   kvmtrace record -o run.kvt                      # every VM, until Ctrl-C
   kvmtrace record -o run.kvt -p 4242 --duration 10
   kvmtrace record -o run.kvt -- kvmtrace workload --vcpus 2 --pages 1000
   kvmtrace replay run.kvt                         # then check it against the ring model
+
+exit status: 0, or with -- COMMAND the command's own status when it fails (the
+recording is saved first, like perf record); 2 bad flags; 128+N COMMAND killed by signal N
 """
+#: largest --ringbuf-pages: 1 GiB of 4 KiB pages
+MAX_RINGBUF_PAGES = 1 << 18
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,12 +58,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="recording to write")
     add_pid(p)
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
-    p.add_argument("--ringbuf-pages", type=int, default=4096,
+    p.add_argument("--duration", type=number(0, MAX_SECONDS, low_open=True,
+                                             example="--duration 10"),
+                   metavar="S", help="stop after S seconds")
+    p.add_argument("--ringbuf-pages", type=integer(1, MAX_RINGBUF_PAGES, power_of_two=True,
+                                                   example="--ringbuf-pages 4096"),
+                   default=4096, metavar="N",
                    help="BPF ring buffer size in pages, a power of two (default 4096)")
     p.add_argument("--hook", choices=HOOKS, default="auto",
                    help="raw tracepoints or tracepoints (default: best available)")
-    add_command(p, "run COMMAND and record its VMs until it exits")
+    add_command(p, "run COMMAND and record its VMs until it exits; exit with its status "
+                "when it fails")
 
 
 @dataclass
@@ -180,13 +200,23 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                          stuck=stuck.stuck())
 
 
-def run(args: argparse.Namespace) -> int:
+def check_flags(args: argparse.Namespace) -> list[str]:
+    """Every check that needs no BPF and writes nothing; returns ``-- COMMAND``."""
     command = command_of(args)
+    if command and args.pid:
+        raise UsageError("-p and -- COMMAND cannot be combined",
+                         "give -p PID to record a running VMM, or -- COMMAND to start one")
+    if command:
+        check_command(command)
+    check_pid(args.pid)
+    return command
+
+
+def run(args: argparse.Namespace) -> int:
+    command = check_flags(args)
     out = Path(args.output)
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist", "create it or pick another -o")
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError("--duration must be positive", "give seconds, e.g. --duration 10")
     if out.is_dir():
         raise UsageError(f"{out} is a directory", "give a file name, e.g. -o run.kvt")
     if out.exists() and out.stat().st_size:  # like perf record: never overwrite a recording
@@ -196,4 +226,4 @@ def run(args: argparse.Namespace) -> int:
     summary = record(out, pid=args.pid, duration=args.duration, command=command or None,
                      ringbuf_pages=args.ringbuf_pages, hook=args.hook)
     print(summary.line(str(out)), file=sys.stderr)
-    return 0
+    return exit_status(summary.child_status)

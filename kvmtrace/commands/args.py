@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -52,7 +53,9 @@ class Parser(argparse.ArgumentParser):
     prints the usage, several lines, and no fix)."""
 
     def error(self, message: str) -> NoReturn:
-        if "(fix:" not in message:
+        if "(fix:" in message:  # a type of this module: the message names flag and value
+            message = re.sub(r"^argument [^:]*: ", "", message)
+        else:
             fix = next((f for key, f in _FIXES if key in message), "")
             message += f" (fix: {fix + '; ' if fix else ''}see {self.prog} --help)"
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -65,9 +68,9 @@ def _parse_number(text: str, integral: bool) -> float | int | None:
         return None
 
 
-def number(low: float, high: float, *, low_open: bool = False, example: str = "1"
-           ) -> Callable[[str], float]:
-    """argparse type: a finite float in [low, high] (``low_open``: above low)."""
+def number(flag: str, low: float, high: float, *, low_open: bool = False,
+           example: str = "1") -> Callable[[str], float]:
+    """argparse type of ``flag``: a finite float in [low, high] (``low_open``: above low)."""
 
     def parse(text: str) -> float:
         value = _parse_number(text, False)
@@ -76,16 +79,16 @@ def number(low: float, high: float, *, low_open: bool = False, example: str = "1
         if not ok:
             above = f"above {low:g}" if low_open else f"from {low:g}"
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not a number {above} to {high:g} (fix: e.g. {example})")
+                f"{flag} {text}: not a number {above} to {high:g} (fix: e.g. {flag} {example})")
         return float(value)
 
     return parse
 
 
-def integer(low: int, high: int, *, example: str = "1", power_of_two: bool = False
-            ) -> Callable[[str], int]:
-    """argparse type: an integer in [low, high] (decimal or 0x...), optionally a power of
-    two."""
+def integer(flag: str, low: int, high: int, *, example: str = "1",
+            power_of_two: bool = False) -> Callable[[str], int]:
+    """argparse type of ``flag``: an integer in [low, high] (decimal or 0x...), optionally a
+    power of two."""
 
     def parse(text: str) -> int:
         value = _parse_number(text, True)
@@ -94,7 +97,7 @@ def integer(low: int, high: int, *, example: str = "1", power_of_two: bool = Fal
         if not ok:
             kind = "a power of two" if power_of_two else "an integer"
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not {kind} from {low} to {high} (fix: e.g. {example})")
+                f"{flag} {text}: not {kind} from {low} to {high} (fix: e.g. {flag} {example})")
         return int(value)
 
     return parse
@@ -109,12 +112,13 @@ def pid_max() -> int:
 
 
 def pid_value(text: str) -> int:
-    """argparse type of ``-p``: a process id, 1 to pid_max - 1."""
+    """argparse type of ``-p``: a process id, 1 to pid_max - 1 (ArgumentTypeError, which
+    is a ValueError, naming the fix otherwise)."""
     top = pid_max() - 1
     value = _parse_number(text, True)
     if value is None or not 1 <= value <= top:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a process id from 1 to {top} (fix: give the VMM's pid, e.g. "
+            f"-p {text}: not a process id from 1 to {top} (fix: give the VMM's pid, e.g. "
             "from pgrep qemu, or leave -p out for every process)")
     return int(value)
 
@@ -155,25 +159,25 @@ def add_ring_size(p: argparse.ArgumentParser, entries_help: str, bytes_help: str
     """``--ring-entries N`` and (unless ``bytes_help`` is None) ``--ring-bytes B``: the ring
     size where the input does not say. ``typed=False`` keeps the strings for the command
     to check (one error line naming the flag and the values it takes)."""
-    entries = integer(MIN_RING_ENTRIES, KVM_DIRTY_RING_MAX_ENTRIES, power_of_two=True,
-                      example="--ring-entries 4096") if typed else None
+    entries = integer("--ring-entries", MIN_RING_ENTRIES, KVM_DIRTY_RING_MAX_ENTRIES,
+                      power_of_two=True, example="4096") if typed else None
     p.add_argument("--ring-entries", metavar=entries_metavar, help=entries_help,
                    **({"type": entries} if typed else {}))
     if bytes_help is not None:
-        size = integer(MIN_RING_BYTES, KVM_DIRTY_RING_MAX_ENTRIES * GFN_BYTES,
-                       power_of_two=True, example="--ring-bytes 65536") if typed else None
+        size = integer("--ring-bytes", MIN_RING_BYTES, KVM_DIRTY_RING_MAX_ENTRIES * GFN_BYTES,
+                       power_of_two=True, example="65536") if typed else None
         p.add_argument("--ring-bytes", metavar="B", help=bytes_help,
                        **({"type": size} if typed else {}))
 
 
 def add_pid(p: argparse.ArgumentParser, *, typed: bool = True) -> None:
-    """``-p PID``: only this VMM process (0 = all). ``typed=False`` keeps the string for the
-    command to check."""
+    """``-p PID``: only this VMM process (0 when not given = all). ``typed=False`` keeps the
+    string (None when not given) for the command to check with :func:`pid_value`."""
     if typed:
         p.add_argument("-p", "--pid", type=pid_value, default=0, metavar="PID",
                        help="only this VMM process")
     else:
-        p.add_argument("-p", "--pid", default="0", metavar="PID", help="only this VMM process")
+        p.add_argument("-p", "--pid", metavar="PID", help="only this VMM process")
 
 
 def add_command(p: argparse.ArgumentParser, help: str) -> None:  # noqa: A002

@@ -58,11 +58,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="recording to write")
     add_pid(p)
-    p.add_argument("--duration", type=number(0, MAX_SECONDS, low_open=True,
-                                             example="--duration 10"),
+    p.add_argument("--duration", type=number("--duration", 0, MAX_SECONDS, low_open=True,
+                                             example="10"),
                    metavar="S", help="stop after S seconds")
-    p.add_argument("--ringbuf-pages", type=integer(1, MAX_RINGBUF_PAGES, power_of_two=True,
-                                                   example="--ringbuf-pages 4096"),
+    p.add_argument("--ringbuf-pages", type=integer("--ringbuf-pages", 1, MAX_RINGBUF_PAGES,
+                                                   power_of_two=True, example="4096"),
                    default=4096, metavar="N",
                    help="BPF ring buffer size in pages, a power of two (default 4096)")
     p.add_argument("--hook", choices=HOOKS, default="auto",

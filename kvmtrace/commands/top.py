@@ -33,7 +33,7 @@ from .args import (
     add_subcommand,
     check_pid,
     command_of,
-    pid_max,
+    pid_value,
 )
 
 __all__ = ["register", "run", "TopOptions", "parse_options"]
@@ -132,9 +132,11 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         raise UsageError(f"unknown sort key {args.sort!r}", f"use one of {', '.join(SORT_KEYS)}")
     if args.hook not in HOOKS:
         raise UsageError(f"unknown --hook {args.hook!r}", "use auto, raw_tp or tp")
-    pid = _int(args.pid, "-p", 0) or 0
-    if pid >= pid_max():
-        raise UsageError(f"bad -p {args.pid!r}", f"give a process id below {pid_max()}")
+    try:
+        pid = 0 if args.pid is None else pid_value(args.pid)
+    except ValueError as err:
+        message, _, fix = str(err).partition(" (fix: ")
+        raise UsageError(message, fix.removesuffix(")")) from None
     opts = TopOptions(
         pid=pid,
         delay=delay,

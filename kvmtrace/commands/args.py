@@ -112,8 +112,8 @@ def pid_max() -> int:
 
 
 def pid_value(text: str) -> int:
-    """argparse type of ``-p``: a process id, 1 to pid_max - 1 (ArgumentTypeError, which
-    is a ValueError, naming the fix otherwise)."""
+    """argparse type of ``-p``: a process id, 1 to pid_max - 1 (ArgumentTypeError naming
+    the fix otherwise)."""
     top = pid_max() - 1
     value = _parse_number(text, True)
     if value is None or not 1 <= value <= top:

@@ -49,6 +49,7 @@ EXAMPLES = """examples:
 
 exit status: 0; with -- COMMAND, the command's own status when it failed; 2 bad flags
 """
+PID_MAX_LIMIT = 1 << 22  #: the kernel's largest pid_max (include/linux/threads.h, 64-bit)
 LONG_RUN_S = 10.0  # batch runs at least this long say how to end them
 
 
@@ -132,11 +133,18 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         raise UsageError(f"unknown sort key {args.sort!r}", f"use one of {', '.join(SORT_KEYS)}")
     if args.hook not in HOOKS:
         raise UsageError(f"unknown --hook {args.hook!r}", "use auto, raw_tp or tp")
-    try:
-        pid = 0 if args.pid is None else pid_value(args.pid)
-    except ValueError as err:
-        message, _, fix = str(err).partition(" (fix: ")
-        raise UsageError(message, fix.removesuffix(")")) from None
+    if args.pid is None:
+        pid = 0
+    elif args.replay:  # a pid of the file's host, whose pid_max may be larger
+        pid = _int(args.pid, "-p", 1) or 0
+        if pid > PID_MAX_LIMIT:
+            raise UsageError(f"bad -p {args.pid!r}", f"give a process id up to {PID_MAX_LIMIT}")
+    else:
+        try:
+            pid = pid_value(args.pid)
+        except argparse.ArgumentTypeError as err:
+            message, _, fix = str(err).partition(" (fix: ")
+            raise UsageError(message, fix.removesuffix(")")) from None
     opts = TopOptions(
         pid=pid,
         delay=delay,

@@ -318,9 +318,10 @@ def run(args: argparse.Namespace) -> int:
         child.release()
     lock = threading.Lock()
     exporter = None
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # end cleanly, tty restored
+    old_int = signal.getsignal(signal.SIGINT)
     try:
         unbounded = opts.count is None or opts.count * opts.delay >= LONG_RUN_S
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # end cleanly, terminal restored
         latest = None
         if opts.prometheus:
             from ..views.prometheus import Exporter
@@ -358,11 +359,17 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        # a second Ctrl-C or SIGTERM must not cut the detach short (bcc would then detach
+        # again at exit, from a half-closed state, with a traceback): closing is bounded
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if exporter is not None:
             exporter.close()
         _close(source)
         if child is not None:
             child.stop()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
         if captured is not None:
             captured.seek(0)
             sys.stdout.flush()

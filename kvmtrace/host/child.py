@@ -18,7 +18,7 @@ from typing import IO
 
 from ..errors import UsageError
 
-__all__ = ["PausedChild", "check_command", "exit_status"]
+__all__ = ["PausedChild", "check_command", "exit_status", "descendants"]
 
 # Runs in the child: die with the tracer (PR_SET_PDEATHSIG = 1, SIGKILL), and if it is
 # gone already (parent pid argv[2] no longer the parent); wait for the go byte on fd
@@ -42,6 +42,30 @@ def check_command(command: list[str]) -> None:
     if shutil.which(command[0]) is None:
         raise UsageError(f"command not found: {command[0]}",
                          "give a program on PATH or a path")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living descendant of process ``pid``: the children of each of its threads,
+    recursively, from ``/proc/PID/task/TID/children`` (CONFIG_PROC_CHILDREN); a process
+    whose parent exited has been reparented and is no longer found. [] when unreadable."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 4096:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as fh:
+                    kids = [int(k) for k in fh.read().split()]
+            except (OSError, ValueError):
+                continue
+            new = [k for k in kids if k not in found]
+            found += new
+            todo += new
+    return found
 
 
 def exit_status(returncode: int | None) -> int:

@@ -163,7 +163,8 @@ def _argv(args: list[str], tmp: Path) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("args, needle", CASES, ids=[" ".join(a) for a, _ in CASES])
+@pytest.mark.parametrize("args, needle", CASES,
+                         ids=[" ".join(a).replace(FTRACE, "FTRACE") for a, _ in CASES])
 def test_bad_flag_one_line_exit_2_nothing_done(tmp_path: Path, args: list[str],
                                                needle: str) -> None:
     out = tmp_path / "out.kvt"

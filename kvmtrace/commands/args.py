@@ -96,8 +96,10 @@ def integer(flag: str, low: int, high: int, *, example: str = "1",
             not power_of_two or value & (value - 1) == 0)
         if not ok:
             kind = "a power of two" if power_of_two else "an integer"
-            raise argparse.ArgumentTypeError(
-                f"{flag} {text}: not {kind} from {low} to {high} (fix: e.g. {flag} {example})")
+            what = (f"above the maximum: give {kind} from {low} to {high}"
+                    if value is not None and value > high else
+                    f"not {kind} from {low} to {high}")
+            raise argparse.ArgumentTypeError(f"{flag} {text}: {what} (fix: e.g. {flag} {example})")
         return int(value)
 
     return parse

@@ -77,7 +77,10 @@ def exit_status(returncode: int | None) -> int:
 
 
 class PausedChild:
-    """COMMAND started but held before exec; ``stdout``/``stderr`` as for subprocess."""
+    """COMMAND started but held before exec; ``stdout``/``stderr`` as for subprocess.
+
+    Create it from a thread that lives until :meth:`release` (the main thread): the
+    kernel sends the death signal when the thread that forked the child ends."""
 
     def __init__(self, command: list[str], *, stdout: IO[bytes] | int | None = None,
                  stderr: IO[bytes] | int | None = None) -> None:

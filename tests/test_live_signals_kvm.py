@@ -219,3 +219,26 @@ def test_record_wrapper_warns_and_names_the_vmm(tmp_path: Path) -> None:
     assert len(warnings) == 1, p.stderr
     assert f"child {vmm_pid} (python" in warnings[0] and f"-p {vmm_pid}" in warnings[0]
     assert "recorded 0 events" in p.stderr
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_record_stopped_by_sigterm_saves_and_exits_0(tmp_path: Path, times: int) -> None:
+    """``record -- CMD`` stopped by SIGTERM (once, or twice 10 ms apart) while recording:
+    the recording is complete, CMD is ended by record (so its status is not record's), exit
+    0, one summary line and nothing else."""
+    out = tmp_path / "r.kvt"
+    rec = subprocess.Popen(kvmtrace_cmd("record", "-o", str(out), "--", "sleep", "60"),
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.stat().st_size):
+        assert time.monotonic() < deadline and rec.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.3)
+    for _ in range(times):
+        rec.send_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    _, err = rec.communicate(timeout=60)
+    assert rec.returncode == 0, err
+    (line,) = err.splitlines()
+    assert line.startswith("recorded 0 events"), err
+    assert not open_recording(out).truncated

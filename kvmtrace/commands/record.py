@@ -79,6 +79,8 @@ class RecordSummary:
     bytes: int
     seconds: float
     pushes: int
+    #: COMMAND's exit status if it ended by itself (negative: killed by that signal), else
+    #: None (no COMMAND, or still running when recording stopped and so ended by record)
     child_status: int | None
     #: (pid, vm, ring) -> why it is stuck (kvmtrace.analysis.stuck), for flagged rings
     stuck: dict[tuple[int, int, int], str] = field(default_factory=dict)
@@ -227,11 +229,13 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        # COMMAND's own status if it ended by itself, not the one of stopping it here
+        own_status = child.poll() if child is not None else None
         if child is not None:
             child.stop()
     return RecordSummary(events=events, lost=lost, bytes=output.stat().st_size,
                          seconds=time.monotonic() - t0, pushes=pushes,
-                         child_status=child.returncode if child is not None else None,
+                         child_status=own_status,
                          stuck=stuck.stuck())
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .commands.args import Parser
 from .errors import KvmtraceError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -27,7 +28,7 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kvmtrace",
         description="Observe the KVM dirty ring (KVM_CAP_DIRTY_LOG_RING) per vCPU.",
         epilog=EPILOG,
@@ -43,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the commands' modules load
+        return 130
     if args.func is None:
         parser.print_help()
         return 2

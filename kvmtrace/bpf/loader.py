@@ -9,6 +9,7 @@ filter, aggregation and event output switches, ring buffer pages, the hook of ea
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno
 import os
@@ -688,9 +689,19 @@ class Probes:
         return {f"{s}:{n}": tracefs.event_format(s, n) for s, n in tracefs.DIRTY_RING_EVENTS}
 
     def close(self) -> None:
+        """Detach and unload, once (later calls do nothing). bcc also registers its own
+        cleanup to run at exit: that one is dropped here, so a close that was cut short
+        is never followed by a second detach of what is half gone. A detach bcc reports
+        as failed is not raised: the kernel detaches whatever is left when the process's
+        file descriptors close."""
         bpf, self._bpf = getattr(self, "_bpf", None), None
-        if bpf is not None:
+        if bpf is None:
+            return
+        atexit.unregister(bpf.cleanup)
+        try:
             bpf.cleanup()
+        except Exception:  # noqa: BLE001,S110 - bcc raises bare Exception("Failed to detach")
+            pass
 
     def __enter__(self) -> Probes:
         return self

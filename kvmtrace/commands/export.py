@@ -13,9 +13,11 @@ from typing import Any
 
 from ..errors import UsageError
 from ..host.outfile import check_output
-from .args import add_input, add_ring_size, add_subcommand
+from .args import MAX_SECONDS, add_input, add_ring_size, add_subcommand
 
 __all__ = ["register", "run", "open_input"]
+
+MAX_ROW_GROUP_ROWS = 1 << 26  #: larger row groups only cost memory
 
 EPILOG = """examples:
   kvmtrace export run.kvt --parquet run.parquet
@@ -64,10 +66,12 @@ def open_input(path: str, ring_entries: int | None) -> Any:
 def run(args: argparse.Namespace) -> int:
     if args.ring_entries is not None and args.ring_entries <= 0:
         raise UsageError(f"--ring-entries {args.ring_entries}: must be positive")
-    if args.counter_interval_us < 0:
-        raise UsageError(f"--counter-interval-us {args.counter_interval_us}: must be >= 0")
-    if args.row_group_rows <= 0:
-        raise UsageError(f"--row-group-rows {args.row_group_rows}: must be positive")
+    if not 0 <= args.counter_interval_us <= MAX_SECONDS * 1e6:  # NaN fails both
+        raise UsageError(f"--counter-interval-us {args.counter_interval_us}: not a number of "
+                         "microseconds", "give 0 or more, e.g. --counter-interval-us 100")
+    if not 0 < args.row_group_rows <= MAX_ROW_GROUP_ROWS:
+        raise UsageError(f"--row-group-rows {args.row_group_rows}: not 1 to "
+                         f"{MAX_ROW_GROUP_ROWS}", "e.g. --row-group-rows 1048576")
     flag, dest = ("--parquet", args.parquet) if args.parquet else ("--perfetto", args.perfetto)
     check_output(dest, [args.file], flag=flag)  # before anything is read or written
     src = open_input(args.file, args.ring_entries)

@@ -13,23 +13,39 @@ import numpy as np
 
 from ..analysis.stuck import EventStuck
 from ..bpf.event_source import LiveEvents
+from ..bpf.vmident import vm_fds
 from ..core.counters import VmName
 from ..core.events import Kind
 from ..errors import UsageError
-from ..host.child import PausedChild
+from ..host.child import PausedChild, check_command, descendants, exit_status
 from ..host.outfile import check_output
 from ..host.vmnames import resolve
 from ..source.recording import RecordingWriter
-from .args import HOOKS, add_command, add_pid, add_subcommand, command_of
+from .args import (
+    HOOKS,
+    MAX_SECONDS,
+    add_command,
+    add_pid,
+    add_subcommand,
+    check_pid,
+    command_of,
+    integer,
+    number,
+)
 
-__all__ = ["register", "run", "RecordSummary", "record"]
+__all__ = ["register", "run", "RecordSummary", "record", "check_flags"]
 
 EXAMPLES = """examples:
   kvmtrace record -o run.kvt                      # every VM, until Ctrl-C
   kvmtrace record -o run.kvt -p 4242 --duration 10
   kvmtrace record -o run.kvt -- kvmtrace workload --vcpus 2 --pages 1000
   kvmtrace replay run.kvt                         # then check it against the ring model
+
+exit status: 0, or with -- COMMAND the command's own status when it fails (the
+recording is saved first, like perf record); 2 bad flags; 128+N COMMAND killed by signal N
 """
+#: largest --ringbuf-pages: 1 GiB of 4 KiB pages
+MAX_RINGBUF_PAGES = 1 << 18
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,12 +59,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="recording to write")
     add_pid(p)
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
-    p.add_argument("--ringbuf-pages", type=int, default=4096,
+    p.add_argument("--duration", type=number("--duration", 0, MAX_SECONDS, low_open=True,
+                                             example="10"),
+                   metavar="S", help="stop after S seconds")
+    p.add_argument("--ringbuf-pages", type=integer("--ringbuf-pages", 1, MAX_RINGBUF_PAGES,
+                                                   power_of_two=True, example="4096"),
+                   default=4096, metavar="N",
                    help="BPF ring buffer size in pages, a power of two (default 4096)")
     p.add_argument("--hook", choices=HOOKS, default="auto",
                    help="raw tracepoints or tracepoints (default: best available)")
-    add_command(p, "run COMMAND and record its VMs until it exits")
+    add_command(p, "run COMMAND and record its VMs until it exits; exit with its status "
+                "when it fails")
 
 
 @dataclass
@@ -58,6 +79,8 @@ class RecordSummary:
     bytes: int
     seconds: float
     pushes: int
+    #: COMMAND's exit status if it ended by itself (negative: killed by that signal), else
+    #: None (no COMMAND, or still running when recording stopped and so ended by record)
     child_status: int | None
     #: where an earlier recording at the output path was moved (FILE.old), if any
     old: Path | None = None
@@ -112,6 +135,34 @@ class _Names:
         return new
 
 
+class _VmmsBelow:
+    """Descendants of ``-- COMMAND`` that hold a KVM VM (a wrapper script that starts the
+    VMM as its child): the probes filter by COMMAND's own pid, so their events are not
+    recorded; :meth:`warning` says so and names the VMM's pid. Looked up at most every
+    ``every_s`` seconds while COMMAND runs."""
+
+    def __init__(self, pid: int, every_s: float = 0.25) -> None:
+        self.pid, self.every_s, self.next = pid, every_s, 0.0
+        self.found: dict[int, str] = {}
+
+    def watch(self) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + self.every_s
+        for pid in descendants(self.pid):
+            if pid not in self.found and vm_fds(pid):
+                self.found[pid] = resolve(pid).comm or "?"
+
+    def warning(self, events: int) -> str | None:
+        if events or not self.found:
+            return None
+        vmms = ", ".join(f"{pid} ({comm})" for pid, comm in sorted(self.found.items()))
+        return (f"kvmtrace record: warning: recorded 0 events from {self.pid}, but its "
+                f"child {vmms} created a VM: record the VMM itself (-- VMM-COMMAND, or "
+                f"-p {min(self.found)} while it runs)")
+
+
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
            command: list[str] | None = None, ringbuf_pages: int = 4096, hook: str = "auto",
            flush_s: float = 1.0, quiet: bool = False) -> RecordSummary:
@@ -146,6 +197,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                 print("Recording dirty-ring events... Hit Ctrl-C to end.", file=sys.stderr)
             last_flush = time.monotonic()
             names = _Names()
+            below = _VmmsBelow(child.pid) if child is not None else None
             for batch in source.batches():
                 if len(batch):
                     learnt = names.learn(batch)
@@ -169,23 +221,40 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                     stop()
                 elif child is not None:
                     names.watch(child.pid)
+                if below is not None:
+                    below.watch()
             writer.add_lost(source.lost - writer.lost)
             lost = writer.lost
+            warning = below.warning(events) if below is not None else None
+            if warning and not quiet:
+                print(warning, file=sys.stderr)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        # COMMAND's own status if it ended by itself, not the one of stopping it here
+        own_status = child.poll() if child is not None else None
         if child is not None:
             child.stop()
     return RecordSummary(events=events, lost=lost, bytes=output.stat().st_size,
                          seconds=time.monotonic() - t0, pushes=pushes,
-                         child_status=child.returncode if child is not None else None,
+                         child_status=own_status,
                          stuck=stuck.stuck(), old=writer.old)
 
 
-def run(args: argparse.Namespace) -> int:
+def check_flags(args: argparse.Namespace) -> list[str]:
+    """Every check that needs no BPF and writes nothing; returns ``-- COMMAND``."""
     command = command_of(args)
-    if args.duration is not None and args.duration <= 0:
-        raise UsageError("--duration must be positive", "give seconds, e.g. --duration 10")
+    if command and args.pid:
+        raise UsageError("-p and -- COMMAND cannot be combined",
+                         "give -p PID to record a running VMM, or -- COMMAND to start one")
+    if command:
+        check_command(command)
+    check_pid(args.pid)
+    return command
+
+
+def run(args: argparse.Namespace) -> int:
+    command = check_flags(args)
     # refused here (symlink, directory, no such directory); FILE itself is only replaced,
     # and an earlier FILE moved to FILE.old, when the recording is complete
     out = check_output(args.output, flag="-o")
@@ -194,4 +263,4 @@ def run(args: argparse.Namespace) -> int:
     if summary.old is not None:
         print(f"kvmtrace record: moved the existing {out} to {summary.old}", file=sys.stderr)
     print(summary.line(str(out)), file=sys.stderr)
-    return 0
+    return exit_status(summary.child_status)

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
 from ..host.outfile import atomic_output, check_output
-from .args import add_input, add_json, add_ring_size, add_subcommand
+from .args import add_input, add_json, add_ring_size, add_subcommand, integer, number
 
 __all__ = ["register", "run", "ReplayOptions", "replay_options"]
 
@@ -31,6 +31,9 @@ EPILOG = """examples:
 exit status: 0 clean, 1 anomalies found (or lost events), 2 bad input
 """
 
+
+
+MIN_WINDOW_S = 1e-3  #: the shortest --window: 1 ms
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,9 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also report the soft-full exits a ring of N entries would cause")
     p.add_argument("--dump-harvest", metavar="OUT",
                    help="write every harvested [slot, offset] per ring to OUT (JSON)")
-    p.add_argument("--window", type=float, default=1.0, metavar="SECS",
+    p.add_argument("--window", type=number("--window", MIN_WINDOW_S, 1e6, example="0.1"),
+                   default=1.0, metavar="SECS",
                    help="working-set window in seconds (default 1)")
-    p.add_argument("--top", type=int, default=10, metavar="N",
+    p.add_argument("--top", type=integer("--top", 1, 1 << 20, example="10"), default=10,
+                   metavar="N",
                    help="hottest pages to list per VM (default 10)")
     p.add_argument("--reserved", type=int, default=KVM_DIRTY_RING_RSVD_ENTRIES,
                    metavar="64|576",
@@ -83,8 +88,8 @@ def _check(args: argparse.Namespace) -> None:
     if args.reserved not in (KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML):
         raise UsageError(f"--reserved {args.reserved}: KVM keeps back 64 entries, or 576 "
                          "with Intel PML", "give --reserved 64 or --reserved 576")
-    if not args.window > 0 or args.window > 1e6:
-        raise UsageError(f"--window {args.window}: must be a positive number of seconds",
+    if not MIN_WINDOW_S <= args.window <= 1e6:  # NaN fails too
+        raise UsageError(f"--window {args.window}: not 1 ms to 1e6 seconds",
                          "e.g. --window 0.1")
     if args.top < 1:
         raise UsageError(f"--top {args.top}: must be at least 1", "e.g. --top 10")

@@ -22,9 +22,19 @@ from ..analysis.rates import compute_interval
 from ..core.counters import Snapshot
 from ..core.sources import SnapshotSource, SourceMeta
 from ..errors import UsageError
-from ..host.child import PausedChild
+from ..host.child import PausedChild, check_command, exit_status
 from ..views.top_render import SORT_KEYS, render_top
-from .args import HOOKS, add_command, add_json, add_pid, add_ring_size, add_subcommand, command_of
+from .args import (
+    HOOKS,
+    add_command,
+    add_json,
+    add_pid,
+    add_ring_size,
+    add_subcommand,
+    check_pid,
+    command_of,
+    pid_value,
+)
 
 __all__ = ["register", "run", "TopOptions", "parse_options"]
 
@@ -36,7 +46,10 @@ EXAMPLES = """examples:
   kvmtrace top --prometheus :9877       # metrics on http://127.0.0.1:9877/metrics
   kvmtrace top -b --replay run.kvt      # the same view over a recording, as fast as it goes
   kvmtrace top -- kvmtrace workload --vcpus 2 --duration 30   # watch one command's VMs
+
+exit status: 0; with -- COMMAND, the command's own status when it failed; 2 bad flags
 """
+PID_MAX_LIMIT = 1 << 22  #: the kernel's largest pid_max (include/linux/threads.h, 64-bit)
 LONG_RUN_S = 10.0  # batch runs at least this long say how to end them
 
 
@@ -120,8 +133,20 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         raise UsageError(f"unknown sort key {args.sort!r}", f"use one of {', '.join(SORT_KEYS)}")
     if args.hook not in HOOKS:
         raise UsageError(f"unknown --hook {args.hook!r}", "use auto, raw_tp or tp")
+    if args.pid is None:
+        pid = 0
+    elif args.replay:  # a pid of the file's host, whose pid_max may be larger
+        pid = _int(args.pid, "-p", 1) or 0
+        if pid > PID_MAX_LIMIT:
+            raise UsageError(f"bad -p {args.pid!r}", f"give a process id up to {PID_MAX_LIMIT}")
+    else:
+        try:
+            pid = pid_value(args.pid)
+        except argparse.ArgumentTypeError as err:
+            message, _, fix = str(err).partition(" (fix: ")
+            raise UsageError(message, fix.removesuffix(")")) from None
     opts = TopOptions(
-        pid=_int(args.pid, "-p", 0) or 0,
+        pid=pid,
         delay=delay,
         count=_int(args.iterations, "-n", 1),
         batch=bool(args.batch or args.json),
@@ -142,6 +167,10 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         raise UsageError("-- COMMAND cannot be combined with --replay or -p",
                          "top -- COMMAND follows COMMAND's own process")
     opts.command = command
+    if command:
+        check_command(command)
+    if not opts.replay:
+        check_pid(opts.pid)
     if (opts.ring_entries or opts.ring_bytes) and not opts.replay:
         raise UsageError("--ring-entries/--ring-bytes only apply to --replay",
                          "the live view learns ring sizes from KVM_ENABLE_CAP")
@@ -289,9 +318,10 @@ def run(args: argparse.Namespace) -> int:
         child.release()
     lock = threading.Lock()
     exporter = None
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt)  # end cleanly, tty restored
+    old_int = signal.getsignal(signal.SIGINT)
     try:
         unbounded = opts.count is None or opts.count * opts.delay >= LONG_RUN_S
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # end cleanly, terminal restored
         latest = None
         if opts.prometheus:
             from ..views.prometheus import Exporter
@@ -308,12 +338,13 @@ def run(args: argparse.Namespace) -> int:
         if (opts.batch or opts.prometheus) and label == "live" and unbounded and not child:
             print("Hit Ctrl-C to end.", file=sys.stderr, flush=True)
         if opts.batch:
-            return _batch(opts, source, label, lock, latest, child=child)
+            status = _batch(opts, source, label, lock, latest, child=child)
+            return _command_status(child) if child is not None else status
         if opts.prometheus:
             return _serve_only(opts, source, label, lock, latest)
         from ..views.top_curses import TopState, run_curses
 
-        return run_curses(
+        status = run_curses(
             source,
             opts.delay,
             state=TopState(sort_key=opts.sort, pid=opts.pid),
@@ -324,19 +355,31 @@ def run(args: argparse.Namespace) -> int:
             count=opts.count,
             mode=str(source.meta.extra.get("mode", "full")),
         )
+        return _command_status(child) if child is not None else status
     except KeyboardInterrupt:
         return 0
     finally:
+        # a second Ctrl-C or SIGTERM must not cut the detach short (bcc would then detach
+        # again at exit, from a half-closed state, with a traceback): closing is bounded
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if exporter is not None:
             exporter.close()
         _close(source)
         if child is not None:
             child.stop()
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
         if captured is not None:
             captured.seek(0)
             sys.stdout.flush()
             shutil.copyfileobj(captured, sys.stdout.buffer)
             sys.stdout.flush()
+
+
+def _command_status(child: PausedChild) -> int:
+    """COMMAND's failure status if it ended by itself (exit_status), else 0."""
+    return exit_status(child.poll())
 
 
 def _end_status(source: SnapshotSource, child: PausedChild | None) -> str | None:

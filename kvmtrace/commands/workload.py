@@ -7,12 +7,18 @@ import json
 import os
 import sys
 
-from ..core.kvm_abi import bytes_from_entries
+from ..core.kvm_abi import (
+    GFN_BYTES,
+    KVM_DIRTY_RING_MAX_ENTRIES,
+    MIN_RING_BYTES,
+    MIN_RING_ENTRIES,
+    bytes_from_entries,
+)
 from ..errors import UsageError
 from ..host.outfile import atomic_output, check_output
 from ..vmm.guest import PATTERNS
-from ..vmm.workload import HARVEST_MODES, WorkloadConfig, run_workload
-from .args import add_json, add_subcommand
+from ..vmm.workload import HARVEST_MODES, MAX_VM_CYCLES, MAX_VMS, WorkloadConfig, run_workload
+from .args import MAX_SECONDS, add_json, add_subcommand, integer, number
 
 __all__ = ["register", "run", "config_from_args"]
 
@@ -29,41 +35,68 @@ EPILOG = """examples:
 """
 
 
+MAX_RING_BYTES = KVM_DIRTY_RING_MAX_ENTRIES * GFN_BYTES
+MAX_MS = MAX_SECONDS * 1000  #: the longest period in milliseconds a flag takes
+
+
+#: the value type of each numeric flag: a bad value is one line with the fix
+_TYPES = {
+    "--vcpus": integer("--vcpus", 1, 64, example="2"),
+    "--ring-bytes": integer("--ring-bytes", MIN_RING_BYTES, MAX_RING_BYTES,
+                            power_of_two=True, example="65536"),
+    "--ring-entries": integer("--ring-entries", MIN_RING_ENTRIES, KVM_DIRTY_RING_MAX_ENTRIES,
+                              power_of_two=True, example="4096"),
+    "--pages": integer("--pages", 1, 1 << 24, example="1000"),
+    "--passes": integer("--passes", 1, 0xFFFFFFFF, example="3"),
+    "--duration": number("--duration", 0, MAX_SECONDS, low_open=True, example="2"),
+    "--seed": integer("--seed", 0, (1 << 63) - 1, example="7"),
+    "--exit-every": integer("--exit-every", 0, 0xFFFFFFFF, example="16"),
+    "--reaper-ms": number("--reaper-ms", 0, MAX_MS, low_open=True, example="10"),
+    "--harvest-delay-us": number("--harvest-delay-us", 0, MAX_MS * 1000, example="50"),
+    "--start-delay-ms": number("--start-delay-ms", 0, MAX_MS, example="500"),
+    "--vms": integer("--vms", 1, MAX_VMS, example="2"),
+    "--vm-cycles": integer("--vm-cycles", 1, MAX_VM_CYCLES, example="3"),
+    "--migrate-ms": number("--migrate-ms", 0, MAX_MS, low_open=True, example="5"),
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_subcommand(
         sub, "workload", help="run a real guest that dirties pages through the dirty ring",
         description="Run the built-in VMM: N vCPU threads, each with its own dirty ring,\n"
         "each writing its own guest pages; harvest like a VMM, report per-ring counts.",
         epilog=EPILOG, run=run)
-    p.add_argument("--vcpus", type=int, default=1, metavar="N", help="vCPU threads (1)")
-    p.add_argument("--ring-bytes", type=int, metavar="B",
+    p.add_argument("--vcpus", type=_TYPES["--vcpus"], default=1, metavar="N",
+                   help="vCPU threads (1)")
+    p.add_argument("--ring-bytes", type=_TYPES["--ring-bytes"], metavar="B",
                    help="dirty ring size per vCPU in bytes, power of two >= 4096 (4096)")
-    p.add_argument("--ring-entries", type=int, metavar="E",
+    p.add_argument("--ring-entries", type=_TYPES["--ring-entries"], metavar="E",
                    help="dirty ring size in 16-byte entries (256)")
-    p.add_argument("--pages", type=int, default=1000, metavar="P",
+    p.add_argument("--pages", type=_TYPES["--pages"], default=1000, metavar="P",
                    help="distinct pages each vCPU writes (1000)")
-    p.add_argument("--passes", type=int, metavar="N",
+    p.add_argument("--passes", type=_TYPES["--passes"], metavar="N",
                    help="walk the pages N times, then halt (1)")
-    p.add_argument("--duration", type=float, metavar="S",
+    p.add_argument("--duration", type=_TYPES["--duration"], metavar="S",
                    help="keep walking for S seconds (per VM cycle) instead of --passes")
     p.add_argument("--pattern", default="seq", metavar="|".join(PATTERNS),
                    help="page visit order: seq, random (see --seed) or hot (skewed repeats)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random and hot (0)")
-    p.add_argument("--exit-every", type=int, default=1, metavar="K",
+    p.add_argument("--seed", type=_TYPES["--seed"], default=0, help="seed for random and hot (0)")
+    p.add_argument("--exit-every", type=_TYPES["--exit-every"], default=1, metavar="K",
                    help="I/O exit after every K page writes; 0 = tight loop, no exits (1)")
     p.add_argument("--harvest", default="on-full", metavar="|".join(HARVEST_MODES),
                    help="who harvests: vCPU on exit 31, a reaper thread too, or only it")
-    p.add_argument("--reaper-ms", type=float, default=10.0, metavar="MS",
+    p.add_argument("--reaper-ms", type=_TYPES["--reaper-ms"], default=10.0, metavar="MS",
                    help="reaper period for --harvest reaper/lazy (10)")
-    p.add_argument("--harvest-delay-us", type=float, default=0.0, metavar="US",
+    p.add_argument("--harvest-delay-us", type=_TYPES["--harvest-delay-us"], default=0.0,
+                   metavar="US",
                    help="injected delay before each harvest (0)")
-    p.add_argument("--start-delay-ms", type=float, default=0.0, metavar="MS",
+    p.add_argument("--start-delay-ms", type=_TYPES["--start-delay-ms"], default=0.0, metavar="MS",
                    help="sleep before creating the VM, so a tracer can attach (0)")
-    p.add_argument("--vms", type=int, default=1, metavar="N",
+    p.add_argument("--vms", type=_TYPES["--vms"], default=1, metavar="N",
                    help="VMs in this process, run together, each with --vcpus vCPUs (1)")
-    p.add_argument("--vm-cycles", type=int, default=1, metavar="K",
+    p.add_argument("--vm-cycles", type=_TYPES["--vm-cycles"], default=1, metavar="K",
                    help="close and recreate the VMs K times (same fd numbers) (1)")
-    p.add_argument("--migrate-ms", type=float, metavar="MS",
+    p.add_argument("--migrate-ms", type=_TYPES["--migrate-ms"], metavar="MS",
                    help="re-pin every vCPU thread to another CPU every MS ms")
     p.add_argument("--interrupt-resets", action="store_true",
                    help="signal the harvesting thread inside KVM_RESET_DIRTY_RINGS so "

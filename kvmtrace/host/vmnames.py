@@ -17,6 +17,10 @@ The VMM kinds and where each puts the VM's name on its command line:
 
 Any other process: kind None, name None; its ``comm`` is still reported. A process gone
 (or a zombie) before it was asked: every field empty, never an error.
+
+The kernel keeps argv and comm as bytes, in no particular encoding: a byte that is not
+UTF-8 is shown as a ``\\xNN`` escape (:func:`decode`), so a VMM named ``b"vmm\\xff"`` is
+``"vmm\\xff"`` in every view, JSON and recording, and never an error.
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ from pathlib import Path
 
 from ..core.counters import VmName
 
-__all__ = ["VMM_KINDS", "cmdline", "comm", "parse_argv", "vm_name", "resolve"]
+__all__ = ["VMM_KINDS", "decode", "cmdline", "comm", "parse_argv", "vm_name", "resolve"]
 
 #: the VMM kinds :func:`parse_argv` reports
 VMM_KINDS = ("qemu", "libvirt", "firecracker", "cloud-hypervisor", "kvmtrace")
 
 PROC = Path("/proc")
+
+
+def decode(raw: bytes) -> str:
+    """Text of bytes from /proc: UTF-8, any other byte as a ``\\xNN`` escape."""
+    return raw.decode("utf-8", errors="backslashreplace")
 
 
 def cmdline(pid: int) -> list[str]:
@@ -40,13 +49,13 @@ def cmdline(pid: int) -> list[str]:
         raw = (PROC / str(pid) / "cmdline").read_bytes()
     except OSError:
         return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return [decode(a) for a in raw.split(b"\0") if a]
 
 
 def comm(pid: int) -> str:
     """``/proc/PID/comm`` ("" if the process is gone)."""
     try:
-        return (PROC / str(pid) / "comm").read_text().strip()
+        return decode((PROC / str(pid) / "comm").read_bytes()).strip()
     except OSError:
         return ""
 

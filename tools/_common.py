@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ for _path in (ROOT / "tests", ROOT):
         sys.path.insert(0, str(_path))
 
 __all__ = ["ROOT", "kvmtrace_cmd", "reaper_workload", "cpu_seconds", "require_root",
-           "parser", "Outcome", "repeat", "soak_runs", "Column", "Table"]
+           "parser", "Outcome", "repeat", "soak_runs", "pytest_once", "Column", "Table"]
 
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
@@ -109,6 +110,19 @@ def repeat(run: Callable[[], str | None], runs: int) -> Outcome:
             out.failures.append(f"run {i}: {why}")
     out.seconds = time.monotonic() - t0
     return out
+
+
+def pytest_once(*tests: str) -> str | None:
+    """Run ``tests`` (pytest node ids) in a fresh pytest of this checkout, kernel features
+    required; None if they passed, else their first error lines."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           *tests], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "KVMTRACE_REQUIRE_KERNEL": "1"})
+    if proc.returncode == 0:
+        return None
+    errors = [ln[1:].strip() for ln in proc.stdout.splitlines() if ln.startswith("E ")]
+    return " | ".join(errors[:4])[:600] or proc.stdout.strip().splitlines()[-1]
 
 
 def soak_runs(label: str, runs: int, one: Callable[[Path], tuple[bool, str]]) -> int:

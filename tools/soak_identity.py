@@ -22,11 +22,9 @@ every anomaly (a failed run, with its first assertion lines); exit 1 if any.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
-from _common import ROOT, parser, repeat, require_root
+from _common import parser, pytest_once, repeat, require_root
 
 TESTS = "tests/test_identity_kvm.py::"
 SCENARIOS = {
@@ -40,18 +38,6 @@ SCENARIOS = {
 }
 
 
-def run_once(test: str) -> str | None:
-    """Run one test in a fresh pytest; None if it passed, else its first error lines."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           TESTS + test], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT),
-                               "KVMTRACE_REQUIRE_KERNEL": "1"})
-    if proc.returncode == 0:
-        return None
-    errors = [ln[1:].strip() for ln in proc.stdout.splitlines() if ln.startswith("E ")]
-    return " | ".join(errors[:4])[:600] or proc.stdout.strip().splitlines()[-1]
-
-
 def main() -> int:
     ap = parser(__doc__, runs=20)
     ap.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
@@ -59,7 +45,7 @@ def main() -> int:
     require_root("soak_identity", "BPF, /dev/kvm")
     bad = 0
     for name in args.only or list(SCENARIOS):
-        out = repeat(lambda name=name: run_once(SCENARIOS[name]), args.runs)
+        out = repeat(lambda name=name: pytest_once(TESTS + SCENARIOS[name]), args.runs)
         bad += len(out.failures)
         print(f"{name:>12}: {args.runs} runs, {len(out.failures)} anomalies "
               f"({out.seconds:.0f} s)", flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -221,6 +222,25 @@ def test_record_wrapper_warns_and_names_the_vmm(tmp_path: Path) -> None:
     assert "recorded 0 events" in p.stderr
 
 
+def test_top_wrapper_warns_and_names_the_vmm(tmp_path: Path) -> None:
+    """``top -b -- sh -c 'VMM; true'``: as for record, top follows the shell's pid, shows
+    no ring of it, and ends with one warning naming the VMM's pid (its --pid-file)."""
+    pid_file = tmp_path / "pid"
+    vmm = " ".join([sys.executable, "-m", "kvmtrace", "workload", "--duration", "1.5",
+                    "--pages", "200", "--pid-file", str(pid_file)])
+    p = subprocess.run(kvmtrace_cmd("top", "-b", "--json", "-d", "0.5", "--", "sh", "-c",
+                                    f"{vmm} >/dev/null; true"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    vmm_pid = int(pid_file.read_text())
+    warnings = [x for x in p.stderr.splitlines() if "warning" in x]
+    assert len(warnings) == 1, p.stderr
+    assert re.fullmatch(rf"kvmtrace top: warning: saw no ring from \d+, but its child "
+                        rf"{vmm_pid} \(python[\d.]*\) created a VM: trace the VMM itself "
+                        rf"\(-- VMM-COMMAND, or -p {vmm_pid} while it runs\)", warnings[0])
+    assert all(not json.loads(x)["rings"] for x in p.stdout.splitlines())
+
+
 @pytest.mark.parametrize("times", [1, 2])
 def test_record_stopped_by_sigterm_saves_and_exits_0(tmp_path: Path, times: int) -> None:
     """``record -- CMD`` stopped by SIGTERM (once, or twice 10 ms apart) while recording:
@@ -230,8 +250,8 @@ def test_record_stopped_by_sigterm_saves_and_exits_0(tmp_path: Path, times: int)
     rec = subprocess.Popen(kvmtrace_cmd("record", "-o", str(out), "--", "sleep", "60"),
                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out.exists() and out.stat().st_size):
-        assert time.monotonic() < deadline and rec.poll() is None
+    while not any(p.stat().st_size for p in tmp_path.glob("r.kvt.*.partial")):
+        assert time.monotonic() < deadline and rec.poll() is None  # written as .partial
         time.sleep(0.05)
     time.sleep(0.3)
     for _ in range(times):

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import select
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.counters import VmInfo, VmName
+from ..host.child import descendants
 from ..host.vmnames import cmdline, comm, resolve, vm_name
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "VmIdentity",
     "ProcEvent",
     "ProcWatcher",
+    "VmmsBelow",
 ]
 
 KVM_VM_LINK = "anon_inode:kvm-vm"
@@ -122,3 +125,33 @@ class ProcWatcher:
     def close(self) -> None:
         # Closing unsubscribes; control(False) would wait for a reply that never comes.
         self._sock.close()
+
+
+class VmmsBelow:
+    """Descendants of ``-- COMMAND`` that hold a KVM VM (a wrapper script that starts the
+    VMM as its child): the probes filter by COMMAND's own pid, so their events are not
+    traced; :meth:`warning` says so and names the VMM's pid. Looked up at most every
+    ``every_s`` seconds (:meth:`watch`) while COMMAND runs."""
+
+    def __init__(self, pid: int, every_s: float = 0.25) -> None:
+        self.pid, self.every_s, self.next = pid, every_s, 0.0
+        self.found: dict[int, str] = {}
+
+    def watch(self) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            return
+        self.next = now + self.every_s
+        for pid in descendants(self.pid):
+            if pid not in self.found and vm_fds(pid):
+                self.found[pid] = resolve(pid).comm or "?"
+
+    def warning(self, tool: str, what: str) -> str | None:
+        """``kvmtrace TOOL: warning: WHAT from PID, but its child ...``, or None when no
+        descendant created a VM."""
+        if not self.found:
+            return None
+        vmms = ", ".join(f"{pid} ({comm})" for pid, comm in sorted(self.found.items()))
+        return (f"kvmtrace {tool}: warning: {what} from {self.pid}, but its child {vmms} "
+                f"created a VM: trace the VMM itself (-- VMM-COMMAND, or -p "
+                f"{min(self.found)} while it runs)")

@@ -13,11 +13,11 @@ import numpy as np
 
 from ..analysis.stuck import EventStuck
 from ..bpf.event_source import LiveEvents
-from ..bpf.vmident import vm_fds
+from ..bpf.vmident import VmmsBelow
 from ..core.counters import VmName
 from ..core.events import Kind
 from ..errors import UsageError
-from ..host.child import PausedChild, check_command, descendants, exit_status
+from ..host.child import PausedChild, check_command, exit_status
 from ..host.outfile import check_output
 from ..host.vmnames import resolve
 from ..source.recording import RecordingWriter
@@ -135,34 +135,6 @@ class _Names:
         return new
 
 
-class _VmmsBelow:
-    """Descendants of ``-- COMMAND`` that hold a KVM VM (a wrapper script that starts the
-    VMM as its child): the probes filter by COMMAND's own pid, so their events are not
-    recorded; :meth:`warning` says so and names the VMM's pid. Looked up at most every
-    ``every_s`` seconds while COMMAND runs."""
-
-    def __init__(self, pid: int, every_s: float = 0.25) -> None:
-        self.pid, self.every_s, self.next = pid, every_s, 0.0
-        self.found: dict[int, str] = {}
-
-    def watch(self) -> None:
-        now = time.monotonic()
-        if now < self.next:
-            return
-        self.next = now + self.every_s
-        for pid in descendants(self.pid):
-            if pid not in self.found and vm_fds(pid):
-                self.found[pid] = resolve(pid).comm or "?"
-
-    def warning(self, events: int) -> str | None:
-        if events or not self.found:
-            return None
-        vmms = ", ".join(f"{pid} ({comm})" for pid, comm in sorted(self.found.items()))
-        return (f"kvmtrace record: warning: recorded 0 events from {self.pid}, but its "
-                f"child {vmms} created a VM: record the VMM itself (-- VMM-COMMAND, or "
-                f"-p {min(self.found)} while it runs)")
-
-
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
            command: list[str] | None = None, ringbuf_pages: int = 4096, hook: str = "auto",
            flush_s: float = 1.0, quiet: bool = False) -> RecordSummary:
@@ -197,7 +169,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                 print("Recording dirty-ring events... Hit Ctrl-C to end.", file=sys.stderr)
             last_flush = time.monotonic()
             names = _Names()
-            below = _VmmsBelow(child.pid) if child is not None else None
+            below = VmmsBelow(child.pid) if child is not None else None
             for batch in source.batches():
                 if len(batch):
                     learnt = names.learn(batch)
@@ -225,7 +197,8 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                     below.watch()
             writer.add_lost(source.lost - writer.lost)
             lost = writer.lost
-            warning = below.warning(events) if below is not None else None
+            warning = below.warning("record", "recorded 0 events") \
+                if below is not None and not events else None
             if warning and not quiet:
                 print(warning, file=sys.stderr)
     finally:

@@ -257,6 +257,12 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
     mode = str(source.meta.extra.get("mode", "full"))
     due = time.monotonic()
     done = 0
+    below = None
+    if child is not None and label == "live":
+        from ..bpf.vmident import VmmsBelow
+
+        below = VmmsBelow(child.pid)
+    seen = False  # a ring of the child's own pid
     while opts.count is None or done < opts.count:
         if not replay or latest is not None:
             due += opts.delay
@@ -268,6 +274,9 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
             cur = source.snapshot()
         if latest is not None:
             latest.snap = cur
+        if below is not None:
+            below.watch()
+            seen = seen or any(k.pid == below.pid for k in cur.rings)
         iv = compute_interval(prev, cur, pid=opts.pid)
         if emit and opts.json:
             obj = interval_json(iv, wall_time=_wall(source, label, first, cur), mode=mode)
@@ -280,6 +289,9 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
         done += 1
         if exited or (replay and source.done):
             break
+    warning = below.warning("top", "saw no ring") if below is not None and not seen else None
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -118,7 +118,10 @@ class _Names:
                 self.last[pid] = who
 
     def learn(self, batch: np.ndarray) -> dict[tuple[int, int], VmName]:
-        keys = set(zip(batch["pid"].tolist(), batch["vm"].tolist(), strict=True)) - self.seen
+        key = (batch["pid"].astype(np.int64) << 32) | batch["vm"].astype(np.uint32)
+        heads = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key  # runs of one VM
+        keys = {(k >> 32, (k & 0xFFFFFFFF) - ((k & 0x80000000) << 1))
+                for k in np.unique(heads).tolist()} - self.seen  # vm back to signed
         new: dict[tuple[int, int], VmName] = {}
         for pid, vm in keys:
             if pid <= 0:

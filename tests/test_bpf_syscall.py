@@ -10,11 +10,15 @@ import os
 import struct
 
 import pytest
+from conftest import require
 
 from kvmtrace.host import bpf_syscall as b
 from kvmtrace.host.btf import VMLINUX, load_vmlinux
 
-pytestmark = pytest.mark.skipif(not VMLINUX.exists(), reason="no kernel BTF")
+
+@pytest.fixture(autouse=True)
+def _btf() -> None:
+    require(VMLINUX.exists(), f"no kernel BTF ({VMLINUX}: CONFIG_DEBUG_INFO_BTF)")
 
 _STRUCT, _UNION, _ENUM = 4, 5, 6
 

@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLES, RecordedRun, kvmtrace_cmd, record_workload, require_kvm_bpf
+from conftest import (
+    ROOT,
+    SAMPLES,
+    RecordedRun,
+    kvmtrace_cmd,
+    record_workload,
+    require,
+    require_kvm_bpf,
+)
 
 from kvmtrace.core.counters import VmName
 from kvmtrace.source.recording import FORMAT_VERSION, Recording
@@ -153,10 +161,11 @@ def test_a_v10_recording_replays_without_names() -> None:
     assert [v["name"] for v in rep["vms"]] == [None]
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
 def test_record_names_a_real_qemu(tmp_path: Path) -> None:
     """QEMU ``-name guest=web01`` with a dirty ring, stopped before its first instruction
     (``-S``): no push, yet the recording names its VM (from the ring-size event)."""
+    require(shutil.which("qemu-system-x86_64") is not None,
+            "QEMU is not installed (tools/setup.sh --test installs it)")
     require_kvm_bpf()
     out = tmp_path / "qemu.kvt"
     rec = _cli("record", "-o", str(out), "--duration", "3", "--",

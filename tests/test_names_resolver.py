@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import have_kvm_ring, kvmtrace_cmd
+from conftest import have_kvm_ring, kvmtrace_cmd, require
 
 from kvmtrace.core.counters import VmName
 from kvmtrace.host.vmnames import cmdline, comm, parse_argv, resolve
@@ -78,10 +78,12 @@ def test_resolver_reads_a_live_process(argv0: str, args: list[str], vmm: str | N
 
 
 def test_resolver_of_a_process_that_is_gone() -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # reaped: /proc/PID no longer exists (unless the pid was reused at once)
-    if Path(f"/proc/{proc.pid}").exists():
-        pytest.skip("pid reused")
+    for _ in range(20):  # reaped: /proc/PID is gone, unless the pid was reused at once
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        if not Path(f"/proc/{proc.pid}").exists():
+            break
+    assert not Path(f"/proc/{proc.pid}").exists(), "every pid was reused at once"
     assert resolve(proc.pid) == VmName() and cmdline(proc.pid) == [] and comm(proc.pid) == ""
 
 
@@ -113,11 +115,10 @@ def test_parse_argv_of_other_forms() -> None:
                        "--name", "b"]) == (None, None)
 
 
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="QEMU not installed")
 def test_resolver_on_a_real_qemu() -> None:
-    ok, why = have_kvm_ring()
-    if not ok:
-        pytest.skip(why)
+    require(shutil.which("qemu-system-x86_64") is not None,
+            "QEMU is not installed (tools/setup.sh --test installs it)")
+    require(*have_kvm_ring())
     proc = subprocess.Popen(["qemu-system-x86_64", "-name", "guest=web01,debug-threads=on",
                              "-display", "none", "-S", "-accel", "kvm", "-nodefaults",
                              "-serial", "none", "-monitor", "none"],
@@ -142,9 +143,7 @@ def _has_vm(pid: int) -> bool:
 
 
 def test_resolver_on_the_builtin_vmm(tmp_path: Path) -> None:
-    ok, why = have_kvm_ring()
-    if not ok:
-        pytest.skip(why)
+    require(*have_kvm_ring())
     pid_file = tmp_path / "pid"
     proc = subprocess.Popen(kvmtrace_cmd("workload", "--name", "web01", "--duration", "3",
                                          "--json", "--pid-file", str(pid_file)),

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.columns import GROUP_FIELDS, EventColumns
-from ..core.events import EVENT_DTYPE, Kind
+from ..core.events import EVENT_DTYPE, Kind, vm_keys, vm_pairs
 from ..core.sources import EventSource
 from .throttle import StallSplit, stall_splits
 
@@ -173,7 +173,7 @@ def find_migrations(ev: np.ndarray) -> list[Migration]:
     """Every sync thread's iterations in ``ev`` (EVENT_DTYPE, any order)."""
     ev = ev[np.argsort(ev["ts"], kind="stable")]
     out = []
-    for pid, vm in sorted(set(zip(ev["pid"].tolist(), ev["vm"].tolist(), strict=True))):
+    for pid, vm in vm_pairs(ev):
         mine = ev[(ev["pid"] == pid) & (ev["vm"] == vm)]
         out += _vm_migrations(pid, vm, mine)
     return out
@@ -349,7 +349,7 @@ def replay_extras(open_src: Callable[[], EventSource], tap: ExtrasTap | None = N
     ev = np.concatenate(rest)
     splits = stall_splits(ev)
     keep = set()
-    for pid, vm in set(zip(ev["pid"].tolist(), ev["vm"].tolist(), strict=True)):
+    for pid, vm in vm_pairs(ev):
         mine = ev[(ev["pid"] == pid) & (ev["vm"] == vm)]
         vcpu = {t for p, v, t in push_tids if (p, v) == (pid, vm)}
         vcpu |= set(mine["tid"][np.isin(mine["kind"], [Kind.EXIT, Kind.STALL])].tolist())
@@ -362,9 +362,5 @@ def replay_extras(open_src: Callable[[], EventSource], tap: ExtrasTap | None = N
     pushes = []
     for b in open_src().batches():
         push = b[b["kind"] == Kind.PUSH]
-        pushes.append(push[np.isin(_vm_key(push), wanted)])
+        pushes.append(push[np.isin(vm_keys(push), wanted)])
     return find_migrations(np.concatenate([ev, *pushes])), splits
-
-
-def _vm_key(ev: np.ndarray) -> np.ndarray:
-    return (ev["pid"].astype(np.uint64) << np.uint64(32)) | ev["vm"].astype(np.uint32)

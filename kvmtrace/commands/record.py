@@ -15,7 +15,7 @@ from ..analysis.stuck import EventStuck
 from ..bpf.event_source import LiveEvents
 from ..bpf.vmident import VmmsBelow
 from ..core.counters import VmName
-from ..core.events import Kind
+from ..core.events import Kind, vm_pairs
 from ..errors import UsageError
 from ..host.child import PausedChild, check_command, exit_status
 from ..host.outfile import check_output
@@ -118,10 +118,7 @@ class _Names:
                 self.last[pid] = who
 
     def learn(self, batch: np.ndarray) -> dict[tuple[int, int], VmName]:
-        key = (batch["pid"].astype(np.int64) << 32) | batch["vm"].astype(np.uint32)
-        heads = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key  # runs of one VM
-        keys = {(k >> 32, (k & 0xFFFFFFFF) - ((k & 0x80000000) << 1))
-                for k in np.unique(heads).tolist()} - self.seen  # vm back to signed
+        keys = set(vm_pairs(batch)) - self.seen
         new: dict[tuple[int, int], VmName] = {}
         for pid, vm in keys:
             if pid <= 0:

@@ -20,6 +20,8 @@ __all__ = [
     "Kind",
     "RING_UNKNOWN",
     "empty",
+    "vm_keys",
+    "vm_pairs",
 ]
 
 
@@ -62,3 +64,20 @@ def empty(n: int = 0) -> np.ndarray:
     ev["ring"] = RING_UNKNOWN
     ev["vm"] = VM_UNKNOWN
     return ev
+
+
+def vm_keys(ev: np.ndarray) -> np.ndarray:
+    """Each event's (pid, vm) as one u64, ``pid << 32 | vm`` (vm as u32): for np.isin and
+    np.unique over VMs."""
+    return (ev["pid"].astype(np.uint64) << np.uint64(32)) | ev["vm"].astype(np.uint32)
+
+
+def vm_pairs(ev: np.ndarray) -> list[tuple[int, int]]:
+    """The distinct (pid, vm) of ``ev``, sorted, vm signed. Vectorised: events come in
+    runs of one VM, so only the first key of each run is sorted."""
+    if not len(ev):
+        return []
+    key = vm_keys(ev)
+    heads = key[np.r_[True, key[1:] != key[:-1]]]
+    return sorted((k >> 32, (k & 0xFFFFFFFF) - ((k & 0x80000000) << 1))
+                  for k in np.unique(heads).tolist())

@@ -16,11 +16,13 @@ from ..core.kvm_abi import (
 )
 from ..errors import UsageError
 from ..host.outfile import atomic_output, check_output
+from ..source.detect import open_source
 from ..vmm.guest import PATTERNS
+from ..vmm.traced import TracePlan, plan_from_source
 from ..vmm.workload import HARVEST_MODES, MAX_VM_CYCLES, MAX_VMS, WorkloadConfig, run_workload
 from .args import MAX_SECONDS, add_json, add_subcommand, integer, number
 
-__all__ = ["register", "run", "config_from_args"]
+__all__ = ["register", "run", "config_from_args", "load_trace"]
 
 EPILOG = """examples:
   kvmtrace workload --vcpus 2 --pages 1000 --json
@@ -32,6 +34,8 @@ EPILOG = """examples:
   kvmtrace workload --ring-entries 65536 --pages 66000 --exit-every 64 \\
       --interrupt-resets                            # resets cut short, retried
   kvmtrace workload --vcpus 2 --duration 2 --migrate-ms 5
+  kvmtrace workload --replay run.kvt                # dirty what run.kvt's rings pushed
+  kvmtrace workload --replay trace.txt --ring-entries 512 --exit-every 16
 """
 
 
@@ -66,21 +70,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the built-in VMM: N vCPU threads, each with its own dirty ring,\n"
         "each writing its own guest pages; harvest like a VMM, report per-ring counts.",
         epilog=EPILOG, run=run)
-    p.add_argument("--vcpus", type=_TYPES["--vcpus"], default=1, metavar="N",
+    p.add_argument("--vcpus", type=_TYPES["--vcpus"], metavar="N",
                    help="vCPU threads (1)")
     p.add_argument("--ring-bytes", type=_TYPES["--ring-bytes"], metavar="B",
                    help="dirty ring size per vCPU in bytes, power of two >= 4096 (4096)")
     p.add_argument("--ring-entries", type=_TYPES["--ring-entries"], metavar="E",
                    help="dirty ring size in 16-byte entries (256)")
-    p.add_argument("--pages", type=_TYPES["--pages"], default=1000, metavar="P",
+    p.add_argument("--pages", type=_TYPES["--pages"], metavar="P",
                    help="distinct pages each vCPU writes (1000)")
     p.add_argument("--passes", type=_TYPES["--passes"], metavar="N",
                    help="walk the pages N times, then halt (1)")
     p.add_argument("--duration", type=_TYPES["--duration"], metavar="S",
                    help="keep walking for S seconds (per VM cycle) instead of --passes")
-    p.add_argument("--pattern", default="seq", metavar="|".join(PATTERNS),
+    p.add_argument("--pattern", metavar="|".join(PATTERNS),
                    help="page visit order: seq, random (see --seed) or hot (skewed repeats)")
-    p.add_argument("--seed", type=_TYPES["--seed"], default=0, help="seed for random and hot (0)")
+    p.add_argument("--seed", type=_TYPES["--seed"], help="seed for random and hot (0)")
+    p.add_argument("--replay", metavar="FILE",
+                   help="dirty, per vCPU, the (slot, offset) sequence each ring of FILE "
+                   "pushed (a recording, tracefs or perf script text): one vCPU per ring, "
+                   "harvest+reset where FILE reset the ring; ring size from FILE unless "
+                   "given")
     p.add_argument("--exit-every", type=_TYPES["--exit-every"], default=1, metavar="K",
                    help="I/O exit after every K page writes; 0 = tight loop, no exits (1)")
     p.add_argument("--harvest", default="on-full", metavar="|".join(HARVEST_MODES),
@@ -110,8 +119,32 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write every harvested [slot, offset] per ring as JSON")
 
 
+def load_trace(path: str) -> TracePlan:
+    """Read ``path`` (any trace :func:`~kvmtrace.source.detect.open_source` opens) into a
+    replay plan; warns on stderr when the trace itself dropped events."""
+    src = open_source(path)
+    try:
+        plan = plan_from_source(src, "stdin" if path == "-" else path)
+        if src.lost:
+            print(f"kvmtrace workload: warning: {path} has {src.lost} lost events (dropped "
+                  "by its tracer): the replay dirties only the pushes the trace holds",
+                  file=sys.stderr)
+    finally:
+        src.close()
+    return plan
+
+
 def config_from_args(args: argparse.Namespace) -> WorkloadConfig:
     """Translate parsed flags into a WorkloadConfig (validated later by run_workload)."""
+    trace = None
+    if args.replay is not None:
+        given = [f for f, v in (("--vcpus", args.vcpus), ("--pages", args.pages),
+                                ("--pattern", args.pattern), ("--seed", args.seed))
+                 if v is not None]
+        if given:
+            raise UsageError(f"--replay takes the vCPUs and pages from the trace; drop "
+                             f"{' '.join(given)}")
+        trace = load_trace(args.replay)
     if args.ring_entries is not None and args.ring_bytes is not None:
         raise UsageError("--ring-bytes and --ring-entries are exclusive", "give only one")
     if args.passes is not None and args.duration is not None:
@@ -120,16 +153,22 @@ def config_from_args(args: argparse.Namespace) -> WorkloadConfig:
         if args.ring_entries < 1:
             raise UsageError(f"--ring-entries {args.ring_entries} must be positive")
         ring_bytes = bytes_from_entries(args.ring_entries)
+    elif args.ring_bytes is not None:
+        ring_bytes = args.ring_bytes
+    elif trace is not None and trace.ring_entries:
+        ring_bytes = bytes_from_entries(trace.ring_entries)
     else:
-        ring_bytes = 4096 if args.ring_bytes is None else args.ring_bytes
+        ring_bytes = 4096
     return WorkloadConfig(
-        vcpus=args.vcpus, ring_bytes=ring_bytes, pages=args.pages,
-        passes=1 if args.passes is None else args.passes,
-        duration_s=args.duration, pattern=args.pattern, seed=args.seed,
+        vcpus=len(trace.rings) if trace else 1 if args.vcpus is None else args.vcpus,
+        ring_bytes=ring_bytes, pages=1000 if args.pages is None else args.pages,
+        passes=1 if args.passes is None else args.passes, duration_s=args.duration,
+        pattern=args.pattern or "seq", seed=args.seed or 0, trace=trace,
         exit_every=args.exit_every, harvest=args.harvest, reaper_ms=args.reaper_ms,
         harvest_delay_us=args.harvest_delay_us, start_delay_ms=args.start_delay_ms,
         keep_harvest=bool(args.dump_harvest), vms=args.vms, vm_cycles=args.vm_cycles,
         migrate_ms=args.migrate_ms, interrupt_resets=args.interrupt_resets, name=args.name)
+
 
 
 def run(args: argparse.Namespace) -> int:

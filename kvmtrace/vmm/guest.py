@@ -14,6 +14,11 @@ code and the tables never dirties a page.
 
 Registers at entry: EBP = table start, EDI = table end (GPAs), EBX = passes (0 = 2**32,
 i.e. run until stopped), ECX = ``exit_every``, EDX = 0 (writes done), RIP = 0.
+
+The trace-driven guest (:mod:`.traced`, ``workload --replay``) is the same loop assembled
+with ``mark_port``: a table entry with bit 0 set (page addresses are 4 KiB aligned, so the
+bit is free) first does ``out MARK_PORT, al``, where the VMM harvests that vCPU's ring and
+resets, then writes its page (the byte at page + 1, the same page).
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..host.kvm import PAGE_SIZE
+from .vm import MemoryRegion
 
 __all__ = [
-    "GUEST_PORT", "DATA_FIRST_PAGE", "MAX_GUEST_BYTES", "PATTERNS", "HOT_FRACTION",
+    "GUEST_PORT", "MARK_PORT", "DATA_FIRST_PAGE", "MAX_GUEST_BYTES", "PATTERNS", "HOT_FRACTION",
     "GuestCode", "assemble", "visit_order", "GuestLayout",
 ]
 
 GUEST_PORT = 0x10  # I/O port of the guest's `out` (KVM_EXIT_IO)
+MARK_PORT = 0x11  # I/O port of a marked table entry: harvest and reset here (--replay)
 DATA_FIRST_PAGE = 0x100  # guest page number of vCPU 0's first data page
 MAX_GUEST_BYTES = 1 << 30  # guest memory the built-in VMM is willing to map (1 GiB)
 PATTERNS = ("seq", "random", "hot")
@@ -42,7 +49,8 @@ HOT_FRACTION = 8  # "hot": the hot set is the first ceil(pages / 8) pages
 class GuestCode:
     """Machine code (loaded at GPA 0) and the offsets of its labels.
 
-    ``labels``: outer (top of a pass), inner (top of a visit), write (``inc byte [eax]``),
+    ``labels``: outer (top of a pass), inner (top of a visit), mark (the ``out`` to
+    ``mark_port`` of a marked entry, only with ``mark_port``), write (``inc byte [eax]``),
     count (``inc edx``, right after the write), exit (the ``out``, absent when
     ``exit_every`` is 0), skip, done (the ``hlt``).
     """
@@ -51,6 +59,7 @@ class GuestCode:
     labels: dict[str, int]
     exit_every: int
     port: int
+    mark_port: int | None = None
 
     def writes_done(self, edx: int, rip: int) -> int:
         """Guest writes done so far, from the guest's EDX and RIP (exact at any stop):
@@ -85,8 +94,10 @@ class _Asm:
         return bytes(self.buf)
 
 
-def assemble(exit_every: int, port: int = GUEST_PORT) -> GuestCode:
-    """Assemble the guest loop; ``exit_every`` = writes between ``out``s (0 = never exit)."""
+def assemble(exit_every: int, port: int = GUEST_PORT,
+             mark_port: int | None = None) -> GuestCode:
+    """Assemble the guest loop; ``exit_every`` = writes between ``out``s (0 = never exit).
+    ``mark_port``: table entries with bit 0 set do ``out mark_port, al`` before the write."""
     if not 0 <= exit_every <= 0xFFFFFFFF:
         raise UsageError(f"--exit-every {exit_every} is out of range", "use 0 .. 2**32-1")
     a = _Asm()
@@ -94,6 +105,11 @@ def assemble(exit_every: int, port: int = GUEST_PORT) -> GuestCode:
     a.emit(0x89, 0xEE)  # mov esi, ebp
     a.label("inner")
     a.emit(0x8B, 0x06)  # mov eax, [esi]
+    if mark_port is not None:
+        a.emit(0xA8, 0x01)  # test al, 1
+        a.jcc8(0x74, "write")  # jz write
+        a.label("mark")
+        a.emit(0xE6, mark_port & 0xFF)  # out mark_port, al
     a.label("write")
     a.emit(0xFE, 0x00)  # inc byte [eax]
     a.label("count")
@@ -113,7 +129,8 @@ def assemble(exit_every: int, port: int = GUEST_PORT) -> GuestCode:
     a.label("done")
     a.emit(0xF4)  # hlt
     a.jcc8(0xEB, "done")  # jmp done
-    return GuestCode(a.finish(), dict(a.labels), exit_every, port & 0xFF)
+    return GuestCode(a.finish(), dict(a.labels), exit_every, port & 0xFF,
+                     None if mark_port is None else mark_port & 0xFF)
 
 
 def visit_order(pattern: str, pages: int, vcpu: int = 0, seed: int = 0) -> list[int]:
@@ -186,6 +203,10 @@ class GuestLayout:
         pages = DATA_FIRST_PAGE + self.vcpus * (self.pages + self.table_pages)
         return pages * PAGE_SIZE
 
+    def regions(self) -> list[MemoryRegion]:
+        """The one memory slot: slot 0 at GPA 0, dirty-logged, code and tables included."""
+        return [MemoryRegion(0, 0, self.memory_bytes)]
+
     def visits(self, vcpu: int) -> list[int]:
         """Guest page numbers vCPU ``vcpu`` writes in one pass, in order."""
         base = self.data_page(vcpu)
@@ -195,8 +216,10 @@ class GuestLayout:
         """vCPU ``vcpu``'s table as it is stored in the guest: u32 GPAs, little endian."""
         return array("I", (page * PAGE_SIZE for page in self.visits(vcpu)))
 
-    def initial_regs(self, vcpu: int, passes: int, exit_every: int) -> dict[str, int]:
-        """General purpose registers at entry (``passes`` 0 = until stopped)."""
+    def initial_regs(self, vcpu: int, passes: int, exit_every: int,
+                     code: GuestCode | None = None) -> dict[str, int]:
+        """General purpose registers at entry (``passes`` 0 = until stopped); ``code`` is
+        not needed here (every vCPU has pages to write)."""
         start = self.table_gpa(vcpu)
         return {"rbp": start, "rdi": start + 4 * self.table_len, "rbx": passes & 0xFFFFFFFF,
                 "rcx": exit_every, "rdx": 0, "rsi": start, "rip": 0, "rflags": 0x2}
@@ -208,6 +231,10 @@ class GuestLayout:
             raw = self.table(vcpu).tobytes()
             start = self.table_gpa(vcpu)
             memory[start:start + len(raw)] = raw
+
+    def written_entries(self, vcpu: int, writes: int) -> set[tuple[int, int]]:
+        """Distinct (slot, offset) vCPU ``vcpu`` dirtied given it made ``writes`` writes."""
+        return {(0, page) for page in self.written_pages(vcpu, writes)}
 
     def written_pages(self, vcpu: int, writes: int) -> set[int]:
         """Distinct guest pages vCPU ``vcpu`` wrote given it made ``writes`` writes."""

@@ -35,7 +35,8 @@ class RingTruth:
     unexpected: harvested entries that are not pages this vCPU wrote (should be 0).
     vm_fd, vm_gen, cycle: the VM's fd, how many earlier VMs of this run had that fd, and
     the --vm-cycles round (0-based). migrations / cpus: re-pins to another CPU by
-    --migrate-ms and the CPUs the thread was pinned to.
+    --migrate-ms and the CPUs the thread was pinned to. marks: harvests + resets at the
+    trace's harvest points (``--replay``: marked table entries, I/O exits to MARK_PORT).
     """
 
     index: int
@@ -58,6 +59,7 @@ class RingTruth:
     reset_events: int = 0
     left_dirty: int = 0
     migrations: int = 0
+    marks: int = 0
     halted: bool = False
     livelock: bool = False
     exits: dict[str, int] = field(default_factory=dict)
@@ -82,7 +84,8 @@ class WorkloadResult:
     calls a signal cut short (seen in the rings, or errno EINTR), each retried;
     ``reset_mismatch``: calls whose return value differs from the entries read back as
     reset (0 unless the kernel and the VMM disagree); ``interrupts_sent``: signals sent by
-    --interrupt-resets.
+    --interrupt-resets. ``replay``: the trace ``--replay`` ran (then ``pattern`` is
+    "trace" and ``pages`` the longest ring's writes).
     """
 
     pid: int
@@ -117,6 +120,7 @@ class WorkloadResult:
     interrupts_sent: int = 0
     vm_runs: list[dict[str, Any]] = field(default_factory=list)
     name: str | None = None  # --name: what kvmtrace.host.vmnames finds on the command line
+    replay: str | None = None
 
     @property
     def entries_reset(self) -> int:
@@ -168,6 +172,10 @@ class WorkloadResult:
             + (f"; ended early by {self.interrupted}" if self.interrupted else ""),
         ]
         extra = []
+        if self.replay is not None:
+            marks = sum(r.marks for r in self.rings)
+            extra.append(f"replaying {self.replay.rsplit('/', 1)[-1]}: {marks} "
+                         "harvest(s) at its harvest points")
         if self.interrupt_resets or self.reset_eintr:
             extra.append(f"{self.reset_eintr} reset(s) cut short by a signal and retried "
                          f"({self.interrupts_sent} sent)")

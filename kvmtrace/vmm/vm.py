@@ -12,7 +12,8 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from ..core.kvm_abi import (
     GFN_BYTES,
@@ -25,9 +26,22 @@ from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import kvm as k
 from ..host.kvm import open_kvm, probe_ring_caps
 
-__all__ = ["MappedRing", "check_ring_bytes", "Vm", "Vcpu",
-           "describe_oserror"]
+__all__ = ["MappedRing", "check_ring_bytes", "Vm", "Vcpu", "MemoryRegion",
+           "describe_oserror", "KVM_CAP_NR_MEMSLOTS"]
 
+KVM_CAP_NR_MEMSLOTS = 10  #: KVM_CHECK_EXTENSION: user memory slots per address space
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """One memory slot (``struct kvm_userspace_memory_region``): KVM slot id (address
+    space 0), guest physical address and size in bytes (page multiples), and whether it is
+    dirty-logged (KVM_MEM_LOG_DIRTY_PAGES: guest writes to it push dirty-ring entries)."""
+
+    slot: int
+    gpa: int
+    size: int
+    log_dirty: bool = True
 
 
 class MappedRing:
@@ -169,27 +183,33 @@ class Vcpu:
 
 
 class Vm:
-    """A VM with the dirty ring enabled and one dirty-logged memory slot at GPA 0.
+    """A VM with the dirty ring enabled and one dirty-logged memory slot at GPA 0, or the
+    memory slots ``regions`` (the first at GPA 0).
 
     ``fd`` is the VM's file descriptor number in this process (BPF identifies VMs by it).
     ``kvm_fd``: an open /dev/kvm to create the VM with (kept open by the caller); by
-    default the VM opens /dev/kvm itself and closes it with the VM.
+    default the VM opens /dev/kvm itself and closes it with the VM. ``memory`` is the host
+    mapping of the first slot, ``memories`` of every slot (``regions`` order); mappings are
+    MAP_NORESERVE, so pages the guest never touches cost nothing.
     """
 
-    def __init__(self, ring_bytes: int, memory_bytes: int, kvm_fd: int | None = None) -> None:
+    def __init__(self, ring_bytes: int, memory_bytes: int, kvm_fd: int | None = None,
+                 regions: Sequence[MemoryRegion] | None = None) -> None:
         self._own_kvm_fd = kvm_fd is None
         self.kvm_fd = open_kvm() if kvm_fd is None else kvm_fd
         self.fd = -1
         self.vcpus: list[Vcpu] = []
         self.memory: mmap.mmap | None = None
-        self._mem_anchor: ctypes.c_char | None = None
+        self.memories: list[mmap.mmap] = []
+        self._anchors: list[ctypes.c_char] = []
+        self.regions = list(regions) if regions else [MemoryRegion(0, 0, memory_bytes)]
         try:
-            self._setup(ring_bytes, memory_bytes)
+            self._setup(ring_bytes)
         except BaseException:
             self.close()
             raise
 
-    def _setup(self, ring_bytes: int, memory_bytes: int) -> None:
+    def _setup(self, ring_bytes: int) -> None:
         api = k.ioctl(self.kvm_fd, k.KVM_GET_API_VERSION)
         if api != 12:
             raise MissingFeature(f"unexpected KVM API version {api} (want 12)")
@@ -204,13 +224,23 @@ class Vm:
         enable.args[0] = ring_bytes
         k.ioctl_ptr(self.fd, k.KVM_ENABLE_CAP, enable)
         self.run_size = k.ioctl(self.kvm_fd, k.KVM_GET_VCPU_MMAP_SIZE)
-        self.memory = mmap.mmap(-1, memory_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                mmap.PROT_READ | mmap.PROT_WRITE)
-        self._mem_anchor = ctypes.c_char.from_buffer(self.memory)
-        region = k.KvmUserspaceMemoryRegion(
-            slot=0, flags=k.KVM_MEM_LOG_DIRTY_PAGES, guest_phys_addr=0,
-            memory_size=memory_bytes, userspace_addr=ctypes.addressof(self._mem_anchor))
-        k.ioctl_ptr(self.fd, k.KVM_SET_USER_MEMORY_REGION, region)
+        top = max(r.slot for r in self.regions)
+        if top:
+            slots = k.ioctl(self.fd, k.KVM_CHECK_EXTENSION, KVM_CAP_NR_MEMSLOTS)
+            if top >= slots:
+                raise UsageError(f"memory slot {top} is beyond this kernel's {slots} slots",
+                                 "replay a trace whose slot ids are smaller")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        for region in self.regions:
+            memory = mmap.mmap(-1, region.size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.memories.append(memory)
+            anchor = ctypes.c_char.from_buffer(memory)
+            self._anchors.append(anchor)
+            k.ioctl_ptr(self.fd, k.KVM_SET_USER_MEMORY_REGION, k.KvmUserspaceMemoryRegion(
+                slot=region.slot, flags=k.KVM_MEM_LOG_DIRTY_PAGES if region.log_dirty else 0,
+                guest_phys_addr=region.gpa, memory_size=region.size,
+                userspace_addr=ctypes.addressof(anchor)))
+        self.memory = self.memories[0]
 
     def add_vcpus(self, count: int) -> list[Vcpu]:
         for _ in range(count):
@@ -243,10 +273,11 @@ class Vm:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self._mem_anchor = None
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
+        self._anchors = []
+        for memory in self.memories:
+            memory.close()
+        self.memories = []
+        self.memory = None
         if self.kvm_fd >= 0 and self._own_kvm_fd:
             os.close(self.kvm_fd)
         self.kvm_fd = -1

@@ -9,6 +9,10 @@ account for every entry. A vCPU that gets exit 31 LIVELOCK_EXITS times in a row 
 nothing harvested from its ring in between (by anyone) is a livelock (the ring overflowed
 and got stuck): that VM's vCPUs are stopped and the livelock reported.
 
+``trace`` (a :class:`~.traced.TracePlan`, ``--replay``) runs the trace-driven guest
+instead: one vCPU per ring of the trace, each writing that ring's pushes; on a marked write
+(an I/O exit to MARK_PORT) the vCPU harvests its ring and resets, whatever the harvest mode.
+
 ``vm_cycles`` > 1 closes every VM (vCPU fds, mmaps, VM fd) after a cycle and creates them
 again, so the kernel hands out the same fd numbers again.
 """
@@ -27,9 +31,10 @@ from ..core.kvm_abi import KVM_DIRTY_GFN_F_DIRTY, entries_from_bytes, soft_limit
 from ..errors import KvmtraceError, UsageError
 from ..host import kvm as k
 from ..host.kvm import open_kvm
-from .guest import PATTERNS, GuestCode, GuestLayout, assemble
+from .guest import MARK_PORT, PATTERNS, GuestCode, GuestLayout, assemble
 from .harvest import Harvester, RingState
 from .helpers import Migrator, ResetInterrupter, usable_cpus
+from .traced import TraceLayout, TracePlan
 from .truth import RingTruth, WorkloadResult
 from .vm import Vm, check_ring_bytes, describe_oserror
 
@@ -69,8 +74,9 @@ class WorkloadConfig:
     migrate_ms: float | None = None
     interrupt_resets: bool = False
     name: str | None = None  # the VM's name (--name), as QEMU's -name guest=; in the result
+    trace: TracePlan | None = None  # --replay: vcpus, pages and pattern come from the trace
 
-    def validate(self) -> GuestLayout:
+    def validate(self) -> GuestLayout | TraceLayout:
         """Check everything that does not need the kernel; returns the guest layout."""
         check_ring_bytes(self.ring_bytes)
         if not 1 <= self.vcpus <= 64:
@@ -105,6 +111,11 @@ class WorkloadConfig:
             if len(usable_cpus()) < 2:
                 raise UsageError("--migrate-ms needs at least 2 CPUs in this process's "
                                  "affinity mask", "run without taskset, or drop --migrate-ms")
+        if self.trace is not None:
+            if self.vcpus != len(self.trace.rings):
+                raise UsageError(f"--vcpus {self.vcpus} differs from the {len(self.trace.rings)}"
+                                 f" ring(s) of {self.trace.name}", "leave --vcpus out")
+            return TraceLayout(self.trace)
         return GuestLayout(self.vcpus, self.pages, self.pattern, self.seed)
 
 
@@ -164,6 +175,7 @@ class _Cycle:
         res, vcpu, mode = ring.res, ring.vcpu, self.cfg.harvest
         res.tid = threading.get_native_id()
         streak = 0
+        marks = vmr.code.mark_port is not None
         stalled_at: int | None = None
         start = time.monotonic_ns()
         while not vmr.stop.is_set():
@@ -179,6 +191,10 @@ class _Cycle:
                 reason = k.KVM_EXIT_INTR
             name = k.EXIT_NAMES.get(reason, str(reason))
             res.exits[name] = res.exits.get(name, 0) + 1
+            if reason == k.KVM_EXIT_IO and marks and vcpu.io_exit().port == MARK_PORT:
+                res.marks += 1  # the trace's harvest point: harvest this ring and reset
+                vmr.harvester.harvest([ring], always_reset=True)
+                continue
             if reason in (k.KVM_EXIT_IO, k.KVM_EXIT_INTR):
                 continue
             if reason == k.KVM_EXIT_HLT:
@@ -267,7 +283,8 @@ def run_workload(config: WorkloadConfig) -> WorkloadResult:
     /dev/kvm or the dirty ring.
     """
     layout = config.validate()
-    code = assemble(config.exit_every)
+    code = assemble(config.exit_every,
+                    mark_port=MARK_PORT if config.trace is not None else None)
     if config.start_delay_ms:
         time.sleep(config.start_delay_ms / 1e3)
     can_signal, old_handler = _install_stop_handler()
@@ -286,7 +303,7 @@ def run_workload(config: WorkloadConfig) -> WorkloadResult:
             signal.signal(STOP_SIGNAL, old_handler)  # type: ignore[arg-type]
 
 
-def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, kvm_fd: int,
+def _run(cfg: WorkloadConfig, layout: GuestLayout | TraceLayout, code: GuestCode, kvm_fd: int,
          can_signal: bool) -> WorkloadResult:
     passes = 0 if cfg.duration_s is not None else cfg.passes
     fd_uses: dict[int, int] = {}
@@ -299,13 +316,14 @@ def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, kvm_fd: int,
         vms: list[Vm] = []
         try:
             for _ in range(cfg.vms):
-                vm = Vm(cfg.ring_bytes, layout.memory_bytes, kvm_fd)
+                vm = Vm(cfg.ring_bytes, layout.memory_bytes, kvm_fd, layout.regions())
                 vms.append(vm)
                 assert vm.memory is not None
                 layout.load(vm.memory, code)
                 for vcpu in vm.add_vcpus(cfg.vcpus):
                     vcpu.enter_protected_mode()
-                    vcpu.set_regs(layout.initial_regs(vcpu.index, passes, cfg.exit_every))
+                    vcpu.set_regs(layout.initial_regs(vcpu.index, passes, cfg.exit_every,
+                                                      code))
             runs = []
             for number, vm in enumerate(vms):
                 runs.append(_VmRun(cfg, vm, number, cycle, fd_uses.get(vm.fd, 0), code))
@@ -327,8 +345,8 @@ def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, kvm_fd: int,
     return WorkloadResult(
         pid=os.getpid(), vm_fd=vm_runs[0]["vm_fd"], cap=first.cap, ring_bytes=cfg.ring_bytes,
         ring_entries=entries, soft_limit=soft_limit_of(entries),
-        vcpus=cfg.vcpus, pages=cfg.pages, passes=passes, duration_s=cfg.duration_s,
-        pattern=cfg.pattern, seed=cfg.seed, exit_every=cfg.exit_every, harvest=cfg.harvest,
+        vcpus=cfg.vcpus, pages=layout.pages, passes=passes, duration_s=cfg.duration_s,
+        pattern=layout.pattern, seed=layout.seed, exit_every=cfg.exit_every, harvest=cfg.harvest,
         reaper_ms=cfg.reaper_ms, harvest_delay_us=cfg.harvest_delay_us,
         rings=[r.res for r in rings], resets=sum(v["resets"] for v in vm_runs),
         reset_returned=sum(v["reset_returned"] for v in vm_runs),
@@ -340,7 +358,7 @@ def _run(cfg: WorkloadConfig, layout: GuestLayout, code: GuestCode, kvm_fd: int,
         reset_eintr=sum(v["reset_eintr"] for v in vm_runs),
         reset_mismatch=sum(v["reset_mismatch"] for v in vm_runs),
         interrupts_sent=sum(v["interrupts_sent"] for v in vm_runs), vm_runs=vm_runs,
-        name=cfg.name)
+        name=cfg.name, replay=cfg.trace.name if cfg.trace is not None else None)
 
 
 def _run_cycle(cfg: WorkloadConfig, runs: list[_VmRun], can_signal: bool,
@@ -398,11 +416,11 @@ def _run_cycle(cfg: WorkloadConfig, runs: list[_VmRun], can_signal: bool,
             f"vCPU thread failed: {err!r}", "this is a kvmtrace bug; report it") from err
 
 
-def _finish_rings(vmr: _VmRun, layout: GuestLayout) -> None:
+def _finish_rings(vmr: _VmRun, layout: GuestLayout | TraceLayout) -> None:
     """Per ring: distinct, lost pages and entries left DIRTY, after the final harvest."""
     for ring in vmr.rings:
         res = ring.res
-        written = {(0, page) for page in layout.written_pages(res.index, res.pages_written)}
+        written = layout.written_entries(res.index, res.pages_written)
         lost = written - ring.seen
         res.distinct = len(ring.seen)
         res.distinct_written = len(written)

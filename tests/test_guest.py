@@ -70,8 +70,12 @@ def execute(code: bytes, mem: dict[int, int], regs: dict[str, int], max_steps: i
             zf = r["rsi"] == r["rdi"]
             cf = r["rsi"] < r["rdi"]
             ip += 2
-        elif op in (0x75, 0x72, 0xEB):  # jnz / jb / jmp rel8
-            taken = {0x75: not zf, 0x72: cf, 0xEB: True}[op]
+        elif op == 0xA8:  # test al, imm8 (the trace-driven guest's mark bit)
+            zf = (r["rax"] & code[ip + 1]) == 0
+            cf = False
+            ip += 2
+        elif op in (0x75, 0x72, 0xEB, 0x74):  # jnz / jb / jmp / jz rel8
+            taken = {0x75: not zf, 0x72: cf, 0xEB: True, 0x74: zf}[op]
             ip = ip + 2 + (rel8(ip + 1) if taken else 0)
         elif op == 0xF4:  # hlt
             r["rip"] = ip

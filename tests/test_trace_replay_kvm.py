@@ -107,3 +107,18 @@ def test_rerun_of_ftrace_text(tmp_path, kvm, samples):
     assert ring["pages_written"] == ring["harvested"] == ring["distinct"] == 800
     # the text's first reset came after 448 pushes: the one harvest point inside it
     assert ring["marks"] == 1 and ring["exits"]["io"] == 800 // 16 + 1
+
+
+def test_rerun_of_an_overflowing_source_pushes_every_entry(tmp_path, kvm, bpf_root):
+    """300 writes with no exit into a 256-entry ring: the kernel pushes all 300 entries
+    whether the ring overflowed (44 overwritten) or a host tick let the vCPU exit in time;
+    both shapes are accepted, and the replay (an exit after every write, no overflow)
+    pushes the same 300, each page once."""
+    src = record_workload(tmp_path / "src", "--pages", "300", "--exit-every", "0")
+    assert src.truth["lost_suspected"] in (0, 44)
+    rep = record_workload(tmp_path / "rep", "--replay", str(src.path))
+    source = recorded_pushes(src.path)
+    assert source == {0: Counter((0, 0x100 + i) for i in range(300))}
+    assert recorded_pushes(rep.path) == source
+    ring = rep.truth["rings"][0]
+    assert rep.truth["lost_suspected"] == 0 and ring["harvested"] == ring["distinct"] == 300

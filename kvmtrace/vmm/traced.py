@@ -90,18 +90,24 @@ class TracePlan:
 
 def _marks(slots: np.ndarray, offsets: np.ndarray, reset_at: np.ndarray) -> np.ndarray:
     """Mark write i when the trace reset the ring after i pushes, or when its page was
-    written since the last mark."""
+    written since the last mark (its previous write is at or after that mark). Vectorised
+    but for a walk over the repeats and resets, in order."""
     n = len(slots)
     marks = np.zeros(n, dtype=bool)
-    at = reset_at[(reset_at > 0) & (reset_at < n)]
-    marks[at] = True
-    seen: set[tuple[int, int]] = set()
-    for i, (page, mark) in enumerate(zip(zip(slots.tolist(), offsets.tolist(), strict=False),
-                                         marks.tolist(), strict=False)):
-        if mark or page in seen:
+    resets = np.zeros(n, dtype=bool)
+    resets[reset_at[(reset_at > 0) & (reset_at < n)]] = True
+    key = (slots.astype(np.uint64) << np.uint64(40)) | offsets.astype(np.uint64)
+    order = np.argsort(key, kind="stable")
+    same = key[order[1:]] == key[order[:-1]]
+    prev = np.full(n, -1, dtype=np.int64)
+    prev[order[1:][same]] = order[:-1][same]
+    last = 0
+    candidates = np.flatnonzero(resets | (prev >= 0))
+    for i, p, r in zip(candidates.tolist(), prev[candidates].tolist(),
+                       resets[candidates].tolist(), strict=True):
+        if r or p >= last:
             marks[i] = True
-            seen.clear()
-        seen.add(page)
+            last = i
     return marks
 
 
@@ -109,12 +115,17 @@ def plan_from_events(batches: Iterable[np.ndarray], name: str,
                      ring_entries: int | None = None) -> TracePlan:
     """Build the plan from EVENT_DTYPE batches (in the trace's order); only push and
     reset events are read. Raises UsageError (one line) for a trace the guest cannot run."""
-    parts = []
+    fields = ("pid", "vm", "ring", "slot", "value")
+    cols: dict[str, list[np.ndarray]] = {f: [] for f in (*fields, "push")}
     total = 0
     for batch in batches:
-        keep = batch[(batch["kind"] == Kind.PUSH) | (batch["kind"] == Kind.RESET)]
-        parts.append(keep[["pid", "vm", "ring", "kind", "slot", "value"]].copy())
-        total += int((keep["kind"] == Kind.PUSH).sum())
+        kind = batch["kind"]
+        push = kind == Kind.PUSH
+        keep = push | (kind == Kind.RESET)
+        for f in fields:
+            cols[f].append(batch[f][keep])
+        cols["push"].append(push[keep])
+        total += int(push.sum())
         if total > MAX_TRACE_WRITES:
             raise UsageError(f"{name} has more than {MAX_TRACE_WRITES} push events; "
                              "--replay takes at most that many",
@@ -122,18 +133,20 @@ def plan_from_events(batches: Iterable[np.ndarray], name: str,
     if not total:
         raise UsageError(f"{name} has no kvm_dirty_ring_push events to replay",
                          "trace kvm:kvm_dirty_ring_push, or record a guest that writes")
-    ev = np.concatenate(parts)
-    if (ev["ring"] < 0).any():
+    pid, vm, ring, slot, value, is_push = (np.concatenate(cols[f])
+                                           for f in (*fields, "push"))
+    if (ring < 0).any():
         raise UsageError(f"{name} has dirty-ring events without a ring (vCPU) index",
                          "trace with kvmtrace record, or ftrace/perf text of the events")
-    space = ev["slot"][ev["kind"] == Kind.PUSH] >> 16
+    space = slot[is_push] >> 16
     if space.any():
         raise UsageError(f"{name} pushes to address space {int(space.max())} (slot "
-                         f"{int(ev['slot'][ev['kind'] == Kind.PUSH].max()):#x}); the "
-                         "replay guest has only address space 0",
-                         "replay a trace of a guest without SMM")
-    keys = ev[["pid", "vm", "ring"]]
-    uniq, inverse = np.unique(keys, return_inverse=True)
+                         f"{int(slot[is_push].max()):#x}); the replay guest has only "
+                         "address space 0", "replay a trace of a guest without SMM")
+    vm_key = (pid.astype(np.uint64) << np.uint64(32)) | vm.astype(np.uint32)  # vm_keys
+    _vms, vm_of = np.unique(vm_key, return_inverse=True)  # sorted by (pid, vm)
+    uniq, inverse = np.unique(vm_of.astype(np.int64) << 32 | ring.astype(np.int64),
+                              return_inverse=True)
     if len(uniq) > MAX_TRACE_VCPUS:
         raise UsageError(f"{name} has {len(uniq)} rings; --replay runs at most "
                          f"{MAX_TRACE_VCPUS} (one vCPU each)",
@@ -141,15 +154,16 @@ def plan_from_events(batches: Iterable[np.ndarray], name: str,
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
     rings = []
-    for i, key in enumerate(uniq.tolist()):
-        mine = ev[order[bounds[i]:bounds[i + 1]]]
-        push = mine["kind"] == Kind.PUSH
+    for i in range(len(uniq)):
+        mine = order[bounds[i]:bounds[i + 1]]
+        key = (int(pid[mine[0]]), int(vm[mine[0]]), int(ring[mine[0]]))
+        push = is_push[mine]
         before = np.cumsum(push) - push  # pushes of this ring before each event
         reset_at = before[~push]
-        slots = mine["slot"][push].astype(np.uint32)
-        offsets = mine["value"][push].astype(np.uint64)
+        slots = slot[mine[push]].astype(np.uint32)
+        offsets = value[mine[push]].astype(np.uint64)
         n = len(slots)
-        rings.append(TraceRing((int(key[0]), int(key[1]), int(key[2])), slots, offsets,
+        rings.append(TraceRing(key, slots, offsets,
                                _marks(slots, offsets, reset_at),
                                len(np.unique(reset_at[(reset_at > 0) & (reset_at < n)]))))
     return TracePlan(tuple(rings), ring_entries, name)

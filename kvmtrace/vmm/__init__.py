@@ -3,6 +3,8 @@ hold kvmtrace to. Its KVM ioctl layer is :mod:`kvmtrace.host.kvm`.
 
 - :mod:`.guest`: the 32-bit guest program, assembled here; :mod:`.multiboot` the same loop
   as a multiboot ELF for QEMU (``-kernel``), every vCPU started by INIT/SIPI.
+- :mod:`.traced`: the trace-driven guest of ``workload --replay FILE``: per vCPU, the
+  (slot, offset) sequence one ring of a trace pushed, in memory slots with the trace's ids.
 - :mod:`.vm`: VM and vCPU objects and :class:`~.vm.MappedRing`, the mmap'd view of a
   vCPU's kernel ring (ctypes ioctl + mmap).
 - :mod:`.workload`: N VMs of M vCPU threads, harvested like a VMM; :mod:`.harvest` one

@@ -34,7 +34,7 @@ EPILOG = """examples:
   kvmtrace workload --ring-entries 65536 --pages 66000 --exit-every 64 \\
       --interrupt-resets                            # resets cut short, retried
   kvmtrace workload --vcpus 2 --duration 2 --migrate-ms 5
-  kvmtrace workload --replay run.kvt                # what run.kvt's rings pushed
+  kvmtrace workload --replay run.kvt                # what run.kvt's rings did
   kvmtrace workload --replay trace.txt --ring-entries 512 --exit-every 16
 """
 

@@ -61,14 +61,15 @@ def test_layout_slots_keep_their_ids_and_code_is_not_logged():
     assert regions[2].gpa == (code_pages + 4) * PAGE_SIZE
     assert regions[2].size == 0x31 * PAGE_SIZE
     s2 = regions[2].gpa
-    assert list(lay.table(0)) == [regions[1].gpa + 3 * PAGE_SIZE, s2 + 4 * PAGE_SIZE]
-    assert list(lay.table(1)) == [s2 + 0x30 * PAGE_SIZE]
+    # the first write of a pass is marked (bit 0): every pass starts with a harvest
+    assert list(lay.table(0)) == [regions[1].gpa + 3 * PAGE_SIZE + 1, s2 + 4 * PAGE_SIZE]
+    assert list(lay.table(1)) == [s2 + 0x30 * PAGE_SIZE + 1]
     assert lay.written_entries(0, 1) == {(0, 3)}
     assert lay.written_entries(0, 9) == {(0, 3), (2, 4)}
 
 
-@pytest.mark.parametrize("exit_every", [0, 1, 3])
-def test_marked_guest_writes_the_trace_in_order(exit_every):
+@pytest.mark.parametrize("exit_every,passes", [(0, 1), (1, 1), (3, 1), (1, 2)])
+def test_marked_guest_writes_the_trace_in_order(exit_every, passes):
     pages = [3, 4, 3, 8, 8, 9, 3]
     ev = events([(P, 0, 0, p) for p in pages[:3]] + [(R, 0, 0, 0)]
                 + [(P, 0, 0, p) for p in pages[3:]])
@@ -77,14 +78,16 @@ def test_marked_guest_writes_the_trace_in_order(exit_every):
     mem: dict[int, int] = {}
     for i, b in enumerate(lay.table(0).tobytes()):
         mem[lay.table_gpa(0) + i] = b
-    regs = lay.initial_regs(0, 1, exit_every, code)
+    regs = lay.initial_regs(0, passes, exit_every, code)
     writes, outs, _, final = execute(code.code, mem, regs)
     base = lay.regions()[1].gpa
-    assert [w // PAGE_SIZE * PAGE_SIZE for w in writes] == [base + p * PAGE_SIZE for p in pages]
+    assert [w // PAGE_SIZE * PAGE_SIZE for w in writes] == [
+        base + p * PAGE_SIZE for p in pages] * passes
     marks = [2, 3, 4]  # a re-write of 3, the trace's reset after 3 pushes, a re-write of 8
-    assert outs.count(MARK_PORT) == len(marks) == int(lay.plan.rings[0].marks.sum())
-    assert outs.count(GUEST_PORT) == (len(pages) // exit_every if exit_every else 0)
-    assert final["rdx"] == len(pages) and final["rip"] == code.labels["done"]
+    assert marks == np.flatnonzero(lay.plan.rings[0].marks).tolist()
+    assert outs.count(MARK_PORT) == (1 + len(marks)) * passes  # and each pass's first write
+    assert outs.count(GUEST_PORT) == (len(pages) * passes // exit_every if exit_every else 0)
+    assert final["rdx"] == len(pages) * passes and final["rip"] == code.labels["done"]
 
 
 def test_a_ring_without_pushes_halts_at_once():

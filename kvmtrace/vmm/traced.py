@@ -19,7 +19,9 @@ the trace's multiset of (slot, offset) (in the same order, ring by ring).
 Layout (:class:`TraceLayout`), guest physical memory, 4 KiB pages, no paging:
 
 - the code slot, at GPA 0, *not* dirty-logged (so it pushes nothing), slot id the lowest the
-  trace does not use: page 0 the code, then one table per vCPU, u32 GPAs (bit 0: a mark);
+  trace does not use: page 0 the code, then one table per vCPU, u32 GPAs (bit 0: a mark;
+  the first entry is always marked, so with ``--passes``/``--duration`` every pass starts
+  with a harvest and pages the last pass wrote push again);
 - one dirty-logged slot per slot id the trace pushed to, with the same id (address space 0
   only), ``max offset + 1`` pages, placed one after the other above the code slot.
 
@@ -50,7 +52,7 @@ __all__ = ["MAX_TRACE_VCPUS", "MAX_TRACE_WRITES", "MAX_TRACE_SPAN", "TraceRing",
 MAX_TRACE_VCPUS = 64  #: rings a replay runs (one vCPU each), as ``workload --vcpus``
 MAX_TRACE_WRITES = 1 << 24  #: pushes a replay writes, all rings together (64 MiB of tables)
 MAX_TRACE_SPAN = 3 << 30  #: guest physical bytes the replay layout may span (3 GiB)
-_MARK = 1
+_MARK = 1  #: bit 0 of a table entry: harvest and reset before this write
 
 
 @dataclass(frozen=True, eq=False)
@@ -224,12 +226,14 @@ class TraceLayout:
         return self.code_pages * PAGE_SIZE
 
     def table(self, vcpu: int) -> array:
-        """vCPU ``vcpu``'s table: u32 GPA of each write's page, bit 0 set on a mark."""
+        """vCPU ``vcpu``'s table: u32 GPA of each write's page, bit 0 set on a mark and on
+        the first write (a pass starts with a harvest)."""
         ring = self.plan.rings[vcpu]
         base = np.zeros(len(ring), dtype=np.uint64)
         for slot, (first, _pages) in self.slots.items():
             base[ring.slots == slot] = first
-        gpa = (base + ring.offsets) * PAGE_SIZE + ring.marks * _MARK
+        gpa = (base + ring.offsets) * np.uint64(PAGE_SIZE) | ring.marks.astype(np.uint64)
+        gpa[:1] |= np.uint64(_MARK)
         return array("I", gpa.astype(np.uint32).tobytes())
 
     def table_gpa(self, vcpu: int) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import kvmtrace_cmd, record_workload
+from textcapture import held, tracefs_capture
 
 from kvmtrace.core.events import Kind
 from kvmtrace.source.detect import open_source
@@ -123,3 +124,25 @@ def test_rerun_of_an_overflowing_source_pushes_every_entry(tmp_path, kvm, bpf_ro
     assert recorded_pushes(rep.path) == source
     ring = rep.truth["rings"][0]
     assert rep.truth["lost_suspected"] == 0 and ring["harvested"] == ring["distinct"] == 300
+
+
+def test_rerun_of_a_tracefs_capture(tmp_path, kvm, bpf_root):
+    """A workload with hot-set re-writes (each ring writes some pages many times), its
+    kernel text captured through a private tracefs instance, replayed: the replay's VMM
+    harvests, ring by ring, exactly what the source's VMM harvested and the text shows."""
+    src_dump, rep_dump = tmp_path / "src.json", tmp_path / "rep.json"
+    text, stdout = tracefs_capture(tmp_path / "trace.txt", held(kvmtrace_cmd(
+        "workload", "--vcpus", "2", "--pages", "300", "--pattern", "hot", "--seed", "4",
+        "--json", "--dump-harvest", str(src_dump))))
+    assert json.loads(stdout)["lost_suspected"] == 0
+    source = harvested(json.loads(src_dump.read_text()))
+    kernel = text_pushes(text)
+    assert [kernel[r] for r in sorted(kernel)] == source
+    assert all(len(s) == 600 and len(set(s)) == 300 for s in source)
+    proc = subprocess.run(kvmtrace_cmd("workload", "--replay", str(text), "--json",
+                                       "--dump-harvest", str(rep_dump)),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert harvested(json.loads(rep_dump.read_text())) == source
+    for ring in json.loads(proc.stdout)["rings"]:
+        assert ring["pages_written"] == ring["harvested"] == 600 and ring["distinct"] == 300

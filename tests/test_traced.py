@@ -143,3 +143,14 @@ def test_cli_refuses_a_trace_without_pushes(tmp_path, samples):
     proc = run_cli("--replay", str(only))
     assert proc.returncode == 2 and "no kvm_dirty_ring_push events" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag", ["--dump-harvest", "--pid-file"])
+def test_cli_never_writes_over_the_trace(tmp_path, samples, flag):
+    trace = tmp_path / "trace.txt"
+    original = (samples / "ftrace-1vcpu-8192B-800pages.txt").read_bytes()
+    trace.write_bytes(original)
+    proc = run_cli("--replay", str(trace), flag, str(trace))
+    assert proc.returncode == 2 and "would be overwritten" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert trace.read_bytes() == original

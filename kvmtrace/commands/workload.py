@@ -172,11 +172,16 @@ def config_from_args(args: argparse.Namespace) -> WorkloadConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    # outputs first (before a trace is read or the guest runs): not a symlink, a directory,
+    # the other output or the --replay trace
+    replay = [args.replay] if args.replay and args.replay != "-" else []
+    if args.pid_file:
+        check_output(args.pid_file, replay, flag="--pid-file")
+    if args.dump_harvest:
+        check_output(args.dump_harvest, [*replay, *([args.pid_file] if args.pid_file else [])],
+                     flag="--dump-harvest")
     config = config_from_args(args)
     config.validate()
-    if args.dump_harvest:  # before the guest runs: not a symlink, directory or the pid file
-        check_output(args.dump_harvest, [args.pid_file] if args.pid_file else [],
-                     flag="--dump-harvest")
     if args.pid_file:
         with atomic_output(args.pid_file, flag="--pid-file", text=True) as out:
             out.file.write(f"{os.getpid()}\n")

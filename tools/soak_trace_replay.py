@@ -61,6 +61,15 @@ class Scenario:
         self.overflowed = 0
 
     def run(self) -> str | None:
+        try:
+            why = self._run()
+        except Exception as err:  # noqa: BLE001 - a failed run, not the end of the soak
+            why = f"seed {self.seed}: error: {type(err).__name__}: {str(err)[-400:]}"
+        if why is not None:  # as it happens: a soak is long
+            print(f"  {self.name} FAIL {why}", flush=True)
+        return why
+
+    def _run(self) -> str | None:
         self.seed += 1
         source_args, replay_args = SCENARIOS[self.name]
         with tempfile.TemporaryDirectory(prefix="kvmtrace-soak-trace-") as tmp:

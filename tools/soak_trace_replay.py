@@ -16,7 +16,7 @@ also equal the source's. Scenarios (``--runs`` runs each, the seed varying per r
 
 Prints one row per scenario and every failure; exit 1 if any.
 
-    .venv/bin/python tools/soak_trace_replay.py [--runs 20]
+    .venv/bin/python tools/soak_trace_replay.py [--runs 20] [--scenario random]
 """
 
 from __future__ import annotations
@@ -96,13 +96,16 @@ class Scenario:
 
 
 def main() -> int:
-    args = parser(__doc__, runs=20).parse_args()
+    ap = parser(__doc__, runs=20)
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), action="append",
+                    help="run only this scenario (repeatable; default: all)")
+    args = ap.parse_args()
     require_root("soak_trace_replay", "BPF, /dev/kvm", kvm=True)
     table = Table([Column("scenario", "<11"), Column("passed", ">9"), Column("pushes", ">9"),
                    Column("src overflowed", ">14"), Column("s", ">5")])
     print(table.header())
     failures = []
-    for name in SCENARIOS:
+    for name in args.scenario or SCENARIOS:
         sc = Scenario(name)
         out = repeat(sc.run, args.runs)
         print(table.row(name, f"{out.runs - len(out.failures)}/{out.runs}", sc.pushes,

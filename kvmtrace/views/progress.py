@@ -1,0 +1,136 @@
+"""Progress of long work on stderr: events done, rate and time left, with tqdm.
+
+:class:`Progress` draws a tqdm bar on a stream (stderr) only when that stream is a terminal
+and the user did not turn it off (``--no-progress``); otherwise every call is a no-op, so
+a pipe or a log file gets no progress text. It counts in whatever unit the caller says
+(events for a replay, repetitions for a bench) and shows the time left when the total is
+known up front (a recording's events: its block index; text traces: count and rate only).
+
+The hook is :meth:`Progress.update`, a callback on events (or blocks) consumed, called once
+per block, never per event: whichever driver feeds a replay (one process, or workers
+handing back per-block results) calls it with the events it finished.
+:func:`track` wraps an :class:`~kvmtrace.core.sources.EventSource` so that every block
+its reader takes from :meth:`~kvmtrace.core.sources.EventSource.batches` or
+:meth:`~kvmtrace.core.sources.EventSource.column_batches` is counted when the reader
+comes back for the next one (the block is done then), for readers that take a source.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from types import TracebackType
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..core.sources import EventSource
+from ..source.recording import Recording
+
+if TYPE_CHECKING:
+    from ..core.columns import EventColumns
+
+__all__ = ["Progress", "ProgressSource", "track", "events_total", "MIN_INTERVAL_S"]
+
+MIN_INTERVAL_S = 0.2  #: the bar is redrawn at most this often
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+class Progress:
+    """A progress bar on ``stream`` (stderr by default) when it is a terminal and
+    ``enabled`` is not False; silent otherwise. ``total``: units expected (None unknown:
+    no time left shown); ``unit``: what is counted ("events", "reps")."""
+
+    def __init__(self, desc: str, total: int | None = None, *, unit: str = "events",
+                 enabled: bool = True, stream: IO[str] | None = None) -> None:
+        out = sys.stderr if stream is None else stream
+        self.active = bool(enabled) and _is_terminal(out)
+        self.done = 0  #: units counted so far (counted when active or not)
+        self._bar: Any = None
+        if self.active:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total or None, desc=desc, unit=f" {unit}", unit_scale=True,
+                             file=out, mininterval=MIN_INTERVAL_S, leave=False,
+                             dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        """``n`` more units done (call per block of work, not per event)."""
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        """Remove the bar (a finished bar leaves no line behind)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def events_total(source: EventSource) -> int | None:
+    """Events ``source`` will yield when known before reading (a recording's block index
+    counts them); None otherwise."""
+    if isinstance(source, Recording):
+        return int(source.events)
+    return None
+
+
+class ProgressSource(EventSource):
+    """``inner`` as it is, but each block a reader takes is counted on ``progress`` once
+    the reader asks for the next block (or finishes)."""
+
+    def __init__(self, inner: EventSource, progress: Progress) -> None:
+        self.inner = inner
+        self.meta = inner.meta
+        self.progress = progress
+
+    def batches(self) -> Iterator[np.ndarray]:
+        for batch in self.inner.batches():
+            yield batch
+            self.progress.update(len(batch))
+
+    def column_batches(self) -> Iterator[EventColumns] | None:
+        cols = self.inner.column_batches()
+        return None if cols is None else self._counted(cols)
+
+    def _counted(self, cols: Iterator[EventColumns]) -> Iterator[EventColumns]:
+        for part in cols:
+            yield part
+            self.progress.update(part.n)
+
+    @property
+    def lost(self) -> int:
+        return self.inner.lost
+
+    @property
+    def truncated(self) -> bool:
+        return self.inner.truncated
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.inner.warnings
+
+    @property
+    def unsure(self) -> set[tuple[int, int, int]]:
+        return self.inner.unsure
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def track(source: EventSource, progress: Progress) -> EventSource:
+    """``source`` counted on ``progress`` (``source`` itself when the bar is off: no cost)."""
+    return ProgressSource(source, progress) if progress.active else source

@@ -17,6 +17,7 @@ comes back for the next one (the block is done then), for readers that take a so
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from types import TracebackType
@@ -42,6 +43,14 @@ def _is_terminal(stream: IO[str]) -> bool:
         return False
 
 
+def _size(stream: IO[str]) -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        return 0, 0
+    return size.columns, size.lines
+
+
 class Progress:
     """A progress bar on ``stream`` (stderr by default) when it is a terminal and
     ``enabled`` is not False; silent otherwise. ``total``: units expected (None unknown:
@@ -56,9 +65,11 @@ class Progress:
         if self.active:
             from tqdm import tqdm
 
+            cols, rows = _size(out)  # a terminal that reports no size (0 x 0): 80 x 24
             self._bar = tqdm(total=total or None, desc=desc, unit=f" {unit}", unit_scale=True,
                              file=out, mininterval=MIN_INTERVAL_S, leave=False,
-                             dynamic_ncols=True)
+                             dynamic_ncols=bool(cols and rows), ncols=cols or 80,
+                             nrows=rows or 24)
 
     def update(self, n: int) -> None:
         """``n`` more units done (call per block of work, not per event)."""

@@ -79,6 +79,11 @@ def test_json_and_text_percentiles_are_exact(run: RecordedRun) -> None:
         # (5-10 ms stalls here: 8.4 or 16.8 ms); it prints the median itself now
         bound = 1 << p50.bit_length()
         assert p50 < bound and (row[2] != _ms(bound) or _ms(p50) == _ms(bound))
+    lat = np.sort(ev["value"][ev["kind"] == Kind.RESET_LAT].astype(np.int64))
+    assert len(lat) == run.truth["resets"]  # the VMM counts its KVM_RESET_DIRTY_RINGS calls
+    assert d["reset_latency"] == {"count": len(lat), "total_ns": int(lat.sum()),
+                                  "p50_ns": _rank(lat, 0.5), "p99_ns": _rank(lat, 0.99),
+                                  "max_ns": int(lat[-1])}
 
 
 def test_hist_section_counts_the_recorded_values(run: RecordedRun) -> None:

@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         from ..views.replay_json import dumps_report
 
         print(dumps_report(report, file=args.file, top=args.top, truncated=truncated,
-                           warnings=warnings, migrations=migrations, stall_splits=splits))
+                           warnings=warnings, migrations=migrations, stall_splits=splits,
+                           reset_latency=_reset_latency(tap)))
     else:
         from ..views.replay_text import render_text
 

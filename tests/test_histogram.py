@@ -1,14 +1,21 @@
 """The terminal log2 histogram (kvmtrace.views.histogram), the exact percentiles of
-Durations and the top histogram pane, on hand-made inputs whose answers are written out."""
+Durations and the top histogram pane, on hand-made inputs whose answers are written out;
+``top -b --hist`` over a real recording, its buckets counted here from the file's events."""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
+from conftest import kvmtrace_cmd
 
 from kvmtrace.analysis.rates import compute_interval
 from kvmtrace.core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmCounters
+from kvmtrace.core.events import Kind
 from kvmtrace.model.results import Durations
+from kvmtrace.source.recording import open_recording
 from kvmtrace.views.histogram import bucket_range, log2_hist_lines
 from kvmtrace.views.top_curses import TopState
 from kvmtrace.views.top_hist import top_hist_lines
@@ -122,3 +129,31 @@ def test_key_H_toggles_the_pane(keys: str, shown: bool) -> None:
     for k in keys:
         assert st.handle_key(ord(k))
     assert st.show_hist is shown
+
+
+REC = Path(__file__).parent / "data" / "recordings" / "workload-2vcpu-4096B-400pages-v1.0.kvt"
+
+
+def _counts(vals: np.ndarray) -> list[tuple[int, int, int]]:
+    """(low, high, count) rows from the first to the last non-empty log2 bucket, counted
+    here by bit length."""
+    b = [max(int(v).bit_length() - 1, 0) for v in vals.tolist()]
+    return [((1 << i) if i else 0, (1 << (i + 1)) - 1, b.count(i))
+            for i in range(min(b), max(b) + 1)]
+
+
+def test_top_batch_hist_over_a_real_recording() -> None:
+    ev = open_recording(REC).read_all()
+    stall = ev["value"][ev["kind"] == Kind.STALL]
+    lat = ev["value"][ev["kind"] == Kind.RESET_LAT]
+    p = subprocess.run(kvmtrace_cmd("top", "-b", "--hist", "-d", "10", "--replay", str(REC)),
+                       capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stderr) == (0, "")
+    lines = p.stdout.splitlines()
+    rows = [tuple(int(x) for x in (ln.split()[0], ln.split()[2], ln.split()[4]))
+            for ln in lines if " -> " in ln]
+    assert rows == _counts(stall) + _counts(lat)
+    assert f"  {len(stall)} stalls: p50<=" in p.stdout and f"  {len(lat)} ioctls: p50<=" in p.stdout
+    bad = subprocess.run(kvmtrace_cmd("top", "-b", "--json", "--hist", "--replay", str(REC)),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1

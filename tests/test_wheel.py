@@ -5,8 +5,8 @@ C sources (package data) so that ``record`` and ``top`` load them.
 Nothing is fetched: the wheel is built with ``--no-build-isolation`` by this interpreter's
 setuptools, and installed with ``--no-index``. kvmtrace's dependencies (numpy, pyroute2,
 tqdm) are taken from the system site packages when they are there, else from this
-interpreter's own installs (symlinked into the new venv through a .pth file), so pip's resolver still checks
-that what the wheel declares is satisfied.
+interpreter's own installs (symlinked into the new venv through a .pth file), so pip's
+resolver still checks that what the wheel declares is satisfied.
 """
 
 from __future__ import annotations

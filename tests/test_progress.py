@@ -6,6 +6,7 @@ Input: a real recording of the built-in VMM (tests/data/recordings)."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import struct
@@ -76,6 +77,21 @@ def test_progress_on_a_terminal_only(case: str, tmp_path: Path) -> None:
     (tmp_path / "out.parquet").unlink(missing_ok=True)
     rc_n, out_n, tty_n = _on_pty(kvmtrace_cmd(*args, "--no-progress"), tmp_path)
     assert (rc_n, out_n, tty_n) == (rc, out, quiet_err.replace(b"\n", b"\r\n"))
+
+
+def test_text_trace_learns_its_total_after_the_first_read(samples: Path,
+                                                         tmp_path: Path) -> None:
+    """A tracefs text trace is read twice; the bar counts without a total during the first
+    read, then with the events that read found (what replay --json says it read)."""
+    trace = samples / "ftrace-1vcpu-8192B-800pages.txt"
+    rc, out, err = _piped(kvmtrace_cmd("replay", str(trace), "--json"), tmp_path)
+    assert err == b""
+    events = json.loads(out)["events"]
+    rc_t, out_t, tty = _on_pty(kvmtrace_cmd("replay", str(trace), "--json"), tmp_path)
+    assert (rc_t, out_t) == (rc, out)
+    text = tty.decode()
+    assert text.index("replay: 0.00 events [") < text.index("replay:   0%|")
+    assert f"/{events} [" in text and text.endswith("\r")
 
 
 def test_source_wrapper_counts_every_event_per_block() -> None:

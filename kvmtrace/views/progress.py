@@ -4,7 +4,8 @@
 and the user did not turn it off (``--no-progress``); otherwise every call is a no-op, so
 a pipe or a log file gets no progress text. It counts in whatever unit the caller says
 (events for a replay, repetitions for a bench) and shows the time left when the total is
-known up front (a recording's events: its block index; text traces: count and rate only).
+known (a recording's events: its block index, up front; a text trace's: once its first
+read of the file is done, which the bar spends at 0).
 
 The hook is :meth:`Progress.update`, a callback on events (or blocks) consumed, called once
 per block, never per event: whichever driver feeds a replay (one process, or workers
@@ -27,6 +28,7 @@ import numpy as np
 
 from ..core.sources import EventSource
 from ..source.recording import Recording
+from ..source.textsource import TextSource
 
 if TYPE_CHECKING:
     from ..core.columns import EventColumns
@@ -61,6 +63,7 @@ class Progress:
         out = sys.stderr if stream is None else stream
         self.active = bool(enabled) and _is_terminal(out)
         self.done = 0  #: units counted so far (counted when active or not)
+        self.total = total or None  #: units expected; None unknown
         self._bar: Any = None
         if self.active:
             from tqdm import tqdm
@@ -70,6 +73,14 @@ class Progress:
                              file=out, mininterval=MIN_INTERVAL_S, leave=False,
                              dynamic_ncols=bool(cols and rows), ncols=cols or 80,
                              nrows=rows or 24)
+
+    def set_total(self, total: int) -> None:
+        """The units expected, learnt late (a text trace's events after its first read)."""
+        if total:
+            self.total = total
+        if self._bar is not None and total:
+            self._bar.total = total
+            self._bar.refresh()
 
     def update(self, n: int) -> None:
         """``n`` more units done (call per block of work, not per event)."""
@@ -92,10 +103,13 @@ class Progress:
 
 
 def events_total(source: EventSource) -> int | None:
-    """Events ``source`` will yield when known before reading (a recording's block index
-    counts them); None otherwise."""
+    """Events ``source`` will yield, when known before they are all read: a recording's
+    block index counts them; a text trace knows once its first read of the file is done
+    (it reads it twice); None otherwise."""
     if isinstance(source, Recording):
         return int(source.events)
+    if isinstance(source, TextSource):
+        return source.events
     return None
 
 
@@ -109,7 +123,11 @@ class ProgressSource(EventSource):
         self.progress = progress
 
     def batches(self) -> Iterator[np.ndarray]:
+        first = True
         for batch in self.inner.batches():
+            if first and self.progress.total is None:  # known by now? (text traces)
+                self.progress.set_total(events_total(self.inner) or 0)
+            first = False
             yield batch
             self.progress.update(len(batch))
 

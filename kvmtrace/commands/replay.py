@@ -117,6 +117,9 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--simulate-ring-entries {n} is not a ring KVM accepts",
                          f"give a power of two from 256 to 65536 above the reserve "
                          f"{args.reserved}, e.g. 1024")
+    if args.hist and args.json:
+        raise UsageError("--hist draws text histograms; --json prints none",
+                         "drop one: the JSON has exact stall and reset-latency percentiles")
     if args.dump_harvest:  # refused before anything is read or written
         check_output(args.dump_harvest, [args.file], flag="--dump-harvest")
 

@@ -14,6 +14,15 @@ handing back per-block results) calls it with the events it finished.
 its reader takes from :meth:`~kvmtrace.core.sources.EventSource.batches` or
 :meth:`~kvmtrace.core.sources.EventSource.column_batches` is counted when the reader
 comes back for the next one (the block is done then), for readers that take a source.
+
+A command adds ``--no-progress`` with :func:`kvmtrace.commands.args.add_progress` and::
+
+    with Progress("replay", events_total(src), enabled=args.progress) as bar:
+        report = replay_source(track(src, bar))
+    with Progress("bench", reps, unit="reps", enabled=args.progress) as bar:
+        for _ in range(reps):
+            run_one()
+            bar.update(1)
 """
 
 from __future__ import annotations

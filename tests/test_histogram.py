@@ -14,6 +14,7 @@ from conftest import kvmtrace_cmd
 from kvmtrace.analysis.rates import compute_interval
 from kvmtrace.core.counters import HIST_BUCKETS, RingCounters, RingKey, Snapshot, VmCounters
 from kvmtrace.core.events import Kind
+from kvmtrace.model.reservoir import DEFAULT_CAP
 from kvmtrace.model.results import Durations
 from kvmtrace.source.recording import open_recording
 from kvmtrace.views.histogram import bucket_range, log2_hist_lines
@@ -158,3 +159,12 @@ def test_top_batch_hist_over_a_real_recording() -> None:
                  ("replay", "--hist", "--json", str(REC))):
         bad = subprocess.run(kvmtrace_cmd(*argv), capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and bad.stdout == "" and len(bad.stderr.splitlines()) == 1
+
+
+def test_durations_beyond_the_cap_keep_a_sample_and_say_so() -> None:
+    d = Durations()
+    vals = np.arange(DEFAULT_CAP + 10, dtype=np.int64) * 2 + 1  # odd ns only
+    d.add_many(vals)
+    assert (d.count, len(d.values), d.sampled) == (DEFAULT_CAP + 10, DEFAULT_CAP, True)
+    assert d.quantile_ns(0.5) % 2 == 1  # still a value that occurred
+    assert (d.max_ns, sum(d.hist)) == (int(vals[-1]), DEFAULT_CAP + 10)  # exact counters

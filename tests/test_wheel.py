@@ -3,10 +3,10 @@ site packages (where bcc lives), run from outside the source tree. It must ship 
 C sources (package data) so that ``record`` and ``top`` load them.
 
 Nothing is fetched: the wheel is built with ``--no-build-isolation`` by this interpreter's
-setuptools, and installed with ``--no-index``. kvmtrace's dependencies (numpy, pyroute2) are
-taken from the system site packages when they are there, else from this interpreter's own
-installs (symlinked into the new venv through a .pth file), so pip's resolver still checks
-that what the wheel declares is satisfied.
+setuptools, and installed with ``--no-index``. kvmtrace's dependencies (numpy, pyroute2,
+tqdm) are taken from the system site packages when they are there, else from this
+interpreter's own installs (symlinked into the new venv through a .pth file), so pip's
+resolver still checks that what the wheel declares is satisfied.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from kvmtrace.core.events import Kind
 from kvmtrace.source.recording import open_recording
 
 PROBE_FILES = {"dirty_ring.bpf.c", "dirty_ring_defs.h", "kvmtrace.h"}
-DEPENDENCIES = ("numpy", "pyroute2")
+DEPENDENCIES = ("numpy", "pyroute2", "tqdm")
 WORKLOAD = ["workload", "--vcpus", "1", "--pages", "500", "--json"]
 
 
@@ -96,7 +96,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         (Path(purelib) / "kvmtrace-test-deps.pth").write_text(f"{deps}\n")
     # this interpreter's pip installs into the new venv (pip >= 22.3: --python)
     _run([sys.executable, "-m", "pip", "--python", py, "install", "--no-index", "-q",
-          str(wheel)], "installing the wheel offline (are numpy and pyroute2 importable?)",
+          str(wheel)], "installing the wheel offline (are numpy, pyroute2 and tqdm importable?)",
          env=env, cwd=tmp)  # no PYTHONPATH: a checkout's egg-info would look installed
     return Installed(venv=venv, wheel=wheel, cwd=tmp, env=env)
 

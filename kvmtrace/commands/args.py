@@ -29,7 +29,7 @@ from ..errors import UsageError
 
 __all__ = ["HOOKS", "Parser", "add_subcommand", "add_input", "add_json", "add_ring_size",
            "add_pid", "add_command", "command_of", "number", "integer", "pid_max",
-           "pid_value", "check_pid", "MAX_SECONDS"]
+           "pid_value", "check_pid", "MAX_SECONDS", "add_progress"]
 
 #: the longest duration or interval any flag takes (a year, in seconds)
 MAX_SECONDS = 366 * 86400.0
@@ -154,6 +154,13 @@ def add_input(p: argparse.ArgumentParser, help: str, name: str = "file") -> None
 def add_json(p: argparse.ArgumentParser,
              help: str = "print one JSON object (schema 1)") -> None:  # noqa: A002
     p.add_argument("--json", action="store_true", help=help)
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    """``--no-progress``: no progress bar on stderr (there is one only when stderr is a
+    terminal: kvmtrace.views.progress); ``args.progress`` is False with it."""
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar on stderr (shown only when stderr is a terminal)")
 
 
 def add_ring_size(p: argparse.ArgumentParser, entries_help: str, bytes_help: str | None = None,

@@ -15,7 +15,7 @@ import math
 import sys
 
 from ..errors import UsageError
-from .args import add_input, add_json, add_ring_size, add_subcommand
+from .args import add_input, add_json, add_progress, add_ring_size, add_subcommand
 
 __all__ = ["register", "run"]
 
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json(p)
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
+    add_progress(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,12 +57,14 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.comparison import compare_profiles
     from ..analysis.profile import profile_source
     from ..source.detect import open_source
+    from ..views.progress import Progress, events_total, track
 
     profiles = []
-    for path in (args.base, args.new):
+    for what, path in (("base", args.base), ("new", args.new)):
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
         try:
-            profiles.append(profile_source(src))
+            with Progress(f"compare {what}", events_total(src), enabled=args.progress) as bar:
+                profiles.append(profile_source(track(src, bar)))
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
         for w in src.warnings:  # text whose rings were not all told apart

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..host.outfile import check_output
-from .args import MAX_SECONDS, add_input, add_ring_size, add_subcommand
+from .args import MAX_SECONDS, add_input, add_progress, add_ring_size, add_subcommand
 
 __all__ = ["register", "run", "open_input"]
 
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "samples around resets (0 = every event; default 100)")
     p.add_argument("--row-group-rows", type=int, default=1 << 20, metavar="N",
                    help="Parquet: rows per row group (default 1048576)")
+    add_progress(p)
 
 
 def open_input(path: str, ring_entries: int | None) -> Any:
@@ -75,10 +76,15 @@ def run(args: argparse.Namespace) -> int:
     flag, dest = ("--parquet", args.parquet) if args.parquet else ("--perfetto", args.perfetto)
     check_output(dest, [args.file], flag=flag)  # before anything is read or written
     src = open_input(args.file, args.ring_entries)
+    from ..views.progress import Progress, events_total, track
+
+    bar = Progress("export", events_total(src), enabled=args.progress)
     if args.parquet:
         from ..views.parquet import export_parquet
 
-        rows = export_parquet(src, args.parquet, row_group_rows=args.row_group_rows)
+        with bar:
+            rows = export_parquet(track(src, bar), args.parquet,
+                                  row_group_rows=args.row_group_rows)
         print(f"kvmtrace export: {rows} events -> {args.parquet}", file=sys.stderr)
     else:
         from ..analysis.migration import migrations_of
@@ -86,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
 
         migrations = migrations_of(
             lambda: open_input(args.file, args.ring_entries))
-        n = export_perfetto(src, args.perfetto,
-                            counter_interval_ns=int(args.counter_interval_us * 1000),
-                            migrations=migrations)
+        with bar:
+            n = export_perfetto(track(src, bar), args.perfetto,
+                                counter_interval_ns=int(args.counter_interval_us * 1000),
+                                migrations=migrations)
         print(f"kvmtrace export: {n} trace events -> {args.perfetto}", file=sys.stderr)
     if src.truncated:
         print(f"kvmtrace export: warning: {args.file} ends early (writer killed?); exported "

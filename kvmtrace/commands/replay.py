@@ -13,11 +13,25 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
+from ..core.events import Kind
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
 from ..host.outfile import atomic_output, check_output
-from .args import add_input, add_json, add_ring_size, add_subcommand, integer, number
+from ..model.results import Durations
+from .args import (
+    add_input,
+    add_json,
+    add_progress,
+    add_ring_size,
+    add_subcommand,
+    integer,
+    number,
+)
+
+if TYPE_CHECKING:
+    from ..analysis.migration import ExtrasTap
 
 __all__ = ["register", "run", "ReplayOptions", "replay_options"]
 
@@ -27,6 +41,7 @@ EPILOG = """examples:
   perf script > perf.txt && kvmtrace replay perf.txt --json | jq .anomalies
   kvmtrace replay run.kvt --simulate-ring-entries 1024   # exits with a smaller ring?
   kvmtrace replay run.kvt --dump-harvest harvest.json    # every harvested (slot, offset)
+  kvmtrace replay run.kvt --hist                # log2 histograms of stall and reset time
 
 exit status: 0 clean, 1 anomalies found (or lost events), 2 bad input
 """
@@ -63,6 +78,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reserved", type=int, default=KVM_DIRTY_RING_RSVD_ENTRIES,
                    metavar="64|576",
                    help="entries KVM keeps back: 64, or 576 on Intel hosts with PML")
+    p.add_argument("--hist", action="store_true",
+                   help="end the text report with log2 histograms (bcc style) of stall "
+                        "time and KVM_RESET_DIRTY_RINGS latency")
+    add_progress(p)
 
 
 @dataclass(frozen=True)
@@ -98,8 +117,20 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--simulate-ring-entries {n} is not a ring KVM accepts",
                          f"give a power of two from 256 to 65536 above the reserve "
                          f"{args.reserved}, e.g. 1024")
+    if args.hist and args.json:
+        raise UsageError("--hist draws text histograms; --json prints none",
+                         "drop one: the JSON has exact stall and reset-latency percentiles")
     if args.dump_harvest:  # refused before anything is read or written
         check_output(args.dump_harvest, [args.file], flag="--dump-harvest")
+
+
+def _reset_latency(tap: ExtrasTap) -> Durations:
+    """The KVM_RESET_DIRTY_RINGS durations (Kind.RESET_LAT values, ns) the replay's tap kept
+    (it keeps every event but pushes)."""
+    out = Durations()
+    for ev in tap.rest:
+        out.add_many(ev["value"][ev["kind"] == Kind.RESET_LAT])
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,11 +138,13 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.migration import ExtrasTap, replay_extras
     from ..analysis.replay import replay_source
     from ..source.detect import open_source
+    from ..views.progress import Progress, events_total, track
 
     src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
     try:
         tap = ExtrasTap()
-        report = replay_source(src, tap, **asdict(opts))
+        with Progress("replay", events_total(src), enabled=args.progress) as bar:
+            report = replay_source(track(src, bar), tap, **asdict(opts))
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
     truncated = src.truncated
@@ -134,12 +167,15 @@ def run(args: argparse.Namespace) -> int:
         from ..views.replay_json import dumps_report
 
         print(dumps_report(report, file=args.file, top=args.top, truncated=truncated,
-                           warnings=warnings, migrations=migrations, stall_splits=splits))
+                           warnings=warnings, migrations=migrations, stall_splits=splits,
+                           reset_latency=_reset_latency(tap)))
     else:
         from ..views.replay_text import render_text
 
         print(render_text(report, file=args.file, top=args.top, truncated=truncated,
-                          warnings=warnings, migrations=migrations, stall_splits=splits))
+                          warnings=warnings, migrations=migrations, stall_splits=splits,
+                          histograms=args.hist,
+                          reset_latency=_reset_latency(tap) if args.hist else None))
     if truncated:
         print(f"kvmtrace replay: warning: {args.file} ends early (writer killed?); "
               "replayed what it holds", file=sys.stderr)

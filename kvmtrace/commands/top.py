@@ -45,6 +45,7 @@ EXAMPLES = """examples:
   kvmtrace top --light                  # no per-push probe: for production push rates
   kvmtrace top --prometheus :9877       # metrics on http://127.0.0.1:9877/metrics
   kvmtrace top -b --replay run.kvt      # the same view over a recording, as fast as it goes
+  kvmtrace top -b -n 3 --hist           # each interval's table, then its stall/reset histograms
   kvmtrace top -- kvmtrace workload --vcpus 2 --duration 30   # watch one command's VMs
 
 exit status: 0; with -- COMMAND, the command's own status when it failed; 2 bad flags
@@ -69,6 +70,7 @@ class TopOptions:
     ring_bytes: int | None = None
     hook: str = "auto"
     light: bool = False
+    hist: bool = False  # batch text: histograms of stall time and reset latency per interval
     command: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -102,6 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "pushes, used, max used and lost pages are updated at each ring's resets "
                    "only (the JSON says \"mode\": \"light\"); rings of VMs older than "
                    "top count pushes from their first reset seen")
+    p.add_argument("--hist", action="store_true",
+                   help="batch text: after each interval's table, log2 histograms of its "
+                   "stall time and reset latency (interactive: key H)")
     add_command(p, "run COMMAND, show only its VMs, stop (batch) when it exits; its "
                 "output goes to stderr in batch mode and is shown after the view ends")
 
@@ -158,7 +163,11 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         ring_bytes=_int(args.ring_bytes, "--ring-bytes", 16),
         hook=args.hook,
         light=bool(args.light),
+        hist=bool(args.hist),
     )
+    if opts.hist and (opts.json or not opts.batch):
+        raise UsageError("--hist draws text in batch mode (-b)",
+                         "use -b --hist; the JSON has stall_hist; interactively press H")
     if opts.light and opts.replay:
         raise UsageError("--light only applies to the live view",
                          "drop --light: a replay reads every recorded event anyway")
@@ -284,6 +293,10 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
         elif emit:
             lines = render_top(iv, width, None, opts.sort, clock=clock(cur),
                                source=label, hooks=hooks, pid=opts.pid, mode=mode)
+            if opts.hist:
+                from ..views.top_hist import top_hist_lines
+
+                lines += ["", *top_hist_lines(iv, width)]
             print("\n".join(lines) + "\n", flush=True)
         prev = cur
         done += 1

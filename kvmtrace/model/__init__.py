@@ -6,4 +6,6 @@
 - :mod:`.sizes`: where a VM's ring size comes from (trace, meta, inference): the one
   policy (:class:`~.sizes.RingSizes`, :func:`~.sizes.live_ring_size`).
 - :mod:`.digest`: an order-independent digest of a multiset of (slot, offset) entries.
+- :mod:`.reservoir`: a bounded uniform sample of a stream of values (exact up to its cap),
+  behind the exact percentiles of :class:`~.results.Durations` and of ``compare``.
 """

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..core.counters import HIST_BUCKETS
+from .reservoir import Reservoir
 
 __all__ = ["AnomalyKind", "Anomaly", "RingResult", "RingId", "LIST_CAP", "Durations",
            "SoftEpisode", "PendingReset"]
@@ -24,6 +25,7 @@ RingId = tuple[int, int, int]  # (pid, vm, ring index)
 
 #: overwritten entries an overflow anomaly lists at most (the count is always exact)
 LIST_CAP = 100_000
+PENDING_MAX = 4096  #: durations added one by one, buffered before they join the sample
 
 
 class AnomalyKind(enum.StrEnum):
@@ -106,13 +108,21 @@ class Anomaly:
 
 @dataclass
 class Durations:
-    """Count, total, max and log2 histogram of durations in ns (bucket i: 2**i <= v <
-    2**(i+1), bucket 0 also holds 0), bounded however many are added."""
+    """Count, total, max, log2 histogram and exact values of durations in ns.
+
+    The histogram (bucket i: 2**i <= v < 2**(i+1), bucket 0 also holds 0) is bounded
+    however many are added; the values are kept in a :class:`~.reservoir.Reservoir`: every
+    one up to :data:`~.reservoir.DEFAULT_CAP`, a uniform sample beyond (:attr:`sampled`).
+    :meth:`quantile_ns` is a value that occurred, never a bucket bound.
+    Equality and :meth:`key` compare count, total, max and histogram only.
+    """
 
     count: int = 0
     total_ns: int = 0
     max_ns: int = 0
     hist: list[int] = field(default_factory=lambda: [0] * HIST_BUCKETS)
+    _sample: Reservoir | None = field(default=None, init=False, repr=False, compare=False)
+    _pending: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def add(self, ns: int) -> None:
         ns = max(0, int(ns))
@@ -120,6 +130,9 @@ class Durations:
         self.total_ns += ns
         self.max_ns = max(self.max_ns, ns)
         self.hist[min(max(ns.bit_length() - 1, 0), HIST_BUCKETS - 1)] += 1
+        self._pending.append(ns)
+        if len(self._pending) >= PENDING_MAX:
+            self._flush()
 
     def add_many(self, ns: np.ndarray) -> None:
         """Add an array of durations (ns, < 2**53); same result as add() one by one."""
@@ -133,12 +146,55 @@ class Durations:
         b = np.clip(b, 0, HIST_BUCKETS - 1)
         for i, n in enumerate(np.bincount(b, minlength=HIST_BUCKETS)):
             self.hist[i] += int(n)
+        self._flush()
+        self._reservoir().add(v)
+
+    def merge(self, other: Durations) -> None:
+        """Add another Durations' counts and values (e.g. of the same ring from another
+        worker); the values added are ``other``'s kept ones."""
+        self.count += other.count
+        self.total_ns += other.total_ns
+        self.max_ns = max(self.max_ns, other.max_ns)
+        self.hist = [a + b for a, b in zip(self.hist, other.hist, strict=True)]
+        self._flush()
+        self._reservoir().add(other.values)
+
+    def _reservoir(self) -> Reservoir:
+        if self._sample is None:
+            self._sample = Reservoir()
+        return self._sample
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._reservoir().add(np.asarray(self._pending, dtype=np.int64))
+            self._pending.clear()
+
+    @property
+    def values(self) -> np.ndarray:
+        """The durations kept (ns, int64, in the order added; all of them unless
+        :attr:`sampled`)."""
+        self._flush()
+        return self._sample.values if self._sample is not None else np.empty(0, np.int64)
+
+    @property
+    def sampled(self) -> bool:
+        """True when more durations were added than kept (percentiles are of a sample)."""
+        return self.count > len(self.values)
 
     def mean_ns(self) -> float | None:
         return self.total_ns / self.count if self.count else None
 
     def quantile_ns(self, q: float) -> int | None:
-        """Upper bound (ns) of the bucket holding quantile q (0..1)."""
+        """The q-quantile (0..1) in ns: the smallest duration with at least q of them at or
+        below it (numpy's ``inverted_cdf``), a value that occurred; None when empty."""
+        v = self.values
+        if not len(v):
+            return None
+        return int(np.quantile(v, q, method="inverted_cdf"))
+
+    def bucket_bound_ns(self, q: float) -> int | None:
+        """Upper bound (ns) of the log2 bucket holding quantile q (0..1), capped at the max:
+        what the histogram alone can say; None when empty."""
         if not self.count:
             return None
         seen = 0

@@ -107,6 +107,7 @@ class TextSource(EventSource):
         self._unsure: set[tuple[int, int, int]] = set()
         self.separated = False  #: rings of several VMs were told apart (vm -2, -3, ...)
         self.unplaced = 0  #: reset events no VM could be named for (under vm -1)
+        self.events: int | None = None  #: events batches() yields, known after its first read
 
     @property
     def lost(self) -> int:
@@ -130,13 +131,15 @@ class TextSource(EventSource):
         :attr:`cache_bytes`)."""
         vms = TextVms()
         cache: list[np.ndarray] | None = []
-        held = 0
+        held = n = 0
         for ev in self._read():
+            n += len(ev)
             vms.observe(ev)
             if cache is not None:
                 held += ev.nbytes
                 cache = cache + [ev] if held <= self.cache_bytes else None
         vms.solve()
+        self.events = n
         self._warnings = self._line_warnings() + list(vms.warnings)
         self._unsure = set(vms.unsure)
         self.unplaced = vms.unplaced

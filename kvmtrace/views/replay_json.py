@@ -36,7 +36,9 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
                 multiset), "first_ns", "last_ns", "dirty_rate_mbps" (QEMU's dirty rate
                 over the ring's first to last push: entries pushed per second x 4096 /
                 2**20, MiB/s of 4 KiB pages; null with fewer than two push times),
-                "stall": {"count", "total_ns", "p50_ns", "p99_ns", "max_ns"} (KT_STALL),
+                "stall": {"count", "total_ns", "p50_ns", "p99_ns", "max_ns"} (KT_STALL;
+                percentiles exact: durations that occurred, the smallest with at least
+                q of them at or below it; of a uniform sample beyond 10**6 values),
                 "exit_to_push": {... the same, soft-full exit to the ring's next push}}],
      "anomalies": [{"kind", "ring": {"pid", "vm", "index"}, "time" (ns), "time_s" (from
                     start_ns), "dirty_index", "reset_index", "count", "detail" (one
@@ -56,7 +58,11 @@ trace's clock unless the name says ``_s``; unknown values are ``null``, never Na
      "migrations": [<live-migration iterations: kvmtrace.views.replay_migration>],
      "stall_split": [<per vCPU ring: soft-full stalls split into harvest and the time
                      after the vCPU's own reset (a dirty limit's throttle):
-                     kvmtrace.views.replay_migration>]}
+                     kvmtrace.views.replay_migration>],
+     "reset_latency": {"count", "total_ns", "p50_ns", "p99_ns", "max_ns"}: every
+                     KVM_RESET_DIRTY_RINGS ioctl of the trace (Kind.RESET_LAT, a vm
+                     ioctl, so not per ring; recordings only: count 0 in text traces),
+                     percentiles exact as for "stall"}
 
 ``--dump-harvest`` writes the shape of ``kvmtrace workload --dump-harvest``
 (:meth:`kvmtrace.vmm.truth.WorkloadResult.harvest_dump`): ``{"pid", "vm_fd",
@@ -216,9 +222,11 @@ def _simulation(report: ReplayReport) -> dict[str, Any] | None:
 def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
                 truncated: bool = False, warnings: list[str] | None = None,
                 migrations: list[Migration] | None = None,
-                stall_splits: list[StallSplit] | None = None) -> dict[str, Any]:
+                stall_splits: list[StallSplit] | None = None,
+                reset_latency: Durations | None = None) -> dict[str, Any]:
     """The whole ``--json`` object (schema 1, see the module docstring); ``migrations``:
-    :func:`kvmtrace.analysis.migration.find_migrations` of the same trace."""
+    :func:`kvmtrace.analysis.migration.find_migrations` of the same trace;
+    ``reset_latency``: the trace's KVM_RESET_DIRTY_RINGS durations (None: none)."""
     start, end = ring_span(report)
     per_ring, per_vm = span_rates(report.workingset)
     return {
@@ -238,6 +246,7 @@ def report_dict(report: ReplayReport, *, file: str | None = None, top: int = 10,
         "simulation": _simulation(report),
         "migrations": migration_dicts(migrations or []),
         "stall_split": stall_split_dicts(stall_splits or []),
+        "reset_latency": _durations(reset_latency or Durations()),
     }
 
 

@@ -7,8 +7,10 @@ digest, lost pages (overwritten and stranded entries, deduplicated by page with 
 many entries each lost, stuck rings), anomalies (time from the first event, ring, indices,
 one sentence each), dirty rate and working set per vCPU (push/s and MB/s in QEMU's
 terms: entries pushed per second x 4096 / 2**20) and per VM, hottest pages per VM and the
-``--simulate-ring-entries`` comparison.
-Times: ms/us from the trace's ns.
+``--simulate-ring-entries`` comparison; with ``histograms``, log2 histograms of stall time
+(all rings) and of ``KVM_RESET_DIRTY_RINGS`` latency (:mod:`.histogram`).
+Times: ms/us from the trace's ns. Stall percentiles are exact: durations that occurred
+(:meth:`~kvmtrace.model.results.Durations.quantile_ns`), never log2 bucket bounds.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from ..analysis.throttle import StallSplit
 from ..core.kvm_abi import vm_label
 from ..model.digest import digest_of
 from ..model.results import Durations, RingId
+from .histogram import log2_hist_lines
 from .replay_json import ring_span
 from .replay_migration import migration_lines, stall_split_lines
 
-__all__ = ["render_text", "WIDTH", "MAX_ANOMALIES"]
+__all__ = ["render_text", "histogram_lines", "all_stalls", "WIDTH", "MAX_ANOMALIES"]
 
 WIDTH = 80
 MAX_ANOMALIES = 40  #: anomalies listed in text (all of them are in --json)
@@ -108,6 +111,8 @@ def _rings(report: ReplayReport) -> list[str]:
             f"{r.lost_pushes:>9} {r.overwritten:>8} {r.harvested:>10}  {dig}"))
     if any(not r.stalls.count and r.exit_to_push.count for r in report.rings):
         out.append("* no stall events: time from soft-full exit to the ring's next push")
+    if any(r.stalls.sampled or r.exit_to_push.sampled for r in report.rings):
+        out.append("p50, p99: of a uniform sample of 1,000,000 stalls where a ring had more")
     return out
 
 
@@ -219,17 +224,51 @@ def _simulation(report: ReplayReport) -> list[str]:
     return out
 
 
+def all_stalls(report: ReplayReport) -> tuple[Durations, bool]:
+    """Every ring's stalls in one :class:`Durations`: the KT_STALL events when any ring has
+    them (True), else each ring's soft-full exit -> next push (False)."""
+    measured = any(r.stalls.count for r in report.rings)
+    out = Durations()
+    for r in report.rings:
+        out.merge(r.stalls if measured else r.exit_to_push)
+    return out, measured
+
+
+def _summary(d: Durations, title: str, what: str) -> list[str]:
+    if not d.count:
+        return ["", title, f"  no {what} in this trace"]
+    sample = " (percentiles of a uniform sample)" if d.sampled else ""
+    return ["", title, f"  {d.count} {what}: p50 {_ms(d.quantile_ns(0.5))}, p99 "
+                       f"{_ms(d.quantile_ns(0.99))}, max {_ms(d.max_ns)}{sample}"]
+
+
+def histogram_lines(report: ReplayReport, reset_latency: Durations | None) -> list[str]:
+    """The ``--hist`` section: log2 histograms (ns) of stall time over all rings and of
+    KVM_RESET_DIRTY_RINGS latency (``reset_latency``; None: the trace has no such events),
+    each under a line with its exact count, p50, p99 and max."""
+    stalls, measured = all_stalls(report)
+    title = ("stall time, all rings (soft-full exit to the next KVM_RUN):" if measured else
+             "stall time, all rings (no stall events: soft-full exit to the next push):")
+    out = _summary(stalls, title, "stalls") + log2_hist_lines(stalls.hist, "nsecs", WIDTH)
+    rl = reset_latency if reset_latency is not None else Durations()
+    out += _summary(rl, "KVM_RESET_DIRTY_RINGS latency, all VMs:", "ioctls")
+    return out + log2_hist_lines(rl.hist, "nsecs", WIDTH)
+
+
 def render_text(report: ReplayReport, *, file: str | None = None, top: int = 10,
                 truncated: bool = False, warnings: list[str] | None = None,
                 migrations: list[Migration] | None = None,
-                stall_splits: list[StallSplit] | None = None) -> str:
+                stall_splits: list[StallSplit] | None = None,
+                histograms: bool = False, reset_latency: Durations | None = None) -> str:
     """The whole text report (lines of at most :data:`WIDTH` columns); ``migrations``:
-    :func:`kvmtrace.analysis.migration.find_migrations` of the same trace."""
+    :func:`kvmtrace.analysis.migration.find_migrations` of the same trace; ``histograms``:
+    end with :func:`histogram_lines` (``reset_latency``: the trace's RESET_LAT values)."""
     lines = (_header(report, file, truncated)
              + [x for w in warnings or []
                 for x in textwrap.wrap(f"warning: {w}", WIDTH, subsequent_indent="  ")]
              + _rings(report) + _lost(report) + _anomalies(report)
              + _workingset(report) + _hottest(report, top) + _simulation(report)
              + migration_lines(migrations or [], ring_span(report)[0], WIDTH)
-             + stall_split_lines(stall_splits or [], WIDTH))
+             + stall_split_lines(stall_splits or [], WIDTH)
+             + (histogram_lines(report, reset_latency) if histograms else []))
     return "\n".join(_fit(line) for line in lines)

@@ -2,7 +2,8 @@
 loop (:func:`run_curses`) that draws :func:`~kvmtrace.views.top_render.render_top` lines.
 
 Keys: ``q`` quit; ``h``/``?`` help; ``s``/``>`` and ``S``/``<`` next/previous sort column;
-``R`` reverse order; ``r`` reset counters (the cumulative columns restart at 0: a baseline
+``R`` reverse order; ``H`` the histogram pane (:mod:`.top_hist`) in place of the table
+(again: back); ``r`` reset counters (the cumulative columns restart at 0: a baseline
 snapshot is subtracted in the view, the kernel maps are untouched); ``p`` type a VMM pid to
 show (Enter applies, 0 = all, Esc cancels); space refreshes now.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from ..analysis.rates import Interval, compute_interval, subtract
 from ..core.counters import Snapshot
 from ..core.sources import SnapshotSource
+from .top_hist import top_hist_lines
 from .top_render import HEADER_LINES, SORT_KEYS, column_span, next_sort_key, render_top
 
 __all__ = ["TopState", "run_curses"]
@@ -33,6 +35,7 @@ class TopState:
     reverse: bool = False
     pid: int = 0
     show_help: bool = False
+    show_hist: bool = False  # the histogram pane (key H) in place of the ring table
     reset_requested: bool = False
     refresh_requested: bool = False
     pid_entry: str | None = None  # digits typed after "p", None when not prompting
@@ -53,6 +56,8 @@ class TopState:
             self.sort_key = next_sort_key(self.sort_key, 1)
         elif key in ("S", "<"):
             self.sort_key = next_sort_key(self.sort_key, -1)
+        elif key == "H":
+            self.show_hist = not self.show_hist
         elif key == "R":
             self.reverse = not self.reverse
         elif key == "r":
@@ -170,9 +175,12 @@ def _draw(
         pid=st.pid,
         mode=mode,
     )
+    hist = st.show_hist and not st.show_help
+    if hist:
+        lines = lines[:HEADER_LINES] + top_hist_lines(iv, width - 1)
     scr.erase()
     for y, line in enumerate(lines[:height]):
-        attr = curses.A_REVERSE if y == HEADER_LINES else curses.A_NORMAL
+        attr = curses.A_REVERSE if y == HEADER_LINES and not hist else curses.A_NORMAL
         first = line.split(maxsplit=1)[0] if line.strip() else ""
         if line.startswith("STUCK:") or (y > HEADER_LINES and first.endswith("!")):
             attr = curses.A_BOLD  # a stuck ring (top_render marks it with "!")
@@ -180,7 +188,7 @@ def _draw(
             scr.addnstr(y, 0, line.ljust(width - 1) if attr else line, width - 1, attr)
         except curses.error:
             pass
-    span = column_span(width - 1, st.sort_key)
+    span = None if hist else column_span(width - 1, st.sort_key)
     if span and HEADER_LINES < height:
         try:
             scr.chgat(HEADER_LINES, span[0], span[1] - span[0], curses.A_REVERSE | curses.A_BOLD)

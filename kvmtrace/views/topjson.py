@@ -1,8 +1,8 @@
 """Batch JSON of ``kvmtrace top -b --json``: one object per interval, one line each (NDJSON).
 
-Schema 1 (all counts in ring entries or events; times in ns unless the name says ``_s``)::
+Schema 1.1 (all counts in ring entries or events; times in ns unless the name says ``_s``)::
 
-    {"schema": 1, "mode": "full" | "light",
+    {"schema": 1, "schema_minor": 1, "mode": "full" | "light",
      "time": <unix seconds; null when unknown (a trace without a start time)>,
      "time_ns": <source clock: CLOCK_MONOTONIC live, the trace's clock for files>,
      "interval_s": <seconds>, "lost_events": <cumulative>,
@@ -15,7 +15,12 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
                 "dirty_rate_mbps" (QEMU's dirty rate: entries pushed per second x 4096 /
                 2**20, MiB of 4 KiB pages per second; compare calc-dirty-rate),
                 "entries_per_reset" (interval; null without resets),
-                "stall_p50_ns", "stall_p99_ns", "reset_p99_ns" (interval; null if none),
+                "stall_p50_le_ns", "stall_p99_le_ns", "reset_p99_le_ns" (interval; null
+                if none): upper bounds, the top of the log2 bucket holding that
+                percentile (only the in-kernel log2 histogram exists live; exact
+                percentiles: ``kvmtrace replay`` of a recording),
+                "stall_p50_ns", "stall_p99_ns", "reset_p99_ns": the same values under
+                their schema-1.0 names, kept for readers of 1.0,
                 "stall_hist" (cumulative log2 buckets: [i] counts 2**i <= ns < 2**(i+1))}],
      "vms": [{"pid", "vm", "vm_gen", "comm", "name", "ring_bytes", "rings", and the ring fields
               summed over the VM's rings ("resets" counts ring resets: one per ring per
@@ -23,6 +28,7 @@ Schema 1 (all counts in ring entries or events; times in ns unless the name says
      "idle_vms": [{"pid", "vm", "vm_gen", "comm", "name", "ring_bytes"}: VMs with a dirty
               ring of known size and no ring event yet (QEMU: dirty logging off)]}
 
+Minor 1 added ``schema_minor`` and the ``_le_ns`` names; a reader of 1.0 sees what it knew.
 ``mode`` is ``light`` for ``top --light`` (no push probe): a ring's pushes, used, max_used
 and lost (pages) are then updated at its resets only, so they lag by up to one harvest cycle and
 push_rate is the dirty_index advance seen at the interval's resets; ``full`` otherwise.
@@ -41,9 +47,10 @@ from typing import Any
 from ..analysis.rates import Interval, RingRates, VmRates
 from ..core.kvm_abi import vm_fd, vm_gen
 
-__all__ = ["SCHEMA", "ring_json", "vm_json", "interval_json", "dumps_interval"]
+__all__ = ["SCHEMA", "SCHEMA_MINOR", "ring_json", "vm_json", "interval_json", "dumps_interval"]
 
 SCHEMA = 1
+SCHEMA_MINOR = 1  #: 1: the percentile upper bounds also under ``*_le_ns`` names
 
 
 def _round(x: float | None) -> float | None:
@@ -76,7 +83,10 @@ def ring_json(r: RingRates) -> dict[str, Any]:
         "reset_rate": _round(r.reset_rate),
         "lost_rate": _round(r.lost_rate),
         "entries_per_reset": _round(r.entries_per_reset),
-        "stall_p50_ns": r.stall_p50_ns,
+        "stall_p50_le_ns": r.stall_p50_ns,
+        "stall_p99_le_ns": r.stall_p99_ns,
+        "reset_p99_le_ns": r.reset_p99_ns,
+        "stall_p50_ns": r.stall_p50_ns,  # schema 1.0 names of the same upper bounds
         "stall_p99_ns": r.stall_p99_ns,
         "reset_p99_ns": r.reset_p99_ns,
         "stall_hist": r.stall_hist_total,
@@ -105,6 +115,7 @@ def interval_json(iv: Interval, *, wall_time: float | None = None,
     """The schema-1 object of one interval; ``wall_time`` (unix seconds) or null."""
     return {
         "schema": SCHEMA,
+        "schema_minor": SCHEMA_MINOR,
         "mode": mode,
         "time": None if wall_time is None else round(wall_time, 3),
         "time_ns": iv.time_ns,

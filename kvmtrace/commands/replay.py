@@ -17,7 +17,16 @@ from dataclasses import asdict, dataclass
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
 from ..host.outfile import atomic_output, check_output
-from .args import add_input, add_json, add_ring_size, add_subcommand, integer, number
+from .args import (
+    add_input,
+    add_jobs,
+    add_json,
+    add_ring_size,
+    add_subcommand,
+    integer,
+    jobs_of,
+    number,
+)
 
 __all__ = ["register", "run", "ReplayOptions", "replay_options"]
 
@@ -27,6 +36,7 @@ EPILOG = """examples:
   perf script > perf.txt && kvmtrace replay perf.txt --json | jq .anomalies
   kvmtrace replay run.kvt --simulate-ring-entries 1024   # exits with a smaller ring?
   kvmtrace replay run.kvt --dump-harvest harvest.json    # every harvested (slot, offset)
+  kvmtrace replay big.kvt -j 1                  # one process (default: every CPU)
 
 exit status: 0 clean, 1 anomalies found (or lost events), 2 bad input
 """
@@ -63,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reserved", type=int, default=KVM_DIRTY_RING_RSVD_ENTRIES,
                    metavar="64|576",
                    help="entries KVM keeps back: 64, or 576 on Intel hosts with PML")
+    add_jobs(p)
 
 
 @dataclass(frozen=True)
@@ -111,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
     try:
         tap = ExtrasTap()
-        report = replay_source(src, tap, **asdict(opts))
+        jobs, min_events = jobs_of(args)
+        report = replay_source(src, tap, jobs=jobs, min_events=min_events, **asdict(opts))
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
     truncated = src.truncated

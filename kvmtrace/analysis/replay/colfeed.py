@@ -80,13 +80,15 @@ def ring_keys(table: np.ndarray) -> list[tuple[RingId, bool]]:
     return sorted(keys.items())
 
 
-def ring_columns(parts: EventColumns) -> list[RingCols]:
+def ring_columns(parts: EventColumns, groups: np.ndarray | None = None) -> list[RingCols]:
     """Every ring's events of the block (kinds PUSH..STALL; others are left out), rings in
-    (pid, vm, index) order."""
+    (pid, vm, index) order; only those of the ``groups`` (a bool per group) when given."""
     table = parts.groups
     kinds = table["kind"].astype(np.intp)
     valid = (kinds >= _PUSH) & (kinds <= _STALL)
-    keys = [k for k, _ in ring_keys(table)]
+    if groups is not None:
+        valid &= groups
+    keys = [k for k, _ in ring_keys(table[valid])]
     if not keys:
         return []
     bucket = {k: i for i, k in enumerate(keys)}
@@ -97,10 +99,11 @@ def ring_columns(parts: EventColumns) -> list[RingCols]:
     if parts.gid is None:
         gstart = np.array([0, parts.n])
     else:  # group g's events: [gstart[g], gstart[g + 1]) of the group-major columns
-        gstart = np.searchsorted(np.take(parts.gid, parts.order), np.arange(len(table) + 1))
+        gstart = np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
+                                                             minlength=len(table)))))
     gcount = np.diff(gstart)
     push_groups: dict[int, list[int]] = {}
-    for g in np.flatnonzero(kinds == _PUSH).tolist():
+    for g in np.flatnonzero(valid & (kinds == _PUSH)).tolist():
         push_groups.setdefault(int(lut[g]), []).append(g)
 
     if parts.gid is None:  # one group: the columns are the ring's, already in time order
@@ -115,8 +118,13 @@ def ring_columns(parts: EventColumns) -> list[RingCols]:
         m = cuts[nb]
         if nb == 1 and m == parts.n:  # one ring: time order is its order
             sel = np.arange(m)
-        else:  # ring by ring, time order within each (a radix sort of small numbers)
+        elif m == parts.n or groups is None:
+            # ring by ring, time order within each (a radix sort of small numbers)
             sel = np.argsort(np.take(lut, parts.gid), kind="stable")[:m]
+        else:  # a share of the rings: sort only their events
+            lg = np.take(lut, parts.gid)
+            pos = np.flatnonzero(lg < nb)
+            sel = pos if nb == 1 else pos[np.argsort(lg[pos], kind="stable")]
         inv = np.empty(parts.n, dtype=np.intp)  # time position -> group-major index
         inv[parts.order] = np.arange(parts.n)
         idx = np.take(inv, sel)

@@ -15,8 +15,9 @@ without building 48-byte records; both ways give the same report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from .ringstate import FastRing
 from .simulate import RingSizeSim, SimResult
 from .workingset import HotPage, RingWs, WorkingSet
 
-__all__ = ["Replay", "ReplayReport", "replay_source"]
+__all__ = ["Replay", "ReplayReport", "ReplayTap", "SharedTap", "replay_source"]
 
 _PUSH, _RESET, _EXIT = int(Kind.PUSH), int(Kind.RESET), int(Kind.EXIT)
 _EMPTY = Cols(np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, np.uint32),
@@ -81,7 +82,8 @@ class Replay:
     def __init__(self, meta: SourceMeta | None = None, *,
                  reserved: int = KVM_DIRTY_RING_RSVD_ENTRIES, keep_harvest: bool = False,
                  window_ns: int = 1_000_000_000, simulate_entries: int | None = None,
-                 pages: bool = True) -> None:
+                 pages: bool = True, owns: Callable[[int, int, int], bool] | None = None
+                 ) -> None:
         self.meta = meta or SourceMeta(kind="unknown")
         self.reserved = reserved
         self.keep = keep_harvest
@@ -96,6 +98,10 @@ class Replay:
         self._npending = 0
         self._order: dict[RingId, RingOrder] = {}
         self._eintr = resets_interruptible(self.meta.kernel_release)
+        #: a share of the rings (:mod:`.parallel`): (pid, vm, index) -> this replay's?
+        #: Events of other rings are counted and skipped; RING_SIZE events are kept.
+        self.owns = owns
+        self._block = 0  # blocks fed: with the segment, when a working set was born
 
     # -- sizes ------------------------------------------------------------------------
     def _ring(self, key: RingId) -> FastRing:
@@ -143,13 +149,25 @@ class Replay:
 
     # -- feeding ----------------------------------------------------------------------
     def feed(self, ev: np.ndarray) -> None:
+        self._block += 1
+        self._feed(ev)
+
+    def _feed(self, ev: np.ndarray, of: int | None = None, t0: int | None = None) -> None:
+        """``of``: ``ev`` is this share's part (:attr:`owns`) of that many events, the
+        first at ``t0``."""
+        if of is None:
+            if not len(ev):
+                return
+            of, t0 = len(ev), int(ev["ts"][0])
+            if self.owns is not None:
+                ev = self._mine(ev)
+        self._flush_columns()
+        self.events += of
+        if self.ws is not None and self.ws.t0 is None:
+            self.ws.t0 = t0  # windows count from the trace's first event
         n = len(ev)
         if not n:
             return
-        self._flush_columns()
-        self.events += n
-        if self.ws is not None and self.ws.t0 is None:
-            self.ws.t0 = int(ev["ts"][0])  # windows count from the trace's first event
         if self.sim is not None:
             self.sim.feed(ev)
         # Contiguous columns once per batch: numpy ops and gathers on the 48-byte
@@ -161,14 +179,39 @@ class Replay:
         ring = np.ascontiguousarray(ev["ring"])
         pid, vm = ev["pid"], ev["vm"]
         one_vm = bool((pid == pid[0]).all() and (vm == vm[0]).all())
-        pos = 0
+        pos = seg = 0
         for b in self._barriers(ev, cols.kind):
             if b > pos:
+                self._clock(seg := seg + 1)
                 self._segment(ev, cols, ring, one_vm, pos, b)
             self._barrier(ev[b])
             pos = b + 1
         if pos < n:
+            self._clock(seg + 1)
             self._segment(ev, cols, ring, one_vm, pos, n)
+
+    def _clock(self, seg: int) -> None:
+        """Working sets born from now on were born at (block, segment)."""
+        if self.ws is not None:
+            self.ws.clock = (self._block, seg)
+
+    def _mine(self, ev: np.ndarray) -> np.ndarray:
+        """The events of :attr:`owns`'s rings and every RING_SIZE event."""
+        assert self.owns is not None
+        keys = np.stack([ev["pid"].astype(np.int64), ev["vm"].astype(np.int64),
+                         ev["ring"].astype(np.int64)], 1)
+        uk, inv = np.unique(keys, axis=0, return_inverse=True)
+        ok = np.array([self.owns(*k) for k in uk.tolist()], dtype=bool)
+        return ev[ok[inv.ravel()] | (ev["kind"] == Kind.RING_SIZE)]
+
+    def _mine_groups(self, table: np.ndarray) -> np.ndarray | None:
+        """Which groups of a block's table are :attr:`owns`'s (None: all)."""
+        if self.owns is None:
+            return None
+        owns = self.owns
+        return np.array([k == Kind.RING_SIZE or owns(p, v, r) for p, v, r, k in zip(
+            table["pid"].tolist(), table["vm"].tolist(), table["ring"].tolist(),
+            table["kind"].tolist(), strict=True)], dtype=bool)
 
     def feed_columns(self, parts: EventColumns) -> None:
         """As :meth:`feed` for events as columns (a source's ``column_batches()``, e.g. a
@@ -176,24 +219,33 @@ class Replay:
         building EVENT_DTYPE records. Blocks
         with events taken one by one (ring sizes, exits of VMs of unknown size) and
         ``simulate_entries`` go through :meth:`feed`."""
+        self._block += 1
+        if not parts.n:
+            return
         t = parts.groups
+        mine = self._mine_groups(t)
+        if mine is not None:
+            t = t[mine]
         kinds = t["kind"]
         if self.sim is not None or (kinds == Kind.RING_SIZE).any() or any(
                 not self.sizes.known(int(p), int(v))
                 for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
                                     t["vm"][kinds == _EXIT].tolist(), strict=True))):
-            self.feed(parts.events())
-            return
-        if not parts.n:
+            ev = parts.events()
+            if mine is not None:  # this share's events (and RING_SIZE): by group
+                ev = ev[mine[parts.gid]] if parts.gid is not None else ev[:0] if not \
+                    mine[0] else ev
+            self._feed(ev, parts.n, int(parts.ts[0]))
             return
         self.events += parts.n
         if self.ws is not None and self.ws.t0 is None:
             self.ws.t0 = int(parts.ts[0])
+        self._clock(0)
         for key, has_pushes in ring_keys(t):
             self._ring(key)  # rings and their working sets in order of appearance
             if self.ws is not None and has_pushes:
                 self.ws.ring(key)
-        for rc in ring_columns(parts):
+        for rc in ring_columns(parts, mine):
             self._pending.setdefault(rc.key, []).append(rc)
         self._npending += parts.n
         if self._npending >= COLUMN_BATCH:
@@ -367,10 +419,37 @@ class ReplayTap(Protocol):
     def batch(self, batch: np.ndarray) -> None: ...
 
 
-def replay_source(source: EventSource, tap: ReplayTap | None = None,
-                  **options: object) -> ReplayReport:
+@runtime_checkable
+class SharedTap(Protocol):
+    """A :class:`ReplayTap` a replay on several cores (:mod:`.parallel`) can split by
+    block: each worker fills a :meth:`share` with some blocks' columns, and :meth:`join`
+    takes them back (each with the numbers of its blocks) as if it had seen every block
+    in order."""
+
+    def columns(self, cols: EventColumns) -> None: ...
+
+    def batch(self, batch: np.ndarray) -> None: ...
+
+    def share(self) -> SharedTap: ...
+
+    def join(self, shares: list[tuple[list[int], SharedTap]]) -> None: ...
+
+
+def replay_source(source: EventSource, tap: ReplayTap | None = None, *, jobs: int = 1,
+                  min_events: int | None = None, **options: object) -> ReplayReport:
     """Replay a whole source; ``options`` as for :class:`Replay`; ``tap`` sees each block
-    (as columns where the source has them, else as EVENT_DTYPE batches)."""
+    (as columns where the source has them, else as EVENT_DTYPE batches). ``jobs`` > 1:
+    spread the rings over that many processes (:mod:`.parallel`; the same report) when
+    the source has blocks and at least ``min_events`` events (default
+    :data:`.parallel.MIN_EVENTS`; 0: always), else one process."""
+    if jobs > 1:
+        from .parallel import MIN_EVENTS, replay_parallel
+
+        rep = replay_parallel(source, jobs, tap,  # type: ignore[arg-type]
+                              min_events=MIN_EVENTS if min_events is None else min_events,
+                              **options)
+        if rep is not None:
+            return rep
     rp = Replay(source.meta, **options)  # type: ignore[arg-type]
     columns = source.column_batches() if rp.sim is None else None
     if columns is not None:

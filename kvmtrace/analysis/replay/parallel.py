@@ -1,0 +1,239 @@
+"""Replay on every core: the rings of a source with blocks (a recording) spread over
+worker processes, their results merged into the one-core report, exactly.
+
+Why this shape. Rings (``struct kvm_dirty_ring``) are independent in the replay but for
+two things: a VM's ring size inferred from its first soft-full exit reads every ring of
+the VM (:meth:`~kvmtrace.model.sizes.RingSizes.infer`), and a RING_SIZE event drains and
+resizes the VM's rings. So the unit of work is a ring when the source's meta gives the
+VM's size (the recorder saw KVM_ENABLE_CAP), else the whole VM. Each worker reads and
+decodes every block and replays only its units' events (:class:`~.engine.Replay` with
+``owns``; RING_SIZE events go to all): its replay is then exactly the one-core replay of
+those rings. Exchanging decoded columns between workers instead (each decoding half the
+blocks) would save the repeated decode but ship ~29 bytes per event between processes and
+couple the workers block by block; the repeated decode is the simpler exact choice, and
+decoding is the cheaper part of a replay (see tools/bench_parallel.py).
+
+The units are planned from the blocks' group tables (read without decoding,
+:meth:`~kvmtrace.core.sources.EventSource.group_tables`), weighted by the blocks each
+appears in, and dealt largest first to the least loaded worker. What else reads the blocks
+(a :class:`SharedTap`, e.g. the migration analysis's) is split by block: worker ``w``
+feeds its tap blocks ``w, w + N, ...`` and the parent joins them in block order.
+
+Merge: ring results by ring key, anomalies sorted as the engine sorts them (ties only
+within a ring, whose order each worker keeps), working sets in order of appearance
+(:meth:`~.workingset.WorkingSet.merge`), push counts summed before the hottest pages are
+chosen. Workers are forked (``os.fork``; the parent is worker 0) and send their results
+back pickled through a pipe; an error in one is raised in the parent.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from ...core.events import Kind
+from ...core.sources import EventSource
+from ...errors import KvmtraceError
+from ...model.results import RingId
+from .engine import Replay, ReplayReport, SharedTap
+from .workingset import WorkingSet
+
+__all__ = ["MIN_EVENTS", "default_jobs", "plan_shares", "replay_parallel"]
+
+#: below this many events a replay stays in one process unless told otherwise (a fork
+#: and a second decode cost more than they save)
+MIN_EVENTS = 1 << 21
+
+_FIRST, _LAST = int(Kind.PUSH), int(Kind.STALL)
+Unit = tuple[int, int, int | None]  # (pid, vm, ring index), ring None: the whole VM
+
+
+def default_jobs() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_shares(source: EventSource, jobs: int) -> tuple[int, list[set[RingId]]] | None:
+    """(events, the rings of each worker: at most ``jobs``), or None when the source
+    cannot be split (no group tables, an unreadable one, fewer than two units)."""
+    tables = source.group_tables()
+    if tables is None:
+        return None
+    weight: dict[Unit, int] = {}
+    rings: dict[Unit, set[RingId]] = {}
+    sized: dict[tuple[int, int], bool] = {}
+    events = 0
+    for count, t in tables:
+        if t is None:
+            return None
+        events += count
+        k = t["kind"]
+        sel = (k >= _FIRST) & (k <= _LAST)
+        seen: set[Unit] = set()
+        for p, v, r in set(zip(t["pid"][sel].tolist(), t["vm"][sel].tolist(),
+                               t["ring"][sel].tolist(), strict=True)):
+            ok = sized.get((p, v))
+            if ok is None:
+                ok = sized[(p, v)] = source.meta.ring_size(p, v) is not None
+            unit = (p, v, r if ok else None)
+            rings.setdefault(unit, set()).add((p, v, r))
+            seen.add(unit)
+        for u in seen:
+            weight[u] = weight.get(u, 0) + 1
+    n = min(jobs, len(weight))
+    if n < 2:
+        return None
+    shares: list[set[RingId]] = [set() for _ in range(n)]
+    load = [0] * n
+    for u in sorted(weight, key=lambda u: (-weight[u], u[0], u[1], -1 if u[2] is None
+                                           else u[2])):
+        w = load.index(min(load))
+        load[w] += weight[u]
+        shares[w] |= rings[u]
+    return events, shares
+
+
+@dataclass
+class _Share:
+    """What one worker hands back."""
+
+    report: ReplayReport
+    ws: WorkingSet | None
+    blocks: list[int]  #: the blocks its tap saw
+    tap: SharedTap | None
+
+
+def _run_share(source: EventSource, mine: set[RingId], w: int, n: int,
+               tap: SharedTap | None, options: dict[str, Any]) -> _Share:
+    rp = Replay(source.meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
+    columns = source.column_batches()
+    assert columns is not None
+    blocks: list[int] = []
+    for i, parts in enumerate(columns):
+        rp.feed_columns(parts)
+        if tap is not None and i % n == w:
+            tap.columns(parts)
+            blocks.append(i)
+    report = rp.finish(lost=source.lost, source_kind=source.meta.kind)
+    if rp.ws is not None:
+        rp.ws.strip()
+    return _Share(report, rp.ws, blocks, tap)
+
+
+def _child(rfd: int, wfd: int, run: Any) -> None:
+    """In the forked worker: run, send the result (or the error) pickled, exit."""
+    os.close(rfd)
+    status = 0
+    try:
+        out: tuple[str, Any] = ("ok", run())
+    except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
+        status = 1
+        out = ("error", (type(err), str(err), getattr(err, "message", None),
+                         getattr(err, "fix", None)))
+    try:
+        with os.fdopen(wfd, "wb") as f:
+            pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:  # noqa: BLE001 - the parent sees a short read
+        status = 1
+    os._exit(status)
+
+
+def _receive(rfd: int) -> _Share:
+    with os.fdopen(rfd, "rb") as f:
+        try:
+            what, payload = pickle.load(f)
+        except (EOFError, pickle.UnpicklingError) as err:
+            raise RuntimeError(f"a replay worker died ({err})") from None
+    if what == "ok":
+        return payload
+    cls, text, message, fix = payload
+    if isinstance(cls, type) and issubclass(cls, KvmtraceError) and message is not None:
+        raise cls(message, fix)
+    if isinstance(cls, type) and issubclass(cls, ValueError):
+        raise ValueError(text)
+    raise RuntimeError(f"a replay worker failed: {cls.__name__}: {text}")
+
+
+def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None, *,
+                    min_events: int = MIN_EVENTS, **options: Any) -> ReplayReport | None:
+    """Replay ``source`` in up to ``jobs`` processes; the report :func:`~.replay_source`
+    gives in one. None (nothing done) when one process is the way: ``jobs`` < 2, fewer
+    than ``min_events`` events (a recording's count, known at open), a what-if
+    simulation, a tap that cannot be split, or a source without blocks or units to
+    spread."""
+    if jobs < 2 or options.get("simulate_entries") or (tap is not None and not isinstance(
+            tap, SharedTap)):
+        return None
+    planned = plan_shares(source, jobs)
+    if planned is None or planned[0] < min_events:
+        return None
+    shares = planned[1]
+    n = len(shares)
+    kids: list[tuple[int, int]] = []  # (pid, read fd) of workers not yet heard
+    pids: list[int] = []
+    try:
+        for w in range(1, n):
+            rfd, wfd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child never returns
+                _child(rfd, wfd, lambda w=w: _run_share(
+                    source, shares[w], w, n, tap.share() if tap is not None else None,
+                    options))
+            os.close(wfd)
+            pids.append(pid)
+            kids.append((pid, rfd))
+        parts = [_run_share(source, shares[0], 0, n,
+                            tap.share() if tap is not None else None, options)]
+        while kids:
+            parts.append(_receive(kids[0][1]))  # closes the fd
+            kids.pop(0)
+    finally:
+        for pid, rfd in kids:  # an error or an interrupt: stop the workers left
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(rfd)
+        for pid in pids:  # no zombies
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    if tap is not None:
+        tap.join([(p.blocks, p.tap) for p in parts if p.tap is not None])
+    return _merge(source, parts, bool(options.get("keep_harvest")))
+
+
+def _merge(source: EventSource, parts: list[_Share], keep: bool) -> ReplayReport:
+    first = parts[0].report
+    assert all(p.report.events == first.events for p in parts)
+    rings = sorted((r for p in parts for r in p.report.rings), key=lambda r: r.ring)
+    anomalies = [a for p in parts for a in p.report.anomalies]
+    anomalies.sort(key=lambda a: (a.time_ns, a.ring, a.kind.value))
+    report = ReplayReport(source_kind=first.source_kind, events=first.events,
+                          lost=first.lost, reserved=first.reserved, rings=rings,
+                          anomalies=anomalies, window_ns=first.window_ns)
+    meta = source.meta
+    for pid, vm in sorted({r.ring[:2] for r in rings} | set(meta.vms)):
+        who = meta.vm_name(pid, vm)
+        if who is not None:
+            report.vms[(pid, vm)] = who
+    ws = parts[0].ws
+    if ws is not None:
+        for p in parts[1:]:
+            assert p.ws is not None
+            ws.merge(p.ws)
+        report.workingset = dict(ws.rings)
+        report.hottest = ws.hottest()
+    if keep:
+        got: dict[RingId, list[tuple[int, int]]] = {}
+        for p in parts:
+            got.update(p.report.harvested or {})
+        report.harvested = {k: got[k] for k in sorted(got)}
+    return report

@@ -102,6 +102,7 @@ class Replay:
         #: Events of other rings are counted and skipped; RING_SIZE events are kept.
         self.owns = owns
         self._block = 0  # blocks fed: with the segment, when a working set was born
+        self._in_columns = False
 
     # -- sizes ------------------------------------------------------------------------
     def _ring(self, key: RingId) -> FastRing:
@@ -149,7 +150,8 @@ class Replay:
 
     # -- feeding ----------------------------------------------------------------------
     def feed(self, ev: np.ndarray) -> None:
-        self._block += 1
+        if not self._in_columns:
+            self._block += 1
         self._feed(ev)
 
     def _feed(self, ev: np.ndarray, of: int | None = None, t0: int | None = None) -> None:
@@ -232,9 +234,16 @@ class Replay:
                 for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
                                     t["vm"][kinds == _EXIT].tolist(), strict=True))):
             ev = parts.events()
-            if mine is not None:  # this share's events (and RING_SIZE): by group
-                ev = ev[mine[parts.gid]] if parts.gid is not None else ev[:0] if not \
-                    mine[0] else ev
+            if mine is None:
+                self._in_columns = True  # the block is counted
+                try:
+                    self.feed(ev)
+                finally:
+                    self._in_columns = False
+                return
+            # this share's events (and RING_SIZE ones), by group
+            ev = ev[mine[parts.gid]] if parts.gid is not None else ev[:0] if not \
+                mine[0] else ev
             self._feed(ev, parts.n, int(parts.ts[0]))
             return
         self.events += parts.n

@@ -69,18 +69,25 @@ def plan_shares(source: EventSource, jobs: int) -> tuple[int, list[set[RingId]]]
     rings: dict[Unit, set[RingId]] = {}
     sized: dict[tuple[int, int], bool] = {}
     events = 0
+    blocks: list[set[RingId]] = []
+    exits: set[tuple[int, int]] = set()
     for count, t in tables:
         if t is None:
             return None
         events += count
         k = t["kind"]
         sel = (k >= _FIRST) & (k <= _LAST)
+        blocks.append(set(zip(t["pid"][sel].tolist(), t["vm"][sel].tolist(),
+                              t["ring"][sel].tolist(), strict=True)))
+        x = k == Kind.EXIT
+        exits |= set(zip(t["pid"][x].tolist(), t["vm"][x].tolist(), strict=True))
+    for keys in blocks:
         seen: set[Unit] = set()
-        for p, v, r in set(zip(t["pid"][sel].tolist(), t["vm"][sel].tolist(),
-                               t["ring"][sel].tolist(), strict=True)):
+        for p, v, r in keys:
             ok = sized.get((p, v))
-            if ok is None:
-                ok = sized[(p, v)] = source.meta.ring_size(p, v) is not None
+            if ok is None:  # no inference: a size in the meta, or no soft-full exit
+                ok = sized[(p, v)] = (source.meta.ring_size(p, v) is not None
+                                      or (p, v) not in exits)
             unit = (p, v, r if ok else None)
             rings.setdefault(unit, set()).add((p, v, r))
             seen.add(unit)

@@ -78,7 +78,7 @@ def test_sizes_inferred_keep_a_vm_in_one_worker(tmp_path: Path):
     path = write(tmp_path / "u.kvt", mix, block_events=300)
     planned = plan_shares(open_recording(path), 3)
     assert planned is not None
-    vm_of = [{k[:2] for k in share} for share in planned[1]]
+    vm_of = [{k[:2] for k in share} for share in planned[2]]
     assert sorted(len(v) for v in vm_of) == [1, 1, 1]  # a whole VM each
     one, many = one_and_many(path, 3, keep_harvest=True)
     same_output(one, many)
@@ -156,7 +156,7 @@ def test_built_in_vmm_with_several_vcpus(tmp_path: Path):
     run = record_workload(tmp_path, "--vcpus", "4", "--ring-bytes", "4096", "--pages", "600",
                           "--exit-every", "1", "--harvest", "reaper")
     planned = plan_shares(open_recording(run.path), 2)
-    assert planned is not None and sorted(len(s) for s in planned[1]) == [2, 2]
+    assert planned is not None and sorted(len(s) for s in planned[2]) == [2, 2]
     one, many = one_and_many(run.path, 2)
     same_output(one, many)
     rings = run.truth["rings"]  # the VMM's own counts

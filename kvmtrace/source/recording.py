@@ -409,8 +409,13 @@ class Recording(EventSource):
         """As :meth:`batches`, each block as its columns
         (:class:`~kvmtrace.core.columns.EventColumns`, group-major, as stored), without
         building EVENT_DTYPE records: what replay reads."""
+        return self.column_blocks()
+
+    def column_blocks(self, start: int = 0, step: int = 1) -> Iterator[EventColumns]:
+        """As :meth:`column_batches`, blocks ``start``, ``start + step``, ... only (the
+        share of one of ``step`` readers; the others are not read)."""
         with open(self.path, "rb", buffering=0) as f:
-            for offset, _count in self._index:
+            for offset, _count in self._index[start::step]:
                 f.seek(offset)
                 head = f.read(BLOCK_HEADER.size)
                 fields = BLOCK_HEADER.unpack(head)

@@ -22,7 +22,8 @@ from ...model.results import RingId
 from .bulk import Cols
 from .workingset import PushTimes
 
-__all__ = ["COLUMN_BATCH", "RingCols", "join_ring_cols", "ring_columns", "ring_keys"]
+__all__ = ["COLUMN_BATCH", "BlockShare", "RingCols", "block_share", "join_ring_cols",
+           "ring_columns", "ring_keys", "share_events"]
 
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
 _COLS = ("dirty_index", "reset_index", "slot", "value")
@@ -167,3 +168,38 @@ def join_ring_cols(parts: list[RingCols]) -> RingCols:
         pushes = (ts, np.concatenate([p[1] for p in pp]), np.concatenate([p[2] for p in pp]))
     return RingCols(parts[0].key, cols, pushes)
 
+
+
+@dataclass
+class BlockShare:
+    """The part of one block that a replay of some of the rings needs (what one worker of
+    a replay on several cores hands another, pickled): the block's event count and first
+    time, the share's groups (its rings' and every RING_SIZE group), its rings' columns
+    (push times built) and, when the replay may have to take the block event by event,
+    the share's events as EVENT_DTYPE records."""
+
+    n: int
+    t0: int
+    groups: np.ndarray
+    rings: list[RingCols]
+    events: np.ndarray | None
+
+
+def share_events(parts: EventColumns, groups: np.ndarray) -> np.ndarray:
+    """The block's events of the ``groups`` (a bool per group) as records."""
+    ev = parts.events()
+    if parts.gid is None:
+        return ev if groups[0] else ev[:0]
+    return ev[groups[parts.gid]]
+
+
+def block_share(parts: EventColumns, groups: np.ndarray, records: bool) -> BlockShare:
+    """The share of the block's ``groups`` (a bool per group); ``records``: with its events
+    as records too."""
+    rings = []
+    for rc in ring_columns(parts, groups):
+        if rc.pushes is not None and isinstance(rc.pushes[0], PushTimes):
+            rc = RingCols(rc.key, rc.cols, (rc.pushes[0].make(), *rc.pushes[1:]))
+        rings.append(rc)
+    return BlockShare(parts.n, int(parts.ts[0]) if parts.n else 0, parts.groups[groups],
+                      rings, share_events(parts, groups) if records else None)

@@ -30,7 +30,15 @@ from ...model.results import Anomaly, RingId, RingResult
 from ...model.ring import resets_interruptible
 from ...model.sizes import RingSizes
 from .bulk import Cols, feed_ring
-from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
+from .colfeed import (
+    COLUMN_BATCH,
+    BlockShare,
+    RingCols,
+    join_ring_cols,
+    ring_columns,
+    ring_keys,
+    share_events,
+)
 from .order import RingOrder, order_segment
 from .ringstate import FastRing
 from .simulate import RingSizeSim, SimResult
@@ -228,11 +236,7 @@ class Replay:
         mine = self._mine_groups(t)
         if mine is not None:
             t = t[mine]
-        kinds = t["kind"]
-        if self.sim is not None or (kinds == Kind.RING_SIZE).any() or any(
-                not self.sizes.known(int(p), int(v))
-                for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
-                                    t["vm"][kinds == _EXIT].tolist(), strict=True))):
+        if self._needs_records(t):
             ev = parts.events()
             if mine is None:
                 self._in_columns = True  # the block is counted
@@ -241,22 +245,44 @@ class Replay:
                 finally:
                     self._in_columns = False
                 return
-            # this share's events (and RING_SIZE ones), by group
-            ev = ev[mine[parts.gid]] if parts.gid is not None else ev[:0] if not \
-                mine[0] else ev
-            self._feed(ev, parts.n, int(parts.ts[0]))
+            self._feed(share_events(parts, mine), parts.n, int(parts.ts[0]))
             return
-        self.events += parts.n
+        self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(parts, mine))
+
+    def feed_share(self, share: BlockShare) -> None:
+        """As :meth:`feed_columns` for this replay's share of a block (:attr:`owns`), split
+        from the block elsewhere (another worker of :mod:`.parallel` decoded it)."""
+        self._block += 1
+        if not share.n:
+            return
+        if self._needs_records(share.groups):
+            if share.events is None:
+                raise AssertionError("a block share without the records it needs")
+            self._feed(share.events, share.n, share.t0)
+            return
+        self._take_columns(share.n, share.t0, share.groups, share.rings)
+
+    def _needs_records(self, t: np.ndarray) -> bool:
+        """Whether a block of these groups goes through :meth:`feed` (events one by one:
+        ring sizes, exits of VMs of unknown size; a what-if simulation)."""
+        kinds = t["kind"]
+        return self.sim is not None or bool((kinds == Kind.RING_SIZE).any()) or any(
+            not self.sizes.known(int(p), int(v))
+            for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
+                                t["vm"][kinds == _EXIT].tolist(), strict=True)))
+
+    def _take_columns(self, n: int, t0: int, t: np.ndarray, rcs: list[RingCols]) -> None:
+        self.events += n
         if self.ws is not None and self.ws.t0 is None:
-            self.ws.t0 = int(parts.ts[0])
+            self.ws.t0 = t0
         self._clock(0)
         for key, has_pushes in ring_keys(t):
             self._ring(key)  # rings and their working sets in order of appearance
             if self.ws is not None and has_pushes:
                 self.ws.ring(key)
-        for rc in ring_columns(parts, mine):
+        for rc in rcs:
             self._pending.setdefault(rc.key, []).append(rc)
-        self._npending += parts.n
+        self._npending += n
         if self._npending >= COLUMN_BATCH:
             self._flush_columns()
 

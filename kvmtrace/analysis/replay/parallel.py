@@ -30,14 +30,20 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import signal
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO, NoReturn
 
+import numpy as np
+
+from ...core.columns import EventColumns
 from ...core.events import Kind
-from ...core.sources import EventSource
+from ...core.sources import EventSource, SourceMeta
 from ...errors import KvmtraceError
 from ...model.results import RingId
+from .colfeed import BlockShare, block_share
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
@@ -59,9 +65,10 @@ def default_jobs() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def plan_shares(source: EventSource, jobs: int) -> tuple[int, list[set[RingId]]] | None:
-    """(events, the rings of each worker: at most ``jobs``), or None when the source
-    cannot be split (no group tables, an unreadable one, fewer than two units)."""
+def plan_shares(source: EventSource, jobs: int
+                ) -> tuple[int, int, list[set[RingId]]] | None:
+    """(events, blocks, the rings of each worker: at most ``jobs``), or None when the
+    source cannot be split (no group tables, an unreadable one, fewer than two units)."""
     tables = source.group_tables()
     if tables is None:
         return None
@@ -103,7 +110,7 @@ def plan_shares(source: EventSource, jobs: int) -> tuple[int, list[set[RingId]]]
         w = load.index(min(load))
         load[w] += weight[u]
         shares[w] |= rings[u]
-    return events, shares
+    return events, len(blocks), shares
 
 
 @dataclass
@@ -116,33 +123,151 @@ class _Share:
     tap: SharedTap | None
 
 
-def _run_share(source: EventSource, mine: set[RingId], w: int, n: int,
-               tap: SharedTap | None, options: dict[str, Any]) -> _Share:
-    rp = Replay(source.meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
-    columns = source.column_batches()
-    assert columns is not None
+class _Failed:
+    """Sent in place of a block's share when the block cannot be decoded."""
+
+    def __init__(self, err: BaseException) -> None:
+        self.info = (type(err), str(err), getattr(err, "message", None),
+                     getattr(err, "fix", None))
+
+    def raise_it(self) -> NoReturn:
+        cls, text, message, fix = self.info
+        if isinstance(cls, type) and issubclass(cls, KvmtraceError) and message is not None:
+            raise cls(message, fix)
+        if isinstance(cls, type) and issubclass(cls, ValueError):
+            raise ValueError(text)
+        raise RuntimeError(f"a replay worker failed: {cls.__name__}: {text}")
+
+
+class _Sender:
+    """Pickles objects to the other workers from a thread of its own: a worker's main
+    thread never waits on a pipe another worker has not read yet (no deadlock)."""
+
+    def __init__(self, outbox: dict[int, BinaryIO]) -> None:
+        self.outbox = outbox
+        self.queue: queue.SimpleQueue[tuple[int, object] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            v, obj = item
+            try:
+                pickle.dump(obj, self.outbox[v], protocol=pickle.HIGHEST_PROTOCOL)
+                self.outbox[v].flush()
+            except OSError:  # that worker is gone: its reader sees the end of its pipe
+                pass
+
+    def put(self, v: int, obj: object) -> None:
+        self.queue.put((v, obj))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        for f in self.outbox.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+#: own blocks a worker decodes (and hands on) ahead of the block it replays, in rounds
+#: of N blocks: the others then never wait for it
+AHEAD = 2
+
+
+def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
+          tap: SharedTap | None, options: dict[str, Any], inbox: dict[int, BinaryIO],
+          outbox: dict[int, BinaryIO]) -> _Share:
+    """Worker ``w``: decodes blocks w, w + N, ..., hands each other worker its share of
+    them, and replays its own rings over every block in order (its own blocks' columns,
+    the others' shares)."""
+    n = len(shares)
+    mine = shares[w]
+    meta = source.meta
+    rp = Replay(meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
+    own = source.column_blocks(w, n)
+    assert own is not None
+    ready: dict[int, EventColumns | _Failed] = {}
     blocks: list[int] = []
-    for i, parts in enumerate(columns):
-        rp.feed_columns(parts)
-        if tap is not None and i % n == w:
-            tap.columns(parts)
-            blocks.append(i)
-    report = rp.finish(lost=source.lost, source_kind=source.meta.kind)
+    nxt = w
+    sender = _Sender(outbox)
+
+    def produce(limit: int) -> None:
+        nonlocal nxt
+        while nxt <= limit and nxt < nblocks:
+            try:
+                parts = next(own)
+            except Exception as err:  # noqa: BLE001 - raised when its turn comes
+                bad = _Failed(err)
+                for v in range(n):
+                    if v != w:
+                        sender.put(v, bad)
+                ready[nxt] = bad
+                nxt = nblocks  # nothing after it is read
+                return
+            for v in range(n):
+                if v != w:
+                    sender.put(v, _share_for(parts, shares[v], meta))
+            if tap is not None:
+                tap.columns(parts)
+                blocks.append(nxt)
+            ready[nxt] = parts
+            nxt += n
+
+    try:
+        for i in range(nblocks):
+            produce(i + AHEAD * n)
+            if i % n == w:
+                got: object = ready.pop(i)
+            else:
+                try:
+                    got = pickle.load(inbox[i % n])
+                except (EOFError, pickle.UnpicklingError, OSError) as err:
+                    raise RuntimeError(f"a replay worker died ({err})") from None
+            if isinstance(got, _Failed):
+                got.raise_it()
+            if isinstance(got, BlockShare):
+                rp.feed_share(got)
+            else:
+                rp.feed_columns(got)  # type: ignore[arg-type]
+    finally:
+        sender.close()
+    report = rp.finish(lost=source.lost, source_kind=meta.kind)
     if rp.ws is not None:
         rp.ws.strip()
     return _Share(report, rp.ws, blocks, tap)
 
 
-def _child(rfd: int, wfd: int, run: Any) -> None:
-    """In the forked worker: run, send the result (or the error) pickled, exit."""
-    os.close(rfd)
+def _share_for(parts: EventColumns, rings: set[RingId], meta: SourceMeta) -> BlockShare:
+    """The block's share for the worker of ``rings``, with its events as records when
+    that worker may take the block event by event (ring sizes, exits of a VM whose size
+    the meta does not give)."""
+    t = parts.groups
+    mine = np.array([k == Kind.RING_SIZE or (p, v, r) in rings for p, v, r, k in zip(
+        t["pid"].tolist(), t["vm"].tolist(), t["ring"].tolist(), t["kind"].tolist(),
+        strict=True)], dtype=bool)
+    g = t[mine]
+    k = g["kind"]
+    records = bool((k == Kind.RING_SIZE).any()) or any(
+        meta.ring_size(p, v) is None for p, v in zip(
+            g["pid"][k == Kind.EXIT].tolist(), g["vm"][k == Kind.EXIT].tolist(),
+            strict=True))
+    return block_share(parts, mine, records)
+
+
+def _child(fds: list[int], keep: set[int], wfd: int, run: Any) -> NoReturn:
+    """In the forked worker: close the pipe ends not its own, run, send the result (or
+    the error) pickled to the parent through ``wfd``, exit."""
+    for fd in fds:
+        if fd not in keep and fd != wfd:
+            os.close(fd)
     status = 0
     try:
         out: tuple[str, Any] = ("ok", run())
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
         status = 1
-        out = ("error", (type(err), str(err), getattr(err, "message", None),
-                         getattr(err, "fix", None)))
+        out = ("error", _Failed(err))
     try:
         with os.fdopen(wfd, "wb") as f:
             pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -159,12 +284,7 @@ def _receive(rfd: int) -> _Share:
             raise RuntimeError(f"a replay worker died ({err})") from None
     if what == "ok":
         return payload
-    cls, text, message, fix = payload
-    if isinstance(cls, type) and issubclass(cls, KvmtraceError) and message is not None:
-        raise cls(message, fix)
-    if isinstance(cls, type) and issubclass(cls, ValueError):
-        raise ValueError(text)
-    raise RuntimeError(f"a replay worker failed: {cls.__name__}: {text}")
+    payload.raise_it()
 
 
 def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None, *,
@@ -180,23 +300,51 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
     planned = plan_shares(source, jobs)
     if planned is None or planned[0] < min_events:
         return None
-    shares = planned[1]
+    _, nblocks, shares = planned
     n = len(shares)
+    fds: list[int] = []
+
+    def pipe() -> tuple[int, int]:
+        r, w = os.pipe()
+        fds.extend((r, w))
+        return r, w
+
+    try:  # every pipe before any fork: each process then closes what is not its own
+        links = {(a, b): pipe() for a in range(n) for b in range(n) if a != b}
+        results = {w: pipe() for w in range(1, n)}  # worker -> parent
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+    def own_fds(w: int) -> set[int]:
+        return ({links[(a, w)][0] for a in range(n) if a != w}
+                | {links[(w, b)][1] for b in range(n) if b != w})
+
+    def run(w: int) -> _Share:
+        inbox = {a: os.fdopen(links[(a, w)][0], "rb") for a in range(n) if a != w}
+        outbox = {b: os.fdopen(links[(w, b)][1], "wb") for b in range(n) if b != w}
+        try:
+            return _work(source, shares, w, nblocks,
+                         tap.share() if tap is not None else None, options, inbox, outbox)
+        finally:
+            for f in inbox.values():
+                f.close()
+
     kids: list[tuple[int, int]] = []  # (pid, read fd) of workers not yet heard
     pids: list[int] = []
     try:
         for w in range(1, n):
-            rfd, wfd = os.pipe()
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child never returns
-                _child(rfd, wfd, lambda w=w: _run_share(
-                    source, shares[w], w, n, tap.share() if tap is not None else None,
-                    options))
-            os.close(wfd)
+                _child(fds, own_fds(w), results[w][1], lambda w=w: run(w))
             pids.append(pid)
-            kids.append((pid, rfd))
-        parts = [_run_share(source, shares[0], 0, n,
-                            tap.share() if tap is not None else None, options)]
+        keep = own_fds(0) | {r for r, _ in results.values()}
+        for fd in fds:  # the children's ends: so that a dead worker's pipes end
+            if fd not in keep:
+                os.close(fd)
+        kids = [(pid, results[w][0]) for w, pid in enumerate(pids, 1)]
+        parts = [run(0)]
         while kids:
             parts.append(_receive(kids[0][1]))  # closes the fd
             kids.pop(0)
@@ -206,7 +354,10 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            os.close(rfd)
+            try:
+                os.close(rfd)
+            except OSError:
+                pass
         for pid in pids:  # no zombies
             try:
                 os.waitpid(pid, 0)

@@ -22,7 +22,7 @@ from ...model.results import RingId
 from .bulk import Cols
 from .workingset import PushTimes
 
-__all__ = ["COLUMN_BATCH", "BlockShare", "RingCols", "block_share", "join_ring_cols",
+__all__ = ["COLUMN_BATCH", "BlockShare", "RingCols", "block_shares", "join_ring_cols",
            "ring_columns", "ring_keys", "share_events"]
 
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
@@ -193,13 +193,24 @@ def share_events(parts: EventColumns, groups: np.ndarray) -> np.ndarray:
     return ev[groups[parts.gid]]
 
 
-def block_share(parts: EventColumns, groups: np.ndarray, records: bool) -> BlockShare:
-    """The share of the block's ``groups`` (a bool per group); ``records``: with its events
-    as records too."""
-    rings = []
-    for rc in ring_columns(parts, groups):
-        if rc.pushes is not None and isinstance(rc.pushes[0], PushTimes):
-            rc = RingCols(rc.key, rc.cols, (rc.pushes[0].make(), *rc.pushes[1:]))
-        rings.append(rc)
-    return BlockShare(parts.n, int(parts.ts[0]) if parts.n else 0, parts.groups[groups],
-                      rings, share_events(parts, groups) if records else None)
+def block_shares(parts: EventColumns, groups: list[np.ndarray], records: list[bool],
+                 sent: list[bool]) -> list[BlockShare]:
+    """The block split once for several replays of some of the rings: one share per
+    ``groups`` (a bool per group of the block), with its events as records where
+    ``records`` says; push times are built for the shares ``sent`` elsewhere (pickled)."""
+    rings = ring_columns(parts)
+    t = parts.groups
+    out = []
+    for g, rec, far in zip(groups, records, sent, strict=True):
+        keys = {(p, v, r) for p, v, r in zip(t["pid"][g].tolist(), t["vm"][g].tolist(),
+                                             t["ring"][g].tolist(), strict=True)}
+        mine = []
+        for rc in rings:
+            if rc.key not in keys:
+                continue
+            if far and rc.pushes is not None and isinstance(rc.pushes[0], PushTimes):
+                rc = RingCols(rc.key, rc.cols, (rc.pushes[0].make(), *rc.pushes[1:]))
+            mine.append(rc)
+        out.append(BlockShare(parts.n, int(parts.ts[0]) if parts.n else 0, t[g], mine,
+                              share_events(parts, g) if rec else None))
+    return out

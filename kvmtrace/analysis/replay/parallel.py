@@ -43,7 +43,7 @@ from ...core.events import Kind
 from ...core.sources import EventSource, SourceMeta
 from ...errors import KvmtraceError
 from ...model.results import RingId
-from .colfeed import BlockShare, block_share
+from .colfeed import BlockShare, block_shares
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
@@ -188,7 +188,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
     rp = Replay(meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
     own = source.column_blocks(w, n)
     assert own is not None
-    ready: dict[int, EventColumns | _Failed] = {}
+    ready: dict[int, BlockShare | _Failed] = {}
     blocks: list[int] = []
     nxt = w
     sender = _Sender(outbox)
@@ -206,13 +206,14 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
                 ready[nxt] = bad
                 nxt = nblocks  # nothing after it is read
                 return
+            split = _split(parts, shares, meta, w)
             for v in range(n):
                 if v != w:
-                    sender.put(v, _share_for(parts, shares[v], meta))
+                    sender.put(v, split[v])
             if tap is not None:
                 tap.columns(parts)
                 blocks.append(nxt)
-            ready[nxt] = parts
+            ready[nxt] = split[w]
             nxt += n
 
     try:
@@ -227,10 +228,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
                     raise RuntimeError(f"a replay worker died ({err})") from None
             if isinstance(got, _Failed):
                 got.raise_it()
-            if isinstance(got, BlockShare):
-                rp.feed_share(got)
-            else:
-                rp.feed_columns(got)  # type: ignore[arg-type]
+            rp.feed_share(got)  # type: ignore[arg-type]
     finally:
         sender.close()
     report = rp.finish(lost=source.lost, source_kind=meta.kind)
@@ -239,21 +237,26 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
     return _Share(report, rp.ws, blocks, tap)
 
 
-def _share_for(parts: EventColumns, rings: set[RingId], meta: SourceMeta) -> BlockShare:
-    """The block's share for the worker of ``rings``, with its events as records when
-    that worker may take the block event by event (ring sizes, exits of a VM whose size
-    the meta does not give)."""
+def _split(parts: EventColumns, shares: list[set[RingId]], meta: SourceMeta,
+           w: int) -> list[BlockShare]:
+    """The block's share of every worker (``w``: this one, whose share stays here), with
+    the events as records for a worker that may take the block event by event (ring
+    sizes, exits of a VM whose size the meta does not give)."""
     t = parts.groups
-    mine = np.array([k == Kind.RING_SIZE or (p, v, r) in rings for p, v, r, k in zip(
-        t["pid"].tolist(), t["vm"].tolist(), t["ring"].tolist(), t["kind"].tolist(),
-        strict=True)], dtype=bool)
-    g = t[mine]
-    k = g["kind"]
-    records = bool((k == Kind.RING_SIZE).any()) or any(
-        meta.ring_size(p, v) is None for p, v in zip(
-            g["pid"][k == Kind.EXIT].tolist(), g["vm"][k == Kind.EXIT].tolist(),
-            strict=True))
-    return block_share(parts, mine, records)
+    keys = list(zip(t["pid"].tolist(), t["vm"].tolist(), t["ring"].tolist(),
+                    t["kind"].tolist(), strict=True))
+    groups, records = [], []
+    for rings in shares:
+        mine = np.array([k == Kind.RING_SIZE or (p, v, r) in rings for p, v, r, k in keys],
+                        dtype=bool)
+        g = t[mine]
+        k = g["kind"]
+        groups.append(mine)
+        records.append(bool((k == Kind.RING_SIZE).any()) or any(
+            meta.ring_size(p, v) is None for p, v in zip(
+                g["pid"][k == Kind.EXIT].tolist(), g["vm"][k == Kind.EXIT].tolist(),
+                strict=True)))
+    return block_shares(parts, groups, records, [v != w for v in range(len(shares))])
 
 
 def _child(fds: list[int], keep: set[int], wfd: int, run: Any) -> NoReturn:

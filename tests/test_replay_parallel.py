@@ -164,3 +164,23 @@ def test_built_in_vmm_with_several_vcpus(tmp_path: Path):
     assert [r.soft_full_exits for r in many.rings] == [g["soft_full_exits"] for g in rings]
     assert [r.entries_reset for r in many.rings] == [g["entries_reset"] for g in rings]
     same_cli(run.path, "1", "2", "4")
+
+
+def test_compare_reads_both_inputs_at_once(tmp_path: Path, samples: Path):
+    """``compare -j 2`` profiles NEW in a second process: the same bytes out (JSON and
+    text, warnings in order), and the same one-line error when an input is bad."""
+    ev = synthetic(60_000, vcpus=2, seed=5)
+    base = write(tmp_path / "base.kvt", ev, block_events=4096)
+    data = base.read_bytes()
+    cut = tmp_path / "cut.kvt"  # a truncated NEW: its warning comes last
+    cut.write_bytes(data[:len(data) - 100])
+    junk = tmp_path / "junk.txt"
+    junk.write_text("nothing here\n")
+    ftrace = samples / "ftrace-1vcpu-8192B-800pages.txt"
+    for pair in ((base, cut), (cut, base), (ftrace, base), (base, junk), (junk, base)):
+        for fmt in ((), ("--json",)):
+            outs = [cli("compare", *map(str, pair), *fmt, "-j", j) for j in ("1", "2")]
+            assert "Traceback" not in outs[1].stderr
+            assert (outs[0].returncode, outs[0].stdout, outs[0].stderr) == \
+                (outs[1].returncode, outs[1].stdout, outs[1].stderr)
+    assert outs[0].returncode == 2 and "no dirty-ring events" in outs[0].stderr

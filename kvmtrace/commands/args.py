@@ -175,13 +175,13 @@ def add_ring_size(p: argparse.ArgumentParser, entries_help: str, bytes_help: str
 MAX_JOBS = 1024
 
 
-def add_jobs(p: argparse.ArgumentParser) -> None:
-    """``-j/--jobs N``: processes for a replay that spreads rings over cores."""
+def add_jobs(p: argparse.ArgumentParser, help: str | None = None) -> None:  # noqa: A002
+    """``-j/--jobs N``: processes for work spread over cores (a replay's rings)."""
     p.add_argument("-j", "--jobs", type=integer("--jobs", 1, MAX_JOBS, example="2"),
                    default=None, metavar="N",
-                   help="replay in N processes, rings spread over them (1: one process; "
-                        "default: every CPU this process may use, for inputs of 2 M events "
-                        "and more)")
+                   help=help or "replay in N processes, rings spread over them (1: one "
+                        "process; default: every CPU this process may use, for inputs of 2 M "
+                        "events and more)")
 
 
 def jobs_of(args: argparse.Namespace) -> tuple[int, int | None]:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from typing import Any
 
 from ..errors import UsageError
-from .args import add_input, add_json, add_ring_size, add_subcommand
+from .args import add_input, add_jobs, add_json, add_ring_size, add_subcommand, jobs_of
 
 __all__ = ["register", "run"]
 
@@ -47,6 +49,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json(p)
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
+    add_jobs(p, "read the two traces in N >= 2 processes at once (1: one after the other; "
+                "default: at once when both are 8 MiB or more and 2 CPUs are free to use)")
+
+
+#: inputs this large (the smaller of the two) are read in two processes by default
+TWO_PROCESSES_BYTES = 8 << 20
+
+
+def _two_processes(args: argparse.Namespace) -> bool:
+    """Read the inputs in two processes: ``-j`` of 2 or more, or by default when both are
+    large and two CPUs are free to use."""
+    jobs, min_events = jobs_of(args)
+    if jobs < 2:
+        return False
+    if min_events == 0:  # -j given
+        return True
+    try:
+        return min(os.path.getsize(args.base), os.path.getsize(args.new)) >= \
+            TWO_PROCESSES_BYTES
+    except OSError:  # not there: the error comes from opening it
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,20 +78,33 @@ def run(args: argparse.Namespace) -> int:
                          "give a number from 0 up, e.g. --threshold 10")
     from ..analysis.comparison import compare_profiles
     from ..analysis.profile import profile_source
+    from ..analysis.replay.parallel import Forked
     from ..source.detect import open_source
 
-    profiles = []
-    for path in (args.base, args.new):
+    def profile(path: str) -> tuple[Any, list[str], bool]:
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
         try:
-            profiles.append(profile_source(src))
+            prof = profile_source(src)
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
-        for w in src.warnings:  # text whose rings were not all told apart
-            print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
-        if src.truncated:
-            print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
-                  "compared what it holds", file=sys.stderr)
+        return prof, list(src.warnings), src.truncated
+
+    # NEW read in a second process while this one reads BASE (-j 1: one after the other)
+    later = Forked(lambda: profile(args.new)) if _two_processes(args) else None
+    profiles = []
+    try:
+        for path in (args.base, args.new):
+            prof, warnings, truncated = (later.result() if later is not None and
+                                         path is args.new else profile(path))
+            profiles.append(prof)
+            for w in warnings:  # text whose rings were not all told apart
+                print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
+            if truncated:
+                print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
+                      "compared what it holds", file=sys.stderr)
+    finally:
+        if later is not None:
+            later.cancel()
     cmp = compare_profiles(*profiles, base_path=args.base, new_path=args.new,
                            threshold_pct=args.threshold)
     if args.json:

@@ -47,7 +47,7 @@ from .colfeed import BlockShare, block_shares
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
-__all__ = ["MIN_EVENTS", "default_jobs", "plan_shares", "replay_parallel"]
+__all__ = ["MIN_EVENTS", "Forked", "default_jobs", "plan_shares", "replay_parallel"]
 
 #: below this many events a replay stays in one process unless told otherwise (a fork
 #: and a second decode cost more than they save)
@@ -279,7 +279,46 @@ def _child(fds: list[int], keep: set[int], wfd: int, run: Any) -> NoReturn:
     os._exit(status)
 
 
-def _receive(rfd: int) -> _Share:
+class Forked:
+    """``fn()`` run in a forked child process from now on (e.g. one of two inputs of
+    ``compare`` while this process reads the other); :meth:`result` waits for its value
+    (pickled back) or raises its error; :meth:`cancel` stops it."""
+
+    def __init__(self, fn: Any) -> None:
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child never returns
+            _child([r, w], set(), w, fn)
+        os.close(w)
+        self._fd: int | None = r
+
+    def result(self) -> Any:
+        assert self._fd is not None
+        fd, self._fd = self._fd, None
+        try:
+            return _receive(fd)
+        finally:
+            self._wait()
+
+    def cancel(self) -> None:
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._wait()
+
+    def _wait(self) -> None:
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _receive(rfd: int) -> Any:
     with os.fdopen(rfd, "rb") as f:
         try:
             what, payload = pickle.load(f)

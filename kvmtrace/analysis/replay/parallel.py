@@ -5,25 +5,32 @@ Why this shape. Rings (``struct kvm_dirty_ring``) are independent in the replay 
 two things: a VM's ring size inferred from its first soft-full exit reads every ring of
 the VM (:meth:`~kvmtrace.model.sizes.RingSizes.infer`), and a RING_SIZE event drains and
 resizes the VM's rings. So the unit of work is a ring when the source's meta gives the
-VM's size (the recorder saw KVM_ENABLE_CAP), else the whole VM. Each worker reads and
-decodes every block and replays only its units' events (:class:`~.engine.Replay` with
-``owns``; RING_SIZE events go to all): its replay is then exactly the one-core replay of
-those rings. Exchanging decoded columns between workers instead (each decoding half the
-blocks) would save the repeated decode but ship ~29 bytes per event between processes and
-couple the workers block by block; the repeated decode is the simpler exact choice, and
-decoding is the cheaper part of a replay (see tools/bench_parallel.py).
+VM's size (the recorder saw KVM_ENABLE_CAP) or the VM has no soft-full exit, else the
+whole VM; RING_SIZE events go to every worker. A worker's replay (:class:`~.engine.Replay`
+with ``owns``) is then exactly the one-core replay of its rings.
+
+Blocks are split too, because decoding and splitting a block per ring is about a third of
+a replay's work: worker ``w`` decodes blocks ``w, w + N, ...`` (:data:`AHEAD` rounds ahead
+of the block it replays), splits each once (:func:`~.colfeed.block_shares`, one pass as in
+one process) and pickles every other worker its share (its rings' columns, ~50 bytes per
+event, plus the share's records where a ring size or an inferable exit may need them)
+through a pipe written by a thread of its own, so that no worker ever waits on a pipe
+another has not read. Each worker replays its rings over every block in order, its own
+blocks' shares and the others'. Decoding every block in every worker instead costs each
+worker the whole decode; shipping shares costs a copy.
 
 The units are planned from the blocks' group tables (read without decoding,
 :meth:`~kvmtrace.core.sources.EventSource.group_tables`), weighted by the blocks each
 appears in, and dealt largest first to the least loaded worker. What else reads the blocks
-(a :class:`SharedTap`, e.g. the migration analysis's) is split by block: worker ``w``
-feeds its tap blocks ``w, w + N, ...`` and the parent joins them in block order.
+(a :class:`SharedTap`, e.g. the migration analysis's) is fed by the worker that decodes
+the block, and the parent joins the taps in block order.
 
 Merge: ring results by ring key, anomalies sorted as the engine sorts them (ties only
 within a ring, whose order each worker keeps), working sets in order of appearance
 (:meth:`~.workingset.WorkingSet.merge`), push counts summed before the hottest pages are
 chosen. Workers are forked (``os.fork``; the parent is worker 0) and send their results
-back pickled through a pipe; an error in one is raised in the parent.
+back pickled; an error (a damaged block) is raised where one process would raise it, in
+block order.
 """
 
 from __future__ import annotations

@@ -184,3 +184,15 @@ def test_compare_reads_both_inputs_at_once(tmp_path: Path, samples: Path):
             assert (outs[0].returncode, outs[0].stdout, outs[0].stderr) == \
                 (outs[1].returncode, outs[1].stdout, outs[1].stderr)
     assert outs[0].returncode == 2 and "no dirty-ring events" in outs[0].stderr
+
+
+def test_progress_seam_sees_every_block_in_order(tmp_path: Path):
+    ev = synthetic(50_000, vcpus=3, seed=7)
+    size = ev[ev["kind"] == Kind.RING_SIZE][0]
+    meta = SourceMeta(kind="test", ring_entries={(int(size["pid"]), int(size["vm"])):
+                                                 int(size["value"]) // 16})
+    path = write(tmp_path / "p.kvt", ev, meta, block_events=3000)
+    seen: list[int] = []
+    rep = replay_parallel(open_recording(path), 3, min_events=0, on_block=seen.append)
+    assert rep is not None and rep.events == len(ev)
+    assert seen == [c for _, c in open_recording(path)._index]

@@ -40,6 +40,7 @@ import pickle
 import queue
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 
@@ -185,10 +186,11 @@ AHEAD = 2
 
 def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
           tap: SharedTap | None, options: dict[str, Any], inbox: dict[int, BinaryIO],
-          outbox: dict[int, BinaryIO]) -> _Share:
+          outbox: dict[int, BinaryIO], on_block: Callable[[int], None] | None = None
+          ) -> _Share:
     """Worker ``w``: decodes blocks w, w + N, ..., hands each other worker its share of
     them, and replays its own rings over every block in order (its own blocks' columns,
-    the others' shares)."""
+    the others' shares). ``on_block(events)`` after each block replayed (progress)."""
     n = len(shares)
     mine = shares[w]
     meta = source.meta
@@ -236,6 +238,8 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
             if isinstance(got, _Failed):
                 got.raise_it()
             rp.feed_share(got)  # type: ignore[arg-type]
+            if on_block is not None:
+                on_block(got.n)  # type: ignore[union-attr]
     finally:
         sender.close()
     report = rp.finish(lost=source.lost, source_kind=meta.kind)
@@ -337,9 +341,12 @@ def _receive(rfd: int) -> Any:
 
 
 def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None, *,
-                    min_events: int = MIN_EVENTS, **options: Any) -> ReplayReport | None:
+                    min_events: int = MIN_EVENTS,
+                    on_block: Callable[[int], None] | None = None,
+                    **options: Any) -> ReplayReport | None:
     """Replay ``source`` in up to ``jobs`` processes; the report :func:`~.replay_source`
-    gives in one. None (nothing done) when one process is the way: ``jobs`` < 2, fewer
+    gives in one. ``on_block(events)`` is called in this process after each block (in
+    order; for progress). None (nothing done) when one process is the way: ``jobs`` < 2, fewer
     than ``min_events`` events (a recording's count, known at open), a what-if
     simulation, a tap that cannot be split, or a source without blocks or units to
     spread."""
@@ -375,7 +382,8 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
         outbox = {b: os.fdopen(links[(w, b)][1], "wb") for b in range(n) if b != w}
         try:
             return _work(source, shares, w, nblocks,
-                         tap.share() if tap is not None else None, options, inbox, outbox)
+                         tap.share() if tap is not None else None, options, inbox, outbox,
+                         on_block if w == 0 else None)
         finally:
             for f in inbox.values():
                 f.close()

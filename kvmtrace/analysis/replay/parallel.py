@@ -169,8 +169,12 @@ class _Sender:
     def put(self, v: int, obj: object) -> None:
         self.queue.put((v, obj))
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Send what is queued and close the pipes; ``wait=False`` (an error): leave
+        the thread to finish or to fail once the workers are stopped."""
         self.queue.put(None)
+        if not wait:
+            return
         self.thread.join()
         for f in self.outbox.values():
             try:
@@ -225,6 +229,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
             ready[nxt] = split[w]
             nxt += n
 
+    ok = False
     try:
         for i in range(nblocks):
             produce(i + AHEAD * n)
@@ -240,8 +245,9 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
             rp.feed_share(got)  # type: ignore[arg-type]
             if on_block is not None:
                 on_block(got.n)  # type: ignore[union-attr]
+        ok = True
     finally:
-        sender.close()
+        sender.close(wait=ok)
     report = rp.finish(lost=source.lost, source_kind=meta.kind)
     if rp.ws is not None:
         rp.ws.strip()

@@ -36,6 +36,7 @@ block order.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import pickle
 import queue
@@ -403,6 +404,7 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
 
     kids: list[tuple[int, int]] = []  # (pid, read fd) of workers not yet heard
     pids: list[int] = []
+    gc.freeze()  # the collector then leaves the objects shared at fork alone (no copies)
     try:
         for w in range(1, n):
             pid = os.fork()
@@ -419,6 +421,7 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
             parts.append(_receive(kids[0][1]))  # closes the fd
             kids.pop(0)
     finally:
+        gc.unfreeze()
         for pid, rfd in kids:  # an error or an interrupt: stop the workers left
             try:
                 os.kill(pid, signal.SIGKILL)

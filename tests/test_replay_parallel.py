@@ -143,10 +143,10 @@ def test_a_damaged_block_is_the_same_error(tmp_path: Path):
     data = bytearray(path.read_bytes())
     data[off + 60] ^= 0xFF
     path.write_bytes(bytes(data))
-    outs = [cli("replay", str(path), "-j", j) for j in ("1", "2")]
+    outs = [cli("replay", str(path), "-j", j) for j in ("1", "2", "3")]
     assert outs[0].returncode == 2 and "CRC" in outs[0].stderr
-    assert [(p.returncode, p.stdout, p.stderr) for p in outs[1:]] == \
-        [(outs[0].returncode, outs[0].stdout, outs[0].stderr)]
+    assert {(p.returncode, p.stdout, p.stderr) for p in outs} == \
+        {(outs[0].returncode, outs[0].stdout, outs[0].stderr)}
 
 
 def test_built_in_vmm_with_several_vcpus(tmp_path: Path):

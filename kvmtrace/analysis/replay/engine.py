@@ -60,6 +60,7 @@ class ReplayReport:
     rings: list[RingResult]
     anomalies: list[Anomaly]
     window_ns: int
+    #: per ring, in (pid, vm, index) order as ``rings``
     workingset: dict[RingId, RingWs] = field(default_factory=dict)
     hottest: dict[tuple[int, int], list[HotPage]] = field(default_factory=dict)
     simulation: SimResult | None = None
@@ -109,8 +110,6 @@ class Replay:
         #: a share of the rings (:mod:`.parallel`): (pid, vm, index) -> this replay's?
         #: Events of other rings are counted and skipped; RING_SIZE events are kept.
         self.owns = owns
-        self._block = 0  # blocks fed: with the segment, when a working set was born
-        self._in_columns = False
 
     # -- sizes ------------------------------------------------------------------------
     def _ring(self, key: RingId) -> FastRing:
@@ -158,8 +157,6 @@ class Replay:
 
     # -- feeding ----------------------------------------------------------------------
     def feed(self, ev: np.ndarray) -> None:
-        if not self._in_columns:
-            self._block += 1
         self._feed(ev)
 
     def _feed(self, ev: np.ndarray, of: int | None = None, t0: int | None = None) -> None:
@@ -189,21 +186,14 @@ class Replay:
         ring = np.ascontiguousarray(ev["ring"])
         pid, vm = ev["pid"], ev["vm"]
         one_vm = bool((pid == pid[0]).all() and (vm == vm[0]).all())
-        pos = seg = 0
+        pos = 0
         for b in self._barriers(ev, cols.kind):
             if b > pos:
-                self._clock(seg := seg + 1)
                 self._segment(ev, cols, ring, one_vm, pos, b)
             self._barrier(ev[b])
             pos = b + 1
         if pos < n:
-            self._clock(seg + 1)
             self._segment(ev, cols, ring, one_vm, pos, n)
-
-    def _clock(self, seg: int) -> None:
-        """Working sets born from now on were born at (block, segment)."""
-        if self.ws is not None:
-            self.ws.clock = (self._block, seg)
 
     def _mine(self, ev: np.ndarray) -> np.ndarray:
         """The events of :attr:`owns`'s rings and every RING_SIZE event."""
@@ -229,7 +219,6 @@ class Replay:
         building EVENT_DTYPE records. Blocks
         with events taken one by one (ring sizes, exits of VMs of unknown size) and
         ``simulate_entries`` go through :meth:`feed`."""
-        self._block += 1
         if not parts.n:
             return
         t = parts.groups
@@ -239,11 +228,7 @@ class Replay:
         if self._needs_records(t):
             ev = parts.events()
             if mine is None:
-                self._in_columns = True  # the block is counted
-                try:
-                    self.feed(ev)
-                finally:
-                    self._in_columns = False
+                self.feed(ev)
                 return
             self._feed(share_events(parts, mine), parts.n, int(parts.ts[0]))
             return
@@ -252,7 +237,6 @@ class Replay:
     def feed_share(self, share: BlockShare) -> None:
         """As :meth:`feed_columns` for this replay's share of a block (:attr:`owns`), split
         from the block elsewhere (another worker of :mod:`.parallel` decoded it)."""
-        self._block += 1
         if not share.n:
             return
         if self._needs_records(share.groups):
@@ -275,7 +259,6 @@ class Replay:
         self.events += n
         if self.ws is not None and self.ws.t0 is None:
             self.ws.t0 = t0
-        self._clock(0)
         for key, has_pushes in ring_keys(t):
             self._ring(key)  # rings and their working sets in order of appearance
             if self.ws is not None and has_pushes:
@@ -427,7 +410,7 @@ class Replay:
                 report.vms[(pid, vm)] = who
         if self.ws is not None:
             self.ws.finish()
-            report.workingset = dict(self.ws.rings)
+            report.workingset = {k: self.ws.rings[k] for k in sorted(self.ws.rings)}
             report.hottest = self.ws.hottest()
         if self.sim is not None:
             report.simulation = self.sim.finish(keys, self._mean_stalls())

@@ -26,7 +26,7 @@ appears in, and dealt largest first to the least loaded worker. What else reads 
 the block, and the parent joins the taps in block order.
 
 Merge: ring results by ring key, anomalies sorted as the engine sorts them (ties only
-within a ring, whose order each worker keeps), working sets in order of appearance
+within a ring, whose order each worker keeps), working sets
 (:meth:`~.workingset.WorkingSet.merge`), push counts summed before the hottest pages are
 chosen. Workers are forked (``os.fork``; the parent is worker 0) and send their results
 back pickled; an error (a damaged block) is raised where one process would raise it, in
@@ -155,25 +155,30 @@ class _Sender:
 
     def __init__(self, outbox: dict[int, BinaryIO]) -> None:
         self.outbox = outbox
-        self.queue: queue.SimpleQueue[tuple[int, object] | None] = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue[tuple[int, int, object] | None] = queue.SimpleQueue()
+        self.upto: int | None = None  # blocks after it are not sent
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
-            v, obj = item
+            block, v, obj = item
+            if self.upto is not None and block > self.upto:
+                continue
             try:
                 pickle.dump(obj, self.outbox[v], protocol=pickle.HIGHEST_PROTOCOL)
                 self.outbox[v].flush()
             except OSError:  # that worker is gone: its reader sees the end of its pipe
                 pass
 
-    def put(self, v: int, obj: object) -> None:
-        self.queue.put((v, obj))
+    def put(self, block: int, v: int, obj: object) -> None:
+        self.queue.put((block, v, obj))
 
-    def close(self, wait: bool = True) -> None:
-        """Send what is queued and close the pipes; ``wait=False`` (an error): leave
-        the thread to finish or to fail once the workers are stopped."""
+    def close(self, wait: bool = True, upto: int | None = None) -> None:
+        """Send what is queued (for blocks up to ``upto``: the others stop reading
+        there) and close the pipes; ``wait=False`` (an error other than a bad block):
+        leave the thread to finish or to fail once the workers are stopped."""
+        self.upto = upto
         self.queue.put(None)
         if not wait:
             return
@@ -219,14 +224,14 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
                 bad = _Failed(err)
                 for v in range(n):
                     if v != w:
-                        sender.put(v, bad)
+                        sender.put(nxt, v, bad)
                 ready[nxt] = bad
                 nxt = nblocks  # nothing after it is read
                 return
             split = _split(parts, shares, meta, w)
             for v in range(n):
                 if v != w:
-                    sender.put(v, split[v])
+                    sender.put(nxt, v, split[v])
             if tap is not None:
                 tap.columns(parts)
                 blocks.append(nxt)
@@ -234,6 +239,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
             nxt += n
 
     ok = False
+    bad_at: int | None = None  # the block that could not be decoded
     try:
         for i in range(nblocks):
             produce(i + AHEAD * n)
@@ -245,13 +251,14 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
                 except (EOFError, pickle.UnpicklingError, OSError) as err:
                     raise RuntimeError(f"a replay worker died ({err})") from None
             if isinstance(got, _Failed):
+                bad_at = i
                 got.raise_it()
             rp.feed_share(got)  # type: ignore[arg-type]
             if on_block is not None:
                 on_block(got.n)  # type: ignore[union-attr]
         ok = True
-    finally:
-        sender.close(wait=ok)
+    finally:  # every worker stops at the same bad block: send what they read before it
+        sender.close(wait=ok or bad_at is not None, upto=bad_at)
     report = rp.finish(lost=source.lost, source_kind=meta.kind)
     if rp.ws is not None:
         rp.ws.strip()

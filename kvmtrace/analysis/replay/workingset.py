@@ -97,28 +97,19 @@ class WorkingSet:
         self.rings: dict[RingId, RingWs] = {}
         self.counts: dict[tuple[int, int, int], np.ndarray] = {}  # (pid, vm, slot)
         self.count_overflow: Counter[tuple[int, int, int, int]] = Counter()
-        #: set by the replay: (block, segment) being fed; ``born`` keeps it per ring, so
-        #: the rings of replays of shares of the rings merge in order of appearance
-        self.clock: tuple[int, int] = (0, 0)
-        self.born: dict[RingId, tuple[int, int]] = {}
 
     def ring(self, key: RingId) -> RingWs:
         """The ring's state (created empty the first time)."""
         rw = self.rings.get(key)
         if rw is None:
             rw = self.rings[key] = RingWs()
-            self.born[key] = self.clock
         return rw
 
     def merge(self, other: WorkingSet) -> None:
         """Take in the finished working set of a replay of other rings (same trace, same
-        t0): its rings, in order of appearance (within one (block, segment), rings appear
-        in key order), and its push counts."""
-        born = {**self.born, **other.born}
+        t0): its rings (kept in key order) and its push counts."""
         rings = {**self.rings, **other.rings}
-        order = sorted(rings, key=lambda k: (born[k], k))
-        self.rings = {k: rings[k] for k in order}
-        self.born = {k: born[k] for k in order}
+        self.rings = {k: rings[k] for k in sorted(rings)}
         for ck, cnt in other.counts.items():
             mine = self.counts.get(ck)
             if mine is None:

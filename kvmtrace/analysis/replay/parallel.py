@@ -59,8 +59,8 @@ from .workingset import WorkingSet
 
 __all__ = ["MIN_EVENTS", "Forked", "default_jobs", "plan_shares", "replay_parallel"]
 
-#: below this many events a replay stays in one process unless told otherwise (a fork
-#: and a second decode cost more than they save)
+#: below this many events a replay stays in one process unless told otherwise (the
+#: forks and the copies of block shares cost more than they save)
 MIN_EVENTS = 1 << 21
 
 _FIRST, _LAST = int(Kind.PUSH), int(Kind.STALL)
@@ -363,8 +363,8 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
                     **options: Any) -> ReplayReport | None:
     """Replay ``source`` in up to ``jobs`` processes; the report :func:`~.replay_source`
     gives in one. ``on_block(events)`` is called in this process after each block (in
-    order; for progress). None (nothing done) when one process is the way: ``jobs`` < 2, fewer
-    than ``min_events`` events (a recording's count, known at open), a what-if
+    order; for progress). None (nothing done) when one process is the way: ``jobs`` < 2,
+    fewer than ``min_events`` events (a recording's count, known at open), a what-if
     simulation, a tap that cannot be split, or a source without blocks or units to
     spread."""
     if jobs < 2 or options.get("simulate_entries") or (tap is not None and not isinstance(

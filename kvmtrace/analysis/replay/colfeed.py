@@ -175,8 +175,9 @@ class BlockShare:
     """The part of one block that a replay of some of the rings needs (what one worker of
     a replay on several cores hands another, pickled): the block's event count and first
     time, the share's groups (its rings' and every RING_SIZE group), its rings' columns
-    (push times built) and, when the replay may have to take the block event by event,
-    the share's events as EVENT_DTYPE records."""
+    (a share sent elsewhere without the pushes apart: selected by kind there) and, when
+    the replay may have to take the block event by event, the share's events as
+    EVENT_DTYPE records."""
 
     n: int
     t0: int
@@ -197,7 +198,8 @@ def block_shares(parts: EventColumns, groups: list[np.ndarray], records: list[bo
                  sent: list[bool]) -> list[BlockShare]:
     """The block split once for several replays of some of the rings: one share per
     ``groups`` (a bool per group of the block), with its events as records where
-    ``records`` says; push times are built for the shares ``sent`` elsewhere (pickled)."""
+    ``records`` says; the shares ``sent`` elsewhere (pickled) leave out the pushes apart
+    (their slot, offset and times are in the columns)."""
     rings = ring_columns(parts)
     t = parts.groups
     out = []
@@ -208,8 +210,8 @@ def block_shares(parts: EventColumns, groups: list[np.ndarray], records: list[bo
         for rc in rings:
             if rc.key not in keys:
                 continue
-            if far and rc.pushes is not None and isinstance(rc.pushes[0], PushTimes):
-                rc = RingCols(rc.key, rc.cols, (rc.pushes[0].make(), *rc.pushes[1:]))
+            if far and rc.pushes is not None:  # the receiver selects them (fewer bytes)
+                rc = RingCols(rc.key, rc.cols, None)
             mine.append(rc)
         out.append(BlockShare(parts.n, int(parts.ts[0]) if parts.n else 0, t[g], mine,
                               share_events(parts, g) if rec else None))

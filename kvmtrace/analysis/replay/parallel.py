@@ -12,7 +12,7 @@ with ``owns``) is then exactly the one-core replay of its rings.
 Blocks are split too, because decoding and splitting a block per ring is about a third of
 a replay's work: worker ``w`` decodes blocks ``w, w + N, ...`` (:data:`AHEAD` rounds ahead
 of the block it replays), splits each once (:func:`~.colfeed.block_shares`, one pass as in
-one process) and pickles every other worker its share (its rings' columns, ~50 bytes per
+one process) and pickles every other worker its share (its rings' columns, 29 bytes per
 event, plus the share's records where a ring size or an inferable exit may need them)
 through a pipe written by a thread of its own, so that no worker ever waits on a pipe
 another has not read. Each worker replays its rings over every block in order, its own

@@ -322,6 +322,20 @@ class ExtrasTap:
             self.push_tids.update(zip(p["pid"][first].tolist(), p["vm"][first].tolist(),
                                       p["tid"][first].tolist(), strict=True))
 
+    def share(self) -> ExtrasTap:
+        """An empty tap for some of the blocks (a replay on several cores)."""
+        return ExtrasTap()
+
+    def join(self, shares: list[tuple[list[int], ExtrasTap]]) -> None:  # type: ignore[override]
+        """Take in shares filled from the columns of the numbered blocks (one entry of
+        ``rest`` per block), as if this tap had seen them in block order."""
+        at: dict[int, np.ndarray] = {}
+        for blocks, t in shares:
+            self.push_tids |= t.push_tids
+            assert len(blocks) == len(t.rest)
+            at.update(zip(blocks, t.rest, strict=True))
+        self.rest.extend(at[i] for i in sorted(at))
+
     def read(self, src: EventSource) -> ExtrasTap:
         """Fill the tap from ``src`` alone (when no replay runs)."""
         columns = src.column_batches()

@@ -179,6 +179,28 @@ def add_ring_size(p: argparse.ArgumentParser, entries_help: str, bytes_help: str
                        **({"type": size} if typed else {}))
 
 
+MAX_JOBS = 1024
+
+
+def add_jobs(p: argparse.ArgumentParser, help: str | None = None) -> None:  # noqa: A002
+    """``-j/--jobs N``: processes for work spread over cores (a replay's rings)."""
+    p.add_argument("-j", "--jobs", type=integer("--jobs", 1, MAX_JOBS, example="2"),
+                   default=None, metavar="N",
+                   help=help or "replay in N processes, rings spread over them (1: one "
+                        "process; default: every CPU this process may use, for inputs of 2 M "
+                        "events and more)")
+
+
+def jobs_of(args: argparse.Namespace) -> tuple[int, int | None]:
+    """(jobs, min_events) for :func:`kvmtrace.analysis.replay.replay_source` from
+    ``--jobs``: as given (whatever the input's size), else every CPU for large inputs."""
+    if args.jobs is not None:
+        return args.jobs, 0
+    from ..analysis.replay.parallel import default_jobs
+
+    return default_jobs(), None
+
+
 def add_pid(p: argparse.ArgumentParser, *, typed: bool = True) -> None:
     """``-p PID``: only this VMM process (0 when not given = all). ``typed=False`` keeps the
     string (None when not given) for the command to check with :func:`pid_value`."""

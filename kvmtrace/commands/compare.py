@@ -12,10 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from typing import Any
 
 from ..errors import UsageError
-from .args import add_input, add_json, add_progress, add_ring_size, add_subcommand
+from .args import (
+    add_input,
+    add_jobs,
+    add_json,
+    add_progress,
+    add_ring_size,
+    add_subcommand,
+    jobs_of,
+)
 
 __all__ = ["register", "run"]
 
@@ -48,6 +58,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
     add_progress(p)
+    add_jobs(p, "read the two traces in N >= 2 processes at once (1: one after the other; "
+                "default: at once when both are 8 MiB or more and 2 CPUs are free to use)")
+
+
+#: inputs this large (the smaller of the two) are read in two processes by default
+TWO_PROCESSES_BYTES = 8 << 20
+
+
+def _two_processes(args: argparse.Namespace) -> bool:
+    """Read the inputs in two processes: ``-j`` of 2 or more, or by default when both are
+    large and two CPUs are free to use."""
+    jobs, min_events = jobs_of(args)
+    if jobs < 2:
+        return False
+    if min_events == 0:  # -j given
+        return True
+    try:
+        return min(os.path.getsize(args.base), os.path.getsize(args.new)) >= \
+            TWO_PROCESSES_BYTES
+    except OSError:  # not there: the error comes from opening it
+        return False
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,22 +87,37 @@ def run(args: argparse.Namespace) -> int:
                          "give a number from 0 up, e.g. --threshold 10")
     from ..analysis.comparison import compare_profiles
     from ..analysis.profile import profile_source
+    from ..analysis.replay.parallel import Forked
     from ..source.detect import open_source
     from ..views.progress import Progress, events_total, track
 
-    profiles = []
-    for what, path in (("base", args.base), ("new", args.new)):
+    def profile(path: str, bar_on: bool) -> tuple[Any, list[str], bool]:
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
         try:
-            with Progress(f"compare {what}", events_total(src), enabled=args.progress) as bar:
-                profiles.append(profile_source(track(src, bar)))
+            with Progress(f"compare {'base' if path is args.base else 'new'}",
+                          events_total(src), enabled=bar_on) as bar:
+                prof = profile_source(track(src, bar))
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
-        for w in src.warnings:  # text whose rings were not all told apart
-            print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
-        if src.truncated:
-            print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
-                  "compared what it holds", file=sys.stderr)
+        return prof, list(src.warnings), src.truncated
+
+    # NEW read in a second process while this one reads BASE (-j 1: one after the other)
+    # (a forked reader draws no bar: two bars on one terminal would garble)
+    later = Forked(lambda: profile(args.new, False)) if _two_processes(args) else None
+    profiles = []
+    try:
+        for path in (args.base, args.new):
+            prof, warnings, truncated = (later.result() if later is not None and
+                                         path is args.new else profile(path, args.progress))
+            profiles.append(prof)
+            for w in warnings:  # text whose rings were not all told apart
+                print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
+            if truncated:
+                print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
+                      "compared what it holds", file=sys.stderr)
+    finally:
+        if later is not None:
+            later.cancel()
     cmp = compare_profiles(*profiles, base_path=args.base, new_path=args.new,
                            threshold_pct=args.threshold)
     if args.json:

@@ -22,11 +22,13 @@ from ..host.outfile import atomic_output, check_output
 from ..model.results import Durations
 from .args import (
     add_input,
+    add_jobs,
     add_json,
     add_progress,
     add_ring_size,
     add_subcommand,
     integer,
+    jobs_of,
     number,
 )
 
@@ -42,6 +44,7 @@ EPILOG = """examples:
   kvmtrace replay run.kvt --simulate-ring-entries 1024   # exits with a smaller ring?
   kvmtrace replay run.kvt --dump-harvest harvest.json    # every harvested (slot, offset)
   kvmtrace replay run.kvt --hist                # log2 histograms of stall and reset time
+  kvmtrace replay big.kvt -j 1                  # one process (default: every CPU)
 
 exit status: 0 clean, 1 anomalies found (or lost events), 2 bad input
 """
@@ -82,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="end the text report with log2 histograms (bcc style) of stall "
                         "time and KVM_RESET_DIRTY_RINGS latency")
     add_progress(p)
+    add_jobs(p)
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,11 @@ def run(args: argparse.Namespace) -> int:
     src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
     try:
         tap = ExtrasTap()
+        jobs, min_events = jobs_of(args)
         with Progress("replay", events_total(src), enabled=args.progress) as bar:
-            report = replay_source(track(src, bar), tap, **asdict(opts))
+            report = replay_source(track(src, bar), tap, jobs=jobs, min_events=min_events,
+                                   on_block=bar.update if bar.active else None,
+                                   **asdict(opts))
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
     truncated = src.truncated

@@ -85,6 +85,19 @@ class EventSource(ABC):
         source has no columns of its own (read :meth:`batches`)."""
         return None
 
+    def column_blocks(self, start: int = 0, step: int = 1) -> Iterator[EventColumns] | None:
+        """As :meth:`column_batches`, blocks ``start``, ``start + step``, ... only (one of
+        ``step`` readers sharing the blocks); None when the source has no blocks."""
+        return None
+
+    def group_tables(self) -> Iterator[tuple[int, np.ndarray | None]] | None:
+        """Per block of :meth:`column_batches`, its number of events and its group table
+        (the distinct (pid, tid, vm, ring, kind) of its events,
+        :data:`~kvmtrace.core.columns.GROUP_FIELDS`; None when unknown), read cheaply for
+        planning (a replay spreading rings over cores); None when the source has no such
+        blocks."""
+        return None
+
     @property
     @abstractmethod
     def lost(self) -> int:

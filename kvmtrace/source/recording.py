@@ -42,7 +42,7 @@ from ..host.outfile import (
 )
 from .recording_codec import encode_events
 from .recording_decode import decode_parts
-from .recording_format import MAX_BLOCK_EVENTS
+from .recording_format import EVENTS_HEADER, GROUP_DTYPE, MAX_BLOCK_EVENTS
 from .recording_limits import (
     MAX_JSON_BYTES,
     check_end,
@@ -409,13 +409,42 @@ class Recording(EventSource):
         """As :meth:`batches`, each block as its columns
         (:class:`~kvmtrace.core.columns.EventColumns`, group-major, as stored), without
         building EVENT_DTYPE records: what replay reads."""
+        return self.column_blocks()
+
+    def column_blocks(self, start: int = 0, step: int = 1) -> Iterator[EventColumns]:
+        """As :meth:`column_batches`, blocks ``start``, ``start + step``, ... only (the
+        share of one of ``step`` readers; the others are not read)."""
         with open(self.path, "rb", buffering=0) as f:
-            for offset, _count in self._index:
+            for offset, _count in self._index[start::step]:
                 f.seek(offset)
                 head = f.read(BLOCK_HEADER.size)
                 fields = BLOCK_HEADER.unpack(head)
                 stored = f.read(fields[4])
                 yield self._decode_parts(offset, head, fields, stored)
+
+    def group_tables(self) -> Iterator[tuple[int, np.ndarray | None]]:
+        """Each EVENTS block's number of events and group table (the distinct (pid, tid,
+        vm, ring, kind) of its events, :data:`~.recording_format.GROUP_DTYPE`), in file
+        order, read without decoding the block and without its CRC check: for planning a
+        reader's work (a replay on every core). The table is None for a block whose table
+        cannot be read so."""
+        with open(self.path, "rb", buffering=0) as f:
+            for offset, count in self._index:
+                f.seek(offset)
+                head = f.read(BLOCK_HEADER.size + EVENTS_HEADER.size)
+                try:
+                    fields = BLOCK_HEADER.unpack_from(head)
+                    n, ngroups = EVENTS_HEADER.unpack_from(head, BLOCK_HEADER.size)[:2]
+                except struct.error:
+                    yield count, None
+                    continue
+                if fields[2] != _CODEC_NONE or not 0 < ngroups <= max(n, 1) or \
+                        EVENTS_HEADER.size + ngroups * GROUP_DTYPE.itemsize > fields[4]:
+                    yield count, None
+                    continue
+                raw = f.read(ngroups * GROUP_DTYPE.itemsize)
+                ok = len(raw) == ngroups * GROUP_DTYPE.itemsize
+                yield count, np.frombuffer(raw, GROUP_DTYPE) if ok else None
 
     def read_all(self) -> np.ndarray:
         """Every event at once (unbounded memory: for small recordings and tests)."""

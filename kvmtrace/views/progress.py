@@ -144,6 +144,14 @@ class ProgressSource(EventSource):
         cols = self.inner.column_batches()
         return None if cols is None else self._counted(cols)
 
+    def column_blocks(self, start: int = 0, step: int = 1) -> Iterator[EventColumns] | None:
+        """The inner source's, uncounted: a replay spread over processes reads these and
+        counts its blocks itself (``on_block``)."""
+        return self.inner.column_blocks(start, step)
+
+    def group_tables(self) -> Iterator[tuple[int, np.ndarray | None]] | None:
+        return self.inner.group_tables()
+
     def _counted(self, cols: Iterator[EventColumns]) -> Iterator[EventColumns]:
         for part in cols:
             yield part

@@ -22,7 +22,8 @@ from ...model.results import RingId
 from .bulk import Cols
 from .workingset import PushTimes
 
-__all__ = ["COLUMN_BATCH", "RingCols", "join_ring_cols", "ring_columns", "ring_keys"]
+__all__ = ["COLUMN_BATCH", "BlockShare", "RingCols", "block_shares", "join_ring_cols",
+           "ring_columns", "ring_keys", "share_events"]
 
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
 _COLS = ("dirty_index", "reset_index", "slot", "value")
@@ -80,13 +81,15 @@ def ring_keys(table: np.ndarray) -> list[tuple[RingId, bool]]:
     return sorted(keys.items())
 
 
-def ring_columns(parts: EventColumns) -> list[RingCols]:
+def ring_columns(parts: EventColumns, groups: np.ndarray | None = None) -> list[RingCols]:
     """Every ring's events of the block (kinds PUSH..STALL; others are left out), rings in
-    (pid, vm, index) order."""
+    (pid, vm, index) order; only those of the ``groups`` (a bool per group) when given."""
     table = parts.groups
     kinds = table["kind"].astype(np.intp)
     valid = (kinds >= _PUSH) & (kinds <= _STALL)
-    keys = [k for k, _ in ring_keys(table)]
+    if groups is not None:
+        valid &= groups
+    keys = [k for k, _ in ring_keys(table[valid])]
     if not keys:
         return []
     bucket = {k: i for i, k in enumerate(keys)}
@@ -97,10 +100,11 @@ def ring_columns(parts: EventColumns) -> list[RingCols]:
     if parts.gid is None:
         gstart = np.array([0, parts.n])
     else:  # group g's events: [gstart[g], gstart[g + 1]) of the group-major columns
-        gstart = np.searchsorted(np.take(parts.gid, parts.order), np.arange(len(table) + 1))
+        gstart = np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
+                                                             minlength=len(table)))))
     gcount = np.diff(gstart)
     push_groups: dict[int, list[int]] = {}
-    for g in np.flatnonzero(kinds == _PUSH).tolist():
+    for g in np.flatnonzero(valid & (kinds == _PUSH)).tolist():
         push_groups.setdefault(int(lut[g]), []).append(g)
 
     if parts.gid is None:  # one group: the columns are the ring's, already in time order
@@ -115,8 +119,13 @@ def ring_columns(parts: EventColumns) -> list[RingCols]:
         m = cuts[nb]
         if nb == 1 and m == parts.n:  # one ring: time order is its order
             sel = np.arange(m)
-        else:  # ring by ring, time order within each (a radix sort of small numbers)
+        elif m == parts.n or groups is None:
+            # ring by ring, time order within each (a radix sort of small numbers)
             sel = np.argsort(np.take(lut, parts.gid), kind="stable")[:m]
+        else:  # a share of the rings: sort only their events
+            lg = np.take(lut, parts.gid)
+            pos = np.flatnonzero(lg < nb)
+            sel = pos if nb == 1 else pos[np.argsort(lg[pos], kind="stable")]
         inv = np.empty(parts.n, dtype=np.intp)  # time position -> group-major index
         inv[parts.order] = np.arange(parts.n)
         idx = np.take(inv, sel)
@@ -159,3 +168,51 @@ def join_ring_cols(parts: list[RingCols]) -> RingCols:
         pushes = (ts, np.concatenate([p[1] for p in pp]), np.concatenate([p[2] for p in pp]))
     return RingCols(parts[0].key, cols, pushes)
 
+
+
+@dataclass
+class BlockShare:
+    """The part of one block that a replay of some of the rings needs (what one worker of
+    a replay on several cores hands another, pickled): the block's event count and first
+    time, the share's groups (its rings' and every RING_SIZE group), its rings' columns
+    (a share sent elsewhere without the pushes apart: selected by kind there) and, when
+    the replay may have to take the block event by event, the share's events as
+    EVENT_DTYPE records."""
+
+    n: int
+    t0: int
+    groups: np.ndarray
+    rings: list[RingCols]
+    events: np.ndarray | None
+
+
+def share_events(parts: EventColumns, groups: np.ndarray) -> np.ndarray:
+    """The block's events of the ``groups`` (a bool per group) as records."""
+    ev = parts.events()
+    if parts.gid is None:
+        return ev if groups[0] else ev[:0]
+    return ev[groups[parts.gid]]
+
+
+def block_shares(parts: EventColumns, groups: list[np.ndarray], records: list[bool],
+                 sent: list[bool]) -> list[BlockShare]:
+    """The block split once for several replays of some of the rings: one share per
+    ``groups`` (a bool per group of the block), with its events as records where
+    ``records`` says; the shares ``sent`` elsewhere (pickled) leave out the pushes apart
+    (their slot, offset and times are in the columns)."""
+    rings = ring_columns(parts)
+    t = parts.groups
+    out = []
+    for g, rec, far in zip(groups, records, sent, strict=True):
+        keys = {(p, v, r) for p, v, r in zip(t["pid"][g].tolist(), t["vm"][g].tolist(),
+                                             t["ring"][g].tolist(), strict=True)}
+        mine = []
+        for rc in rings:
+            if rc.key not in keys:
+                continue
+            if far and rc.pushes is not None:  # the receiver selects them (fewer bytes)
+                rc = RingCols(rc.key, rc.cols, None)
+            mine.append(rc)
+        out.append(BlockShare(parts.n, int(parts.ts[0]) if parts.n else 0, t[g], mine,
+                              share_events(parts, g) if rec else None))
+    return out

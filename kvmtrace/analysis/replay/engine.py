@@ -15,8 +15,9 @@ without building 48-byte records; both ways give the same report.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -29,13 +30,21 @@ from ...model.results import Anomaly, RingId, RingResult
 from ...model.ring import resets_interruptible
 from ...model.sizes import RingSizes
 from .bulk import Cols, feed_ring
-from .colfeed import COLUMN_BATCH, RingCols, join_ring_cols, ring_columns, ring_keys
+from .colfeed import (
+    COLUMN_BATCH,
+    BlockShare,
+    RingCols,
+    join_ring_cols,
+    ring_columns,
+    ring_keys,
+    share_events,
+)
 from .order import RingOrder, order_segment
 from .ringstate import FastRing
 from .simulate import RingSizeSim, SimResult
 from .workingset import HotPage, RingWs, WorkingSet
 
-__all__ = ["Replay", "ReplayReport", "replay_source"]
+__all__ = ["Replay", "ReplayReport", "ReplayTap", "SharedTap", "replay_source"]
 
 _PUSH, _RESET, _EXIT = int(Kind.PUSH), int(Kind.RESET), int(Kind.EXIT)
 _EMPTY = Cols(np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, np.uint32),
@@ -51,6 +60,7 @@ class ReplayReport:
     rings: list[RingResult]
     anomalies: list[Anomaly]
     window_ns: int
+    #: per ring, in (pid, vm, index) order as ``rings``
     workingset: dict[RingId, RingWs] = field(default_factory=dict)
     hottest: dict[tuple[int, int], list[HotPage]] = field(default_factory=dict)
     simulation: SimResult | None = None
@@ -81,7 +91,8 @@ class Replay:
     def __init__(self, meta: SourceMeta | None = None, *,
                  reserved: int = KVM_DIRTY_RING_RSVD_ENTRIES, keep_harvest: bool = False,
                  window_ns: int = 1_000_000_000, simulate_entries: int | None = None,
-                 pages: bool = True) -> None:
+                 pages: bool = True, owns: Callable[[int, int, int], bool] | None = None
+                 ) -> None:
         self.meta = meta or SourceMeta(kind="unknown")
         self.reserved = reserved
         self.keep = keep_harvest
@@ -96,6 +107,9 @@ class Replay:
         self._npending = 0
         self._order: dict[RingId, RingOrder] = {}
         self._eintr = resets_interruptible(self.meta.kernel_release)
+        #: a share of the rings (:mod:`.parallel`): (pid, vm, index) -> this replay's?
+        #: Events of other rings are counted and skipped; RING_SIZE events are kept.
+        self.owns = owns
 
     # -- sizes ------------------------------------------------------------------------
     def _ring(self, key: RingId) -> FastRing:
@@ -143,13 +157,24 @@ class Replay:
 
     # -- feeding ----------------------------------------------------------------------
     def feed(self, ev: np.ndarray) -> None:
+        self._feed(ev)
+
+    def _feed(self, ev: np.ndarray, of: int | None = None, t0: int | None = None) -> None:
+        """``of``: ``ev`` is this share's part (:attr:`owns`) of that many events, the
+        first at ``t0``."""
+        if of is None:
+            if not len(ev):
+                return
+            of, t0 = len(ev), int(ev["ts"][0])
+            if self.owns is not None:
+                ev = self._mine(ev)
+        self._flush_columns()
+        self.events += of
+        if self.ws is not None and self.ws.t0 is None:
+            self.ws.t0 = t0  # windows count from the trace's first event
         n = len(ev)
         if not n:
             return
-        self._flush_columns()
-        self.events += n
-        if self.ws is not None and self.ws.t0 is None:
-            self.ws.t0 = int(ev["ts"][0])  # windows count from the trace's first event
         if self.sim is not None:
             self.sim.feed(ev)
         # Contiguous columns once per batch: numpy ops and gathers on the 48-byte
@@ -170,32 +195,77 @@ class Replay:
         if pos < n:
             self._segment(ev, cols, ring, one_vm, pos, n)
 
+    def _mine(self, ev: np.ndarray) -> np.ndarray:
+        """The events of :attr:`owns`'s rings and every RING_SIZE event."""
+        assert self.owns is not None
+        keys = np.stack([ev["pid"].astype(np.int64), ev["vm"].astype(np.int64),
+                         ev["ring"].astype(np.int64)], 1)
+        uk, inv = np.unique(keys, axis=0, return_inverse=True)
+        ok = np.array([self.owns(*k) for k in uk.tolist()], dtype=bool)
+        return ev[ok[inv.ravel()] | (ev["kind"] == Kind.RING_SIZE)]
+
+    def _mine_groups(self, table: np.ndarray) -> np.ndarray | None:
+        """Which groups of a block's table are :attr:`owns`'s (None: all)."""
+        if self.owns is None:
+            return None
+        owns = self.owns
+        return np.array([k == Kind.RING_SIZE or owns(p, v, r) for p, v, r, k in zip(
+            table["pid"].tolist(), table["vm"].tolist(), table["ring"].tolist(),
+            table["kind"].tolist(), strict=True)], dtype=bool)
+
     def feed_columns(self, parts: EventColumns) -> None:
         """As :meth:`feed` for events as columns (a source's ``column_batches()``, e.g. a
         recording's blocks as stored; see :mod:`.colfeed`); the same report, without
         building EVENT_DTYPE records. Blocks
         with events taken one by one (ring sizes, exits of VMs of unknown size) and
         ``simulate_entries`` go through :meth:`feed`."""
-        t = parts.groups
-        kinds = t["kind"]
-        if self.sim is not None or (kinds == Kind.RING_SIZE).any() or any(
-                not self.sizes.known(int(p), int(v))
-                for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
-                                    t["vm"][kinds == _EXIT].tolist(), strict=True))):
-            self.feed(parts.events())
-            return
         if not parts.n:
             return
-        self.events += parts.n
+        t = parts.groups
+        mine = self._mine_groups(t)
+        if mine is not None:
+            t = t[mine]
+        if self._needs_records(t):
+            ev = parts.events()
+            if mine is None:
+                self.feed(ev)
+                return
+            self._feed(share_events(parts, mine), parts.n, int(parts.ts[0]))
+            return
+        self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(parts, mine))
+
+    def feed_share(self, share: BlockShare) -> None:
+        """As :meth:`feed_columns` for this replay's share of a block (:attr:`owns`), split
+        from the block elsewhere (another worker of :mod:`.parallel` decoded it)."""
+        if not share.n:
+            return
+        if self._needs_records(share.groups):
+            if share.events is None:
+                raise AssertionError("a block share without the records it needs")
+            self._feed(share.events, share.n, share.t0)
+            return
+        self._take_columns(share.n, share.t0, share.groups, share.rings)
+
+    def _needs_records(self, t: np.ndarray) -> bool:
+        """Whether a block of these groups goes through :meth:`feed` (events one by one:
+        ring sizes, exits of VMs of unknown size; a what-if simulation)."""
+        kinds = t["kind"]
+        return self.sim is not None or bool((kinds == Kind.RING_SIZE).any()) or any(
+            not self.sizes.known(int(p), int(v))
+            for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
+                                t["vm"][kinds == _EXIT].tolist(), strict=True)))
+
+    def _take_columns(self, n: int, t0: int, t: np.ndarray, rcs: list[RingCols]) -> None:
+        self.events += n
         if self.ws is not None and self.ws.t0 is None:
-            self.ws.t0 = int(parts.ts[0])
+            self.ws.t0 = t0
         for key, has_pushes in ring_keys(t):
             self._ring(key)  # rings and their working sets in order of appearance
             if self.ws is not None and has_pushes:
                 self.ws.ring(key)
-        for rc in ring_columns(parts):
+        for rc in rcs:
             self._pending.setdefault(rc.key, []).append(rc)
-        self._npending += parts.n
+        self._npending += n
         if self._npending >= COLUMN_BATCH:
             self._flush_columns()
 
@@ -340,7 +410,7 @@ class Replay:
                 report.vms[(pid, vm)] = who
         if self.ws is not None:
             self.ws.finish()
-            report.workingset = dict(self.ws.rings)
+            report.workingset = {k: self.ws.rings[k] for k in sorted(self.ws.rings)}
             report.hottest = self.ws.hottest()
         if self.sim is not None:
             report.simulation = self.sim.finish(keys, self._mean_stalls())
@@ -367,10 +437,41 @@ class ReplayTap(Protocol):
     def batch(self, batch: np.ndarray) -> None: ...
 
 
-def replay_source(source: EventSource, tap: ReplayTap | None = None,
+@runtime_checkable
+class SharedTap(Protocol):
+    """A :class:`ReplayTap` a replay on several cores (:mod:`.parallel`) can split by
+    block: each worker fills a :meth:`share` with some blocks' columns, and :meth:`join`
+    takes them back (each with the numbers of its blocks) as if it had seen every block
+    in order."""
+
+    def columns(self, cols: EventColumns) -> None: ...
+
+    def batch(self, batch: np.ndarray) -> None: ...
+
+    def share(self) -> SharedTap: ...
+
+    def join(self, shares: list[tuple[list[int], SharedTap]]) -> None: ...
+
+
+def replay_source(source: EventSource, tap: ReplayTap | None = None, *, jobs: int = 1,
+                  min_events: int | None = None,
+                  on_block: Callable[[int], None] | None = None,
                   **options: object) -> ReplayReport:
     """Replay a whole source; ``options`` as for :class:`Replay`; ``tap`` sees each block
-    (as columns where the source has them, else as EVENT_DTYPE batches)."""
+    (as columns where the source has them, else as EVENT_DTYPE batches). ``jobs`` > 1:
+    spread the rings over that many processes (:mod:`.parallel`; the same report) when
+    the source has blocks and at least ``min_events`` events (default
+    :data:`.parallel.MIN_EVENTS`; 0: always), else one process. ``on_block(events)``:
+    called after each block the processes replayed (progress; one process counts through
+    the source it reads, e.g. a progress-counting wrapper)."""
+    if jobs > 1:
+        from .parallel import MIN_EVENTS, replay_parallel
+
+        rep = replay_parallel(source, jobs, tap,  # type: ignore[arg-type]
+                              min_events=MIN_EVENTS if min_events is None else min_events,
+                              on_block=on_block, **options)
+        if rep is not None:
+            return rep
     rp = Replay(source.meta, **options)  # type: ignore[arg-type]
     columns = source.column_batches() if rp.sim is None else None
     if columns is not None:

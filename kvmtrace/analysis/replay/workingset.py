@@ -105,6 +105,29 @@ class WorkingSet:
             rw = self.rings[key] = RingWs()
         return rw
 
+    def merge(self, other: WorkingSet) -> None:
+        """Take in the finished working set of a replay of other rings (same trace, same
+        t0): its rings (kept in key order) and its push counts."""
+        rings = {**self.rings, **other.rings}
+        self.rings = {k: rings[k] for k in sorted(rings)}
+        for ck, cnt in other.counts.items():
+            mine = self.counts.get(ck)
+            if mine is None:
+                self.counts[ck] = cnt
+                continue
+            if len(cnt) > len(mine):
+                mine, cnt = cnt, mine
+            mine[: len(cnt)] += cnt
+            self.counts[ck] = mine
+        self.count_overflow.update(other.count_overflow)
+
+    def strip(self) -> None:
+        """Drop the per-window scratch (bitmaps) of finished rings: what a merge needs."""
+        for rw in self.rings.values():
+            rw.bitmaps.clear()
+            rw.touched.clear()
+            rw.overflow.clear()
+
     def add(self, key: RingId, ts: np.ndarray | PushTimes, slot: np.ndarray,
             off: np.ndarray) -> None:
         """Pushes of ring ``key`` in time order: ts (ns), slot (u32), offset (page)."""

@@ -1,0 +1,477 @@
+"""Replay on every core: the rings of a source with blocks (a recording) spread over
+worker processes, their results merged into the one-core report, exactly.
+
+Why this shape. Rings (``struct kvm_dirty_ring``) are independent in the replay but for
+two things: a VM's ring size inferred from its first soft-full exit reads every ring of
+the VM (:meth:`~kvmtrace.model.sizes.RingSizes.infer`), and a RING_SIZE event drains and
+resizes the VM's rings. So the unit of work is a ring when the source's meta gives the
+VM's size (the recorder saw KVM_ENABLE_CAP) or the VM has no soft-full exit, else the
+whole VM; RING_SIZE events go to every worker. A worker's replay (:class:`~.engine.Replay`
+with ``owns``) is then exactly the one-core replay of its rings.
+
+Blocks are split too, because decoding and splitting a block per ring is about a third of
+a replay's work: worker ``w`` decodes blocks ``w, w + N, ...`` (:data:`AHEAD` rounds ahead
+of the block it replays), splits each once (:func:`~.colfeed.block_shares`, one pass as in
+one process) and pickles every other worker its share (its rings' columns, 29 bytes per
+event, plus the share's records where a ring size or an inferable exit may need them)
+through a pipe written by a thread of its own, so that no worker ever waits on a pipe
+another has not read. Each worker replays its rings over every block in order, its own
+blocks' shares and the others'. Decoding every block in every worker instead costs each
+worker the whole decode; shipping shares costs a copy.
+
+The units are planned from the blocks' group tables (read without decoding,
+:meth:`~kvmtrace.core.sources.EventSource.group_tables`), weighted by the blocks each
+appears in, and dealt largest first to the least loaded worker. What else reads the blocks
+(a :class:`SharedTap`, e.g. the migration analysis's) is fed by the worker that decodes
+the block, and the parent joins the taps in block order.
+
+Merge: ring results by ring key, anomalies sorted as the engine sorts them (ties only
+within a ring, whose order each worker keeps), working sets
+(:meth:`~.workingset.WorkingSet.merge`), push counts summed before the hottest pages are
+chosen. Workers are forked (``os.fork``; the parent is worker 0) and send their results
+back pickled; an error (a damaged block) is raised where one process would raise it, in
+block order.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import pickle
+import queue
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO, NoReturn
+
+import numpy as np
+
+from ...core.columns import EventColumns
+from ...core.events import Kind
+from ...core.sources import EventSource, SourceMeta
+from ...errors import KvmtraceError
+from ...model.results import RingId
+from .colfeed import BlockShare, block_shares
+from .engine import Replay, ReplayReport, SharedTap
+from .workingset import WorkingSet
+
+__all__ = ["MIN_EVENTS", "Forked", "default_jobs", "plan_shares", "replay_parallel"]
+
+#: below this many events a replay stays in one process unless told otherwise (the
+#: forks and the copies of block shares cost more than they save)
+MIN_EVENTS = 1 << 21
+
+_FIRST, _LAST = int(Kind.PUSH), int(Kind.STALL)
+Unit = tuple[int, int, int | None]  # (pid, vm, ring index), ring None: the whole VM
+
+
+def default_jobs() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def plan_shares(source: EventSource, jobs: int
+                ) -> tuple[int, int, list[set[RingId]]] | None:
+    """(events, blocks, the rings of each worker: at most ``jobs``), or None when the
+    source cannot be split (no group tables, an unreadable one, fewer than two units)."""
+    tables = source.group_tables()
+    if tables is None:
+        return None
+    weight: dict[Unit, int] = {}
+    rings: dict[Unit, set[RingId]] = {}
+    sized: dict[tuple[int, int], bool] = {}
+    events = 0
+    blocks: list[set[RingId]] = []
+    exits: set[tuple[int, int]] = set()
+    for count, t in tables:
+        if t is None:
+            return None
+        events += count
+        k = t["kind"]
+        sel = (k >= _FIRST) & (k <= _LAST)
+        blocks.append(set(zip(t["pid"][sel].tolist(), t["vm"][sel].tolist(),
+                              t["ring"][sel].tolist(), strict=True)))
+        x = k == Kind.EXIT
+        exits |= set(zip(t["pid"][x].tolist(), t["vm"][x].tolist(), strict=True))
+    for keys in blocks:
+        seen: set[Unit] = set()
+        for p, v, r in keys:
+            ok = sized.get((p, v))
+            if ok is None:  # no inference: a size in the meta, or no soft-full exit
+                ok = sized[(p, v)] = (source.meta.ring_size(p, v) is not None
+                                      or (p, v) not in exits)
+            unit = (p, v, r if ok else None)
+            rings.setdefault(unit, set()).add((p, v, r))
+            seen.add(unit)
+        for u in seen:
+            weight[u] = weight.get(u, 0) + 1
+    n = min(jobs, len(weight))
+    if n < 2:
+        return None
+    shares: list[set[RingId]] = [set() for _ in range(n)]
+    load = [0] * n
+    for u in sorted(weight, key=lambda u: (-weight[u], u[0], u[1], -1 if u[2] is None
+                                           else u[2])):
+        w = load.index(min(load))
+        load[w] += weight[u]
+        shares[w] |= rings[u]
+    return events, len(blocks), shares
+
+
+@dataclass
+class _Share:
+    """What one worker hands back."""
+
+    report: ReplayReport
+    ws: WorkingSet | None
+    blocks: list[int]  #: the blocks its tap saw
+    tap: SharedTap | None
+
+
+class _Failed:
+    """Sent in place of a block's share when the block cannot be decoded."""
+
+    def __init__(self, err: BaseException) -> None:
+        self.info = (type(err), str(err), getattr(err, "message", None),
+                     getattr(err, "fix", None))
+
+    def raise_it(self) -> NoReturn:
+        cls, text, message, fix = self.info
+        if isinstance(cls, type) and issubclass(cls, KvmtraceError) and message is not None:
+            raise cls(message, fix)
+        if isinstance(cls, type) and issubclass(cls, ValueError):
+            raise ValueError(text)
+        raise RuntimeError(f"a replay worker failed: {cls.__name__}: {text}")
+
+
+class _Sender:
+    """Pickles objects to the other workers from a thread of its own: a worker's main
+    thread never waits on a pipe another worker has not read yet (no deadlock)."""
+
+    def __init__(self, outbox: dict[int, BinaryIO]) -> None:
+        self.outbox = outbox
+        self.queue: queue.SimpleQueue[tuple[int, int, object] | None] = queue.SimpleQueue()
+        self.upto: int | None = None  # blocks after it are not sent
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            block, v, obj = item
+            if self.upto is not None and block > self.upto:
+                continue
+            try:
+                pickle.dump(obj, self.outbox[v], protocol=pickle.HIGHEST_PROTOCOL)
+                self.outbox[v].flush()
+            except OSError:  # that worker is gone: its reader sees the end of its pipe
+                pass
+
+    def put(self, block: int, v: int, obj: object) -> None:
+        self.queue.put((block, v, obj))
+
+    def close(self, wait: bool = True, upto: int | None = None) -> None:
+        """Send what is queued (for blocks up to ``upto``: the others stop reading
+        there) and close the pipes; ``wait=False`` (an error other than a bad block):
+        leave the thread to finish or to fail once the workers are stopped."""
+        self.upto = upto
+        self.queue.put(None)
+        if not wait:
+            return
+        self.thread.join()
+        for f in self.outbox.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+#: own blocks a worker decodes (and hands on) ahead of the block it replays, in rounds
+#: of N blocks: the others then never wait for it
+AHEAD = 4
+#: pipe size asked for between workers (Linux caps it at /proc/sys/fs/pipe-max-size)
+PIPE_BYTES = 1 << 20
+
+
+def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
+          tap: SharedTap | None, options: dict[str, Any], inbox: dict[int, BinaryIO],
+          outbox: dict[int, BinaryIO], on_block: Callable[[int], None] | None = None
+          ) -> _Share:
+    """Worker ``w``: decodes blocks w, w + N, ..., hands each other worker its share of
+    them, and replays its own rings over every block in order (its own blocks' columns,
+    the others' shares). ``on_block(events)`` after each block replayed (progress)."""
+    n = len(shares)
+    mine = shares[w]
+    meta = source.meta
+    rp = Replay(meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
+    own = source.column_blocks(w, n)
+    assert own is not None
+    ready: dict[int, BlockShare | _Failed] = {}
+    blocks: list[int] = []
+    nxt = w
+    sender = _Sender(outbox)
+
+    def produce(limit: int) -> None:
+        nonlocal nxt
+        while nxt <= limit and nxt < nblocks:
+            try:
+                parts = next(own)
+            except Exception as err:  # noqa: BLE001 - raised when its turn comes
+                bad = _Failed(err)
+                for v in range(n):
+                    if v != w:
+                        sender.put(nxt, v, bad)
+                ready[nxt] = bad
+                nxt = nblocks  # nothing after it is read
+                return
+            split = _split(parts, shares, meta, w)
+            for v in range(n):
+                if v != w:
+                    sender.put(nxt, v, split[v])
+            if tap is not None:
+                tap.columns(parts)
+                blocks.append(nxt)
+            ready[nxt] = split[w]
+            nxt += n
+
+    ok = False
+    bad_at: int | None = None  # the block that could not be decoded
+    try:
+        for i in range(nblocks):
+            produce(i + AHEAD * n)
+            if i % n == w:
+                got: object = ready.pop(i)
+            else:
+                try:
+                    got = pickle.load(inbox[i % n])
+                except (EOFError, pickle.UnpicklingError, OSError) as err:
+                    raise RuntimeError(f"a replay worker died ({err})") from None
+            if isinstance(got, _Failed):
+                bad_at = i
+                got.raise_it()
+            rp.feed_share(got)  # type: ignore[arg-type]
+            if on_block is not None:
+                on_block(got.n)  # type: ignore[union-attr]
+        ok = True
+    finally:  # every worker stops at the same bad block: send what they read before it
+        sender.close(wait=ok or bad_at is not None, upto=bad_at)
+    report = rp.finish(lost=source.lost, source_kind=meta.kind)
+    if rp.ws is not None:
+        rp.ws.strip()
+    return _Share(report, rp.ws, blocks, tap)
+
+
+def _split(parts: EventColumns, shares: list[set[RingId]], meta: SourceMeta,
+           w: int) -> list[BlockShare]:
+    """The block's share of every worker (``w``: this one, whose share stays here), with
+    the events as records for a worker that may take the block event by event (ring
+    sizes, exits of a VM whose size the meta does not give)."""
+    t = parts.groups
+    keys = list(zip(t["pid"].tolist(), t["vm"].tolist(), t["ring"].tolist(),
+                    t["kind"].tolist(), strict=True))
+    groups, records = [], []
+    for rings in shares:
+        mine = np.array([k == Kind.RING_SIZE or (p, v, r) in rings for p, v, r, k in keys],
+                        dtype=bool)
+        g = t[mine]
+        k = g["kind"]
+        groups.append(mine)
+        records.append(bool((k == Kind.RING_SIZE).any()) or any(
+            meta.ring_size(p, v) is None for p, v in zip(
+                g["pid"][k == Kind.EXIT].tolist(), g["vm"][k == Kind.EXIT].tolist(),
+                strict=True)))
+    return block_shares(parts, groups, records, [v != w for v in range(len(shares))])
+
+
+def _child(fds: list[int], keep: set[int], wfd: int, run: Any) -> NoReturn:
+    """In the forked worker: close the pipe ends not its own, run, send the result (or
+    the error) pickled to the parent through ``wfd``, exit."""
+    for fd in fds:
+        if fd not in keep and fd != wfd:
+            os.close(fd)
+    status = 0
+    try:
+        out: tuple[str, Any] = ("ok", run())
+    except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
+        status = 1
+        out = ("error", _Failed(err))
+    try:
+        with os.fdopen(wfd, "wb") as f:
+            pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:  # noqa: BLE001 - the parent sees a short read
+        status = 1
+    os._exit(status)
+
+
+class Forked:
+    """``fn()`` run in a forked child process from now on (e.g. one of two inputs of
+    ``compare`` while this process reads the other); :meth:`result` waits for its value
+    (pickled back) or raises its error; :meth:`cancel` stops it."""
+
+    def __init__(self, fn: Any) -> None:
+        r, w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child never returns
+            _child([r, w], set(), w, fn)
+        os.close(w)
+        self._fd: int | None = r
+
+    def result(self) -> Any:
+        assert self._fd is not None
+        fd, self._fd = self._fd, None
+        try:
+            return _receive(fd)
+        finally:
+            self._wait()
+
+    def cancel(self) -> None:
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._wait()
+
+    def _wait(self) -> None:
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _receive(rfd: int) -> Any:
+    with os.fdopen(rfd, "rb") as f:
+        try:
+            what, payload = pickle.load(f)
+        except (EOFError, pickle.UnpicklingError) as err:
+            raise RuntimeError(f"a replay worker died ({err})") from None
+    if what == "ok":
+        return payload
+    payload.raise_it()
+
+
+def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None, *,
+                    min_events: int = MIN_EVENTS,
+                    on_block: Callable[[int], None] | None = None,
+                    **options: Any) -> ReplayReport | None:
+    """Replay ``source`` in up to ``jobs`` processes; the report :func:`~.replay_source`
+    gives in one. ``on_block(events)`` is called in this process after each block (in
+    order; for progress). None (nothing done) when one process is the way: ``jobs`` < 2,
+    fewer than ``min_events`` events (a recording's count, known at open), a what-if
+    simulation, a tap that cannot be split, or a source without blocks or units to
+    spread."""
+    if jobs < 2 or options.get("simulate_entries") or (tap is not None and not isinstance(
+            tap, SharedTap)):
+        return None
+    planned = plan_shares(source, jobs)
+    if planned is None or planned[0] < min_events:
+        return None
+    _, nblocks, shares = planned
+    n = len(shares)
+    fds: list[int] = []
+
+    def pipe() -> tuple[int, int]:
+        r, w = os.pipe()
+        fds.extend((r, w))
+        try:  # fewer, larger transfers between workers (the default is 64 KiB)
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except (OSError, AttributeError):
+            pass
+        return r, w
+
+    try:  # every pipe before any fork: each process then closes what is not its own
+        links = {(a, b): pipe() for a in range(n) for b in range(n) if a != b}
+        results = {w: pipe() for w in range(1, n)}  # worker -> parent
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+    def own_fds(w: int) -> set[int]:
+        return ({links[(a, w)][0] for a in range(n) if a != w}
+                | {links[(w, b)][1] for b in range(n) if b != w})
+
+    def run(w: int) -> _Share:
+        inbox = {a: os.fdopen(links[(a, w)][0], "rb") for a in range(n) if a != w}
+        outbox = {b: os.fdopen(links[(w, b)][1], "wb") for b in range(n) if b != w}
+        try:
+            return _work(source, shares, w, nblocks,
+                         tap.share() if tap is not None else None, options, inbox, outbox,
+                         on_block if w == 0 else None)
+        finally:
+            for f in inbox.values():
+                f.close()
+
+    kids: list[tuple[int, int]] = []  # (pid, read fd) of workers not yet heard
+    pids: list[int] = []
+    gc.freeze()  # the collector then leaves the objects shared at fork alone (no copies)
+    try:
+        for w in range(1, n):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child never returns
+                _child(fds, own_fds(w), results[w][1], lambda w=w: run(w))
+            pids.append(pid)
+        keep = own_fds(0) | {r for r, _ in results.values()}
+        for fd in fds:  # the children's ends: so that a dead worker's pipes end
+            if fd not in keep:
+                os.close(fd)
+        kids = [(pid, results[w][0]) for w, pid in enumerate(pids, 1)]
+        parts = [run(0)]
+        while kids:
+            parts.append(_receive(kids[0][1]))  # closes the fd
+            kids.pop(0)
+    finally:
+        gc.unfreeze()
+        for pid, rfd in kids:  # an error or an interrupt: stop the workers left
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.close(rfd)
+            except OSError:
+                pass
+        for pid in pids:  # no zombies
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    if tap is not None:
+        tap.join([(p.blocks, p.tap) for p in parts if p.tap is not None])
+    return _merge(source, parts, bool(options.get("keep_harvest")))
+
+
+def _merge(source: EventSource, parts: list[_Share], keep: bool) -> ReplayReport:
+    first = parts[0].report
+    assert all(p.report.events == first.events for p in parts)
+    rings = sorted((r for p in parts for r in p.report.rings), key=lambda r: r.ring)
+    anomalies = [a for p in parts for a in p.report.anomalies]
+    anomalies.sort(key=lambda a: (a.time_ns, a.ring, a.kind.value))
+    report = ReplayReport(source_kind=first.source_kind, events=first.events,
+                          lost=first.lost, reserved=first.reserved, rings=rings,
+                          anomalies=anomalies, window_ns=first.window_ns)
+    meta = source.meta
+    for pid, vm in sorted({r.ring[:2] for r in rings} | set(meta.vms)):
+        who = meta.vm_name(pid, vm)
+        if who is not None:
+            report.vms[(pid, vm)] = who
+    ws = parts[0].ws
+    if ws is not None:
+        for p in parts[1:]:
+            assert p.ws is not None
+            ws.merge(p.ws)
+        report.workingset = dict(ws.rings)
+        report.hottest = ws.hottest()
+    if keep:
+        got: dict[RingId, list[tuple[int, int]]] = {}
+        for p in parts:
+            got.update(p.report.harvested or {})
+        report.harvested = {k: got[k] for k in sorted(got)}
+    return report

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""Soak of replay on every core (``replay -j N``): the workers hand each other block
+shares through pipes written from threads, and interleave differently on every run.
+
+    .venv/bin/python tools/soak_parallel.py [--runs 20]
+
+Each run writes a random recording (several VMs, anomalies, a random block size; sizes in
+the meta or left to inference) and replays it with 2, 3 and 4 jobs against one process:
+reports equal field for field (tests/test_replay_parallel.py ``same_output``), taps
+joined in block order. Then the same recording with a block in the middle damaged: the
+same error whatever the jobs, and no worker left behind. Prints one line per run; exit 1
+if any run failed. Needs no kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from _common import ROOT, parser, soak_runs
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_replay_agree import PID, VM, random_stream  # noqa: E402
+from test_replay_columns import write  # noqa: E402
+from test_replay_parallel import one_and_many, same_output  # noqa: E402
+
+from kvmtrace.analysis.replay import replay_source  # noqa: E402
+from kvmtrace.analysis.replay.parallel import replay_parallel  # noqa: E402
+from kvmtrace.core.sources import SourceMeta  # noqa: E402
+from kvmtrace.source.recording import open_recording  # noqa: E402
+
+
+def one(tmp: Path, seed: int) -> tuple[bool, str]:
+    rng = np.random.default_rng(seed)
+    nvm = int(rng.integers(1, 4))
+    parts = []
+    for i in range(nvm):
+        ev = random_stream(int(rng.integers(0, 1 << 20)))
+        ev["pid"], ev["vm"] = PID + i, VM + i
+        parts.append(ev)
+    mix = np.concatenate(parts)
+    mix = mix[np.argsort(mix["ts"], kind="stable")]
+    sized = bool(rng.integers(0, 2))
+    meta = SourceMeta(kind="soak", ring_entries={(PID + i, VM + i): 256 for i in range(nvm)}
+                      if sized else {})
+    block = int(rng.choice([31, 200, 977]))
+    path = write(tmp / "r.kvt", mix, meta, block_events=block)
+    spread = 0
+    for jobs in (2, 3, 4):
+        if replay_parallel(open_recording(path), jobs, min_events=0) is None:
+            continue  # one unit of work: one process
+        one_r, many = one_and_many(path, jobs, keep_harvest=True)
+        same_output(one_r, many)
+        spread += 1
+    rec = open_recording(path)
+    if len(rec._index) >= 3:
+        data = bytearray(path.read_bytes())
+        data[rec._index[len(rec._index) // 2][0] + 60] ^= 0xFF
+        path.write_bytes(bytes(data))
+        errors = []
+        for jobs in (1, 2, 3):
+            try:
+                replay_source(open_recording(path), jobs=jobs, min_events=0)
+                errors.append(None)
+            except Exception as err:  # noqa: BLE001
+                errors.append(str(err))
+        if len(set(errors)) != 1 or errors[0] is None:
+            return False, f"damaged block: {errors}"
+    try:
+        left = os.waitpid(-1, os.WNOHANG)
+        return False, f"a worker left behind: {left}"
+    except ChildProcessError:
+        pass
+    return True, (f"{nvm} VM(s), sizes {'in meta' if sized else 'inferred'}, blocks of "
+                  f"{block}, {len(mix)} events: spread with {spread} of 3 job counts")
+
+
+def main() -> int:
+    args = parser(__doc__, runs=20).parse_args()
+    seeds = iter(range(1000, 1000 + args.runs))
+    failed = soak_runs("parallel ", args.runs, lambda tmp: one(tmp, next(seeds)))
+    print(f"{args.runs - failed}/{args.runs} runs passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

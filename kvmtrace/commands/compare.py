@@ -15,6 +15,7 @@ import math
 import sys
 
 from ..errors import UsageError
+from ..host.outfile import check_output
 from .args import add_input, add_json, add_ring_size, add_subcommand
 
 __all__ = ["register", "run"]
@@ -23,6 +24,7 @@ EPILOG = """examples:
   kvmtrace compare before.kvt after.kvt          # two recordings of the same workload
   kvmtrace compare old.txt new.txt --ring-bytes 4096   # tracefs or perf script text
   kvmtrace compare before.kvt after.kvt --threshold 5 --json | jq '.metrics[]'
+  kvmtrace compare before.kvt after.kvt --html report.html   # plots, for a browser
 
 a verdict needs a change beyond the threshold and, for stall and reset-latency
 percentiles, a bootstrap interval of the difference that excludes zero.
@@ -45,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=10.0, metavar="PCT",
                    help="smallest change in percent that gets a verdict (default 10)")
     add_json(p)
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report "
+                   "(distribution plots, per-ring time series, the verdicts) to FILE")
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
 
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.profile import profile_source
     from ..source.detect import open_source
 
+    if args.html:  # refused (exit 2) before any trace is read
+        check_output(args.html, [args.base, args.new], flag="--html")
     profiles = []
     for path in (args.base, args.new):
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
@@ -77,4 +83,9 @@ def run(args: argparse.Namespace) -> int:
         from ..views.compare_text import render_text
 
         print(render_text(cmp))
+    if args.html:
+        from ..views.report_html import report_paths
+
+        report_paths(args.html, [args.base], [args.new], cmp, ring_entries=args.ring_entries,
+                     ring_bytes=args.ring_bytes)
     return cmp.exit_status

@@ -15,7 +15,6 @@ import math
 import sys
 
 from ..errors import UsageError
-from ..host.outfile import check_output
 from .args import add_input, add_json, add_ring_size, add_subcommand
 
 __all__ = ["register", "run"]
@@ -62,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from ..source.detect import open_source
 
     if args.html:  # refused (exit 2) before any trace is read
-        check_output(args.html, [args.base, args.new], flag="--html")
+        from ..views.report_html import check_report
+
+        check_report(args.html, [args.base, args.new])
     profiles = []
     for path in (args.base, args.new):
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(render_text(cmp))
     if args.html:
-        from ..views.report_html import report_paths
+        from ..views.report_html import report_paths  # matplotlib only imported here
 
         report_paths(args.html, [args.base], [args.new], cmp, ring_entries=args.ring_entries,
                      ring_bytes=args.ring_bytes)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import datetime
 import html
+import importlib.util
 import io
 import os
 from collections.abc import Iterable, Sequence
@@ -45,11 +46,12 @@ from ..analysis.comparison import Comparison
 from ..analysis.distribution import percentiles
 from ..analysis.profile import ALL
 from ..analysis.ringseries import RunSeries, side_series
-from ..host.outfile import atomic_output
+from ..errors import MissingFeature
+from ..host.outfile import atomic_output, check_output
 from .compare_text import format_value, render_text
 
 __all__ = ["BASE_COLOR", "NEW_COLOR", "MAX_RING_ROWS", "DPI", "Plot", "plots",
-           "render_html", "report_paths", "write_html"]
+           "check_report", "render_html", "report_paths", "write_html"]
 
 BASE_COLOR = "#1f5fbf"  #: every base line and bar
 NEW_COLOR = "#d6401a"  #: every new (candidate) line and bar
@@ -280,6 +282,17 @@ def render_html(base: Sequence[RunSeries], new: Sequence[RunSeries], *,
               "stall and reset columns in ns.</p>", *_numbers(base, new),
               "</body></html>", ""]
     return "\n".join(parts)
+
+
+def check_report(path: str | os.PathLike[str],
+                 inputs: Iterable[str | os.PathLike[str]] = ()) -> None:
+    """Refuse, before any trace is read, a report that cannot be written: an output path
+    :func:`~kvmtrace.host.outfile.check_output` refuses (``--html`` naming an input, a
+    directory, a symlink) or no matplotlib (MissingFeature, one line)."""
+    check_output(path, list(inputs), flag="--html")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingFeature("--html needs matplotlib, which is not installed",
+                             "pip install 'kvmtrace[report]' (tools/setup.sh installs it)")
 
 
 def report_paths(path: str | os.PathLike[str], base: Sequence[str | os.PathLike[str]],

@@ -13,6 +13,8 @@ the trace would need more than :data:`MAX_BINS` bins):
 - ``pushes``: kvm_dirty_ring_push events per bin;
 - ``max_used``: the largest ``dirty_index - reset_index`` (u32, entries) one push or reset
   event carried in the bin, -1 where the bin has none (the ring's fill);
+- ``used_sum``: the sum of ``dirty_index - reset_index`` over the bin's push events
+  (``used_sum / pushes`` is the ring's mean fill as the vCPU pushed);
 - ``entries_reset``: entries collected by the resets of the bin: each kvm_dirty_ring_reset
   event's ``reset_index`` past the ring's previous reset event's (the first: past the ring's
   first event's), u32 arithmetic; a ring's bins add up to the ring's ``reset_index`` advance
@@ -55,6 +57,7 @@ class RingSeries:
 
     pushes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     max_used: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    used_sum: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     entries_reset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     resets: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
@@ -65,17 +68,31 @@ class RingSeries:
         pad = n - have
         self.pushes = np.concatenate((self.pushes, np.zeros(pad, np.int64)))
         self.max_used = np.concatenate((self.max_used, np.full(pad, -1, np.int64)))
+        self.used_sum = np.concatenate((self.used_sum, np.zeros(pad, np.int64)))
         self.entries_reset = np.concatenate((self.entries_reset, np.zeros(pad, np.int64)))
         self.resets = np.concatenate((self.resets, np.zeros(pad, np.int64)))
 
+    def merged(self, factor: int) -> RingSeries:
+        """The same series on bins ``factor`` times wider (the last one padded)."""
+        if factor == 1:
+            return self
+        n = -(-len(self.pushes) // factor) * factor
+        out = RingSeries(self.pushes, self.max_used, self.used_sum, self.entries_reset,
+                         self.resets)
+        out._grow(n)
+
+        def fold(a: np.ndarray, how: str) -> np.ndarray:
+            return getattr(a.reshape(-1, factor), how)(axis=1)
+
+        return RingSeries(fold(out.pushes, "sum"), fold(out.max_used, "max"),
+                          fold(out.used_sum, "sum"), fold(out.entries_reset, "sum"),
+                          fold(out.resets, "sum"))
+
     def _halve(self) -> None:
         """Merge bins pairwise (the width doubles)."""
-        if len(self.pushes) % 2:
-            self._grow(len(self.pushes) + 1)
-        self.pushes = self.pushes.reshape(-1, 2).sum(axis=1)
-        self.max_used = self.max_used.reshape(-1, 2).max(axis=1)
-        self.entries_reset = self.entries_reset.reshape(-1, 2).sum(axis=1)
-        self.resets = self.resets.reshape(-1, 2).sum(axis=1)
+        m = self.merged(2)
+        self.pushes, self.max_used, self.used_sum = m.pushes, m.max_used, m.used_sum
+        self.entries_reset, self.resets = m.entries_reset, m.resets
 
 
 @dataclass
@@ -165,6 +182,8 @@ class _Feeder:
         rs.resets += np.bincount(idx[~is_push], minlength=len(rs.resets))
         used = (ev["dirty_index"].astype(np.int64) - ev["reset_index"].astype(np.int64)) & _MASK
         np.maximum.at(rs.max_used, idx, used)
+        rs.used_sum += np.bincount(idx[is_push], weights=used[is_push],
+                                   minlength=len(rs.used_sum)).astype(np.int64)
         # entries each reset collected: its reset_index past the ring's previous reset's
         # (the first one: past the ring's first event's), u32 arithmetic
         ri = ev["reset_index"].astype(np.int64)

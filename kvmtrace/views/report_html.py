@@ -8,17 +8,19 @@ the file names no URL at all). matplotlib is imported only when a report is draw
 Each side (``base``, ``new``) is a list of :class:`~kvmtrace.analysis.ringseries.RunSeries`:
 one trace, or the repetitions of a benchmark bundle. The report holds, in order:
 
-- the inputs of each side (path, source kind, events, span, lost events);
-- the verdict table of ``kvmtrace compare`` as text (:mod:`.compare_text`);
+- the inputs of each side (path, source kind, events, span, lost events) and the verdict
+  summary line;
 - ``stall``: the stall time distribution (exit 31 to the vCPU's next KVM_RUN, ns), every
   value of every trace of a side pooled: a histogram on log-spaced bins (share of the side's
   stalls per bin) and the exact ECDF, both on a log time axis, the legend giving count and
   exact p50/p90/p99;
 - ``reset-latency``: the same for KVM_RESET_DIRTY_RINGS ioctl durations;
 - ``rings``: per ring index (at most :data:`MAX_RING_ROWS`), over seconds from each trace's
-  first event: push rate (pushes per second per bin), ring fill (largest entries used in
-  the bin) and entries per reset (entries reset in the bin / resets in the bin); one line
-  per trace, the side's colour;
+  first event, on at most :data:`DISPLAY_BINS` bins (the analysis' bins merged): push rate
+  (pushes per second), ring fill (mean ``dirty_index - reset_index`` at the bin's pushes,
+  and its maximum dotted) and entries per reset (entries the bin's resets collected / its
+  resets); one line per trace, the side's colour;
+- the verdict table of ``kvmtrace compare`` as text (:mod:`.compare_text`);
 - the numbers behind the plots, per side and ring (``table#numbers``, one ``tr`` per side
   and ring with ``data-side`` and ``data-ring``): pushes, resets, entries reset, max used,
   stalls and their exact percentiles, reset ioctls and theirs.
@@ -50,13 +52,14 @@ from ..errors import MissingFeature
 from ..host.outfile import atomic_output, check_output
 from .compare_text import format_value, render_text
 
-__all__ = ["BASE_COLOR", "NEW_COLOR", "MAX_RING_ROWS", "DPI", "Plot", "plots",
+__all__ = ["BASE_COLOR", "NEW_COLOR", "MAX_RING_ROWS", "DPI", "DISPLAY_BINS", "Plot", "plots",
            "check_report", "render_html", "report_paths", "write_html"]
 
 BASE_COLOR = "#1f5fbf"  #: every base line and bar
 NEW_COLOR = "#d6401a"  #: every new (candidate) line and bar
 MAX_RING_ROWS = 8  #: ring indices drawn in the time series (the lowest ones)
 DPI = 100
+DISPLAY_BINS = 240  #: points per time series drawn (the analysis' bins merged to fit)
 _QS = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 _SIDES = (("base", BASE_COLOR), ("new", NEW_COLOR))
 
@@ -140,24 +143,30 @@ def _rings(plt: Any, base: Sequence[RunSeries], new: Sequence[RunSeries]) -> Plo
     keys = _ring_keys(base, new)[:MAX_RING_ROWS]
     rows = max(len(keys), 1)
     fig, axes = plt.subplots(rows, 3, figsize=(12, 2.3 * rows + 0.6), squeeze=False)
-    titles = ("push rate (pushes/s)", "ring fill (max entries used)", "entries per reset")
+    titles = ("push rate (pushes/s)", "ring fill at push: mean, max dotted (entries)",
+              "entries per reset")
     for row, key in enumerate(keys):
         for (label, color), runs in zip(_SIDES, (base, new), strict=True):
             for n, run in enumerate(runs):
                 rs = run.rings.get(key)
                 if rs is None:
                     continue
-                t = np.arange(len(rs.pushes)) * (run.width_ns / 1e9)
+                factor = max(1, -(-len(rs.pushes) // DISPLAY_BINS))
+                rs, width_s = rs.merged(factor), run.width_ns * factor / 1e9
+                t = np.arange(len(rs.pushes)) * width_s
                 name = label if n == 0 else None
-                axes[row][0].step(t, rs.pushes * (1e9 / run.width_ns), where="post",
-                                  color=color, linewidth=1.5, label=name)
-                used = np.where(rs.max_used >= 0, rs.max_used, np.nan)
-                axes[row][1].step(t, used, where="post", color=color, linewidth=1.5,
+                axes[row][0].step(t, rs.pushes / width_s, where="post", color=color,
+                                  linewidth=1.5, label=name)
+                pushed = rs.pushes > 0
+                mean = np.full(len(t), np.nan)
+                mean[pushed] = rs.used_sum[pushed] / rs.pushes[pushed]
+                axes[row][1].step(t, mean, where="post", color=color, linewidth=1.5,
                                   label=name)
+                axes[row][1].step(t, np.where(rs.max_used >= 0, rs.max_used, np.nan),
+                                  where="post", color=color, linewidth=0.8, linestyle=":")
                 has = rs.resets > 0
-                per = rs.entries_reset[has] / rs.resets[has]
-                axes[row][2].plot(t[has], per, "o", color=color, markersize=3,
-                                  label=name)
+                axes[row][2].plot(t[has], rs.entries_reset[has] / rs.resets[has], "o",
+                                  color=color, markersize=3, label=name)
         for col, ax in enumerate(axes[row]):
             ax.set_title(f"ring {key}: {titles[col]}", fontsize=9)
             ax.grid(True, alpha=0.3)
@@ -269,14 +278,17 @@ def render_html(base: Sequence[RunSeries], new: Sequence[RunSeries], *,
              f"<span class='base'>base</span> against <span class='new'>new</span>: "
              f"{len(base)} and {len(new)} trace(s).</p>",
              "<h2>Inputs</h2>", *_inputs(base, new)]
-    if verdicts:
-        parts += ["<h2>Verdicts</h2>", f"<pre id='verdicts'>{_e(verdicts)}</pre>"]
+    summary = verdicts.rstrip().rsplit("\n", 1)[-1] if verdicts else ""
+    if summary:
+        parts.append(f"<p id='summary'><b>{_e(summary)}</b> (verdict table below)</p>")
     parts.append("<h2>Distributions and rings</h2>")
     for p in plots(base, new):
         data = base64.b64encode(p.png).decode("ascii")
         parts.append(f"<figure><img id='{p.id}' width='{p.width}' height='{p.height}' "
                      f"alt='{_e(p.caption)}' src='data:image/png;base64,{data}'>"
                      f"<figcaption>{_e(p.caption)}</figcaption></figure>")
+    if verdicts:
+        parts += ["<h2>Verdicts</h2>", f"<pre id='verdicts'>{_e(verdicts)}</pre>"]
     parts += ["<h2>Numbers behind the plots</h2>",
               "<p>Exact values from the events (percentiles are values that occurred); "
               "stall and reset columns in ns.</p>", *_numbers(base, new),

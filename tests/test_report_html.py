@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import struct
 import subprocess
+from fractions import Fraction
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -159,3 +161,48 @@ def test_compare_without_html_does_not_import_matplotlib() -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in p.stderr.splitlines()}
     assert "kvmtrace.analysis.comparison" in imported  # the comparison ran
     assert not {m for m in imported if m.startswith("matplotlib")}
+
+
+SAMPLES = ROOT / "tests" / "data" / "samples"
+_LINE = re.compile(r"\s(\d+)\.(\d{6}):\s+(?:kvm:)?kvm_dirty_ring_(exit|push): (?:vcpu|ring) (\d+)")
+
+
+def exit_to_push_ns(text: str) -> dict[int, list[int]]:
+    """Per ring index, each soft-full exit to that ring's next push, in ns, read from the
+    kernel's own text (timestamps in us): the stalls a text trace gives."""
+    out: dict[int, list[int]] = {}
+    waiting: dict[int, list[int]] = {}
+    for m in _LINE.finditer(text):
+        ts = (int(m.group(1)) * 1_000_000 + int(m.group(2))) * 1000
+        ring = int(m.group(4))
+        if m.group(3) == "exit":
+            waiting.setdefault(ring, []).append(ts)
+        else:
+            out.setdefault(ring, []).extend(ts - t for t in waiting.pop(ring, []))
+    return out
+
+
+def test_text_traces_draw_their_exit_to_push_stalls(tmp_path: Path) -> None:
+    ftrace = SAMPLES / "ftrace-1vcpu-8192B-800pages.txt"
+    perf = SAMPLES / "perf-script-3vcpu-4096B-400pages.txt"
+    out = tmp_path / "t.html"
+    p = run_cli("compare", str(ftrace), str(perf), "--ring-bytes", "4096", "--html", str(out))
+    assert p.returncode in (0, 1) and p.stderr == "", p.stderr
+    doc = parse(out.read_text())
+    assert "timed as soft-full exit -> next push" in doc.imgs[0]["alt"]
+    table = doc.table()
+    # the samples' README: 800 pushes of ring 0 and 2 resets; 400 pushes per ring of 3
+    assert int(table["base", "0"]["pushes"]) == 800
+    assert int(table["base", "0"]["resets"]) == 2
+    assert int(table["base", "0"]["entries reset"]) == 800
+    assert [int(table["new", str(i)]["pushes"]) for i in range(3)] == [400, 400, 400]
+    for side, path in (("base", ftrace), ("new", perf)):
+        truth = exit_to_push_ns(path.read_text())
+        every = sorted(v for vals in truth.values() for v in vals)
+        assert every  # each sample has soft-full exits
+        row = table[side, "all"]
+        assert int(row["stalls"]) == len(every)
+        for label, q in (("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")):
+            # the smallest value with at least q of all at or below it
+            k = max(math.ceil(Fraction(q) * len(every)), 1)
+            assert int(row[f"stall {label} ns"]) == every[k - 1]

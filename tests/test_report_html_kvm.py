@@ -17,6 +17,7 @@ import io
 import math
 import re
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,7 @@ def exact(values: np.ndarray, q: float) -> int:
     """The q-quantile as an order statistic: the smallest value with at least q of all
     values at or below it."""
     s = np.sort(values)
-    return int(s[max(math.ceil(q * len(s)), 1) - 1])
+    return int(s[max(math.ceil(Fraction(str(q)) * len(s)), 1) - 1])
 
 
 def stall_events(path: Path) -> np.ndarray:

@@ -23,9 +23,12 @@ the trace would need more than :data:`MAX_BINS` bins):
 - ``resets``: kvm_dirty_ring_reset events per bin.
 
 Distributions, exact (every value up to ``cap`` per distribution, then a uniform sample,
-flagged; :class:`~kvmtrace.analysis.distribution.Reservoir`): stall ns (the ``value`` of
-Kind.STALL events, exit 31 to the vCPU's next KVM_RUN) per ring index and for ``"all"``,
-and reset latency ns (Kind.RESET_LAT, one per KVM_RESET_DIRTY_RINGS ioctl).
+flagged; :class:`~kvmtrace.analysis.distribution.Reservoir`): stall ns per ring index and
+for ``"all"``, the very values ``compare`` judges (:class:`~.profile.StallCollector`: the
+``value`` of Kind.STALL events, exit 31 to the vCPU's next KVM_RUN; in text traces, which
+have none, each soft-full exit to the ring's next push, and :attr:`RunSeries.stall_source`
+says which), and reset latency ns (Kind.RESET_LAT, one per KVM_RESET_DIRTY_RINGS ioctl;
+recordings only).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from ..core.kvm_abi import U32_MASK
 from ..core.sources import EventSource
 from ..errors import UsageError
 from .distribution import DEFAULT_CAP, Reservoir
-from .profile import ALL
+from .profile import ALL, STALL_EVENTS, STALL_EXIT_TO_PUSH, StallCollector
 
 __all__ = ["FIRST_WIDTH_NS", "MAX_BINS", "RingSeries", "RunSeries", "run_series",
            "side_series"]
@@ -107,6 +110,8 @@ class RunSeries:
     width_ns: int = FIRST_WIDTH_NS  #: bin width of every series of this trace
     rings: dict[int, RingSeries] = field(default_factory=dict)
     stall_ns: dict[int | str, Reservoir] = field(default_factory=dict)  #: index or ALL
+    #: STALL_EVENTS, STALL_EXIT_TO_PUSH (text traces) or None (no stalls)
+    stall_source: str | None = None
     reset_lat_ns: Reservoir = field(default_factory=Reservoir)
     lost_events: int = 0
     truncated: bool = False
@@ -131,6 +136,7 @@ class _Feeder:
         self.cap = cap
         self.max_bins = max_bins
         self._reset: dict[tuple[int, int, int], int] = {}  # last reset's reset_index
+        self.stalls = StallCollector(cap)
 
     def feed(self, ev: np.ndarray) -> None:
         run = self.run
@@ -140,11 +146,7 @@ class _Feeder:
         run.events += len(ev)
         kinds = ev["kind"]
         self._widen(int(ev["ts"][-1]) - run.first_ns)
-        st = ev[kinds == Kind.STALL]
-        for ring in np.unique(st["ring"]).tolist():
-            vals = st["value"][st["ring"] == ring]
-            self._res(ring).add(vals)
-            self._res(ALL).add(vals)
+        self.stalls.feed(ev)
         run.reset_lat_ns.add(ev["value"][kinds == Kind.RESET_LAT])
         ring_ev = ev[(kinds == Kind.PUSH) | (kinds == Kind.RESET)]
         if len(ring_ev) == 0:
@@ -162,12 +164,6 @@ class _Feeder:
             run.width_ns *= 2
             for rs in run.rings.values():
                 rs._halve()
-
-    def _res(self, key: int | str) -> Reservoir:
-        res = self.run.stall_ns.get(key)
-        if res is None:
-            res = self.run.stall_ns[key] = Reservoir(self.cap)
-        return res
 
     def _ring(self, key: tuple[int, int, int], ev: np.ndarray) -> None:
         run = self.run
@@ -208,6 +204,10 @@ def run_series(source: EventSource, *, path: str = "", cap: int = DEFAULT_CAP,
         if len(batch):
             feeder.feed(batch)
     run.lost_events = int(source.lost)
+    stalls = feeder.stalls
+    run.stall_ns = stalls.measured or stalls.derived
+    if run.stall_ns:
+        run.stall_source = STALL_EVENTS if stalls.measured else STALL_EXIT_TO_PUSH
     run.truncated = bool(source.truncated)
     return run
 

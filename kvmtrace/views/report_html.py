@@ -195,8 +195,11 @@ def plots(base: Sequence[RunSeries], new: Sequence[RunSeries]) -> list[Plot]:
                              ("reset latency", "reset latency", "plot-reset-latency")):
         key = "stall" if what == "stall" else "reset"
         p = _distribution(plt, what, title, {"base": _pool(base, key), "new": _pool(new, key)})
-        out.append(Plot(pid, f"{title}: every value of each side's traces, log time axis",
-                        p.png, p.width, p.height))
+        caption = f"{title}: every value of each side's traces, log time axis"
+        if key == "stall":
+            timed = sorted({r.stall_source for r in (*base, *new) if r.stall_source})
+            caption += "; timed as " + (" and ".join(timed) or "nothing (no stalls)")
+        out.append(Plot(pid, caption, p.png, p.width, p.height))
     p = _rings(plt, base, new)
     n = len(_ring_keys(base, new))
     shown = f"rings {min(n, MAX_RING_ROWS)} of {n}" if n > MAX_RING_ROWS else "every ring"
@@ -220,14 +223,16 @@ def _e(x: object) -> str:
 
 def _inputs(base: Sequence[RunSeries], new: Sequence[RunSeries]) -> list[str]:
     out = ["<table id='inputs'><tr><th class='l'>side</th><th class='l'>trace</th>"
-           "<th>source</th><th>events</th><th>span</th><th>lost events</th></tr>"]
+           "<th>source</th><th>events</th><th>span</th><th>lost events</th>"
+           "<th class='l'>stalls timed as</th></tr>"]
     for (label, _), runs in zip(_SIDES, (base, new), strict=True):
         for r in runs:
             note = " (ends early)" if r.truncated else ""
             out.append(f"<tr><td class='l {label}'>{label}</td><td class='l'>{_e(r.path)}"
                        f"{note}</td><td>{_e(r.kind)}</td><td>{r.events}</td>"
                        f"<td>{_e(format_value(r.span_ns, 'ns'))}</td>"
-                       f"<td>{r.lost_events}</td></tr>")
+                       f"<td>{r.lost_events}</td>"
+                       f"<td class='l'>{_e(r.stall_source or '-')}</td></tr>")
     out.append("</table>")
     return out
 

@@ -85,8 +85,9 @@ def run(args: argparse.Namespace) -> int:
 
         print(render_text(cmp))
     if args.html:
+        from ..views.compare_text import render_text
         from ..views.report_html import report_paths  # matplotlib only imported here
 
-        report_paths(args.html, [args.base], [args.new], cmp, ring_entries=args.ring_entries,
-                     ring_bytes=args.ring_bytes)
+        report_paths(args.html, [args.base], [args.new], verdicts=render_text(cmp),
+                     ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
     return cmp.exit_status

@@ -44,13 +44,12 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..analysis.comparison import Comparison
 from ..analysis.distribution import percentiles
 from ..analysis.profile import ALL
 from ..analysis.ringseries import RunSeries, side_series
 from ..errors import MissingFeature
 from ..host.outfile import atomic_output, check_output
-from .compare_text import format_value, render_text
+from .compare_text import format_value
 
 __all__ = ["BASE_COLOR", "NEW_COLOR", "MAX_RING_ROWS", "DPI", "DISPLAY_BINS", "Plot", "plots",
            "check_report", "render_html", "report_paths", "write_html"]
@@ -313,14 +312,13 @@ def check_report(path: str | os.PathLike[str],
 
 
 def report_paths(path: str | os.PathLike[str], base: Sequence[str | os.PathLike[str]],
-                 new: Sequence[str | os.PathLike[str]], comparison: Comparison | None = None,
-                 *, ring_entries: int | None = None, ring_bytes: int | None = None) -> None:
+                 new: Sequence[str | os.PathLike[str]], *, verdicts: str = "",
+                 ring_entries: int | None = None, ring_bytes: int | None = None) -> None:
     """Read each side's traces (a single trace is a list of one, a bundle its repetitions)
-    and write the report to ``path`` with ``comparison``'s verdict table, if given."""
+    and write the report to ``path``; ``verdicts``: compare's table as text."""
     b = side_series(base, ring_entries=ring_entries, ring_bytes=ring_bytes)
     n = side_series(new, ring_entries=ring_entries, ring_bytes=ring_bytes)
-    text = render_html(b, n, verdicts=render_text(comparison) if comparison else "")
-    write_html(path, text, inputs=[*base, *new])
+    write_html(path, render_html(b, n, verdicts=verdicts), inputs=[*base, *new])
 
 
 def write_html(path: str | os.PathLike[str], text: str, *,

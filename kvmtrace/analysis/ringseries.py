@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..core.events import Kind
+from ..core.events import Kind, vm_keys
 from ..core.kvm_abi import U32_MASK
 from ..core.sources import EventSource
 from ..errors import UsageError
@@ -151,12 +151,19 @@ class _Feeder:
         ring_ev = ev[(kinds == Kind.PUSH) | (kinds == Kind.RESET)]
         if len(ring_ev) == 0:
             return
-        keys = np.empty(len(ring_ev), dtype=[("pid", "<u4"), ("vm", "<i4"), ("ring", "<i4")])
-        keys["pid"], keys["vm"], keys["ring"] = ring_ev["pid"], ring_ev["vm"], ring_ev["ring"]
-        uniq, inverse = np.unique(keys, return_inverse=True)
-        inverse = inverse.ravel()
-        for i, key in enumerate(uniq.tolist()):
-            self._ring(key, ring_ev[inverse == i])
+        # group by (pid, vm, ring) through integer keys (sorting records is ~20x slower)
+        vms, vm_idx = np.unique(vm_keys(ring_ev), return_inverse=True)
+        ring = ring_ev["ring"].astype(np.int64)
+        r0 = int(ring.min())
+        span = int(ring.max()) - r0 + 1
+        groups, inverse = np.unique(vm_idx.ravel().astype(np.int64) * span + (ring - r0),
+                                    return_inverse=True)
+        order = np.argsort(inverse.ravel(), kind="stable")
+        bounds = np.searchsorted(inverse.ravel()[order], np.arange(1, len(groups)))
+        for g, part in zip(groups.tolist(), np.split(order, bounds), strict=True):
+            vk = int(vms[g // span])
+            key = (vk >> 32, vk & U32_MASK, g % span + r0)  # (pid, vm as u32, ring index)
+            self._ring(key, ring_ev[part])
 
     def _widen(self, offset_ns: int) -> None:
         run = self.run

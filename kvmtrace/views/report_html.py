@@ -79,6 +79,11 @@ def _pool(runs: Sequence[RunSeries], what: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
+def _sampled(run: RunSeries, what: str) -> bool:
+    res = run.stall_ns.get(ALL) if what == "stall" else run.reset_lat_ns
+    return res is not None and res.sampled
+
+
 def _legend(label: str, values: np.ndarray) -> str:
     if len(values) == 0:
         return f"{label}: none"
@@ -198,6 +203,8 @@ def plots(base: Sequence[RunSeries], new: Sequence[RunSeries]) -> list[Plot]:
         if key == "stall":
             timed = sorted({r.stall_source for r in (*base, *new) if r.stall_source})
             caption += "; timed as " + (" and ".join(timed) or "nothing (no stalls)")
+        if any(_sampled(r, key) for r in (*base, *new)):
+            caption += "; some traces held more values than kept: a uniform sample of them"
         out.append(Plot(pid, caption, p.png, p.width, p.height))
     p = _rings(plt, base, new)
     n = len(_ring_keys(base, new))

@@ -3,8 +3,10 @@
 # finds everything in place, and changes nothing.
 #
 #   tools/setup.sh          bcc, kernel headers for bcc, tracefs/debugfs, .venv with kvmtrace
+#                           and matplotlib (the plots of compare --html)
 #   tools/setup.sh --test   the same plus what the test suite uses (perf, tmux, objdump, cc,
-#                           unshare, QEMU (qemu-system-x86), pytest, ruff, pyarrow, qemu.qmp)
+#                           unshare, QEMU (qemu-system-x86), Chromium, pytest, ruff, pyarrow,
+#                           qemu.qmp)
 #
 # Everything it changes on the system is announced on a line starting with "setup: changed".
 # It links /usr/local/bin/kvmtrace to .venv/bin/kvmtrace, so that `sudo kvmtrace ...` works
@@ -48,6 +50,8 @@ if ((want_test)); then
 	# kvmtrace.vmm.multiboot, its firmware is qboot from qemu-system-data (a dependency)
 	apt_install qemu-system-x86
 	say "QEMU: $(qemu-system-x86_64 --version | sed -n 1p)"
+	# a real browser that opens compare --html reports (tests/test_report_html_kvm.py)
+	apt_install chromium
 fi
 
 # 2. Kernel headers that bcc can compile against.
@@ -88,8 +92,8 @@ fi
 
 # 4. The Python environment: Debian's python (where bcc lives) with the project installed.
 venv=$here/.venv
-extras=""
-((want_test)) && extras="[test]"
+extras="[report]"
+((want_test)) && extras="[report,test]"
 stamp=$venv/.kvmtrace-stamp
 want_stamp="$(sha256sum "$here/pyproject.toml" | cut -c1-16)$extras"
 if [[ ! -x $venv/bin/python ]]; then

@@ -9,5 +9,6 @@
 - :mod:`.migration`: a VMM's dirty-log syncs (live-migration iterations);
   :mod:`.throttle`: soft-full stalls split into harvest and throttle.
 - :mod:`.profile`: a trace's performance profile; :mod:`.comparison` compares two;
-  :mod:`.distribution` holds exact distributions and the test of whether two differ.
+  :mod:`.distribution` holds exact distributions and the test of whether two differ;
+  :mod:`.ringseries`: per-ring time series and exact distributions a report draws.
 """

@@ -40,6 +40,7 @@ __all__ = [
     "STALL_EXIT_TO_PUSH",
     "Profile",
     "RingProfile",
+    "StallCollector",
     "profile_source",
 ]
 
@@ -109,7 +110,7 @@ class Profile:
         return [*idx, ALL]
 
 
-class _StallCollector:
+class StallCollector:
     """Both kinds of stall per ring index: Kind.STALL values, and soft-full exit to the next
     push of the same (pid, VM, ring), across batch boundaries."""
 
@@ -161,7 +162,7 @@ class _StallCollector:
 def profile_source(source: EventSource, *, cap: int = DEFAULT_CAP) -> Profile:
     """Read ``source`` once and profile it; distributions keep at most ``cap`` values."""
     agg = Aggregator(source.meta)
-    stalls = _StallCollector(cap)
+    stalls = StallCollector(cap)
     reset_lat = Reservoir(cap)
     prof = Profile(kind=source.meta.kind)
     for batch in source.batches():

@@ -33,6 +33,7 @@ EPILOG = """examples:
   kvmtrace compare before.kvt after.kvt          # two recordings of the same workload
   kvmtrace compare old.txt new.txt --ring-bytes 4096   # tracefs or perf script text
   kvmtrace compare before.kvt after.kvt --threshold 5 --json | jq '.metrics[]'
+  kvmtrace compare before.kvt after.kvt --html report.html   # plots, for a browser
 
 a verdict needs a change beyond the threshold and, for stall and reset-latency
 percentiles, a bootstrap interval of the difference that excludes zero.
@@ -55,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=10.0, metavar="PCT",
                    help="smallest change in percent that gets a verdict (default 10)")
     add_json(p)
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report "
+                   "(distribution plots, per-ring time series, the verdicts) to FILE")
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
     add_progress(p)
@@ -91,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
     from ..source.detect import open_source
     from ..views.progress import Progress, events_total, track
 
+    if args.html:  # refused (exit 2) before any trace is read
+        from ..views.report_html import check_report
+
+        check_report(args.html, [args.base, args.new])
+
     def profile(path: str, bar_on: bool) -> tuple[Any, list[str], bool]:
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
         try:
@@ -126,4 +134,10 @@ def run(args: argparse.Namespace) -> int:
         from ..views.compare_text import render_text
 
         print(render_text(cmp))
+    if args.html:
+        from ..views.compare_text import render_text
+        from ..views.report_html import report_paths  # matplotlib only imported here
+
+        report_paths(args.html, [args.base], [args.new], verdicts=render_text(cmp),
+                     ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
     return cmp.exit_status

@@ -8,6 +8,7 @@
 - :mod:`.prometheus`: the ``/metrics`` exporter.
 - :mod:`.replay_text`, :mod:`.replay_json`: the ``replay`` report; :mod:`.replay_migration` its
   migration iterations and stall split.
-- :mod:`.compare_text`: the ``compare`` report.
+- :mod:`.compare_text`: the ``compare`` report; :mod:`.report_html` its HTML report
+  with plots (``compare --html``).
 - :mod:`.parquet`, :mod:`.perfetto`: exports of a recording.
 """

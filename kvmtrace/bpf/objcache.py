@@ -43,7 +43,7 @@ from ..host.btf import VMLINUX
 from ..host.headers import find_headers
 from ..host.outfile import atomic_output
 
-__all__ = ["FORMAT", "DEFAULT_DIR", "MapDef", "ProgDef", "Entry", "CacheMiss",
+__all__ = ["FORMAT", "DEFAULT_DIR", "MapDef", "ProgDef", "CacheEntry", "CacheMiss",
            "enabled", "cache_dir", "kernel_identity", "program_key", "load", "save",
            "capture", "remember", "map_relocations"]
 
@@ -90,7 +90,7 @@ class ProgDef:
 
 
 @dataclass
-class Entry:
+class CacheEntry:
     """What compiling produced for one key."""
 
     key: str
@@ -178,7 +178,7 @@ def _path(key: str) -> Path:
     return cache_dir() / f"{key}.json"
 
 
-def _encode(entry: Entry) -> dict[str, Any]:
+def _encode(entry: CacheEntry) -> dict[str, Any]:
     out = asdict(entry)
     for p in out["progs"]:
         p["insns"] = base64.b64encode(p["insns"]).decode()
@@ -186,11 +186,11 @@ def _encode(entry: Entry) -> dict[str, Any]:
     return out
 
 
-def _decode(payload: dict[str, Any]) -> Entry:
+def _decode(payload: dict[str, Any]) -> CacheEntry:
     progs = [ProgDef(p["name"], p["prog_type"], base64.b64decode(p["insns"], validate=True),
                      {int(k): v for k, v in p["relocs"].items()}, p["attach"], p["target"])
              for p in payload["progs"]]
-    return Entry(payload["key"], payload["license"], payload["kern_version"],
+    return CacheEntry(payload["key"], payload["license"], payload["kern_version"],
                  [MapDef(**m) for m in payload["maps"]], progs, payload.get("facts", {}))
 
 
@@ -198,7 +198,7 @@ def _canonical(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
 
 
-def load(key: str) -> Entry:
+def load(key: str) -> CacheEntry:
     """The entry of ``key``; :class:`CacheMiss` saying why when there is none to serve
     (absent, unreadable, not JSON, wrong format, checksum or key)."""
     path = _path(key)
@@ -233,7 +233,7 @@ def _ensure_dir() -> Path:
     return d
 
 
-def save(entry: Entry) -> Path | None:
+def save(entry: CacheEntry) -> Path | None:
     """Write ``entry`` atomically (mode 0600, the folder 0700); a failure to write is said
     on stderr and otherwise ignored (the cache only saves time). Returns the path or None."""
     payload = _encode(entry)
@@ -260,7 +260,7 @@ def remember(parts: Iterable[str], compute: Callable[[], Any]) -> Any:
     except (CacheMiss, KeyError):
         pass
     value = compute()
-    save(Entry(key, "", 0, [], [], {"value": value}))
+    save(CacheEntry(key, "", 0, [], [], {"value": value}))
     return value
 
 
@@ -299,7 +299,7 @@ def _inner_names(source: str) -> dict[str, str]:
     return out
 
 
-def capture(bpf: Any, key: str, source: str) -> Entry:
+def capture(bpf: Any, key: str, source: str) -> CacheEntry:
     """An entry from a loaded bcc ``BPF`` object: every map of its module (definitions read
     back from the kernel: BPF_OBJ_GET_INFO_BY_FD), every function's instructions
     (``BPF.dump_func``) with the map of each fd load, and what bcc attached where.
@@ -355,7 +355,7 @@ def capture(bpf: Any, key: str, source: str) -> Entry:
             raise CacheMiss(f"{fname.decode()} is loaded but attached in no way known here")
         progs.append(ProgDef(fname.decode(), ptype, insns, relocs, how, target))
     license = lib.bpf_module_license(module)
-    return Entry(key, license.decode() if license else "GPL",
+    return CacheEntry(key, license.decode() if license else "GPL",
                  int(lib.bpf_module_kern_version(module)), maps, progs)
 
 

@@ -184,7 +184,7 @@ class RawTable:
 class RawProbes:
     """Maps and programs of a cache entry, created and attached through bpf(2)."""
 
-    def __init__(self, entry: objcache.Entry) -> None:
+    def __init__(self, entry: objcache.CacheEntry) -> None:
         self.entry = entry
         self.funcs: dict[bytes, RawFunc] = {}
         self.raw_tracepoint_fds: dict[bytes, int] = {}

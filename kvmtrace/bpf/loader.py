@@ -449,7 +449,8 @@ class Probes:
         self.cflags = cflags
         t0 = time.monotonic()
         with probes_dir() as src:
-            got = load_or_compile(src, cflags, lambda: _compile(src, cflags), use_cache=cache)
+            got = load_or_compile(src, cflags, lambda flags: _compile(src, flags),
+                                  use_cache=cache, runtime={"KT_PID": pid})
         self._bpf: Any = got.bpf
         self.load_how = got.how  # "cache" (no bcc, no compiler) or "compiled..."
         self.load_seconds = time.monotonic() - t0

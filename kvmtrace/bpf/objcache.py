@@ -45,10 +45,13 @@ from ..host.outfile import atomic_output
 
 __all__ = ["FORMAT", "DEFAULT_DIR", "MapDef", "ProgDef", "CacheEntry", "CacheMiss",
            "enabled", "cache_dir", "kernel_identity", "program_key", "load", "save",
-           "capture", "remember", "map_relocations"]
+           "capture", "remember", "map_relocations", "const_sites", "PLACEHOLDER"]
 
-FORMAT = 1  #: bumped whenever an entry's layout or meaning changes
+FORMAT = 2  #: bumped whenever an entry's layout or meaning changes
 DEFAULT_DIR = Path("/var/cache/kvmtrace")
+#: what a run-time ``-D`` value (the pid filter) is compiled as, to be patched at load: above
+#: any pid (PID_MAX_LIMIT is 2**22), below 2**31 (a BPF immediate is a signed 32-bit value)
+PLACEHOLDER = 0x5EC0DE11
 _LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: a 16-byte instruction
 _PSEUDO_MAP = (1, 2)  # BPF_PSEUDO_MAP_FD, BPF_PSEUDO_MAP_VALUE: imm of the first half = fd
 _OF_MAPS = (12, 13)  # BPF_MAP_TYPE_ARRAY_OF_MAPS, HASH_OF_MAPS: need an inner map template
@@ -87,6 +90,7 @@ class ProgDef:
     relocs: dict[int, str]
     attach: str | None = None
     target: str | None = None
+    consts: dict[str, list[int]] = field(default_factory=dict)  # -D name -> insn indices
 
 
 @dataclass
@@ -188,7 +192,8 @@ def _encode(entry: CacheEntry) -> dict[str, Any]:
 
 def _decode(payload: dict[str, Any]) -> CacheEntry:
     progs = [ProgDef(p["name"], p["prog_type"], base64.b64decode(p["insns"], validate=True),
-                     {int(k): v for k, v in p["relocs"].items()}, p["attach"], p["target"])
+                     {int(k): v for k, v in p["relocs"].items()}, p["attach"], p["target"],
+                     {str(k): [int(i) for i in v] for k, v in p["consts"].items()})
              for p in payload["progs"]]
     return CacheEntry(payload["key"], payload["license"], payload["kern_version"],
                  [MapDef(**m) for m in payload["maps"]], progs, payload.get("facts", {}))
@@ -299,12 +304,24 @@ def _inner_names(source: str) -> dict[str, str]:
     return out
 
 
-def capture(bpf: Any, key: str, source: str) -> CacheEntry:
+def const_sites(insns: bytes, value: int) -> list[int]:
+    """Indices of the instructions whose 32-bit immediate is ``value`` (a placeholder a
+    ``-D`` option was compiled with), map loads excepted."""
+    maps = map_relocations(insns)
+    return [i for i in range(len(insns) // 8)
+            if i not in maps and struct.unpack_from("<i", insns, 8 * i + 4)[0] == value]
+
+
+def capture(bpf: Any, key: str, source: str,
+            consts: dict[str, int] | None = None) -> CacheEntry:
     """An entry from a loaded bcc ``BPF`` object: every map of its module (definitions read
     back from the kernel: BPF_OBJ_GET_INFO_BY_FD), every function's instructions
     (``BPF.dump_func``) with the map of each fd load, and what bcc attached where.
     ``source``: the C text (with its headers), for map-in-map declarations. Raises
-    :class:`CacheMiss` when something is not understood (then nothing is cached)."""
+    :class:`CacheMiss` when something is not understood (then nothing is cached).
+    ``consts``: ``-D`` name -> the placeholder value it was compiled with; the instructions
+    holding it are recorded, to be given the real value at load (each placeholder must
+    appear somewhere)."""
     import ctypes
 
     from bcc import libbcc
@@ -353,7 +370,12 @@ def capture(bpf: Any, key: str, source: str) -> CacheEntry:
         ptype = {"raw_tp": 17, "tp": 5}.get(how or "", 0)
         if fname in bpf.funcs and not ptype:
             raise CacheMiss(f"{fname.decode()} is loaded but attached in no way known here")
-        progs.append(ProgDef(fname.decode(), ptype, insns, relocs, how, target))
+        sites = {name: const_sites(insns, v) for name, v in (consts or {}).items()}
+        progs.append(ProgDef(fname.decode(), ptype, insns, relocs, how, target,
+                             {n: at for n, at in sites.items() if at}))
+    for name in consts or {}:
+        if not any(name in p.consts for p in progs):
+            raise CacheMiss(f"-D{name} left no placeholder in the instructions")
     license = lib.bpf_module_license(module)
     return CacheEntry(key, license.decode() if license else "GPL",
                  int(lib.bpf_module_kern_version(module)), maps, progs)

@@ -184,8 +184,10 @@ class RawTable:
 class RawProbes:
     """Maps and programs of a cache entry, created and attached through bpf(2)."""
 
-    def __init__(self, entry: objcache.CacheEntry) -> None:
+    def __init__(self, entry: objcache.CacheEntry, values: dict[str, int] | None = None
+                 ) -> None:
         self.entry = entry
+        self.values = dict(values or {})  # -D name -> value patched over its placeholder
         self.funcs: dict[bytes, RawFunc] = {}
         self.raw_tracepoint_fds: dict[bytes, int] = {}
         self.tracepoint_fds: dict[bytes, int] = {}
@@ -262,6 +264,9 @@ class RawProbes:
         insns = bytearray(p.insns)
         for at, map_name in p.relocs.items():
             struct.pack_into("<i", insns, 8 * at + 4, self._fds[map_name])
+        for const, sites in p.consts.items():
+            for at in sites:
+                struct.pack_into("<i", insns, 8 * at + 4, self.values[const])
         kw: dict[str, Any] = {"license": self.entry.license.encode(),
                               "name": name[:15], "kern_version": self.entry.kern_version}
         try:
@@ -345,18 +350,37 @@ class LoadResult:
     key: str | None = None
 
 
-def load_or_compile(src: Path, cflags: list[str], compile: Callable[[], Any], *,
-                    use_cache: bool = True, quiet: bool = False) -> LoadResult:
+def _placed(cflags: list[str], runtime: dict[str, int]) -> list[str]:
+    """``cflags`` with ``-DNAME=value`` of each run-time option replaced by its placeholder."""
+    out = []
+    for flag in cflags:
+        name = flag[2:].partition("=")[0] if flag.startswith("-D") else ""
+        out.append(f"-D{name}={objcache.PLACEHOLDER}" if name in runtime else flag)
+    return out
+
+
+def load_or_compile(src: Path, cflags: list[str], compile: Callable[[list[str]], Any], *,
+                    use_cache: bool = True, quiet: bool = False,
+                    runtime: dict[str, int] | None = None) -> LoadResult:
     """The probes in folder ``src`` under ``cflags``: from the cache when an intact entry
-    loads, else ``compile()`` (a loaded bcc ``BPF``), which is then captured into the cache.
-    A cache entry that exists but cannot be served is reported on stderr (unless ``quiet``)
-    and compiled over."""
+    loads, else ``compile(cflags)`` (a loaded bcc ``BPF``), which is then captured into the
+    cache. A cache entry that exists but cannot be served is reported on stderr (unless
+    ``quiet``) and compiled over.
+
+    ``runtime``: ``-D`` options whose value changes from run to run (the pid filter,
+    ``KT_PID``), given here as name -> value. A non-zero one is compiled as
+    :data:`~kvmtrace.bpf.objcache.PLACEHOLDER` (so one entry serves every pid) and the
+    value is written into the instructions that hold the placeholder at load. Compiled so,
+    bcc's own programs filter on no process; they are detached once captured and the
+    captured ones, with the value, are loaded instead."""
     if not objcache.enabled(not use_cache):
-        return LoadResult(compile(), "compiled, cache off")
+        return LoadResult(compile(cflags), "compiled, cache off")
+    values = {k: v for k, v in (runtime or {}).items() if v}
+    placed = _placed(cflags, values)
     sources = sorted(p for p in src.iterdir() if p.is_file())
-    key = objcache.program_key(sources, cflags)
+    key = objcache.program_key(sources, placed)
     try:
-        return LoadResult(RawProbes(objcache.load(key)), "cache", key)
+        return LoadResult(RawProbes(objcache.load(key), values), "cache", key)
     except objcache.CacheMiss as miss:
         absent = str(miss).startswith("no cache entry")
         if not absent and not quiet:
@@ -365,13 +389,37 @@ def load_or_compile(src: Path, cflags: list[str], compile: Callable[[], Any], *,
         if not quiet:
             print(f"kvmtrace: cached probes did not load ({err}); compiling the probes",
                   file=sys.stderr)
-    obj = compile()
+    obj = compile(placed)
     try:
         text = "\n".join(p.read_text(errors="replace") for p in sources)
-        entry = objcache.capture(obj, key, text)
+        entry = objcache.capture(obj, key, text, {k: objcache.PLACEHOLDER for k in values})
     except objcache.CacheMiss as why:
         if not quiet:
             print(f"kvmtrace: the compiled probes are not cacheable ({why})", file=sys.stderr)
-        return LoadResult(obj, "compiled, not cached", key)
+        if not values:
+            return LoadResult(obj, "compiled, not cached", key)
+        _drop(obj)
+        return LoadResult(compile(cflags), "compiled, not cached", key)
     saved = objcache.save(entry)
-    return LoadResult(obj, "compiled" if saved else "compiled, not cached", key)
+    how = "compiled" if saved else "compiled, not cached"
+    if not values:
+        return LoadResult(obj, how, key)
+    _drop(obj)
+    try:
+        return LoadResult(RawProbes(entry, values), how, key)
+    except (OSError, KeyError, ValueError) as err:
+        if not quiet:
+            print(f"kvmtrace: the captured probes did not load ({err}); compiling them "
+                  "with their options", file=sys.stderr)
+        return LoadResult(compile(cflags), "compiled, not cached", key)
+
+
+def _drop(obj: Any) -> None:
+    """Detach and close a bcc ``BPF`` now (and not again at exit)."""
+    import atexit
+
+    atexit.unregister(obj.cleanup)
+    try:
+        obj.cleanup()
+    except Exception:  # noqa: BLE001,S110 - bcc raises bare Exception("Failed to detach")
+        pass

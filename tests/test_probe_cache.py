@@ -116,3 +116,20 @@ def test_placeholder_sites_are_the_immediates_holding_it() -> None:
         _insn(0x95),
     ])
     assert objcache.const_sites(insns, p) == [0, 3]
+
+
+def test_an_entry_others_may_write_is_not_read(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVMTRACE_CACHE_DIR", str(tmp_path / "cache"))
+    key = "ab" * 32
+    path = objcache.save(_entry(key))
+    assert path is not None
+    path.chmod(0o666)
+    with pytest.raises(objcache.CacheMiss, match="not this user's alone"):
+        objcache.load(key)
+    path.chmod(0o600)
+    path.parent.chmod(0o777)
+    with pytest.raises(objcache.CacheMiss, match="not this user's alone"):
+        objcache.load(key)
+    path.parent.chmod(0o700)
+    assert objcache.load(key) == _entry(key)

@@ -208,7 +208,10 @@ def load(key: str) -> CacheEntry:
     (absent, unreadable, not JSON, wrong format, checksum or key)."""
     path = _path(key)
     try:
-        doc = json.loads(path.read_bytes())
+        with open(path, "rb") as f:
+            _check_owner(path.parent, os.stat(path.parent))
+            _check_owner(path, os.fstat(f.fileno()))
+            doc = json.loads(f.read())
     except FileNotFoundError:
         raise CacheMiss(f"no cache entry {path.name}") from None
     except (OSError, ValueError) as err:
@@ -226,6 +229,14 @@ def load(key: str) -> CacheEntry:
         raise
     except (KeyError, TypeError, ValueError) as err:
         raise CacheMiss(f"corrupt cache entry {path}: {err!r}") from None
+
+
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """Programs from the cache run in the kernel: only a folder and files of this user
+    that no one else may write are read."""
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise CacheMiss(f"cache {path} is not this user's alone (owner {st.st_uid}, mode "
+                        f"{st.st_mode & 0o777:o}); not read")
 
 
 def _ensure_dir() -> Path:

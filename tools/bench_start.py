@@ -8,7 +8,8 @@ what every start did before the probe cache) and loading them from the cache (wa
 /proc/PID/fd (every ~2 ms) and counts the attachments the process holds (``bpf_link`` fds
 of raw tracepoints and ``[perf_event]`` fds: tracepoints, and perf's own events). Once that
 count has not changed for ``--settle`` seconds, the time of its last increase since exec is
-the time to attached; the peak RSS is the process's VmHWM then (before it is stopped). Each
+the time to attached (and the process's CPU then: user + system, in clock ticks); the
+peak RSS is the process's VmHWM at the end (before it is stopped). Each
 round runs every tracer once, in turn; each figure is printed as the median of the rounds
 with min-max, and as a ratio to perf's start in the same round (median of the per-round
 ratios). The machine is shared: say its load with the figures (printed at the start).
@@ -40,7 +41,7 @@ class Start:
     attached_s: float  # exec to the last attachment
     peak_kb: int  # VmHWM
     attachments: int
-    cpu_s: float  # user + system until attached (approx: read at settle)
+    cpu_s: float  # user + system of the process when its last attachment was seen
 
 
 def _attachments(pid: int) -> int:
@@ -81,7 +82,7 @@ def measure(argv: list[str], env: dict[str, str], settle: float, limit: float) -
     t0 = time.monotonic()
     proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    count, last_change, attached = 0, t0, t0
+    count, last_change, attached, cpu = 0, t0, t0, 0.0
     try:
         while True:
             now = time.monotonic()
@@ -91,14 +92,14 @@ def measure(argv: list[str], env: dict[str, str], settle: float, limit: float) -
                 raise SystemExit(f"{argv[0]} ended early: {err.strip()[-400:]}")
             if n != count:
                 if n > count:
-                    attached = now
+                    attached, cpu = now, _cpu(proc.pid)
                 count, last_change = n, now
             if count and now - last_change >= settle:
                 break
             if now - t0 > limit:
                 raise SystemExit(f"{' '.join(argv)}: not attached within {limit} s")
             time.sleep(0.002)
-        return Start(attached - t0, _status_kb(proc.pid, "VmHWM"), count, _cpu(proc.pid))
+        return Start(attached - t0, _status_kb(proc.pid, "VmHWM"), count, cpu)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -156,7 +157,8 @@ def main() -> int:
                                                               strict=True)]
         print(f"{name:<12} attached {statistics.median(t):.3f} s ({min(t):.3f}-{max(t):.3f})"
               f"  x perf {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
-              f"  peak {statistics.median(mb):.0f} MB ({min(mb):.0f}-{max(mb):.0f})")
+              f"  peak {statistics.median(mb):.0f} MB ({min(mb):.0f}-{max(mb):.0f})"
+              f"  cpu {statistics.median(s.cpu_s for s in starts):.2f} s")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 

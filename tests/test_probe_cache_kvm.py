@@ -115,3 +115,53 @@ def test_a_changed_define_is_compiled_and_a_damaged_entry_compiled_over(
     assert "cached probes did not load" in capfd.readouterr().err
     with Probes("top-light", pid=pid, push_slot_bits=9) as p:
         assert p.load_how == "cache"
+
+
+MAP_IN_MAP = Path(__file__).resolve().parent / "bpf" / "map_in_map"
+
+
+def _map_in_map(cache: Path) -> tuple[str, int, int, list[int]]:
+    """Load tests/bpf/map_in_map through the cache, put a new ring buffer in rbs[0], make
+    getppid() calls: (how loaded, sys_enter count, sys_exit count, syscall numbers read)."""
+    import ctypes
+
+    from kvmtrace.bpf.rawload import load_or_compile
+    from kvmtrace.bpf.ringbuf import RingBufReader
+    from kvmtrace.host.bpf_syscall import MAP_TYPE_RINGBUF, map_create
+
+    def compile(flags: list[str]):
+        from bcc import BPF
+
+        from kvmtrace.host.headers import use_headers
+
+        use_headers()
+        return BPF(src_file=str(MAP_IN_MAP / "map_in_map.c").encode(), cflags=flags)
+
+    pid = os.getpid()
+    got = load_or_compile(MAP_IN_MAP, [f"-DKT_PID={pid}"], compile, runtime={"KT_PID": pid})
+    rb = map_create(MAP_TYPE_RINGBUF, 0, 0, 4096)
+    try:
+        got.bpf[b"rbs"][ctypes.c_int(0)] = ctypes.c_int(rb)
+        with RingBufReader(rb, np.dtype("<u8")) as reader:
+            before = [v.value for _k, v in got.bpf[b"counts"].items()]
+            reader.read()
+            for _ in range(100):
+                os.getppid()
+            after = [v.value for _k, v in got.bpf[b"counts"].items()]
+            nrs = reader.read().tolist()
+        return got.how, after[0] - before[0], after[1] - before[1], nrs
+    finally:
+        os.close(rb)
+        got.bpf.cleanup()
+
+
+def test_an_array_of_ring_buffers_loads_from_the_cache(cache: Path) -> None:
+    require_bpf()
+    sys_getppid = 110  # x86-64
+    for want in ("compiled", "cache"):
+        how, enters, exits, nrs = _map_in_map(cache)
+        assert how == want
+        assert nrs.count(sys_getppid) == 100
+        # the syscalls counted between the two reads of each counter (the lookups' own
+        # included) are as many entered as left, and as many as the records read
+        assert enters == exits == len(nrs)

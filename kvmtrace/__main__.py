@@ -8,7 +8,9 @@ import sys
 signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 from .cli import COMMANDS, main  # noqa: E402
 
-for _name in COMMANDS:
+# only the named subcommand's module where one is named (as main() does)
+_named = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else None
+for _name in (_named,) if _named else COMMANDS:
     importlib.import_module(f"kvmtrace.commands.{_name}")
 signal.signal(signal.SIGINT, signal.default_int_handler)
 

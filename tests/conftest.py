@@ -4,10 +4,13 @@ when KVMTRACE_REQUIRE_KERNEL=1 (as in .ci/run)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # real kernel text of dirty-ring runs (the kernel's own output, kept as fixtures)
 SAMPLES = ROOT / "tests" / "data" / "samples"
 REQUIRE_KERNEL = os.environ.get("KVMTRACE_REQUIRE_KERNEL") == "1"
+
+# The session's own probe cache (kvmtrace.bpf.objcache), made here (mode 0700) so that no
+# command's stderr carries the notice of its first write, and the suite neither reads nor
+# fills the host's /var/cache/kvmtrace. Commands run by tests inherit it.
+if "KVMTRACE_CACHE_DIR" not in os.environ:
+    _PROBE_CACHE = tempfile.mkdtemp(prefix="kvmtrace-test-probe-cache-")
+    os.environ["KVMTRACE_CACHE_DIR"] = _PROBE_CACHE
+    atexit.register(shutil.rmtree, _PROBE_CACHE, True)
 
 
 def require(ok: bool, reason: str) -> None:

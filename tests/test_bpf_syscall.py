@@ -25,6 +25,7 @@ _STRUCT, _UNION, _ENUM = 4, 5, 6
 # shim structure -> a field only that member of union bpf_attr has
 ATTRS = {
     b.MapCreateAttr: "map_type",
+    b.MapElemAttr: "next_key",
     b.ProgLoadAttr: "insn_cnt",
     b.ProgTestRunAttr: "test",
     b.ObjInfoAttr: "info",

@@ -2,6 +2,9 @@
 (dirty_ring.bpf.c; kvmtrace.h holds the structs shared with Python).
 
 - :mod:`.loader`: compiles and attaches the probes (``-D`` defines only), reads their maps.
+- :mod:`.objcache`: the probe cache: what compiling produced, keyed by sources, options
+  and kernel; :mod:`.rawload` loads it with bpf(2) alone (no bcc); :mod:`.maptypes`:
+  ctypes types from bcc's map type descriptions.
 - :mod:`.layout`: numpy twins of the map structs in probes/kvmtrace.h.
 - :mod:`.snapshot_source`: the live per-ring view's source (``kvmtrace top``), over the
   in-kernel maps.

@@ -12,6 +12,8 @@ from __future__ import annotations
 import atexit
 import ctypes
 import errno
+import hashlib
+import importlib.util
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -38,12 +40,13 @@ from ..core.events import EVENT_DTYPE
 from ..core.kvm_abi import s32, u32
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from ..host import tracefs
-from ..host.bpf_syscall import BpfCmd, MapBatchAttr, ProgTestRunAttr, bpf
+from ..host.bpf_syscall import BpfCmd, MapBatchAttr, ProgTestRunAttr, ProgType, bpf
 from ..host.btf import Btf, load_vmlinux
-from ..host.features import detect
+from ..host.features import detect, raw_tp_attachable
 from ..host.headers import use_headers
 from ..host.kallsyms import addresses
 from ..model.sizes import live_ring_size
+from . import objcache
 from .layout import (
     LOST_SLOTS,
     PUSH_SLOT_DTYPE,
@@ -52,6 +55,7 @@ from .layout import (
     VM_KEY_DTYPE,
     VM_VAL_DTYPE,
 )
+from .rawload import load_or_compile
 
 __all__ = ["PROBES_PACKAGE", "SOURCE_NAME", "probes_dir", "MODES", "HOOKS", "VM_IDENTITIES",
            "Probes",
@@ -107,10 +111,8 @@ def preflight() -> None:
     root = tracefs.require_tracefs()
     for system, name in tracefs.DIRTY_RING_EVENTS:
         tracefs.event_format(system, name, root)  # raises MissingFeature naming the event
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        raise MissingFeature("bcc (BPF Compiler Collection) does not import", _BCC_FIX) from None
+    if importlib.util.find_spec("bcc") is None:  # found, not imported: 60 MB, 0.3 s
+        raise MissingFeature("bcc (BPF Compiler Collection) does not import", _BCC_FIX)
     use_headers()
 
 
@@ -217,6 +219,36 @@ def select_hooks(hook: str = "auto", vm_identity: str = "auto"
     ptr = vm_ptr_defines(btf) if vm_identity == "auto" else None
     raw_flags.update(ptr or ())
     return hooks, cflags + sorted(raw_flags)
+
+
+def _hooks(hook: str, vm_identity: str, cache: bool) -> tuple[dict[str, str], list[str]]:
+    """:func:`select_hooks`, kept in the probe cache (its BTF parse costs 0.3 s and 45 MB)
+    under what it reads: the kernel (BTF hash), whether a raw tracepoint attaches, the
+    kernel symbols of :func:`vm_ptr_defines` and the code that derives the options."""
+    if not objcache.enabled(not cache) or hook not in HOOKS or vm_identity not in VM_IDENTITIES:
+        return select_hooks(hook, vm_identity)
+    here = Path(__file__).resolve().parent
+    code = [(here / "loader.py").read_bytes(), *(
+        (here.parent / "host" / f"{m}.py").read_bytes() for m in ("btf", "kallsyms"))]
+    syms = addresses(set(_VM_PTR_SYMBOLS))
+    parts = ["select_hooks", hook, vm_identity, str(raw_tp_attachable(next(iter(_RAW)))),
+             *(f"{k}={v:#x}" for k, v in sorted(syms.items())),
+             *(hashlib.sha256(c).hexdigest() for c in code)]
+    hooks, cflags = objcache.remember(parts, lambda: list(select_hooks(hook, vm_identity)))
+    return dict(hooks), list(cflags)
+
+
+def _compile(src: Path, cflags: list[str]) -> Any:
+    """bcc's ``BPF`` of the probes in ``src`` under ``cflags``: compiled, loaded, attached."""
+    from bcc import BPF
+
+    try:
+        return BPF(src_file=str(src / SOURCE_NAME).encode(), cflags=[f"-I{src}", *cflags])
+    except Exception as err:  # bcc raises bare Exception for compile and load errors
+        raise KvmtraceError(
+            f"could not compile or attach {SOURCE_NAME}: {err}",
+            "run tools/setup.sh (kernel headers for bcc); the compiler output is above",
+        ) from None
 
 
 _SUMMED = ("pushes", "resets", "entries_reset", "soft_full_exits", "stalls", "stall_ns",
@@ -339,6 +371,7 @@ class Probes:
         fast_push: bool = True,
         push_slot_bits: int | None = None,
         with_events: bool = False,
+        cache: bool = True,
     ) -> None:
         """One mode per use (:data:`MODES`; the C side gets one ``-DKT_MODE_*`` define and
         derives the rest in dirty_ring_defs.h):
@@ -371,7 +404,12 @@ class Probes:
         are the same either way); ``push_slot_bits``: log2 of the number of slots
         (KT_PUSH_SLOT_BITS, 10 by default; rings whose slot is taken take the hash-map
         path, so tests lower it to force collisions); ``with_events`` (``top`` only): event
-        output as well, so one run's maps can be checked against its events."""
+        output as well, so one run's maps can be checked against its events.
+
+        ``cache``: load the compiled probes from the probe cache when an entry for these
+        sources, options and kernel is there, and fill it after compiling
+        (:mod:`kvmtrace.bpf.objcache`; ``False`` or ``KVMTRACE_NO_CACHE=1``: always compile
+        with bcc). Attribute ``load_how`` says which happened."""
         if mode not in MODES:
             raise UsageError(f"unknown probes mode {mode!r}", f"use one of {', '.join(MODES)}")
         if pid < 0:
@@ -390,7 +428,7 @@ class Probes:
         self.mode = mode
         self.emit_events = mode == "record" or with_events
         self.aggregate = mode != "record"
-        self.hooks, cflags = select_hooks(hook, vm_identity)
+        self.hooks, cflags = _hooks(hook, vm_identity, cache)
         self.vm_identity = "pointer" if "-DKT_VM_PTR=1" in cflags else "thread"
         cflags += [_MODE_DEFINES[mode], f"-DKT_PID={pid}"]
         if mode == "top-light":
@@ -409,18 +447,12 @@ class Probes:
             cflags += [f"-DKT_RINGBUF_PAGES={ringbuf_pages}",
                        f"-DKT_RB_WAKE_EVERY={max(0, int(wake_every))}"]
         self.cflags = cflags
-        from bcc import BPF
-
         t0 = time.monotonic()
         with probes_dir() as src:
-            try:
-                self._bpf: Any = BPF(src_file=str(src / SOURCE_NAME).encode(),
-                                     cflags=[f"-I{src}", *cflags])
-            except Exception as err:  # bcc raises bare Exception for compile and load errors
-                raise KvmtraceError(
-                    f"could not compile or attach {SOURCE_NAME}: {err}",
-                    "run tools/setup.sh (kernel headers for bcc); the compiler output is above",
-                ) from None
+            got = load_or_compile(src, cflags, lambda flags: _compile(src, flags),
+                                  use_cache=cache, runtime={"KT_PID": pid})
+        self._bpf: Any = got.bpf
+        self.load_how = got.how  # "cache" (no bcc, no compiler) or "compiled..."
         self.load_seconds = time.monotonic() - t0
         self._rb_open = False
         self._free_fd: int | None = None
@@ -618,9 +650,8 @@ class Probes:
         """Free push slot ``index`` if its ``seq`` is still ``seq`` (kt_free_slot in the
         probes, run once through BPF_PROG_TEST_RUN): True freed, False left alone."""
         if self._free_fd is None:
-            from bcc import BPF
-
-            self._free_fd = int(self._bpf.load_func(b"kt_free_slot", BPF.RAW_TRACEPOINT).fd)
+            self._free_fd = int(self._bpf.load_func(b"kt_free_slot",
+                                                    ProgType.RAW_TRACEPOINT).fd)
         ctx = (ctypes.c_uint64 * 2)(index, seq)
         attr = ProgTestRunAttr(prog_fd=self._free_fd, ctx_size_in=ctypes.sizeof(ctx),
                                ctx_in=ctypes.addressof(ctx))

@@ -29,7 +29,8 @@ from ..errors import UsageError
 
 __all__ = ["HOOKS", "Parser", "add_subcommand", "add_input", "add_json", "add_ring_size",
            "add_pid", "add_command", "command_of", "number", "integer", "pid_max",
-           "pid_value", "check_pid", "MAX_SECONDS", "add_progress"]
+           "pid_value", "check_pid", "MAX_SECONDS", "add_progress", "add_no_cache",
+           "apply_no_cache", "add_jobs", "jobs_of"]
 
 #: the longest duration or interval any flag takes (a year, in seconds)
 MAX_SECONDS = 366 * 86400.0
@@ -209,6 +210,20 @@ def add_pid(p: argparse.ArgumentParser, *, typed: bool = True) -> None:
                        help="only this VMM process")
     else:
         p.add_argument("-p", "--pid", metavar="PID", help="only this VMM process")
+
+
+def add_no_cache(p: argparse.ArgumentParser) -> None:
+    """``--no-cache``: compile the probes with bcc even where the probe cache
+    (kvmtrace.bpf.objcache) holds them (as ``KVMTRACE_NO_CACHE=1``)."""
+    p.add_argument("--no-cache", action="store_true",
+                   help="compile the probes, do not load them from the probe cache "
+                   "(/var/cache/kvmtrace; also KVMTRACE_NO_CACHE=1)")
+
+
+def apply_no_cache(args: argparse.Namespace) -> None:
+    """Make ``--no-cache`` hold for every probe load of this process."""
+    if getattr(args, "no_cache", False):
+        os.environ["KVMTRACE_NO_CACHE"] = "1"
 
 
 def add_command(p: argparse.ArgumentParser, help: str) -> None:  # noqa: A002

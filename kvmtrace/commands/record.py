@@ -25,8 +25,10 @@ from .args import (
     HOOKS,
     MAX_SECONDS,
     add_command,
+    add_no_cache,
     add_pid,
     add_subcommand,
+    apply_no_cache,
     check_pid,
     command_of,
     integer,
@@ -68,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="BPF ring buffer size in pages, a power of two (default 4096)")
     p.add_argument("--hook", choices=HOOKS, default="auto",
                    help="raw tracepoints or tracepoints (default: best available)")
+    add_no_cache(p)
     add_command(p, "run COMMAND and record its VMs until it exits; exit with its status "
                 "when it fails")
 
@@ -228,6 +231,7 @@ def check_flags(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     command = check_flags(args)
+    apply_no_cache(args)
     # refused here (symlink, directory, no such directory); FILE itself is only replaced,
     # and an earlier FILE moved to FILE.old, when the recording is complete
     out = check_output(args.output, flag="-o")

@@ -28,9 +28,11 @@ from .args import (
     HOOKS,
     add_command,
     add_json,
+    add_no_cache,
     add_pid,
     add_ring_size,
     add_subcommand,
+    apply_no_cache,
     check_pid,
     command_of,
     pid_value,
@@ -99,6 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ring_size(p, "ring size for --replay text traces", "ring size in bytes, ditto",
                   typed=False)
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
+    add_no_cache(p)
     p.add_argument("--light", action="store_true",
                    help="no probe on every push (cost independent of the push rate): "
                    "pushes, used, max used and lost pages are updated at each ring's resets "
@@ -138,6 +141,7 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         raise UsageError(f"unknown sort key {args.sort!r}", f"use one of {', '.join(SORT_KEYS)}")
     if args.hook not in HOOKS:
         raise UsageError(f"unknown --hook {args.hook!r}", "use auto, raw_tp or tp")
+    apply_no_cache(args)
     if args.pid is None:
         pid = 0
     elif args.replay:  # a pid of the file's host, whose pid_max may be larger

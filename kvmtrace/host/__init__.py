@@ -3,6 +3,7 @@
 - :mod:`.doctor`: the preflight checks of ``kvmtrace doctor``.
 - :mod:`.features`: which BPF program types and hooks the kernel accepts.
 - :mod:`.bpf_syscall`: the one ``bpf(2)`` shim (typed ``union bpf_attr`` members).
+- :mod:`.perf_event`: attach a BPF program to a tracepoint (perf_event_open + SET_BPF).
 - :mod:`.tracefs`: the mount and the dirty-ring tracepoints' formats.
 - :mod:`.btf`: struct member offsets from /sys/kernel/btf/vmlinux.
 - :mod:`.headers`: kernel headers for bcc.

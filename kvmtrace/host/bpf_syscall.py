@@ -9,7 +9,12 @@ command (and field) is given with it:
 ========================  ===  =====  =================================================
 command                   cmd  since  attr member used here
 ========================  ===  =====  =================================================
-BPF_MAP_CREATE              0  3.18   :class:`MapCreateAttr` (ringbuf maps: 5.8)
+BPF_MAP_CREATE              0  3.18   :class:`MapCreateAttr` (ringbuf maps: 5.8; inner
+                                      maps 4.12; map_name 4.15)
+BPF_MAP_LOOKUP_ELEM         1  3.18   :class:`MapElemAttr`
+BPF_MAP_UPDATE_ELEM         2  3.18   :class:`MapElemAttr`
+BPF_MAP_DELETE_ELEM         3  3.18   :class:`MapElemAttr`
+BPF_MAP_GET_NEXT_KEY        4  3.18   :class:`MapElemAttr` (``value`` = next key)
 BPF_PROG_LOAD               5  3.18   :class:`ProgLoadAttr` (expected_attach_type 4.17,
                                       attach_btf_id 5.5)
 BPF_PROG_TEST_RUN          10  4.12   :class:`ProgTestRunAttr` (ctx_in 5.2; flags, cpu
@@ -39,6 +44,7 @@ __all__ = [
     "AttachType",
     "MAP_TYPE_RINGBUF",
     "MapCreateAttr",
+    "MapElemAttr",
     "ProgLoadAttr",
     "ProgTestRunAttr",
     "ObjInfoAttr",
@@ -48,6 +54,10 @@ __all__ = [
     "MapBatchAttr",
     "bpf",
     "map_create",
+    "map_lookup",
+    "map_update",
+    "map_delete",
+    "map_next_key",
     "prog_load",
     "raw_tracepoint_open",
     "map_info",
@@ -62,6 +72,10 @@ class BpfCmd(enum.IntEnum):
     """``enum bpf_cmd``: the commands used here."""
 
     MAP_CREATE = 0
+    MAP_LOOKUP_ELEM = 1
+    MAP_UPDATE_ELEM = 2
+    MAP_DELETE_ELEM = 3
+    MAP_GET_NEXT_KEY = 4
     PROG_LOAD = 5
     PROG_TEST_RUN = 10
     OBJ_GET_INFO_BY_FD = 15
@@ -72,6 +86,7 @@ class BpfCmd(enum.IntEnum):
 class ProgType(enum.IntEnum):
     """``enum bpf_prog_type``: the program types loaded here."""
 
+    TRACEPOINT = 5
     RAW_TRACEPOINT = 17
     TRACING = 26
 
@@ -87,8 +102,8 @@ MAP_TYPE_RINGBUF = 27  # enum bpf_map_type BPF_MAP_TYPE_RINGBUF
 
 
 class MapCreateAttr(ctypes.Structure):
-    """``union bpf_attr``, BPF_MAP_CREATE member, up to ``map_flags`` (20 of 72 bytes; the
-    rest stays zero: no inner map, NUMA node, name, BTF)."""
+    """``union bpf_attr``, BPF_MAP_CREATE member, up to ``map_name`` (48 of 72 bytes; the
+    rest stays zero: no map_ifindex, BTF)."""
 
     _fields_ = [
         ("map_type", ctypes.c_uint32),
@@ -96,6 +111,22 @@ class MapCreateAttr(ctypes.Structure):
         ("value_size", ctypes.c_uint32),  # bytes
         ("max_entries", ctypes.c_uint32),  # ringbuf: data bytes, a power-of-two of pages
         ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),  # map-in-map: a map shaped like the elements
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),  # BPF_OBJ_NAME_LEN, NUL-terminated
+    ]
+
+
+class MapElemAttr(ctypes.Structure):
+    """``union bpf_attr``, BPF_MAP_*_ELEM / GET_NEXT_KEY member (32 bytes). ``value`` is
+    ``next_key`` for BPF_MAP_GET_NEXT_KEY (the same union slot)."""
+
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),  # user address, key_size bytes (0: first key)
+        ("value", ctypes.c_uint64),  # user address; per-CPU maps: round_up(size, 8) * CPUs
+        ("flags", ctypes.c_uint64),  # BPF_ANY 0, BPF_NOEXIST 1, BPF_EXIST 2
     ]
 
 
@@ -236,20 +267,76 @@ def _cmd_name(cmd: int) -> str:
 
 
 
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int) -> int:
-    """BPF_MAP_CREATE: a new map's fd."""
-    return bpf(BpfCmd.MAP_CREATE, MapCreateAttr(map_type, key_size, value_size, max_entries))
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, *,
+               flags: int = 0, inner_map_fd: int = 0, name: bytes = b"") -> int:
+    """BPF_MAP_CREATE: a new map's fd (``name``: up to 15 bytes are kept)."""
+    return bpf(BpfCmd.MAP_CREATE,
+               MapCreateAttr(map_type, key_size, value_size, max_entries, flags,
+                             inner_map_fd, 0, name[:15]))
 
 
-def prog_load(prog_type: ProgType, insns: bytes, *, license: bytes = b"GPL",
+def _elem(cmd: BpfCmd, map_fd: int, key: ctypes.Array | None, value: ctypes.Array | None,
+          flags: int = 0) -> int:
+    return bpf(cmd, MapElemAttr(map_fd, 0, 0 if key is None else ctypes.addressof(key),
+                                0 if value is None else ctypes.addressof(value), flags))
+
+
+def map_lookup(map_fd: int, key: bytes, value_bytes: int) -> bytes | None:
+    """BPF_MAP_LOOKUP_ELEM: the value (``value_bytes`` long) or None where there is none."""
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_bytes)
+    try:
+        _elem(BpfCmd.MAP_LOOKUP_ELEM, map_fd, k, v)
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return None
+        raise
+    return v.raw
+
+
+def map_update(map_fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
+    """BPF_MAP_UPDATE_ELEM (``flags``: BPF_ANY 0, BPF_NOEXIST 1, BPF_EXIST 2)."""
+    _elem(BpfCmd.MAP_UPDATE_ELEM, map_fd, ctypes.create_string_buffer(key, len(key)),
+          ctypes.create_string_buffer(value, len(value)), flags)
+
+
+def map_delete(map_fd: int, key: bytes) -> bool:
+    """BPF_MAP_DELETE_ELEM: True deleted, False there was no such key."""
+    try:
+        _elem(BpfCmd.MAP_DELETE_ELEM, map_fd, ctypes.create_string_buffer(key, len(key)), None)
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_next_key(map_fd: int, key: bytes | None, key_bytes: int) -> bytes | None:
+    """BPF_MAP_GET_NEXT_KEY: the key after ``key`` (None: the first), None at the end."""
+    nxt = ctypes.create_string_buffer(key_bytes)
+    k = None if key is None else ctypes.create_string_buffer(key, len(key))
+    try:
+        _elem(BpfCmd.MAP_GET_NEXT_KEY, map_fd, k, nxt)
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return None
+        raise
+    return nxt.raw
+
+
+def prog_load(prog_type: ProgType | int, insns: bytes, *, license: bytes = b"GPL",
               expected_attach_type: AttachType = AttachType.NONE,
-              attach_btf_id: int = 0) -> int:
-    """BPF_PROG_LOAD of ``insns`` (8-byte ``struct bpf_insn`` each): the program's fd."""
+              attach_btf_id: int = 0, name: bytes = b"", kern_version: int = 0,
+              log: ctypes.Array | None = None) -> int:
+    """BPF_PROG_LOAD of ``insns`` (8-byte ``struct bpf_insn`` each): the program's fd.
+    ``log``: a buffer for the verifier's messages (log level 1) when the load fails."""
     code = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license)
     attr = ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8,
                         insns=ctypes.addressof(code), license=ctypes.addressof(lic),
+                        kern_version=kern_version, prog_name=name[:15],
                         expected_attach_type=expected_attach_type, attach_btf_id=attach_btf_id)
+    if log is not None:
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
     return bpf(BpfCmd.PROG_LOAD, attr)
 
 

@@ -339,6 +339,7 @@ class Probes:
         fast_push: bool = True,
         push_slot_bits: int | None = None,
         with_events: bool = False,
+        follow: bool = False,
     ) -> None:
         """One mode per use (:data:`MODES`; the C side gets one ``-DKT_MODE_*`` define and
         derives the rest in dirty_ring_defs.h):
@@ -371,7 +372,13 @@ class Probes:
         are the same either way); ``push_slot_bits``: log2 of the number of slots
         (KT_PUSH_SLOT_BITS, 10 by default; rings whose slot is taken take the hash-map
         path, so tests lower it to force collisions); ``with_events`` (``top`` only): event
-        output as well, so one run's maps can be checked against its events."""
+        output as well, so one run's maps can be checked against its events.
+
+        ``follow`` (with ``pid``; ``-- COMMAND``): trace ``pid`` and every process it forks
+        from now on, recursively (KT_FOLLOW: a program on sched:sched_process_fork adds each
+        child before it runs), so a wrapper that forks the VMM is traced too. Attribute
+        ``follow``: whether it is in effect (false on a kernel without the sched
+        tracepoints; then only ``pid`` itself is traced)."""
         if mode not in MODES:
             raise UsageError(f"unknown probes mode {mode!r}", f"use one of {', '.join(MODES)}")
         if pid < 0:
@@ -393,6 +400,13 @@ class Probes:
         self.hooks, cflags = select_hooks(hook, vm_identity)
         self.vm_identity = "pointer" if "-DKT_VM_PTR=1" in cflags else "thread"
         cflags += [_MODE_DEFINES[mode], f"-DKT_PID={pid}"]
+        # a kernel without the sched tracepoints: pid alone (attribute follow false)
+        self.follow = bool(follow and pid and all(
+            tracefs.has_event("sched", e) for e in ("sched_process_fork", "sched_process_exit")))
+        if self.follow:
+            cflags.append("-DKT_FOLLOW")
+            if "group_dead" in tracefs.event_format("sched", "sched_process_exit"):
+                cflags.append("-DKT_EXIT_GROUP_DEAD")
         if mode == "top-light":
             del self.hooks["kvm_dirty_ring_push"]
         if with_events:

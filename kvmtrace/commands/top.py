@@ -205,7 +205,8 @@ def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotS
 
     preflight()
     probes = Probes("top-light" if opts.light else "top",
-                    pid=child.pid if child else opts.pid, hook=opts.hook)
+                    pid=child.pid if child else opts.pid, hook=opts.hook,
+                    follow=child is not None)  # -- COMMAND: its whole process tree
     if child is not None:  # keep its rows after it exits: the final state stays on screen
         return LiveSource(probes=probes), "live"
     try:  # notice VMMs exiting (process connector), so their rows go away
@@ -258,8 +259,9 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
     due = time.monotonic()
     done = 0
     below = None
-    if child is not None and label == "live":
-        from ..bpf.vmident import VmmsBelow
+    probes = getattr(source, "probes", None)
+    if child is not None and probes is not None and not probes.follow:
+        from ..bpf.vmident import VmmsBelow  # a VMM below COMMAND that is not followed
 
         below = VmmsBelow(child.pid)
     seen = False  # a ring of the child's own pid

@@ -139,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.dump_harvest, [args.pid_file] if args.pid_file else [],
                      flag="--dump-harvest")
     if args.pid_file:
-        with atomic_output(args.pid_file, flag="--pid-file", text=True) as out:
+        with atomic_output(args.pid_file, flag="--pid-file", text=True,
+                           fsync=False) as out:
             out.file.write(f"{os.getpid()}\n")
     result = run_workload(config)
     if args.dump_harvest:

@@ -28,8 +28,8 @@ from ..core.kvm_abi import GFN_BYTES, KVM_DIRTY_RING_MAX_ENTRIES, MIN_RING_BYTES
 from ..errors import UsageError
 
 __all__ = ["HOOKS", "Parser", "add_subcommand", "add_input", "add_json", "add_ring_size",
-           "add_pid", "add_command", "command_of", "number", "integer", "pid_max",
-           "pid_value", "check_pid", "MAX_SECONDS"]
+           "add_pid", "add_skip_damaged", "add_command", "command_of", "number", "integer",
+           "pid_max", "pid_value", "check_pid", "MAX_SECONDS"]
 
 #: the longest duration or interval any flag takes (a year, in seconds)
 MAX_SECONDS = 366 * 86400.0
@@ -180,6 +180,14 @@ def add_pid(p: argparse.ArgumentParser, *, typed: bool = True) -> None:
                        help="only this VMM process")
     else:
         p.add_argument("-p", "--pid", metavar="PID", help="only this VMM process")
+
+
+def add_skip_damaged(p: argparse.ArgumentParser) -> None:
+    """``--skip-damaged``: a recording's damaged blocks in the middle of the file are
+    skipped and counted (a warning with their offsets) instead of a format error."""
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="recordings: skip damaged blocks mid-file (resync at the next "
+                        "valid block) and say how many, instead of failing")
 
 
 def add_command(p: argparse.ArgumentParser, help: str) -> None:  # noqa: A002

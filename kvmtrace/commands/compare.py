@@ -15,7 +15,7 @@ import math
 import sys
 
 from ..errors import UsageError
-from .args import add_input, add_json, add_ring_size, add_subcommand
+from .args import add_input, add_json, add_ring_size, add_skip_damaged, add_subcommand
 
 __all__ = ["register", "run"]
 
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json(p)
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
+    add_skip_damaged(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
 
     profiles = []
     for path in (args.base, args.new):
-        src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
+        src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes,
+                          skip_damaged=args.skip_damaged)
         try:
             profiles.append(profile_source(src))
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
-        for w in src.warnings:  # text whose rings were not all told apart
-            print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
+        for w in src.warnings:  # text whose rings were not all told apart; damage skipped
+            named = w if w.startswith(f"{path}: ") else f"{path}: {w}"
+            print(f"kvmtrace compare: warning: {named}", file=sys.stderr)
         if src.truncated:
             print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
                   "compared what it holds", file=sys.stderr)

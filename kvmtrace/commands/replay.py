@@ -17,7 +17,15 @@ from dataclasses import asdict, dataclass
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, RSVD_ENTRIES_PML, valid_entries
 from ..errors import UsageError
 from ..host.outfile import atomic_output, check_output
-from .args import add_input, add_json, add_ring_size, add_subcommand, integer, number
+from .args import (
+    add_input,
+    add_json,
+    add_ring_size,
+    add_skip_damaged,
+    add_subcommand,
+    integer,
+    number,
+)
 
 __all__ = ["register", "run", "ReplayOptions", "replay_options"]
 
@@ -27,6 +35,7 @@ EPILOG = """examples:
   perf script > perf.txt && kvmtrace replay perf.txt --json | jq .anomalies
   kvmtrace replay run.kvt --simulate-ring-entries 1024   # exits with a smaller ring?
   kvmtrace replay run.kvt --dump-harvest harvest.json    # every harvested (slot, offset)
+  kvmtrace replay damaged.kvt --skip-damaged    # replay the sound blocks, count the rest
 
 exit status: 0 clean, 1 anomalies found (or lost events), 2 bad input
 """
@@ -50,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json(p)
     add_ring_size(p, "ring size in entries where the trace does not say",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
+    add_skip_damaged(p)
     p.add_argument("--simulate-ring-entries", type=int, metavar="N",
                    help="also report the soft-full exits a ring of N entries would cause")
     p.add_argument("--dump-harvest", metavar="OUT",
@@ -108,14 +118,15 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.replay import replay_source
     from ..source.detect import open_source
 
-    src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
+    src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes,
+                      skip_damaged=args.skip_damaged)
     try:
         tap = ExtrasTap()
         report = replay_source(src, tap, **asdict(opts))
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
     truncated = src.truncated
-    warnings = list(src.warnings)  # text traces: rings not told apart
+    warnings = list(src.warnings)  # text traces: rings not told apart; damage skipped
     unsure = src.unsure
     if unsure:  # a reset these rings share could be either's: claim nothing from it
         report.anomalies = [a for a in report.anomalies if a.ring not in unsure]
@@ -129,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
             json.dump(harvest_dump(report), out.file)
             out.file.write("\n")
     migrations, splits = replay_extras(lambda: open_source(
-        args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes), tap)
+        args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes,
+        skip_damaged=args.skip_damaged), tap)
     if args.json:
         from ..views.replay_json import dumps_report
 

@@ -30,6 +30,7 @@ from .args import (
     add_json,
     add_pid,
     add_ring_size,
+    add_skip_damaged,
     add_subcommand,
     check_pid,
     command_of,
@@ -67,6 +68,7 @@ class TopOptions:
     replay: str | None = None
     ring_entries: int | None = None
     ring_bytes: int | None = None
+    skip_damaged: bool = False
     hook: str = "auto"
     light: bool = False
     command: list[str] = field(default_factory=list)
@@ -96,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replay", metavar="FILE", help="a recording or ftrace/perf-script text")
     add_ring_size(p, "ring size for --replay text traces", "ring size in bytes, ditto",
                   typed=False)
+    add_skip_damaged(p)
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
     p.add_argument("--light", action="store_true",
                    help="no probe on every push (cost independent of the push rate): "
@@ -156,6 +159,7 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         replay=args.replay,
         ring_entries=_int(args.ring_entries, "--ring-entries", 1),
         ring_bytes=_int(args.ring_bytes, "--ring-bytes", 16),
+        skip_damaged=bool(args.skip_damaged),
         hook=args.hook,
         light=bool(args.light),
     )
@@ -171,6 +175,9 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         check_command(command)
     if not opts.replay:
         check_pid(opts.pid)
+    if opts.skip_damaged and not opts.replay:
+        raise UsageError("--skip-damaged only applies to --replay",
+                         "give --replay FILE, or drop --skip-damaged")
     if (opts.ring_entries or opts.ring_bytes) and not opts.replay:
         raise UsageError("--ring-entries/--ring-bytes only apply to --replay",
                          "the live view learns ring sizes from KVM_ENABLE_CAP")
@@ -195,9 +202,9 @@ def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotS
         from ..source.detect import open_source
 
         events = open_source(opts.replay, ring_entries=opts.ring_entries,
-                             ring_bytes=opts.ring_bytes)
+                             ring_bytes=opts.ring_bytes, skip_damaged=opts.skip_damaged)
         replay = ReplaySource(events, int(opts.delay * 1e9), pid=opts.pid)
-        for w in replay.warnings:  # text whose rings could not all be told apart
+        for w in replay.warnings:  # text rings not all told apart; damage skipped
             print(f"kvmtrace top: warning: {w}", file=sys.stderr)
         return replay, "replay"
     from ..bpf.loader import Probes, preflight
@@ -265,6 +272,7 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
 
         below = VmmsBelow(child.pid)
     seen = False  # a ring of the child's own pid
+    said = len(getattr(source, "warnings", [])) if replay else 0  # printed at open
     while opts.count is None or done < opts.count:
         if not replay or latest is not None:
             due += opts.delay
@@ -294,6 +302,8 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
     warning = below.warning("top", "saw no ring") if below is not None and not seen else None
     if warning:
         print(warning, file=sys.stderr)
+    for w in getattr(source, "warnings", [])[said:] if replay else []:
+        print(f"kvmtrace top: warning: {w}", file=sys.stderr)  # damage met while reading
     return 0
 
 

@@ -228,12 +228,21 @@ def test_record_follows_the_vmm_below_a_wrapper(tmp_path: Path, kind: str) -> No
     """``record -- WRAPPER`` whose child (or grandchild) is the VMM: the probes follow
     COMMAND's process tree, so the recording holds the VMM's events: per ring, its pushes
     equal the pages the VMM harvested and its soft-full exits the VMM's own count (its
-    --json report); no other process (other VMs run on this host), and no warning."""
+    --json report); nothing of a VMM outside the tree running at the same time (its
+    --pid-file), nor of any other process, and no warning."""
     pid_file, out, truth = tmp_path / "pid", tmp_path / "r.kvt", tmp_path / "truth.json"
-    p = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--",
-                                    *wrapper_cmd(kind, truth, pid_file, *WRAPPED,
-                                                 "--passes", "20")),
-                       capture_output=True, text=True, timeout=120)
+    outside_pid = tmp_path / "outside"
+    outside = subprocess.Popen(kvmtrace_cmd("workload", "--duration", "3", "--pages", "200",
+                                            "--pid-file", str(outside_pid)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        p = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--",
+                                        *wrapper_cmd(kind, truth, pid_file, *WRAPPED,
+                                                     "--passes", "20")),
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        assert outside.wait(timeout=60) == 0
+    assert int(outside_pid.read_text()) == outside.pid
     assert p.returncode == 0, p.stderr
     assert "warning" not in p.stderr and "Traceback" not in p.stderr
     t = json.loads(truth.read_text())

@@ -185,3 +185,21 @@ def test_two_damaged_blocks_and_garbage_between_blocks(tmp_path: Path) -> None:
         f"{p}: skipped 3 damaged blocks ({b10[2] + b25[2] + 1000} bytes) at bytes "
         f"{b10[0]} ({b10[2]} bytes), {b25[0]} ({b25[2]} bytes), {b30[0]} (1000 bytes) "
         "(--skip-damaged); read the rest"]
+
+
+def test_a_column_base_out_of_range_is_a_malformed_block() -> None:
+    """A case tools/fuzz_readers.py found (tests/data/fuzz): an EVENTS block whose CRC
+    holds but whose u32 column declares a base of 30064771073. Without the flag: exit 2,
+    one line naming the block's offset (it was an OverflowError traceback); with it: the
+    block is skipped (its 500 bytes, from the file's own header) and the rest replayed."""
+    path = Path(__file__).parent / "data" / "fuzz" / "column-base-overflow.kvt"
+    off, _, length, _ = next(b for b in block_table(path.read_bytes()) if b[0] == 271)
+    p = run("replay", str(path))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert (f"block at byte {off}: malformed EVENTS block: column base 30064771073 out of "
+            "range of uint32") in p.stderr
+    p = run("replay", str(path), "--skip-damaged")
+    assert p.returncode in (0, 1) and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[0] == (f"kvmtrace replay: warning: {path}: skipped 1 "
+                                        f"damaged block ({length} bytes) at byte {off} "
+                                        "(--skip-damaged); read the rest")

@@ -7,6 +7,7 @@ Inputs are hostile variants of real inputs, drawn with hypothesis:
   mutated by structure (block header fields set to edge values, blocks dropped, repeated
   or cut, META/END/LOST payloads replaced by hostile JSON or bytes, bytes flipped, data
   appended), with the block CRCs made right again or not;
+- ``recording-skip``: the same recordings, every command with ``--skip-damaged``;
 - ``ftrace`` and ``perf-script``: the shared text samples of tests/data/samples, mutated by
   line (dropped, repeated, cut, numbers replaced by edge values, timestamps jumped by up
   to 1e8 s, the other format's lines and junk mixed in).
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 BLOCK = struct.Struct("<4sBBHIIIQQI")
 FILE_HEADER = 16
-READERS = ("recording", "ftrace", "perf-script")
+READERS = ("recording", "recording-skip", "ftrace", "perf-script")
 AS_CAP = 3 << 30  #: address-space cap of the worker (bytes)
 CASE_SECONDS = 20.0  #: time limit of one case
 
@@ -426,13 +427,17 @@ COMMANDS = {
     "top": ["top", "-b", "--replay", "{f}", "-d", "0.001", "--ring-entries", "512"],
     "export": ["export", "{f}", "--parquet", "{o}"],
 }
+#: reader ``recording-skip``: the same commands with --skip-damaged (damage skipped and
+#: counted instead of exit 2)
+SKIP_COMMANDS = {f"{k}-skip": [*v, "--skip-damaged"] for k, v in COMMANDS.items()}
 
 
 def case_strategy(reader: str) -> st.SearchStrategy[tuple[bytes, str]]:
     """(file bytes, command name) cases for ``reader``."""
-    data = _recording_case() if reader == "recording" else _text_case(reader)
-    return st.tuples(data, st.sampled_from(sorted(COMMANDS)))
+    data = _recording_case() if reader.startswith("recording") else _text_case(reader)
+    names = SKIP_COMMANDS if reader == "recording-skip" else COMMANDS
+    return st.tuples(data, st.sampled_from(sorted(names)))
 
 
 def argv_for(command: str, path: Path, out: Path) -> list[str]:
-    return [a.format(f=path, o=out) for a in COMMANDS[command]]
+    return [a.format(f=path, o=out) for a in {**COMMANDS, **SKIP_COMMANDS}[command]]

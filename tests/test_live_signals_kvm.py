@@ -1,6 +1,6 @@
 """Live commands that do not fall over: signals at any moment, a tracer killed while its
 probes load, the command's exit status, names from /proc that are not UTF-8, and a
-``-- COMMAND`` that is only a wrapper around the VMM.
+``-- COMMAND`` that is only a wrapper around the VMM (followed: its process tree).
 
 Every BPF load here is filtered by pid (``-p`` or ``-- COMMAND``). Ground truth comes from
 outside kvmtrace: the kernel's /proc (the bytes a process set as its name), the marker
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmtrace.core.events import Kind
 from kvmtrace.source.recording import open_recording
 from tests.conftest import kvmtrace_cmd, require_kvm_bpf
 
@@ -206,39 +206,106 @@ def test_top_json_survives_a_vmm_named_in_bytes_that_are_not_utf8(tmp_path: Path
     assert comms == {"vmm\\xff\\xfe"}, comms
 
 
-def test_record_wrapper_warns_and_names_the_vmm(tmp_path: Path) -> None:
-    """``record -- sh -c 'VMM; true'``: the shell forks the VMM, the probes follow the
-    shell's pid: 0 events, and one warning naming the VMM's pid (its --pid-file)."""
-    pid_file, out = tmp_path / "pid", tmp_path / "r.kvt"
-    vmm = " ".join([sys.executable, "-m", "kvmtrace", "workload", "--duration", "1.5",
-                    "--pages", "200", "--pid-file", str(pid_file)])
-    p = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--", "sh", "-c", f"{vmm}; true"),
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    vmm_pid = int(pid_file.read_text())
-    warnings = [x for x in p.stderr.splitlines() if "warning" in x]
-    assert len(warnings) == 1, p.stderr
-    assert f"child {vmm_pid} (python" in warnings[0] and f"-p {vmm_pid}" in warnings[0]
-    assert "recorded 0 events" in p.stderr
+def wrapper_cmd(kind: str, truth: Path, pid_file: Path, *workload: str) -> list[str]:
+    """A ``-- COMMAND`` that is only a wrapper around the VMM (the built-in one, its --json
+    report to ``truth``): ``sh`` forks it (``sh -c 'VMM >truth; true'``), ``python`` forks
+    a child that runs that shell (the VMM is a grandchild, after fork + exec twice)."""
+    vmm = " ".join(kvmtrace_cmd("workload", "--json", "--pid-file", str(pid_file), *workload))
+    shell = ["sh", "-c", f"{vmm} >{truth}; true"]
+    if kind == "sh":
+        return shell
+    return [sys.executable, "-c", "import os,sys\n"
+            "pid=os.fork()\n"
+            "if pid==0: os.execvp(sys.argv[1],sys.argv[1:])\n"
+            "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid,0)[1]))\n", *shell]
 
 
-def test_top_wrapper_warns_and_names_the_vmm(tmp_path: Path) -> None:
-    """``top -b -- sh -c 'VMM; true'``: as for record, top follows the shell's pid, shows
-    no ring of it, and ends with one warning naming the VMM's pid (its --pid-file)."""
-    pid_file = tmp_path / "pid"
-    vmm = " ".join([sys.executable, "-m", "kvmtrace", "workload", "--duration", "1.5",
-                    "--pages", "200", "--pid-file", str(pid_file)])
-    p = subprocess.run(kvmtrace_cmd("top", "-b", "--json", "-d", "0.5", "--", "sh", "-c",
-                                    f"{vmm} >/dev/null; true"),
+WRAPPED = ("--vcpus", "2", "--ring-bytes", "4096", "--pages", "300", "--exit-every", "4")
+
+
+@pytest.mark.parametrize("kind", ["sh", "python"])
+def test_record_follows_the_vmm_below_a_wrapper(tmp_path: Path, kind: str) -> None:
+    """``record -- WRAPPER`` whose child (or grandchild) is the VMM: the probes follow
+    COMMAND's process tree, so the recording holds the VMM's events: per ring, its pushes
+    equal the pages the VMM harvested and its soft-full exits the VMM's own count (its
+    --json report); nothing of a VMM outside the tree running at the same time (its
+    --pid-file), nor of any other process, and no warning."""
+    pid_file, out, truth = tmp_path / "pid", tmp_path / "r.kvt", tmp_path / "truth.json"
+    outside_pid = tmp_path / "outside"
+    outside = subprocess.Popen(kvmtrace_cmd("workload", "--duration", "3", "--pages", "200",
+                                            "--pid-file", str(outside_pid)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        p = subprocess.run(kvmtrace_cmd("record", "-o", str(out), "--",
+                                        *wrapper_cmd(kind, truth, pid_file, *WRAPPED,
+                                                     "--passes", "20")),
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        assert outside.wait(timeout=60) == 0
+    assert int(outside_pid.read_text()) == outside.pid
+    assert p.returncode == 0, p.stderr
+    assert "warning" not in p.stderr and "Traceback" not in p.stderr
+    t = json.loads(truth.read_text())
+    assert t["pid"] == int(pid_file.read_text())
+    ev = open_recording(out).read_all()
+    assert set(ev["pid"].tolist()) == {t["pid"]}
+    for ring in t["rings"]:
+        mine = ev[ev["ring"] == ring["index"]]
+        assert (mine["kind"] == Kind.PUSH).sum() == ring["harvested"]
+        assert (mine["kind"] == Kind.EXIT).sum() == ring["soft_full_exits"]
+    assert (ev["kind"] == Kind.RESET_LAT).sum() == t["resets"]
+
+
+@pytest.mark.parametrize("kind", ["sh", "python"])
+def test_top_follows_the_vmm_below_a_wrapper(tmp_path: Path, kind: str) -> None:
+    """``top -b --json -- WRAPPER``: as for record, the last interval's cumulative counts
+    of each ring equal the VMM's own (pushes = harvested pages, soft-full exits, resets),
+    only the VMM's rings are shown, and no warning."""
+    pid_file, truth = tmp_path / "pid", tmp_path / "truth.json"
+    p = subprocess.run(kvmtrace_cmd("top", "-b", "--json", "-d", "0.5", "--",
+                                    *wrapper_cmd(kind, truth, pid_file, *WRAPPED,
+                                                 "--duration", "1.5")),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    vmm_pid = int(pid_file.read_text())
-    warnings = [x for x in p.stderr.splitlines() if "warning" in x]
-    assert len(warnings) == 1, p.stderr
-    assert re.fullmatch(rf"kvmtrace top: warning: saw no ring from \d+, but its child "
-                        rf"{vmm_pid} \(python[\d.]*\) created a VM: trace the VMM itself "
-                        rf"\(-- VMM-COMMAND, or -p {vmm_pid} while it runs\)", warnings[0])
-    assert all(not json.loads(x)["rings"] for x in p.stdout.splitlines())
+    assert "warning" not in p.stderr and "Traceback" not in p.stderr
+    t = json.loads(truth.read_text())
+    assert t["pid"] == int(pid_file.read_text())
+    last = json.loads(p.stdout.splitlines()[-1])
+    rings = {r["index"]: r for r in last["rings"]}
+    assert {r["pid"] for r in last["rings"]} == {t["pid"]}
+    assert sorted(rings) == [r["index"] for r in t["rings"]] == [0, 1]
+    for ring in t["rings"]:
+        assert rings[ring["index"]]["pushes"] == ring["harvested"]
+        assert rings[ring["index"]]["soft_full_exits"] == ring["soft_full_exits"]
+        assert rings[ring["index"]]["resets"] == ring["reset_events"]
+
+
+def test_followed_processes_leave_the_map_when_they_exit(tmp_path: Path) -> None:
+    """The probes' set of followed tasks (map ``followed``) holds the VMM below the wrapper
+    while it runs (its --pid-file) and is empty once the whole tree has exited: every
+    thread's and process's entry is removed, so a reused pid is not followed."""
+    from kvmtrace.bpf.loader import Probes
+    from kvmtrace.host.child import PausedChild
+
+    pid_file, truth = tmp_path / "pid", tmp_path / "truth.json"
+    child = PausedChild(wrapper_cmd("python", truth, pid_file, *WRAPPED, "--duration", "2",
+                                    "--start-delay-ms", "1000"))
+    try:
+        with Probes("top", pid=child.pid, follow=True) as probes:
+            assert probes.follow
+            followed = probes._bpf[b"followed"]  # the map itself: no accessor needed
+            child.release()
+            deadline = time.monotonic() + 60
+            while not pid_file.exists() or not pid_file.read_text().endswith("\n"):
+                assert time.monotonic() < deadline and child.poll() is None
+                time.sleep(0.02)
+            vmm = int(pid_file.read_text())
+            assert vmm in {k.value for k in followed.keys()}
+            assert child.proc.wait(timeout=60) == 0
+            assert json.loads(truth.read_text())["pid"] == vmm
+            assert not list(followed.keys())
+    finally:
+        child.stop(kill=True)
 
 
 @pytest.mark.parametrize("times", [1, 2])

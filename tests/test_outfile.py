@@ -293,3 +293,55 @@ def test_devices_and_stdout_are_written_in_place(tmp_path: Path) -> None:
                          "(fix: write the output to another file)")
     assert sha(src) == digest
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["--parquet", "--perfetto"])
+def test_export_fsyncs_the_file_before_the_rename_and_the_directory_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """The real export (``kvmtrace export``, in this process) with os.fsync watched (the
+    real fsync still runs): exactly two calls, first on the hidden temporary file holding
+    the whole export while the destination is still the old file, then on the directory
+    once the destination is that file (same inode). Nothing else changes: the bytes equal
+    those of the same export run as a command, mode 0600, no temporary file left."""
+    from kvmtrace.cli import main
+
+    src = recording(tmp_path / "run.kvt")
+    d = tmp_path / "out"
+    d.mkdir()
+    out = d / "x"
+    out.write_text("old")
+    calls: list[tuple[str, int, bytes]] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        st = os.fstat(fd)
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), st.st_ino, out.read_bytes()[:3]))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    assert main(["export", str(src), fmt, str(out)]) == 0
+    monkeypatch.setattr(os, "fsync", real)
+    assert len(calls) == 2, calls
+    (temp, temp_ino, before), (folder, _, after) = calls
+    assert Path(temp).parent == d and Path(temp).name.startswith(".x.")
+    assert Path(temp).name.endswith(".tmp")
+    assert before == b"old"  # the destination untouched while the export is made durable
+    assert folder == str(d)
+    assert out.stat().st_ino == temp_ino and after == out.read_bytes()[:3] != b"old"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and leftovers(d) == []
+    ref = tmp_path / "ref"
+    assert run("export", str(src), fmt, str(ref)).returncode == 0
+    assert sha(ref) == sha(out)
+
+
+def test_pid_file_is_not_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``atomic_output(fsync=False)`` (the workload's --pid-file): renamed into place as
+    ever, no fsync at all."""
+    from kvmtrace.host.outfile import atomic_output
+
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fsync", calls.append)
+    with atomic_output(tmp_path / "pid", text=True, fsync=False) as f:
+        f.file.write("1\n")
+    assert calls == [] and (tmp_path / "pid").read_text() == "1\n"
+    assert stat.S_IMODE((tmp_path / "pid").stat().st_mode) == 0o600

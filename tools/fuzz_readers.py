@@ -3,7 +3,8 @@
 
     .venv/bin/python tools/fuzz_readers.py [--cases N] [--reader NAME ...] [--keep DIR]
 
-Per reader (recording, ftrace, perf-script), N hostile variants of real inputs
+Per reader (recording, recording-skip: the same with --skip-damaged, ftrace,
+perf-script), N hostile variants of real inputs
 (tests/fuzzing.py: structured mutations of recordings, line mutations of tracefs and perf
 script text) each run through one of replay, replay --json, top -b --replay and export
 in a worker process capped at 3 GiB of address space, 20 s per case. The property: exit

@@ -34,10 +34,11 @@ class LiveEvents(EventSource):
     ``batches()`` also yields empty arrays about every ``poll_ms`` while idle, so that a
     consumer can flush files and check deadlines. ``fast_push=False`` is for benchmarks
     only (Probes' test-only override: a push's VM fd from the per-thread hash map).
+    ``follow``: ``pid`` and the processes it forks (``-- COMMAND``; Probes' ``follow``).
     """
 
     def __init__(self, *, pid: int = 0, ringbuf_pages: int = 4096, hook: str = "auto",
-                 poll_ms: int = 100, fast_push: bool = True) -> None:
+                 poll_ms: int = 100, fast_push: bool = True, follow: bool = False) -> None:
         # Woken once per wake_every records of each CPU, else read every poll_ms: no wakeup
         # (and reader run) per event, which would compete with the vCPUs for CPUs. With
         # every CPU's share at most 1/8 of the ring, the reader is woken at least once per
@@ -46,7 +47,7 @@ class LiveEvents(EventSource):
         wake_every = max(1, records // 8 // (os.cpu_count() or 1))
         self.probes = Probes("record", pid=pid, hook=hook,
                              ringbuf_pages=ringbuf_pages, wake_every=wake_every,
-                             fast_push=fast_push)
+                             fast_push=fast_push, follow=follow)
         # edge-triggered: a level-triggered wait returns while any record is in the ring, so
         # the loop would wake for every few records (median 10 per read was measured)
         self.reader = RingBufReader(self.probes.ringbuf_fd(), edge=True)
@@ -58,7 +59,8 @@ class LiveEvents(EventSource):
             start_time=time.time(),
             hooks=dict(self.probes.hooks),
             tracepoint_formats=self.probes.tracepoint_formats(),
-            extra={"pid_filter": pid, "ringbuf_pages": ringbuf_pages,
+            extra={"pid_filter": pid, "follow_children": self.probes.follow,
+                   "ringbuf_pages": ringbuf_pages,
                    "clock": "CLOCK_MONOTONIC", "start_monotonic_ns":
                    time.clock_gettime_ns(time.CLOCK_MONOTONIC)},
         )

@@ -372,6 +372,7 @@ class Probes:
         push_slot_bits: int | None = None,
         with_events: bool = False,
         cache: bool = True,
+        follow: bool = False,
     ) -> None:
         """One mode per use (:data:`MODES`; the C side gets one ``-DKT_MODE_*`` define and
         derives the rest in dirty_ring_defs.h):
@@ -409,7 +410,13 @@ class Probes:
         ``cache``: load the compiled probes from the probe cache when an entry for these
         sources, options and kernel is there, and fill it after compiling
         (:mod:`kvmtrace.bpf.objcache`; ``False`` or ``KVMTRACE_NO_CACHE=1``: always compile
-        with bcc). Attribute ``load_how`` says which happened."""
+        with bcc). Attribute ``load_how`` says which happened.
+
+        ``follow`` (with ``pid``; ``-- COMMAND``): trace ``pid`` and every process it forks
+        from now on, recursively (KT_FOLLOW: a program on sched:sched_process_fork adds each
+        child before it runs), so a wrapper that forks the VMM is traced too. Attribute
+        ``follow``: whether it is in effect (false on a kernel without the sched
+        tracepoints; then only ``pid`` itself is traced)."""
         if mode not in MODES:
             raise UsageError(f"unknown probes mode {mode!r}", f"use one of {', '.join(MODES)}")
         if pid < 0:
@@ -431,6 +438,13 @@ class Probes:
         self.hooks, cflags = _hooks(hook, vm_identity, cache)
         self.vm_identity = "pointer" if "-DKT_VM_PTR=1" in cflags else "thread"
         cflags += [_MODE_DEFINES[mode], f"-DKT_PID={pid}"]
+        # a kernel without the sched tracepoints: pid alone (attribute follow false)
+        self.follow = bool(follow and pid and all(
+            tracefs.has_event("sched", e) for e in ("sched_process_fork", "sched_process_exit")))
+        if self.follow:
+            cflags.append("-DKT_FOLLOW")
+            if "group_dead" in tracefs.event_format("sched", "sched_process_exit"):
+                cflags.append("-DKT_EXIT_GROUP_DEAD")
         if mode == "top-light":
             del self.hooks["kvm_dirty_ring_push"]
         if with_events:

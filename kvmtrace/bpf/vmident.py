@@ -129,9 +129,10 @@ class ProcWatcher:
 
 class VmmsBelow:
     """Descendants of ``-- COMMAND`` that hold a KVM VM (a wrapper script that starts the
-    VMM as its child): the probes filter by COMMAND's own pid, so their events are not
-    traced; :meth:`warning` says so and names the VMM's pid. Looked up at most every
-    ``every_s`` seconds (:meth:`watch`) while COMMAND runs."""
+    VMM as its child), where the probes cannot follow COMMAND's process tree (a kernel
+    without the sched tracepoints: Probes(follow=True) falls back to COMMAND's own pid),
+    so their events are not traced; :meth:`warning` says so and names the VMM's pid.
+    Looked up at most every ``every_s`` seconds (:meth:`watch`) while COMMAND runs."""
 
     def __init__(self, pid: int, every_s: float = 0.25) -> None:
         self.pid, self.every_s, self.next = pid, every_s, 0.0

@@ -28,8 +28,8 @@ from ..core.kvm_abi import GFN_BYTES, KVM_DIRTY_RING_MAX_ENTRIES, MIN_RING_BYTES
 from ..errors import UsageError
 
 __all__ = ["HOOKS", "Parser", "add_subcommand", "add_input", "add_json", "add_ring_size",
-           "add_pid", "add_command", "command_of", "number", "integer", "pid_max",
-           "pid_value", "check_pid", "MAX_SECONDS", "add_progress", "add_no_cache",
+           "add_pid", "add_skip_damaged", "add_command", "command_of", "number", "integer",
+           "pid_max", "pid_value", "check_pid", "MAX_SECONDS", "add_progress", "add_no_cache",
            "apply_no_cache", "add_jobs", "jobs_of"]
 
 #: the longest duration or interval any flag takes (a year, in seconds)
@@ -224,6 +224,14 @@ def apply_no_cache(args: argparse.Namespace) -> None:
     """Make ``--no-cache`` hold for every probe load of this process."""
     if getattr(args, "no_cache", False):
         os.environ["KVMTRACE_NO_CACHE"] = "1"
+
+
+def add_skip_damaged(p: argparse.ArgumentParser) -> None:
+    """``--skip-damaged``: a recording's damaged blocks in the middle of the file are
+    skipped and counted (a warning with their offsets) instead of a format error."""
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="recordings: skip damaged blocks mid-file (resync at the next "
+                        "valid block) and say how many, instead of failing")
 
 
 def add_command(p: argparse.ArgumentParser, help: str) -> None:  # noqa: A002

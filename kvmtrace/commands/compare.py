@@ -23,6 +23,7 @@ from .args import (
     add_json,
     add_progress,
     add_ring_size,
+    add_skip_damaged,
     add_subcommand,
     jobs_of,
 )
@@ -61,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
     add_progress(p)
+    add_skip_damaged(p)
     add_jobs(p, "read the two traces in N >= 2 processes at once (1: one after the other; "
                 "default: at once when both are 8 MiB or more and 2 CPUs are free to use)")
 
@@ -100,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         check_report(args.html, [args.base, args.new])
 
     def profile(path: str, bar_on: bool) -> tuple[Any, list[str], bool]:
-        src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
+        src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes,
+                          skip_damaged=args.skip_damaged)
         try:
             with Progress(f"compare {'base' if path is args.base else 'new'}",
                           events_total(src), enabled=bar_on) as bar:
@@ -118,8 +121,9 @@ def run(args: argparse.Namespace) -> int:
             prof, warnings, truncated = (later.result() if later is not None and
                                          path is args.new else profile(path, args.progress))
             profiles.append(prof)
-            for w in warnings:  # text whose rings were not all told apart
-                print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
+            for w in warnings:  # text whose rings were not all told apart; damage skipped
+                named = w if w.startswith(f"{path}: ") else f"{path}: {w}"
+                print(f"kvmtrace compare: warning: {named}", file=sys.stderr)
             if truncated:
                 print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
                       "compared what it holds", file=sys.stderr)

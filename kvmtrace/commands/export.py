@@ -13,7 +13,14 @@ from typing import Any
 
 from ..errors import UsageError
 from ..host.outfile import check_output
-from .args import MAX_SECONDS, add_input, add_progress, add_ring_size, add_subcommand
+from .args import (
+    MAX_SECONDS,
+    add_input,
+    add_progress,
+    add_ring_size,
+    add_skip_damaged,
+    add_subcommand,
+)
 
 __all__ = ["register", "run", "open_input"]
 
@@ -23,6 +30,7 @@ EPILOG = """examples:
   kvmtrace export run.kvt --parquet run.parquet
       duckdb -c "SELECT ring, count(*) FROM 'run*.parquet' WHERE kind = 'push' GROUP BY ring"
   kvmtrace export run.kvt --perfetto run.json     # open in https://ui.perfetto.dev
+  kvmtrace export damaged.kvt --skip-damaged --parquet sound.parquet
 """
 
 
@@ -42,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--perfetto", metavar="OUT",
                      help="write a Chrome JSON trace (Perfetto UI) to OUT")
     add_ring_size(p, "ring size in entries when the input does not say (text imports)")
+    add_skip_damaged(p)
     p.add_argument("--counter-interval-us", type=float, default=100.0, metavar="US",
                    help="Perfetto: at most one 'used' sample per ring per US µs, besides the "
                         "samples around resets (0 = every event; default 100)")
@@ -50,18 +59,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_progress(p)
 
 
-def open_input(path: str, ring_entries: int | None) -> Any:
-    """The EventSource for ``path``: kvmtrace.source.detect when present, else a recording."""
+def open_input(path: str, ring_entries: int | None, skip_damaged: bool = False) -> Any:
+    """The EventSource for ``path``: kvmtrace.source.detect when present, else a recording.
+    ``skip_damaged``: a recording's damaged blocks are skipped and counted."""
     try:
         from ..source.detect import open_source
     except ImportError:
         from ..source.recording import open_recording
 
-        src = open_recording(path)
+        src = open_recording(path, skip_damaged=skip_damaged)
         if ring_entries:
             src.meta.ring_entries.setdefault((-1, -1), ring_entries)
         return src
-    return open_source(path, ring_entries=ring_entries)
+    return open_source(path, ring_entries=ring_entries, skip_damaged=skip_damaged)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{MAX_ROW_GROUP_ROWS}", "e.g. --row-group-rows 1048576")
     flag, dest = ("--parquet", args.parquet) if args.parquet else ("--perfetto", args.perfetto)
     check_output(dest, [args.file], flag=flag)  # before anything is read or written
-    src = open_input(args.file, args.ring_entries)
+    src = open_input(args.file, args.ring_entries, args.skip_damaged)
     from ..views.progress import Progress, events_total, track
 
     bar = Progress("export", events_total(src), enabled=args.progress)
@@ -91,12 +101,14 @@ def run(args: argparse.Namespace) -> int:
         from ..views.perfetto import export_perfetto
 
         migrations = migrations_of(
-            lambda: open_input(args.file, args.ring_entries))
+            lambda: open_input(args.file, args.ring_entries, args.skip_damaged))
         with bar:
             n = export_perfetto(track(src, bar), args.perfetto,
                                 counter_interval_ns=int(args.counter_interval_us * 1000),
                                 migrations=migrations)
         print(f"kvmtrace export: {n} trace events -> {args.perfetto}", file=sys.stderr)
+    for w in src.warnings:  # text rings not told apart; data after END; damage skipped
+        print(f"kvmtrace export: warning: {w}", file=sys.stderr)
     if src.truncated:
         print(f"kvmtrace export: warning: {args.file} ends early (writer killed?); exported "
               "what it holds", file=sys.stderr)

@@ -146,7 +146,9 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
     if child is not None:
         pid = pid or child.pid
     try:
-        source = LiveEvents(pid=pid, ringbuf_pages=ringbuf_pages, hook=hook)
+        # -- COMMAND: its whole process tree (a wrapper that forks the VMM)
+        source = LiveEvents(pid=pid, ringbuf_pages=ringbuf_pages, hook=hook,
+                            follow=child is not None)
     except BaseException:
         if child is not None:
             child.stop(kill=True)
@@ -172,7 +174,9 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                 print("Recording dirty-ring events... Hit Ctrl-C to end.", file=sys.stderr)
             last_flush = time.monotonic()
             names = _Names()
-            below = VmmsBelow(child.pid) if child is not None else None
+            # a VMM below COMMAND that the probes cannot follow (no sched tracepoints)
+            below = VmmsBelow(child.pid) \
+                if child is not None and not source.probes.follow else None
             for batch in source.batches():
                 if len(batch):
                     learnt = names.learn(batch)

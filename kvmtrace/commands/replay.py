@@ -26,6 +26,7 @@ from .args import (
     add_json,
     add_progress,
     add_ring_size,
+    add_skip_damaged,
     add_subcommand,
     integer,
     jobs_of,
@@ -45,6 +46,7 @@ EPILOG = """examples:
   kvmtrace replay run.kvt --dump-harvest harvest.json    # every harvested (slot, offset)
   kvmtrace replay run.kvt --hist                # log2 histograms of stall and reset time
   kvmtrace replay big.kvt -j 1                  # one process (default: every CPU)
+  kvmtrace replay damaged.kvt --skip-damaged    # replay the sound blocks, count the rest
 
 exit status: 0 clean, 1 anomalies found (or lost events), 2 bad input
 """
@@ -68,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json(p)
     add_ring_size(p, "ring size in entries where the trace does not say",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
+    add_skip_damaged(p)
     p.add_argument("--simulate-ring-entries", type=int, metavar="N",
                    help="also report the soft-full exits a ring of N entries would cause")
     p.add_argument("--dump-harvest", metavar="OUT",
@@ -144,10 +147,13 @@ def run(args: argparse.Namespace) -> int:
     from ..source.detect import open_source
     from ..views.progress import Progress, events_total, track
 
-    src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
+    src = open_source(args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes,
+                      skip_damaged=args.skip_damaged)
     try:
         tap = ExtrasTap()
         jobs, min_events = jobs_of(args)
+        if args.skip_damaged:  # what each process skipped is known to it alone: one process
+            jobs = 1
         with Progress("replay", events_total(src), enabled=args.progress) as bar:
             report = replay_source(track(src, bar), tap, jobs=jobs, min_events=min_events,
                                    on_block=bar.update if bar.active else None,
@@ -155,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # a malformed block or line the source could not read
         raise UsageError(f"{args.file}: {err}", "check the file is complete") from None
     truncated = src.truncated
-    warnings = list(src.warnings)  # text traces: rings not told apart
+    warnings = list(src.warnings)  # text traces: rings not told apart; damage skipped
     unsure = src.unsure
     if unsure:  # a reset these rings share could be either's: claim nothing from it
         report.anomalies = [a for a in report.anomalies if a.ring not in unsure]
@@ -169,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
             json.dump(harvest_dump(report), out.file)
             out.file.write("\n")
     migrations, splits = replay_extras(lambda: open_source(
-        args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes), tap)
+        args.file, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes,
+        skip_damaged=args.skip_damaged), tap)
     if args.json:
         from ..views.replay_json import dumps_report
 

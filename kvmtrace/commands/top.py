@@ -31,6 +31,7 @@ from .args import (
     add_no_cache,
     add_pid,
     add_ring_size,
+    add_skip_damaged,
     add_subcommand,
     apply_no_cache,
     check_pid,
@@ -70,6 +71,7 @@ class TopOptions:
     replay: str | None = None
     ring_entries: int | None = None
     ring_bytes: int | None = None
+    skip_damaged: bool = False
     hook: str = "auto"
     light: bool = False
     hist: bool = False  # batch text: histograms of stall time and reset latency per interval
@@ -100,6 +102,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replay", metavar="FILE", help="a recording or ftrace/perf-script text")
     add_ring_size(p, "ring size for --replay text traces", "ring size in bytes, ditto",
                   typed=False)
+    add_skip_damaged(p)
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
     add_no_cache(p)
     p.add_argument("--light", action="store_true",
@@ -165,6 +168,7 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         replay=args.replay,
         ring_entries=_int(args.ring_entries, "--ring-entries", 1),
         ring_bytes=_int(args.ring_bytes, "--ring-bytes", 16),
+        skip_damaged=bool(args.skip_damaged),
         hook=args.hook,
         light=bool(args.light),
         hist=bool(args.hist),
@@ -184,6 +188,9 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         check_command(command)
     if not opts.replay:
         check_pid(opts.pid)
+    if opts.skip_damaged and not opts.replay:
+        raise UsageError("--skip-damaged only applies to --replay",
+                         "give --replay FILE, or drop --skip-damaged")
     if (opts.ring_entries or opts.ring_bytes) and not opts.replay:
         raise UsageError("--ring-entries/--ring-bytes only apply to --replay",
                          "the live view learns ring sizes from KVM_ENABLE_CAP")
@@ -208,9 +215,9 @@ def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotS
         from ..source.detect import open_source
 
         events = open_source(opts.replay, ring_entries=opts.ring_entries,
-                             ring_bytes=opts.ring_bytes)
+                             ring_bytes=opts.ring_bytes, skip_damaged=opts.skip_damaged)
         replay = ReplaySource(events, int(opts.delay * 1e9), pid=opts.pid)
-        for w in replay.warnings:  # text whose rings could not all be told apart
+        for w in replay.warnings:  # text rings not all told apart; damage skipped
             print(f"kvmtrace top: warning: {w}", file=sys.stderr)
         return replay, "replay"
     from ..bpf.loader import Probes, preflight
@@ -218,7 +225,8 @@ def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotS
 
     preflight()
     probes = Probes("top-light" if opts.light else "top",
-                    pid=child.pid if child else opts.pid, hook=opts.hook)
+                    pid=child.pid if child else opts.pid, hook=opts.hook,
+                    follow=child is not None)  # -- COMMAND: its whole process tree
     if child is not None:  # keep its rows after it exits: the final state stays on screen
         return LiveSource(probes=probes), "live"
     try:  # notice VMMs exiting (process connector), so their rows go away
@@ -271,11 +279,13 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
     due = time.monotonic()
     done = 0
     below = None
-    if child is not None and label == "live":
-        from ..bpf.vmident import VmmsBelow
+    probes = getattr(source, "probes", None)
+    if child is not None and probes is not None and not probes.follow:
+        from ..bpf.vmident import VmmsBelow  # a VMM below COMMAND that is not followed
 
         below = VmmsBelow(child.pid)
     seen = False  # a ring of the child's own pid
+    said = len(getattr(source, "warnings", [])) if replay else 0  # printed at open
     while opts.count is None or done < opts.count:
         if not replay or latest is not None:
             due += opts.delay
@@ -309,6 +319,8 @@ def _batch(opts: TopOptions, source: SnapshotSource, label: str, lock: threading
     warning = below.warning("top", "saw no ring") if below is not None and not seen else None
     if warning:
         print(warning, file=sys.stderr)
+    for w in getattr(source, "warnings", [])[said:] if replay else []:
+        print(f"kvmtrace top: warning: {w}", file=sys.stderr)  # damage met while reading
     return 0
 
 

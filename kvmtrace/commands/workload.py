@@ -183,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     config.validate()
     if args.pid_file:
-        with atomic_output(args.pid_file, flag="--pid-file", text=True) as out:
+        with atomic_output(args.pid_file, flag="--pid-file", text=True,
+                           fsync=False) as out:
             out.file.write(f"{os.getpid()}\n")
     result = run_workload(config)
     if args.dump_harvest:

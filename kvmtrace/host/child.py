@@ -1,7 +1,8 @@
 """Run ``-- COMMAND`` under a tracer, held before exec until the tracer is attached.
 
 ``kvmtrace record -- CMD`` and ``kvmtrace top -- CMD`` filter the probes by the child's pid,
-which is compiled into the BPF programs (``-DKT_PID``). The child therefore exists (so its
+which is compiled into the BPF programs (``-DKT_PID``), and by the processes it forks
+(``-DKT_FOLLOW``: each is added in the kernel before it runs). The child therefore exists (so its
 pid is known) but waits on a pipe before it execs COMMAND; :meth:`PausedChild.release` lets
 it go once the probes are loaded, so not one event of COMMAND is missed. If the tracer
 dies before that (killed while the probes load), the held child dies with it

@@ -13,7 +13,8 @@ written in place: a rename would replace the device node.
 
 Two kinds of temporary file:
 
-- **exports** (:func:`atomic_output`): ``.NAME.PID.TOKEN.tmp``, hidden. It is removed on
+- **exports** (:func:`atomic_output`): ``.NAME.PID.TOKEN.tmp``, hidden, fsynced before
+  it is renamed into place and the directory after. It is removed on
   any error, on Ctrl-C, SIGTERM and SIGHUP; the destination is untouched. SIGKILL leaves it
   behind; the next write to the same destination removes such leftovers whose writer
   process no longer runs.
@@ -172,11 +173,14 @@ def _sigterm_raises() -> Iterator[None]:
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], *,
                   inputs: Iterable[str | os.PathLike[str]] = (), flag: str = "output",
-                  text: bool = False, fsync: bool = False) -> Iterator[AtomicOutput]:
+                  text: bool = False, fsync: bool = True) -> Iterator[AtomicOutput]:
     """Write ``path`` atomically: ``with atomic_output(p, inputs=[src]) as out:
-    out.file.write(...)``. On a clean exit the temporary file is flushed (fsynced with
-    ``fsync=True``) and renamed to ``path``; on any exception, Ctrl-C, SIGTERM or SIGHUP it is
-    removed and ``path`` is left as it was. Checks :func:`check_output` first."""
+    out.file.write(...)``. On a clean exit the temporary file is flushed, fsynced, renamed
+    to ``path``, and the directory fsynced (so after a power loss ``path`` is the old file
+    or the whole new one, never an empty or partly written one); ``fsync=False`` skips
+    both fsyncs (a file nobody needs after a crash, e.g. a pid file). On any exception,
+    Ctrl-C, SIGTERM or SIGHUP the temporary file is removed and ``path`` is left as it was.
+    Checks :func:`check_output` first."""
     out = check_output(path, inputs, flag=flag)
     if is_special(out):  # /dev/stdout, /dev/null, a FIFO: written as it is, never replaced
         f = open(open_special(out, flag), "w" if text else "wb",  # noqa: SIM115
@@ -213,6 +217,8 @@ def atomic_output(path: str | os.PathLike[str], *,
                     f.close()
                 os.replace(temp, out)
                 done = True
+                if fsync:
+                    _fsync_dir(out.parent)
             except OSError as err:
                 if err.errno not in _WRITE_ERRORS:
                     raise
@@ -290,13 +296,19 @@ def commit(temp: Path, path: str | os.PathLike[str], *, keep_old: bool = False) 
                 old = out.with_name(out.name + ".old")
                 os.replace(out, old)
     os.replace(temp, out)
-    with contextlib.suppress(OSError):  # the renames themselves survive a power loss
-        dfd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync_dir(out.parent)
+    return old
+
+
+def _fsync_dir(directory: Path) -> None:
+    """fsync a directory, so the renames in it survive a power loss (never raises: some
+    file systems refuse fsync on a directory)."""
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    return old
 
 
 def discard(temp: Path) -> None:

@@ -110,11 +110,13 @@ def _copy(src: BinaryIO, fd: int) -> None:
 
 
 def open_source(path: str | os.PathLike[str], *, ring_entries: int | None = None,
-                ring_bytes: int | None = None) -> EventSource:
+                ring_bytes: int | None = None, skip_damaged: bool = False) -> EventSource:
     """An EventSource for ``path``; ``-`` is stdin, and stdin, FIFOs and other streams
     are read once to their end (:func:`stream_path`). ``ring_entries``/``ring_bytes``
     give the ring size when the trace does not (a default for every VM:
-    meta.ring_entries[(-1, -1)])."""
+    meta.ring_entries[(-1, -1)]). ``skip_damaged``: a recording's damaged blocks mid-file
+    are skipped and counted, not a format error (:class:`.recording.Recording`; text
+    traces already skip and count lines they cannot parse)."""
     name = "stdin" if os.fspath(path) == "-" else str(path)
     path = stream_path(path)
     fmt = detect_format(path, name=name)
@@ -132,7 +134,7 @@ def open_source(path: str | os.PathLike[str], *, ring_entries: int | None = None
                             f"recordings ({err})",
                             "update kvmtrace (kvmtrace.source.recording is missing)"
                             ) from None
-    src = open_recording(path, name=name)
+    src = open_recording(path, name=name, skip_damaged=skip_damaged)
     if entries:
         src.meta.ring_entries.setdefault((-1, -1), entries)
     return src

@@ -372,11 +372,23 @@ class Recording(EventSource):
     ``lost`` (lost events), ``blocks``, ``ts_first``/``ts_last`` (ns), ``complete`` (END
     block present), ``truncated`` (no END block: the writer was killed, or the file was cut) and
     ``torn_bytes`` (bytes of an incomplete last block, ignored).
+
+    ``skip_damaged``: damage in the middle of the file (a block whose CRC fails, a header
+    without the sync word, a malformed block) is skipped instead of being a format error:
+    the reader resyncs at the next valid block header (sync word, sane header, matching
+    CRC) and reads on. Every EVENTS block's CRC is then checked at open, so ``events``
+    counts only sound blocks; ``skipped`` lists (offset, bytes, declared events) of each
+    skip and :attr:`warnings` says it in one line.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None,
+                 skip_damaged: bool = False) -> None:
         self.path = Path(path)
         self.name = name or str(path)  #: what messages call the file (``-``: stdin)
+        self.skip_damaged = skip_damaged
+        #: (offset, bytes, events its header declared or 0) of damage skipped
+        self.skipped: list[tuple[int, int, int]] = []
+        self._resync_budget = 0  # bytes a resync may still check (set by _scan)
         self.meta = SourceMeta(kind="recording")
         self.version: tuple[int, int] = (0, 0)
         self.events = 0
@@ -415,12 +427,20 @@ class Recording(EventSource):
         """As :meth:`column_batches`, blocks ``start``, ``start + step``, ... only (the
         share of one of ``step`` readers; the others are not read)."""
         with open(self.path, "rb", buffering=0) as f:
-            for offset, _count in self._index[start::step]:
+            for offset, count in self._index[start::step]:
                 f.seek(offset)
                 head = f.read(BLOCK_HEADER.size)
                 fields = BLOCK_HEADER.unpack(head)
                 stored = f.read(fields[4])
-                yield self._decode_parts(offset, head, fields, stored)
+                try:
+                    parts = self._decode_parts(offset, head, fields, stored)
+                except UsageError:
+                    if not self.skip_damaged:
+                        raise
+                    self.skipped.append((offset, len(head) + len(stored), count))
+                    self.events -= count
+                    continue
+                yield parts
 
     def group_tables(self) -> Iterator[tuple[int, np.ndarray | None]]:
         """Each EVENTS block's number of events and group table (the distinct (pid, tid,
@@ -477,11 +497,21 @@ class Recording(EventSource):
                     f"kvmtrace reads ({FORMAT_VERSION[0]}.x)", "upgrade kvmtrace")
             self.version = (major, minor)
             pos = FILE_HEADER.size
+            self._resync_budget = 16 * size + (64 << 20)
             while pos < size:
                 if self.complete:
                     self._trailing(f, pos, size)
                     break
-                if not self._scan_block(f, pos, size):
+                try:
+                    ok = self._scan_block(f, pos, size)
+                except UsageError:
+                    if not self.skip_damaged:
+                        raise
+                    nxt = self._resync(f, pos + 1, size)
+                    self.skipped.append((pos, nxt - pos, self._declared(f, pos)))
+                    pos = nxt
+                    continue
+                if not ok:
                     self.torn_bytes = size - pos
                     break
                 pos = f.tell()
@@ -490,8 +520,70 @@ class Recording(EventSource):
 
     @property
     def warnings(self) -> list[str]:
-        """One line each: data after the END block (another recording, or garbage)."""
-        return list(self._warnings)
+        """One line each: data after the END block (another recording, or garbage);
+        damage skipped (``skip_damaged``): blocks, bytes and their offsets."""
+        out = list(self._warnings)
+        if self.skipped:
+            n, total = len(self.skipped), sum(b for _, b, _ in self.skipped)
+            if n == 1:
+                what = f"1 damaged block ({total} bytes) at byte {self.skipped[0][0]}"
+            else:
+                at = ", ".join(f"{o} ({b} bytes)" for o, b, _ in self.skipped[:10])
+                what = (f"{n} damaged blocks ({total} bytes) at bytes {at}"
+                        + (f" and {n - 10} more" if n > 10 else ""))
+            out.append(f"{self.name}: skipped {what} (--skip-damaged); read the rest")
+        return out
+
+    def _declared(self, f: Any, pos: int) -> int:
+        """The events the EVENTS block header at ``pos`` declares (0: another block, or a
+        header not to be trusted with a count)."""
+        f.seek(pos)
+        head = f.read(BLOCK_HEADER.size)
+        if len(head) < BLOCK_HEADER.size:
+            return 0
+        fields = BLOCK_HEADER.unpack(head)
+        ok = fields[0] == BLOCK_SYNC and fields[1] == BlockType.EVENTS
+        return fields[6] if ok and 0 < fields[6] <= MAX_BLOCK_EVENTS else 0
+
+    def _resync(self, f: Any, start: int, size: int) -> int:
+        """The offset of the next valid block at or after ``start`` (sync word, a header
+        within the limits, the whole block in the file and its CRC right), else ``size``.
+        The bytes checked over the whole file are bounded (a few times its size), so a
+        file of false sync words costs linear time; past that the rest is skipped."""
+        pos = start
+        while pos < size:
+            f.seek(pos)
+            chunk = f.read(min(1 << 20, size - pos))
+            if not chunk:
+                break
+            i = chunk.find(BLOCK_SYNC)
+            while i >= 0:
+                if self._valid_at(f, pos + i, size):
+                    return pos + i
+                if self._resync_budget <= 0:
+                    return size
+                i = chunk.find(BLOCK_SYNC, i + 1)
+            pos += max(1, len(chunk) - len(BLOCK_SYNC) + 1)
+        return size
+
+    def _valid_at(self, f: Any, pos: int, size: int) -> bool:
+        self._resync_budget -= BLOCK_HEADER.size
+        f.seek(pos)
+        head = f.read(BLOCK_HEADER.size)
+        if len(head) < BLOCK_HEADER.size:
+            return False
+        fields = BLOCK_HEADER.unpack(head)
+        _, btype, codec, _, stored_len, raw_len, count, ts_min, ts_max, crc = fields
+        if btype not in (1, 2, 3, 4) or codec > _CODEC_ZLIB:
+            return False
+        if pos + BLOCK_HEADER.size + stored_len > size:
+            return False
+        try:
+            self._check_sizes(pos, btype, codec, stored_len, raw_len, count, ts_min, ts_max)
+        except UsageError:
+            return False
+        self._resync_budget -= stored_len
+        return zlib.crc32(f.read(stored_len), zlib.crc32(head[:-4])) == crc
 
     def _trailing(self, f: Any, pos: int, size: int) -> None:
         """Bytes after the END block: ignored, and said (FORMAT.md, "Reading rules")."""
@@ -539,7 +631,7 @@ class Recording(EventSource):
         if end > size:
             return False
         self._check_sizes(pos, btype, codec, stored_len, raw_len, count, ts_min, ts_max)
-        if btype == BlockType.EVENTS and end < size:
+        if btype == BlockType.EVENTS and end < size and not self.skip_damaged:
             f.seek(end)  # not the last block: its CRC is checked when it is decoded
         else:
             stored = f.read(stored_len)
@@ -623,10 +715,12 @@ class Recording(EventSource):
         return parts
 
 
-def open_recording(path: str | os.PathLike[str], *, name: str | None = None) -> Recording:
+def open_recording(path: str | os.PathLike[str], *, name: str | None = None,
+                   skip_damaged: bool = False) -> Recording:
     """Open a recording; UsageError (one line) if it is missing or not a recording.
-    ``name``: what messages call it (default: the path)."""
-    return Recording(path, name=name)
+    ``name``: what messages call it (default: the path); ``skip_damaged``: see
+    :class:`Recording`."""
+    return Recording(path, name=name, skip_damaged=skip_damaged)
 
 
 def is_recording(path: str | os.PathLike[str]) -> bool:

@@ -73,7 +73,10 @@ def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
         raw = rd.stream(npatch * (4 + full))
         pos = np.frombuffer(raw, "<u4", npatch)
         vals = np.frombuffer(raw, dtype, npatch, 4 * npatch)
-    lo_t = dtype.type(lo)
+    try:
+        lo_t = dtype.type(lo)
+    except OverflowError:
+        raise ValueError(f"column base {lo} out of range of {dtype}") from None
     nbytes, nbits = divmod(bits, 8)
     if nbytes:
         d = np.add(np.frombuffer(rd.stream(n), np.uint8), lo_t, dtype=dtype)

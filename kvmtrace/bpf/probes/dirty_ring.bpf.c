@@ -30,7 +30,8 @@
  * with the push rate; each reset fills in pushes, used and overflow from its indices, see
  * kt_light_reset() in dirty_ring_defs.h), KT_MODE_RECORD (every event as a struct kt_event
  * into the ring buffer `events`, KT_EMIT_EVENTS).
- * Options (-D): KT_PID (0 = every process), KT_RINGBUF_PAGES, KT_RB_FLAGS and
+ * Options (-D): KT_PID (0 = every process), KT_FOLLOW (KT_PID and its descendants, see
+ * kt_wanted()), KT_RINGBUF_PAGES, KT_RB_FLAGS and
  * KT_RB_WAKE_EVERY (the ring buffer), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes),
  * KT_VM_PTR with its offsets and addresses (VM identity by struct kvm *, see above),
  * KT_FD_WALK (fds the fallback walk looks at). Tests and benchmarks only: KT_NO_FAST_PUSH
@@ -373,10 +374,65 @@ static __always_inline s32 kt_fd_vm(u32 pid, s32 fd)
 	return e ? fd | (e->gen << KT_GEN_SHIFT) : fd;
 }
 
+/*
+ * KT_FOLLOW (with KT_PID, for `-- COMMAND`): trace KT_PID's whole process tree. A program on
+ * sched:sched_process_fork adds each new task of a followed process to `followed` before
+ * the task can run (so before a VMM it became could create a vCPU): a new process by its
+ * tgid; a new thread by its tid too (the tracepoint does not tell them apart; a living
+ * thread's tid is no other process's tgid). sched:sched_process_exit removes a thread's
+ * tid, and a process's tgid when its thread group is dead (group_dead, KT_EXIT_GROUP_DEAD
+ * where the kernel has that field; else when its main thread exits), so a reused pid is
+ * not followed.
+ */
+#ifdef KT_FOLLOW
+#ifndef KT_MAX_FOLLOW
+#define KT_MAX_FOLLOW 16384
+#endif
+BPF_HASH(followed, u32, u8, KT_MAX_FOLLOW);
+
+static __always_inline int kt_wanted(u32 pid)
+{
+	return pid == KT_PID || followed.lookup(&pid);
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	u32 parent = bpf_get_current_pid_tgid() >> 32;   /* the forking task is current */
+	u32 child = args->child_pid;
+	u8 one = 1;
+
+	if (kt_wanted(parent) && followed.update(&child, &one))
+		kt_lost(KT_LOST_MAPS);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();   /* the exiting task is current */
+	u32 tgid = id >> 32, tid = (u32)id;
+
+	if (tid != tgid)
+		followed.delete(&tid);
+#ifdef KT_EXIT_GROUP_DEAD
+	if (args->group_dead)
+		followed.delete(&tgid);
+#else
+	else
+		followed.delete(&tgid);
+#endif
+	return 0;
+}
+#else
+static __always_inline int kt_wanted(u32 pid)
+{
+	return !KT_PID || pid == KT_PID;
+}
+#endif
+
 #define KT_SELF()                                                   \
 	u64 id = bpf_get_current_pid_tgid();                            \
 	u32 pid = id >> 32, tid = (u32)id;                              \
-	if (KT_PID && pid != KT_PID)                                    \
+	if (!kt_wanted(pid))                                            \
 		return 0
 
 #ifndef KT_NO_PUSH
@@ -717,7 +773,9 @@ RAW_TRACEPOINT_PROBE(kvm_dirty_ring_push)
 	/* TP_PROTO(struct kvm_dirty_ring *ring, u32 slot, u64 offset) */
 #ifdef KT_FAST_PUSH
 #if KT_PID
-	if ((bpf_get_current_pid_tgid() >> 32) != KT_PID)
+	u32 me = bpf_get_current_pid_tgid() >> 32;
+
+	if (!kt_wanted(me))
 		return 0;
 #endif
 	if (kt_push_fast(ctx->args[0]))

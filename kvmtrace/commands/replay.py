@@ -51,8 +51,6 @@ EPILOG = """examples:
 exit status: 0 clean, 1 anomalies found (or lost events), 2 bad input
 """
 
-
-
 MIN_WINDOW_S = 1e-3  #: the shortest --window: 1 ms
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -193,13 +194,25 @@ def test_ring_above_kernel_max_library(kvm):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_ends_run_like_duration(kvm, signum):
+def test_signal_ends_run_like_duration(kvm, signum, tmp_path):
     """SIGTERM/SIGINT (how `top -- workload` quits its child, and Ctrl-C) stop the vCPUs,
     harvest the rings a last time and still print the result, exit 0: nothing is lost."""
+    pid_file = tmp_path / "pid"
     proc = subprocess.Popen(kvmtrace_cmd("workload", "--vcpus", "2", "--ring-bytes", "4096",
                                          "--pages", "2000", "--exit-every", "1",
-                                         "--duration", "60", "--json"),
+                                         "--duration", "60", "--json",
+                                         "--pid-file", str(pid_file)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the end handlers are set just after the vCPU threads start (a loaded host may take
+    # seconds to get there): wait for the two vCPU threads, then give them 1.5 s to run
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len(os.listdir(f"/proc/{proc.pid}/task")) >= 3 and pid_file.exists():
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
     time.sleep(1.5)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)

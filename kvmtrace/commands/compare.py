@@ -1,10 +1,18 @@
 """``kvmtrace compare BASE NEW``: did a kernel or VMM change make the dirty ring slower?
 
-Profiles both traces (recording, tracefs text or ``perf script`` text, detected) with
-:func:`kvmtrace.analysis.profile.profile_source`, compares them with
-:func:`kvmtrace.analysis.comparison.compare_profiles` and prints an 80-column table
-(:mod:`kvmtrace.views.compare_text`) or one JSON object. Exit status: 0 no regression,
-1 a regression found, 2 bad input.
+Each side is a trace (recording, tracefs or ``perf script`` text, detected) or a bundle of
+repetitions written by ``kvmtrace bench`` (a directory); :func:`resolve` turns each into a
+:class:`~kvmtrace.analysis.bundle.Bundle` (a list of trace paths and the bundle's
+metadata), the seam every view of a comparison starts from.
+
+- One trace on each side: :func:`kvmtrace.analysis.comparison.compare_profiles`, per ring
+  index, percentiles judged with a bootstrap of the two traces' own values (JSON schema 1).
+- More runs on a side: :func:`kvmtrace.analysis.rep_comparison.compare_reps`, per metric
+  the change of the mean over runs with a Welch t-interval (JSON schema 2).
+
+Both add the ring anomalies (overflowed or stuck rings): in NEW only, a regression.
+Output: an 80-column table (:mod:`kvmtrace.views.compare_text`) or one JSON object.
+Exit status: 0 no regression, 1 a regression found, 2 bad input.
 """
 
 from __future__ import annotations
@@ -13,68 +21,156 @@ import argparse
 import json
 import math
 import sys
+from typing import Any
 
+from ..analysis.bundle import Bundle, RepMetrics, load_side, measure
+from ..analysis.comparison import Thresholds, metric_key
+from ..analysis.profile import Profile
 from ..errors import UsageError
 from .args import add_input, add_json, add_ring_size, add_subcommand
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "resolve", "parse_thresholds", "measure_side", "METRIC_GROUPS",
+           "METRIC_KEYS"]
 
 EPILOG = """examples:
   kvmtrace compare before.kvt after.kvt          # two recordings of the same workload
   kvmtrace compare old.txt new.txt --ring-bytes 4096   # tracefs or perf script text
   kvmtrace compare before.kvt after.kvt --threshold 5 --json | jq '.metrics[]'
+  kvmtrace compare kernelA/ kernelB/             # two kvmtrace bench bundles
+  kvmtrace compare kernelA/ kernelB/ --threshold stall_p50=5% --threshold 20
 
-a verdict needs a change beyond the threshold and, for stall and reset-latency
-percentiles, a bootstrap interval of the difference that excludes zero.
+two traces: a verdict needs a change beyond the threshold and, for stall and
+reset-latency percentiles, a bootstrap interval of the difference that excludes zero.
+bundles: a verdict needs a change of the mean over runs beyond the threshold and a
+95% Welch t-interval of that change that excludes zero. A ring that overflowed or got
+stuck in NEW but in no BASE run is a regression by itself.
 exit status: 0 no regression, 1 a regression found, 2 bad input
 """
 
+#: metric keys --threshold KEY=PCT accepts; the keys of one group name one metric (two
+#: traces are compared per ring, bundles per run: their rows are named a little apart)
+METRIC_GROUPS = (
+    ("push_rate", "push_rate_per_vcpu"), ("dirty_mbps", "dirty_mb_s"),
+    ("soft_full_exits_10k", "soft_full_per_1k", "soft_full_1k_pushes"),
+    ("entries_per_reset",), ("max_used",), ("overwritten",), ("lost_events",),
+    ("stall_p50",), ("stall_p90",), ("stall_p99",),
+    ("reset_latency_p50", "reset_lat_p50"), ("reset_latency_p90", "reset_lat_p90"),
+    ("reset_latency_p99", "reset_lat_p99"),
+)
+METRIC_KEYS = tuple(k for group in METRIC_GROUPS for k in group)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_subcommand(
         sub, "compare",
-        help="compare two traces: dirty rate, stalls, reset latency; flag regressions",
+        help="compare two traces or bench bundles: dirty rate, stalls, reset latency; "
+        "flag regressions",
         description="Compare a BASE and a NEW trace of the same workload (recordings, "
         "tracefs or perf\nscript text) per ring index: push rate, soft-full exits per 10k "
         "pushes, entries\nper reset, max used, overwritten entries, and exact stall and "
-        "reset-latency\npercentiles, each with base, new, change and a verdict.",
+        "reset-latency\npercentiles, each with base, new, change and a verdict. BASE and "
+        "NEW may be\nbundles of runs (kvmtrace bench -o DIR): then each metric's change "
+        "of the mean\nover runs gets a confidence interval.",
         epilog=EPILOG, run=run,
     )
-    add_input(p, "the trace before the change", "base")
-    add_input(p, "the trace after the change", "new")
-    p.add_argument("--threshold", type=float, default=10.0, metavar="PCT",
-                   help="smallest change in percent that gets a verdict (default 10)")
+    add_input(p, "the trace or bench bundle before the change", "base")
+    add_input(p, "the trace or bench bundle after the change", "new")
+    p.add_argument("--threshold", action="append", default=[], metavar="[METRIC=]PCT",
+                   help="smallest change in percent that gets a verdict (default 10); "
+                   "METRIC=PCT for one metric, e.g. stall_p50=5%% (repeatable)")
     add_json(p)
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
 
 
-def run(args: argparse.Namespace) -> int:
-    if not math.isfinite(args.threshold) or not 0 <= args.threshold < 1e6:
-        raise UsageError(f"--threshold {args.threshold}: not a percentage",
-                         "give a number from 0 up, e.g. --threshold 10")
-    from ..analysis.comparison import compare_profiles
-    from ..analysis.profile import profile_source
+def _pct(text: str, flag: str) -> float:
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value < 1e6:
+        raise UsageError(f"--threshold {flag}: not a percentage",
+                         "give a number from 0 up, e.g. --threshold 10 or stall_p50=5%")
+    return value
+
+
+def parse_thresholds(items: list[str]) -> Thresholds:
+    """``--threshold`` values: ``PCT`` (the default, last one wins) or ``METRIC=PCT``."""
+    default = 10.0
+    per: dict[str, float] = {}
+    for item in items:
+        if "=" not in item:
+            default = _pct(item, item)
+            continue
+        name, _, pct = item.partition("=")
+        key = metric_key(name)
+        group = next((g for g in METRIC_GROUPS if key in g), None)
+        if group is None:
+            raise UsageError(f"--threshold {item}: unknown metric {name!r}",
+                             "use one of " + ", ".join(g[0] for g in METRIC_GROUPS))
+        value = _pct(pct, item)
+        per.update(dict.fromkeys(group, value))
+    return Thresholds(default, per)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Bundle, Bundle]:
+    """BASE and NEW as bundles (a single trace is a bundle of one)."""
+    return load_side(args.base), load_side(args.new)
+
+
+def measure_side(side: Bundle, args: argparse.Namespace) -> list[tuple[Profile, RepMetrics]]:
+    """Profile every trace of ``side`` (one pass each); warnings on stderr."""
     from ..source.detect import open_source
 
-    profiles = []
-    for path in (args.base, args.new):
+    out = []
+    for path in side.recordings:
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
         try:
-            profiles.append(profile_source(src))
+            out.append(measure(src, str(path)))
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
+        finally:
+            src.close()
         for w in src.warnings:  # text whose rings were not all told apart
             print(f"kvmtrace compare: warning: {path}: {w}", file=sys.stderr)
         if src.truncated:
             print(f"kvmtrace compare: warning: {path} ends early (writer killed?); "
                   "compared what it holds", file=sys.stderr)
-    cmp = compare_profiles(*profiles, base_path=args.base, new_path=args.new,
-                           threshold_pct=args.threshold)
-    if args.json:
-        print(json.dumps(cmp.to_dict(), allow_nan=False))
-    else:
-        from ..views.compare_text import render_text
+    return out
 
-        print(render_text(cmp))
-    return cmp.exit_status
+
+def _side_json(b: Bundle, reps: list[RepMetrics]) -> dict[str, Any]:
+    return {"path": str(b.path), "bundle": b.meta, "runs": len(reps),
+            "recordings": [r.to_dict() for r in reps]}
+
+
+def run(args: argparse.Namespace) -> int:
+    thresholds = parse_thresholds(args.threshold)
+    base, new = resolve(args)
+    measured = [measure_side(base, args), measure_side(new, args)]
+    if base.reps == 1 and new.reps == 1:
+        from ..analysis.comparison import compare_profiles
+
+        (pb, mb), (pn, mn) = measured[0][0], measured[1][0]
+        cmp = compare_profiles(pb, pn, base_path=str(base.recordings[0]),
+                               new_path=str(new.recordings[0]), thresholds=thresholds,
+                               base_anomalies=mb.anomalies, new_anomalies=mn.anomalies)
+        if args.json:
+            print(json.dumps(cmp.to_dict(), allow_nan=False))
+        else:
+            from ..views.compare_text import render_text
+
+            print(render_text(cmp))
+        return cmp.exit_status
+    from ..analysis.rep_comparison import compare_reps
+
+    mbase, mnew = [m for _, m in measured[0]], [m for _, m in measured[1]]
+    reps = compare_reps(mbase, mnew, thresholds)
+    if args.json:
+        out = {"schema": reps.to_dict()["schema"], "base": _side_json(base, mbase),
+               "new": _side_json(new, mnew), **reps.to_dict()}
+        print(json.dumps(out, allow_nan=False))
+    else:
+        from ..views.compare_text import render_reps
+
+        print(render_reps(reps, base, new))
+    return reps.exit_status

@@ -29,7 +29,7 @@ from ..analysis.profile import Profile
 from ..errors import UsageError
 from .args import add_input, add_json, add_ring_size, add_subcommand
 
-__all__ = ["register", "run", "resolve", "parse_thresholds", "measure_side", "METRIC_GROUPS",
+__all__ = ["register", "run", "resolve", "parse_thresholds", "measure_side", "scenario_warning", "METRIC_GROUPS",
            "METRIC_KEYS"]
 
 EPILOG = """examples:
@@ -143,9 +143,24 @@ def _side_json(b: Bundle, reps: list[RepMetrics]) -> dict[str, Any]:
             "recordings": [r.to_dict() for r in reps]}
 
 
+def scenario_warning(base: Bundle, new: Bundle) -> str | None:
+    """One line when two bundles ran different scenarios (VMM or workload flags)."""
+    if base.meta is None or new.meta is None:
+        return None
+    a = (base.meta.get("vmm"), base.meta.get("workload_args"))
+    b = (new.meta.get("vmm"), new.meta.get("workload_args"))
+    if a == b:
+        return None
+    return (f"kvmtrace compare: warning: the bundles ran different scenarios: base "
+            f"{a[0]} {' '.join(a[1] or [])}; new {b[0]} {' '.join(b[1] or [])}")
+
+
 def run(args: argparse.Namespace) -> int:
     thresholds = parse_thresholds(args.threshold)
     base, new = resolve(args)
+    warning = scenario_warning(base, new)
+    if warning:
+        print(warning, file=sys.stderr)
     measured = [measure_side(base, args), measure_side(new, args)]
     if base.reps == 1 and new.reps == 1:
         from ..analysis.comparison import compare_profiles

@@ -177,10 +177,12 @@ def _bundle_side(label: str, b: Bundle) -> list[str]:
     return out
 
 
+def _num(v: float) -> str:
+    return f"{v:+.0f}" if abs(v) >= 1000 else f"{v:+.1f}"
+
+
 def _pct(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return "+inf" if v == math.inf else f"{v:+.1f}%"
+    return "-" if v is None else _num(v) + "%"
 
 
 def _rep_mark(row: RepRow) -> str:
@@ -210,11 +212,11 @@ def render_reps(cmp: RepComparison, base: Bundle, new: Bundle) -> str:
                                   mark="verdict").rstrip())
     for row in cmp.rows:
         ci = "-" if row.ci_low_pct is None or row.ci_high_pct is None else \
-            f"[{row.ci_low_pct:+.1f}, {row.ci_high_pct:+.1f}]"
+            f"[{_num(row.ci_low_pct)}, {_num(row.ci_high_pct)}]"
         lines.append(_REP_LINE.format(
             name=row.name[:19], base=format_value(row.base_mean, row.unit),
             new=format_value(row.new_mean, row.unit), change=_pct(row.change_pct),
-            ci=ci[:17], mark=_rep_mark(row)).rstrip())
+            ci=ci, mark=_rep_mark(row)).rstrip())
     lines.append("")
     lines += _anomaly_lines(cmp.anomalies)
     if cmp.regressions:

@@ -29,8 +29,8 @@ from ..analysis.profile import Profile
 from ..errors import UsageError
 from .args import add_input, add_json, add_ring_size, add_subcommand
 
-__all__ = ["register", "run", "resolve", "parse_thresholds", "measure_side", "scenario_warning", "METRIC_GROUPS",
-           "METRIC_KEYS"]
+__all__ = ["register", "run", "resolve", "parse_thresholds", "measure_side",
+           "scenario_warning", "METRIC_GROUPS", "METRIC_KEYS"]
 
 EPILOG = """examples:
   kvmtrace compare before.kvt after.kvt          # two recordings of the same workload

@@ -157,7 +157,7 @@ def _anomaly_lines(rows: Sequence[AnomalyRow]) -> list[str]:
     return out
 
 
-_REP_LINE = "{name:<19} {base:>11} {new:>11} {change:>8} {ci:>17}  {mark}"
+_REP_LINE = "{name:<19} {base:>10} {new:>10} {change:>8} {ci:>17}  {mark}"
 
 
 def _bundle_side(label: str, b: Bundle) -> list[str]:
@@ -201,8 +201,8 @@ def render_reps(cmp: RepComparison, base: Bundle, new: Bundle) -> str:
     lines = [*_bundle_side("base", base), *_bundle_side("new ", new)]
     lines.append(f"# change of the mean over runs; {CONFIDENCE:.0%} Welch t-interval of "
                  "the change;")
-    lines.append(f"#   a verdict needs the interval to exclude 0 and a change beyond "
-                 f"{cmp.thresholds.default_pct:g}%")
+    lines.append(f"#   a verdict needs the whole interval beyond the threshold "
+                 f"({cmp.thresholds.default_pct:g}%)")
     per = ", ".join(f"{k}={v:g}%" for k, v in sorted(cmp.thresholds.per_metric.items()))
     if per:
         lines.append(_clip(f"#   (thresholds: {per})"))

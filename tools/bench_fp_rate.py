@@ -47,6 +47,14 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def bench(out: Path, reps: int, preset: str) -> None:
+    """``kvmtrace bench`` into ``out``, unless a bundle is there already (--keep DIR of an
+    earlier run: its bundles are compared again)."""
+    if (out / "bundle.json").is_file():
+        return
+    if out.is_dir():  # an interrupted earlier run: start this bundle again
+        for f in out.iterdir():
+            f.unlink()
+        out.rmdir()
     p = subprocess.run(kvmtrace_cmd("bench", "-o", str(out), "--reps", str(reps),
                                     "--preset", preset),
                        capture_output=True, text=True, timeout=120 + 60 * reps)
@@ -61,7 +69,8 @@ def main() -> int:
     ap.add_argument("--preset", default="small-ring-heavy", help="bench preset")
     ap.add_argument("--threshold", action="append", default=[],
                     help="passed to kvmtrace compare (repeatable)")
-    ap.add_argument("--keep", metavar="DIR", help="write the bundles here and keep them")
+    ap.add_argument("--keep", metavar="DIR", help="write the bundles here and keep them "
+                    "(bundles already there are reused)")
     args = ap.parse_args()
     require_root("bench_fp_rate", "kvmtrace bench loads BPF", kvm=True)
     thresholds = parse_thresholds(args.threshold)

@@ -34,7 +34,10 @@ from ..analysis.bundle import (
 )
 from ..errors import KvmtraceError, UsageError
 from ..host.outfile import atomic_output
+from ..vmm.workload import WorkloadConfig
 from .args import HOOKS, Parser, add_subcommand, integer
+from .bench_qemu import QEMU_DEFAULT_FLAGS, QemuRuns, check_qemu_config
+from .record import RecordSummary
 
 __all__ = ["register", "run", "PRESETS", "MAX_REPS", "host_facts", "workload_flags",
            "run_bench", "BenchResult"]
@@ -71,6 +74,16 @@ examples:
   kvmtrace compare base/ cand/                                   # exit 1: a regression
   kvmtrace bench -o slow/ --reps 3 -- --vcpus 2 --pages 2000 --harvest-delay-us 200
   kvmtrace bench -o r/ --preset reaper -- --reaper-ms 20         # a preset, one flag changed
+  kvmtrace bench -o q/ --qemu --reps 3 -- --vcpus 2 --ring-entries 4096 --duration 2
+
+--qemu: one QEMU for the bundle, on kvmtrace's multiboot guest (--vcpus, --pages,
+--pattern, --seed, --exit-every, --ring-entries 1024..65536 apply), started as
+  qemu-system-x86_64 -nodefaults [-bios /usr/share/qemu/qboot.rom]
+    -accel kvm,dirty-ring-size=ENTRIES -m MIB -smp VCPUS -kernel GUEST.elf
+    -display none -serial none -no-reboot -qmp unix:SOCK,server=on,wait=off
+    -name guest=kvmtrace-bench
+each run is one QMP calc-dirty-rate (mode dirty-ring, calc-time --duration, 1 s)
+recorded with record -p; QEMU's own MB/s goes to metrics.json as the run's truth.
 
 the flags after -- are those of kvmtrace workload (see kvmtrace workload --help), given
 after the preset's, so they override it.
@@ -94,30 +107,41 @@ def register(sub: argparse._SubParsersAction) -> None:
                    metavar="N", help="runs (default 5)")
     p.add_argument("--preset", choices=tuple(PRESETS), metavar="NAME",
                    help=f"named scenario: {', '.join(PRESETS)}")
+    p.add_argument("--qemu", action="store_true",
+                   help="run the scenario on QEMU (one QEMU, each run one calc-dirty-rate "
+                   "of --duration S, 1 s by default; see the command line in "
+                   "kvmtrace.commands.bench_qemu)")
     p.add_argument("--hook", choices=HOOKS, default="auto",
                    help="raw tracepoints or tracepoints (default: best available)")
     p.add_argument("workload", nargs=argparse.REMAINDER, metavar="-- WORKLOAD FLAGS",
                    help="kvmtrace workload flags (after the preset's)")
 
 
-def workload_flags(preset: str | None, extra: list[str]) -> tuple[str | None, list[str]]:
-    """The preset's name (the default one when neither is given) and the workload flags,
-    checked by workload's own parser (UsageError or its one-line exit 2 when bad)."""
+def workload_flags(preset: str | None, extra: list[str], *, qemu: bool = False
+                   ) -> tuple[str | None, list[str], WorkloadConfig]:
+    """The preset's name (the default one when neither is given; with ``qemu`` QEMU's
+    default flags instead), the workload flags and their config, checked by workload's own
+    parser (UsageError or its one-line exit 2 when bad)."""
     extra = extra[1:] if extra[:1] == ["--"] else list(extra)
     bad = [f for f in extra if f.split("=", 1)[0] in _FORBIDDEN]
     if bad:
         raise UsageError(f"workload flag {bad[0]} cannot be given to bench",
                          "bench sets the workload's output itself; drop it")
-    if preset is None and not extra:
-        preset = DEFAULT_PRESET
-    flags = [*(PRESETS[preset] if preset else ()), *extra]
+    base: tuple[str, ...] = ()
+    if preset is not None:
+        base = PRESETS[preset]
+    elif not extra:
+        preset, base = (None, QEMU_DEFAULT_FLAGS) if qemu else (DEFAULT_PRESET,
+                                                                  PRESETS[DEFAULT_PRESET])
+    flags = [*base, *extra]
     from . import workload
 
     parser = Parser(prog="kvmtrace bench")
     workload.register(parser.add_subparsers())
     args = parser.parse_args(["workload", *flags])
-    workload.config_from_args(args).validate()
-    return preset, flags
+    cfg = workload.config_from_args(args)
+    cfg.validate()
+    return preset, flags, cfg
 
 
 def _first_line(path: str, key: str) -> str | None:
@@ -195,37 +219,71 @@ def _write_json(path: Path, obj: Any) -> None:
         out.file.write("\n")
 
 
-def run_bench(out: Path, flags: list[str], reps: int, *, preset: str | None = None,
-              hook: str = "auto", progress: bool = True) -> BenchResult:
-    """Record ``reps`` runs of ``kvmtrace workload --json FLAGS`` into the existing empty
-    directory ``out``; write metrics.json and bundle.json (also after an interruption,
-    with the runs done, unless none was)."""
-    from ..source.recording import open_recording
+def _workload_run(path: Path, command: list[str], hook: str
+                  ) -> tuple[RecordSummary | None, dict[str, Any] | None]:
+    """One run of the built-in VMM under record: (summary, the VMM's --json), or (None,
+    None) when Ctrl-C/SIGTERM ended it."""
     from .record import record
+
+    with tempfile.TemporaryFile() as child_out:
+        summary = record(path, command=command, hook=hook, quiet=True, stdout=child_out)
+        child_out.seek(0)
+        truth = _truth(child_out.read())
+    if summary.child_status is None or summary.child_status < 0:
+        return None, None  # Ctrl-C/SIGTERM stopped record and the workload
+    if summary.child_status:
+        raise KvmtraceError(f"{path.name}: kvmtrace workload exited with status "
+                            f"{summary.child_status}",
+                            "run kvmtrace workload with these flags to see why")
+    return summary, truth
+
+
+def _qemu_run(path: Path, qemu: QemuRuns, hook: str
+              ) -> tuple[RecordSummary | None, dict[str, Any] | None]:
+    """One calc-dirty-rate of QEMU under record -p: (summary, QEMU's answer)."""
+    from .record import record
+
+    answer: dict[str, Any] = {}
+    duration = qemu.seconds + 2.0
+    thread = qemu.calc_while(path, answer)
+    summary = record(path, pid=qemu.pid, duration=duration, hook=hook, quiet=True)
+    thread.join(qemu.seconds + 35)
+    if summary.seconds < duration:
+        return None, None  # Ctrl-C/SIGTERM stopped record before its time
+    if "error" in answer or "qemu" not in answer:
+        raise KvmtraceError(f"{path.name}: QMP calc-dirty-rate failed: "
+                            f"{answer.get('error', 'no answer')}",
+                            "run the QEMU command line of kvmtrace bench --help by hand")
+    return summary, answer["qemu"]
+
+
+def run_bench(out: Path, flags: list[str], reps: int, *, preset: str | None = None,
+              hook: str = "auto", progress: bool = True,
+              qemu: QemuRuns | None = None) -> BenchResult:
+    """Record ``reps`` runs of ``kvmtrace workload --json FLAGS`` (or, with ``qemu``, of
+    QEMU's calc-dirty-rate) into the existing empty directory ``out``; write metrics.json
+    and bundle.json (also after an interruption, with the runs done, unless none was)."""
+    from ..source.recording import open_recording
 
     command = [sys.executable, "-m", "kvmtrace", "workload", "--json", *flags]
     meta: dict[str, Any] = {
         "schema": BUNDLE_SCHEMA, "kind": BUNDLE_KIND, "kvmtrace_version": __version__,
         "vmm": "kvmtrace workload", "preset": preset, "workload_args": flags,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **host_facts()}
+    if qemu is not None:
+        meta.update(vmm="qemu", qemu_version=qemu.version, qemu_argv=qemu.argv,
+                    calc_time_s=qemu.seconds)
     rows: list[dict[str, Any]] = []
     names: list[str] = []
     interrupted = False
     for rep in range(1, reps + 1):
         path = out / rep_name(rep)
-        with tempfile.TemporaryFile() as child_out:
-            summary = record(path, command=command, hook=hook, quiet=True,
-                             stdout=child_out)
-            child_out.seek(0)
-            truth = _truth(child_out.read())
-        if summary.child_status is None or summary.child_status < 0:
-            interrupted = True  # Ctrl-C/SIGTERM stopped record and the workload
+        summary, truth = (_workload_run(path, command, hook) if qemu is None
+                          else _qemu_run(path, qemu, hook))
+        if summary is None:
+            interrupted = True
             path.unlink(missing_ok=True)
             break
-        if summary.child_status:
-            raise KvmtraceError(f"run {rep}: kvmtrace workload exited with status "
-                                f"{summary.child_status}; {out} is no bundle",
-                                "run kvmtrace workload with these flags to see why")
         src = open_recording(path)
         try:
             _, metrics = measure(src, path.name)
@@ -252,9 +310,17 @@ def run_bench(out: Path, flags: list[str], reps: int, *, preset: str | None = No
 
 
 def run(args: argparse.Namespace) -> int:
-    preset, flags = workload_flags(args.preset, list(args.workload or []))
+    preset, flags, cfg = workload_flags(args.preset, list(args.workload or []),
+                                        qemu=args.qemu)
+    qemu = QemuRuns(cfg, check_qemu_config(cfg)) if args.qemu else None
     out = _make_dir(args.output)
-    result = run_bench(out, flags, args.reps, preset=preset, hook=args.hook)
+    try:
+        if qemu is not None:
+            qemu.start()
+        result = run_bench(out, flags, args.reps, preset=preset, hook=args.hook, qemu=qemu)
+    finally:
+        if qemu is not None:
+            qemu.close()
     if result.interrupted:
         print(f"kvmtrace bench: interrupted after {result.reps} run(s)"
               + (f"; {out} holds them" if result.reps else ""), file=sys.stderr)

@@ -181,3 +181,41 @@ def test_refuses_a_non_empty_directory(tmp_path: Path):
     (line,) = p.stderr.splitlines()
     assert line.startswith("kvmtrace bench: error: -o ") and "is not empty" in line
     assert os.listdir(tmp_path / "old") == ["keep.txt"]
+
+
+def test_qemu_bundle_against_qemus_own_figures(tmp_path: Path):
+    """``bench --qemu``: one QEMU, each run one recorded calc-dirty-rate. On the first run
+    (a fresh QEMU: every ring's reset_index starts at 0) the entries QEMU harvested in its
+    window, read from the recording's resets, give QEMU's own per-vCPU MB/s exactly; on
+    every run QEMU's VM figure is the sum of its per-vCPU ones."""
+    import importlib.util
+    import shutil
+
+    from conftest import require
+
+    from kvmtrace.testing.qemu import QemuDirtyRate, compare_with_qemu, qemu_mbps
+
+    require_kvm_bpf()
+    require(shutil.which("qemu-system-x86_64") is not None, "QEMU not installed")
+    require(importlib.util.find_spec("qemu.qmp") is not None, "qemu.qmp not installed")
+    out = tmp_path / "q"
+    p = bench(out, "--qemu", "--reps", "2", "--", "--vcpus", "2", "--ring-entries", "4096")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["vmm"] == "qemu" and meta["calc_time_s"] == 1
+    assert meta["qemu_argv"][0].endswith("qemu-system-x86_64")
+    assert "kvm,dirty-ring-size=4096" in meta["qemu_argv"]
+    reps = json.loads((out / "metrics.json").read_text())["reps"]
+    for i, r in enumerate(reps):
+        truth = r["truth"]
+        ans = truth["answer"]
+        vcpus = {int(v["id"]): int(v["dirty-rate"]) for v in ans["vcpu-dirty-rate"]}
+        assert ans["status"] == "measured" and sorted(vcpus) == [0, 1]
+        assert ans["dirty-rate"] == sum(vcpus.values())
+        ev = open_recording(out / r["path"]).read_all()
+        assert r["pushes"] == int((ev["kind"] == Kind.PUSH).sum())
+        if i == 0:
+            rate = QemuDirtyRate(ans["dirty-rate"], vcpus, ans["calc-time"],
+                                 ans["start-time"], truth["asked_ns"], truth["measured_ns"])
+            rows = compare_with_qemu(ev, {"rings": []}, rate)
+            assert [qemu_mbps(a.harvested, 1000) for a in rows] == [vcpus[0], vcpus[1]]

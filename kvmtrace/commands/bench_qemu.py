@@ -14,8 +14,10 @@ QEMU pushes to its dirty rings only while dirty logging is on, so each run is on
 ``calc-dirty-rate`` (mode ``dirty-ring``, ``calc-time`` = ``--duration`` rounded up, 1 s
 by default) recorded by :func:`kvmtrace.commands.record.record` with ``-p QEMU_PID``;
 QEMU's own answer (``query-dirty-rate``: integer MB/s per vCPU) is the run's ``truth`` in
-metrics.json. QMP goes through the ``qemu.qmp`` package's synchronous client. QEMU
-harvests by itself: the workload flags that steer the built-in VMM's harvest are refused.
+metrics.json (with the CLOCK_MONOTONIC ns of the command and of QEMU's answer, to
+line QEMU's window up with the recording). QMP goes through the ``qemu.qmp`` package's
+synchronous client. QEMU harvests by itself: the workload flags that steer the built-in
+VMM's harvest are refused.
 """
 
 from __future__ import annotations
@@ -134,8 +136,10 @@ class QemuRuns:
 
     def calc_while(self, ready: Path, out: dict[str, Any]) -> threading.Thread:
         """A thread that waits until ``ready`` (the recording's ``.partial`` file: the
-        probes are attached) exists, runs calc-dirty-rate and puts QEMU's answer (or the
-        error) in ``out``."""
+        probes are attached) exists, runs calc-dirty-rate and puts in ``out["qemu"]``
+        QEMU's answer (``answer``: query-dirty-rate's return) and CLOCK_MONOTONIC ns (the
+        recording's clock) just before the command (``asked_ns``) and once QEMU said
+        "measured" (``measured_ns``); or the error in ``out["error"]``."""
 
         def main() -> None:
             try:
@@ -144,15 +148,17 @@ class QemuRuns:
                     if time.monotonic() > deadline:
                         raise TimeoutError("the recorder did not start")
                     time.sleep(0.02)
+                asked = time.monotonic_ns()
                 self._qmp.cmd("calc-dirty-rate", **{"calc-time": self.seconds,
-                                                        "mode": "dirty-ring"})
+                                                    "mode": "dirty-ring"})
                 deadline = time.monotonic() + self.seconds + 30
                 while True:
                     info = self._qmp.cmd("query-dirty-rate")
                     if info.get("status") == "measured" or time.monotonic() > deadline:
                         break
                     time.sleep(0.01)
-                out["qemu"] = info
+                out["qemu"] = {"answer": info, "asked_ns": asked,
+                               "measured_ns": time.monotonic_ns()}
             except Exception as err:  # reported by the bench in the main thread
                 out["error"] = f"{type(err).__name__}: {err}"
 

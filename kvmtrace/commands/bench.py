@@ -278,8 +278,11 @@ def run_bench(out: Path, flags: list[str], reps: int, *, preset: str | None = No
     interrupted = False
     for rep in range(1, reps + 1):
         path = out / rep_name(rep)
-        summary, truth = (_workload_run(path, command, hook) if qemu is None
-                          else _qemu_run(path, qemu, hook))
+        try:
+            summary, truth = (_workload_run(path, command, hook) if qemu is None
+                              else _qemu_run(path, qemu, hook))
+        except KeyboardInterrupt:  # Ctrl-C outside record's own handler
+            summary = truth = None
         if summary is None:
             interrupted = True
             path.unlink(missing_ok=True)

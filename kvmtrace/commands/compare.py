@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", action="append", default=[], metavar="[METRIC=]PCT",
                    help="smallest change in percent that gets a verdict (default 10); "
                    "METRIC=PCT for one metric, e.g. stall_p50=5%% (repeatable)")
-    add_json(p)
+    add_json(p, "print one JSON object (schema 1: two traces; schema 2: bundles)")
     add_ring_size(p, "ring size in entries where a trace does not say (both traces)",
                   "ring size in bytes (as given to KVM_ENABLE_CAP); or --ring-entries")
 

@@ -2,7 +2,8 @@
 """False-positive rate of ``kvmtrace compare`` on bundles: same scenario against itself.
 
     .venv/bin/python tools/bench_fp_rate.py [--comparisons N] [--reps R] [--preset NAME]
-                                            [--threshold ...] [--keep DIR]   (root, /dev/kvm)
+                                            [--threshold ...] [--delay-us US] [--keep DIR]
+                                            (root, /dev/kvm)
 
 Writes 2N bundles of one preset with ``kvmtrace bench`` (R runs each, one after the other
 on this host) and compares them in N disjoint pairs with ``kvmtrace compare --json``: both
@@ -30,6 +31,7 @@ from pathlib import Path
 from _common import kvmtrace_cmd, parser, require_root
 
 from kvmtrace.analysis.bundle import load_side, measure
+from kvmtrace.analysis.comparison import Thresholds
 from kvmtrace.analysis.rep_comparison import compare_reps
 from kvmtrace.commands.compare import parse_thresholds
 from kvmtrace.source.recording import open_recording
@@ -46,7 +48,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-def bench(out: Path, reps: int, preset: str) -> None:
+def bench(out: Path, reps: int, preset: str, extra: tuple[str, ...] = ()) -> None:
     """``kvmtrace bench`` into ``out``, unless a bundle is there already (--keep DIR of an
     earlier run: its bundles are compared again)."""
     if (out / "bundle.json").is_file():
@@ -56,7 +58,7 @@ def bench(out: Path, reps: int, preset: str) -> None:
             f.unlink()
         out.rmdir()
     p = subprocess.run(kvmtrace_cmd("bench", "-o", str(out), "--reps", str(reps),
-                                    "--preset", preset),
+                                    "--preset", preset, *(("--", *extra) if extra else ())),
                        capture_output=True, text=True, timeout=120 + 60 * reps)
     if p.returncode != 0:
         raise SystemExit(f"bench_fp_rate: kvmtrace bench failed: {p.stderr.strip()[-400:]}")
@@ -69,6 +71,9 @@ def main() -> int:
     ap.add_argument("--preset", default="small-ring-heavy", help="bench preset")
     ap.add_argument("--threshold", action="append", default=[],
                     help="passed to kvmtrace compare (repeatable)")
+    ap.add_argument("--delay-us", type=float, metavar="US",
+                    help="give every second bundle --harvest-delay-us US: then the rate is "
+                    "the detection rate (stall_p50 a regression), not false positives")
     ap.add_argument("--keep", metavar="DIR", help="write the bundles here and keep them "
                     "(bundles already there are reused)")
     args = ap.parse_args()
@@ -87,8 +92,9 @@ def main() -> int:
     th_args = [a for t in args.threshold for a in ("--threshold", t)]
     for i in range(args.comparisons):
         pair = [root / f"c{i:02d}-a", root / f"c{i:02d}-b"]
-        for b in pair:
-            bench(b, args.reps, args.preset)
+        bench(pair[0], args.reps, args.preset)
+        bench(pair[1], args.reps, args.preset,
+              ("--harvest-delay-us", f"{args.delay_us:g}") if args.delay_us else ())
         bundles += pair
         p = subprocess.run(kvmtrace_cmd("compare", str(pair[0]), str(pair[1]), "--json",
                                         *th_args), capture_output=True, text=True,
@@ -98,16 +104,28 @@ def main() -> int:
         d = json.loads(p.stdout)
         what = [m["key"] for m in d["metrics"] if m["verdict"] == "regression"] + \
             [f"ring {a['kind']}" for a in d["anomalies"] if a["verdict"] == "regression"]
-        false_pos += p.returncode == 1
+        false_pos += (p.returncode == 1 if not args.delay_us else "stall_p50" in what)
         fired.update(what)
         print(f"comparison {i + 1:2d}: exit {p.returncode}"
               + (f"  regression: {', '.join(what)}" if what else ""), flush=True)
     n = args.comparisons
     lo, hi = wilson(false_pos, n)
-    print(f"\nfalse positives: {false_pos}/{n} = {false_pos / n:.1%} "
+    label = "false positives" if not args.delay_us else \
+        f"--harvest-delay-us {args.delay_us:g} detected as a stall_p50 regression"
+    print(f"\n{label}: {false_pos}/{n} = {false_pos / n:.1%} "
           f"(Wilson 95% interval {lo:.1%}..{hi:.1%}); {time.monotonic() - t0:.0f} s")
     if fired:
         print("fired: " + ", ".join(f"{k} {v}" for k, v in fired.most_common()))
+    if not args.delay_us:  # bundles of two scenarios have no all-pairs rate
+        all_pairs(bundles, thresholds)
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def all_pairs(bundles: list[Path], thresholds: Thresholds) -> None:
+    """The rate over every pair of ``bundles``, compared in this process."""
     reps = []
     for b in bundles:
         side = []
@@ -122,11 +140,6 @@ def main() -> int:
     hits = sum(compare_reps(reps[a], reps[b], thresholds).exit_status for a, b in pairs)
     print(f"every pair of the {len(reps)} bundles (not independent): {hits}/{len(pairs)} = "
           f"{hits / len(pairs):.1%}")
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,4 +10,6 @@
   :mod:`.throttle`: soft-full stalls split into harvest and throttle.
 - :mod:`.profile`: a trace's performance profile; :mod:`.comparison` compares two;
   :mod:`.distribution` holds exact distributions and the test of whether two differ.
+- :mod:`.bundle`: ``kvmtrace bench`` bundles (runs of one scenario) and the per-run
+  metrics of a trace; :mod:`.rep_comparison` compares two bundles over their runs.
 """

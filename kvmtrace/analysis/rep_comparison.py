@@ -5,24 +5,28 @@ RepMetrics`): push rate per vCPU, dirty MB/s, soft-full exits per 1,000 pushes, 
 reset, and the exact p50/p90/p99 of that run's stalls and reset latencies. A metric's change
 is that of the mean over repetitions, ``100 * (mean_new - mean_base) / mean_base``.
 
-Interval: Welch's t-interval (95 %) of ``mean_new - mean_base`` over the repetitions' values,
-as a percentage of ``mean_base``. Why t and not a bootstrap: bundles hold few repetitions
-(3-10); a bootstrap of 3 values has 10 distinct resamples and its percentile interval is
-too narrow at such sizes, while Welch's interval is built for small samples and unequal
-variances (a slower kernel is often a noisier one). The variation inside one run (thousands
-of stalls) is not used: runs differ more from each other than their own samples say. With
-one repetition on a side, that side's variance is taken to be the other side's (df of the
-other side); with one on both sides there is no interval (``kvmtrace compare`` then
-compares the two traces themselves, :func:`~kvmtrace.analysis.comparison.compare_profiles`).
+Interval: Welch's t-interval of ``mean_new - mean_base`` over the repetitions' values, as a
+percentage of ``mean_base``, at :data:`CONFIDENCE` (99.4 %): 95 % for the comparison as a
+whole, split over the :data:`JUDGED` metrics that get a verdict (Bonferroni), since a
+comparison that judges nine metrics at 95 % each calls one of them changed far more often
+than one time in twenty (measured on this host: 10 % of same-vs-same bundle pairs at 95 %
+each, 3 % with the correction; tools/bench_fp_rate.py).
+
+Why t and not a bootstrap: bundles hold few repetitions (3-10); a bootstrap of 3 values
+has 10 distinct resamples and its percentile interval is too narrow at such sizes, while
+Welch's interval is built for small samples and unequal variances (a slower kernel is
+often a noisier one). The variation inside one run (thousands of stalls) is not used:
+runs differ more from each other than their own samples say. With one repetition on a
+side, that side's variance is taken to be the other side's (df of the other side); with
+one on both sides there is no interval (``kvmtrace compare`` then compares the two traces
+themselves, :func:`~kvmtrace.analysis.comparison.compare_profiles`).
 
 Verdict (metrics with a direction): ``regression``/``improvement`` when the whole
 interval lies beyond the metric's threshold (:class:`~kvmtrace.analysis.comparison.
 Thresholds`, default 10 %) on the bad/good side: the change is then beyond the threshold
-with 97.5 % confidence, not merely different from zero. Else ``same``. Asking only that
-the interval exclude 0 gives each metric a 5 % false-positive rate, and a comparison of
-nine judged metrics one of about a third when tails (p99 of a hundred stalls) are noisy
-enough to pass any 10 % threshold, as they are on a loaded host; this asks for more
-evidence of a change the threshold says is worth reporting. Entries per reset has no
+with the interval's confidence, not merely different from zero. Else ``same``. Tails (p90
+of a hundred stalls) on a loaded host jump by far more than 10 % from run to run, so a
+threshold alone does not keep noise quiet; the interval does. Entries per reset has no
 direction (None). Anomalies (stuck or overflowed rings) are judged per
 :func:`~kvmtrace.analysis.comparison.compare_anomalies`; while either side has one, the
 stall and reset-latency percentiles get no verdict.
@@ -42,6 +46,8 @@ from .comparison import AnomalyRow, Thresholds, Verdict, compare_anomalies
 
 __all__ = [
     "REP_SCHEMA",
+    "FAMILY_CONFIDENCE",
+    "JUDGED",
     "CONFIDENCE",
     "INTERVAL_METHOD",
     "REP_METRICS",
@@ -53,7 +59,7 @@ __all__ = [
 ]
 
 REP_SCHEMA = 2  #: version of RepComparison.to_dict() (schema 1: two single traces)
-CONFIDENCE = 0.95
+FAMILY_CONFIDENCE = 0.95  #: of all a comparison's verdicts together (Bonferroni)
 INTERVAL_METHOD = "welch-t"
 
 #: (key, name, unit, direction: +1 higher is better, -1 lower is better, 0 none)
@@ -70,32 +76,63 @@ REP_METRICS: tuple[tuple[str, str, str, int], ...] = (
     ("reset_lat_p99", "reset latency p99", "ns", -1),
 )
 _DISTRIBUTIONS = ("stall_", "reset_lat_")
+JUDGED = sum(1 for *_, sign in REP_METRICS if sign)  #: metrics that get a verdict
+#: each metric's interval: Bonferroni over the JUDGED metrics, so that a comparison of two
+#: bundles of one scenario calls nothing a change with 95 % confidence as a whole
+CONFIDENCE = 1.0 - (1.0 - FAMILY_CONFIDENCE) / JUDGED
 
-# two-sided 95 % quantiles of Student's t (0.975), df 1..30, then 40, 60, 120, infinity
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
-         2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069,
-         2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-_T975_TAIL = ((30.0, 2.042), (40.0, 2.021), (60.0, 2.000), (120.0, 1.980), (math.inf, 1.960))
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        for aa in (m * (b - m) * x / ((a - 1 + 2 * m) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 1 + 2 * m))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
 
 
-def t_quantile(df: float) -> float:
-    """Student's t 0.975-quantile for ``df`` degrees of freedom (fractional df, as Welch's
-    gives, interpolated linearly in 1/df between tabulated values; df < 1 is taken as 1)."""
+def _betai(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    ln = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
+          + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(ln) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(ln) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_quantile(df: float, q: float = 0.975) -> float:
+    """Student's t ``q``-quantile (q > 0.5) for ``df`` degrees of freedom (fractional, as
+    Welch's gives; df < 1 is taken as 1): the tail ``0.5 * I_{df/(df+t^2)}(df/2, 1/2)``
+    solved for ``1 - q`` by bisection (no scipy here)."""
     df = max(1.0, df)
-    if df <= 30:
-        lo = int(df)
-        if lo == df:
-            return _T975[lo - 1]
-        a, b = (lo, _T975[lo - 1]), (lo + 1, _T975[lo])
-    else:
-        a, b = next(((x, tx), (y, ty)) for (x, tx), (y, ty)
-                    in zip(_T975_TAIL, _T975_TAIL[1:], strict=False) if x <= df <= y)
-    ia, ib, i = 1 / a[0], 1 / b[0] if math.isfinite(b[0]) else 0.0, 1 / df
-    return a[1] + (b[1] - a[1]) * (ia - i) / (ia - ib)
+
+    def tail(t: float) -> float:
+        return 0.5 * _betai(df / 2.0, 0.5, df / (df + t * t))
+
+    lo, hi = 0.0, 1.0
+    while tail(hi) > 1.0 - q:
+        hi *= 2.0
+    for _ in range(100):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if tail(mid) > 1.0 - q else (lo, mid)
+    return (lo + hi) / 2.0
 
 
-def welch_interval(base: Sequence[float], new: Sequence[float]) -> tuple[float, float] | None:
-    """95 % interval of ``mean(new) - mean(base)``; None with one value on both sides."""
+def welch_interval(base: Sequence[float], new: Sequence[float], confidence: float = 0.95
+                   ) -> tuple[float, float] | None:
+    """``confidence`` interval of ``mean(new) - mean(base)``; None with one value on both
+    sides."""
     nb, nn = len(base), len(new)
     if nb == 0 or nn == 0 or (nb < 2 and nn < 2):
         return None
@@ -115,7 +152,7 @@ def welch_interval(base: Sequence[float], new: Sequence[float]) -> tuple[float, 
     if not df:
         den = (vb / nb) ** 2 / (nb - 1) + (vn / nn) ** 2 / (nn - 1)
         df = se2 ** 2 / den
-    half = t_quantile(df) * math.sqrt(se2)
+    half = t_quantile(df, 1.0 - (1.0 - confidence) / 2.0) * math.sqrt(se2)
     diff = float(np.mean(new) - np.mean(base))
     return diff - half, diff + half
 
@@ -187,6 +224,8 @@ class RepComparison:
         """The metric part of ``--json`` (the command adds each side's bundle)."""
         return {"schema": REP_SCHEMA,
                 "interval": {"method": INTERVAL_METHOD, "confidence": CONFIDENCE,
+                             "family_confidence": FAMILY_CONFIDENCE,
+                             "correction": "bonferroni", "judged": JUDGED,
                              "over": "repetition means"},
                 "thresholds": self.thresholds.to_dict(),
                 "regressions": len(self.regressions),
@@ -215,7 +254,7 @@ def compare_reps(base: Sequence[RepMetrics], new: Sequence[RepMetrics],
             row.change_pct = 0.0
         elif row.base_mean:
             row.change_pct = 100.0 * (row.new_mean - row.base_mean) / row.base_mean
-        ci = welch_interval(vb, vn)
+        ci = welch_interval(vb, vn, CONFIDENCE)
         if ci is not None and row.base_mean:
             row.ci_low_pct = 100.0 * ci[0] / abs(row.base_mean)
             row.ci_high_pct = 100.0 * ci[1] / abs(row.base_mean)

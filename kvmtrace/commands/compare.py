@@ -41,9 +41,9 @@ EPILOG = """examples:
 
 two traces: a verdict needs a change beyond the threshold and, for stall and
 reset-latency percentiles, a bootstrap interval of the difference that excludes zero.
-bundles: a verdict needs the whole 95% Welch t-interval of the change of the mean over
-runs beyond the threshold. A ring that overflowed or got stuck in NEW but in no BASE
-run is a regression by itself.
+bundles: a verdict needs the whole Welch t-interval of the change of the mean over runs
+beyond the threshold (99.4% each: 95% for all nine verdicts together, Bonferroni).
+A ring that overflowed or got stuck in NEW but in no BASE run is a regression by itself.
 exit status: 0 no regression, 1 a regression found, 2 bad input
 """
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from ..analysis.bundle import Bundle
 from ..analysis.comparison import AnomalyRow, Comparison, MetricRow, Verdict
 from ..analysis.profile import ALL, Profile
-from ..analysis.rep_comparison import CONFIDENCE, RepComparison, RepRow
+from ..analysis.rep_comparison import CONFIDENCE, JUDGED, RepComparison, RepRow
 
 __all__ = ["render_text", "render_reps", "format_value"]
 
@@ -199,16 +199,16 @@ def _rep_mark(row: RepRow) -> str:
 def render_reps(cmp: RepComparison, base: Bundle, new: Bundle) -> str:
     """The report of two bundles, every line at most 80 columns."""
     lines = [*_bundle_side("base", base), *_bundle_side("new ", new)]
-    lines.append(f"# change of the mean over runs; {CONFIDENCE:.0%} Welch t-interval of "
-                 "the change;")
-    lines.append(f"#   a verdict needs the whole interval beyond the threshold "
-                 f"({cmp.thresholds.default_pct:g}%)")
+    lines.append(f"# change of the mean over runs; {CONFIDENCE:.1%} Welch t-interval of "
+                 "the change")
+    lines.append(f"#   (95% for all {JUDGED} verdicts); a verdict needs the whole interval "
+                 f"beyond {cmp.thresholds.default_pct:g}%")
     per = ", ".join(f"{k}={v:g}%" for k, v in sorted(cmp.thresholds.per_metric.items()))
     if per:
         lines.append(_clip(f"#   (thresholds: {per})"))
     lines.append("#")
     lines.append(_REP_LINE.format(name="metric", base="base mean", new="new mean",
-                                  change="change", ci=f"{CONFIDENCE:.0%} interval",
+                                  change="change", ci=f"{CONFIDENCE:.1%} interval",
                                   mark="verdict").rstrip())
     for row in cmp.rows:
         ci = "-" if row.ci_low_pct is None or row.ci_high_pct is None else \

@@ -117,15 +117,18 @@ def resolve(args: argparse.Namespace) -> tuple[Bundle, Bundle]:
     return load_side(args.base), load_side(args.new)
 
 
-def measure_side(side: Bundle, args: argparse.Namespace) -> list[tuple[Profile, RepMetrics]]:
-    """Profile every trace of ``side`` (one pass each); warnings on stderr."""
+def measure_side(side: Bundle, args: argparse.Namespace, *, keep_profiles: bool = True
+                 ) -> list[tuple[Profile | None, RepMetrics]]:
+    """Profile every trace of ``side`` (one pass each); warnings on stderr. Without
+    ``keep_profiles`` only the metrics stay (a profile holds every stall of its trace)."""
     from ..source.detect import open_source
 
     out = []
     for path in side.recordings:
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes)
         try:
-            out.append(measure(src, str(path)))
+            prof, metrics = measure(src, str(path))
+            out.append((prof if keep_profiles else None, metrics))
         except ValueError as err:  # a malformed block or line the source could not read
             raise UsageError(f"{path}: {err}", "check the file is complete") from None
         finally:
@@ -161,11 +164,14 @@ def run(args: argparse.Namespace) -> int:
     warning = scenario_warning(base, new)
     if warning:
         print(warning, file=sys.stderr)
-    measured = [measure_side(base, args), measure_side(new, args)]
-    if base.reps == 1 and new.reps == 1:
+    pair = base.reps == 1 and new.reps == 1  # two traces: compared per ring as such
+    measured = [measure_side(base, args, keep_profiles=pair),
+                measure_side(new, args, keep_profiles=pair)]
+    if pair:
         from ..analysis.comparison import compare_profiles
 
         (pb, mb), (pn, mn) = measured[0][0], measured[1][0]
+        assert pb is not None and pn is not None
         cmp = compare_profiles(pb, pn, base_path=str(base.recordings[0]),
                                new_path=str(new.recordings[0]), thresholds=thresholds,
                                base_anomalies=mb.anomalies, new_anomalies=mn.anomalies)

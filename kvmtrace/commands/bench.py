@@ -66,7 +66,8 @@ DEFAULT_PRESET = "small-ring-heavy"
 #: workload flags bench sets or that would break a bundle
 _FORBIDDEN = ("--json", "--pid-file", "--dump-harvest", "--help", "-h")
 
-EPILOG = f"""presets: {", ".join(PRESETS)} (default {DEFAULT_PRESET})
+EPILOG = f"""presets (default {DEFAULT_PRESET}):
+  {", ".join(PRESETS)}
 
 examples:
   kvmtrace bench -o base/ --reps 5 --preset small-ring-heavy     # on kernel A
@@ -109,8 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"named scenario: {', '.join(PRESETS)}")
     p.add_argument("--qemu", action="store_true",
                    help="run the scenario on QEMU (one QEMU, each run one calc-dirty-rate "
-                   "of --duration S, 1 s by default; see the command line in "
-                   "kvmtrace.commands.bench_qemu)")
+                   "of --duration S, 1 s by default; QEMU's command line below)")
     p.add_argument("--hook", choices=HOOKS, default="auto",
                    help="raw tracepoints or tracepoints (default: best available)")
     p.add_argument("workload", nargs=argparse.REMAINDER, metavar="-- WORKLOAD FLAGS",

@@ -70,26 +70,27 @@ EPILOG = f"""presets (default {DEFAULT_PRESET}):
   {", ".join(PRESETS)}
 
 examples:
-  kvmtrace bench -o base/ --reps 5 --preset small-ring-heavy     # on kernel A
-  kvmtrace bench -o cand/ --reps 5 --preset small-ring-heavy     # on kernel B
-  kvmtrace compare base/ cand/                                   # exit 1: a regression
-  kvmtrace bench -o slow/ --reps 3 -- --vcpus 2 --pages 2000 --harvest-delay-us 200
-  kvmtrace bench -o r/ --preset reaper -- --reaper-ms 20         # a preset, one flag changed
-  kvmtrace bench -o q/ --qemu --reps 3 -- --vcpus 2 --ring-entries 4096 --duration 2
+  kvmtrace bench -o base/ --reps 5 --preset small-ring-heavy   # on kernel A
+  kvmtrace bench -o cand/ --reps 5 --preset small-ring-heavy   # on kernel B
+  kvmtrace compare base/ cand/                                 # exit 1: regression
+  kvmtrace bench -o slow/ --reps 3 -- --vcpus 2 --harvest-delay-us 200
+  kvmtrace bench -o r/ --preset reaper -- --reaper-ms 20       # one flag changed
+  kvmtrace bench -o q/ --qemu --reps 3 -- --ring-entries 4096 --duration 2
 
---qemu: one QEMU for the bundle, on kvmtrace's multiboot guest (--vcpus, --pages,
---pattern, --seed, --exit-every, --ring-entries 1024..65536 apply), started as
+--qemu: one QEMU for the bundle, on kvmtrace's multiboot guest (--vcpus,
+--pages, --pattern, --seed, --exit-every, --ring-entries 1024..65536 apply),
+started as
   qemu-system-x86_64 -nodefaults [-bios /usr/share/qemu/qboot.rom]
     -accel kvm,dirty-ring-size=ENTRIES -m MIB -smp VCPUS -kernel GUEST.elf
     -display none -serial none -no-reboot -qmp unix:SOCK,server=on,wait=off
     -name guest=kvmtrace-bench
-each run is one QMP calc-dirty-rate (mode dirty-ring, calc-time --duration, 1 s)
-recorded with record -p; QEMU's own MB/s goes to metrics.json as the run's truth.
+each run is one QMP calc-dirty-rate (mode dirty-ring, calc-time --duration,
+1 s) recorded with record -p; QEMU's own MB/s goes to metrics.json as its truth.
 
-the flags after -- are those of kvmtrace workload (see kvmtrace workload --help), given
-after the preset's, so they override it.
-exit status: 0 done; 2 bad flags or DIR; 130 interrupted (the runs done so far are kept
-as a bundle)
+the flags after -- are those of kvmtrace workload (see kvmtrace workload --help),
+given after the preset's, so they override it.
+exit status: 0 done; 2 bad flags or DIR; 130 interrupted (the runs done so far
+are kept as a bundle)
 """
 
 
@@ -98,9 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         sub, "bench",
         help="run a dirty-ring scenario N times under record; write a bundle for compare",
         description="Run the built-in VMM (kvmtrace workload) N times, each run recorded "
-        "like kvmtrace\nrecord -- COMMAND, and write a bundle directory: the recordings, "
-        "per-run metrics\n(metrics.json) and what ran where (bundle.json: kernel, CPU, "
-        "kvmtrace version,\nscenario, time). Compare two bundles with kvmtrace compare.",
+        "like\nkvmtrace record -- COMMAND, and write a bundle directory: the recordings, "
+        "per-run\nmetrics (metrics.json) and what ran where (bundle.json: kernel, CPU, "
+        "kvmtrace\nversion, scenario, time). Compare two bundles with kvmtrace compare.",
         epilog=EPILOG, run=run)
     p.add_argument("-o", "--output", required=True, metavar="DIR",
                    help="bundle directory to create (must not exist, or be empty)")

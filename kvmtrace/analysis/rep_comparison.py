@@ -10,7 +10,7 @@ percentage of ``mean_base``, at :data:`CONFIDENCE` (99.4 %): 95 % for the compar
 whole, split over the :data:`JUDGED` metrics that get a verdict (Bonferroni), since a
 comparison that judges nine metrics at 95 % each calls one of them changed far more often
 than one time in twenty (measured on this host: 10 % of same-vs-same bundle pairs at 95 %
-each, 3 % with the correction; tools/bench_fp_rate.py).
+each, 3-4 % with the correction; tools/bench_fp_rate.py).
 
 Why t and not a bootstrap: bundles hold few repetitions (3-10); a bootstrap of 3 values
 has 10 distinct resamples and its percentile interval is too narrow at such sizes, while

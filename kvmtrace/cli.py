@@ -15,7 +15,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Subcommand name -> module under kvmtrace.commands exposing register(subparsers) and
 # run(args) -> int.
-COMMANDS = ("doctor", "workload", "top", "record", "replay", "export", "compare")
+COMMANDS = ("doctor", "workload", "top", "record", "replay", "export", "compare", "bench")
 
 EPILOG = """examples:
   kvmtrace doctor                       # is this host ready?
@@ -24,6 +24,7 @@ EPILOG = """examples:
   kvmtrace record -o run.kvt -- kvmtrace workload --vcpus 2
   kvmtrace replay run.kvt               # cross-check the rings against the model
   kvmtrace compare before.kvt after.kvt # stalls or dirty rate regressed?
+  kvmtrace bench -o base/ --reps 5      # a bundle of runs; compare two bundles
 """
 
 

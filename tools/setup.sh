@@ -92,8 +92,8 @@ fi
 
 # 4. The Python environment: Debian's python (where bcc lives) with the project installed.
 venv=$here/.venv
-extras="[report]"
-((want_test)) && extras="[report,test]"
+extras="[report,qemu]"
+((want_test)) && extras="[report,qemu,test]"
 stamp=$venv/.kvmtrace-stamp
 want_stamp="$(sha256sum "$here/pyproject.toml" | cut -c1-16)$extras"
 if [[ ! -x $venv/bin/python ]]; then

@@ -11,4 +11,6 @@
 - :mod:`.profile`: a trace's performance profile; :mod:`.comparison` compares two;
   :mod:`.distribution` holds exact distributions and the test of whether two differ;
   :mod:`.ringseries`: per-ring time series and exact distributions a report draws.
+- :mod:`.bundle`: ``kvmtrace bench`` bundles (runs of one scenario) and the per-run
+  metrics of a trace; :mod:`.rep_comparison` compares two bundles over their runs.
 """

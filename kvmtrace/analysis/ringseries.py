@@ -220,14 +220,17 @@ def run_series(source: EventSource, *, path: str = "", cap: int = DEFAULT_CAP,
 
 
 def side_series(paths: Sequence[str | os.PathLike[str]], *, ring_entries: int | None = None,
-                ring_bytes: int | None = None, cap: int = DEFAULT_CAP) -> list[RunSeries]:
+                ring_bytes: int | None = None, cap: int = DEFAULT_CAP,
+                skip_damaged: bool = False) -> list[RunSeries]:
     """:func:`run_series` of each trace of one side (recordings, tracefs or ``perf script``
-    text, detected), in order. A malformed trace: UsageError naming it."""
+    text, detected), in order. A malformed trace: UsageError naming it (``skip_damaged``:
+    a recording's damaged blocks are skipped, as ``--skip-damaged``)."""
     from ..source.detect import open_source
 
     out = []
     for p in paths:
-        src = open_source(p, ring_entries=ring_entries, ring_bytes=ring_bytes)
+        src = open_source(p, ring_entries=ring_entries, ring_bytes=ring_bytes,
+                          skip_damaged=skip_damaged)
         try:
             out.append(run_series(src, path=os.fspath(p), cap=cap))
         except ValueError as err:

@@ -2,5 +2,5 @@
 :mod:`.args`, the argument helpers they share.
 
 :mod:`.top`, :mod:`.record`, :mod:`.replay`, :mod:`.compare`, :mod:`.export`,
-:mod:`.workload`, :mod:`.doctor`.
+:mod:`.workload`, :mod:`.doctor`, :mod:`.bench` (with :mod:`.bench_qemu`, its QEMU runs).
 """

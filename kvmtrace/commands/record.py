@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -140,9 +141,11 @@ class _Names:
 
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
            command: list[str] | None = None, ringbuf_pages: int = 4096, hook: str = "auto",
-           flush_s: float = 1.0, quiet: bool = False) -> RecordSummary:
-    """Record until Ctrl-C/SIGTERM, ``duration`` seconds, or COMMAND's exit."""
-    child = PausedChild(command) if command else None
+           flush_s: float = 1.0, quiet: bool = False,
+           stdout: IO[bytes] | int | None = None) -> RecordSummary:
+    """Record until Ctrl-C/SIGTERM, ``duration`` seconds, or COMMAND's exit; COMMAND's
+    standard output goes to ``stdout`` (None: this process's)."""
+    child = PausedChild(command, stdout=stdout) if command else None
     if child is not None:
         pid = pid or child.pid
     try:

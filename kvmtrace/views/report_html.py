@@ -320,11 +320,14 @@ def check_report(path: str | os.PathLike[str],
 
 def report_paths(path: str | os.PathLike[str], base: Sequence[str | os.PathLike[str]],
                  new: Sequence[str | os.PathLike[str]], *, verdicts: str = "",
-                 ring_entries: int | None = None, ring_bytes: int | None = None) -> None:
+                 ring_entries: int | None = None, ring_bytes: int | None = None,
+                 skip_damaged: bool = False) -> None:
     """Read each side's traces (a single trace is a list of one, a bundle its repetitions)
     and write the report to ``path``; ``verdicts``: compare's table as text."""
-    b = side_series(base, ring_entries=ring_entries, ring_bytes=ring_bytes)
-    n = side_series(new, ring_entries=ring_entries, ring_bytes=ring_bytes)
+    b = side_series(base, ring_entries=ring_entries, ring_bytes=ring_bytes,
+                    skip_damaged=skip_damaged)
+    n = side_series(new, ring_entries=ring_entries, ring_bytes=ring_bytes,
+                    skip_damaged=skip_damaged)
     write_html(path, render_html(b, n, verdicts=verdicts), inputs=[*base, *new])
 
 

@@ -160,22 +160,24 @@ Measured = list[tuple[Profile | None, RepMetrics]]
 
 
 def measure_side(side: Bundle, args: argparse.Namespace, *, keep_profiles: bool = True,
-                 progress: bool | None = None) -> tuple[Measured, list[str]]:
+                 progress: bool | None = None, label: str = "side"
+                 ) -> tuple[Measured, list[str]]:
     """Profile every trace of ``side`` (one pass each) and the warnings to print. Without
     ``keep_profiles`` only the metrics stay (a profile holds every stall of its trace).
-    ``progress``: a bar per trace on a terminal (default ``args.progress``)."""
+    ``progress``: a bar per trace on a terminal (default ``args.progress``), named
+    ``compare LABEL`` (and the run's number in a bundle)."""
     from ..source.detect import open_source
     from ..views.progress import Progress, events_total, track
 
     out: Measured = []
     warnings: list[str] = []
     bar_on = getattr(args, "progress", False) if progress is None else progress
-    for path in side.recordings:
+    for i, path in enumerate(side.recordings):
         src = open_source(path, ring_entries=args.ring_entries, ring_bytes=args.ring_bytes,
                           skip_damaged=getattr(args, "skip_damaged", False))
         try:
-            with Progress(f"compare {os.path.basename(path)}", events_total(src),
-                          enabled=bar_on) as bar:
+            name = label if side.reps == 1 else f"{label} {i + 1}/{side.reps}"
+            with Progress(f"compare {name}", events_total(src), enabled=bar_on) as bar:
                 prof, metrics = measure(track(src, bar), str(path))
             out.append((prof if keep_profiles else None, metrics))
         except ValueError as err:  # a malformed block or line the source could not read
@@ -198,12 +200,12 @@ def _measure_both(args: argparse.Namespace, base: Bundle, new: Bundle,
     from ..analysis.replay.parallel import Forked
 
     later = (Forked(lambda: measure_side(new, args, keep_profiles=keep_profiles,
-                                         progress=False))
+                                         progress=False, label="new"))
              if _two_processes(args, base, new) else None)
     try:
-        sides = [measure_side(base, args, keep_profiles=keep_profiles),
+        sides = [measure_side(base, args, keep_profiles=keep_profiles, label="base"),
                  later.result() if later is not None else
-                 measure_side(new, args, keep_profiles=keep_profiles)]
+                 measure_side(new, args, keep_profiles=keep_profiles, label="new")]
     finally:
         if later is not None:
             later.cancel()

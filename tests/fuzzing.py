@@ -11,12 +11,15 @@ Inputs are hostile variants of real inputs, drawn with hypothesis:
 - ``ftrace`` and ``perf-script``: the shared text samples of tests/data/samples, mutated by
   line (dropped, repeated, cut, numbers replaced by edge values, timestamps jumped by up
   to 1e8 s, the other format's lines and junk mixed in).
+- ``bundle``: the ``bundle.json`` of a ``kvmtrace bench`` bundle (beside one sound
+  recording), as ``compare`` reads it: fields of every JSON type, hostile names, deep
+  nesting, NaN, huge numbers, raw bytes.
 
-Each case runs a kvmtrace command (replay, replay --json, top -b --replay, export) on the
-file in a worker process whose address space is capped (``RLIMIT_AS``) and each case has
-a time limit. The property: the command returns 0 or 1 (a replay of what is sound; what
-was skipped is said in a warning), or 2 with a one-line error; never a traceback, never
-more than the time limit, never more memory than the cap.
+Each case runs a kvmtrace command (replay, replay --json, top -b --replay, export;
+compare for a bundle) on the file in a worker process whose address space is capped
+(``RLIMIT_AS``) and each case has a time limit. The property: the command returns 0 or 1
+(a replay of what is sound; what was skipped is said in a warning), or 2 with a one-line
+error; never a traceback, never more than the time limit, never more memory than the cap.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 BLOCK = struct.Struct("<4sBBHIIIQQI")
 FILE_HEADER = 16
-READERS = ("recording", "recording-skip", "ftrace", "perf-script")
+READERS = ("recording", "recording-skip", "ftrace", "perf-script", "bundle")
 AS_CAP = 3 << 30  #: address-space cap of the worker (bytes)
 CASE_SECONDS = 20.0  #: time limit of one case
 
@@ -432,12 +435,67 @@ COMMANDS = {
 SKIP_COMMANDS = {f"{k}-skip": [*v, "--skip-damaged"] for k, v in COMMANDS.items()}
 
 
+#: reader ``bundle``: the case is a bundle's bundle.json ({d}: its directory)
+BUNDLE_COMMANDS = {
+    "compare-bundles": ["compare", "{d}", "{d}"],
+    "compare-bundle-json": ["compare", "--json", "{d}", "{d}/rep-000.kvt"],
+}
+
+_JSON_LEAF = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+              | st.floats(allow_nan=False) | st.text(max_size=12))
+_JSON = st.recursive(_JSON_LEAF, lambda c: st.lists(c, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=16)
+_NAMES = st.sampled_from(["rep-000.kvt", "", ".", "..", "../etc/passwd", "a/b", "x\0y",
+                          "missing.kvt", "rep-000.kvt" * 40])
+
+
+@st.composite
+def _bundle_case(draw: st.DrawFn) -> bytes:
+    """A hostile bundle.json: a sound one with fields replaced, or raw bytes."""
+    meta: dict[str, Any] = {"kind": "kvmtrace-bench", "schema": 1,
+                            "recordings": ["rep-000.kvt"], "vmm": "kvmtrace-workload",
+                            "preset": "small-ring-heavy", "workload_args": ["--vcpus", "2"],
+                            "kernel": {"release": "6.18"}, "cpu_model": "x",
+                            "created": "2026-11-29T00:00:00Z"}
+    how = draw(st.integers(0, 5))
+    if how == 0:
+        return draw(st.binary(max_size=300))
+    if how == 1:
+        n = draw(st.integers(1, 200_000))
+        return b'{"kind": "kvmtrace-bench", "recordings": ' + b"[" * n + b"]" * n + b"}"
+    for key in draw(st.lists(st.sampled_from(sorted(meta)), max_size=4)):
+        meta[key] = draw(_JSON)
+    if how == 2:
+        meta["recordings"] = draw(st.lists(_NAMES, max_size=5))
+    text = json.dumps(meta)
+    if how == 3:
+        text = text.replace('"schema": 1', draw(st.sampled_from(
+            ['"schema": NaN', '"schema": 1e400', '"schema": -Infinity', '"schema": 99'])))
+    return text.encode()
+
+
 def case_strategy(reader: str) -> st.SearchStrategy[tuple[bytes, str]]:
     """(file bytes, command name) cases for ``reader``."""
+    if reader == "bundle":
+        return st.tuples(_bundle_case(), st.sampled_from(sorted(BUNDLE_COMMANDS)))
     data = _recording_case() if reader.startswith("recording") else _text_case(reader)
     names = SKIP_COMMANDS if reader == "recording-skip" else COMMANDS
     return st.tuples(data, st.sampled_from(sorted(names)))
 
 
+def case_path(reader: str, work: Path) -> Path:
+    """Where a case of ``reader`` is written in ``work``: for ``bundle``, the bundle.json
+    of a bundle directory holding one sound recording (rep-000.kvt)."""
+    if reader != "bundle":
+        return work / f"{reader}.in"
+    d = work / "bundle"
+    d.mkdir(exist_ok=True)
+    rec = d / "rep-000.kvt"
+    if not rec.exists():
+        rec.write_bytes(next((DATA / "recordings").glob("*.kvt")).read_bytes())
+    return d / "bundle.json"
+
+
 def argv_for(command: str, path: Path, out: Path) -> list[str]:
-    return [a.format(f=path, o=out) for a in {**COMMANDS, **SKIP_COMMANDS}[command]]
+    table = {**COMMANDS, **SKIP_COMMANDS, **BUNDLE_COMMANDS}
+    return [a.format(f=path, o=out, d=path.parent) for a in table[command]]

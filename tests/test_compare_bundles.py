@@ -281,7 +281,7 @@ def test_bundles_with_a_stuck_run(bundles: dict[str, Any], tmp_path: Path):
 
 @pytest.mark.parametrize("args, needle", [
     (["{plain}", "{base}"], "is a directory but not a bench bundle"),
-    (["{base}", "{nojson}"], "not readable JSON"),
+    (["{base}", "{nojson}"], "not a bundle's JSON"),
     (["{base}", "{missing}"], "rep-002.kvt is missing"),
     (["{base}", "{base}", "--threshold", "stall_p51=5"], "unknown metric 'stall_p51'"),
     (["{base}", "{base}", "--threshold", "stall_p50=x%"], "--threshold stall_p50=x%"),

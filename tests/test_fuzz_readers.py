@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fuzzing import READERS, Worker, argv_for, case_strategy
+from fuzzing import READERS, Worker, argv_for, case_path, case_strategy
 from hypothesis import HealthCheck, given, settings
 
 CASES = int(os.environ.get("KVMTRACE_FUZZ_CASES", "150"))
@@ -26,7 +26,7 @@ def worker() -> Iterator[Worker]:
 
 @pytest.mark.parametrize("reader", READERS)
 def test_fuzz_reader(reader: str, worker: Worker, tmp_path: Path) -> None:
-    path, out = tmp_path / "case.in", tmp_path / "case.parquet"
+    path, out = case_path(reader, tmp_path), tmp_path / "case.parquet"
 
     @settings(max_examples=CASES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))

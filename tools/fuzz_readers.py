@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 from _common import ROOT  # noqa: F401  (puts tests/ and the checkout on sys.path)
-from fuzzing import READERS, Tally, Worker, argv_for, case_strategy
+from fuzzing import READERS, Tally, Worker, argv_for, case_path, case_strategy
 from hypothesis import HealthCheck, given, settings
 
 
 def fuzz(reader: str, cases: int, worker: Worker, tally: Tally, work: Path,
          keep: Path) -> None:
-    path, out = work / f"{reader}.in", work / f"{reader}.parquet"
+    path, out = case_path(reader, work), work / f"{reader}.parquet"
 
     @settings(max_examples=cases, deadline=None, database=None,
               suppress_health_check=list(HealthCheck), phases=["generate"])

@@ -22,8 +22,8 @@ flags its stuck or overflowed rings on the way
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ from ..core.counters import OVERFLOW
 from ..core.events import Kind
 from ..core.sources import EventSource, SourceMeta
 from ..errors import UsageError
+from ..source.recording_limits import MAX_JSON_BYTES, load_json
 from .distribution import percentiles
 from .profile import ALL, Profile, profile_source
 from .stuck import EventStuck
@@ -85,6 +86,22 @@ class Bundle:
         return len(self.recordings)
 
 
+#: the most recordings one bundle may list
+MAX_RECORDINGS = 10_000
+#: bundle.json fields the views read, and their types (others are kept as they are)
+_META_TYPES: dict[str, str] = {"vmm": "str", "preset": "str", "cpu_model": "str",
+                               "created": "str", "workload_args": "list[str]",
+                               "kernel": "dict[str, str]"}
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
 def load_side(path: str | os.PathLike[str]) -> Bundle:
     """A bundle directory (with ``bundle.json``) or one trace file as a bundle of one.
     UsageError (one line) for a directory that is not a bundle or a bundle that lacks a
@@ -93,24 +110,36 @@ def load_side(path: str | os.PathLike[str]) -> Bundle:
     if not p.is_dir():
         return Bundle(p, [p])
     meta_path = p / META_NAME
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
+    if not meta_path.exists():
         raise UsageError(f"{p} is a directory but not a bench bundle (no {META_NAME})",
-                         "give a recording, or a directory written by kvmtrace bench") from None
+                         "give a recording, or a directory written by kvmtrace bench")
+    try:  # a regular file of bounded size (never a FIFO or a device that blocks)
+        fd = os.open(meta_path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            meta = load_json(f.read(MAX_JSON_BYTES + 1))
     except (OSError, ValueError) as err:
-        raise UsageError(f"{meta_path}: not readable JSON ({err})",
+        raise UsageError(f"{meta_path}: not a bundle's JSON ({err})",
                          "re-run kvmtrace bench") from None
-    if not isinstance(meta, dict) or meta.get("kind") != BUNDLE_KIND:
+    if meta.get("kind") != BUNDLE_KIND:
         raise UsageError(f"{meta_path}: not a kvmtrace bench bundle",
                          "give a directory written by kvmtrace bench")
-    if meta.get("schema", 0) > BUNDLE_SCHEMA:
-        raise UsageError(f"{meta_path}: bundle schema {meta.get('schema')} is newer than "
+    schema = meta.get("schema", 0)
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise UsageError(f"{meta_path}: schema is not a number", "re-run kvmtrace bench")
+    if schema > BUNDLE_SCHEMA:
+        raise UsageError(f"{meta_path}: bundle schema {schema} is newer than "
                          f"this kvmtrace reads ({BUNDLE_SCHEMA})", "upgrade kvmtrace")
     names = meta.get("recordings")
-    if not isinstance(names, list) or not names or not all(
-            isinstance(n, str) and n and "/" not in n for n in names):
-        raise UsageError(f"{meta_path}: lists no recordings", "re-run kvmtrace bench")
+    if not isinstance(names, list) or not 0 < len(names) <= MAX_RECORDINGS or not all(
+            isinstance(n, str) and n and "/" not in n and "\0" not in n and n not in (".", "..")
+            for n in names):
+        raise UsageError(f"{meta_path}: lists no recordings (1 to {MAX_RECORDINGS} file names)",
+                         "re-run kvmtrace bench")
+    for key, kind in _META_TYPES.items():  # what the views print: wrong types are dropped
+        if key in meta and not _is(meta[key], kind):
+            del meta[key]
     recs = [p / n for n in names]
     missing = [str(r) for r in recs if not r.is_file()]
     if missing:

@@ -253,12 +253,15 @@ def test_record_and_replay_keep_reused_fds_apart(tmp_path, kvm, bpf_root) -> Non
     assert (replay.returncode, got["clean"], got["anomalies"]) == (0, True, [])
 
 
-def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeypatch) -> None:
+def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeypatch,
+                                                         tmp_path) -> None:
     """Where a VM's debugfs name cannot be used (no debugfs, fd moved), the probes walk the
     task's fd table (compiled here with -DKT_VM_NAME_OFF: the walk alone): the two VMs
     created before the probes still get their own fds."""
     from kvmtrace.bpf import loader
 
+    # a cache of this test's own: the session's remembers the hooks chosen without the patch
+    monkeypatch.setenv("KVMTRACE_CACHE_DIR", str(tmp_path / "cache"))
     real = loader.vm_ptr_defines
     monkeypatch.setattr(loader, "vm_ptr_defines",
                         lambda btf, symbols=None: [*(real(btf, symbols) or []),

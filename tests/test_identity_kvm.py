@@ -259,8 +259,8 @@ def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeyp
     """Where a VM's debugfs name cannot be used (no debugfs, fd moved), the probes walk the
     task's fd table (compiled here with -DKT_VM_NAME_OFF: the walk alone): the two VMs
     created before the probes still get their own fds, also past the walk's first reads
-    (it reads the fd array 16 pointers at a time: fds_before=45 puts the VM fds around
-    the third read's end)."""
+    (it reads the fd array 16 pointers at a time: with 45 files open first the VM fds
+    are about 49-54, in its fourth read)."""
     from kvmtrace.bpf import loader
 
     # a cache of this test's own: the session's remembers the hooks chosen without the patch

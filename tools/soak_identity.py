@@ -17,7 +17,7 @@ every anomaly (a failed run, with its first assertion lines); exit 1 if any.
   top-reuse      three VMs one after the other under one fd (gen 0, 1, 2), every mode
   replay-reuse   record + replay of those three VMs: three sets of rings, clean
   fd-walk        VMs created before the probes named by the fd-table walk alone
-  fd-walk-high   the same with the VM fds past the walk's third 16-fd read
+  fd-walk-high   the same with the VM fds past the walk's first three 16-fd reads
 
     .venv/bin/python tools/soak_identity.py [--runs 20] [--only NAME ...]
 """

@@ -32,10 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 VMS_CMD = [sys.executable, "-m", "kvmtrace.testing.vm_cycles"]
 
 
-def vmm(groups: list[list[dict[str, Any]]], gate: bool = False) -> subprocess.Popen[bytes]:
+def vmm(groups: list[list[dict[str, Any]]], gate: bool = False,
+        fds_before: int = 0) -> subprocess.Popen[bytes]:
     """A child running ``groups`` (:data:`VMS_CMD`; stdout: the truths); ``gate``: held
-    until fed a byte."""
-    return subprocess.Popen([*VMS_CMD, json.dumps(groups)], cwd=ROOT,
+    until fed a byte; ``fds_before``: files it opens first (/dev/null), so that its VM fds
+    come after them."""
+    cmd = VMS_CMD
+    if fds_before:
+        cmd = [sys.executable, "-c",
+               f"import os, sys\nfor _ in range({fds_before}): os.open(os.devnull, os.O_RDONLY)\n"
+               "from kvmtrace.testing.vm_cycles import main\nsys.exit(main(sys.argv[1:]))"]
+    return subprocess.Popen([*cmd, json.dumps(groups)], cwd=ROOT,
                             stdin=subprocess.PIPE if gate else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
 

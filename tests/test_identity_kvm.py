@@ -253,17 +253,23 @@ def test_record_and_replay_keep_reused_fds_apart(tmp_path, kvm, bpf_root) -> Non
     assert (replay.returncode, got["clean"], got["anomalies"]) == (0, True, [])
 
 
-def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeypatch) -> None:
+@pytest.mark.parametrize("fds_before", [0, 45], ids=["low-fds", "fds-past-45"])
+def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeypatch,
+                                                         tmp_path, fds_before) -> None:
     """Where a VM's debugfs name cannot be used (no debugfs, fd moved), the probes walk the
     task's fd table (compiled here with -DKT_VM_NAME_OFF: the walk alone): the two VMs
-    created before the probes still get their own fds."""
+    created before the probes still get their own fds, also past the walk's first reads
+    (it reads the fd array 16 pointers at a time: with 45 files open first the VM fds
+    are about 49-54, in its fourth read)."""
     from kvmtrace.bpf import loader
 
+    # a cache of this test's own: the session's remembers the hooks chosen without the patch
+    monkeypatch.setenv("KVMTRACE_CACHE_DIR", str(tmp_path / "cache"))
     real = loader.vm_ptr_defines
     monkeypatch.setattr(loader, "vm_ptr_defines",
                         lambda btf, symbols=None: [*(real(btf, symbols) or []),
                                                    "-DKT_VM_NAME_OFF=1"])
-    child = vmm(TWO[:1])
+    child = vmm(TWO[:1], fds_before=fds_before)
     probes: list[Probes] = []
     try:
         stop_when(child, 2, 3)
@@ -280,6 +286,7 @@ def test_fd_table_walk_names_vms_without_the_debugfs_name(kvm, bpf_root, monkeyp
             child.kill()
             child.wait()
     want = rings_of(truths)
+    assert all(t["vm_fd"] > fds_before for t in truths)
     first = first_dirty_index(ev)
     assert sorted(_counts(ev)) == sorted(rows) == sorted(want)
     assert {k: c.pushes for k, c in rows.items()} == {

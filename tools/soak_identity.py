@@ -16,6 +16,8 @@ every anomaly (a failed run, with its first assertion lines); exit 1 if any.
                  of their fds: top (fast path, hash path, tracepoints, light) and events
   top-reuse      three VMs one after the other under one fd (gen 0, 1, 2), every mode
   replay-reuse   record + replay of those three VMs: three sets of rings, clean
+  fd-walk        VMs created before the probes named by the fd-table walk alone
+  fd-walk-high   the same with the VM fds past the walk's first three 16-fd reads
 
     .venv/bin/python tools/soak_identity.py [--runs 20] [--only NAME ...]
 """
@@ -35,6 +37,8 @@ SCENARIOS = {
     "top-old-vms": "test_two_vms_created_before_the_probes_and_a_reused_fd",
     "top-reuse": "test_reused_fd_gives_a_new_gen",
     "replay-reuse": "test_record_and_replay_keep_reused_fds_apart",
+    "fd-walk": "test_fd_table_walk_names_vms_without_the_debugfs_name[low-fds]",
+    "fd-walk-high": "test_fd_table_walk_names_vms_without_the_debugfs_name[fds-past-45]",
 }
 
 

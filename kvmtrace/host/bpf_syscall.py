@@ -197,8 +197,9 @@ class MapInfo(ctypes.Structure):
 
 
 class ProgInfo(ctypes.Structure):
-    """``struct bpf_prog_info`` up to ``run_cnt`` (208 bytes); the run counters grow only
-    while sysctl ``kernel.bpf_stats_enabled`` is 1."""
+    """``struct bpf_prog_info`` up to ``verified_insns`` (220 bytes); the run counters grow
+    only while sysctl ``kernel.bpf_stats_enabled`` is 1; ``verified_insns`` (Linux >= 5.16,
+    else 0): instructions the verifier processed to load the program."""
 
     _fields_ = [
         ("type", ctypes.c_uint32),
@@ -209,6 +210,8 @@ class ProgInfo(ctypes.Structure):
         ("_mid", ctypes.c_uint8 * 112),
         ("run_time_ns", ctypes.c_uint64),  # offset 192: total ns in the program
         ("run_cnt", ctypes.c_uint64),  # runs
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),  # offset 216
     ]
 
 

@@ -115,7 +115,10 @@ def test_held_command_never_runs_when_record_dies_while_loading(tmp_path: Path,
     """``record -- CMD`` killed while its probes load: CMD, held before exec, dies with it
     (PR_SET_PDEATHSIG, and end of file on the go pipe) instead of running untraced."""
     marker, out = tmp_path / "marker", tmp_path / "r.kvt"
-    rec = subprocess.Popen(kvmtrace_cmd("record", "-o", str(out), "--", *_marker_cmd(marker)),
+    # --no-cache: the probes are compiled (seconds), so the signal comes while they load;
+    # from the probe cache they would be attached in about 0.3 s
+    rec = subprocess.Popen(kvmtrace_cmd("record", "--no-cache", "-o", str(out), "--",
+                                        *_marker_cmd(marker)),
                            stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not _children(rec.pid):

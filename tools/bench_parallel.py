@@ -37,17 +37,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from _common import parser
 
 from kvmtrace.analysis.migration import ExtrasTap
 from kvmtrace.analysis.replay import replay_source
 from kvmtrace.analysis.replay.parallel import default_jobs
 from kvmtrace.core.events import Kind
-from kvmtrace.core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, entries_from_bytes, u32
+from kvmtrace.core.kvm_abi import entries_from_bytes
 from kvmtrace.core.sources import SourceMeta
 from kvmtrace.source.recording import RecordingWriter, open_recording
-from kvmtrace.testing.synth import bulk_stream, workload_stream
+from kvmtrace.testing.synth import workload_stream, write_bulk_recording
 
 GOAL_CORES = 1.7  # N-core replay / one-core replay, on 2 cores
 GOAL_DECODE = 0.5  # N-core replay / decode alone
@@ -126,25 +125,8 @@ def rounds(path: Path, n: int, jobs: int, count: int) -> None:
 
 
 def write_big(n: int, path: Path) -> None:
-    """n events of bulk_stream cycles (4 rings), shifted in time and index so the file
-    stays one clean trace; the ring size in the meta, as record writes it."""
-    rings, entries = 4, 4096
-    limit = entries - KVM_DIRTY_RING_RSVD_ENTRIES
-    cycles = 64
-    chunk = bulk_stream(cycles, rings=rings, entries=entries)
-    span = int(chunk["ts"][-1] - chunk["ts"][0]) + 50
-    step = cycles * limit
-    written = k = 0
-    meta = SourceMeta(kind="bench", ring_entries={(1000, 7): entries})
-    with RecordingWriter(path, meta) as w:
-        while written < n:
-            part = chunk[: n - written].copy()
-            part["ts"] += np.uint64(k * span)
-            part["dirty_index"] += np.uint32(u32(k * step))
-            part["reset_index"] += np.uint32(u32(k * step))
-            w.write(part)
-            written += len(part)
-            k += 1
+    """n events of bulk_stream cycles (bounded memory): testing.synth.write_bulk_recording."""
+    write_bulk_recording(n, path, sizes_in_meta=True)
 
 
 def child(path: str, jobs: int) -> int:

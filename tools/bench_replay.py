@@ -36,8 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
@@ -45,11 +43,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
 from kvmtrace.core.events import Kind  # noqa: E402
-from kvmtrace.core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, entries_from_bytes, u32  # noqa: E402
+from kvmtrace.core.kvm_abi import entries_from_bytes  # noqa: E402
 from kvmtrace.core.sources import SourceMeta  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
-from kvmtrace.testing.synth import bulk_stream  # noqa: E402
 from kvmtrace.testing.synth import workload_stream as synthetic  # noqa: E402
+from kvmtrace.testing.synth import write_bulk_recording  # noqa: E402
 
 GOAL_RATE = 20e6  # events/s
 GOAL_RSS = 1 << 30  # bytes, for 100 M events
@@ -148,24 +146,8 @@ def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
 
 
 def write_big(n: int, path: Path) -> None:
-    """n events of bulk_stream cycles, chunk by chunk (bounded memory)."""
-    rings, entries = 4, 4096
-    limit = entries - KVM_DIRTY_RING_RSVD_ENTRIES
-    cycles = 64
-    chunk = bulk_stream(cycles, rings=rings, entries=entries)
-    span = int(chunk["ts"][-1] - chunk["ts"][0]) + 50
-    step = cycles * limit
-    written = k = 0
-    with RecordingWriter(path, SourceMeta(kind="bench")) as w:
-        while written < n:
-            part = chunk[: n - written].copy()
-            part["ts"] += np.uint64(k * span)
-            # u32 indices wrap like the kernel's
-            part["dirty_index"] += np.uint32(u32(k * step))
-            part["reset_index"] += np.uint32(u32(k * step))
-            w.write(part)
-            written += len(part)
-            k += 1
+    """n events of bulk_stream cycles (bounded memory): testing.synth.write_bulk_recording."""
+    write_bulk_recording(n, path, sizes_in_meta=False)
 
 
 def child(path: str) -> int:

@@ -28,9 +28,7 @@ from pathlib import Path
 
 from _common import Column, Table, parser, repeat, require_root
 from conftest import record_workload
-
-from kvmtrace.core.events import Kind
-from kvmtrace.source.detect import open_source
+from test_trace_replay_kvm import push_multisets
 
 SCENARIOS = {
     "random": (["--vcpus", "2", "--pages", "500", "--passes", "2", "--pattern", "random"],
@@ -40,17 +38,6 @@ SCENARIOS = {
                    ["--exit-every", "4", "--harvest", "reaper", "--reaper-ms", "1"]),
     "overflow": (["--pages", "300", "--exit-every", "0"], []),
 }
-
-
-def pushes(path: Path) -> tuple[dict[int, Counter], int]:
-    src = open_source(path)
-    out: dict[int, Counter] = {}
-    for batch in src.batches():
-        push = batch[batch["kind"] == Kind.PUSH]
-        for ring, slot, offset in zip(push["ring"].tolist(), push["slot"].tolist(),
-                                      push["value"].tolist(), strict=True):
-            out.setdefault(ring, Counter())[(slot, offset)] += 1
-    return out, src.lost
 
 
 class Scenario:
@@ -75,7 +62,7 @@ class Scenario:
         with tempfile.TemporaryDirectory(prefix="kvmtrace-soak-trace-") as tmp:
             src = record_workload(Path(tmp) / "src", *source_args, "--seed", str(self.seed))
             rep = record_workload(Path(tmp) / "rep", "--replay", str(src.path), *replay_args)
-            (a, lost_a), (b, lost_b) = pushes(src.path), pushes(rep.path)
+            (a, lost_a), (b, lost_b) = push_multisets(src.path), push_multisets(rep.path)
             if lost_a or lost_b:
                 return f"seed {self.seed}: the tracer lost events ({lost_a}, {lost_b})"
             if a != b:

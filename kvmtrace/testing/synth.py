@@ -11,13 +11,15 @@ tools/bench_format.py's streams).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..core.events import EVENT_DTYPE, Kind, empty
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, bytes_from_entries, soft_limit_of
 from ..model.ring import DirtyRing
 
-__all__ = ["SynthVm", "bulk_stream", "workload_stream"]
+__all__ = ["SynthVm", "bulk_stream", "workload_stream", "write_bulk_recording"]
 
 
 class SynthVm:
@@ -223,3 +225,31 @@ def workload_stream(n: int, vcpus: int = 4, pattern: str = "seq", ring_entries: 
     out = np.concatenate(chunks)
     out = out[np.argsort(out["ts"], kind="stable")]
     return out[:n]
+
+
+def write_bulk_recording(n: int, path: str | os.PathLike[str], *,
+                         sizes_in_meta: bool = False) -> None:
+    """``n`` events of :func:`bulk_stream` cycles (4 rings of 4096 entries) written as a
+    recording chunk by chunk (bounded memory), each chunk shifted in time and in the u32
+    indices (which wrap like the kernel's) so the file stays one clean trace.
+    ``sizes_in_meta``: the ring size in the meta, as ``kvmtrace record`` writes it (else a
+    replay learns it from the events)."""
+    from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, u32
+    from ..core.sources import SourceMeta
+    from ..source.recording import RecordingWriter
+
+    rings, entries, cycles = 4, 4096, 64
+    chunk = bulk_stream(cycles, rings=rings, entries=entries)
+    span = int(chunk["ts"][-1] - chunk["ts"][0]) + 50
+    step = cycles * (entries - KVM_DIRTY_RING_RSVD_ENTRIES)
+    meta = SourceMeta(kind="bench", ring_entries={(1000, 7): entries} if sizes_in_meta else {})
+    written = k = 0
+    with RecordingWriter(path, meta) as w:
+        while written < n:
+            part = chunk[: n - written].copy()
+            part["ts"] += np.uint64(k * span)
+            part["dirty_index"] += np.uint32(u32(k * step))
+            part["reset_index"] += np.uint32(u32(k * step))
+            w.write(part)
+            written += len(part)
+            k += 1

@@ -27,6 +27,7 @@ import math
 import random
 from array import array
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import UsageError
 from ..host.kvm import PAGE_SIZE
@@ -34,7 +35,7 @@ from .vm import MemoryRegion
 
 __all__ = [
     "GUEST_PORT", "MARK_PORT", "DATA_FIRST_PAGE", "MAX_GUEST_BYTES", "PATTERNS", "HOT_FRACTION",
-    "GuestCode", "assemble", "visit_order", "GuestLayout",
+    "GuestCode", "assemble", "visit_order", "GuestLayout", "TableLayout", "load_tables",
 ]
 
 GUEST_PORT = 0x10  # I/O port of the guest's `out` (KVM_EXIT_IO)
@@ -226,11 +227,7 @@ class GuestLayout:
 
     def load(self, memory: memoryview | bytearray, code: GuestCode) -> None:
         """Write the code and every table into ``memory`` (the slot's host mapping)."""
-        memory[: len(code.code)] = code.code
-        for vcpu in range(self.vcpus):
-            raw = self.table(vcpu).tobytes()
-            start = self.table_gpa(vcpu)
-            memory[start:start + len(raw)] = raw
+        load_tables(memory, code, self)
 
     def written_entries(self, vcpu: int, writes: int) -> set[tuple[int, int]]:
         """Distinct (slot, offset) vCPU ``vcpu`` dirtied given it made ``writes`` writes."""
@@ -240,3 +237,24 @@ class GuestLayout:
         """Distinct guest pages vCPU ``vcpu`` wrote given it made ``writes`` writes."""
         visits = self.visits(vcpu)
         return set(visits if writes >= len(visits) else visits[:writes])
+
+
+class TableLayout(Protocol):
+    """What :func:`load_tables` needs of a guest layout: per vCPU a table of page addresses
+    (u64 each) and the guest physical address it is written at, in the code slot."""
+
+    vcpus: int
+
+    def table(self, vcpu: int) -> array: ...
+
+    def table_gpa(self, vcpu: int) -> int: ...
+
+
+def load_tables(memory: memoryview | bytearray, code: GuestCode, layout: TableLayout) -> None:
+    """Write the guest's code at address 0 of ``memory`` (the code slot's host mapping) and
+    each vCPU's table at its address."""
+    memory[: len(code.code)] = code.code
+    for vcpu in range(layout.vcpus):
+        raw = layout.table(vcpu).tobytes()
+        start = layout.table_gpa(vcpu)
+        memory[start:start + len(raw)] = raw

@@ -43,7 +43,7 @@ from ..core.events import Kind
 from ..core.sources import EventSource
 from ..errors import UsageError
 from ..host.kvm import PAGE_SIZE
-from .guest import GuestCode
+from .guest import GuestCode, load_tables
 from .vm import MemoryRegion
 
 __all__ = ["MAX_TRACE_VCPUS", "MAX_TRACE_WRITES", "MAX_TRACE_SPAN", "TraceRing",
@@ -241,11 +241,7 @@ class TraceLayout:
 
     def load(self, memory: memoryview | bytearray, code: GuestCode) -> None:
         """Write the code and every table into the code slot's host mapping."""
-        memory[: len(code.code)] = code.code
-        for vcpu in range(self.vcpus):
-            raw = self.table(vcpu).tobytes()
-            start = self.table_gpa(vcpu)
-            memory[start:start + len(raw)] = raw
+        load_tables(memory, code, self)
 
     def initial_regs(self, vcpu: int, passes: int, exit_every: int,
                      code: GuestCode | None = None) -> dict[str, int]:

@@ -6,6 +6,7 @@ Input: a real recording of the built-in VMM (tests/data/recordings)."""
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import pty
@@ -15,7 +16,7 @@ import termios
 from pathlib import Path
 
 import pytest
-from conftest import kvmtrace_cmd
+from conftest import kvmtrace_cmd, require
 
 from kvmtrace.source.recording import open_recording
 from kvmtrace.views.progress import Progress, ProgressSource, events_total, track
@@ -63,7 +64,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_progress_on_a_terminal_only(case: str, tmp_path: Path) -> None:
-    pytest.importorskip("pyarrow")
+    require(importlib.util.find_spec("pyarrow") is not None,
+            "pyarrow not installed (tools/setup.sh --test installs it)")
     args, label, quiet_err = CASES[case]
     rc, out, err = _piped(kvmtrace_cmd(*args), tmp_path)
     assert err == quiet_err  # a pipe: no progress at all

@@ -42,24 +42,12 @@ from _common import parser
 from kvmtrace.analysis.migration import ExtrasTap
 from kvmtrace.analysis.replay import replay_source
 from kvmtrace.analysis.replay.parallel import default_jobs
-from kvmtrace.core.events import Kind
-from kvmtrace.core.kvm_abi import entries_from_bytes
-from kvmtrace.core.sources import SourceMeta
-from kvmtrace.source.recording import RecordingWriter, open_recording
-from kvmtrace.testing.synth import workload_stream, write_bulk_recording
+from kvmtrace.source.recording import open_recording
+from kvmtrace.testing.synth import write_bulk_recording, write_workload_recording
 
 GOAL_CORES = 1.7  # N-core replay / one-core replay, on 2 cores
 GOAL_DECODE = 0.5  # N-core replay / decode alone
 GOAL_RSS = 1 << 30  # bytes, 100 M events
-
-
-def write_stream(n: int, vcpus: int, path: Path) -> None:
-    ev = workload_stream(n, vcpus=vcpus)
-    sizes = ev[ev["kind"] == Kind.RING_SIZE]
-    entries = {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"]))
-               for e in sizes}
-    with RecordingWriter(path, SourceMeta(kind="bench", ring_entries=entries)) as w:
-        w.write(ev)
 
 
 def cpu_now() -> float:
@@ -179,7 +167,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
         tmp = Path(d)
         path = tmp / "stream.kvt"
-        write_stream(args.events, args.vcpus, path)
+        write_workload_recording(path, args.events, args.vcpus)
         print(f"stream: {args.events} events, {args.vcpus} vCPUs, "
               f"{path.stat().st_size / args.events:.2f} B/event", flush=True)
         rounds(path, args.events, args.jobs, args.rounds)

@@ -31,22 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kvmtrace.analysis.replay import replay_source  # noqa: E402
-from kvmtrace.core.events import Kind  # noqa: E402
-from kvmtrace.core.kvm_abi import entries_from_bytes  # noqa: E402
-from kvmtrace.core.sources import SourceMeta  # noqa: E402
-from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
-from kvmtrace.testing.synth import workload_stream  # noqa: E402
+from kvmtrace.source.recording import open_recording  # noqa: E402
+from kvmtrace.testing.synth import write_workload_recording  # noqa: E402
 from kvmtrace.views.progress import Progress, events_total, track  # noqa: E402
-
-
-def write_recording(path: Path, n: int, vcpus: int) -> int:
-    ev = workload_stream(n, vcpus=vcpus)
-    sizes = ev[ev["kind"] == Kind.RING_SIZE]
-    entries = {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"]))
-               for e in sizes}
-    with RecordingWriter(path, SourceMeta(kind="bench", ring_entries=entries)) as w:
-        w.write(ev)
-    return len(ev)
 
 
 def main() -> int:
@@ -75,7 +62,7 @@ def main() -> int:
     threading.Thread(target=drain, daemon=True).start()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.kvt"
-        n = write_recording(path, args.events, args.vcpus)
+        n = write_workload_recording(path, args.events, args.vcpus)
         blocks = open_recording(path).blocks
 
         def plain() -> None:

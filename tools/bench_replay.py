@@ -42,8 +42,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 
 from kvmtrace.analysis.replay import Replay, replay_source  # noqa: E402
-from kvmtrace.core.events import Kind  # noqa: E402
-from kvmtrace.core.kvm_abi import entries_from_bytes  # noqa: E402
+from kvmtrace.core.events import ring_sizes  # noqa: E402
 from kvmtrace.core.sources import SourceMeta  # noqa: E402
 from kvmtrace.source.recording import RecordingWriter, open_recording  # noqa: E402
 from kvmtrace.testing.synth import workload_stream as synthetic  # noqa: E402
@@ -84,10 +83,8 @@ def replay_records(path: Path, **kw: object) -> None:
 def throughput(n: int, vcpus: int, repeat: int, tmp: Path) -> None:
     ev = synthetic(n, vcpus=vcpus)
     # as `kvmtrace record` writes it: the ring sizes it saw (KVM_ENABLE_CAP) in the meta
-    sizes = ev[ev["kind"] == Kind.RING_SIZE]
-    entries = {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"])) for e in sizes}
     path = tmp / "bench.kvt"
-    with RecordingWriter(path, SourceMeta(kind="bench", ring_entries=entries)) as w:
+    with RecordingWriter(path, SourceMeta(kind="bench", ring_entries=ring_sizes(ev))) as w:
         w.write(ev)
     bare = tmp / "bench-bare.kvt"  # sizes only from the RING_SIZE events in the stream
     with RecordingWriter(bare, SourceMeta(kind="bench")) as w:

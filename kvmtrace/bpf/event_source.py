@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..core.events import EVENT_DTYPE
-from ..core.kvm_abi import entries_from_bytes
 from ..core.sources import EventSource, SourceMeta
 from .loader import Probes
 from .ringbuf import RingBufReader
@@ -83,14 +82,6 @@ class LiveEvents(EventSource):
             if not len(batch):
                 return
             yield batch
-
-    @staticmethod
-    def ring_sizes(batch: np.ndarray) -> dict[tuple[int, int], int]:
-        """(pid, vm) -> ring entries from the KT_RING_SIZE events of ``batch``."""
-        from ..core.events import Kind
-
-        sel = batch[batch["kind"] == Kind.RING_SIZE]
-        return {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"])) for e in sel}
 
     def close(self) -> None:
         self.reader.close()

@@ -16,7 +16,7 @@ from ..analysis.stuck import EventStuck
 from ..bpf.event_source import LiveEvents
 from ..bpf.vmident import VmmsBelow
 from ..core.counters import VmName
-from ..core.events import Kind, vm_pairs
+from ..core.events import Kind, ring_sizes, vm_pairs
 from ..errors import UsageError
 from ..host.child import PausedChild, check_command, exit_status
 from ..host.outfile import check_output
@@ -189,7 +189,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                     events += len(batch)
                     pushes += int((batch["kind"] == Kind.PUSH).sum())
                     stuck.feed(batch)
-                    sizes = source.ring_sizes(batch)
+                    sizes = ring_sizes(batch)
                     if sizes:
                         writer.update_meta(ring_entries=sizes)
                 now = time.monotonic()

@@ -13,13 +13,14 @@ import enum
 
 import numpy as np
 
-from .kvm_abi import VM_UNKNOWN
+from .kvm_abi import VM_UNKNOWN, entries_from_bytes
 
 __all__ = [
     "EVENT_DTYPE",
     "Kind",
     "RING_UNKNOWN",
     "empty",
+    "ring_sizes",
     "vm_keys",
     "vm_pairs",
 ]
@@ -64,6 +65,13 @@ def empty(n: int = 0) -> np.ndarray:
     ev["ring"] = RING_UNKNOWN
     ev["vm"] = VM_UNKNOWN
     return ev
+
+
+def ring_sizes(ev: np.ndarray) -> dict[tuple[int, int], int]:
+    """(pid, vm) -> ring size in entries (struct kvm_dirty_gfn, 16 bytes each) from the
+    RING_SIZE events of ``ev`` (KVM_CAP_DIRTY_LOG_RING's value: bytes); later ones win."""
+    sel = ev[ev["kind"] == Kind.RING_SIZE]
+    return {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"])) for e in sel}
 
 
 def vm_keys(ev: np.ndarray) -> np.ndarray:

@@ -19,7 +19,8 @@ from ..core.events import EVENT_DTYPE, Kind, empty
 from ..core.kvm_abi import KVM_DIRTY_RING_RSVD_ENTRIES, bytes_from_entries, soft_limit_of
 from ..model.ring import DirtyRing
 
-__all__ = ["SynthVm", "bulk_stream", "workload_stream", "write_bulk_recording"]
+__all__ = ["SynthVm", "bulk_stream", "workload_stream", "write_bulk_recording",
+           "write_workload_recording"]
 
 
 class SynthVm:
@@ -253,3 +254,16 @@ def write_bulk_recording(n: int, path: str | os.PathLike[str], *,
             w.write(part)
             written += len(part)
             k += 1
+
+
+def write_workload_recording(path: str | os.PathLike[str], n: int, vcpus: int) -> int:
+    """:func:`workload_stream` of ``n`` events written as ``kvmtrace record`` writes it: the
+    ring sizes its RING_SIZE events set also in the meta. Returns the events written."""
+    from ..core.events import ring_sizes
+    from ..core.sources import SourceMeta
+    from ..source.recording import RecordingWriter
+
+    ev = workload_stream(n, vcpus=vcpus)
+    with RecordingWriter(path, SourceMeta(kind="bench", ring_entries=ring_sizes(ev))) as w:
+        w.write(ev)
+    return len(ev)

@@ -11,7 +11,7 @@ from . import __version__
 from .commands.args import Parser
 from .errors import KvmtraceError
 
-__all__ = ["main", "build_parser", "COMMANDS"]
+__all__ = ["main", "build_parser", "commands_for", "COMMANDS"]
 
 # Subcommand name -> module under kvmtrace.commands exposing register(subparsers) and
 # run(args) -> int.
@@ -45,12 +45,17 @@ def build_parser(only: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
     return parser
 
 
+def commands_for(words: Sequence[str]) -> tuple[str, ...]:
+    """The subcommands whose modules a command line needs: a named subcommand's alone (a
+    live command starts sooner: the others' modules cost 0.1-0.3 s of imports), else all
+    of them, for help and errors."""
+    return (words[0],) if words and words[0] in COMMANDS else COMMANDS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         words = list(sys.argv[1:] if argv is None else argv)
-        # a named subcommand: load only its module (a live command starts sooner: the
-        # others' modules cost 0.1-0.3 s of imports); else all of them, for help and errors
-        parser = build_parser((words[0],) if words and words[0] in COMMANDS else COMMANDS)
+        parser = build_parser(commands_for(words))
         args = parser.parse_args(words)
     except KeyboardInterrupt:  # Ctrl-C while the commands' modules load
         return 130

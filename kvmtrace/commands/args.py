@@ -29,8 +29,8 @@ from ..errors import UsageError
 
 __all__ = ["HOOKS", "Parser", "add_subcommand", "add_input", "add_json", "add_ring_size",
            "add_pid", "add_skip_damaged", "add_command", "command_of", "number", "integer",
-           "pid_max", "pid_value", "check_pid", "MAX_SECONDS", "add_progress", "add_no_cache",
-           "apply_no_cache", "add_jobs", "jobs_of"]
+           "pid_max", "PID_MAX_LIMIT", "pid_value", "check_pid", "MAX_SECONDS",
+           "add_progress", "add_no_cache", "apply_no_cache", "add_jobs", "jobs_of"]
 
 #: the longest duration or interval any flag takes (a year, in seconds)
 MAX_SECONDS = 366 * 86400.0
@@ -106,12 +106,17 @@ def integer(flag: str, low: int, high: int, *, example: str = "1",
     return parse
 
 
+#: the kernel's largest pid_max (PID_MAX_LIMIT, include/linux/threads.h, 64-bit)
+PID_MAX_LIMIT = 1 << 22
+
+
 def pid_max() -> int:
-    """``/proc/sys/kernel/pid_max``: every pid is below it (4194304 if unreadable)."""
+    """``/proc/sys/kernel/pid_max``: every pid is below it (:data:`PID_MAX_LIMIT` if
+    unreadable)."""
     try:
         return int(open("/proc/sys/kernel/pid_max").read())
     except (OSError, ValueError):
-        return 1 << 22
+        return PID_MAX_LIMIT
 
 
 def pid_value(text: str) -> int:

@@ -26,6 +26,7 @@ from ..host.child import PausedChild, check_command, exit_status
 from ..views.top_render import SORT_KEYS, render_top
 from .args import (
     HOOKS,
+    PID_MAX_LIMIT,
     add_command,
     add_json,
     add_no_cache,
@@ -53,7 +54,6 @@ EXAMPLES = """examples:
 
 exit status: 0; with -- COMMAND, the command's own status when it failed; 2 bad flags
 """
-PID_MAX_LIMIT = 1 << 22  #: the kernel's largest pid_max (include/linux/threads.h, 64-bit)
 LONG_RUN_S = 10.0  # batch runs at least this long say how to end them
 
 

@@ -16,6 +16,8 @@ import pytest
 from conftest import require
 
 from kvmtrace.bpf.layout import (
+    CPU_HEAD_DTYPE,
+    LOST_EVENTS,
     LOST_SLOTS,
     PUSH_SLOT_DTYPE,
     RING_KEY_DTYPE,
@@ -35,10 +37,12 @@ STRUCTS = {
     "kt_vm_key": VM_KEY_DTYPE,
     "kt_vm_val": VM_VAL_DTYPE,
     "kt_push_slot": PUSH_SLOT_DTYPE,
+    "kt_cpu_head": CPU_HEAD_DTYPE,
 }
 CONSTANTS = {
     "KT_HIST_BUCKETS": HIST_BUCKETS,
     "KT_LOST_SLOTS": LOST_SLOTS,
+    "KT_LOST_EVENTS": LOST_EVENTS,
     "KT_VM_GEN_SHIFT": VM_GEN_SHIFT,
     **{f"KT_{k.name}": int(k) for k in Kind},
 }

@@ -10,7 +10,11 @@ bench_top.py and bench_probe_cost.py) three ways, alternating, ROUNDS times each
   perf     perf record -e kvm:kvm_dirty_ring_{push,reset,exit} -o FILE -- workload
 
 and prints the median dirtying rate (guest page writes per second per vCPU, from the
-workload's own JSON) of each, the slowdown ratios, events lost, and bytes per event.
+workload's own JSON) of each, the slowdown ratios, events lost, and bytes per event; then
+per round, each tracer's ratio to the same round's untraced run, by wall rate and by the
+vCPU threads' own CPU time per guest write (the workload's cpu_ns): on a host whose CPUs
+other processes keep busy, the wall rate mostly measures the scheduler, the CPU time per
+write what the tracer adds to each write.
 Goals: kvmtrace <= 5 % slower than none and below perf; 0 lost; <= 3 bytes/event.
 
 Then the tracer process's own CPU (utime + stime of `kvmtrace record` or `perf record`,
@@ -115,7 +119,9 @@ def run_once(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
     if rc != 0:
         raise SystemExit(f"{mode}: exit {rc}: {stderr.strip()[-500:]}")
     truth = json.loads(stdout)
-    res = {"rate": rate(truth), "pushes": sum(r["pages_written"] for r in truth["rings"]),
+    written = sum(r["pages_written"] for r in truth["rings"])
+    res = {"rate": rate(truth), "pushes": written,
+           "cpu_per_write": sum(r.get("cpu_ns", 0) for r in truth["rings"]) / max(1, written),
            **usage}
     if mode == "kvmtrace":
         rec = open_recording(out)
@@ -160,6 +166,27 @@ def main() -> int:
         per = f"{size / ev:.2f}" if ev else "-"
         print(f"{mode:<10}{med:>15,.0f}{(med / base - 1) * 100:>+8.1f}%{ev:>11}{lost:>7}"
               f"{per:>10}")
+    print("per round (the modes of a round ran back to back): each tracer's rate / the "
+          "same round's none")
+    for mode in modes[1:]:
+        ratios = [r["rate"] / n["rate"] - 1 for r, n in
+                  zip(results[mode], results["none"], strict=True)]
+        print(f"{mode:<10}" + "".join(f"{x * 100:>+8.1f}%" for x in ratios)
+              + f"   median {statistics.median(ratios) * 100:+.1f}%, spread "
+              f"{min(ratios) * 100:+.1f}% .. {max(ratios) * 100:+.1f}%")
+    print(f"{'none':<10}" + "".join(f"{r['rate']:>9,.0f}" for r in results["none"])
+          + "   writes/s/vCPU (the anchor; a busy host moves it)")
+    print("per round: the vCPU threads' own CPU time per guest write (guest, kernel and "
+          "probes; not grown by waiting for a CPU other processes hold) / the same round's "
+          "none")
+    for mode in modes[1:]:
+        ratios = [r["cpu_per_write"] / n["cpu_per_write"] - 1 for r, n in
+                  zip(results[mode], results["none"], strict=True)]
+        print(f"{mode:<10}" + "".join(f"{x * 100:>+8.1f}%" for x in ratios)
+              + f"   median {statistics.median(ratios) * 100:+.1f}%, spread "
+              f"{min(ratios) * 100:+.1f}% .. {max(ratios) * 100:+.1f}%")
+    print(f"{'none':<10}" + "".join(f"{r['cpu_per_write']:>9,.0f}" for r in results["none"])
+          + "   vCPU CPU ns per guest write (the anchor)")
     print("tracer's own CPU (not its workload's), summed over rounds: while the workload ran,"
           " per event and % of a core; in all, with start-up and exit")
     print(f"{'tracer':<10}{'running s':>10}{'ns/event':>10}{'% core':>8}{'start s':>9}"

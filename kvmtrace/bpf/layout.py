@@ -11,10 +11,15 @@ import numpy as np
 
 from ..core.counters import HIST_BUCKETS
 
-__all__ = ["RING_KEY_DTYPE", "RING_VAL_DTYPE", "VM_KEY_DTYPE", "VM_VAL_DTYPE", "LOST_SLOTS",
-           "PUSH_SLOT_DTYPE"]
+__all__ = ["CPU_HEAD_DTYPE", "LOST_EVENTS", "LOST_SLOTS", "PUSH_SLOT_DTYPE", "RING_KEY_DTYPE",
+           "RING_VAL_DTYPE", "VM_KEY_DTYPE", "VM_VAL_DTYPE"]
 
 LOST_SLOTS = 2  # KT_LOST_EVENTS, KT_LOST_MAPS
+LOST_EVENTS = 0  # KT_LOST_EVENTS: the slot of events the output had no room for
+
+#: struct kt_cpu_head (128 bytes): one CPU's event ring in mode record (map cpu_heads)
+CPU_HEAD_DTYPE = np.dtype({"names": ["head", "busy", "tail"], "formats": ["<u8"] * 3,
+                           "offsets": [0, 8, 64], "itemsize": 128})
 
 #: struct kt_ring_key (12 bytes)
 RING_KEY_DTYPE = np.dtype([("pid", "<u4"), ("vm", "<i4"), ("ring", "<i4")])

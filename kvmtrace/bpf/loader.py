@@ -48,6 +48,7 @@ from ..host.kallsyms import addresses
 from ..model.sizes import live_ring_size
 from . import objcache
 from .layout import (
+    LOST_EVENTS,
     LOST_SLOTS,
     PUSH_SLOT_DTYPE,
     RING_KEY_DTYPE,
@@ -55,7 +56,8 @@ from .layout import (
     VM_KEY_DTYPE,
     VM_VAL_DTYPE,
 )
-from .rawload import load_or_compile
+from .percpu import PerCpuReader, ring_entries
+from .rawload import load_or_compile, possible_cpus
 
 __all__ = ["PROBES_PACKAGE", "SOURCE_NAME", "probes_dir", "MODES", "HOOKS", "VM_IDENTITIES",
            "Probes",
@@ -367,7 +369,6 @@ class Probes:
         hook: str = "auto",
         vm_identity: str = "auto",
         ringbuf_pages: int = 4096,
-        wake_every: int = 0,
         fast_push: bool = True,
         push_slot_bits: int | None = None,
         with_events: bool = False,
@@ -388,11 +389,11 @@ class Probes:
           counts pushes from its first reset seen. With a tracepoint exit hook, soft-full
           exits go to ring ``vcpu_id`` (the kernel makes the vCPU id the ring's index at
           KVM_CREATE_VCPU; true for the built-in VMM and QEMU).
-        - ``record``: every event as a struct kt_event into the BPF ring buffer ``events``
-          (``ringbuf_pages`` pages; :meth:`ringbuf_fd`, :meth:`poll_events`), no
-          aggregation. With a raw push hook the same slots name a push's VM fd instead of
-          a per-thread hash-map lookup. ``wake_every`` > 0: the BPF side wakes a reader
-          once per that many records of a CPU (for a reader that also polls on a timer).
+        - ``record``: every event as a struct kt_event into the ring of the CPU it
+          happens on (``ringbuf_pages`` pages per CPU, :func:`~kvmtrace.bpf.percpu.
+          ring_entries`; :meth:`event_reader`, :meth:`poll_events`), no aggregation. With
+          a raw push hook the same slots name a push's VM fd instead of a per-thread
+          hash-map lookup.
 
         ``vm_identity`` (attribute ``vm_identity``: ``pointer`` or ``thread`` in use):
         ``auto`` names each VM by its ``struct kvm *`` where the kernel allows
@@ -457,9 +458,14 @@ class Probes:
             cflags.append(f"-DKT_PUSH_SLOT_BITS={push_slot_bits}")
         self.fast_push = (fast_push and mode != "top-light" and not with_events
                           and self.hooks.get("kvm_dirty_ring_push") == "raw_tp")
-        if self.emit_events:
-            cflags += [f"-DKT_RINGBUF_PAGES={ringbuf_pages}",
-                       f"-DKT_RB_WAKE_EVERY={max(0, int(wake_every))}"]
+        #: mode record: records per CPU ring (--ringbuf-pages per CPU), and rings
+        self.cpu_ring_entries = ring_entries(ringbuf_pages) if mode == "record" else 0
+        self.nr_buffers = possible_cpus() if self.cpu_ring_entries else 0
+        if self.cpu_ring_entries:
+            cflags += [f"-DKT_CPU_RING_ENTRIES={self.cpu_ring_entries}",
+                       f"-DKT_NCPUS={self.nr_buffers}"]
+        elif self.emit_events:
+            cflags.append(f"-DKT_RINGBUF_PAGES={ringbuf_pages}")
         self.cflags = cflags
         t0 = time.monotonic()
         with probes_dir() as src:
@@ -469,6 +475,7 @@ class Probes:
         self.load_how = got.how  # "cache" (no bcc, no compiler) or "compiled..."
         self.load_seconds = time.monotonic() - t0
         self._rb_open = False
+        self._reader: PerCpuReader | None = None
         self._free_fd: int | None = None
         self.snapshot_retries = 0  # snapshots read again because a slot changed owner
 
@@ -703,15 +710,38 @@ class Probes:
     # -- events -------------------------------------------------------------------------
 
     def ringbuf_fd(self) -> int:
-        """The fd of the BPF_MAP_TYPE_RINGBUF map ``events`` (for an mmap reader)."""
-        if not self.emit_events:
-            raise UsageError("the probes were loaded without event output",
-                             'construct Probes("record")')
+        """The fd of the BPF_MAP_TYPE_RINGBUF map ``events`` (event output of ``top`` with
+        ``with_events``; ``record`` writes per-CPU rings: :meth:`event_reader`)."""
+        if not self.emit_events or self.cpu_ring_entries:
+            raise UsageError("the probes were loaded without a BPF ring buffer",
+                             'construct Probes("top", with_events=True)')
         return int(self._bpf[b"events"].map_fd)
 
+    def event_reader(self) -> PerCpuReader:
+        """A reader of mode ``record``'s per-CPU event rings (maps ``cpu_heads`` and
+        ``cpu_events``; :mod:`kvmtrace.bpf.percpu`); the caller closes it."""
+        if not self.cpu_ring_entries:
+            raise UsageError("the probes were loaded without per-CPU event rings",
+                             'construct Probes("record")')
+        return PerCpuReader(int(self._bpf[b"cpu_heads"].map_fd),
+                            int(self._bpf[b"cpu_events"].map_fd), self.nr_buffers,
+                            self.cpu_ring_entries)
+
+    def lost_per_buffer(self) -> list[int]:
+        """Events each CPU's ring had no room for (index = CPU; mode ``record``)."""
+        return [int(x) for x in self._bpf[b"lost"][ctypes.c_int(LOST_EVENTS)]]
+
     def poll_events(self, timeout_ms: int = 0) -> np.ndarray:
-        """Events waiting in the ring buffer, through bcc's per-record callback (about
-        1 M events/s: fine for tests and small traces; use an mmap reader for volume)."""
+        """Events the probes produced (tests and small traces). Mode ``record``: the
+        per-CPU rings, merged (:meth:`event_reader`); ``timeout_ms`` > 0 waits that long
+        first and holds back the last 2 ms (a later call returns them), 0 reads everything
+        now (the producers are done). ``top`` with ``with_events``: the ring buffer,
+        through bcc's per-record callback (about 1 M events/s), waiting up to timeout_ms."""
+        if self.cpu_ring_entries:
+            if self._reader is None:
+                self._reader = self.event_reader()
+            self._reader.wait(timeout_ms)
+            return self._reader.read(final=not timeout_ms)
         self.ringbuf_fd()  # raises UsageError unless loaded with emit_events
         if not self._rb_open:
 
@@ -739,6 +769,9 @@ class Probes:
         is never followed by a second detach of what is half gone. A detach bcc reports
         as failed is not raised: the kernel detaches whatever is left when the process's
         file descriptors close."""
+        reader, self._reader = getattr(self, "_reader", None), None
+        if reader is not None:
+            reader.close()
         bpf, self._bpf = getattr(self, "_bpf", None), None
         if bpf is None:
             return

@@ -47,8 +47,12 @@ EXAMPLES = """examples:
 exit status: 0, or with -- COMMAND the command's own status when it fails (the
 recording is saved first, like perf record); 2 bad flags; 128+N COMMAND killed by signal N
 """
-#: largest --ringbuf-pages: 1 GiB of 4 KiB pages
-MAX_RINGBUF_PAGES = 1 << 18
+#: largest --ringbuf-pages: 256 MiB of 4 KiB pages per CPU
+MAX_RINGBUF_PAGES = 1 << 16
+#: default --ringbuf-pages: 4 MiB per CPU, a ring of 65536 events (3 MiB), about 0.25 s of
+#: the highest push rate seen here, read every 20 ms; a ring larger than the CPU's cache
+#: costs each push a cache miss (tools/bench_probe_cost.py)
+RINGBUF_PAGES = 1024
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,9 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                              example="10"),
                    metavar="S", help="stop after S seconds")
     p.add_argument("--ringbuf-pages", type=integer("--ringbuf-pages", 1, MAX_RINGBUF_PAGES,
-                                                   power_of_two=True, example="4096"),
-                   default=4096, metavar="N",
-                   help="BPF ring buffer size in pages, a power of two (default 4096)")
+                                                   power_of_two=True, example="1024"),
+                   default=RINGBUF_PAGES, metavar="N",
+                   help="pages of each CPU's event ring, a power of two (default "
+                   f"{RINGBUF_PAGES}: {RINGBUF_PAGES * 4 // 1024} MiB per CPU)")
     p.add_argument("--hook", choices=HOOKS, default="auto",
                    help="raw tracepoints or tracepoints (default: best available)")
     add_no_cache(p)
@@ -139,8 +144,19 @@ class _Names:
         return new
 
 
+def _buffer_meta(writer: RecordingWriter, source: LiveEvents) -> None:
+    """Meta ``extra`` of the per-CPU ring buffers, when changed: ``lost_per_buffer`` (lost
+    events of each CPU's buffer), ``merge_late`` and ``merge_reordered`` (events read too
+    late for the time merge, events put in index order: kvmtrace.bpf.percpu)."""
+    got = {"lost_per_buffer": source.lost_per_buffer(), "merge_late": source.reader.late,
+           "merge_reordered": source.reader.reordered}
+    if any(writer.meta.extra.get(k) != v for k, v in got.items()):
+        writer.update_meta(extra=got)
+
+
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
-           command: list[str] | None = None, ringbuf_pages: int = 4096, hook: str = "auto",
+           command: list[str] | None = None, ringbuf_pages: int = RINGBUF_PAGES,
+           hook: str = "auto",
            flush_s: float = 1.0, quiet: bool = False,
            stdout: IO[bytes] | int | None = None) -> RecordSummary:
     """Record until Ctrl-C/SIGTERM, ``duration`` seconds, or COMMAND's exit; COMMAND's
@@ -195,6 +211,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                 now = time.monotonic()
                 if now - last_flush >= flush_s:
                     writer.add_lost(source.lost - writer.lost)
+                    _buffer_meta(writer, source)
                     writer.flush()
                     last_flush = now
                 if duration is not None and now - t0 >= duration:
@@ -206,6 +223,7 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                 if below is not None:
                     below.watch()
             writer.add_lost(source.lost - writer.lost)
+            _buffer_meta(writer, source)
             lost = writer.lost
             warning = below.warning("record", "recorded 0 events") \
                 if below is not None and not events else None

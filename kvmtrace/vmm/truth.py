@@ -18,6 +18,8 @@ class RingTruth:
     soft_full_exits: KVM_EXIT_DIRTY_RING_FULL (31) returns seen by userspace.
     stall_ns: time from KVM_RUN returning exit 31 to the next KVM_RUN call (ns).
     run_ns: wall time of the vCPU thread's run loop (ns). kvm_runs: KVM_RUN calls.
+    cpu_ns: CPU time of the vCPU thread over its run loop (ns, CLOCK_THREAD_CPUTIME_ID:
+    guest, kernel and user time; unlike run_ns, not grown by waiting for a busy CPU).
     entries_reset: harvested entries the kernel reset, read back from the ring after each
     KVM_RESET_DIRTY_RINGS (exact also when a signal cut a call short).
     unreset: harvested entries the kernel never reset (its walk stopped at an entry the
@@ -51,6 +53,7 @@ class RingTruth:
     soft_full_exits: int = 0
     stall_ns: int = 0
     run_ns: int = 0
+    cpu_ns: int = 0
     kvm_runs: int = 0
     entries_reset: int = 0
     lost_suspected: int = 0

@@ -177,7 +177,7 @@ class _Cycle:
         streak = 0
         marks = vmr.code.mark_port is not None
         stalled_at: int | None = None
-        start = time.monotonic_ns()
+        start, cpu0 = time.monotonic_ns(), time.thread_time_ns()
         while not vmr.stop.is_set():
             if stalled_at is not None:
                 res.stall_ns += time.monotonic_ns() - stalled_at
@@ -219,6 +219,7 @@ class _Cycle:
         if stalled_at is not None:
             res.stall_ns += now - stalled_at
         res.run_ns = now - start
+        res.cpu_ns = time.thread_time_ns() - cpu0
         regs = vcpu.get_regs()
         res.pages_written = vmr.code.writes_done(regs.rdx, regs.rip)
 

@@ -29,10 +29,10 @@
  * with no program on kvm_dirty_ring_push at all, KT_NO_PUSH: the probes' cost does not grow
  * with the push rate; each reset fills in pushes, used and overflow from its indices, see
  * kt_light_reset() in dirty_ring_defs.h), KT_MODE_RECORD (every event as a struct kt_event
- * into the ring buffer `events`, KT_EMIT_EVENTS).
+ * into the ring of the CPU it happens on, KT_EMIT_EVENTS: kt_emit()).
  * Options (-D): KT_PID (0 = every process), KT_FOLLOW (KT_PID and its descendants, see
- * kt_wanted()), KT_RINGBUF_PAGES, KT_RB_FLAGS and
- * KT_RB_WAKE_EVERY (the ring buffer), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes),
+ * kt_wanted()), KT_CPU_RING_ENTRIES and KT_NCPUS (record: records per CPU ring, CPUs),
+ * KT_RINGBUF_PAGES and KT_RB_FLAGS (the ring buffer of KT_TEST_EVENTS), KT_MAX_{RINGS,VMS,VCPUS,TIDS} (map sizes),
  * KT_VM_PTR with its offsets and addresses (VM identity by struct kvm *, see above),
  * KT_FD_WALK (fds the fallback walk looks at). Tests and benchmarks only: KT_NO_FAST_PUSH
  * (no fast path: every push takes the hash-map path, for comparison), KT_PUSH_SLOT_BITS
@@ -61,14 +61,22 @@ BPF_TABLE("lru_hash", struct kt_kvm_key, s32, kvms, KT_MAX_VMS);
 #endif
 BPF_ARRAY(zero_ring, struct kt_ring_val, 1);   /* never written: initial values */
 BPF_ARRAY(zero_vm, struct kt_vm_val, 1);
-BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS + 1);  /* + the wakeup counter */
+BPF_PERCPU_ARRAY(lost, u64, KT_LOST_SLOTS);
 #if defined(KT_FAST_PUSH) || defined(KT_FAST_VM)
 #define KT_PUSH_SLOTS 1
 BPF_ARRAY(push_slots, struct kt_push_slot, 1 << KT_PUSH_SLOT_BITS);
 BPF_ARRAY(vcpu_epoch, u32, 1);   /* KVM_CREATE_VCPU calls seen: a ring may be new memory */
 #endif
 #ifdef KT_EMIT_EVENTS
+#ifdef KT_CPU_RING_ENTRIES
+/* record: one ring of events per CPU (struct kt_cpu_head in kvmtrace.h), written by that
+ * CPU's programs only, read by user space through the maps' mmaps (kvmtrace/bpf/percpu.py) */
+BPF_F_TABLE("array", u32, struct kt_cpu_head, cpu_heads, KT_NCPUS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct kt_event, cpu_events, KT_NCPUS * KT_CPU_RING_ENTRIES,
+	    BPF_F_MMAPABLE);
+#else
 BPF_RINGBUF_OUTPUT(events, KT_RINGBUF_PAGES);
+#endif
 #endif
 
 static __always_inline void kt_lost(u32 slot)
@@ -82,7 +90,40 @@ static __always_inline void kt_lost(u32 slot)
 static __always_inline void kt_emit(u8 kind, u64 ts, u32 pid, u32 tid, s32 vm, s32 ring,
 				    u32 dirty, u32 reset, u32 slot, u64 value)
 {
-#ifdef KT_EMIT_EVENTS
+#if defined(KT_EMIT_EVENTS) && defined(KT_CPU_RING_ENTRIES)
+	/*
+	 * This CPU's ring. Programs run with migration disabled, and two of ours on one CPU
+	 * interleave only if one interrupts (or, where a tracepoint is faultable, preempts)
+	 * the other: busy makes the later one count its event lost rather than write into
+	 * a record being written. No lock, no atomic: nothing else writes here.
+	 */
+	u32 cpu = bpf_get_smp_processor_id();
+	struct kt_cpu_head *r = cpu_heads.lookup(&cpu);
+
+	if (!r || r->busy) {
+		kt_lost(KT_LOST_EVENTS);
+		return;
+	}
+	r->busy = 1;
+	kt_barrier();
+	u64 head = r->head;
+	u32 at = cpu * KT_CPU_RING_ENTRIES + (u32)(head & (KT_CPU_RING_ENTRIES - 1));
+	struct kt_event *e = cpu_events.lookup(&at);
+
+	if (!e || head - *(volatile u64 *)&r->tail >= KT_CPU_RING_ENTRIES) {   /* full */
+		kt_barrier();
+		r->busy = 0;
+		kt_lost(KT_LOST_EVENTS);
+		return;
+	}
+	*e = (struct kt_event){ .ts = ts, .value = value, .pid = pid, .tid = tid,
+				.dirty_index = dirty, .reset_index = reset, .slot = slot,
+				.ring = ring, .vm = vm, .kind = kind };
+	kt_barrier();   /* the record before the head that publishes it (x86: TSO) */
+	*(volatile u64 *)&r->head = head + 1;
+	kt_barrier();
+	r->busy = 0;
+#elif defined(KT_EMIT_EVENTS)
 	struct kt_event *e = events.ringbuf_reserve(sizeof(struct kt_event));
 
 	if (!e) {
@@ -92,19 +133,7 @@ static __always_inline void kt_emit(u8 kind, u64 ts, u32 pid, u32 tid, s32 vm, s
 	*e = (struct kt_event){ .ts = ts, .value = value, .pid = pid, .tid = tid,
 				.dirty_index = dirty, .reset_index = reset, .slot = slot,
 				.ring = ring, .vm = vm, .kind = kind };
-#if KT_RB_WAKE_EVERY > 0
-	/* Wake the reader once per KT_RB_WAKE_EVERY records of this CPU, not per record:
-	 * it also polls on a timer. (bcc 0.26 has no ringbuf_query() to ask the fill.) */
-	u32 slot_n = KT_LOST_SLOTS;   /* the slot after the lost counters */
-	u64 *n = lost.lookup(&slot_n);
-	u64 flags = BPF_RB_NO_WAKEUP;
-
-	if (n && ++(*n) % KT_RB_WAKE_EVERY == 0)
-		flags = BPF_RB_FORCE_WAKEUP;
-	events.ringbuf_submit(e, flags);
-#else
 	events.ringbuf_submit(e, KT_RB_FLAGS);
-#endif
 #endif
 }
 

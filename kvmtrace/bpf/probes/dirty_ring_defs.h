@@ -50,10 +50,9 @@
 #ifndef KT_RB_FLAGS
 #define KT_RB_FLAGS 0
 #endif
-/* > 0: no wakeup per record, one per this many records of a CPU (a polling reader) */
-#ifndef KT_RB_WAKE_EVERY
-#define KT_RB_WAKE_EVERY 0
-#endif
+/* a compiler barrier: the stores before it are emitted before the stores after it */
+#define kt_barrier() asm volatile("" ::: "memory")
+
 #ifndef KT_MAX_RINGS
 #define KT_MAX_RINGS 8192
 #endif

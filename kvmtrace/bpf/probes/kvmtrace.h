@@ -44,6 +44,23 @@ struct kt_event {
 };
 
 /*
+ * Mode record: CPU c's events go to its own single-producer ring, records
+ * c * KT_CPU_RING_ENTRIES .. + KT_CPU_RING_ENTRIES - 1 of map `cpu_events` (struct kt_event,
+ * KT_CPU_RING_ENTRIES a power of two), with its counters in element c of map `cpu_heads`.
+ * Only programs running on CPU c write there; user space reads both maps through their
+ * mmaps (kvmtrace/bpf/percpu.py). head and tail are free-running record counts on their
+ * own cache lines: head written by the programs after the record, tail by the reader after
+ * it copied the records.
+ */
+struct kt_cpu_head {
+	__u64 head;
+	__u64 busy;         /* 1 while a program of this CPU writes a record             */
+	__u64 pad0[6];
+	__u64 tail;
+	__u64 pad1[7];
+};
+
+/*
  * In-kernel aggregation (dirty_ring.bpf.c), read by kvmtrace/bpf/live.py through the
  * numpy dtypes in kvmtrace/bpf/layout.py. Histograms: bucket i counts durations v (ns) with
  * 2^i <= v < 2^(i+1); bucket 0 also holds 0, the last bucket everything above.

@@ -157,10 +157,10 @@ def test_disk_full_stops_cleanly_and_keeps_whole_blocks(tmp_path, kvm, bpf_root)
 
 
 def test_small_ring_buffer_at_full_rate_loses_nothing(tmp_path, kvm, bpf_root):
-    """A 1 MiB BPF ring buffer per CPU holds 18724 events, ~50-100 ms of this workload
-    (2 vCPUs, no exits, a reaper every 10 ms: ~400 k pushes/s here), under the reader's
-    100 ms poll timeout: nothing is lost only if the producers' forced wakeups reach the
-    edge-triggered reader (each buffer wakes it when 1/8 full)."""
+    """256 pages per CPU make a ring of 16384 events, ~40-80 ms of this workload (2 vCPUs,
+    no exits, a reaper every 10 ms: ~400 k pushes/s here): nothing is lost only if the
+    reader, polling every 20 ms on CPUs the vCPUs keep busy, empties every CPU's ring in
+    time."""
     rates = []
     for attempt in range(3):  # a loaded host may not reach the rate: every run is exact
         out = tmp_path / f"fast{attempt}.kvt"
@@ -185,10 +185,9 @@ def test_small_ring_buffer_at_full_rate_loses_nothing(tmp_path, kvm, bpf_root):
 def test_many_vcpus_moving_between_cpus_lose_nothing_and_keep_index_order(tmp_path, kvm,
                                                                          bpf_root):
     """Three vCPU threads per CPU, each re-pinned to another CPU every 5 ms, all in a tight
-    loop (no exits; a reaper every 10 ms), 4 MiB of ring buffer per CPU (a quarter of the
-    default; the reader shares the CPUs with all the vCPUs, and the scheduler may put most
-    of them on one CPU for a while): every ring's pushes pass through several CPUs'
-    buffers. The recording holds exactly the guest's page writes, each ring's pushes in
+    loop (no exits; a reaper every 10 ms), the default 4 MiB per CPU (the reader shares
+    the CPUs with all the vCPUs, and the scheduler may put most of them on one CPU for a
+    while): every ring's pushes pass through several CPUs' event rings. The recording holds exactly the guest's page writes, each ring's pushes in
     index order 1, 2, 3, ... and its resets in order."""
     vcpus = 3 * max(2, os.cpu_count() or 2)
     out = tmp_path / "many.kvt"

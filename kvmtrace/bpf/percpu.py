@@ -58,12 +58,20 @@ __all__ = ["HEAD_BYTES", "SLACK_NS", "EventMerge", "PerCpuReader", "ring_entries
 SLACK_NS = 2_000_000
 
 _PUSH, _RESET = np.uint8(Kind.PUSH), np.uint8(Kind.RESET)
+#: u32 words of struct kt_event holding pid, ring, vm and kind (+ padding), in that order
+_KEY_WORDS = [EVENT_DTYPE.fields[f][1] // 4 for f in ("pid", "ring", "vm", "kind")]
 
 
 def _take(ev: np.ndarray, index: np.ndarray) -> np.ndarray:
     """ev[index], copied as opaque fixed-size items (numpy copies those several times
     faster than a structured dtype with fields)."""
     return ev.view(np.dtype((np.void, ev.dtype.itemsize)))[index].view(ev.dtype)
+
+
+def _copy(ev: np.ndarray) -> np.ndarray:
+    """A copy of ``ev``, made as of opaque fixed-size items (15 x faster than numpy's copy of
+    a structured dtype, field by field)."""
+    return ev.view(np.dtype((np.void, ev.dtype.itemsize))).copy().view(ev.dtype)
 
 
 def _opaque_concat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -98,18 +106,24 @@ def shared_rings(ev: np.ndarray, src: np.ndarray) -> np.ndarray | None:
     in more than one source (``src``: each event's); None when no ring's do. Found from
     the runs of one ring and source (a buffer's events come in long runs: a vCPU thread
     pushes many in a row), so the work per event is a few vector operations."""
-    kind = ev["kind"]
-    ordered = (kind == _PUSH) | (kind == _RESET)
-    if not ordered.any() or src.min() == src.max():
+    if src.min() == src.max():
         return None
-    head = np.zeros(len(ev), bool)
+    # (pid, vm, ring, kind) of each event gathered in one pass (four strided field reads
+    # cost 4 x as much): two u64 words per event, equal for equal fields
+    words = np.ascontiguousarray(ev.view(np.uint32).reshape(len(ev), -1)[:, _KEY_WORDS])
+    words[:, 3] &= 0xFF  # kind alone, not the padding after it
+    pair = words.view(np.uint64)
+    head = np.empty(len(ev), bool)
     head[0] = True
-    for name in ("pid", "vm", "ring", "kind"):
-        col = ev[name]
-        head[1:] |= col[1:] != col[:-1]
+    np.not_equal(pair[1:, 0], pair[:-1, 0], out=head[1:])
+    head[1:] |= pair[1:, 1] != pair[:-1, 1]
     head[1:] |= src[1:] != src[:-1]
     at = np.flatnonzero(head)  # run starts
-    key = np.where(ordered[at], _ring_keys(_take(ev, at)), -1)
+    kind = words[at, 3]
+    ordered = (kind == _PUSH) | (kind == _RESET)
+    if not ordered.any():
+        return None
+    key = np.where(ordered, _ring_keys(_take(ev, at)), -1)
     valid = key >= 0
     rings, which = np.unique(key[valid], return_inverse=True)
     which = which.reshape(-1)
@@ -181,8 +195,10 @@ class EventMerge:
         of earlier calls that are complete: stamped up to ``limit`` ns (None: all), in
         merged order."""
         if self._done is not None:  # stamped at or before a time already handed on
-            self.late += sum(int(np.count_nonzero(p["ts"] <= np.uint64(self._done)))
-                             for p in parts if len(p))
+            done = np.uint64(self._done)
+            for p in parts:
+                if len(p) and p["ts"].min() <= done:
+                    self.late += int(np.count_nonzero(p["ts"] <= done))
         arrays = [self._held, *parts]
         live = [i for i, a in enumerate(arrays) if len(a)]
         if not live:
@@ -209,7 +225,7 @@ class EventMerge:
         done = int(ts[-1]) if limit is None else limit  # before ring_order() moves events
         if ring_id is not None:
             self.reordered += ring_order(ev, ring_id, src)
-        self._held, self._held_src = ev[cut:].copy(), src[cut:].copy()
+        self._held, self._held_src = _copy(ev[cut:]), src[cut:].copy()
         self._done = done if self._done is None else max(self._done, done)
         return ev[:cut]
 
@@ -279,13 +295,13 @@ class PerCpuReader:
         tail = int(row[_TAIL])
         n = head - tail
         if n <= 0:
-            return self._events[cpu, :0].copy(), busy
+            return _copy(self._events[cpu, :0]), busy
         if n > self.entries:  # the program never moves head past tail + entries
             raise KvmtraceError(f"CPU {cpu}'s event ring is damaged (head {head}, tail {tail})")
         mask = self.entries - 1
         a, b = tail & mask, head & mask
         ring = self._events[cpu]
-        part = ring[a:b].copy() if a < b else np.concatenate([ring[a:], ring[:b]])
+        part = _copy(ring[a:b]) if a < b else _opaque_concat([ring[a:], ring[:b]])
         row[_TAIL] = head  # last: the program may now write over these records
         self.records += n
         self.max_fill = max(self.max_fill, n / self.entries)

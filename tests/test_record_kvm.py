@@ -187,8 +187,9 @@ def test_many_vcpus_moving_between_cpus_lose_nothing_and_keep_index_order(tmp_pa
     """Three vCPU threads per CPU, each re-pinned to another CPU every 5 ms, all in a tight
     loop (no exits; a reaper every 10 ms), the default 4 MiB per CPU (the reader shares
     the CPUs with all the vCPUs, and the scheduler may put most of them on one CPU for a
-    while): every ring's pushes pass through several CPUs' event rings. The recording holds exactly the guest's page writes, each ring's pushes in
-    index order 1, 2, 3, ... and its resets in order."""
+    while): every ring's pushes pass through several CPUs' event rings. The recording holds
+    exactly the guest's page writes, each ring's pushes in index order 1, 2, 3, ... and its
+    resets in order."""
     vcpus = 3 * max(2, os.cpu_count() or 2)
     out = tmp_path / "many.kvt"
     cmd = kvmtrace_cmd("record", "-o", str(out), "--ringbuf-pages", "1024", "--",

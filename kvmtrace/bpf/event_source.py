@@ -20,6 +20,7 @@ import numpy as np
 
 from ..core.sources import EventSource, SourceMeta
 from .loader import Probes
+from .percpu import RING_PAGES
 
 __all__ = ["LiveEvents"]
 
@@ -34,12 +35,11 @@ class LiveEvents(EventSource):
     ``follow``: ``pid`` and the processes it forks (``-- COMMAND``; Probes' ``follow``).
     """
 
-    def __init__(self, *, pid: int = 0, ringbuf_pages: int = 1024, hook: str = "auto",
+    def __init__(self, *, pid: int = 0, ringbuf_pages: int = RING_PAGES, hook: str = "auto",
                  poll_ms: int = 20, fast_push: bool = True, follow: bool = False) -> None:
         # Nothing wakes the reader (a wakeup per event, or per n events, costs the vCPUs a
         # CPU): it reads every poll_ms, at once again after a read that found a ring 1/8
-        # full. A ring of the default 1024 pages holds 65536 events, about 0.25 s of the
-        # highest push rate seen here.
+        # full (RING_PAGES: how much a ring holds).
         self.probes = Probes("record", pid=pid, hook=hook, ringbuf_pages=ringbuf_pages,
                              fast_push=fast_push, follow=follow)
         try:

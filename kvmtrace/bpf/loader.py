@@ -56,7 +56,7 @@ from .layout import (
     VM_KEY_DTYPE,
     VM_VAL_DTYPE,
 )
-from .percpu import PerCpuReader, ring_entries
+from .percpu import RING_PAGES, PerCpuReader, ring_entries
 from .rawload import load_or_compile, possible_cpus
 
 __all__ = ["PROBES_PACKAGE", "SOURCE_NAME", "probes_dir", "MODES", "HOOKS", "VM_IDENTITIES",
@@ -368,7 +368,7 @@ class Probes:
         pid: int = 0,
         hook: str = "auto",
         vm_identity: str = "auto",
-        ringbuf_pages: int = 4096,
+        ringbuf_pages: int | None = None,
         fast_push: bool = True,
         push_slot_bits: int | None = None,
         with_events: bool = False,
@@ -422,6 +422,8 @@ class Probes:
             raise UsageError(f"unknown probes mode {mode!r}", f"use one of {', '.join(MODES)}")
         if pid < 0:
             raise UsageError(f"bad pid {pid}", "give a process id, or 0 for every process")
+        if ringbuf_pages is None:  # record: per CPU; with_events: one ring buffer
+            ringbuf_pages = RING_PAGES if mode == "record" else 4096
         if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
             raise UsageError(
                 f"ring buffer pages must be a power of two, not {ringbuf_pages}",

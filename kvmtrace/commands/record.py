@@ -14,6 +14,7 @@ import numpy as np
 
 from ..analysis.stuck import EventStuck
 from ..bpf.event_source import LiveEvents
+from ..bpf.percpu import RING_PAGES
 from ..bpf.vmident import VmmsBelow
 from ..core.counters import VmName
 from ..core.events import Kind, ring_sizes, vm_pairs
@@ -48,11 +49,7 @@ exit status: 0, or with -- COMMAND the command's own status when it fails (the
 recording is saved first, like perf record); 2 bad flags; 128+N COMMAND killed by signal N
 """
 #: largest --ringbuf-pages: 256 MiB of 4 KiB pages per CPU
-MAX_RINGBUF_PAGES = 1 << 16
-#: default --ringbuf-pages: 4 MiB per CPU, a ring of 65536 events (3 MiB), about 0.25 s of
-#: the highest push rate seen here, read every 20 ms; a ring larger than the CPU's cache
-#: costs each push a cache miss (tools/bench_probe_cost.py)
-RINGBUF_PAGES = 1024
+MAX_RING_PAGES = 1 << 16
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,11 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=number("--duration", 0, MAX_SECONDS, low_open=True,
                                              example="10"),
                    metavar="S", help="stop after S seconds")
-    p.add_argument("--ringbuf-pages", type=integer("--ringbuf-pages", 1, MAX_RINGBUF_PAGES,
+    p.add_argument("--ringbuf-pages", type=integer("--ringbuf-pages", 1, MAX_RING_PAGES,
                                                    power_of_two=True, example="1024"),
-                   default=RINGBUF_PAGES, metavar="N",
+                   default=RING_PAGES, metavar="N",
                    help="pages of each CPU's event ring, a power of two (default "
-                   f"{RINGBUF_PAGES}: {RINGBUF_PAGES * 4 // 1024} MiB per CPU)")
+                   f"{RING_PAGES}: {RING_PAGES * 4 // 1024} MiB per CPU)")
     p.add_argument("--hook", choices=HOOKS, default="auto",
                    help="raw tracepoints or tracepoints (default: best available)")
     add_no_cache(p)
@@ -155,7 +152,7 @@ def _buffer_meta(writer: RecordingWriter, source: LiveEvents) -> None:
 
 
 def record(output: Path, *, pid: int = 0, duration: float | None = None,
-           command: list[str] | None = None, ringbuf_pages: int = RINGBUF_PAGES,
+           command: list[str] | None = None, ringbuf_pages: int = RING_PAGES,
            hook: str = "auto",
            flush_s: float = 1.0, quiet: bool = False,
            stdout: IO[bytes] | int | None = None) -> RecordSummary:

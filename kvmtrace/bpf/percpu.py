@@ -5,8 +5,9 @@ In mode ``record`` each event goes to the ring of the CPU its program runs on: r
 element c of map ``cpu_heads`` (struct kt_cpu_head; dirty_ring.bpf.c kt_emit()). Only CPU
 c's programs write CPU c's ring, so a record costs no lock, no atomic and no cache line
 shared with another CPU's writers, and the reader is never woken: it polls.
-:class:`PerCpuReader` maps both arrays (BPF_F_MMAPABLE) and copies what each ring holds,
-and :class:`EventMerge` puts the events back into one stream:
+:class:`PerCpuReader` maps both arrays (BPF_F_MMAPABLE, Linux 5.5: older than the dirty
+ring itself, 5.11) and copies what each ring holds, and :class:`EventMerge` puts the events
+back into one stream:
 
 - **Time.** Events go by ``ts`` (``bpf_ktime_get_ns()``, CLOCK_MONOTONIC), a stable sort:
   one buffer's events keep their order among equal times. A buffer (a CPU's ring) holds

@@ -8,8 +8,9 @@
 - :mod:`.layout`: numpy twins of the map structs in probes/kvmtrace.h.
 - :mod:`.snapshot_source`: the live per-ring view's source (``kvmtrace top``), over the
   in-kernel maps.
-- :mod:`.event_source`: the live event stream (``kvmtrace record``), over the ring buffer.
-- :mod:`.ringbuf`: bulk reader of a BPF ring buffer.
+- :mod:`.event_source`: the live event stream (``kvmtrace record``), over the per-CPU
+  event rings; :mod:`.percpu` reads those rings and merges them into one stream.
+- :mod:`.ringbuf`: bulk reader of a BPF ring buffer (the event output of tests' ``top``).
 - :mod:`.vmident`: VM identity: pid, fd, generation and name.
 - :mod:`.progstats`: the kernel's per-program run counters (bpf_stats).
 """

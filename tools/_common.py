@@ -24,7 +24,7 @@ for _path in (ROOT / "tests", ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-__all__ = ["ROOT", "kvmtrace_cmd", "reaper_workload", "cpu_seconds", "require_root",
+__all__ = ["ROOT", "kvmtrace_cmd", "reaper_workload", "cpu_seconds", "require_root", "soak_tests",
            "parser", "Outcome", "repeat", "soak_runs", "pytest_once", "Column", "Table"]
 
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
@@ -123,6 +123,27 @@ def pytest_once(*tests: str) -> str | None:
         return None
     errors = [ln[1:].strip() for ln in proc.stdout.splitlines() if ln.startswith("E ")]
     return " | ".join(errors[:4])[:600] or proc.stdout.strip().splitlines()[-1]
+
+
+def soak_tests(doc: str | None, tool: str, needs: str, tests: str,
+               scenarios: dict[str, str]) -> int:
+    """A soak whose scenarios are tests: ``--runs N`` (default 20) runs of each test
+    ``tests + scenarios[name]`` (``--only NAME ...`` picks some), each in its own pytest
+    process; prints per scenario the runs and every anomaly (a failed run, with its first
+    assertion lines). Returns the exit status: 1 if any run failed."""
+    ap = parser(doc, runs=20)
+    ap.add_argument("--only", nargs="*", choices=sorted(scenarios), default=None)
+    args = ap.parse_args()
+    require_root(tool, needs)
+    bad = 0
+    for name in args.only or list(scenarios):
+        out = repeat(lambda name=name: pytest_once(tests + scenarios[name]), args.runs)
+        bad += len(out.failures)
+        print(f"{name:>12}: {args.runs} runs, {len(out.failures)} anomalies "
+              f"({out.seconds:.0f} s)", flush=True)
+        for a in out.failures:
+            print(f"{'':>14}{a}", flush=True)
+    return 1 if bad else 0
 
 
 def soak_runs(label: str, runs: int, one: Callable[[Path], tuple[bool, str]]) -> int:

@@ -139,6 +139,21 @@ def run_once(mode: str, args: argparse.Namespace, tmp: Path) -> dict:
     return res
 
 
+def per_round(results: dict[str, list[dict]], modes: list[str], key: str, title: str,
+              anchor: str) -> None:
+    """Print, per tracer, each round's ``key`` relative to the same round's untraced run,
+    their median and spread, then the untraced values (the anchor)."""
+    print(title)
+    for mode in modes[1:]:
+        ratios = [r[key] / n[key] - 1 for r, n in
+                  zip(results[mode], results["none"], strict=True)]
+        print(f"{mode:<10}" + "".join(f"{x * 100:>+8.1f}%" for x in ratios)
+              + f"   median {statistics.median(ratios) * 100:+.1f}%, spread "
+              f"{min(ratios) * 100:+.1f}% .. {max(ratios) * 100:+.1f}%")
+    print(f"{'none':<10}" + "".join(f"{r[key]:>9,.0f}" for r in results["none"])
+          + "   " + anchor)
+
+
 def main() -> int:
     ap = parser(__doc__, rounds=3)
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -166,27 +181,13 @@ def main() -> int:
         per = f"{size / ev:.2f}" if ev else "-"
         print(f"{mode:<10}{med:>15,.0f}{(med / base - 1) * 100:>+8.1f}%{ev:>11}{lost:>7}"
               f"{per:>10}")
-    print("per round (the modes of a round ran back to back): each tracer's rate / the "
-          "same round's none")
-    for mode in modes[1:]:
-        ratios = [r["rate"] / n["rate"] - 1 for r, n in
-                  zip(results[mode], results["none"], strict=True)]
-        print(f"{mode:<10}" + "".join(f"{x * 100:>+8.1f}%" for x in ratios)
-              + f"   median {statistics.median(ratios) * 100:+.1f}%, spread "
-              f"{min(ratios) * 100:+.1f}% .. {max(ratios) * 100:+.1f}%")
-    print(f"{'none':<10}" + "".join(f"{r['rate']:>9,.0f}" for r in results["none"])
-          + "   writes/s/vCPU (the anchor; a busy host moves it)")
-    print("per round: the vCPU threads' own CPU time per guest write (guest, kernel and "
-          "probes; not grown by waiting for a CPU other processes hold) / the same round's "
-          "none")
-    for mode in modes[1:]:
-        ratios = [r["cpu_per_write"] / n["cpu_per_write"] - 1 for r, n in
-                  zip(results[mode], results["none"], strict=True)]
-        print(f"{mode:<10}" + "".join(f"{x * 100:>+8.1f}%" for x in ratios)
-              + f"   median {statistics.median(ratios) * 100:+.1f}%, spread "
-              f"{min(ratios) * 100:+.1f}% .. {max(ratios) * 100:+.1f}%")
-    print(f"{'none':<10}" + "".join(f"{r['cpu_per_write']:>9,.0f}" for r in results["none"])
-          + "   vCPU CPU ns per guest write (the anchor)")
+    per_round(results, modes, "rate", "per round (the modes of a round ran back to back): "
+              "each tracer's rate / the same round's none",
+              "writes/s/vCPU (the anchor; a busy host moves it)")
+    per_round(results, modes, "cpu_per_write", "per round: the vCPU threads' own CPU time "
+              "per guest write (guest, kernel and probes; not grown by waiting for a CPU "
+              "other processes hold) / the same round's none",
+              "vCPU CPU ns per guest write (the anchor)")
     print("tracer's own CPU (not its workload's), summed over rounds: while the workload ran,"
           " per event and % of a core; in all, with start-up and exit")
     print(f"{'tracer':<10}{'running s':>10}{'ns/event':>10}{'% core':>8}{'start s':>9}"

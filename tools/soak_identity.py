@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-from _common import parser, pytest_once, repeat, require_root
+from _common import soak_tests
 
 TESTS = "tests/test_identity_kvm.py::"
 SCENARIOS = {
@@ -43,19 +43,7 @@ SCENARIOS = {
 
 
 def main() -> int:
-    ap = parser(__doc__, runs=20)
-    ap.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
-    args = ap.parse_args()
-    require_root("soak_identity", "BPF, /dev/kvm")
-    bad = 0
-    for name in args.only or list(SCENARIOS):
-        out = repeat(lambda name=name: pytest_once(TESTS + SCENARIOS[name]), args.runs)
-        bad += len(out.failures)
-        print(f"{name:>12}: {args.runs} runs, {len(out.failures)} anomalies "
-              f"({out.seconds:.0f} s)", flush=True)
-        for a in out.failures:
-            print(f"{'':>14}{a}", flush=True)
-    return 1 if bad else 0
+    return soak_tests(__doc__, "soak_identity", "BPF, /dev/kvm", TESTS, SCENARIOS)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ class _Ring:
     reason: str | None = None
 
 
+#: by kind (u8): the events EventStuck looks at
+_WATCHED = np.zeros(256, bool)
+_WATCHED[[Kind.RESET, Kind.EXIT, Kind.RING_SIZE]] = True
+
+
 class EventStuck:
     """The same flags from an event stream (``kvmtrace record``): per ring, at each reset
     its advance and overflow (as ``top --light`` works them out from a reset's indices),
@@ -62,8 +67,7 @@ class EventStuck:
 
     def feed(self, batch: np.ndarray) -> None:
         """One batch of EVENT_DTYPE events, in the order the kernel emitted them."""
-        sel = batch[(batch["kind"] == Kind.RESET) | (batch["kind"] == Kind.EXIT)
-                    | (batch["kind"] == Kind.RING_SIZE)]
+        sel = batch[_WATCHED[batch["kind"]]]  # one pass over the kinds (a push-rate cost)
         for e in sel.tolist():  # (ts, value, pid, tid, dirty, reset, slot, ring, vm, kind, pad)
             _ts, value, pid, _tid, dirty, reset, _slot, ring, vm, kind = e[:10]
             if kind == Kind.RING_SIZE:

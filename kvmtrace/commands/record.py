@@ -200,7 +200,8 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
                         writer.update_meta(vms=learnt)
                     writer.write(batch)
                     events += len(batch)
-                    pushes += int((batch["kind"] == Kind.PUSH).sum())
+                    pushes += int(np.count_nonzero(np.ascontiguousarray(batch["kind"])
+                                                   == Kind.PUSH))
                     stuck.feed(batch)
                     sizes = ring_sizes(batch)
                     if sizes:

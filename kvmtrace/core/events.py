@@ -70,7 +70,7 @@ def empty(n: int = 0) -> np.ndarray:
 def ring_sizes(ev: np.ndarray) -> dict[tuple[int, int], int]:
     """(pid, vm) -> ring size in entries (struct kvm_dirty_gfn, 16 bytes each) from the
     RING_SIZE events of ``ev`` (KVM_CAP_DIRTY_LOG_RING's value: bytes); later ones win."""
-    sel = ev[ev["kind"] == Kind.RING_SIZE]
+    sel = ev[np.ascontiguousarray(ev["kind"]) == Kind.RING_SIZE]
     return {(int(e["pid"]), int(e["vm"])): entries_from_bytes(int(e["value"])) for e in sel}
 
 
@@ -85,7 +85,10 @@ def vm_pairs(ev: np.ndarray) -> list[tuple[int, int]]:
     runs of one VM, so only the first key of each run is sorted."""
     if not len(ev):
         return []
-    key = vm_keys(ev)
-    heads = key[np.r_[True, key[1:] != key[:-1]]]
+    pid, vm = ev["pid"], ev["vm"]
+    head = np.empty(len(ev), bool)
+    head[0] = True
+    np.not_equal(pid[1:], pid[:-1], out=head[1:])
+    head[1:] |= vm[1:] != vm[:-1]
     return sorted((k >> 32, (k & 0xFFFFFFFF) - ((k & 0x80000000) << 1))
-                  for k in np.unique(heads).tolist())
+                  for k in np.unique(vm_keys(ev[head])).tolist())

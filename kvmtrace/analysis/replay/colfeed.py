@@ -22,8 +22,8 @@ from ...model.results import RingId
 from .bulk import Cols
 from .workingset import PushTimes
 
-__all__ = ["COLUMN_BATCH", "BlockShare", "RingCols", "block_shares", "join_ring_cols",
-           "ring_columns", "ring_keys", "share_events"]
+__all__ = ["COLUMN_BATCH", "RingCols", "join_ring_cols", "ring_columns", "ring_keys",
+           "share_events"]
 
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
 _COLS = ("dirty_index", "reset_index", "slot", "value")
@@ -83,7 +83,12 @@ def ring_keys(table: np.ndarray) -> list[tuple[RingId, bool]]:
 
 def ring_columns(parts: EventColumns, groups: np.ndarray | None = None) -> list[RingCols]:
     """Every ring's events of the block (kinds PUSH..STALL; others are left out), rings in
-    (pid, vm, index) order; only those of the ``groups`` (a bool per group) when given."""
+    (pid, vm, index) order; only those of the ``groups`` (a bool per group) when given.
+
+    Per ring, its largest group (its vCPU's pushes) is a slice of the group-major columns
+    already in time order; the ring's other events (resets, exits, stalls: few) are put
+    in between by their time positions. The cost is the ring's events, never the
+    block's."""
     table = parts.groups
     kinds = table["kind"].astype(np.intp)
     valid = (kinds >= _PUSH) & (kinds <= _STALL)
@@ -92,65 +97,76 @@ def ring_columns(parts: EventColumns, groups: np.ndarray | None = None) -> list[
     keys = [k for k, _ in ring_keys(table[valid])]
     if not keys:
         return []
-    bucket = {k: i for i, k in enumerate(keys)}
-    nb = len(keys)
-    lut = np.full(len(table), nb, dtype=np.uint8 if nb < 255 else np.uint16)
-    for g in np.flatnonzero(valid).tolist():
-        lut[g] = bucket[(int(table["pid"][g]), int(table["vm"][g]), int(table["ring"][g]))]
-    if parts.gid is None:
-        gstart = np.array([0, parts.n])
-    else:  # group g's events: [gstart[g], gstart[g + 1]) of the group-major columns
-        gstart = np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
-                                                             minlength=len(table)))))
-    gcount = np.diff(gstart)
-    push_groups: dict[int, list[int]] = {}
-    for g in np.flatnonzero(valid & (kinds == _PUSH)).tolist():
-        push_groups.setdefault(int(lut[g]), []).append(g)
-
     if parts.gid is None:  # one group: the columns are the ring's, already in time order
-        idx = np.arange(parts.n)
-        gsel = None
-        cuts = [0, parts.n]
-        ts = parts.ts
+        (key,) = keys
+        cols = Cols(parts.ts, np.full(parts.n, kinds[0], np.uint8),
+                    *(_grouped(parts, name, 0, 0, parts.n) for name in _COLS))
+        return [RingCols(key, cols, (_push_times(parts, 0, parts.n), cols.slot, cols.off)
+                         if kinds[0] == _PUSH else (cols.ts[:0], cols.slot[:0], cols.off[:0]))]
+    gstart = np.concatenate(([0], np.cumsum(np.bincount(parts.gid, minlength=len(table)))))
+    members: dict[RingId, list[int]] = {}
+    for g, p, v, r in zip(np.flatnonzero(valid).tolist(), table["pid"][valid].tolist(),
+                          table["vm"][valid].tolist(), table["ring"][valid].tolist(),
+                          strict=True):
+        if gstart[g + 1] > gstart[g]:
+            members.setdefault((p, v, r), []).append(g)
+    return [_ring(parts, key, members[key], gstart, kinds) for key in keys
+            if key in members]
+
+
+def _ring(parts: EventColumns, key: RingId, gs: list[int], gstart: np.ndarray,
+          kinds: np.ndarray) -> RingCols:
+    """One ring's columns from its groups ``gs`` (each with events)."""
+    assert parts.order is not None
+    order, ts = parts.order, parts.ts
+    sizes = [int(gstart[g + 1] - gstart[g]) for g in gs]
+    big = gs[int(np.argmax(sizes))]
+    a, e = int(gstart[big]), int(gstart[big + 1])
+    push_groups = [g for g in gs if kinds[g] == _PUSH]
+    small = [g for g in gs if g != big]
+    if not small:  # one group: slices of the stored columns
+        cols = Cols(np.take(ts, order[a:e]), np.full(e - a, kinds[big], np.uint8),
+                    *(_grouped(parts, name, big, a, e) for name in _COLS))
     else:
-        # events per ring bucket, from the groups' counts
-        cuts = np.concatenate(([0], np.cumsum(np.bincount(
-            lut, weights=gcount, minlength=nb + 1)))).astype(np.intp).tolist()
-        m = cuts[nb]
-        if nb == 1 and m == parts.n:  # one ring: time order is its order
-            sel = np.arange(m)
-        elif m == parts.n or groups is None:
-            # ring by ring, time order within each (a radix sort of small numbers)
-            sel = np.argsort(np.take(lut, parts.gid), kind="stable")[:m]
-        else:  # a share of the rings: sort only their events
-            lg = np.take(lut, parts.gid)
-            pos = np.flatnonzero(lg < nb)
-            sel = pos if nb == 1 else pos[np.argsort(lg[pos], kind="stable")]
-        inv = np.empty(parts.n, dtype=np.intp)  # time position -> group-major index
-        inv[parts.order] = np.arange(parts.n)
-        idx = np.take(inv, sel)
-        gsel = np.take(parts.gid, sel)
-        ts = np.take(parts.ts, sel)
-    kind = np.full(len(idx), kinds[0], np.uint8) if gsel is None else \
-        np.take(np.ascontiguousarray(table["kind"]), gsel)
-    di, ri, slot, off = (_column(parts, name, idx, gsel) for name in _COLS)
-    out = []
-    for b, key in enumerate(keys):
-        x, y = cuts[b], cuts[b + 1]
-        if x == y:
-            continue
-        cols = Cols(ts[x:y], kind[x:y], di[x:y], ri[x:y], slot[x:y], off[x:y])
+        sm = np.concatenate([np.arange(gstart[g], gstart[g + 1]) for g in small])
+        sg = np.repeat(np.array(small, dtype=np.intp),
+                       [int(gstart[g + 1] - gstart[g]) for g in small])
+        stp = np.take(order, sm)  # their time positions
+        if len(small) > 1:
+            srt = np.argsort(stp, kind="stable")
+            sm, sg, stp = sm[srt], sg[srt], stp[srt]
+        btp = order[a:e]
+        at = np.searchsorted(btp, stp) + np.arange(len(stp))  # their places in the ring
+        m = (e - a) + len(stp)
+        rest = np.ones(m, dtype=bool)
+        rest[at] = False
+
+        def merged(bv: np.ndarray, sv: np.ndarray) -> np.ndarray:
+            out = np.empty(m, dtype=bv.dtype)
+            out[rest] = bv
+            out[at] = sv
+            return out
+
+        def column(name: str) -> np.ndarray:
+            c = parts.const.get(name)
+            if c is not None and int(c[big]) == int(c[sg].min()) == int(c[sg].max()):
+                return np.full(m, c[big], dtype=c.dtype)  # one value in all its groups
+            return merged(_grouped(parts, name, big, a, e), _column(parts, name, sm, sg))
+
+        kind = np.full(m, kinds[big], np.uint8)
+        kind[at] = kinds[sg]
+        cols = Cols(np.take(ts, merged(btp, stp)), kind, *(column(name) for name in _COLS))
+    if len(push_groups) == 1:
+        g = push_groups[0]
+        pa, pe = int(gstart[g]), int(gstart[g + 1])
+        pushes = (_push_times(parts, pa, pe), _grouped(parts, "slot", g, pa, pe),
+                  _grouped(parts, "value", g, pa, pe))
+    elif not push_groups:
+        pushes = (cols.ts[:0], cols.slot[:0], cols.off[:0])
+    else:
         pushes = None
-        pg = push_groups.get(b, [])
-        if len(pg) == 1:
-            g = pg[0]
-            a, e = int(gstart[g]), int(gstart[g + 1])
-            pushes = (_push_times(parts, a, e), _grouped(parts, "slot", g, a, e),
-                      _grouped(parts, "value", g, a, e))
-        elif not pg:
-            pushes = (ts[:0], slot[:0], off[:0])
-        out.append(RingCols(key, cols, pushes))
-    return out
+    return RingCols(key, cols, pushes)
+
 
 def join_ring_cols(parts: list[RingCols]) -> RingCols:
     """One ring's columns of consecutive blocks as one (time order kept)."""
@@ -170,49 +186,9 @@ def join_ring_cols(parts: list[RingCols]) -> RingCols:
 
 
 
-@dataclass
-class BlockShare:
-    """The part of one block that a replay of some of the rings needs (what one worker of
-    a replay on several cores hands another, pickled): the block's event count and first
-    time, the share's groups (its rings' and every RING_SIZE group), its rings' columns
-    (a share sent elsewhere without the pushes apart: selected by kind there) and, when
-    the replay may have to take the block event by event, the share's events as
-    EVENT_DTYPE records."""
-
-    n: int
-    t0: int
-    groups: np.ndarray
-    rings: list[RingCols]
-    events: np.ndarray | None
-
-
 def share_events(parts: EventColumns, groups: np.ndarray) -> np.ndarray:
     """The block's events of the ``groups`` (a bool per group) as records."""
     ev = parts.events()
     if parts.gid is None:
         return ev if groups[0] else ev[:0]
     return ev[groups[parts.gid]]
-
-
-def block_shares(parts: EventColumns, groups: list[np.ndarray], records: list[bool],
-                 sent: list[bool]) -> list[BlockShare]:
-    """The block split once for several replays of some of the rings: one share per
-    ``groups`` (a bool per group of the block), with its events as records where
-    ``records`` says; the shares ``sent`` elsewhere (pickled) leave out the pushes apart
-    (their slot, offset and times are in the columns)."""
-    rings = ring_columns(parts)
-    t = parts.groups
-    out = []
-    for g, rec, far in zip(groups, records, sent, strict=True):
-        keys = {(p, v, r) for p, v, r in zip(t["pid"][g].tolist(), t["vm"][g].tolist(),
-                                             t["ring"][g].tolist(), strict=True)}
-        mine = []
-        for rc in rings:
-            if rc.key not in keys:
-                continue
-            if far and rc.pushes is not None:  # the receiver selects them (fewer bytes)
-                rc = RingCols(rc.key, rc.cols, None)
-            mine.append(rc)
-        out.append(BlockShare(parts.n, int(parts.ts[0]) if parts.n else 0, t[g], mine,
-                              share_events(parts, g) if rec else None))
-    return out

@@ -32,7 +32,6 @@ from ...model.sizes import RingSizes
 from .bulk import Cols, feed_ring
 from .colfeed import (
     COLUMN_BATCH,
-    BlockShare,
     RingCols,
     join_ring_cols,
     ring_columns,
@@ -234,17 +233,12 @@ class Replay:
             return
         self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(parts, mine))
 
-    def feed_share(self, share: BlockShare) -> None:
-        """As :meth:`feed_columns` for this replay's share of a block (:attr:`owns`), split
-        from the block elsewhere (another worker of :mod:`.parallel` decoded it)."""
-        if not share.n:
-            return
-        if self._needs_records(share.groups):
-            if share.events is None:
-                raise AssertionError("a block share without the records it needs")
-            self._feed(share.events, share.n, share.t0)
-            return
-        self._take_columns(share.n, share.t0, share.groups, share.rings)
+    @property
+    def holds_columns(self) -> bool:
+        """Whether columns fed with :meth:`feed_columns` are still referenced (pending,
+        not yet handed to the rings): a replay on every core reuses a block's shared
+        memory once no worker holds it (:mod:`.parallel`)."""
+        return bool(self._pending)
 
     def _needs_records(self, t: np.ndarray) -> bool:
         """Whether a block of these groups goes through :meth:`feed` (events one by one:

@@ -196,3 +196,26 @@ def test_progress_seam_sees_every_block_in_order(tmp_path: Path):
     rep = replay_parallel(open_recording(path), 3, min_events=0, on_block=seen.append)
     assert rep is not None and rep.events == len(ev)
     assert seen == [c for _, c in open_recording(path)._index]
+
+
+def test_arenas_reused_many_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Blocks reach the other workers through shared memory whose bytes are reused once
+    every reader is done with a block: with small batches the arenas hold a few dozen
+    blocks of the hundreds in the file, and the report is still the one-process one
+    (a worker reading a block after its bytes were reused would see another block)."""
+    from kvmtrace.analysis.replay import engine, parallel
+    from kvmtrace.analysis.replay.blockshm import arena_bytes, block_bytes
+
+    monkeypatch.setattr(engine, "COLUMN_BATCH", 300)
+    monkeypatch.setattr(parallel, "COLUMN_BATCH", 300)
+    ev = synthetic(60_000, vcpus=4, seed=11)
+    size = ev[ev["kind"] == Kind.RING_SIZE][0]
+    meta = SourceMeta(kind="test", ring_entries={(int(size["pid"]), int(size["vm"])):
+                                                 int(size["value"]) // 16})
+    path = write(tmp_path / "a.kvt", ev, meta, block_events=97)
+    sizes = [(c, len(t)) for c, t in open_recording(path).group_tables()]
+    for jobs in (2, 3):
+        arena = arena_bytes(sizes[::jobs], 300 + 97, parallel.AHEAD)
+        assert arena * 5 < sum(block_bytes(c, g) for c, g in sizes[::jobs])
+        one, many = one_and_many(path, jobs, keep_harvest=True, window_ns=50_000)
+        same_output(one, many)

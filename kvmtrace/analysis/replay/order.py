@@ -73,9 +73,17 @@ def _take(c: Cols, sel: np.ndarray) -> Cols:
     return c.take(sel)
 
 
-def _last_push(c: Cols, emitted: np.ndarray | None, before: int | None) -> int | None:
-    """dirty_index of the last push among ``c`` (or its events ``emitted``)."""
-    kind = c.kind if emitted is None else c.kind[emitted]
+def _last_push(c: Cols, emitted: np.ndarray | None, before: int | None,
+               upto: int | None = None) -> int | None:
+    """dirty_index of the last push among ``c`` (or its events ``emitted``, or its first
+    ``upto``)."""
+    if emitted is None:
+        kind = c.kind if upto is None else c.kind[:upto]
+        tail = np.flatnonzero(kind[-HOLD_VCPU:] == _PUSH)  # a push is near the end
+        if len(tail):
+            return int(c.di[len(kind) - min(HOLD_VCPU, len(kind)) + int(tail[-1])])
+    else:
+        kind = c.kind[emitted]
     p = np.flatnonzero(kind == _PUSH)
     if not len(p):
         return before
@@ -120,7 +128,7 @@ def _split(ro: RingOrder, x: Cols, order: np.ndarray | None, cut: int) -> Cols |
             ro.carry = x.slice(cut, n)
             ro.carry = Cols(*(np.array(getattr(ro.carry, f)) for f in _FIELDS))
         out = x if cut == n else (x.slice(0, cut) if cut else None)
-        ro.prev_push = _last_push(x, np.arange(cut), ro.prev_push) if cut else ro.prev_push
+        ro.prev_push = _last_push(x, None, ro.prev_push, cut) if cut else ro.prev_push
         return out
     if cut < n:
         ro.carry = _take(x, order[cut:])

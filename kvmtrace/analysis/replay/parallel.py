@@ -156,7 +156,7 @@ class _Failed:
 
 #: own blocks a worker decodes (and hands on) ahead of the block it replays, in rounds
 #: of N blocks: the others then never wait for it
-AHEAD = 4
+AHEAD = 2
 #: a worker's mark in :class:`~.blockshm.Done` once it reads no more blocks
 _FINISHED = 1 << 62
 

@@ -168,22 +168,24 @@ def _ring(parts: EventColumns, key: RingId, gs: list[int], gstart: np.ndarray,
     return RingCols(key, cols, pushes)
 
 
-def join_ring_cols(parts: list[RingCols]) -> RingCols:
-    """One ring's columns of consecutive blocks as one (time order kept)."""
-    c = [p.cols for p in parts]
+def join_ring_cols(parts: list[RingCols], carry: Cols | None = None
+                   ) -> tuple[Cols, tuple[np.ndarray, np.ndarray] | None]:
+    """One ring's columns of consecutive blocks as one, after the events ``carry`` (the
+    ring's events waiting in its causal order), each column copied once; and the slot and
+    offset of all their pushes in order when every block has its pushes apart (else
+    None)."""
+    c = [p.cols for p in parts] if carry is None else [carry, *(p.cols for p in parts)]
     cols = Cols(*(np.concatenate([getattr(x, f) for x in c])
                   for f in ("ts", "kind", "di", "ri", "slot", "off")))
-    pushes = None
-    if all(p.pushes is not None for p in parts):
-        pp = [p.pushes for p in parts]
-        times = [PushTimes.of(t) if isinstance(t, np.ndarray) else t for t, _, _ in pp]
-        times = [t for t in times if t.n]
-        ts = PushTimes(sum(t.n for t in times), times[0].first if times else 0,
-                       times[-1].last if times else 0,
-                       lambda: np.concatenate([t.make() for t in times]))
-        pushes = (ts, np.concatenate([p[1] for p in pp]), np.concatenate([p[2] for p in pp]))
-    return RingCols(parts[0].key, cols, pushes)
-
+    if any(p.pushes is None for p in parts):
+        return cols, None
+    ps = [p.pushes[1] for p in parts]  # type: ignore[index]
+    po = [p.pushes[2] for p in parts]  # type: ignore[index]
+    if carry is not None:
+        cp = carry.kind == _PUSH
+        ps.insert(0, carry.slot[cp])
+        po.insert(0, carry.off[cp])
+    return cols, (np.concatenate(ps), np.concatenate(po))
 
 
 def share_events(parts: EventColumns, groups: np.ndarray) -> np.ndarray:

@@ -266,10 +266,19 @@ class Replay:
     def _flush_columns(self) -> None:
         pending, self._pending, self._npending = self._pending, {}, 0
         for key, parts in pending.items():
-            rc = parts[0] if len(parts) == 1 else join_ring_cols(parts)
-            self._feed_ring(key, rc.cols, pushes=None if rc.pushes is None
-                            else (rc.pushes[1], rc.pushes[2]))
-            if self.ws is not None:
+            ro = self._order[key]
+            if len(parts) == 1 and (ro.carry is None or not len(ro.carry)):
+                rc = parts[0]
+                self._feed_ring(key, rc.cols, pushes=None if rc.pushes is None
+                                else (rc.pushes[1], rc.pushes[2]))
+            else:  # the waiting events and the blocks' joined in one copy
+                cols, pushes = join_ring_cols(parts, ro.carry if ro.carry is not None
+                                              and len(ro.carry) else None)
+                ro.carry = None
+                self._feed_ring(key, cols, pushes=pushes)
+            if self.ws is None:
+                continue
+            for rc in parts:  # block by block: the working set streams
                 if rc.pushes is not None:
                     self.ws.add(key, *rc.pushes)
                 else:

@@ -78,6 +78,19 @@ class ReplayReport:
         return 0 if self.clean else 1
 
 
+@dataclass(frozen=True)
+class _TableInfo:
+    """A block's group table as :meth:`Replay.feed_columns` reads it: the groups of the
+    replay's rings (None: all) and their table, whether a RING_SIZE group is among them,
+    the (pid, vm) of their soft-full exits, their rings (:func:`~.colfeed.ring_keys`)."""
+
+    mine: np.ndarray | None
+    table: np.ndarray
+    ring_size: bool
+    exit_vms: tuple[tuple[int, int], ...]
+    keys: list[tuple[RingId, bool]]
+
+
 class Replay:
     """Feed EVENT_DTYPE batches in time order with :meth:`feed` (or EventColumns with
     :meth:`feed_columns`; the two may be mixed), then :meth:`finish`.
@@ -109,6 +122,7 @@ class Replay:
         #: a share of the rings (:mod:`.parallel`): (pid, vm, index) -> this replay's?
         #: Events of other rings are counted and skipped; RING_SIZE events are kept.
         self.owns = owns
+        self._tables: dict[bytes, _TableInfo] = {}
 
     # -- sizes ------------------------------------------------------------------------
     def _ring(self, key: RingId) -> FastRing:
@@ -220,18 +234,36 @@ class Replay:
         ``simulate_entries`` go through :meth:`feed`."""
         if not parts.n:
             return
-        t = parts.groups
-        mine = self._mine_groups(t)
-        if mine is not None:
-            t = t[mine]
-        if self._needs_records(t):
+        info = self._table_info(parts.groups)
+        mine, t = info.mine, info.table
+        if self.sim is not None or info.ring_size or any(
+                not self.sizes.known(p, v) for p, v in info.exit_vms):
             ev = parts.events()
             if mine is None:
                 self.feed(ev)
                 return
             self._feed(share_events(parts, mine), parts.n, int(parts.ts[0]))
             return
-        self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(parts, mine))
+        self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(parts, mine),
+                           info.keys)
+
+    def _table_info(self, table: np.ndarray) -> _TableInfo:
+        """What :meth:`feed_columns` reads from a block's group table, once per distinct
+        table (consecutive blocks of a recording mostly have the same groups)."""
+        raw = table.tobytes()
+        info = self._tables.get(raw)
+        if info is None:
+            if len(self._tables) >= 256:
+                self._tables.clear()
+            mine = self._mine_groups(table)
+            t = table if mine is None else table[mine]
+            kinds = t["kind"]
+            x = kinds == _EXIT
+            info = self._tables[raw] = _TableInfo(
+                mine, t, bool((kinds == Kind.RING_SIZE).any()),
+                tuple(sorted(set(zip(t["pid"][x].tolist(), t["vm"][x].tolist(),
+                                     strict=True)))), ring_keys(t))
+        return info
 
     @property
     def holds_columns(self) -> bool:
@@ -240,20 +272,12 @@ class Replay:
         memory once no worker holds it (:mod:`.parallel`)."""
         return bool(self._pending)
 
-    def _needs_records(self, t: np.ndarray) -> bool:
-        """Whether a block of these groups goes through :meth:`feed` (events one by one:
-        ring sizes, exits of VMs of unknown size; a what-if simulation)."""
-        kinds = t["kind"]
-        return self.sim is not None or bool((kinds == Kind.RING_SIZE).any()) or any(
-            not self.sizes.known(int(p), int(v))
-            for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
-                                t["vm"][kinds == _EXIT].tolist(), strict=True)))
-
-    def _take_columns(self, n: int, t0: int, t: np.ndarray, rcs: list[RingCols]) -> None:
+    def _take_columns(self, n: int, t0: int, t: np.ndarray, rcs: list[RingCols],
+                      keys: list[tuple[RingId, bool]] | None = None) -> None:
         self.events += n
         if self.ws is not None and self.ws.t0 is None:
             self.ws.t0 = t0
-        for key, has_pushes in ring_keys(t):
+        for key, has_pushes in ring_keys(t) if keys is None else keys:
             self._ring(key)  # rings and their working sets in order of appearance
             if self.ws is not None and has_pushes:
                 self.ws.ring(key)

@@ -32,12 +32,12 @@ __all__ = ["ALIGN", "Arena", "Done", "Layout", "arena_bytes", "block_bytes"]
 
 #: byte alignment of every array in an arena (a cache line)
 ALIGN = 64
-#: arrays per block at most: table, gid, order, ts, 4 grouped or per-group columns
-_ARRAYS = 8
+#: arrays per block at most: table, starts, gid, order, ts, 4 grouped or per-group columns
+_ARRAYS = 9
 #: bytes per event at most (gid u2, order intp, ts u64, value u64, dirty/reset/slot u32)
 _PER_EVENT = 2 + 8 + 8 + 8 + 4 + 4 + 4
-#: bytes per group at most (a GROUP_DTYPE row, 20 bytes, and 4 per-group columns)
-_PER_GROUP = 20 + 4 * 8
+#: bytes per group at most (a GROUP_DTYPE row, 20 bytes, its start and 4 per-group columns)
+_PER_GROUP = 20 + 8 + 4 * 8 + 8
 
 
 def block_bytes(n: int, ngroups: int) -> int:
@@ -128,10 +128,13 @@ class Arena:
             self.live.popleft()
 
     def put(self, block: int, parts: EventColumns, done: Done, me: int,
-            alive: Callable[[], None]) -> Layout:
+            alive: Callable[[], None], starts: np.ndarray | None = None) -> Layout:
         """Copy a decoded block in (waiting for room: ``alive()`` raises if a worker it
-        waits for is gone) and return where its arrays are."""
+        waits for is gone), with its groups' ``starts`` when given, and return where its
+        arrays are."""
         arrays: list[tuple[str, np.ndarray]] = [("table", parts.groups), ("ts", parts.ts)]
+        if starts is not None:
+            arrays.append(("starts", starts))
         if parts.gid is not None:
             arrays.append(("gid", parts.gid))
         if parts.order is not None:
@@ -159,8 +162,9 @@ class Arena:
         self.live.append((block, at, at + need))
         return Layout(block, parts.n, tuple(out), at, at + need)
 
-    def columns(self, lay: Layout) -> EventColumns:
-        """The block at ``lay`` as read-only views of this arena."""
+    def columns(self, lay: Layout) -> tuple[EventColumns, np.ndarray | None]:
+        """The block at ``lay`` as read-only views of this arena, and its groups' starts
+        if they were put."""
         got: dict[str, np.ndarray] = {}
         for name, dtype, count, pos in lay.arrays:
             v = self.bytes[pos:pos + count * dtype.itemsize].view(dtype)
@@ -169,7 +173,7 @@ class Arena:
         grouped = {k[2:]: v for k, v in got.items() if k.startswith("g:")}
         const = {k[2:]: v for k, v in got.items() if k.startswith("c:")}
         return EventColumns(lay.n, got["table"], got.get("gid"), got.get("order"), got["ts"],
-                            grouped, const)
+                            grouped, const), got.get("starts")
 
 
 def parent_alive(ppid: int) -> Callable[[], None]:

@@ -22,8 +22,8 @@ from ...model.results import RingId
 from .bulk import Cols
 from .workingset import PushTimes
 
-__all__ = ["COLUMN_BATCH", "RingCols", "join_ring_cols", "ring_columns", "ring_keys",
-           "share_events"]
+__all__ = ["COLUMN_BATCH", "RingCols", "RingGroups", "group_starts", "join_ring_cols",
+           "ring_columns", "ring_keys", "share_events"]
 
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
 _COLS = ("dirty_index", "reset_index", "slot", "value")
@@ -81,37 +81,68 @@ def ring_keys(table: np.ndarray) -> list[tuple[RingId, bool]]:
     return sorted(keys.items())
 
 
-def ring_columns(parts: EventColumns, groups: np.ndarray | None = None) -> list[RingCols]:
+@dataclass(frozen=True)
+class RingGroups:
+    """A group table's rings (kinds PUSH..STALL; of the groups selected), in (pid, vm,
+    index) order, each with its group numbers: what :func:`ring_columns` reads of the
+    table, the same for every block with that table."""
+
+    keys: list[RingId]
+    members: list[list[int]]
+    kinds: np.ndarray  #: each group's kind (intp)
+
+    @staticmethod
+    def of(table: np.ndarray, groups: np.ndarray | None = None) -> RingGroups:
+        kinds = table["kind"].astype(np.intp)
+        valid = (kinds >= _PUSH) & (kinds <= _STALL)
+        if groups is not None:
+            valid &= groups
+        members: dict[RingId, list[int]] = {}
+        for g, p, v, r in zip(np.flatnonzero(valid).tolist(), table["pid"][valid].tolist(),
+                              table["vm"][valid].tolist(), table["ring"][valid].tolist(),
+                              strict=True):
+            members.setdefault((p, v, r), []).append(g)
+        keys = sorted(members)
+        return RingGroups(keys, [members[k] for k in keys], kinds)
+
+
+def group_starts(parts: EventColumns) -> np.ndarray:
+    """Where each group's events start in the group-major columns, and their end (ngroups
+    + 1 values; a block with group numbers)."""
+    assert parts.gid is not None
+    return np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
+                                                      minlength=len(parts.groups)))))
+
+
+def ring_columns(parts: EventColumns, groups: np.ndarray | None = None, *,
+                 rings: RingGroups | None = None, starts: np.ndarray | None = None
+                 ) -> list[RingCols]:
     """Every ring's events of the block (kinds PUSH..STALL; others are left out), rings in
     (pid, vm, index) order; only those of the ``groups`` (a bool per group) when given.
+    ``rings``: ``RingGroups.of(parts.groups, groups)`` when known; ``starts``:
+    :func:`group_starts` when known.
 
     Per ring, its largest group (its vCPU's pushes) is a slice of the group-major columns
     already in time order; the ring's other events (resets, exits, stalls: few) are put
     in between by their time positions. The cost is the ring's events, never the
     block's."""
-    table = parts.groups
-    kinds = table["kind"].astype(np.intp)
-    valid = (kinds >= _PUSH) & (kinds <= _STALL)
-    if groups is not None:
-        valid &= groups
-    keys = [k for k, _ in ring_keys(table[valid])]
-    if not keys:
+    rg = RingGroups.of(parts.groups, groups) if rings is None else rings
+    if not rg.keys:
         return []
+    kinds = rg.kinds
     if parts.gid is None:  # one group: the columns are the ring's, already in time order
-        (key,) = keys
+        (key,) = rg.keys
         cols = Cols(parts.ts, np.full(parts.n, kinds[0], np.uint8),
                     *(_grouped(parts, name, 0, 0, parts.n) for name in _COLS))
         return [RingCols(key, cols, (_push_times(parts, 0, parts.n), cols.slot, cols.off)
                          if kinds[0] == _PUSH else (cols.ts[:0], cols.slot[:0], cols.off[:0]))]
-    gstart = np.concatenate(([0], np.cumsum(np.bincount(parts.gid, minlength=len(table)))))
-    members: dict[RingId, list[int]] = {}
-    for g, p, v, r in zip(np.flatnonzero(valid).tolist(), table["pid"][valid].tolist(),
-                          table["vm"][valid].tolist(), table["ring"][valid].tolist(),
-                          strict=True):
-        if gstart[g + 1] > gstart[g]:
-            members.setdefault((p, v, r), []).append(g)
-    return [_ring(parts, key, members[key], gstart, kinds) for key in keys
-            if key in members]
+    gstart = group_starts(parts) if starts is None else starts
+    out = []
+    for key, gs in zip(rg.keys, rg.members, strict=True):
+        gs = [g for g in gs if gstart[g + 1] > gstart[g]]
+        if gs:
+            out.append(_ring(parts, key, gs, gstart, kinds))
+    return out
 
 
 def _ring(parts: EventColumns, key: RingId, gs: list[int], gstart: np.ndarray,

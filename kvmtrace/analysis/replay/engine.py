@@ -33,6 +33,7 @@ from .bulk import Cols, feed_ring
 from .colfeed import (
     COLUMN_BATCH,
     RingCols,
+    RingGroups,
     join_ring_cols,
     ring_columns,
     ring_keys,
@@ -89,6 +90,7 @@ class _TableInfo:
     ring_size: bool
     exit_vms: tuple[tuple[int, int], ...]
     keys: list[tuple[RingId, bool]]
+    rings: RingGroups
 
 
 class Replay:
@@ -226,12 +228,13 @@ class Replay:
             table["pid"].tolist(), table["vm"].tolist(), table["ring"].tolist(),
             table["kind"].tolist(), strict=True)], dtype=bool)
 
-    def feed_columns(self, parts: EventColumns) -> None:
+    def feed_columns(self, parts: EventColumns, starts: np.ndarray | None = None) -> None:
         """As :meth:`feed` for events as columns (a source's ``column_batches()``, e.g. a
         recording's blocks as stored; see :mod:`.colfeed`); the same report, without
         building EVENT_DTYPE records. Blocks
         with events taken one by one (ring sizes, exits of VMs of unknown size) and
-        ``simulate_entries`` go through :meth:`feed`."""
+        ``simulate_entries`` go through :meth:`feed`. ``starts``:
+        :func:`~.colfeed.group_starts` of ``parts`` when known."""
         if not parts.n:
             return
         info = self._table_info(parts.groups)
@@ -244,8 +247,8 @@ class Replay:
                 return
             self._feed(share_events(parts, mine), parts.n, int(parts.ts[0]))
             return
-        self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(parts, mine),
-                           info.keys)
+        self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(
+            parts, mine, rings=info.rings, starts=starts), info.keys)
 
     def _table_info(self, table: np.ndarray) -> _TableInfo:
         """What :meth:`feed_columns` reads from a block's group table, once per distinct
@@ -262,7 +265,8 @@ class Replay:
             info = self._tables[raw] = _TableInfo(
                 mine, t, bool((kinds == Kind.RING_SIZE).any()),
                 tuple(sorted(set(zip(t["pid"][x].tolist(), t["vm"][x].tolist(),
-                                     strict=True)))), ring_keys(t))
+                                     strict=True)))), ring_keys(t),
+                RingGroups.of(table, mine))
         return info
 
     @property

@@ -43,13 +43,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 
+import numpy as np
+
 from ...core.columns import EventColumns
 from ...core.events import Kind
 from ...core.sources import EventSource
 from ...errors import KvmtraceError
 from ...model.results import RingId
 from .blockshm import Arena, Done, arena_bytes, parent_alive
-from .colfeed import COLUMN_BATCH
+from .colfeed import COLUMN_BATCH, group_starts
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
@@ -189,7 +191,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
     rp = Replay(meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
     own = source.column_blocks(w, n)
     assert own is not None
-    ready: dict[int, EventColumns | _Failed] = {}
+    ready: dict[int, tuple[EventColumns, np.ndarray | None] | _Failed] = {}
     blocks: list[int] = []
     nxt = w
 
@@ -204,11 +206,12 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
                 ready[nxt] = bad
                 nxt = nblocks  # nothing after it is read
                 return
-            _send(outbox, ("ok", arenas[w].put(nxt, parts, done, w, alive)))
+            starts = None if parts.gid is None else group_starts(parts)
+            _send(outbox, ("ok", arenas[w].put(nxt, parts, done, w, alive, starts)))
             if tap is not None:
                 tap.columns(parts)
                 blocks.append(nxt)
-            ready[nxt] = parts
+            ready[nxt] = (parts, starts)
             nxt += n
 
     try:
@@ -216,7 +219,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
             produce(i + AHEAD * n)
             src = i % n
             if src == w:
-                got: EventColumns | _Failed = ready.pop(i)
+                got = ready.pop(i)
             else:
                 try:
                     what, payload = pickle.load(inbox[src])
@@ -225,11 +228,12 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
                 got = payload if what == "bad" else arenas[src].columns(payload)
             if isinstance(got, _Failed):
                 got.raise_it()
-            rp.feed_columns(got)
+            parts, starts = got
+            rp.feed_columns(parts, starts)
             if not rp.holds_columns:  # nothing of blocks up to i is referenced any more
                 done.set(w, i + 1)
             if on_block is not None:
-                on_block(got.n)
+                on_block(parts.n)
     finally:  # every worker stops at the same bad block; nobody waits for this one
         done.set(w, _FINISHED)
     report = rp.finish(lost=source.lost, source_kind=meta.kind)

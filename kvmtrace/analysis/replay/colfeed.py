@@ -53,9 +53,15 @@ def _push_times(parts: EventColumns, a: int, e: int) -> PushTimes:
                      lambda: np.take(ts, order[a:e]))
 
 
+def _same(n: int, value: np.generic) -> np.ndarray:
+    """``n`` times ``value`` (its dtype) without writing them: a read-only broadcast view
+    (a per-group constant column, e.g. one memslot, costs no memory per event)."""
+    return np.broadcast_to(value, (n,))
+
+
 def _grouped(parts: EventColumns, name: str, g: int, a: int, b: int) -> np.ndarray:
     if name in parts.const:
-        return np.full(b - a, parts.const[name][g], dtype=parts.const[name].dtype)
+        return _same(b - a, parts.const[name][g])
     return parts.grouped[name][a:b]
 
 
@@ -65,7 +71,7 @@ def _column(parts: EventColumns, name: str, idx: np.ndarray, gsel: np.ndarray | 
     if name in parts.const:
         c = parts.const[name]
         if gsel is None or int(c.min()) == int(c.max()):
-            return np.full(len(idx), c[0], dtype=c.dtype)
+            return _same(len(idx), c[0])
         return np.take(c, gsel)
     return np.take(parts.grouped[name], idx)  # np.take: faster than indexing here
 
@@ -181,7 +187,7 @@ def _ring(parts: EventColumns, key: RingId, gs: list[int], gstart: np.ndarray,
         def column(name: str) -> np.ndarray:
             c = parts.const.get(name)
             if c is not None and int(c[big]) == int(c[sg].min()) == int(c[sg].max()):
-                return np.full(m, c[big], dtype=c.dtype)  # one value in all its groups
+                return _same(m, c[big])  # one value in all its groups
             return merged(_grouped(parts, name, big, a, e), _column(parts, name, sm, sg))
 
         kind = np.full(m, kinds[big], np.uint8)

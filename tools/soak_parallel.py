@@ -5,8 +5,9 @@ shares through pipes written from threads, and interleave differently on every r
     .venv/bin/python tools/soak_parallel.py [--runs 20]
 
 Each run writes a random recording (several VMs, anomalies, a random block size; sizes in
-the meta or left to inference; every other run with column batches of 300 events, so that
-the workers' shared-memory arenas are reused many times and writers wait for room) and
+the meta or left to inference; every other run with column batches of 300 events and no
+decoding ahead, so that the workers' shared-memory arenas are the least that is safe,
+reused many times, and writers wait for room) and
 replays it with 2, 3 and 4 jobs against one process:
 reports equal field for field (tests/test_replay_parallel.py ``same_output``), taps
 joined in block order. Then the same recording with a block in the middle damaged: the
@@ -36,14 +37,17 @@ from kvmtrace.source.recording import open_recording  # noqa: E402
 
 
 def one(tmp: Path, seed: int) -> tuple[bool, str]:
-    small = seed % 2 == 1  # small batches: arenas of a few dozen blocks
+    small = seed % 2 == 1  # small batches, no decoding ahead: arenas of a few blocks
     batch = 300 if small else colfeed.COLUMN_BATCH
+    ahead = parallel.AHEAD
     engine.COLUMN_BATCH = parallel.COLUMN_BATCH = batch
+    parallel.AHEAD = 0 if small else ahead
     try:
         ok, text = _one(tmp, seed)
     finally:
         engine.COLUMN_BATCH = parallel.COLUMN_BATCH = colfeed.COLUMN_BATCH
-    return ok, f"{text}, batches of {batch}"
+        parallel.AHEAD = ahead
+    return ok, f"{text}, batches of {batch}{', nothing ahead' if small else ''}"
 
 
 def _one(tmp: Path, seed: int) -> tuple[bool, str]:

@@ -10,6 +10,8 @@ arithmetic wraps like the encoder's.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -28,7 +30,24 @@ from .recording_format import (
 )
 from .recording_limits import inflate
 
-__all__ = ["decode_parts", "decode_events"]
+__all__ = ["decode_parts", "decode_events", "decoding_into"]
+
+#: where the delta columns of blocks decoded now go (see :func:`decoding_into`)
+_alloc: Callable[[np.dtype, int], np.ndarray] | None = None
+
+
+@contextmanager
+def decoding_into(alloc: Callable[[np.dtype, int], np.ndarray]) -> Iterator[None]:
+    """Within, the delta-coded columns (times, and the grouped ``value``, ``dirty_index``,
+    ``reset_index``, ``slot``) of the blocks decoded in this thread are written into
+    ``alloc(dtype, count)`` (writable, C-contiguous; e.g. shared memory) instead of new
+    arrays: a reader that would copy the columns somewhere saves the copy."""
+    global _alloc
+    prev, _alloc = _alloc, alloc
+    try:
+        yield
+    finally:
+        _alloc = prev
 
 
 class _Reader:
@@ -78,11 +97,15 @@ def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
     except OverflowError:
         raise ValueError(f"column base {lo} out of range of {dtype}") from None
     nbytes, nbits = divmod(bits, 8)
+    out = None if _alloc is None else _alloc(dtype, n)
     if nbytes:
-        d = np.add(np.frombuffer(rd.stream(n), np.uint8), lo_t, dtype=dtype)
+        d = np.add(np.frombuffer(rd.stream(n), np.uint8), lo_t, dtype=dtype, out=out)
         for j in range(1, nbytes):
             plane = np.frombuffer(rd.stream(n), np.uint8)
             d += np.left_shift(plane, dtype.type(8 * j), dtype=dtype)
+    elif out is not None:
+        out.fill(lo_t)
+        d = out
     else:
         d = np.full(n, lo_t, dtype)
     if nbits:

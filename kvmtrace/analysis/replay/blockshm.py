@@ -28,7 +28,8 @@ import numpy as np
 
 from ...core.columns import EventColumns
 
-__all__ = ["ALIGN", "Arena", "Done", "Layout", "arena_bytes", "block_bytes"]
+__all__ = ["ALIGN", "Arena", "Done", "Layout", "Room", "arena_bytes", "block_bytes",
+           "parent_alive"]
 
 #: byte alignment of every array in an arena (a cache line)
 ALIGN = 64
@@ -47,9 +48,15 @@ def block_bytes(n: int, ngroups: int) -> int:
 
 def arena_bytes(blocks: list[tuple[int, int]], window_events: int, ahead: int) -> int:
     """Size of an arena for blocks of these (events, groups): room for any run of blocks
-    that spans ``window_events`` events (what a reader's replay may still hold, not yet
-    done: :data:`.colfeed.COLUMN_BATCH` and one block), then ``ahead`` + 3 more of the
-    largest blocks (what a writer runs ahead), and the bytes a ring wastes at its end."""
+    that spans ``window_events`` events (what a replay may still hold, not yet done:
+    :data:`.colfeed.COLUMN_BATCH` and one block), one more block and the bytes a ring
+    wastes at its end (the largest block each), and ``ahead`` more (what a writer decodes
+    ahead of its readers).
+
+    Without the ``ahead`` blocks this is the least that never deadlocks: a writer waiting
+    for room to decode block b waits for readers (itself too) that hold blocks before b
+    only, within their window; the one among them furthest behind waits for block b at
+    most, never for a later one."""
     if not blocks:
         return ALIGN
     sizes = [block_bytes(n, g) for n, g in blocks]
@@ -65,7 +72,7 @@ def arena_bytes(blocks: list[tuple[int, int]], window_events: int, ahead: int) -
             lo += 1
         most = max(most, run_b)
     big = max(sizes)
-    return most + (ahead + 4) * big
+    return most + (ahead + 2) * big
 
 
 @dataclass(frozen=True)
@@ -92,10 +99,9 @@ class Done:
     def set(self, worker: int, block: int) -> None:
         self.at[worker] = block
 
-    def least(self, but: int) -> int | None:
-        """The lowest mark of the workers other than ``but`` (None: no other)."""
-        others = np.delete(self.at, but)
-        return int(others.min()) if len(others) else None
+    def least(self) -> int:
+        """The lowest mark."""
+        return int(self.at.min())
 
 
 class Arena:
@@ -127,10 +133,24 @@ class Arena:
         while self.live and self.live[0][0] < before:
             self.live.popleft()
 
-    def put(self, block: int, parts: EventColumns, done: Done, me: int,
-            alive: Callable[[], None], starts: np.ndarray | None = None) -> Layout:
-        """Copy a decoded block in (waiting for room: ``alive()`` raises if a worker it
-        waits for is gone), with its groups' ``starts`` when given, and return where its
+    def reserve(self, block: int, nbytes: int, done: Done,
+                alive: Callable[[], None]) -> Room:
+        """Room for a block of at most ``nbytes`` (:func:`block_bytes`), waiting until every
+        worker (this one too) is done with the blocks in the way; ``alive()`` raises if a
+        worker it waits for is gone."""
+        self.free(done.least())
+        at = self._place(nbytes)
+        while at is None:
+            alive()
+            time.sleep(0.0002)
+            self.free(done.least())
+            at = self._place(nbytes)
+        return Room(self, block, at, at + nbytes)
+
+    def commit(self, room: Room, parts: EventColumns,
+               starts: np.ndarray | None = None) -> Layout:
+        """The block decoded into ``room`` (arrays from :meth:`Room.alloc` stay where they
+        are, the others are copied in), with its groups' ``starts`` when given: where its
         arrays are."""
         arrays: list[tuple[str, np.ndarray]] = [("table", parts.groups), ("ts", parts.ts)]
         if starts is not None:
@@ -141,26 +161,18 @@ class Arena:
             arrays.append(("order", parts.order))
         arrays += [(f"g:{k}", v) for k, v in parts.grouped.items()]
         arrays += [(f"c:{k}", v) for k, v in parts.const.items()]
-        sizes = [-(-a.nbytes // ALIGN) * ALIGN for _, a in arrays]
-        need = max(ALIGN, sum(sizes))
-        low = done.least(me)
-        self.free(block if low is None else low)
-        at = self._place(need)
-        while at is None:
-            alive()
-            time.sleep(0.0002)
-            low = done.least(me)
-            self.free(block if low is None else low)
-            at = self._place(need)
-        out, pos = [], at
-        for (name, a), sz in zip(arrays, sizes, strict=True):
-            a = np.ascontiguousarray(a)
-            self.bytes[pos:pos + a.nbytes] = a.view(np.uint8).reshape(-1)
+        base = self.bytes.ctypes.data
+        out = []
+        for name, a in arrays:
+            pos = a.ctypes.data - base
+            if not (room.at <= pos < room.pos and a.flags.c_contiguous):
+                a = np.ascontiguousarray(a)
+                pos = room.take(a.nbytes)
+                self.bytes[pos:pos + a.nbytes] = a.view(np.uint8).reshape(-1)
             out.append((name, a.dtype, len(a), pos))
-            pos += sz
-        self.head = at + need
-        self.live.append((block, at, at + need))
-        return Layout(block, parts.n, tuple(out), at, at + need)
+        self.head = room.pos
+        self.live.append((room.block, room.at, room.pos))
+        return Layout(room.block, parts.n, tuple(out), room.at, room.pos)
 
     def columns(self, lay: Layout) -> tuple[EventColumns, np.ndarray | None]:
         """The block at ``lay`` as read-only views of this arena, and its groups' starts
@@ -174,6 +186,28 @@ class Arena:
         const = {k[2:]: v for k, v in got.items() if k.startswith("c:")}
         return EventColumns(lay.n, got["table"], got.get("gid"), got.get("order"), got["ts"],
                             grouped, const), got.get("starts")
+
+
+class Room:
+    """Bytes [at, end) of an arena reserved for one block being decoded
+    (:func:`~kvmtrace.source.recording_decode.decoding_into` its :meth:`alloc`)."""
+
+    def __init__(self, arena: Arena, block: int, at: int, end: int) -> None:
+        self.arena, self.block, self.at, self.end = arena, block, at, end
+        self.pos = at
+
+    def take(self, nbytes: int) -> int:
+        """The offset of the next ``nbytes`` of the room (aligned)."""
+        pos = self.pos
+        self.pos += max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        if self.pos > self.end:
+            raise AssertionError("a block larger than its bound")
+        return pos
+
+    def alloc(self, dtype: np.dtype, count: int) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        pos = self.take(count * dtype.itemsize)
+        return self.arena.bytes[pos:pos + count * dtype.itemsize].view(dtype)
 
 
 def parent_alive(ppid: int) -> Callable[[], None]:

@@ -50,7 +50,8 @@ from ...core.events import Kind
 from ...core.sources import EventSource
 from ...errors import KvmtraceError
 from ...model.results import RingId
-from .blockshm import Arena, Done, arena_bytes, parent_alive
+from ...source.recording_decode import decoding_into
+from .blockshm import Arena, Done, arena_bytes, block_bytes, parent_alive
 from .colfeed import COLUMN_BATCH, group_starts
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
@@ -176,9 +177,9 @@ def _send(outbox: dict[int, BinaryIO], msg: object) -> None:
             pass
 
 
-def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
-          tap: SharedTap | None, options: dict[str, Any], inbox: dict[int, BinaryIO],
-          outbox: dict[int, BinaryIO], arenas: list[Arena], done: Done,
+def _work(source: EventSource, shares: list[set[RingId]], w: int,
+          sizes: list[tuple[int, int]], tap: SharedTap | None, options: dict[str, Any],
+          inbox: dict[int, BinaryIO], outbox: dict[int, BinaryIO], arenas: list[Arena], done: Done,
           alive: Callable[[], None], on_block: Callable[[int], None] | None = None
           ) -> _Share:
     """Worker ``w``: decodes blocks w, w + N, ... into its arena and tells the others
@@ -186,6 +187,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
     as decoded, the others' in their arenas). ``on_block(events)`` after each block
     replayed (progress)."""
     n = len(shares)
+    nblocks = len(sizes)
     mine = shares[w]
     meta = source.meta
     rp = Replay(meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
@@ -198,8 +200,10 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
     def produce(limit: int) -> None:
         nonlocal nxt
         while nxt <= limit and nxt < nblocks:
+            room = arenas[w].reserve(nxt, block_bytes(*sizes[nxt]), done, alive)
             try:
-                parts = next(own)
+                with decoding_into(room.alloc):  # its columns straight into the arena
+                    parts = next(own)
             except Exception as err:  # noqa: BLE001 - raised when its turn comes
                 bad = _Failed(err)
                 _send(outbox, ("bad", bad))
@@ -207,7 +211,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
                 nxt = nblocks  # nothing after it is read
                 return
             starts = None if parts.gid is None else group_starts(parts)
-            _send(outbox, ("ok", arenas[w].put(nxt, parts, done, w, alive, starts)))
+            _send(outbox, ("ok", arenas[w].commit(room, parts, starts)))
             if tap is not None:
                 tap.columns(parts)
                 blocks.append(nxt)
@@ -328,7 +332,7 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
     planned = _plan(source, jobs)
     if planned is None or planned[0] < min_events:
         return None
-    _, nblocks, shares, sizes = planned
+    _, _, shares, sizes = planned
     n = len(shares)
     top = max((c for c, _ in sizes), default=0)
     arenas = [Arena(arena_bytes(sizes[w::n], COLUMN_BATCH + top, AHEAD)) for w in range(n)]
@@ -356,7 +360,7 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
         inbox = {a: os.fdopen(links[(a, w)][0], "rb") for a in range(n) if a != w}
         outbox = {b: os.fdopen(links[(w, b)][1], "wb") for b in range(n) if b != w}
         try:
-            return _work(source, shares, w, nblocks,
+            return _work(source, shares, w, sizes,
                          tap.share() if tap is not None else None, options, inbox, outbox,
                          arenas, done, alive, on_block if w == 0 else None)
         finally:

@@ -10,12 +10,10 @@ arithmetic wraps like the encoder's.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
-from ..core.columns import EventColumns
+from ..core.columns import EventColumns, column_alloc
 from .recording_format import (
     COLUMN_HEADER,
     DELTA_COLUMNS,
@@ -30,25 +28,7 @@ from .recording_format import (
 )
 from .recording_limits import inflate
 
-__all__ = ["decode_parts", "decode_events", "decoding_into"]
-
-#: where the delta columns of blocks decoded now go (see :func:`decoding_into`)
-_alloc: Callable[[np.dtype, int], np.ndarray] | None = None
-
-
-@contextmanager
-def decoding_into(alloc: Callable[[np.dtype, int], np.ndarray]) -> Iterator[None]:
-    """Within, the delta-coded columns (times, and the grouped ``value``, ``dirty_index``,
-    ``reset_index``, ``slot``) of the blocks decoded in this thread are written into
-    ``alloc(dtype, count)`` (writable, C-contiguous; e.g. shared memory) instead of new
-    arrays: a reader that would copy the columns somewhere saves the copy."""
-    global _alloc
-    prev, _alloc = _alloc, alloc
-    try:
-        yield
-    finally:
-        _alloc = prev
-
+__all__ = ["decode_parts", "decode_events"]
 
 class _Reader:
     """Cursor over a block payload."""
@@ -97,7 +77,8 @@ def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
     except OverflowError:
         raise ValueError(f"column base {lo} out of range of {dtype}") from None
     nbytes, nbits = divmod(bits, 8)
-    out = None if _alloc is None else _alloc(dtype, n)
+    alloc = column_alloc()  # e.g. a replay worker's shared memory
+    out = None if alloc is None else alloc(dtype, n)
     if nbytes:
         d = np.add(np.frombuffer(rd.stream(n), np.uint8), lo_t, dtype=dtype, out=out)
         for j in range(1, nbytes):

@@ -190,7 +190,7 @@ class Arena:
 
 class Room:
     """Bytes [at, end) of an arena reserved for one block being decoded
-    (:func:`~kvmtrace.source.recording_decode.decoding_into` its :meth:`alloc`)."""
+    (:func:`~kvmtrace.core.columns.columns_into` its :meth:`alloc`)."""
 
     def __init__(self, arena: Arena, block: int, at: int, end: int) -> None:
         self.arena, self.block, self.at, self.end = arena, block, at, end

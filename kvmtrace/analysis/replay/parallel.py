@@ -45,12 +45,11 @@ from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
 
-from ...core.columns import EventColumns
+from ...core.columns import EventColumns, columns_into
 from ...core.events import Kind
 from ...core.sources import EventSource
 from ...errors import KvmtraceError
 from ...model.results import RingId
-from ...source.recording_decode import decoding_into
 from .blockshm import Arena, Done, arena_bytes, block_bytes, parent_alive
 from .colfeed import COLUMN_BATCH, group_starts
 from .engine import Replay, ReplayReport, SharedTap
@@ -202,7 +201,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int,
         while nxt <= limit and nxt < nblocks:
             room = arenas[w].reserve(nxt, block_bytes(*sizes[nxt]), done, alive)
             try:
-                with decoding_into(room.alloc):  # its columns straight into the arena
+                with columns_into(room.alloc):  # its columns straight into the arena
                     parts = next(own)
             except Exception as err:  # noqa: BLE001 - raised when its turn comes
                 bad = _Failed(err)

@@ -151,7 +151,9 @@ class Replay:
                 cp = carry.kind == _PUSH
                 ps = np.concatenate((carry.slot[cp], ps))
                 po = np.concatenate((carry.off[cp], po))
-            m = int(np.count_nonzero(out.kind == _PUSH))
+            kept = ro.carry  # out is the events before it: their pushes are ps's first
+            m = len(ps) - (int(np.count_nonzero(kept.kind == _PUSH))
+                           if kept is not None and len(kept) else 0)
             feed_ring(self.rings[key], out, (ps[:m], po[:m]))
         else:
             feed_ring(self.rings[key], out)

@@ -196,3 +196,65 @@ def test_progress_seam_sees_every_block_in_order(tmp_path: Path):
     rep = replay_parallel(open_recording(path), 3, min_events=0, on_block=seen.append)
     assert rep is not None and rep.events == len(ev)
     assert seen == [c for _, c in open_recording(path)._index]
+
+
+def test_arenas_reused_many_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Blocks reach the other workers through shared memory whose bytes are reused once
+    every reader is done with a block: with small batches and no decoding ahead the arenas
+    hold a few blocks of the hundreds in the file, and the report is still the one-process one
+    (a worker reading a block after its bytes were reused would see another block)."""
+    from kvmtrace.analysis.replay import engine, parallel
+    from kvmtrace.analysis.replay.blockshm import arena_bytes, block_bytes
+
+    monkeypatch.setattr(engine, "COLUMN_BATCH", 300)
+    monkeypatch.setattr(parallel, "COLUMN_BATCH", 300)
+    monkeypatch.setattr(parallel, "AHEAD", 0)  # arenas of the least room that is safe
+    ev = synthetic(60_000, vcpus=4, seed=11)
+    size = ev[ev["kind"] == Kind.RING_SIZE][0]
+    meta = SourceMeta(kind="test", ring_entries={(int(size["pid"]), int(size["vm"])):
+                                                 int(size["value"]) // 16})
+    path = write(tmp_path / "a.kvt", ev, meta, block_events=97)
+    sizes = [(c, len(t)) for c, t in open_recording(path).group_tables()]
+    for jobs in (2, 3):
+        arena = arena_bytes(sizes[::jobs], 300 + 97, 0)
+        assert arena * 20 < sum(block_bytes(c, g) for c, g in sizes[::jobs])
+        one, many = one_and_many(path, jobs, keep_harvest=True, window_ns=50_000)
+        same_output(one, many)
+
+
+@pytest.mark.parametrize("damage", ["count", "crc"])
+def test_a_damaged_block_spread_is_the_same_error(tmp_path: Path, damage: str):
+    """Rings spread (sizes in the meta), a block in the middle damaged: its CRC, or its
+    header (CRC intact) declaring 1000 events fewer than its payload holds (a worker
+    decodes it into its arena with room for the declared count only): the error is the
+    one-process one, whatever -j."""
+    import struct
+    import zlib
+
+    ev = synthetic(40_000, vcpus=2, seed=3)
+    size = ev[ev["kind"] == Kind.RING_SIZE][0]
+    meta = SourceMeta(kind="test", ring_entries={(int(size["pid"]), int(size["vm"])):
+                                                 int(size["value"]) // 16})
+    path = write(tmp_path / "h.kvt", ev, meta, block_events=2048)
+    assert plan_shares(open_recording(path), 3) is not None  # spread: ring by ring
+    off = open_recording(path)._index[9][0]
+    data = bytearray(path.read_bytes())
+    if damage == "crc":
+        data[off + 60] ^= 0xFF
+        path.write_bytes(bytes(data))
+        outs = [cli("replay", str(path), "-j", j) for j in ("1", "2", "3")]
+        assert outs[0].returncode == 2 and "CRC" in outs[0].stderr
+        assert {(p.returncode, p.stdout, p.stderr) for p in outs} == \
+            {(outs[0].returncode, outs[0].stdout, outs[0].stderr)}
+        return
+    stored, count = struct.unpack_from("<I", data, off + 8)[0], \
+        struct.unpack_from("<I", data, off + 16)[0]
+    struct.pack_into("<I", data, off + 16, count - 1000)
+    struct.pack_into("<I", data, off + 36,
+                     zlib.crc32(bytes(data[off:off + 36] + data[off + 40:off + 40 + stored])))
+    path.write_bytes(bytes(data))
+    outs = [cli("replay", str(path), "-j", j) for j in ("1", "2", "3")]
+    assert outs[0].returncode == 2 and f"{count} events, header says {count - 1000}" in \
+        outs[0].stderr
+    assert {(p.returncode, p.stdout, p.stderr) for p in outs} == \
+        {(outs[0].returncode, outs[0].stdout, outs[0].stderr)}

@@ -5,7 +5,10 @@ shares through pipes written from threads, and interleave differently on every r
     .venv/bin/python tools/soak_parallel.py [--runs 20]
 
 Each run writes a random recording (several VMs, anomalies, a random block size; sizes in
-the meta or left to inference) and replays it with 2, 3 and 4 jobs against one process:
+the meta or left to inference; every other run with column batches of 300 events and no
+decoding ahead, so that the workers' shared-memory arenas are the least that is safe,
+reused many times, and writers wait for room) and
+replays it with 2, 3 and 4 jobs against one process:
 reports equal field for field (tests/test_replay_parallel.py ``same_output``), taps
 joined in block order. Then the same recording with a block in the middle damaged: the
 same error whatever the jobs, and no worker left behind. Prints one line per run; exit 1
@@ -27,13 +30,27 @@ from test_replay_agree import PID, VM, random_stream  # noqa: E402
 from test_replay_columns import write  # noqa: E402
 from test_replay_parallel import one_and_many, same_output  # noqa: E402
 
-from kvmtrace.analysis.replay import replay_source  # noqa: E402
+from kvmtrace.analysis.replay import colfeed, engine, parallel, replay_source  # noqa: E402
 from kvmtrace.analysis.replay.parallel import replay_parallel  # noqa: E402
 from kvmtrace.core.sources import SourceMeta  # noqa: E402
 from kvmtrace.source.recording import open_recording  # noqa: E402
 
 
 def one(tmp: Path, seed: int) -> tuple[bool, str]:
+    small = seed % 2 == 1  # small batches, no decoding ahead: arenas of a few blocks
+    batch = 300 if small else colfeed.COLUMN_BATCH
+    ahead = parallel.AHEAD
+    engine.COLUMN_BATCH = parallel.COLUMN_BATCH = batch
+    parallel.AHEAD = 0 if small else ahead
+    try:
+        ok, text = _one(tmp, seed)
+    finally:
+        engine.COLUMN_BATCH = parallel.COLUMN_BATCH = colfeed.COLUMN_BATCH
+        parallel.AHEAD = ahead
+    return ok, f"{text}, batches of {batch}{', nothing ahead' if small else ''}"
+
+
+def _one(tmp: Path, seed: int) -> tuple[bool, str]:
     rng = np.random.default_rng(seed)
     nvm = int(rng.integers(1, 4))
     parts = []

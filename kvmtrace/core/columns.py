@@ -16,13 +16,37 @@ Readers: :meth:`EventColumns.events` gives the records back;
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 
 from .events import EVENT_DTYPE
 
-__all__ = ["GROUP_FIELDS", "COLUMN_FIELDS", "DIRTY_RESET_DTYPE", "EventColumns"]
+__all__ = ["GROUP_FIELDS", "COLUMN_FIELDS", "DIRTY_RESET_DTYPE", "EventColumns",
+           "columns_into", "column_alloc"]
+
+_here = threading.local()
+
+
+@contextmanager
+def columns_into(alloc: Callable[[np.dtype, int], np.ndarray]) -> Iterator[None]:
+    """Within, a source that honours it (a recording's decoder) builds the per-event
+    columns of the EventColumns it makes in this thread in ``alloc(dtype, count)``
+    (writable, C-contiguous; e.g. shared memory) instead of new arrays."""
+    prev = getattr(_here, "alloc", None)
+    _here.alloc = alloc
+    try:
+        yield
+    finally:
+        _here.alloc = prev
+
+
+def column_alloc() -> Callable[[np.dtype, int], np.ndarray] | None:
+    """The allocator :func:`columns_into` set in this thread, if any."""
+    return getattr(_here, "alloc", None)
 
 #: Fields shared by the events of a group (the group table's fields).
 GROUP_FIELDS = ("pid", "tid", "vm", "ring", "kind")

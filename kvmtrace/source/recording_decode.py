@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from ..core.columns import EventColumns
+from ..core.columns import EventColumns, column_alloc
 from .recording_format import (
     COLUMN_HEADER,
     DELTA_COLUMNS,
@@ -29,7 +29,6 @@ from .recording_format import (
 from .recording_limits import inflate
 
 __all__ = ["decode_parts", "decode_events"]
-
 
 class _Reader:
     """Cursor over a block payload."""
@@ -78,11 +77,16 @@ def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
     except OverflowError:
         raise ValueError(f"column base {lo} out of range of {dtype}") from None
     nbytes, nbits = divmod(bits, 8)
+    alloc = column_alloc()  # e.g. a replay worker's shared memory
+    out = None if alloc is None else alloc(dtype, n)
     if nbytes:
-        d = np.add(np.frombuffer(rd.stream(n), np.uint8), lo_t, dtype=dtype)
+        d = np.add(np.frombuffer(rd.stream(n), np.uint8), lo_t, dtype=dtype, out=out)
         for j in range(1, nbytes):
             plane = np.frombuffer(rd.stream(n), np.uint8)
             d += np.left_shift(plane, dtype.type(8 * j), dtype=dtype)
+    elif out is not None:
+        out.fill(lo_t)
+        d = out
     else:
         d = np.full(n, lo_t, dtype)
     if nbits:

@@ -18,6 +18,8 @@ not its rules.
 - :mod:`.lostpages`: pages lost to overwrites or stranded.
 - :mod:`.workingset`: dirty rate, working set, hottest pages per vCPU.
 - :mod:`.simulate`: the exits another ring size would have caused (what-if).
+- :mod:`.parallel`: the rings spread over worker processes (``replay -j N``);
+  :mod:`.blockshm`: the decoded blocks they share through shared memory.
 """
 
 from .engine import Replay, ReplayReport, replay_source

@@ -22,7 +22,7 @@ from ...model.results import RingId
 from .bulk import Cols
 from .workingset import PushTimes
 
-__all__ = ["COLUMN_BATCH", "BlockShare", "RingCols", "block_shares", "join_ring_cols",
+__all__ = ["COLUMN_BATCH", "RingCols", "RingGroups", "group_starts", "join_ring_cols",
            "ring_columns", "ring_keys", "share_events"]
 
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
@@ -53,9 +53,15 @@ def _push_times(parts: EventColumns, a: int, e: int) -> PushTimes:
                      lambda: np.take(ts, order[a:e]))
 
 
+def _same(n: int, value: np.generic) -> np.ndarray:
+    """``n`` times ``value`` (its dtype) without writing them: a read-only broadcast view
+    (a per-group constant column, e.g. one memslot, costs no memory per event)."""
+    return np.broadcast_to(value, (n,))
+
+
 def _grouped(parts: EventColumns, name: str, g: int, a: int, b: int) -> np.ndarray:
     if name in parts.const:
-        return np.full(b - a, parts.const[name][g], dtype=parts.const[name].dtype)
+        return _same(b - a, parts.const[name][g])
     return parts.grouped[name][a:b]
 
 
@@ -65,7 +71,7 @@ def _column(parts: EventColumns, name: str, idx: np.ndarray, gsel: np.ndarray | 
     if name in parts.const:
         c = parts.const[name]
         if gsel is None or int(c.min()) == int(c.max()):
-            return np.full(len(idx), c[0], dtype=c.dtype)
+            return _same(len(idx), c[0])
         return np.take(c, gsel)
     return np.take(parts.grouped[name], idx)  # np.take: faster than indexing here
 
@@ -81,109 +87,142 @@ def ring_keys(table: np.ndarray) -> list[tuple[RingId, bool]]:
     return sorted(keys.items())
 
 
-def ring_columns(parts: EventColumns, groups: np.ndarray | None = None) -> list[RingCols]:
-    """Every ring's events of the block (kinds PUSH..STALL; others are left out), rings in
-    (pid, vm, index) order; only those of the ``groups`` (a bool per group) when given."""
-    table = parts.groups
-    kinds = table["kind"].astype(np.intp)
-    valid = (kinds >= _PUSH) & (kinds <= _STALL)
-    if groups is not None:
-        valid &= groups
-    keys = [k for k, _ in ring_keys(table[valid])]
-    if not keys:
-        return []
-    bucket = {k: i for i, k in enumerate(keys)}
-    nb = len(keys)
-    lut = np.full(len(table), nb, dtype=np.uint8 if nb < 255 else np.uint16)
-    for g in np.flatnonzero(valid).tolist():
-        lut[g] = bucket[(int(table["pid"][g]), int(table["vm"][g]), int(table["ring"][g]))]
-    if parts.gid is None:
-        gstart = np.array([0, parts.n])
-    else:  # group g's events: [gstart[g], gstart[g + 1]) of the group-major columns
-        gstart = np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
-                                                             minlength=len(table)))))
-    gcount = np.diff(gstart)
-    push_groups: dict[int, list[int]] = {}
-    for g in np.flatnonzero(valid & (kinds == _PUSH)).tolist():
-        push_groups.setdefault(int(lut[g]), []).append(g)
+@dataclass(frozen=True)
+class RingGroups:
+    """A group table's rings (kinds PUSH..STALL; of the groups selected), in (pid, vm,
+    index) order, each with its group numbers: what :func:`ring_columns` reads of the
+    table, the same for every block with that table."""
 
+    keys: list[RingId]
+    members: list[list[int]]
+    kinds: np.ndarray  #: each group's kind (intp)
+
+    @staticmethod
+    def of(table: np.ndarray, groups: np.ndarray | None = None) -> RingGroups:
+        kinds = table["kind"].astype(np.intp)
+        valid = (kinds >= _PUSH) & (kinds <= _STALL)
+        if groups is not None:
+            valid &= groups
+        members: dict[RingId, list[int]] = {}
+        for g, p, v, r in zip(np.flatnonzero(valid).tolist(), table["pid"][valid].tolist(),
+                              table["vm"][valid].tolist(), table["ring"][valid].tolist(),
+                              strict=True):
+            members.setdefault((p, v, r), []).append(g)
+        keys = sorted(members)
+        return RingGroups(keys, [members[k] for k in keys], kinds)
+
+
+def group_starts(parts: EventColumns) -> np.ndarray:
+    """Where each group's events start in the group-major columns, and their end (ngroups
+    + 1 values; a block with group numbers)."""
+    assert parts.gid is not None
+    return np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
+                                                      minlength=len(parts.groups)))))
+
+
+def ring_columns(parts: EventColumns, groups: np.ndarray | None = None, *,
+                 rings: RingGroups | None = None, starts: np.ndarray | None = None
+                 ) -> list[RingCols]:
+    """Every ring's events of the block (kinds PUSH..STALL; others are left out), rings in
+    (pid, vm, index) order; only those of the ``groups`` (a bool per group) when given.
+    ``rings``: ``RingGroups.of(parts.groups, groups)`` when known; ``starts``:
+    :func:`group_starts` when known.
+
+    Per ring, its largest group (its vCPU's pushes) is a slice of the group-major columns
+    already in time order; the ring's other events (resets, exits, stalls: few) are put
+    in between by their time positions. The cost is the ring's events, never the
+    block's."""
+    rg = RingGroups.of(parts.groups, groups) if rings is None else rings
+    if not rg.keys:
+        return []
+    kinds = rg.kinds
     if parts.gid is None:  # one group: the columns are the ring's, already in time order
-        idx = np.arange(parts.n)
-        gsel = None
-        cuts = [0, parts.n]
-        ts = parts.ts
-    else:
-        # events per ring bucket, from the groups' counts
-        cuts = np.concatenate(([0], np.cumsum(np.bincount(
-            lut, weights=gcount, minlength=nb + 1)))).astype(np.intp).tolist()
-        m = cuts[nb]
-        if nb == 1 and m == parts.n:  # one ring: time order is its order
-            sel = np.arange(m)
-        elif m == parts.n or groups is None:
-            # ring by ring, time order within each (a radix sort of small numbers)
-            sel = np.argsort(np.take(lut, parts.gid), kind="stable")[:m]
-        else:  # a share of the rings: sort only their events
-            lg = np.take(lut, parts.gid)
-            pos = np.flatnonzero(lg < nb)
-            sel = pos if nb == 1 else pos[np.argsort(lg[pos], kind="stable")]
-        inv = np.empty(parts.n, dtype=np.intp)  # time position -> group-major index
-        inv[parts.order] = np.arange(parts.n)
-        idx = np.take(inv, sel)
-        gsel = np.take(parts.gid, sel)
-        ts = np.take(parts.ts, sel)
-    kind = np.full(len(idx), kinds[0], np.uint8) if gsel is None else \
-        np.take(np.ascontiguousarray(table["kind"]), gsel)
-    di, ri, slot, off = (_column(parts, name, idx, gsel) for name in _COLS)
+        (key,) = rg.keys
+        cols = Cols(parts.ts, np.full(parts.n, kinds[0], np.uint8),
+                    *(_grouped(parts, name, 0, 0, parts.n) for name in _COLS))
+        return [RingCols(key, cols, (_push_times(parts, 0, parts.n), cols.slot, cols.off)
+                         if kinds[0] == _PUSH else (cols.ts[:0], cols.slot[:0], cols.off[:0]))]
+    gstart = group_starts(parts) if starts is None else starts
     out = []
-    for b, key in enumerate(keys):
-        x, y = cuts[b], cuts[b + 1]
-        if x == y:
-            continue
-        cols = Cols(ts[x:y], kind[x:y], di[x:y], ri[x:y], slot[x:y], off[x:y])
-        pushes = None
-        pg = push_groups.get(b, [])
-        if len(pg) == 1:
-            g = pg[0]
-            a, e = int(gstart[g]), int(gstart[g + 1])
-            pushes = (_push_times(parts, a, e), _grouped(parts, "slot", g, a, e),
-                      _grouped(parts, "value", g, a, e))
-        elif not pg:
-            pushes = (ts[:0], slot[:0], off[:0])
-        out.append(RingCols(key, cols, pushes))
+    for key, gs in zip(rg.keys, rg.members, strict=True):
+        gs = [g for g in gs if gstart[g + 1] > gstart[g]]
+        if gs:
+            out.append(_ring(parts, key, gs, gstart, kinds))
     return out
 
-def join_ring_cols(parts: list[RingCols]) -> RingCols:
-    """One ring's columns of consecutive blocks as one (time order kept)."""
-    c = [p.cols for p in parts]
+
+def _ring(parts: EventColumns, key: RingId, gs: list[int], gstart: np.ndarray,
+          kinds: np.ndarray) -> RingCols:
+    """One ring's columns from its groups ``gs`` (each with events)."""
+    assert parts.order is not None
+    order, ts = parts.order, parts.ts
+    sizes = [int(gstart[g + 1] - gstart[g]) for g in gs]
+    big = gs[int(np.argmax(sizes))]
+    a, e = int(gstart[big]), int(gstart[big + 1])
+    push_groups = [g for g in gs if kinds[g] == _PUSH]
+    small = [g for g in gs if g != big]
+    if not small:  # one group: slices of the stored columns
+        cols = Cols(np.take(ts, order[a:e]), np.full(e - a, kinds[big], np.uint8),
+                    *(_grouped(parts, name, big, a, e) for name in _COLS))
+    else:
+        sm = np.concatenate([np.arange(gstart[g], gstart[g + 1]) for g in small])
+        sg = np.repeat(np.array(small, dtype=np.intp),
+                       [int(gstart[g + 1] - gstart[g]) for g in small])
+        stp = np.take(order, sm)  # their time positions
+        if len(small) > 1:
+            srt = np.argsort(stp, kind="stable")
+            sm, sg, stp = sm[srt], sg[srt], stp[srt]
+        btp = order[a:e]
+        at = np.searchsorted(btp, stp) + np.arange(len(stp))  # their places in the ring
+        m = (e - a) + len(stp)
+        rest = np.ones(m, dtype=bool)
+        rest[at] = False
+
+        def merged(bv: np.ndarray, sv: np.ndarray) -> np.ndarray:
+            out = np.empty(m, dtype=bv.dtype)
+            out[rest] = bv
+            out[at] = sv
+            return out
+
+        def column(name: str) -> np.ndarray:
+            c = parts.const.get(name)
+            if c is not None and int(c[big]) == int(c[sg].min()) == int(c[sg].max()):
+                return _same(m, c[big])  # one value in all its groups
+            return merged(_grouped(parts, name, big, a, e), _column(parts, name, sm, sg))
+
+        kind = np.full(m, kinds[big], np.uint8)
+        kind[at] = kinds[sg]
+        cols = Cols(np.take(ts, merged(btp, stp)), kind, *(column(name) for name in _COLS))
+    if len(push_groups) == 1:
+        g = push_groups[0]
+        pa, pe = int(gstart[g]), int(gstart[g + 1])
+        pushes = (_push_times(parts, pa, pe), _grouped(parts, "slot", g, pa, pe),
+                  _grouped(parts, "value", g, pa, pe))
+    elif not push_groups:
+        pushes = (cols.ts[:0], cols.slot[:0], cols.off[:0])
+    else:
+        pushes = None
+    return RingCols(key, cols, pushes)
+
+
+def join_ring_cols(parts: list[RingCols], carry: Cols | None = None
+                   ) -> tuple[Cols, tuple[np.ndarray, np.ndarray] | None]:
+    """One ring's columns of consecutive blocks as one, after the events ``carry`` (the
+    ring's events waiting in its causal order), each column copied once; and the slot and
+    offset of all their pushes in order when every block has its pushes apart (else
+    None)."""
+    c = [p.cols for p in parts] if carry is None else [carry, *(p.cols for p in parts)]
     cols = Cols(*(np.concatenate([getattr(x, f) for x in c])
                   for f in ("ts", "kind", "di", "ri", "slot", "off")))
-    pushes = None
-    if all(p.pushes is not None for p in parts):
-        pp = [p.pushes for p in parts]
-        times = [PushTimes.of(t) if isinstance(t, np.ndarray) else t for t, _, _ in pp]
-        times = [t for t in times if t.n]
-        ts = PushTimes(sum(t.n for t in times), times[0].first if times else 0,
-                       times[-1].last if times else 0,
-                       lambda: np.concatenate([t.make() for t in times]))
-        pushes = (ts, np.concatenate([p[1] for p in pp]), np.concatenate([p[2] for p in pp]))
-    return RingCols(parts[0].key, cols, pushes)
-
-
-
-@dataclass
-class BlockShare:
-    """The part of one block that a replay of some of the rings needs (what one worker of
-    a replay on several cores hands another, pickled): the block's event count and first
-    time, the share's groups (its rings' and every RING_SIZE group), its rings' columns
-    (a share sent elsewhere without the pushes apart: selected by kind there) and, when
-    the replay may have to take the block event by event, the share's events as
-    EVENT_DTYPE records."""
-
-    n: int
-    t0: int
-    groups: np.ndarray
-    rings: list[RingCols]
-    events: np.ndarray | None
+    if any(p.pushes is None for p in parts):
+        return cols, None
+    ps = [p.pushes[1] for p in parts]  # type: ignore[index]
+    po = [p.pushes[2] for p in parts]  # type: ignore[index]
+    if carry is not None:
+        cp = carry.kind == _PUSH
+        ps.insert(0, carry.slot[cp])
+        po.insert(0, carry.off[cp])
+    return cols, (np.concatenate(ps), np.concatenate(po))
 
 
 def share_events(parts: EventColumns, groups: np.ndarray) -> np.ndarray:
@@ -192,27 +231,3 @@ def share_events(parts: EventColumns, groups: np.ndarray) -> np.ndarray:
     if parts.gid is None:
         return ev if groups[0] else ev[:0]
     return ev[groups[parts.gid]]
-
-
-def block_shares(parts: EventColumns, groups: list[np.ndarray], records: list[bool],
-                 sent: list[bool]) -> list[BlockShare]:
-    """The block split once for several replays of some of the rings: one share per
-    ``groups`` (a bool per group of the block), with its events as records where
-    ``records`` says; the shares ``sent`` elsewhere (pickled) leave out the pushes apart
-    (their slot, offset and times are in the columns)."""
-    rings = ring_columns(parts)
-    t = parts.groups
-    out = []
-    for g, rec, far in zip(groups, records, sent, strict=True):
-        keys = {(p, v, r) for p, v, r in zip(t["pid"][g].tolist(), t["vm"][g].tolist(),
-                                             t["ring"][g].tolist(), strict=True)}
-        mine = []
-        for rc in rings:
-            if rc.key not in keys:
-                continue
-            if far and rc.pushes is not None:  # the receiver selects them (fewer bytes)
-                rc = RingCols(rc.key, rc.cols, None)
-            mine.append(rc)
-        out.append(BlockShare(parts.n, int(parts.ts[0]) if parts.n else 0, t[g], mine,
-                              share_events(parts, g) if rec else None))
-    return out

@@ -32,8 +32,8 @@ from ...model.sizes import RingSizes
 from .bulk import Cols, feed_ring
 from .colfeed import (
     COLUMN_BATCH,
-    BlockShare,
     RingCols,
+    RingGroups,
     join_ring_cols,
     ring_columns,
     ring_keys,
@@ -79,6 +79,20 @@ class ReplayReport:
         return 0 if self.clean else 1
 
 
+@dataclass(frozen=True)
+class _TableInfo:
+    """A block's group table as :meth:`Replay.feed_columns` reads it: the groups of the
+    replay's rings (None: all) and their table, whether a RING_SIZE group is among them,
+    the (pid, vm) of their soft-full exits, their rings (:func:`~.colfeed.ring_keys`)."""
+
+    mine: np.ndarray | None
+    table: np.ndarray
+    ring_size: bool
+    exit_vms: tuple[tuple[int, int], ...]
+    keys: list[tuple[RingId, bool]]
+    rings: RingGroups
+
+
 class Replay:
     """Feed EVENT_DTYPE batches in time order with :meth:`feed` (or EventColumns with
     :meth:`feed_columns`; the two may be mixed), then :meth:`finish`.
@@ -110,6 +124,7 @@ class Replay:
         #: a share of the rings (:mod:`.parallel`): (pid, vm, index) -> this replay's?
         #: Events of other rings are counted and skipped; RING_SIZE events are kept.
         self.owns = owns
+        self._tables: dict[bytes, _TableInfo] = {}
 
     # -- sizes ------------------------------------------------------------------------
     def _ring(self, key: RingId) -> FastRing:
@@ -136,7 +151,9 @@ class Replay:
                 cp = carry.kind == _PUSH
                 ps = np.concatenate((carry.slot[cp], ps))
                 po = np.concatenate((carry.off[cp], po))
-            m = int(np.count_nonzero(out.kind == _PUSH))
+            kept = ro.carry  # out is the events before it: their pushes are ps's first
+            m = len(ps) - (int(np.count_nonzero(kept.kind == _PUSH))
+                           if kept is not None and len(kept) else 0)
             feed_ring(self.rings[key], out, (ps[:m], po[:m]))
         else:
             feed_ring(self.rings[key], out)
@@ -213,53 +230,60 @@ class Replay:
             table["pid"].tolist(), table["vm"].tolist(), table["ring"].tolist(),
             table["kind"].tolist(), strict=True)], dtype=bool)
 
-    def feed_columns(self, parts: EventColumns) -> None:
+    def feed_columns(self, parts: EventColumns, starts: np.ndarray | None = None) -> None:
         """As :meth:`feed` for events as columns (a source's ``column_batches()``, e.g. a
         recording's blocks as stored; see :mod:`.colfeed`); the same report, without
         building EVENT_DTYPE records. Blocks
         with events taken one by one (ring sizes, exits of VMs of unknown size) and
-        ``simulate_entries`` go through :meth:`feed`."""
+        ``simulate_entries`` go through :meth:`feed`. ``starts``:
+        :func:`~.colfeed.group_starts` of ``parts`` when known."""
         if not parts.n:
             return
-        t = parts.groups
-        mine = self._mine_groups(t)
-        if mine is not None:
-            t = t[mine]
-        if self._needs_records(t):
+        info = self._table_info(parts.groups)
+        mine, t = info.mine, info.table
+        if self.sim is not None or info.ring_size or any(
+                not self.sizes.known(p, v) for p, v in info.exit_vms):
             ev = parts.events()
             if mine is None:
                 self.feed(ev)
                 return
             self._feed(share_events(parts, mine), parts.n, int(parts.ts[0]))
             return
-        self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(parts, mine))
+        self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(
+            parts, mine, rings=info.rings, starts=starts), info.keys)
 
-    def feed_share(self, share: BlockShare) -> None:
-        """As :meth:`feed_columns` for this replay's share of a block (:attr:`owns`), split
-        from the block elsewhere (another worker of :mod:`.parallel` decoded it)."""
-        if not share.n:
-            return
-        if self._needs_records(share.groups):
-            if share.events is None:
-                raise AssertionError("a block share without the records it needs")
-            self._feed(share.events, share.n, share.t0)
-            return
-        self._take_columns(share.n, share.t0, share.groups, share.rings)
+    def _table_info(self, table: np.ndarray) -> _TableInfo:
+        """What :meth:`feed_columns` reads from a block's group table, once per distinct
+        table (consecutive blocks of a recording mostly have the same groups)."""
+        raw = table.tobytes()
+        info = self._tables.get(raw)
+        if info is None:
+            if len(self._tables) >= 256:
+                self._tables.clear()
+            mine = self._mine_groups(table)
+            t = table if mine is None else table[mine]
+            kinds = t["kind"]
+            x = kinds == _EXIT
+            info = self._tables[raw] = _TableInfo(
+                mine, t, bool((kinds == Kind.RING_SIZE).any()),
+                tuple(sorted(set(zip(t["pid"][x].tolist(), t["vm"][x].tolist(),
+                                     strict=True)))), ring_keys(t),
+                RingGroups.of(table, mine))
+        return info
 
-    def _needs_records(self, t: np.ndarray) -> bool:
-        """Whether a block of these groups goes through :meth:`feed` (events one by one:
-        ring sizes, exits of VMs of unknown size; a what-if simulation)."""
-        kinds = t["kind"]
-        return self.sim is not None or bool((kinds == Kind.RING_SIZE).any()) or any(
-            not self.sizes.known(int(p), int(v))
-            for p, v in set(zip(t["pid"][kinds == _EXIT].tolist(),
-                                t["vm"][kinds == _EXIT].tolist(), strict=True)))
+    @property
+    def holds_columns(self) -> bool:
+        """Whether columns fed with :meth:`feed_columns` are still referenced (pending,
+        not yet handed to the rings): a replay on every core reuses a block's shared
+        memory once no worker holds it (:mod:`.parallel`)."""
+        return bool(self._pending)
 
-    def _take_columns(self, n: int, t0: int, t: np.ndarray, rcs: list[RingCols]) -> None:
+    def _take_columns(self, n: int, t0: int, t: np.ndarray, rcs: list[RingCols],
+                      keys: list[tuple[RingId, bool]] | None = None) -> None:
         self.events += n
         if self.ws is not None and self.ws.t0 is None:
             self.ws.t0 = t0
-        for key, has_pushes in ring_keys(t):
+        for key, has_pushes in ring_keys(t) if keys is None else keys:
             self._ring(key)  # rings and their working sets in order of appearance
             if self.ws is not None and has_pushes:
                 self.ws.ring(key)
@@ -272,10 +296,19 @@ class Replay:
     def _flush_columns(self) -> None:
         pending, self._pending, self._npending = self._pending, {}, 0
         for key, parts in pending.items():
-            rc = parts[0] if len(parts) == 1 else join_ring_cols(parts)
-            self._feed_ring(key, rc.cols, pushes=None if rc.pushes is None
-                            else (rc.pushes[1], rc.pushes[2]))
-            if self.ws is not None:
+            ro = self._order[key]
+            if len(parts) == 1 and (ro.carry is None or not len(ro.carry)):
+                rc = parts[0]
+                self._feed_ring(key, rc.cols, pushes=None if rc.pushes is None
+                                else (rc.pushes[1], rc.pushes[2]))
+            else:  # the waiting events and the blocks' joined in one copy
+                cols, pushes = join_ring_cols(parts, ro.carry if ro.carry is not None
+                                              and len(ro.carry) else None)
+                ro.carry = None
+                self._feed_ring(key, cols, pushes=pushes)
+            if self.ws is None:
+                continue
+            for rc in parts:  # block by block: the working set streams
                 if rc.pushes is not None:
                     self.ws.add(key, *rc.pushes)
                 else:

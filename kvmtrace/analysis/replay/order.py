@@ -73,9 +73,17 @@ def _take(c: Cols, sel: np.ndarray) -> Cols:
     return c.take(sel)
 
 
-def _last_push(c: Cols, emitted: np.ndarray | None, before: int | None) -> int | None:
-    """dirty_index of the last push among ``c`` (or its events ``emitted``)."""
-    kind = c.kind if emitted is None else c.kind[emitted]
+def _last_push(c: Cols, emitted: np.ndarray | None, before: int | None,
+               upto: int | None = None) -> int | None:
+    """dirty_index of the last push among ``c`` (or its events ``emitted``, or its first
+    ``upto``)."""
+    if emitted is None:
+        kind = c.kind if upto is None else c.kind[:upto]
+        tail = np.flatnonzero(kind[-HOLD_VCPU:] == _PUSH)  # a push is near the end
+        if len(tail):
+            return int(c.di[len(kind) - min(HOLD_VCPU, len(kind)) + int(tail[-1])])
+    else:
+        kind = c.kind[emitted]
     p = np.flatnonzero(kind == _PUSH)
     if not len(p):
         return before
@@ -120,7 +128,7 @@ def _split(ro: RingOrder, x: Cols, order: np.ndarray | None, cut: int) -> Cols |
             ro.carry = x.slice(cut, n)
             ro.carry = Cols(*(np.array(getattr(ro.carry, f)) for f in _FIELDS))
         out = x if cut == n else (x.slice(0, cut) if cut else None)
-        ro.prev_push = _last_push(x, np.arange(cut), ro.prev_push) if cut else ro.prev_push
+        ro.prev_push = _last_push(x, None, ro.prev_push, cut) if cut else ro.prev_push
         return out
     if cut < n:
         ro.carry = _take(x, order[cut:])
@@ -158,19 +166,20 @@ def _in_place(ro: RingOrder, x: Cols, drain: bool) -> int | None:
     if prev is None:
         return None
     kind, di, n = x.kind, x.di, len(x)
-    opos = np.flatnonzero(kind != _PUSH)  # resets, exits, stalls: few
+    isother = kind != _PUSH  # membership by this mask, not np.isin (a sort per call)
+    opos = np.flatnonzero(isother)  # resets, exits, stalls: few
     bad = np.flatnonzero((di[1:] - di[:-1]) != 1)  # u32: pushes step by one
-    if len(bad) and not (np.isin(bad, opos) | np.isin(bad + 1, opos)).all():
+    if len(bad) and not (isother[bad] | isother[bad + 1]).all():
         return None
     after = opos - 1
-    cand = np.where(np.isin(after, opos, invert=True) & (after >= 0), after, -1)
+    cand = np.where(~isother[np.maximum(after, 0)] & (after >= 0), after, -1)
     pb = np.maximum.accumulate(cand)  # the last push before each other event, or -1
     dprev = np.where(pb >= 0, di[np.maximum(pb, 0)], np.uint32(prev & U32_MASK))
     isr = kind[opos] == _RESET
     if (di[opos[isr]] != dprev[isr]).any():
         return None  # a reset not right after the push it names
     nxt = opos + 1
-    first = np.where(np.isin(nxt, opos, invert=True) & (nxt < n), nxt, n)
+    first = np.where(~isother[np.minimum(nxt, n - 1)] & (nxt < n), nxt, n)
     na = np.minimum.accumulate(first[::-1])[::-1]  # the next push after each, or n
     has = na < n
     if ((di[np.minimum(na, n - 1)] - dprev) != 1)[has].any():

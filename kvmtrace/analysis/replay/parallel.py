@@ -9,15 +9,15 @@ VM's size (the recorder saw KVM_ENABLE_CAP) or the VM has no soft-full exit, els
 whole VM; RING_SIZE events go to every worker. A worker's replay (:class:`~.engine.Replay`
 with ``owns``) is then exactly the one-core replay of its rings.
 
-Blocks are split too, because decoding and splitting a block per ring is about a third of
-a replay's work: worker ``w`` decodes blocks ``w, w + N, ...`` (:data:`AHEAD` rounds ahead
-of the block it replays), splits each once (:func:`~.colfeed.block_shares`, one pass as in
-one process) and pickles every other worker its share (its rings' columns, 29 bytes per
-event, plus the share's records where a ring size or an inferable exit may need them)
-through a pipe written by a thread of its own, so that no worker ever waits on a pipe
-another has not read. Each worker replays its rings over every block in order, its own
-blocks' shares and the others'. Decoding every block in every worker instead costs each
-worker the whole decode; shipping shares costs a copy.
+Blocks are not copied through pipes: worker ``w`` decodes blocks ``w, w + N, ...``
+(:data:`AHEAD` rounds ahead of the block it replays), copies each block's columns once
+into its shared-memory arena (:mod:`.blockshm`) and sends the others where they are (a
+few hundred bytes through a pipe). Each worker replays its own rings over every block in
+order, reading the others' blocks in place: a worker splits only its own rings'
+events out of a block (:func:`~.colfeed.ring_columns`), and each block is decoded once.
+A worker marks how far it is done with the others' blocks (its replay holds none of their
+bytes once its pending columns are flushed), and a writer reuses a block's bytes after
+every reader is done with it.
 
 The units are planned from the blocks' group tables (read without decoding,
 :meth:`~kvmtrace.core.sources.EventSource.group_tables`), weighted by the blocks each
@@ -35,25 +35,23 @@ block order.
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import os
 import pickle
-import queue
 import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
 
-from ...core.columns import EventColumns
+from ...core.columns import EventColumns, columns_into
 from ...core.events import Kind
-from ...core.sources import EventSource, SourceMeta
+from ...core.sources import EventSource
 from ...errors import KvmtraceError
 from ...model.results import RingId
-from .colfeed import BlockShare, block_shares
+from .blockshm import Arena, Done, arena_bytes, block_bytes, parent_alive
+from .colfeed import COLUMN_BATCH, group_starts
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
@@ -79,6 +77,13 @@ def plan_shares(source: EventSource, jobs: int
                 ) -> tuple[int, int, list[set[RingId]]] | None:
     """(events, blocks, the rings of each worker: at most ``jobs``), or None when the
     source cannot be split (no group tables, an unreadable one, fewer than two units)."""
+    planned = _plan(source, jobs)
+    return None if planned is None else planned[:3]
+
+
+def _plan(source: EventSource, jobs: int
+          ) -> tuple[int, int, list[set[RingId]], list[tuple[int, int]]] | None:
+    """As :func:`plan_shares`, and each block's (events, groups)."""
     tables = source.group_tables()
     if tables is None:
         return None
@@ -88,10 +93,12 @@ def plan_shares(source: EventSource, jobs: int
     events = 0
     blocks: list[set[RingId]] = []
     exits: set[tuple[int, int]] = set()
+    sizes: list[tuple[int, int]] = []
     for count, t in tables:
         if t is None:
             return None
         events += count
+        sizes.append((count, len(t)))
         k = t["kind"]
         sel = (k >= _FIRST) & (k <= _LAST)
         blocks.append(set(zip(t["pid"][sel].tolist(), t["vm"][sel].tolist(),
@@ -120,7 +127,7 @@ def plan_shares(source: EventSource, jobs: int
         w = load.index(min(load))
         load[w] += weight[u]
         shares[w] |= rings[u]
-    return events, len(blocks), shares
+    return events, len(blocks), shares, sizes
 
 
 @dataclass
@@ -149,142 +156,93 @@ class _Failed:
         raise RuntimeError(f"a replay worker failed: {cls.__name__}: {text}")
 
 
-class _Sender:
-    """Pickles objects to the other workers from a thread of its own: a worker's main
-    thread never waits on a pipe another worker has not read yet (no deadlock)."""
-
-    def __init__(self, outbox: dict[int, BinaryIO]) -> None:
-        self.outbox = outbox
-        self.queue: queue.SimpleQueue[tuple[int, int, object] | None] = queue.SimpleQueue()
-        self.upto: int | None = None  # blocks after it are not sent
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            block, v, obj = item
-            if self.upto is not None and block > self.upto:
-                continue
-            try:
-                pickle.dump(obj, self.outbox[v], protocol=pickle.HIGHEST_PROTOCOL)
-                self.outbox[v].flush()
-            except OSError:  # that worker is gone: its reader sees the end of its pipe
-                pass
-
-    def put(self, block: int, v: int, obj: object) -> None:
-        self.queue.put((block, v, obj))
-
-    def close(self, wait: bool = True, upto: int | None = None) -> None:
-        """Send what is queued (for blocks up to ``upto``: the others stop reading
-        there) and close the pipes; ``wait=False`` (an error other than a bad block):
-        leave the thread to finish or to fail once the workers are stopped."""
-        self.upto = upto
-        self.queue.put(None)
-        if not wait:
-            return
-        self.thread.join()
-        for f in self.outbox.values():
-            try:
-                f.close()
-            except OSError:
-                pass
-
-
 #: own blocks a worker decodes (and hands on) ahead of the block it replays, in rounds
 #: of N blocks: the others then never wait for it
-AHEAD = 4
-#: pipe size asked for between workers (Linux caps it at /proc/sys/fs/pipe-max-size)
-PIPE_BYTES = 1 << 20
+AHEAD = 2
+#: a worker's mark in :class:`~.blockshm.Done` once it reads no more blocks
+_FINISHED = 1 << 62
 
 
-def _work(source: EventSource, shares: list[set[RingId]], w: int, nblocks: int,
-          tap: SharedTap | None, options: dict[str, Any], inbox: dict[int, BinaryIO],
-          outbox: dict[int, BinaryIO], on_block: Callable[[int], None] | None = None
+def _send(outbox: dict[int, BinaryIO], msg: object) -> None:
+    """A short message (a block's layout, or its error) to every other worker. Never
+    blocks: at most 2 AHEAD + 1 of them wait in a pipe (a writer runs at most AHEAD rounds
+    ahead of its own replay, which waits for the reader's blocks)."""
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    for f in outbox.values():
+        try:
+            f.write(data)
+            f.flush()
+        except OSError:  # that worker is gone: the first process sees it end
+            pass
+
+
+def _work(source: EventSource, shares: list[set[RingId]], w: int,
+          sizes: list[tuple[int, int]], tap: SharedTap | None, options: dict[str, Any],
+          inbox: dict[int, BinaryIO], outbox: dict[int, BinaryIO], arenas: list[Arena], done: Done,
+          alive: Callable[[], None], on_block: Callable[[int], None] | None = None
           ) -> _Share:
-    """Worker ``w``: decodes blocks w, w + N, ..., hands each other worker its share of
-    them, and replays its own rings over every block in order (its own blocks' columns,
-    the others' shares). ``on_block(events)`` after each block replayed (progress)."""
+    """Worker ``w``: decodes blocks w, w + N, ... into its arena and tells the others
+    where they are, and replays its own rings over every block in order (its own blocks
+    as decoded, the others' in their arenas). ``on_block(events)`` after each block
+    replayed (progress)."""
     n = len(shares)
+    nblocks = len(sizes)
     mine = shares[w]
     meta = source.meta
     rp = Replay(meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
     own = source.column_blocks(w, n)
     assert own is not None
-    ready: dict[int, BlockShare | _Failed] = {}
+    ready: dict[int, tuple[EventColumns, np.ndarray | None] | _Failed] = {}
     blocks: list[int] = []
     nxt = w
-    sender = _Sender(outbox)
 
     def produce(limit: int) -> None:
         nonlocal nxt
         while nxt <= limit and nxt < nblocks:
+            room = arenas[w].reserve(nxt, block_bytes(*sizes[nxt]), done, alive)
             try:
-                parts = next(own)
+                with columns_into(room.alloc):  # its columns straight into the arena
+                    parts = next(own)
             except Exception as err:  # noqa: BLE001 - raised when its turn comes
                 bad = _Failed(err)
-                for v in range(n):
-                    if v != w:
-                        sender.put(nxt, v, bad)
+                _send(outbox, ("bad", bad))
                 ready[nxt] = bad
                 nxt = nblocks  # nothing after it is read
                 return
-            split = _split(parts, shares, meta, w)
-            for v in range(n):
-                if v != w:
-                    sender.put(nxt, v, split[v])
+            starts = None if parts.gid is None else group_starts(parts)
+            _send(outbox, ("ok", arenas[w].commit(room, parts, starts)))
             if tap is not None:
                 tap.columns(parts)
                 blocks.append(nxt)
-            ready[nxt] = split[w]
+            ready[nxt] = (parts, starts)
             nxt += n
 
-    ok = False
-    bad_at: int | None = None  # the block that could not be decoded
     try:
         for i in range(nblocks):
             produce(i + AHEAD * n)
-            if i % n == w:
-                got: object = ready.pop(i)
+            src = i % n
+            if src == w:
+                got = ready.pop(i)
             else:
                 try:
-                    got = pickle.load(inbox[i % n])
+                    what, payload = pickle.load(inbox[src])
                 except (EOFError, pickle.UnpicklingError, OSError) as err:
                     raise RuntimeError(f"a replay worker died ({err})") from None
+                got = payload if what == "bad" else arenas[src].columns(payload)
             if isinstance(got, _Failed):
-                bad_at = i
                 got.raise_it()
-            rp.feed_share(got)  # type: ignore[arg-type]
+            parts, starts = got
+            rp.feed_columns(parts, starts)
+            if not rp.holds_columns:  # nothing of blocks up to i is referenced any more
+                done.set(w, i + 1)
             if on_block is not None:
-                on_block(got.n)  # type: ignore[union-attr]
-        ok = True
-    finally:  # every worker stops at the same bad block: send what they read before it
-        sender.close(wait=ok or bad_at is not None, upto=bad_at)
+                on_block(parts.n)
+    finally:  # every worker stops at the same bad block; nobody waits for this one
+        done.set(w, _FINISHED)
     report = rp.finish(lost=source.lost, source_kind=meta.kind)
     if rp.ws is not None:
         rp.ws.strip()
     return _Share(report, rp.ws, blocks, tap)
-
-
-def _split(parts: EventColumns, shares: list[set[RingId]], meta: SourceMeta,
-           w: int) -> list[BlockShare]:
-    """The block's share of every worker (``w``: this one, whose share stays here), with
-    the events as records for a worker that may take the block event by event (ring
-    sizes, exits of a VM whose size the meta does not give)."""
-    t = parts.groups
-    keys = list(zip(t["pid"].tolist(), t["vm"].tolist(), t["ring"].tolist(),
-                    t["kind"].tolist(), strict=True))
-    groups, records = [], []
-    for rings in shares:
-        mine = np.array([k == Kind.RING_SIZE or (p, v, r) in rings for p, v, r, k in keys],
-                        dtype=bool)
-        g = t[mine]
-        k = g["kind"]
-        groups.append(mine)
-        records.append(bool((k == Kind.RING_SIZE).any()) or any(
-            meta.ring_size(p, v) is None for p, v in zip(
-                g["pid"][k == Kind.EXIT].tolist(), g["vm"][k == Kind.EXIT].tolist(),
-                strict=True)))
-    return block_shares(parts, groups, records, [v != w for v in range(len(shares))])
 
 
 def _child(fds: list[int], keep: set[int], wfd: int, run: Any) -> NoReturn:
@@ -370,20 +328,19 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
     if jobs < 2 or options.get("simulate_entries") or (tap is not None and not isinstance(
             tap, SharedTap)):
         return None
-    planned = plan_shares(source, jobs)
+    planned = _plan(source, jobs)
     if planned is None or planned[0] < min_events:
         return None
-    _, nblocks, shares = planned
+    _, _, shares, sizes = planned
     n = len(shares)
+    top = max((c for c, _ in sizes), default=0)
+    arenas = [Arena(arena_bytes(sizes[w::n], COLUMN_BATCH + top, AHEAD)) for w in range(n)]
+    done = Done(n)
     fds: list[int] = []
 
     def pipe() -> tuple[int, int]:
         r, w = os.pipe()
         fds.extend((r, w))
-        try:  # fewer, larger transfers between workers (the default is 64 KiB)
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except (OSError, AttributeError):
-            pass
         return r, w
 
     try:  # every pipe before any fork: each process then closes what is not its own
@@ -398,32 +355,49 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
         return ({links[(a, w)][0] for a in range(n) if a != w}
                 | {links[(w, b)][1] for b in range(n) if b != w})
 
-    def run(w: int) -> _Share:
+    def run(w: int, alive: Callable[[], None]) -> _Share:
         inbox = {a: os.fdopen(links[(a, w)][0], "rb") for a in range(n) if a != w}
         outbox = {b: os.fdopen(links[(w, b)][1], "wb") for b in range(n) if b != w}
         try:
-            return _work(source, shares, w, nblocks,
+            return _work(source, shares, w, sizes,
                          tap.share() if tap is not None else None, options, inbox, outbox,
-                         on_block if w == 0 else None)
+                         arenas, done, alive, on_block if w == 0 else None)
         finally:
-            for f in inbox.values():
-                f.close()
+            for f in (*inbox.values(), *outbox.values()):
+                try:
+                    f.close()
+                except OSError:
+                    pass
 
     kids: list[tuple[int, int]] = []  # (pid, read fd) of workers not yet heard
     pids: list[int] = []
+
+    def children_alive() -> None:
+        """In this process, waiting for room in its arena: a worker killed before it
+        finished is never done with this process's blocks."""
+        for w, pid in enumerate(pids, 1):
+            try:
+                gone = os.waitpid(pid, os.WNOHANG)[0]
+            except ChildProcessError:
+                gone = pid
+            if gone and done.at[w] != _FINISHED:
+                raise RuntimeError("a replay worker died")
+
+    me = os.getpid()
     gc.freeze()  # the collector then leaves the objects shared at fork alone (no copies)
     try:
         for w in range(1, n):
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child never returns
-                _child(fds, own_fds(w), results[w][1], lambda w=w: run(w))
+                _child(fds, own_fds(w), results[w][1],
+                       lambda w=w: run(w, parent_alive(me)))
             pids.append(pid)
         keep = own_fds(0) | {r for r, _ in results.values()}
         for fd in fds:  # the children's ends: so that a dead worker's pipes end
             if fd not in keep:
                 os.close(fd)
         kids = [(pid, results[w][0]) for w, pid in enumerate(pids, 1)]
-        parts = [run(0)]
+        parts = [run(0, children_alive)]
         while kids:
             parts.append(_receive(kids[0][1]))  # closes the fd
             kids.pop(0)

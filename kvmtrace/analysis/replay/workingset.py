@@ -212,8 +212,8 @@ class WorkingSet:
     @staticmethod
     def _by_slot(slot: np.ndarray) -> list[tuple[int, np.ndarray | None]]:
         s0 = int(slot[0])
-        if int(slot[-1]) == s0 and (slot == s0).all():
-            return [(s0, None)]
+        if slot.strides == (0,) or (int(slot[-1]) == s0 and (slot == s0).all()):
+            return [(s0, None)]  # (a broadcast view holds one value)
         return [(int(s), np.flatnonzero(slot == s)) for s in np.unique(slot)]
 
     def _big_count(self, key: RingId, s: int, o: np.ndarray) -> None:

@@ -193,13 +193,13 @@ def add_jobs(p: argparse.ArgumentParser, help: str | None = None) -> None:  # no
     p.add_argument("-j", "--jobs", type=integer("--jobs", 1, MAX_JOBS, example="2"),
                    default=None, metavar="N",
                    help=help or "replay in N processes, rings spread over them (1: one "
-                        "process; default: every CPU this process may use, for inputs of 2 M "
-                        "events and more)")
+                        "process; default: the CPUs this process may use that are idle now, "
+                        "for inputs of 2 M events and more)")
 
 
 def jobs_of(args: argparse.Namespace) -> tuple[int, int | None]:
     """(jobs, min_events) for :func:`kvmtrace.analysis.replay.replay_source` from
-    ``--jobs``: as given (whatever the input's size), else every CPU for large inputs."""
+    ``--jobs``: as given (whatever the input's size), else the idle CPUs for large inputs."""
     if args.jobs is not None:
         return args.jobs, 0
     from ..analysis.replay.parallel import default_jobs

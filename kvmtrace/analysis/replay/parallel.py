@@ -49,6 +49,7 @@ from ...core.columns import EventColumns, columns_into
 from ...core.events import Kind
 from ...core.sources import EventSource
 from ...errors import KvmtraceError
+from ...host.cpuload import idle_cpus
 from ...model.results import RingId
 from .blockshm import Arena, Done, arena_bytes, block_bytes, parent_alive
 from .colfeed import COLUMN_BATCH, group_starts
@@ -66,11 +67,15 @@ Unit = tuple[int, int, int | None]  # (pid, vm, ring index), ring None: the whol
 
 
 def default_jobs() -> int:
-    """The CPUs this process may run on."""
+    """The CPUs this process may run on that are idle now, at least 1
+    (:func:`~kvmtrace.host.cpuload.idle_cpus`, a 100 ms sample): a worker on a CPU that
+    another process keeps busy makes the replay slower than one process (0.75-0.83 x one
+    process in tools/bench_parallel.py runs with a core held)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+    return max(1, min(len(cpus), round(idle_cpus(cpus))))
 
 
 def plan_shares(source: EventSource, jobs: int

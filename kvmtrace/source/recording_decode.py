@@ -30,6 +30,7 @@ from .recording_limits import inflate
 
 __all__ = ["decode_parts", "decode_events"]
 
+
 class _Reader:
     """Cursor over a block payload."""
 

@@ -16,6 +16,7 @@ from ..host.outfile import check_output
 from .args import (
     MAX_SECONDS,
     add_input,
+    add_jobs,
     add_progress,
     add_ring_size,
     add_skip_damaged,
@@ -31,6 +32,7 @@ EPILOG = """examples:
       duckdb -c "SELECT ring, count(*) FROM 'run*.parquet' WHERE kind = 'push' GROUP BY ring"
   kvmtrace export run.kvt --perfetto run.json     # open in https://ui.perfetto.dev
   kvmtrace export damaged.kvt --skip-damaged --parquet sound.parquet
+  kvmtrace export big.kvt --parquet big.parquet -j 1   # one thread (default: idle CPUs)
 """
 
 
@@ -56,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "samples around resets (0 = every event; default 100)")
     p.add_argument("--row-group-rows", type=int, default=1 << 20, metavar="N",
                    help="Parquet: rows per row group (default 1048576)")
+    add_jobs(p, help="Parquet: build and write row groups on N cores while the input is "
+                     "read (1: all in one thread; default: the CPUs this process may use "
+                     "that are idle now); the file is the same either way")
     add_progress(p)
 
 
@@ -92,9 +97,15 @@ def run(args: argparse.Namespace) -> int:
     if args.parquet:
         from ..views.parquet import export_parquet
 
+        if args.jobs is not None:
+            jobs = args.jobs
+        else:
+            from ..analysis.replay.parallel import default_jobs
+
+            jobs = default_jobs()
         with bar:
             rows = export_parquet(track(src, bar), args.parquet,
-                                  row_group_rows=args.row_group_rows)
+                                  row_group_rows=args.row_group_rows, jobs=jobs)
         print(f"kvmtrace export: {rows} events -> {args.parquet}", file=sys.stderr)
     else:
         from ..analysis.migration import migrations_of

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -119,8 +121,14 @@ def _table(ev: np.ndarray, schema: Any, meta: SourceMeta) -> Any:
 
 
 def export_parquet(source: EventSource, path: str | os.PathLike[str], *,
-                   row_group_rows: int = 1 << 20, compression: str = "zstd") -> int:
-    """Write every event of ``source`` to a Parquet file; returns the number of rows."""
+                   row_group_rows: int = 1 << 20, compression: str = "zstd",
+                   jobs: int = 1) -> int:
+    """Write every event of ``source`` to a Parquet file; returns the number of rows.
+
+    ``jobs`` >= 2: the work of a row group runs on other cores while the source is read:
+    ``jobs - 1`` threads build row groups' Arrow tables and one more writes them, in order
+    (numpy, pyarrow's encoders and zlib give the GIL up while they work). At most ``jobs``
+    row groups wait in memory. The file is byte for byte the one ``jobs=1`` writes."""
     _pa()
     import pyarrow.parquet as pq
 
@@ -136,37 +144,77 @@ def export_parquet(source: EventSource, path: str | os.PathLike[str], *,
             column_encoding={c: "DELTA_BINARY_PACKED"
                              for c in ("ts_ns", "dirty_index", "reset_index")},
         )
-        rows = _write_all(writer, source, schema, row_group_rows)
-    return rows
+        with writer:
+            with _RowGroups(writer, schema, source.meta, row_group_rows, jobs) as groups:
+                for batch in source.batches():
+                    if len(batch):
+                        groups.add(batch)
+            if groups.rows == 0:
+                writer.write_table(_pa().Table.from_batches([], schema=schema))
+            writer.add_key_value_metadata({"kvmtrace.lost": str(int(source.lost))})
+    return groups.rows
 
 
-def _write_all(writer: Any, source: EventSource, schema: Any, row_group_rows: int) -> int:
-    pa = _pa()
-    rows = 0
-    pending: list[np.ndarray] = []
-    npending = 0
-    with writer:
-        def flush(all_rows: bool) -> None:
-            nonlocal pending, npending, rows
-            if not pending:
-                return
-            ev = pending[0] if len(pending) == 1 else np.concatenate(pending)
-            cut = len(ev) if all_rows else len(ev) // row_group_rows * row_group_rows
-            for start in range(0, cut, row_group_rows):
-                part = ev[start : min(start + row_group_rows, cut)]
-                writer.write_table(_table(part, schema, source.meta), row_group_size=row_group_rows)
-                rows += len(part)
-            pending = [ev[cut:]] if cut < len(ev) else []
-            npending = len(ev) - cut
+class _RowGroups:
+    """Cuts events into row groups of ``rows`` and writes each (:func:`export_parquet`),
+    at once (``jobs`` 1) or through builder threads and one writer thread."""
 
-        for batch in source.batches():
-            if len(batch):
-                pending.append(batch)
-                npending += len(batch)
-                if npending >= row_group_rows:
-                    flush(all_rows=False)
-        flush(all_rows=True)
-        if rows == 0:
-            writer.write_table(pa.Table.from_batches([], schema=schema))
-        writer.add_key_value_metadata({"kvmtrace.lost": str(int(source.lost))})
-    return rows
+    def __init__(self, writer: Any, schema: Any, meta: SourceMeta, rows: int,
+                 jobs: int) -> None:
+        self.writer, self.schema, self.meta, self.size = writer, schema, meta, rows
+        self.rows = 0  # handed to the writer
+        self._pending: list[np.ndarray] = []
+        self._npending = 0
+        self._build: ThreadPoolExecutor | None = None
+        self._write: ThreadPoolExecutor | None = None
+        self._inflight: deque[Future[None]] = deque()
+        self._jobs = max(1, jobs)
+        if self._jobs >= 2:
+            self._build = ThreadPoolExecutor(self._jobs - 1, "kvmtrace-parquet-build")
+            self._write = ThreadPoolExecutor(1, "kvmtrace-parquet-write")
+
+    def add(self, batch: np.ndarray) -> None:
+        self._pending.append(batch)
+        self._npending += len(batch)
+        if self._npending >= self.size:
+            self._flush(all_rows=False)
+
+    def _flush(self, all_rows: bool) -> None:
+        if not self._pending:
+            return
+        ev = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        cut = len(ev) if all_rows else len(ev) // self.size * self.size
+        for start in range(0, cut, self.size):
+            self._group(ev[start : min(start + self.size, cut)])
+        self._pending = [ev[cut:]] if cut < len(ev) else []
+        self._npending = len(ev) - cut
+
+    def _group(self, part: np.ndarray) -> None:
+        self.rows += len(part)
+        if self._build is None or self._write is None:
+            self.writer.write_table(_table(part, self.schema, self.meta),
+                                    row_group_size=self.size)
+            return
+        table = self._build.submit(_table, part, self.schema, self.meta)
+        self._inflight.append(self._write.submit(
+            lambda: self.writer.write_table(table.result(), row_group_size=self.size)))
+        while len(self._inflight) > self._jobs:  # bounded memory: wait for the oldest
+            self._inflight.popleft().result()
+
+    def __enter__(self) -> _RowGroups:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self._flush(all_rows=True)
+            while self._inflight:  # in order; the first failure is raised
+                done = self._inflight.popleft()
+                if exc_type is None:
+                    done.result()
+                else:  # the source failed: the file is dropped, its error goes on
+                    done.exception()
+        finally:
+            for pool in (self._build, self._write):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)

@@ -28,9 +28,6 @@ from .ringstate import FastRing
 __all__ = ["Cols", "feed_ring"]
 
 _PUSH, _RESET, _EXIT, _STALL = int(Kind.PUSH), int(Kind.RESET), int(Kind.EXIT), int(Kind.STALL)
-#: at most this many exits/stalls in a stretch: its pushes and resets are copied as the
-#: runs between them (a gather of every push costs more)
-_FEW = 256
 
 
 @dataclass
@@ -141,30 +138,21 @@ def _pushes_resets(ring: FastRing, c: Cols, a: int, b: int) -> _Pre | None:
     other = np.flatnonzero(kind != _PUSH)  # resets, exits, stalls: few
     okind = kind[other]
     xpos, spos = other[okind == _EXIT], other[okind == _STALL]
-    rpos = rpos_all = other[okind == _RESET]
+    rpos = other[okind == _RESET]
     if not len(xpos) and not len(spos):
         if not len(kind):
             return None
         ib = None
         di, ri = c.di[a:b], c.ri[a:b]
     else:
-        xs = np.union1d(xpos, spos)  # the exits and stalls: few
-        if len(xs) == b - a:
+        ibm = push.copy()
+        ibm[rpos] = True
+        ib = np.flatnonzero(ibm)
+        if not len(ib):
             return None
         # the resets' places among pushes and resets: minus the exits/stalls before them
-        rpos = rpos - np.searchsorted(xs, rpos)
-        if len(xs) <= _FEW:  # the runs between them, copied (no gather)
-            ends = xs.tolist()
-            cuts = list(zip([0, *(x + 1 for x in ends)], [*ends, b - a], strict=True))
-            ib = np.concatenate([np.arange(x, y) for x, y in cuts])
-            cdi, cri = c.di[a:b], c.ri[a:b]
-            di = np.concatenate([cdi[x:y] for x, y in cuts])
-            ri = np.concatenate([cri[x:y] for x, y in cuts])
-        else:
-            ibm = push.copy()
-            ibm[rpos_all] = True
-            ib = np.flatnonzero(ibm)
-            di, ri = np.take(c.di[a:b], ib), np.take(c.ri[a:b], ib)
+        rpos = rpos - np.searchsorted(np.union1d(xpos, spos), rpos)
+        di, ri = np.take(c.di[a:b], ib), np.take(c.ri[a:b], ib)
         push = np.ones(len(ib), dtype=bool)
         push[rpos] = False
     return _Pre(ib, di, ri, _s32(di - ri), push, xpos=xpos, spos=spos, other=other,

@@ -280,19 +280,26 @@ def _pushers_and_rest(cols: EventColumns) -> tuple[set[tuple[int, int, int]], np
     if not push_g.any() or cols.gid is None or cols.order is None:
         ev = cols.events()
         return pushers, ev[ev["kind"] != Kind.PUSH]
-    gm_gid = cols.gid[cols.order]  # each group-major event's group
-    keep = ~push_g[gm_gid]
-    times = cols.order[keep]  # their time positions
+    # group-major positions of the other groups' events (few), from the groups' sizes:
+    # no pass over the block's pushes but counting them
+    rest = np.flatnonzero(~push_g)
+    starts = np.concatenate(([0], np.cumsum(np.bincount(cols.gid, minlength=len(g)))))
+    lo, hi = starts[rest], starts[rest + 1]
+    sizes = hi - lo
+    gm = np.repeat(hi - np.cumsum(sizes), sizes) + np.arange(int(sizes.sum()))
+    gm_gid = np.repeat(rest, sizes)
+    times = np.take(cols.order, gm)  # their time positions
     by_time = np.argsort(times, kind="stable")
     tmpl = np.zeros(len(g), EVENT_DTYPE)
     for key in GROUP_FIELDS:
         tmpl[key] = g[key]
     for name, v in cols.const.items():
         tmpl[name] = v
-    ev = tmpl.take(gm_gid[keep][by_time])
+    ev = tmpl.take(gm_gid[by_time])
     ev["ts"] = cols.ts[times[by_time]]
+    gm = gm[by_time]
     for name, v in cols.grouped.items():
-        ev[name] = v[keep][by_time]
+        ev[name] = np.take(v, gm)
     return pushers, ev
 
 

@@ -56,7 +56,8 @@ def entry_hashes_np(slots: np.ndarray, offsets: np.ndarray) -> tuple[int, int]:
         return 0, 0
     with np.errstate(over="ignore"):
         s0 = int(slots[0])
-        if int(slots[-1]) == s0 and (slots == s0).all():  # one memslot: mix it once
+        if slots.strides == (0,) or (int(slots[-1]) == s0 and (slots == s0).all()):
+            # one memslot (or a broadcast view of one): mix it once
             h1 = np.bitwise_xor(offsets, np.uint64(_mix(s0 ^ _SLOT_SALT)), dtype=np.uint64)
         else:
             h1 = _mix_np(slots.astype(np.uint64) ^ np.uint64(_SLOT_SALT))

@@ -293,11 +293,15 @@ class FastRing:
         self.add_harvest(s, o)
 
     def add_harvest(self, s: np.ndarray, o: np.ndarray) -> None:
-        known = s != UNKNOWN_SLOT
-        nk = int(np.count_nonzero(known))
+        if s.strides == (0,) and len(s):  # one slot (a broadcast view): no pass over it
+            nk = 0 if int(s[0]) == UNKNOWN_SLOT else len(s)
+            known = None
+        else:
+            known = s != UNKNOWN_SLOT
+            nk = int(np.count_nonzero(known))
         self.res.harvested_unknown += len(s) - nk
         if nk != len(s):
-            s, o = s[known], o[known]
+            s, o = (s[:0], o[:0]) if known is None else (s[known], o[known])
         self.res.harvested += nk
         self.digest.add_np(s, o)
         if self.keep and nk:

@@ -104,9 +104,12 @@ def test_top_batch_piped_ends_quietly_on_a_signal(sleeper: subprocess.Popen[byte
     assert set(err.splitlines()) <= {LOADED}, err
     if LOADED in err:
         assert rc == 0
-    else:  # still loading: the default action of SIGTERM; Ctrl-C's status 130; or 0 when
-        # the signal came between attaching (top's own handler set) and the line printed
-        assert rc in (-signal.SIGTERM if sig == signal.SIGTERM else 130, 0), (rc, err)
+    else:  # still loading: the default action of SIGTERM; Ctrl-C's status 130, or killed
+        # by SIGINT when it came before Python set its own handler (a slow start on a busy
+        # host); or 0 when the signal came between attaching (top's own handler set) and
+        # the line printed
+        usual = (-signal.SIGTERM,) if sig == signal.SIGTERM else (130, -signal.SIGINT)
+        assert rc in (*usual, 0), (rc, err)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

@@ -197,14 +197,13 @@ def add_jobs(p: argparse.ArgumentParser, help: str | None = None) -> None:  # no
                         "for inputs of 2 M events and more)")
 
 
-def jobs_of(args: argparse.Namespace) -> tuple[int, int | None]:
+def jobs_of(args: argparse.Namespace) -> tuple[int | None, int | None]:
     """(jobs, min_events) for :func:`kvmtrace.analysis.replay.replay_source` from
-    ``--jobs``: as given (whatever the input's size), else the idle CPUs for large inputs."""
+    ``--jobs``: as given (whatever the input's size), else (None, None): the idle CPUs,
+    looked up (a 100 ms sample) only for an input large enough to spread."""
     if args.jobs is not None:
         return args.jobs, 0
-    from ..analysis.replay.parallel import default_jobs
-
-    return default_jobs(), None
+    return None, None
 
 
 def add_pid(p: argparse.ArgumentParser, *, typed: bool = True) -> None:

@@ -109,16 +109,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _two_processes(args: argparse.Namespace, base: Bundle, new: Bundle) -> bool:
     """Read the sides in two processes: ``-j`` of 2 or more, or by default when both are
     large and two CPUs are free to use."""
-    jobs, min_events = jobs_of(args)
-    if jobs < 2:
-        return False
-    if min_events == 0:  # -j given
-        return True
+    jobs, _min_events = jobs_of(args)
+    if jobs is not None:  # -j given
+        return jobs >= 2
     try:
         sizes = [sum(os.path.getsize(p) for p in side.recordings) for side in (base, new)]
     except OSError:  # not there: the error comes from opening it
         return False
-    return min(sizes) >= TWO_PROCESSES_BYTES
+    if min(sizes) < TWO_PROCESSES_BYTES:
+        return False
+    from ..analysis.replay.parallel import default_jobs
+
+    return default_jobs() >= 2
 
 
 def _pct(text: str, flag: str) -> float:

@@ -93,12 +93,15 @@ def run(args: argparse.Namespace) -> int:
     src = open_input(args.file, args.ring_entries, args.skip_damaged)
     from ..views.progress import Progress, events_total, track
 
-    bar = Progress("export", events_total(src), enabled=args.progress)
+    total = events_total(src)
+    bar = Progress("export", total, enabled=args.progress)
     if args.parquet:
         from ..views.parquet import export_parquet
 
         if args.jobs is not None:
             jobs = args.jobs
+        elif total is not None and total <= args.row_group_rows:
+            jobs = 1  # one row group: nothing to overlap, no CPU sample
         else:
             from ..analysis.replay.parallel import default_jobs
 

@@ -486,18 +486,20 @@ class SharedTap(Protocol):
     def join(self, shares: list[tuple[list[int], SharedTap]]) -> None: ...
 
 
-def replay_source(source: EventSource, tap: ReplayTap | None = None, *, jobs: int = 1,
+def replay_source(source: EventSource, tap: ReplayTap | None = None, *,
+                  jobs: int | None = 1,
                   min_events: int | None = None,
                   on_block: Callable[[int], None] | None = None,
                   **options: object) -> ReplayReport:
     """Replay a whole source; ``options`` as for :class:`Replay`; ``tap`` sees each block
     (as columns where the source has them, else as EVENT_DTYPE batches). ``jobs`` > 1:
-    spread the rings over that many processes (:mod:`.parallel`; the same report) when
+    spread the rings over that many processes (:mod:`.parallel`; the same report), None:
+    over the idle CPUs (:func:`.parallel.default_jobs`, asked only then), when
     the source has blocks and at least ``min_events`` events (default
     :data:`.parallel.MIN_EVENTS`; 0: always), else one process. ``on_block(events)``:
     called after each block the processes replayed (progress; one process counts through
     the source it reads, e.g. a progress-counting wrapper)."""
-    if jobs > 1:
+    if jobs is None or jobs > 1:
         from .parallel import MIN_EVENTS, replay_parallel
 
         rep = replay_parallel(source, jobs, tap,  # type: ignore[arg-type]

@@ -66,6 +66,14 @@ _FIRST, _LAST = int(Kind.PUSH), int(Kind.STALL)
 Unit = tuple[int, int, int | None]  # (pid, vm, ring index), ring None: the whole VM
 
 
+def _allowed_cpus() -> int:
+    """How many CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def default_jobs() -> int:
     """The CPUs this process may run on that are idle now, at least 1
     (:func:`~kvmtrace.host.cpuload.idle_cpus`, a 100 ms sample): a worker on a CPU that
@@ -74,7 +82,7 @@ def default_jobs() -> int:
     try:
         cpus = os.sched_getaffinity(0)
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        return _allowed_cpus()
     return max(1, min(len(cpus), round(idle_cpus(cpus))))
 
 
@@ -320,7 +328,7 @@ def _receive(rfd: int) -> Any:
     payload.raise_it()
 
 
-def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None, *,
+def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None = None, *,
                     min_events: int = MIN_EVENTS,
                     on_block: Callable[[int], None] | None = None,
                     **options: Any) -> ReplayReport | None:
@@ -329,13 +337,23 @@ def replay_parallel(source: EventSource, jobs: int, tap: SharedTap | None = None
     order; for progress). None (nothing done) when one process is the way: ``jobs`` < 2,
     fewer than ``min_events`` events (a recording's count, known at open), a what-if
     simulation, a tap that cannot be split, or a source without blocks or units to
-    spread."""
-    if jobs < 2 or options.get("simulate_entries") or (tap is not None and not isinstance(
-            tap, SharedTap)):
+    spread. ``jobs`` None: :func:`default_jobs`, sampled only once the source is known to
+    be large enough."""
+    if (jobs is not None and jobs < 2) or options.get("simulate_entries") or (
+            tap is not None and not isinstance(tap, SharedTap)):
         return None
-    planned = _plan(source, jobs)
+    cap = jobs if jobs is not None else _allowed_cpus()
+    planned = _plan(source, cap)
     if planned is None or planned[0] < min_events:
         return None
+    if jobs is None:
+        jobs = default_jobs()
+        if jobs < 2:
+            return None
+        if jobs < cap:
+            planned = _plan(source, jobs)
+            if planned is None:
+                return None
     _, _, shares, sizes = planned
     n = len(shares)
     top = max((c for c, _ in sizes), default=0)

@@ -284,16 +284,22 @@ def _elem(cmd: BpfCmd, map_fd: int, key: ctypes.Array | None, value: ctypes.Arra
                                 0 if value is None else ctypes.addressof(value), flags))
 
 
+def _found(cmd: BpfCmd, map_fd: int, key: ctypes.Array | None,
+           value: ctypes.Array | None) -> bool:
+    """Run a map command; False where the kernel says there is no such key (ENOENT)."""
+    try:
+        _elem(cmd, map_fd, key, value)
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def map_lookup(map_fd: int, key: bytes, value_bytes: int) -> bytes | None:
     """BPF_MAP_LOOKUP_ELEM: the value (``value_bytes`` long) or None where there is none."""
     k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_bytes)
-    try:
-        _elem(BpfCmd.MAP_LOOKUP_ELEM, map_fd, k, v)
-    except OSError as err:
-        if err.errno == errno.ENOENT:
-            return None
-        raise
-    return v.raw
+    return v.raw if _found(BpfCmd.MAP_LOOKUP_ELEM, map_fd, k, v) else None
 
 
 def map_update(map_fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
@@ -304,26 +310,15 @@ def map_update(map_fd: int, key: bytes, value: bytes, flags: int = 0) -> None:
 
 def map_delete(map_fd: int, key: bytes) -> bool:
     """BPF_MAP_DELETE_ELEM: True deleted, False there was no such key."""
-    try:
-        _elem(BpfCmd.MAP_DELETE_ELEM, map_fd, ctypes.create_string_buffer(key, len(key)), None)
-    except OSError as err:
-        if err.errno == errno.ENOENT:
-            return False
-        raise
-    return True
+    return _found(BpfCmd.MAP_DELETE_ELEM, map_fd, ctypes.create_string_buffer(key, len(key)),
+                  None)
 
 
 def map_next_key(map_fd: int, key: bytes | None, key_bytes: int) -> bytes | None:
     """BPF_MAP_GET_NEXT_KEY: the key after ``key`` (None: the first), None at the end."""
     nxt = ctypes.create_string_buffer(key_bytes)
     k = None if key is None else ctypes.create_string_buffer(key, len(key))
-    try:
-        _elem(BpfCmd.MAP_GET_NEXT_KEY, map_fd, k, nxt)
-    except OSError as err:
-        if err.errno == errno.ENOENT:
-            return None
-        raise
-    return nxt.raw
+    return nxt.raw if _found(BpfCmd.MAP_GET_NEXT_KEY, map_fd, k, nxt) else None
 
 
 def prog_load(prog_type: ProgType | int, insns: bytes, *, license: bytes = b"GPL",

@@ -83,6 +83,15 @@ class BlockType:
 _CODEC_NONE, _CODEC_ZLIB = 0, 1
 _BLOCK_NAMES = {1: "META", 2: "EVENTS", 3: "LOST", 4: "END"}
 _LOST = struct.Struct("<Q")
+
+
+def _header_at(f: Any, pos: int) -> tuple[bytes, tuple[Any, ...]] | None:
+    """The block header at ``pos`` of file ``f``, raw and unpacked; None past the end."""
+    f.seek(pos)
+    head = f.read(BLOCK_HEADER.size)
+    if len(head) < BLOCK_HEADER.size:
+        return None
+    return head, BLOCK_HEADER.unpack(head)
 _EVENT_BYTES = np.dtype((np.void, EVENT_DTYPE.itemsize))
 
 
@@ -537,11 +546,10 @@ class Recording(EventSource):
     def _declared(self, f: Any, pos: int) -> int:
         """The events the EVENTS block header at ``pos`` declares (0: another block, or a
         header not to be trusted with a count)."""
-        f.seek(pos)
-        head = f.read(BLOCK_HEADER.size)
-        if len(head) < BLOCK_HEADER.size:
+        got = _header_at(f, pos)
+        if got is None:
             return 0
-        fields = BLOCK_HEADER.unpack(head)
+        fields = got[1]
         ok = fields[0] == BLOCK_SYNC and fields[1] == BlockType.EVENTS
         return fields[6] if ok and 0 < fields[6] <= MAX_BLOCK_EVENTS else 0
 
@@ -568,13 +576,12 @@ class Recording(EventSource):
 
     def _valid_at(self, f: Any, pos: int, size: int) -> bool:
         self._resync_budget -= BLOCK_HEADER.size
-        f.seek(pos)
-        head = f.read(BLOCK_HEADER.size)
-        if len(head) < BLOCK_HEADER.size:
+        got = _header_at(f, pos)
+        if got is None:
             return False
-        fields = BLOCK_HEADER.unpack(head)
+        head, fields = got
         _, btype, codec, _, stored_len, raw_len, count, ts_min, ts_max, crc = fields
-        if btype not in (1, 2, 3, 4) or codec > _CODEC_ZLIB:
+        if btype not in _BLOCK_NAMES or codec > _CODEC_ZLIB:
             return False
         if pos + BLOCK_HEADER.size + stored_len > size:
             return False
@@ -614,18 +621,17 @@ class Recording(EventSource):
         """Index the block at ``pos``; False if it is a torn tail (the block runs past the
         end of the file, or it is the last block and its CRC fails); a format error naming
         the offset if a block in the middle is damaged or malformed."""
-        f.seek(pos)
-        head = f.read(BLOCK_HEADER.size)
-        if len(head) < BLOCK_HEADER.size:
+        got = _header_at(f, pos)
+        if got is None:
             return False
-        fields = BLOCK_HEADER.unpack(head)
+        head, fields = got
         sync, btype, codec, _, stored_len, raw_len, count, ts_min, ts_max, _ = fields
         end = pos + BLOCK_HEADER.size + stored_len
-        if sync != BLOCK_SYNC or btype not in (1, 2, 3, 4) or codec > _CODEC_ZLIB:
+        if sync != BLOCK_SYNC or btype not in _BLOCK_NAMES or codec > _CODEC_ZLIB:
             if self._zero_tail(f, pos, size):
                 return False
             what = ("no block sync word" if sync != BLOCK_SYNC else
-                    f"unknown block type {btype}" if btype not in (1, 2, 3, 4) else
+                    f"unknown block type {btype}" if btype not in _BLOCK_NAMES else
                     f"unknown block codec {codec}")
             raise self._format_error(pos, what)
         if end > size:

@@ -720,14 +720,17 @@ class Probes:
         return int(self._bpf[b"events"].map_fd)
 
     def event_reader(self) -> PerCpuReader:
-        """A reader of mode ``record``'s per-CPU event rings (maps ``cpu_heads`` and
-        ``cpu_events``; :mod:`kvmtrace.bpf.percpu`); the caller closes it."""
+        """The reader of mode ``record``'s per-CPU event rings (maps ``cpu_heads`` and
+        ``cpu_events``; :mod:`kvmtrace.bpf.percpu`). One per probes, as a ring has one
+        consumer (a second would move ``tail`` under the first); closed with the probes."""
         if not self.cpu_ring_entries:
             raise UsageError("the probes were loaded without per-CPU event rings",
                              'construct Probes("record")')
-        return PerCpuReader(int(self._bpf[b"cpu_heads"].map_fd),
-                            int(self._bpf[b"cpu_events"].map_fd), self.nr_buffers,
-                            self.cpu_ring_entries)
+        if self._reader is None:
+            self._reader = PerCpuReader(int(self._bpf[b"cpu_heads"].map_fd),
+                                        int(self._bpf[b"cpu_events"].map_fd),
+                                        self.nr_buffers, self.cpu_ring_entries)
+        return self._reader
 
     def lost_per_buffer(self) -> list[int]:
         """Events each CPU's ring had no room for (index = CPU; mode ``record``)."""
@@ -740,10 +743,9 @@ class Probes:
         now (the producers are done). ``top`` with ``with_events``: the ring buffer,
         through bcc's per-record callback (about 1 M events/s), waiting up to timeout_ms."""
         if self.cpu_ring_entries:
-            if self._reader is None:
-                self._reader = self.event_reader()
-            self._reader.wait(timeout_ms)
-            return self._reader.read(final=not timeout_ms)
+            reader = self.event_reader()
+            reader.wait(timeout_ms)
+            return reader.read(final=not timeout_ms)
         self.ringbuf_fd()  # raises UsageError unless loaded with emit_events
         if not self._rb_open:
 

@@ -112,6 +112,26 @@ def test_lazy_and_reaper_harvest_everything(kvm):
             assert ring.lost_suspected == 0 and ring.entries_reset == 1000
 
 
+def test_progress_lines_end_at_the_result(kvm):
+    """--progress-ms: NDJSON lines on stderr, one per period and one after the last
+    harvest, whose counts are the run's own: the last line's harvested per ring is the
+    result's (3 passes over 1000 pages, every write harvested), counts never go back."""
+    proc = run_cli("--vcpus", "2", "--pages", "1000", "--passes", "3", "--harvest", "reaper",
+                   "--reaper-ms", "5", "--progress-ms", "10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    lines = [json.loads(x) for x in proc.stderr.splitlines()]
+    assert lines and all(x["progress"] == 1 for x in lines)
+    keys = [[(r["vm"], r["index"]) for r in x["rings"]] for x in lines]
+    assert keys == [[(0, 0), (0, 1)]] * len(lines)
+    last = [r["harvested"] for r in lines[-1]["rings"]]
+    assert last == [r["harvested"] for r in result["rings"]] == [3000, 3000]
+    for a, b in zip(lines, lines[1:], strict=False):
+        assert b["t_ns"] > a["t_ns"]
+        assert all(rb["harvested"] >= ra["harvested"]
+                   for ra, rb in zip(a["rings"], b["rings"], strict=True))
+
+
 def _tight_loop_push_rate() -> float:
     """Guest writes per second of this host's tight loop (--exit-every 0), measured by a
     run that halts on its own: 20 passes over 1000 pages fit a 1 MiB ring's soft limit."""
@@ -166,6 +186,7 @@ def test_hot_and_random_patterns_cover_all_pages(kvm):
     (["--vms", "17"], "--vms"),
     (["--vm-cycles", "0"], "--vm-cycles"),
     (["--migrate-ms", "0"], "--migrate-ms"),
+    (["--progress-ms", "0"], "--progress-ms"),
 ])
 def test_bad_flags_one_line_exit_2(kvm, args, needle):
     proc = run_cli(*args)

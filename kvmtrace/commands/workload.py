@@ -61,6 +61,7 @@ _TYPES = {
     "--vms": integer("--vms", 1, MAX_VMS, example="2"),
     "--vm-cycles": integer("--vm-cycles", 1, MAX_VM_CYCLES, example="3"),
     "--migrate-ms": number("--migrate-ms", 0, MAX_MS, low_open=True, example="5"),
+    "--progress-ms": number("--progress-ms", 0, MAX_MS, low_open=True, example="100"),
 }
 
 
@@ -114,6 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the VM's name, as QEMU's -name guest=NAME (shown by top, kept by "
                         "record)")
     p.add_argument("--pid-file", metavar="PATH", help="write this process's pid here first")
+    p.add_argument("--progress-ms", type=_TYPES["--progress-ms"], metavar="MS",
+                   help="every MS ms, one JSON line on stderr: per ring the entries "
+                   "harvested so far and the vCPU thread's CPU ns (for rate windows)")
     add_json(p, "print one JSON object at the end")
     p.add_argument("--dump-harvest", metavar="FILE",
                    help="write every harvested [slot, offset] per ring as JSON")
@@ -167,7 +171,8 @@ def config_from_args(args: argparse.Namespace) -> WorkloadConfig:
         exit_every=args.exit_every, harvest=args.harvest, reaper_ms=args.reaper_ms,
         harvest_delay_us=args.harvest_delay_us, start_delay_ms=args.start_delay_ms,
         keep_harvest=bool(args.dump_harvest), vms=args.vms, vm_cycles=args.vm_cycles,
-        migrate_ms=args.migrate_ms, interrupt_resets=args.interrupt_resets, name=args.name)
+        migrate_ms=args.migrate_ms, interrupt_resets=args.interrupt_resets, name=args.name,
+        progress_ms=args.progress_ms)
 
 
 

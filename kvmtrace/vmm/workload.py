@@ -34,6 +34,7 @@ from ..host.kvm import open_kvm
 from .guest import MARK_PORT, PATTERNS, GuestCode, GuestLayout, assemble
 from .harvest import Harvester, RingState
 from .helpers import Migrator, ResetInterrupter, usable_cpus
+from .progress import ProgressReporter
 from .traced import TraceLayout, TracePlan
 from .truth import RingTruth, WorkloadResult
 from .vm import Vm, check_ring_bytes, describe_oserror
@@ -74,6 +75,7 @@ class WorkloadConfig:
     migrate_ms: float | None = None
     interrupt_resets: bool = False
     name: str | None = None  # the VM's name (--name), as QEMU's -name guest=; in the result
+    progress_ms: float | None = None  # a progress line on stderr every so many ms (progress.py)
     trace: TracePlan | None = None  # --replay: vcpus, pages and pattern come from the trace
 
     def validate(self) -> GuestLayout | TraceLayout:
@@ -105,6 +107,8 @@ class WorkloadConfig:
             raise UsageError("--reaper-ms must be > 0 with --harvest reaper or lazy")
         if self.name is not None and (not self.name or "\0" in self.name):
             raise UsageError("--name must be a non-empty string", "e.g. --name web01")
+        if self.progress_ms is not None and not self.progress_ms > 0:
+            raise UsageError(f"--progress-ms {self.progress_ms} must be > 0")
         if self.migrate_ms is not None:
             if not self.migrate_ms > 0:
                 raise UsageError(f"--migrate-ms {self.migrate_ms} must be > 0")
@@ -385,6 +389,13 @@ def _run_cycle(cfg: WorkloadConfig, runs: list[_VmRun], can_signal: bool,
                             usable_cpus())
         side.append(threading.Thread(target=migrator.main, args=(side_done,),
                                      name="migrator", daemon=True))
+    if cfg.progress_ms is not None:
+        reporter = ProgressReporter(
+            cfg.progress_ms / 1e3,
+            lambda: [(vmr.number, r.res.index, r.res.harvested, 0 if r.done else r.res.tid)
+                     for vmr in runs for r in vmr.rings])
+        side.append(threading.Thread(target=reporter.main, args=(side_done,),
+                                     name="progress", daemon=True))
     for thread in side:
         thread.start()
     for vmr in runs:

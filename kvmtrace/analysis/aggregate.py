@@ -182,18 +182,24 @@ class Aggregator:
         hi = n if hi is None else min(hi, n)
         if hi <= lo:
             return
-        spans = self._spans(parts, lo, hi, bounds)
         table = parts.groups
-        pids, kinds = table["pid"].tolist(), table["kind"].tolist()
+        pids, vms = table["pid"].tolist(), table["vm"].tolist()
+        rings, kinds = table["ring"].tolist(), table["kind"].tolist()
+        if self.pid:  # every group of the process: what its events and last ts need
+            want = [g for g, p in enumerate(pids) if p == self.pid]
+        else:
+            want = self._wanted(pids, vms, rings, kinds)
+        spans = self._spans(parts, lo, hi, bounds, want)
         if self.pid:
-            spans = [s for s in spans if pids[s[0]] == self.pid]
-        if not spans:
-            return
-        self.events += sum(b - a for _, a, b in spans)
-        order = parts.order
-        last = hi - 1 if order is None else max(int(order[b - 1]) for _, _, b in spans)
+            if not spans:
+                return
+            self.events += sum(b - a for _, a, b in spans)
+            order = parts.order
+            last = hi - 1 if order is None else max(int(order[b - 1]) for _, _, b in spans)
+        else:
+            self.events += hi - lo
+            last = hi - 1
         self.time_ns = max(self.time_ns, int(parts.ts[last]))
-        vms, rings = table["vm"].tolist(), table["ring"].tolist()
         if self.vm_events:
             self._latencies(parts, [s for s in spans if kinds[s[0]] == _RESET_LAT], pids, vms)
         sized = [s for s in spans if kinds[s[0]] == _RING_SIZE]
@@ -209,12 +215,24 @@ class Aggregator:
             if owns is None or owns(key):
                 self._feed_ring(RingKey(*key), parts, per_ring[key], kinds)
 
+    def _wanted(self, pids: list[int], vms: list[int], rings: list[int], kinds: list[int]
+                ) -> list[int] | None:
+        """The groups this aggregator reads (None: all): ring sizes, latencies if it
+        counts them, its own rings."""
+        owns = self.owns
+        if owns is None:
+            return None
+        return [g for g, k in enumerate(kinds)
+                if k == _RING_SIZE or (k == _RESET_LAT and self.vm_events)
+                or (k not in _PER_VM and owns((pids[g], vms[g], rings[g])))]
+
     @staticmethod
-    def _spans(parts: EventColumns, lo: int, hi: int, bounds: np.ndarray | None
-               ) -> list[Span]:
-        """Each group's events at time positions lo..hi, as group-major positions."""
+    def _spans(parts: EventColumns, lo: int, hi: int, bounds: np.ndarray | None,
+               want: list[int] | None = None) -> list[Span]:
+        """Each group's (of ``want``, default all) events at time positions lo..hi, as
+        group-major positions."""
         if parts.gid is None:
-            return [(0, lo, hi)]
+            return [(0, lo, hi)] if want is None or 0 in want else []
         if bounds is None:
             bounds = group_bounds(parts)
             assert bounds is not None
@@ -223,7 +241,7 @@ class Aggregator:
         edges = bounds.tolist()
         whole = lo == 0 and hi == parts.n
         out = []
-        for g in range(len(edges) - 1):
+        for g in range(len(edges) - 1) if want is None else want:
             a, b = edges[g], edges[g + 1]
             if a == b:
                 continue
@@ -338,8 +356,9 @@ class Aggregator:
             di = _column(parts, "dirty_index", g, a, b)
             ri = _column(parts, "reset_index", g, a, b)
             used = di - ri  # u32 arithmetic: (dirty - reset) mod 2**32
-            most = max(most, int(used.max()))
-            if push and c.size is not None:
+            top = int(used.max())
+            most = max(most, top)
+            if push and c.size is not None and top > c.size:
                 over = int(np.count_nonzero(used > c.size))
                 lost += over * (b - a) if len(used) == 1 else over
             fd = max(fd, _furthest(di, base_d))

@@ -24,7 +24,6 @@ from conftest import ROOT, kvmtrace_cmd, record_workload, require_kvm_bpf
 from test_replay_agree import PID, VM, random_stream
 from test_replay_columns import write
 
-from kvmtrace.analysis import spread_snapshots
 from kvmtrace.analysis.aggregate import Aggregator, ReplaySource
 from kvmtrace.analysis.replay import parallel
 from kvmtrace.analysis.spread_snapshots import SpreadReplaySource, open_replay
@@ -125,7 +124,7 @@ def test_small_inputs_stay_in_one_process_without_a_cpu_sample(monkeypatch: pyte
     def no_sample() -> int:
         raise AssertionError("idle CPUs sampled for a small input")
 
-    monkeypatch.setattr(spread_snapshots, "default_jobs", no_sample)
+    monkeypatch.setattr(parallel, "default_jobs", no_sample)
     for path in OLD:
         src = open_replay(open_recording(path), 10**6, jobs=None)
         assert isinstance(src, ReplaySource)
@@ -141,7 +140,7 @@ def test_large_inputs_ask_how_many_cpus_are_idle(tmp_path: Path,
     path = write(tmp_path / "l.kvt", ev, block_events=4096)
     asked: list[int] = []
     for idle in (1, 3):
-        monkeypatch.setattr(spread_snapshots, "default_jobs",
+        monkeypatch.setattr(parallel, "default_jobs",
                             lambda idle=idle: asked.append(idle) or idle)
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3})
         src = open_replay(open_recording(path), 10**7, jobs=None, min_events=len(ev))

@@ -34,7 +34,7 @@ import select
 import signal
 import struct
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -43,9 +43,10 @@ from ..core.counters import RingCounters, RingKey, Snapshot, VmCounters, VmInfo,
 from ..core.sources import EventSource, SnapshotSource
 from ..model.results import RingId
 from .aggregate import Aggregator, ReplaySource, StepClock
-from .replay import parallel
-from .replay.blockshm import Arena, Done, arena_bytes, parent_alive
-from .replay.parallel import MIN_EVENTS, Failed, default_jobs, plan_blocks, shared_blocks
+
+if TYPE_CHECKING:  # imported when spreading (the replay engine's modules: 30-60 ms)
+    from .replay.blockshm import Arena, Done
+    from .replay.parallel import Failed
 
 __all__ = ["SpreadReplaySource", "open_replay"]
 
@@ -63,16 +64,19 @@ def open_replay(source: EventSource, step_ns: int, *, pid: int = 0, jobs: int | 
     snapshots either way."""
     if step_ns <= 0:
         raise ValueError("step_ns must be positive")
-    spread = _plan(source, jobs, MIN_EVENTS if min_events is None else min_events)
+    one = (jobs is not None and jobs < 2) or source.group_tables() is None  # no blocks
+    spread = None if one else _plan(source, jobs, min_events)
     if spread is None:
         return ReplaySource(source, step_ns, pid=pid)
     return SpreadReplaySource(source, step_ns, *spread, pid=pid)
 
 
-def _plan(source: EventSource, jobs: int | None, min_events: int
+def _plan(source: EventSource, jobs: int | None, min_events: int | None
           ) -> tuple[list[set[RingId]], list[tuple[int, int]]] | None:
-    if jobs is not None and jobs < 2:
-        return None
+    from .replay.parallel import MIN_EVENTS, default_jobs, plan_blocks
+
+    if min_events is None:
+        min_events = MIN_EVENTS
     try:
         cap = jobs if jobs is not None else len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -118,6 +122,9 @@ class SpreadReplaySource(SnapshotSource):
 
     # -- the workers ----------------------------------------------------------------------
     def _fork(self, shares: list[set[RingId]], sizes: list[tuple[int, int]], pid: int) -> None:
+        from .replay import parallel
+        from .replay.blockshm import Arena, Done, arena_bytes
+
         n = len(shares)
         top = max((c for c, _ in sizes), default=1)
         arenas = [Arena(arena_bytes(sizes[w::n], top, parallel.AHEAD)) for w in range(n)]
@@ -301,6 +308,9 @@ def _work(source: EventSource, step_ns: int, pid: int, shares: list[set[RingId]]
           arenas: list[Arena], done: Done, parent: int, result_fd: int) -> bool:
     """Worker ``w``: counts its rings window by window over every block; sends each
     window's changes (or its error) to the parent. True once all was sent."""
+    from .replay.blockshm import parent_alive
+    from .replay.parallel import Failed, shared_blocks
+
     inbox = {a: os.fdopen(fd, "rb") for a, fd in inbox_fds.items()}
     outbox = {b: os.fdopen(fd, "wb") for b, fd in outbox_fds.items()}
     out = os.fdopen(result_fd, "wb")

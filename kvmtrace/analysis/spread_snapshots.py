@@ -48,7 +48,13 @@ if TYPE_CHECKING:  # imported when spreading (the replay engine's modules: 30-60
     from .replay.blockshm import Arena, Done
     from .replay.parallel import Failed
 
-__all__ = ["SpreadReplaySource", "open_replay"]
+__all__ = ["MIN_EVENTS", "SpreadReplaySource", "open_replay"]
+
+#: below this many events ``top --replay`` stays in one process unless told otherwise:
+#: the counters cost little beside decoding, which the workers share with some overhead
+#: (tools/bench_top.py --replay, 2 cores: -j 2 / -j 1 about 1.0 at 8 M events, 1.4 at
+#: 32 M), and the idle-CPU sample alone takes 100 ms
+MIN_EVENTS = 1 << 24
 
 _PIPE_BYTES = 1 << 20  # what a worker may write ahead of the parent (F_SETPIPE_SZ)
 _LEN = struct.Struct("<Q")  # each message's length, before it
@@ -59,7 +65,7 @@ def open_replay(source: EventSource, step_ns: int, *, pid: int = 0, jobs: int | 
     """The SnapshotSource of ``top --replay``: :class:`SpreadReplaySource` over up to
     ``jobs`` processes (None: the idle CPUs, :func:`~.replay.parallel.default_jobs`,
     sampled only for a source of at least ``min_events`` events, default
-    :data:`~.replay.parallel.MIN_EVENTS`) when the source has blocks with two rings or
+    :data:`MIN_EVENTS`) when the source has blocks with two rings or
     more to spread; else :class:`~.aggregate.ReplaySource` in this process. The same
     snapshots either way."""
     if step_ns <= 0:
@@ -73,7 +79,7 @@ def open_replay(source: EventSource, step_ns: int, *, pid: int = 0, jobs: int | 
 
 def _plan(source: EventSource, jobs: int | None, min_events: int | None
           ) -> tuple[list[set[RingId]], list[tuple[int, int]]] | None:
-    from .replay.parallel import MIN_EVENTS, default_jobs, plan_blocks
+    from .replay.parallel import default_jobs, plan_blocks
 
     if min_events is None:
         min_events = MIN_EVENTS

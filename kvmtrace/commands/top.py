@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_skip_damaged(p)
     add_jobs(p, "--replay: count a recording's rings in N processes (1: this one; "
                 "default: the CPUs this process may use that are idle now, for recordings of "
-                "2 M events and more); the same output")
+                "16 M events and more); the same output")
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
     add_no_cache(p)
     p.add_argument("--light", action="store_true",

@@ -188,8 +188,10 @@ def replay_main(args: argparse.Namespace) -> int:
     from kvmtrace.analysis.replay.parallel import default_jobs
     from kvmtrace.source.recording import open_recording
 
-    jobs = args.jobs or default_jobs()
-    print(f"{os.cpu_count()} CPUs, affinity {sorted(os.sched_getaffinity(0))}, jobs {jobs}; "
+    idle = default_jobs()
+    jobs = args.jobs or max(2, idle)  # N >= 2: what is measured is N processes
+    print(f"{os.cpu_count()} CPUs, affinity {sorted(os.sched_getaffinity(0))}, idle now "
+          f"{idle}, jobs {jobs}; "
           f"load average {os.getloadavg()[0]:.1f} (other work on this machine slows the "
           "N-process run first: it needs N idle cores)", flush=True)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as d:
@@ -214,7 +216,8 @@ def main() -> int:
                     help="top --replay over a recording: -j N against -j 1 and decoding")
     ap.add_argument("--events", type=int, default=8_000_000, help="--replay: events (8 M)")
     ap.add_argument("--vcpus", type=int, default=4, help="--replay: vCPUs of the stream (4)")
-    ap.add_argument("--jobs", type=int, default=0, help="--replay: N (default: idle CPUs)")
+    ap.add_argument("--jobs", type=int, default=0,
+                    help="--replay: N >= 2 (default: the idle CPUs, at least 2)")
     ap.add_argument("--from", dest="source", metavar="FILE",
                     help="--replay: this recording instead of the stream")
     ap.add_argument("--text", action="store_true", help="--replay: text instead of --json")

@@ -387,3 +387,23 @@ def test_arenas_reused_many_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for jobs in (2, 3):
         same_snapshots(path, span // 30, jobs)
         same_snapshots(path, span // 3000, jobs)
+
+
+def test_records_with_far_apart_keys(tmp_path: Path):
+    """Ring and VM numbers too far apart for one packed key per group: the same counters
+    as each ring fed alone."""
+    ev, meta = mixed_stream(6)
+    ev = ev[ev["kind"] != Kind.RING_SIZE]
+    far = ev.copy()
+    far["ring"] = np.where(far["ring"] >= 0, far["ring"] * 5000, far["ring"])
+    far["vm"] = np.where(far["vm"] == VM, 70000, far["vm"])
+    whole = Aggregator()
+    whole.feed(far)
+    got = whole.snapshot().rings
+    for key, counters in got.items():
+        alone = Aggregator()
+        alone.feed(far[(far["pid"] == key.pid) & (far["vm"] == key.vm)
+                       & (far["ring"] == key.ring)])
+        assert alone.snapshot().rings == {key: counters}
+    assert sum(c.pushes for c in got.values()) == int(np.count_nonzero(far["kind"] == Kind.PUSH))
+    assert {k.vm for k in got} >= {70000}

@@ -407,3 +407,19 @@ def test_records_with_far_apart_keys(tmp_path: Path):
         assert alone.snapshot().rings == {key: counters}
     assert sum(c.pushes for c in got.values()) == int(np.count_nonzero(far["kind"] == Kind.PUSH))
     assert {k.vm for k in got} >= {70000}
+
+
+def test_cut_and_trailing_bytes_cli(tmp_path: Path):
+    """A recording whose writer was killed (no END block, a torn last block) and one with
+    bytes after its END block (a warning on stderr): the same bytes whatever -j."""
+    ev, meta = mixed_stream(8)
+    path = write(tmp_path / "w.kvt", ev, meta, block_events=3000)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.kvt"
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    same_cli(["-d", "0.005", "--replay", str(cut)])
+    trailing = tmp_path / "trailing.kvt"
+    trailing.write_bytes(data + b"not a block" * 10)
+    p = top("-d", "0.005", "--replay", str(trailing), "-j", "2")
+    assert p.returncode == 0 and "kvmtrace top: warning: " in p.stderr
+    same_cli(["-d", "0.005", "--replay", str(trailing)])

@@ -39,7 +39,6 @@ Semantics (per ring = ``struct kvm_dirty_ring`` of one vCPU, keyed by (pid, vm f
   (:class:`~kvmtrace.model.sizes.RingSizes`, without inference).
 """
 
-
 from __future__ import annotations
 
 import copy
@@ -62,7 +61,6 @@ _POW2 = np.array([1 << i for i in range(1, HIST_BUCKETS)], dtype=np.uint64)
 _PUSH, _RESET, _EXIT, _STALL = int(Kind.PUSH), int(Kind.RESET), int(Kind.EXIT), int(Kind.STALL)
 _RESET_LAT, _RING_SIZE = int(Kind.RESET_LAT), int(Kind.RING_SIZE)
 _PER_VM = (_RESET_LAT, _RING_SIZE)
-_U32_0 = np.uint32(0)
 
 Span = tuple[int, int, int]  # (group, start, end): group-major positions of a group's events
 #: counts a ring's events: (pid, vm, ring index) -> True (a worker's share of the rings)

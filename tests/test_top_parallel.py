@@ -423,3 +423,21 @@ def test_cut_and_trailing_bytes_cli(tmp_path: Path):
     p = top("-d", "0.005", "--replay", str(trailing), "-j", "2")
     assert p.returncode == 0 and "kvmtrace top: warning: " in p.stderr
     same_cli(["-d", "0.005", "--replay", str(trailing)])
+
+
+def test_a_worker_killed_is_one_line(big: Path):
+    """A worker killed from outside: top ends with one line (no traceback, no worker
+    left)."""
+    proc = subprocess.Popen(kvmtrace_cmd("top", "-b", "--json", "-d", "0.00001", "-j", "2",
+                                         "--replay", str(big)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith(b"{")
+    kids = workers_of(proc.pid)
+    assert len(kids) == 2
+    os.kill(kids[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(b"kvmtrace top: error: a top --replay worker process ended")
+    assert gone(kids)

@@ -41,6 +41,7 @@ import numpy as np
 from ..core.columns import EventColumns
 from ..core.counters import RingCounters, RingKey, Snapshot, VmCounters, VmInfo, VmKey
 from ..core.sources import EventSource, SnapshotSource
+from ..errors import KvmtraceError
 from ..model.results import RingId
 from .aggregate import Aggregator, ReplaySource, StepClock
 
@@ -197,7 +198,7 @@ class SpreadReplaySource(SnapshotSource):
                 continue
             chunk = os.read(fd, max(1 << 16, need - len(buf)))
             if not chunk:
-                raise RuntimeError("a top --replay worker died (its pipe ended)")
+                raise _died()
             buf += chunk
         msg = pickle.loads(bytes(buf[_LEN.size:need]))
         del buf[:need]
@@ -216,7 +217,7 @@ class SpreadReplaySource(SnapshotSource):
             if got:
                 self._pids[i] = -child  # reaped
                 if status != 0:
-                    raise RuntimeError("a top --replay worker died")
+                    raise _died()
 
     # -- SnapshotSource -------------------------------------------------------------------
     @property
@@ -242,13 +243,13 @@ class SpreadReplaySource(SnapshotSource):
     def _round(self) -> Snapshot:
         """The next window: a message from every worker, merged."""
         if self._failed is not None:
-            self._failed.raise_it()
+            _raise(self._failed)
         got = [self._receive(w) for w in range(self.jobs)]
         for msg in got:
             if msg[0] == "error":
                 self._failed = msg[1]
                 self.close()
-                msg[1].raise_it()
+                _raise(msg[1])
         time_ns, done, lost = got[0][1], got[0][2], got[0][4]
         for w, (_, _, _, (rings, vms, vmc), _) in enumerate(got):
             self._rings.update(rings)
@@ -291,6 +292,20 @@ class SpreadReplaySource(SnapshotSource):
                 except ProcessLookupError:
                     pass
         self._reap()
+
+
+def _raise(failed: Failed) -> NoReturn:
+    """A worker's error as one process raises it (the file's: a damaged block); a
+    worker that lost another one says so in one line."""
+    try:
+        failed.raise_it()
+    except RuntimeError:
+        raise _died() from None
+
+
+def _died() -> KvmtraceError:
+    return KvmtraceError("a top --replay worker process ended before the end of the file "
+                         "(killed?)", "run it again, or with -j 1 (one process)")
 
 
 def _child(fds: list[int], own: set[int], run: Any) -> NoReturn:

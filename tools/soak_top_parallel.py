@@ -12,12 +12,14 @@ walks it at a random step with 2, 3 and 4 workers against one process: every win
 snapshot equal (tests/test_top_parallel.py ``same_snapshots``). Then the same recording
 with a block in the middle damaged: the same error at the same window whatever the
 workers. Then ``kvmtrace top -b --json -j 2`` on it, stopped by SIGINT or SIGTERM after a
-random number of lines: status 0, no traceback, no worker left. Prints one line per run;
-exit 1 if any run failed. Needs no kernel.
+random number of lines: status 0, no traceback, no worker left (every 4th run a worker
+killed instead: one line, no worker left; status 0 if the file ended first). Prints one
+line per run; exit 1 if any run failed. Needs no kernel.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -52,8 +54,10 @@ def windows_until_error(path: Path, step: int, jobs: int) -> tuple[int, str]:
     return n, ""
 
 
-def stopped(path: Path, sig: signal.Signals, lines: int) -> str | None:
-    """``top -b --json -j 2`` ended by ``sig`` after ``lines`` lines: what went wrong."""
+def stopped(path: Path, sig: signal.Signals, lines: int, kill_worker: bool = False
+            ) -> str | None:
+    """``top -b --json -j 2`` ended by ``sig`` after ``lines`` lines (``kill_worker``: a
+    worker killed instead, top ending with one line): what went wrong."""
     proc = subprocess.Popen(kvmtrace_cmd("top", "-b", "--json", "-d", "0.00001", "-j", "2",
                                          "--replay", str(path)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -64,6 +68,12 @@ def stopped(path: Path, sig: signal.Signals, lines: int) -> str | None:
         if not proc.stdout.readline():
             break
         kids = kids or workers_of(proc.pid)
+    if kill_worker and kids:
+        os.kill(kids[-1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode not in (0, 2) or len(err.splitlines()) > 1 or b"Traceback" in err:
+            return f"worker killed: status {proc.returncode}: {err.decode()[-300:]}"
+        return None if gone(kids) else f"worker killed: workers {kids} left"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if proc.returncode != 0 or b"Traceback" in err:
@@ -99,12 +109,14 @@ def one(tmp: Path, seed: int) -> tuple[bool, str]:
         parallel.AHEAD = ahead
     sig = signal.SIGINT if seed % 3 else signal.SIGTERM
     lines = int(rng.integers(1, 200))
-    why = stopped(path, sig, lines)
+    kill = seed % 4 == 3
+    why = stopped(path, sig, lines, kill)
     if why:
         return False, why
     return True, (f"{len(ev)} events, blocks of {block}, {span // step} windows, "
                   f"{'no decoding ahead, ' if seed % 2 else ''}error at window "
-                  f"{next(iter(ends))[0]}, {sig.name} after {lines} lines")
+                  f"{next(iter(ends))[0]}, {'a worker killed' if kill else sig.name} after "
+                  f"{lines} lines")
 
 
 def main() -> int:

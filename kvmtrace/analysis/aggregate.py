@@ -86,6 +86,8 @@ def group_bounds(parts: EventColumns) -> np.ndarray | None:
     + 1 values); None for a block of one group (no group numbers)."""
     if parts.gid is None:
         return None
+    if parts.order is not None:  # the group numbers in group-major order: sorted
+        return np.searchsorted(np.take(parts.gid, parts.order), np.arange(len(parts.groups) + 1))
     return np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
                                                       minlength=len(parts.groups)))))
 

@@ -56,7 +56,7 @@ from .colfeed import COLUMN_BATCH, group_starts
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
-__all__ = ["FINISHED", "MIN_EVENTS", "Failed", "Forked", "default_jobs", "plan_blocks",
+__all__ = ["MIN_EVENTS", "Failed", "Forked", "default_jobs", "plan_blocks",
            "plan_shares", "replay_parallel", "shared_blocks"]
 
 #: below this many events a replay stays in one process unless told otherwise (the
@@ -176,7 +176,7 @@ class Failed:
 #: of N blocks: the others then never wait for it
 AHEAD = 2
 #: a worker's mark in :class:`~.blockshm.Done` once it reads no more blocks
-FINISHED = 1 << 62
+_FINISHED = 1 << 62
 
 
 def _send(outbox: dict[int, BinaryIO], msg: object) -> None:
@@ -203,7 +203,7 @@ def shared_blocks(source: EventSource, n: int, w: int, sizes: list[tuple[int, in
     own as decoded, the others' in their arenas. A block that cannot be decoded raises
     where its turn comes, in every worker. The caller marks ``done.set(w, i + 1)`` once
     it holds nothing of blocks up to ``i``; when this ends (or is closed) the worker is
-    marked :data:`FINISHED`. ``tap`` sees the blocks this worker decodes (their numbers
+    marked :data:`_FINISHED`. ``tap`` sees the blocks this worker decodes (their numbers
     appended to ``tapped``)."""
     nblocks = len(sizes)
     own = source.column_blocks(w, n)
@@ -249,7 +249,7 @@ def shared_blocks(source: EventSource, n: int, w: int, sizes: list[tuple[int, in
                 got.raise_it()
             yield i, *got
     finally:  # every worker stops at the same bad block; nobody waits for this one
-        done.set(w, FINISHED)
+        done.set(w, _FINISHED)
 
 
 def _work(source: EventSource, shares: list[set[RingId]], w: int,
@@ -425,7 +425,7 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
                 gone = os.waitpid(pid, os.WNOHANG)[0]
             except ChildProcessError:
                 gone = pid
-            if gone and done.at[w] != FINISHED:
+            if gone and done.at[w] != _FINISHED:
                 raise RuntimeError("a replay worker died")
 
     me = os.getpid()

@@ -1,6 +1,8 @@
 """analysis (floor 3): what the events mean.
 
-- :mod:`.aggregate`: per-ring counters from any event stream (the maps' twin).
+- :mod:`.aggregate`: per-ring counters from any event stream (the maps' twin), and the
+  windows of ``top --replay``; :mod:`.spread_snapshots`: those windows with a recording's
+  rings counted in several processes (``top --replay -j N``).
 - :mod:`.rates`: per-interval rates and percentiles from two snapshots.
 - :mod:`.stuck`: the rules that flag a ring stuck (``top`` and ``record``).
 - :mod:`.replay`: a subpackage, the replay engine: rebuilds every ring over time from

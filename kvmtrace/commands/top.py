@@ -1,7 +1,9 @@
 """``kvmtrace top``: per-ring view of the dirty ring, interactive, batch (text or NDJSON) or
 as a Prometheus exporter. The data comes from one SnapshotSource: the live in-kernel maps
 (:class:`kvmtrace.bpf.snapshot_source.LiveSource`) or, with ``--replay FILE``, an
-:class:`~kvmtrace.analysis.aggregate.ReplaySource` over any recording or imported trace.
+:class:`~kvmtrace.analysis.aggregate.ReplaySource` over any recording or imported trace
+(a large recording's rings counted in several processes:
+:mod:`kvmtrace.analysis.spread_snapshots`, ``-j``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .args import (
     HOOKS,
     PID_MAX_LIMIT,
     add_command,
+    add_jobs,
     add_json,
     add_no_cache,
     add_pid,
@@ -49,6 +52,7 @@ EXAMPLES = """examples:
   kvmtrace top --light                  # no per-push probe: for production push rates
   kvmtrace top --prometheus :9877       # metrics on http://127.0.0.1:9877/metrics
   kvmtrace top -b --replay run.kvt      # the same view over a recording, as fast as it goes
+  kvmtrace top -b --replay big.kvt -j 1 # ... in one process (default: the idle CPUs)
   kvmtrace top -b -n 3 --hist           # each interval's table, then its stall/reset histograms
   kvmtrace top -- kvmtrace workload --vcpus 2 --duration 30   # watch one command's VMs
 
@@ -75,6 +79,7 @@ class TopOptions:
     hook: str = "auto"
     light: bool = False
     hist: bool = False  # batch text: histograms of stall time and reset latency per interval
+    jobs: int | None = None  # --replay: processes counting the rings (None: the idle CPUs)
     command: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,6 +108,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_ring_size(p, "ring size for --replay text traces", "ring size in bytes, ditto",
                   typed=False)
     add_skip_damaged(p)
+    add_jobs(p, "--replay: count a recording's rings in N processes (1: this one; "
+                "default: the CPUs this process may use that are idle now, for recordings of "
+                "16 M events and more); the same output")
     p.add_argument("--hook", default="auto", metavar="KIND", help="auto|raw_tp|tp (auto)")
     add_no_cache(p)
     p.add_argument("--light", action="store_true",
@@ -172,6 +180,7 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
         hook=args.hook,
         light=bool(args.light),
         hist=bool(args.hist),
+        jobs=args.jobs,
     )
     if opts.hist and (opts.json or not opts.batch):
         raise UsageError("--hist draws text in batch mode (-b)",
@@ -191,6 +200,9 @@ def parse_options(args: argparse.Namespace) -> TopOptions:
     if opts.skip_damaged and not opts.replay:
         raise UsageError("--skip-damaged only applies to --replay",
                          "give --replay FILE, or drop --skip-damaged")
+    if opts.jobs is not None and not opts.replay:
+        raise UsageError("-j/--jobs only applies to --replay",
+                         "give --replay FILE, or drop -j (the live view reads the kernel's maps)")
     if (opts.ring_entries or opts.ring_bytes) and not opts.replay:
         raise UsageError("--ring-entries/--ring-bytes only apply to --replay",
                          "the live view learns ring sizes from KVM_ENABLE_CAP")
@@ -211,12 +223,15 @@ class _Latest(SnapshotSource):
 
 def _open(opts: TopOptions, child: PausedChild | None = None) -> tuple[SnapshotSource, str]:
     if opts.replay:
-        from ..analysis.aggregate import ReplaySource
+        from ..analysis.spread_snapshots import open_replay
         from ..source.detect import open_source
 
         events = open_source(opts.replay, ring_entries=opts.ring_entries,
                              ring_bytes=opts.ring_bytes, skip_damaged=opts.skip_damaged)
-        replay = ReplaySource(events, int(opts.delay * 1e9), pid=opts.pid)
+        # what each process skipped is known to it alone: --skip-damaged is one process
+        jobs = 1 if opts.skip_damaged else opts.jobs
+        replay = open_replay(events, int(opts.delay * 1e9), pid=opts.pid, jobs=jobs,
+                             min_events=0 if opts.jobs is not None else None)
         for w in replay.warnings:  # text rings not all told apart; damage skipped
             print(f"kvmtrace top: warning: {w}", file=sys.stderr)
         return replay, "replay"

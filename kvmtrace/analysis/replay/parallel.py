@@ -39,7 +39,7 @@ import gc
 import os
 import pickle
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 
@@ -56,7 +56,8 @@ from .colfeed import COLUMN_BATCH, group_starts
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
-__all__ = ["MIN_EVENTS", "Forked", "default_jobs", "plan_shares", "replay_parallel"]
+__all__ = ["MIN_EVENTS", "Failed", "Forked", "default_jobs", "plan_blocks",
+           "plan_shares", "replay_parallel", "shared_blocks"]
 
 #: below this many events a replay stays in one process unless told otherwise (the
 #: forks and the copies of block shares cost more than they save)
@@ -90,13 +91,15 @@ def plan_shares(source: EventSource, jobs: int
                 ) -> tuple[int, int, list[set[RingId]]] | None:
     """(events, blocks, the rings of each worker: at most ``jobs``), or None when the
     source cannot be split (no group tables, an unreadable one, fewer than two units)."""
-    planned = _plan(source, jobs)
+    planned = plan_blocks(source, jobs)
     return None if planned is None else planned[:3]
 
 
-def _plan(source: EventSource, jobs: int
-          ) -> tuple[int, int, list[set[RingId]], list[tuple[int, int]]] | None:
-    """As :func:`plan_shares`, and each block's (events, groups)."""
+def plan_blocks(source: EventSource, jobs: int, *, by_ring: bool = False
+                ) -> tuple[int, int, list[set[RingId]], list[tuple[int, int]]] | None:
+    """As :func:`plan_shares`, and each block's (events, groups). ``by_ring``: every ring
+    is a unit of its own (for readers whose rings never read each other, e.g. the
+    counters of ``top --replay``, which infer no ring size)."""
     tables = source.group_tables()
     if tables is None:
         return None
@@ -121,7 +124,7 @@ def _plan(source: EventSource, jobs: int
     for keys in blocks:
         seen: set[Unit] = set()
         for p, v, r in keys:
-            ok = sized.get((p, v))
+            ok = by_ring or sized.get((p, v))
             if ok is None:  # no inference: a size in the meta, or no soft-full exit
                 ok = sized[(p, v)] = (source.meta.ring_size(p, v) is not None
                                       or (p, v) not in exits)
@@ -153,7 +156,7 @@ class _Share:
     tap: SharedTap | None
 
 
-class _Failed:
+class Failed:
     """Sent in place of a block's share when the block cannot be decoded."""
 
     def __init__(self, err: BaseException) -> None:
@@ -189,24 +192,23 @@ def _send(outbox: dict[int, BinaryIO], msg: object) -> None:
             pass
 
 
-def _work(source: EventSource, shares: list[set[RingId]], w: int,
-          sizes: list[tuple[int, int]], tap: SharedTap | None, options: dict[str, Any],
-          inbox: dict[int, BinaryIO], outbox: dict[int, BinaryIO], arenas: list[Arena], done: Done,
-          alive: Callable[[], None], on_block: Callable[[int], None] | None = None
-          ) -> _Share:
-    """Worker ``w``: decodes blocks w, w + N, ... into its arena and tells the others
-    where they are, and replays its own rings over every block in order (its own blocks
-    as decoded, the others' in their arenas). ``on_block(events)`` after each block
-    replayed (progress)."""
-    n = len(shares)
+def shared_blocks(source: EventSource, n: int, w: int, sizes: list[tuple[int, int]],
+                  inbox: dict[int, BinaryIO], outbox: dict[int, BinaryIO],
+                  arenas: list[Arena], done: Done, alive: Callable[[], None],
+                  tap: SharedTap | None = None, tapped: list[int] | None = None
+                  ) -> Iterator[tuple[int, EventColumns, np.ndarray | None]]:
+    """Every block of ``source`` in order, for worker ``w`` of ``n``: decodes blocks w,
+    w + n, ... (:data:`AHEAD` rounds ahead) into its arena and tells the others where
+    they are, and yields each block as (number, columns, its groups' starts or None): its
+    own as decoded, the others' in their arenas. A block that cannot be decoded raises
+    where its turn comes, in every worker. The caller marks ``done.set(w, i + 1)`` once
+    it holds nothing of blocks up to ``i``; when this ends (or is closed) the worker is
+    marked :data:`_FINISHED`. ``tap`` sees the blocks this worker decodes (their numbers
+    appended to ``tapped``)."""
     nblocks = len(sizes)
-    mine = shares[w]
-    meta = source.meta
-    rp = Replay(meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
     own = source.column_blocks(w, n)
     assert own is not None
-    ready: dict[int, tuple[EventColumns, np.ndarray | None] | _Failed] = {}
-    blocks: list[int] = []
+    ready: dict[int, tuple[EventColumns, np.ndarray | None] | Failed] = {}
     nxt = w
 
     def produce(limit: int) -> None:
@@ -217,7 +219,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int,
                 with columns_into(room.alloc):  # its columns straight into the arena
                     parts = next(own)
             except Exception as err:  # noqa: BLE001 - raised when its turn comes
-                bad = _Failed(err)
+                bad = Failed(err)
                 _send(outbox, ("bad", bad))
                 ready[nxt] = bad
                 nxt = nblocks  # nothing after it is read
@@ -226,7 +228,8 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int,
             _send(outbox, ("ok", arenas[w].commit(room, parts, starts)))
             if tap is not None:
                 tap.columns(parts)
-                blocks.append(nxt)
+                if tapped is not None:
+                    tapped.append(nxt)
             ready[nxt] = (parts, starts)
             nxt += n
 
@@ -242,16 +245,35 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int,
                 except (EOFError, pickle.UnpicklingError, OSError) as err:
                     raise RuntimeError(f"a replay worker died ({err})") from None
                 got = payload if what == "bad" else arenas[src].columns(payload)
-            if isinstance(got, _Failed):
+            if isinstance(got, Failed):
                 got.raise_it()
-            parts, starts = got
+            yield i, *got
+    finally:  # every worker stops at the same bad block; nobody waits for this one
+        done.set(w, _FINISHED)
+
+
+def _work(source: EventSource, shares: list[set[RingId]], w: int,
+          sizes: list[tuple[int, int]], tap: SharedTap | None, options: dict[str, Any],
+          inbox: dict[int, BinaryIO], outbox: dict[int, BinaryIO], arenas: list[Arena], done: Done,
+          alive: Callable[[], None], on_block: Callable[[int], None] | None = None
+          ) -> _Share:
+    """Worker ``w``: replays its own rings over every block in order
+    (:func:`shared_blocks`). ``on_block(events)`` after each block replayed (progress)."""
+    mine = shares[w]
+    meta = source.meta
+    rp = Replay(meta, owns=lambda p, v, r: (p, v, r) in mine, **options)
+    blocks: list[int] = []
+    feed = shared_blocks(source, len(shares), w, sizes, inbox, outbox, arenas, done, alive,
+                         tap, blocks)
+    try:
+        for i, parts, starts in feed:
             rp.feed_columns(parts, starts)
             if not rp.holds_columns:  # nothing of blocks up to i is referenced any more
                 done.set(w, i + 1)
             if on_block is not None:
                 on_block(parts.n)
-    finally:  # every worker stops at the same bad block; nobody waits for this one
-        done.set(w, _FINISHED)
+    finally:
+        feed.close()
     report = rp.finish(lost=source.lost, source_kind=meta.kind)
     if rp.ws is not None:
         rp.ws.strip()
@@ -269,7 +291,7 @@ def _child(fds: list[int], keep: set[int], wfd: int, run: Any) -> NoReturn:
         out: tuple[str, Any] = ("ok", run())
     except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
         status = 1
-        out = ("error", _Failed(err))
+        out = ("error", Failed(err))
     try:
         with os.fdopen(wfd, "wb") as f:
             pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
@@ -343,7 +365,7 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
             tap is not None and not isinstance(tap, SharedTap)):
         return None
     cap = jobs if jobs is not None else _allowed_cpus()
-    planned = _plan(source, cap)
+    planned = plan_blocks(source, cap)
     if planned is None or planned[0] < min_events:
         return None
     if jobs is None:
@@ -351,7 +373,7 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
         if jobs < 2:
             return None
         if jobs < cap:
-            planned = _plan(source, jobs)
+            planned = plan_blocks(source, jobs)
             if planned is None:
                 return None
     _, _, shares, sizes = planned

@@ -33,8 +33,8 @@ from ..host import kvm as k
 from ..host.kvm import open_kvm
 from .guest import MARK_PORT, PATTERNS, GuestCode, GuestLayout, assemble
 from .harvest import Harvester, RingState
+from .heartbeat import Heartbeat
 from .helpers import Migrator, ResetInterrupter, usable_cpus
-from .progress import ProgressReporter
 from .traced import TraceLayout, TracePlan
 from .truth import RingTruth, WorkloadResult
 from .vm import Vm, check_ring_bytes, describe_oserror
@@ -75,7 +75,7 @@ class WorkloadConfig:
     migrate_ms: float | None = None
     interrupt_resets: bool = False
     name: str | None = None  # the VM's name (--name), as QEMU's -name guest=; in the result
-    progress_ms: float | None = None  # a progress line on stderr every so many ms (progress.py)
+    progress_ms: float | None = None  # a progress line on stderr every so many ms (heartbeat.py)
     trace: TracePlan | None = None  # --replay: vcpus, pages and pattern come from the trace
 
     def validate(self) -> GuestLayout | TraceLayout:
@@ -390,7 +390,7 @@ def _run_cycle(cfg: WorkloadConfig, runs: list[_VmRun], can_signal: bool,
         side.append(threading.Thread(target=migrator.main, args=(side_done,),
                                      name="migrator", daemon=True))
     if cfg.progress_ms is not None:
-        reporter = ProgressReporter(
+        reporter = Heartbeat(
             cfg.progress_ms / 1e3,
             lambda: [(vmr.number, r.res.index, r.res.harvested, 0 if r.done else r.res.tid)
                      for vmr in runs for r in vmr.rings])

@@ -1,4 +1,4 @@
-"""Progress lines of a running workload (``kvmtrace workload --progress-ms MS``).
+"""Heartbeat lines of a running workload (``kvmtrace workload --progress-ms MS``).
 
 Every MS milliseconds one newline-delimited JSON object goes to stderr, so a benchmark can
 measure the guest's dirtying rate over any window of a long run without stopping a vCPU:
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-__all__ = ["PROGRESS_SCHEMA", "ProgressReporter", "thread_run_ns"]
+__all__ = ["PROGRESS_SCHEMA", "Heartbeat", "thread_run_ns"]
 
 PROGRESS_SCHEMA = 1  #: the value of "progress" in each line
 
@@ -39,7 +39,7 @@ def thread_run_ns(tid: int) -> int:
         return 0
 
 
-class ProgressReporter:
+class Heartbeat:
     """Print a progress line every ``period_s`` until ``done`` is set, then one last line.
 
     ``rings`` returns (vm number, ring index, harvested, vCPU thread id) for each ring

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""The recorder's own CPU per event, stage by stage, against an anchor revision's code.
+
+``kvmtrace record`` spends, per event: copying it out of its CPU's ring, the merge
+(kvmtrace/bpf/percpu.py EventMerge), the record loop's look at each batch (VM names, push
+count, ring sizes, stuck rings: kvmtrace/commands/record.py) and the .kvt encoding
+(kvmtrace/source/recording_codec.py). This replays the per-CPU batches of a real run --
+the arrays each poll read from each CPU's ring and the merge's time limit, captured by
+``--capture`` from ``kvmtrace record -- workload`` (the bench_record workload: 2 vCPUs,
+tight loop, reaper, 1 MiB rings) -- through this tree's code and through the code of
+``--anchor REV`` (its percpu.py, recording_codec.py and record.py loaded side by side with
+``git show``), alternating, ``--rounds`` times, and prints each stage's ns per event and
+the ratio new / anchor (median and spread over the rounds). The outputs must agree: the
+merged streams event for event, the encoded blocks byte for byte.
+
+    .venv/bin/python tools/bench_recorder.py --capture /tmp/run.npz [--seconds 4]  # root
+    .venv/bin/python tools/bench_recorder.py --input /tmp/run.npz [--anchor REV] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from _common import ROOT, parser, reaper_workload, require_root
+
+from kvmtrace.core.events import EVENT_DTYPE
+
+#: the modules whose code is timed, as (module name, path in the tree)
+MODULES = {"percpu": ("kvmtrace.bpf", "kvmtrace/bpf/percpu.py"),
+           "codec": ("kvmtrace.source", "kvmtrace/source/recording_codec.py"),
+           "record": ("kvmtrace.commands", "kvmtrace/commands/record.py")}
+
+
+def capture(out: Path, seconds: float) -> None:
+    """Record the bench workload for ``seconds`` and save every merge call's inputs: the
+    per-CPU batches (``events``, ``counts[call, cpu]``) and limits (-1: final)."""
+    from kvmtrace.bpf import percpu
+    from kvmtrace.commands.record import record
+
+    calls: list[tuple[list[np.ndarray], int | None]] = []
+    real = percpu.EventMerge.merge
+
+    def spy(self: Any, parts: Any, limit: int | None) -> np.ndarray:
+        calls.append(([percpu._copy(p) for p in parts], limit))
+        return real(self, parts, limit)
+
+    percpu.EventMerge.merge = spy  # type: ignore[method-assign]
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = record(Path(tmp) / "run.kvt", command=reaper_workload(seconds),
+                         quiet=True, stdout=subprocess.DEVNULL)
+    percpu.EventMerge.merge = real  # type: ignore[method-assign]
+    ncpus = max(len(p) for p, _ in calls)
+    counts = np.zeros((len(calls), ncpus), np.int64)
+    flat = []
+    for i, (parts, _) in enumerate(calls):
+        for c, p in enumerate(parts):
+            counts[i, c] = len(p)
+            flat.append(p)
+    limits = np.array([-1 if lim is None else lim for _, lim in calls], np.int64)
+    np.savez(out, events=np.concatenate(flat).view(np.uint8), counts=counts, limits=limits)
+    print(f"captured {counts.sum()} events in {len(calls)} reads of {ncpus} CPU rings "
+          f"({summary.events} recorded, {summary.lost} lost) to {out}")
+
+
+def load_capture(path: Path) -> list[tuple[list[np.ndarray], int | None]]:
+    z = np.load(path)
+    ev = z["events"].view(EVENT_DTYPE)
+    calls = []
+    at = 0
+    for row, lim in zip(z["counts"], z["limits"], strict=True):
+        parts = []
+        for n in row:
+            parts.append(ev[at : at + n])
+            at += n
+        calls.append((parts, None if lim < 0 else int(lim)))
+    return calls
+
+
+def anchor_modules(rev: str) -> dict[str, ModuleType]:
+    """The modules of :data:`MODULES` as of ``rev``, loaded under private names inside
+    their packages (so their relative imports resolve to this tree's other modules)."""
+    out = {}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_recorder_"))
+    for key, (package, path) in MODULES.items():
+        src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"],
+                             capture_output=True, text=True, check=True).stdout
+        file = tmp / f"_anchor_{key}.py"
+        file.write_text(src)
+        name = f"{package}._anchor_{key}"
+        spec = importlib.util.spec_from_file_location(name, file)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        out[key] = mod
+    return out
+
+
+def tree_modules() -> dict[str, ModuleType]:
+    from kvmtrace.bpf import percpu
+    from kvmtrace.commands import record
+    from kvmtrace.source import recording_codec
+    return {"percpu": percpu, "codec": recording_codec, "record": record}
+
+
+def merged(mods: dict[str, ModuleType],
+           calls: list[tuple[list[np.ndarray], int | None]]) -> list[np.ndarray]:
+    """Each read's merged batch, the records taken from the captured arrays as the
+    reader takes them from its rings (copied out first where the code did that)."""
+    mod = mods["percpu"]
+    m = mod.EventMerge()
+    if "sources" in inspect.signature(m.merge).parameters:  # merges from the rings' memory
+        return [m.merge(parts, lim) for parts, lim in calls]
+    return [m.merge([mod._copy(p) for p in parts], lim) for parts, lim in calls]
+
+
+def blocks(stream: list[np.ndarray], size: int = 1 << 16) -> list[np.ndarray]:
+    """The writer's blocks of a merged stream (as RecordingWriter cuts it)."""
+    ev = np.concatenate(stream)
+    return [ev[i : i + size] for i in range(0, len(ev), size)]
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.process_time_ns()
+    fn()
+    return time.process_time_ns() - t0
+
+
+def main() -> int:
+    ap = parser(__doc__, rounds=7)
+    ap.add_argument("--capture", type=Path, metavar="NPZ", help="record a run into NPZ (root)")
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--input", type=Path, metavar="NPZ", help="a capture to replay")
+    ap.add_argument("--anchor", default="9338c90", help="revision whose code is the anchor")
+    args = ap.parse_args()
+    if args.capture:
+        require_root("bench_recorder --capture", "BPF and /dev/kvm", kvm=True)
+        capture(args.capture, args.seconds)
+        return 0
+    if not args.input:
+        ap.error("give --capture NPZ or --input NPZ")
+    calls = load_capture(args.input)
+    n = sum(len(p) for parts, _ in calls for p in parts)
+    new, old = tree_modules(), anchor_modules(args.anchor)
+    # the outputs agree: merged stream event for event, blocks byte for byte
+    s_new, s_old = merged(new, calls), merged(old, calls)
+    a, b = np.concatenate(s_new), np.concatenate(s_old)
+    assert len(a) == n and a.tobytes() == b.tobytes(), "merged streams differ"
+    blk = blocks(s_new)
+    for ev in blk:
+        assert new["codec"].encode_events(ev) == old["codec"].encode_events(ev), "blocks differ"
+    stages: dict[str, Callable[[dict[str, ModuleType]], Callable[[], Any]]] = {
+        "read+merge": lambda m: lambda: merged(m, calls),
+        "encode": lambda m: lambda: [m["codec"].encode_events(ev) for ev in blk],
+    }
+    results: dict[str, dict[str, list[float]]] = {s: {"new": [], "old": []} for s in stages}
+    for r in range(args.rounds):
+        for stage, make in stages.items():
+            for which, mods in (("new", new), ("old", old)) if r % 2 else (("old", old),
+                                                                          ("new", new)):
+                results[stage][which].append(timed(make(mods)) / n)
+    print(f"{n} events in {len(calls)} reads; {args.rounds} rounds alternated; anchor "
+          f"{args.anchor}; CPU time of this process (a shared host: other load moves both)")
+    print(f"{'stage':<10}{'anchor ns/ev':>13}{'new ns/ev':>11}{'new/anchor':>12}  spread")
+    for stage, res in results.items():
+        ratios = [x / y for x, y in zip(res["new"], res["old"], strict=True)]
+        print(f"{stage:<10}{statistics.median(res['old']):>13.1f}"
+              f"{statistics.median(res['new']):>11.1f}{statistics.median(ratios):>12.3f}"
+              f"  {min(ratios):.3f} .. {max(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,10 +71,11 @@ def old_groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def check_groups(ev: np.ndarray, small: bool) -> None:
     got = codec._groups_small(ev)
     assert (got is not None) == small
-    table, gid = codec._groups(ev)
+    table, gid, counts = codec._groups(ev)
     assert len(gid) == len(ev) and gid.dtype == (np.uint8 if len(table) <= 256 else np.uint16)
     for name in ("pid", "tid", "vm", "ring", "kind"):  # every event finds its own key
         np.testing.assert_array_equal(table[name][gid], ev[name])
+    np.testing.assert_array_equal(counts, np.bincount(gid, minlength=len(table)))
     ref_table, _ = old_groups(ev)
     assert len(table) == len(ref_table)  # each distinct key once
     assert sorted(table.tobytes()[i : i + 20] for i in range(0, table.nbytes, 20)) == sorted(

@@ -86,7 +86,7 @@ def _dense(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vals, idx.ravel()
 
 
-def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """:func:`_groups` when every key field spans a small range (a live stream: one VMM, a
     few vCPU threads): one mixed-radix key per event, numbered through a lookup table.
     None when the ranges are too wide."""
@@ -107,7 +107,8 @@ def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
             key *= span
             np.subtract(col, col.dtype.type(lo), out=tmp, casting="unsafe")
             key += tmp
-    present = np.bincount(key, minlength=radix).astype(bool)
+    counts = np.bincount(key, minlength=radix)
+    present = counts.astype(bool)
     keys = np.flatnonzero(present)
     lut = np.cumsum(present, dtype=np.int32) - 1
     table = np.zeros(len(keys), GROUP_DTYPE)
@@ -116,11 +117,12 @@ def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         table[name] = (rest % span + lo).astype(col.dtype)
         rest = rest // span
     gid_dtype = np.uint8 if len(table) <= 256 else np.uint16
-    return table, lut.astype(gid_dtype).take(key)
+    return table, lut.astype(gid_dtype).take(key), counts[keys]
 
 
-def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(group table, group number of each event): distinct (pid, tid, vm, ring, kind)."""
+def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group table, group number of each event, events of each group): distinct (pid,
+    tid, vm, ring, kind)."""
     small = _groups_small(ev)
     if small is not None:
         return small
@@ -154,7 +156,8 @@ def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         table, inverse = np.unique(heads.view("V20"), return_inverse=True)
         table = table.view(GROUP_DTYPE)
     gid_dtype = np.uint8 if len(table) <= 256 else np.uint16
-    return table, np.repeat(inverse.astype(gid_dtype).ravel(), runs)
+    gid = np.repeat(inverse.astype(gid_dtype).ravel(), runs)
+    return table, gid, np.bincount(gid, minlength=len(table))
 
 
 def _delta(v: np.ndarray) -> np.ndarray:
@@ -162,6 +165,12 @@ def _delta(v: np.ndarray) -> np.ndarray:
     d[0] = v[0]
     np.subtract(v[1:], v[:-1], out=d[1:])
     return d
+
+
+#: by field width in bytes, the widths a delta column may take (at most _MAX_BIT_PLANES
+#: bit planes), ascending
+_WIDTHS = {full: np.array([b for b in range(8 * full) if b % 8 <= _MAX_BIT_PLANES], np.int64)
+           for full in (4, 8)}
 
 
 def _choose(d: np.ndarray) -> tuple[int, int]:
@@ -177,18 +186,18 @@ def _choose(d: np.ndarray) -> tuple[int, int]:
     # the widths are costed on an evenly spaced sample: the patches are found exactly later
     step = max(1, n // _CHOOSE_SAMPLE)
     part = d[::step]
+    widths = _WIDTHS[full]
     for lo in sorted(cands):
         lo &= (1 << (8 * full)) - 1
         r = part - d.dtype.type(lo)
         # bit length of each residual (frexp is exact enough to choose a width)
         hist = np.bincount(np.frexp(r.astype(np.float64))[1], minlength=8 * full + 2)
         above = (len(part) - np.cumsum(hist)) * (n / len(part))  # residuals > b bits
-        for bits in range(8 * full):
-            if bits % 8 > _MAX_BIT_PLANES:
-                continue
-            cost = n * bits // 8 + int(above[bits]) * (4 + full)
-            if cost < best[2]:
-                best = (lo, bits, cost)
+        # every allowed width at once; the first cheapest, as a loop over widths keeps it
+        cost = n * widths // 8 + above[widths].astype(np.int64) * (4 + full)
+        at = int(np.argmin(cost))
+        if cost[at] < best[2]:
+            best = (lo, int(widths[at]), int(cost[at]))
     return best[0], best[1]
 
 
@@ -217,7 +226,7 @@ def _encode_delta(d: np.ndarray, out: list[bytes], level: int) -> None:
 
 def _encode_one(ev: np.ndarray, level: int) -> bytes:
     n = len(ev)
-    table, gid = _groups(ev)
+    table, gid, counts = _groups(ev)
     ngroups = len(table)
     gid_width = 0 if ngroups == 1 else gid.dtype.itemsize
     out: list[bytes] = [EVENTS_HEADER.pack(n, ngroups, gid_width, len(DELTA_COLUMNS), 0),
@@ -226,7 +235,7 @@ def _encode_one(ev: np.ndarray, level: int) -> bytes:
     if gid_width:
         _put_stream(gid.tobytes(), out, level)
         order = np.argsort(gid, kind="stable")
-        starts = np.concatenate(([0], np.cumsum(np.bincount(gid, minlength=ngroups))[:-1]))
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     bounds = starts if starts is not None else np.zeros(1, np.intp)
     pair = None
     if order is not None:  # adjacent u32 fields: one u64 gather instead of two

@@ -34,7 +34,12 @@ from typing import Any
 import numpy as np
 from _common import ROOT, parser, reaper_workload, require_root
 
-from kvmtrace.core.events import EVENT_DTYPE
+from kvmtrace.analysis.stuck import EventStuck
+from kvmtrace.core.events import EVENT_DTYPE, Kind, ring_sizes
+from kvmtrace.core.sources import SourceMeta
+from kvmtrace.source import recording
+
+_ENCODE = recording.encode_events
 
 #: the modules whose code is timed, as (module name, path in the tree)
 MODULES = {"percpu": ("kvmtrace.bpf", "kvmtrace/bpf/percpu.py"),
@@ -131,6 +136,59 @@ def blocks(stream: list[np.ndarray], size: int = 1 << 16) -> list[np.ndarray]:
     return [ev[i : i + size] for i in range(0, len(ev), size)]
 
 
+def looked(mods: dict[str, ModuleType], stream: list[np.ndarray]) -> tuple[Any, ...]:
+    """The record loop's look at each merged batch (VM names, pushes, stuck rings, ring
+    sizes): its totals."""
+    rec = mods["record"]
+    sizes: dict[tuple[int, int], int] = {}
+    if hasattr(rec, "_Look"):
+        look = rec._Look()
+        for batch in stream:
+            if len(batch):
+                sizes.update(look.batch(batch)[1])
+        return look.pushes, sorted(look.names.seen), look.stuck.stuck(), sizes
+    # the loop body as it was before _Look
+    names, stuck, pushes = rec._Names(), EventStuck(), 0
+    for batch in stream:
+        if len(batch):
+            names.learn(batch)
+            pushes += int(np.count_nonzero(np.ascontiguousarray(batch["kind"]) == Kind.PUSH))
+            stuck.feed(batch)
+            sizes.update(ring_sizes(batch))
+    return pushes, sorted(names.seen), stuck.stuck(), sizes
+
+
+def pipeline(mods: dict[str, ModuleType], calls: list[tuple[list[np.ndarray], int | None]],
+             path: Path) -> int:
+    """The whole recorder on the captured reads, as ``kvmtrace record`` runs it: each read
+    merged, looked at by the loop and written (RecordingWriter, encoding with ``mods``'s
+    codec) as it comes, so every stage works on what the one before just produced."""
+    mod, rec = mods["percpu"], mods["record"]
+    m = mod.EventMerge()
+    fresh = "sources" in inspect.signature(m.merge).parameters
+    path.unlink(missing_ok=True)
+    recording.encode_events = mods["codec"].encode_events
+    try:
+        with recording.RecordingWriter(path, SourceMeta(kind="bench")) as w:
+            look = rec._Look() if hasattr(rec, "_Look") else None
+            names, stuck = rec._Names(), EventStuck()
+            for parts, lim in calls:
+                batch = m.merge(parts if fresh else [mod._copy(p) for p in parts], lim)
+                if not len(batch):
+                    continue
+                if look is not None:
+                    look.batch(batch)
+                else:
+                    names.learn(batch)
+                    int(np.count_nonzero(np.ascontiguousarray(batch["kind"]) == Kind.PUSH))
+                    stuck.feed(batch)
+                    ring_sizes(batch)
+                w.write(batch)
+    finally:
+        recording.encode_events = _ENCODE
+    return path.stat().st_size
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.process_time_ns()
     fn()
@@ -150,6 +208,7 @@ def main() -> int:
         return 0
     if not args.input:
         ap.error("give --capture NPZ or --input NPZ")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_recorder_"))
     calls = load_capture(args.input)
     n = sum(len(p) for parts, _ in calls for p in parts)
     new, old = tree_modules(), anchor_modules(args.anchor)
@@ -160,9 +219,16 @@ def main() -> int:
     blk = blocks(s_new)
     for ev in blk:
         assert new["codec"].encode_events(ev) == old["codec"].encode_events(ev), "blocks differ"
+    assert looked(new, s_new) == looked(old, s_new), "the loop's totals differ"
+    pipeline(new, calls, tmp / "new.kvt")
+    pipeline(old, calls, tmp / "old.kvt")
+    got = [recording.open_recording(tmp / f"{k}.kvt").read_all() for k in ("new", "old")]
+    assert got[0].tobytes() == got[1].tobytes() == a.tobytes(), "recordings differ"
     stages: dict[str, Callable[[dict[str, ModuleType]], Callable[[], Any]]] = {
         "read+merge": lambda m: lambda: merged(m, calls),
+        "loop": lambda m: lambda: looked(m, s_new),
         "encode": lambda m: lambda: [m["codec"].encode_events(ev) for ev in blk],
+        "all": lambda m: lambda: pipeline(m, calls, tmp / "run.kvt"),
     }
     results: dict[str, dict[str, list[float]]] = {s: {"new": [], "old": []} for s in stages}
     for r in range(args.rounds):

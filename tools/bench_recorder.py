@@ -39,12 +39,11 @@ from kvmtrace.core.events import EVENT_DTYPE, Kind, ring_sizes
 from kvmtrace.core.sources import SourceMeta
 from kvmtrace.source import recording
 
-_ENCODE = recording.encode_events
-
 #: the modules whose code is timed, as (module name, path in the tree)
 MODULES = {"percpu": ("kvmtrace.bpf", "kvmtrace/bpf/percpu.py"),
            "codec": ("kvmtrace.source", "kvmtrace/source/recording_codec.py"),
-           "record": ("kvmtrace.commands", "kvmtrace/commands/record.py")}
+           "record": ("kvmtrace.commands", "kvmtrace/commands/record.py"),
+           "recording": ("kvmtrace.source", "kvmtrace/source/recording.py")}
 
 
 def capture(out: Path, seconds: float) -> None:
@@ -109,6 +108,7 @@ def anchor_modules(rev: str) -> dict[str, ModuleType]:
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
         out[key] = mod
+    out["recording"].encode_events = out["codec"].encode_events  # the anchor's own codec
     return out
 
 
@@ -116,7 +116,8 @@ def tree_modules() -> dict[str, ModuleType]:
     from kvmtrace.bpf import percpu
     from kvmtrace.commands import record
     from kvmtrace.source import recording_codec
-    return {"percpu": percpu, "codec": recording_codec, "record": record}
+    return {"percpu": percpu, "codec": recording_codec, "record": record,
+            "recording": recording}
 
 
 def merged(mods: dict[str, ModuleType],
@@ -167,25 +168,21 @@ def pipeline(mods: dict[str, ModuleType], calls: list[tuple[list[np.ndarray], in
     m = mod.EventMerge()
     fresh = "sources" in inspect.signature(m.merge).parameters
     path.unlink(missing_ok=True)
-    recording.encode_events = mods["codec"].encode_events
-    try:
-        with recording.RecordingWriter(path, SourceMeta(kind="bench")) as w:
-            look = rec._Look() if hasattr(rec, "_Look") else None
-            names, stuck = rec._Names(), EventStuck()
-            for parts, lim in calls:
-                batch = m.merge(parts if fresh else [mod._copy(p) for p in parts], lim)
-                if not len(batch):
-                    continue
-                if look is not None:
-                    look.batch(batch)
-                else:
-                    names.learn(batch)
-                    int(np.count_nonzero(np.ascontiguousarray(batch["kind"]) == Kind.PUSH))
-                    stuck.feed(batch)
-                    ring_sizes(batch)
-                w.write(batch)
-    finally:
-        recording.encode_events = _ENCODE
+    with mods["recording"].RecordingWriter(path, SourceMeta(kind="bench")) as w:
+        look = rec._Look() if hasattr(rec, "_Look") else None
+        names, stuck = rec._Names(), EventStuck()
+        for parts, lim in calls:
+            batch = m.merge(parts if fresh else [mod._copy(p) for p in parts], lim)
+            if not len(batch):
+                continue
+            if look is not None:
+                look.batch(batch)
+            else:
+                names.learn(batch)
+                int(np.count_nonzero(np.ascontiguousarray(batch["kind"]) == Kind.PUSH))
+                stuck.feed(batch)
+                ring_sizes(batch)
+            w.write(batch)
     return path.stat().st_size
 
 

@@ -52,13 +52,64 @@ from .recording_format import (
     STREAM_ZLIB,
 )
 
-__all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "encode_events"]
+__all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "BlockBuffer", "encode_block",
+           "encode_events"]
 
 _SIGNED = {4: np.dtype("<i4"), 8: np.dtype("<i8")}
 _MAX_BIT_PLANES = 2  # 3..7 leftover bits take a byte plane: faster to decode
 _MIN_RATIO = 2.0  # compress a stream only if zlib at least halves it (inflate is slow)
 _SMALL_RADIX = 1 << 16  # largest product of key-field ranges numbered by lookup table
 _CHOOSE_SAMPLE = 8192  # bit widths are chosen from about this many deltas
+
+
+#: the columns a BlockBuffer keeps (dirty_index and reset_index as one u64, ``pair``)
+_BUFFER_FIELDS = ("ts", "value", "pid", "tid", "slot", "ring", "vm", "kind")
+
+
+class BlockBuffer:
+    """Up to ``capacity`` (at most :data:`MAX_BLOCK_EVENTS`) events of one block, field by
+    field in contiguous columns: what the encoder reads. :meth:`put` appends
+    :data:`~kvmtrace.core.events.EVENT_DTYPE` records, one strided read per field of a
+    batch the caller has just made (still in cache); the encoder then reads columns,
+    never the 48-byte records of a whole block (several MiB, past the CPU's own cache,
+    once per field). ``dirty_index`` and ``reset_index`` are kept as one u64 (``pair``,
+    adjacent in struct kt_event), so that one gather orders both."""
+
+    def __init__(self, capacity: int = MAX_BLOCK_EVENTS) -> None:
+        if not 0 < capacity <= MAX_BLOCK_EVENTS:
+            raise ValueError(f"a block holds 1 to {MAX_BLOCK_EVENTS} events, not {capacity}")
+        self.capacity = capacity
+        self._cols = {name: np.empty(capacity, EVENT_DTYPE.fields[name][0])
+                      for name in _BUFFER_FIELDS}
+        self._pair = np.empty(capacity, "<u8")
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def put(self, ev: np.ndarray) -> None:
+        """Append ``ev`` (EVENT_DTYPE, at most the room left)."""
+        a, b = self.n, self.n + len(ev)
+        if b > self.capacity:
+            raise ValueError(f"{len(ev)} events do not fit in {self.capacity - a}")
+        for name, col in self._cols.items():
+            col[a:b] = ev[name]
+        self._pair[a:b] = ev.view(DIRTY_RESET_DTYPE)["both"]
+        self.n = b
+
+    def clear(self) -> None:
+        self.n = 0
+
+    @property
+    def pair(self) -> np.ndarray:
+        """``dirty_index | reset_index << 32`` of each event (u64)."""
+        return self._pair[: self.n]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """One field's column (a view; dirty_index and reset_index strided in ``pair``)."""
+        if name in ("dirty_index", "reset_index"):
+            return self.pair.view("<u4")[name == "reset_index" :: 2]
+        return self._cols[name][: self.n]
 
 
 def _put_stream(data: bytes, out: list[bytes], level: int) -> None:
@@ -224,7 +275,9 @@ def _encode_delta(d: np.ndarray, out: list[bytes], level: int) -> None:
             _put_stream(np.packbits((top >> k) & 1).tobytes(), out, level)
 
 
-def _encode_one(ev: np.ndarray, level: int) -> bytes:
+def encode_block(ev: BlockBuffer, level: int = 2) -> bytes:
+    """The EVENTS block payload holding the events of ``ev``. ``level``: zlib level of
+    the streams (0 = store)."""
     n = len(ev)
     table, gid, counts = _groups(ev)
     ngroups = len(table)
@@ -237,17 +290,15 @@ def _encode_one(ev: np.ndarray, level: int) -> bytes:
         order = np.argsort(gid, kind="stable")
         starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     bounds = starts if starts is not None else np.zeros(1, np.intp)
-    pair = None
-    if order is not None:  # adjacent u32 fields: one u64 gather instead of two
-        pair = ev.view(DIRTY_RESET_DTYPE)["both"].take(order).view("<u4")
+    # adjacent u32 fields: one u64 gather instead of two
+    pair = (ev.pair if order is None else ev.pair.take(order)).view("<u4")
     for name, dtype, grouped in DELTA_COLUMNS:
-        col = ev[name].view(dtype)
-        if pair is not None and name in ("dirty_index", "reset_index"):
+        if name in ("dirty_index", "reset_index"):
             col = pair[name == "reset_index" :: 2]
-        elif grouped and order is not None:
-            col = col.take(order)
         else:
-            col = np.ascontiguousarray(col)
+            col = ev[name].view(dtype)
+            if grouped and order is not None:
+                col = col.take(order)
         d = _delta(col)
         if grouped:
             # constant within every group: its only nonzero deltas are at group starts
@@ -264,5 +315,10 @@ def encode_events(ev: np.ndarray, level: int = 2) -> list[bytes]:
     ``level``: zlib level of the streams (0 = store)."""
     if ev.dtype != EVENT_DTYPE:
         raise UsageError(f"events have dtype {ev.dtype}, expected EVENT_DTYPE")
-    return [_encode_one(ev[i : i + MAX_BLOCK_EVENTS], level)
-            for i in range(0, len(ev), MAX_BLOCK_EVENTS)]
+    out = []
+    buf = BlockBuffer(max(1, min(len(ev), MAX_BLOCK_EVENTS)))
+    for i in range(0, len(ev), MAX_BLOCK_EVENTS):
+        buf.clear()
+        buf.put(ev[i : i + MAX_BLOCK_EVENTS])
+        out.append(encode_block(buf, level))
+    return out

@@ -186,6 +186,18 @@ def pipeline(mods: dict[str, ModuleType], calls: list[tuple[list[np.ndarray], in
     return path.stat().st_size
 
 
+def events_blocks(path: Path) -> list[bytes]:
+    """The EVENTS blocks of a recording, header and payload, as written."""
+    rec = recording.open_recording(path)
+    out = []
+    with open(path, "rb") as f:
+        for offset, _ in rec._index:
+            f.seek(offset)
+            head = f.read(recording.BLOCK_HEADER.size)
+            out.append(head + f.read(recording.BLOCK_HEADER.unpack(head)[4]))
+    return out
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.process_time_ns()
     fn()
@@ -221,6 +233,7 @@ def main() -> int:
     pipeline(old, calls, tmp / "old.kvt")
     got = [recording.open_recording(tmp / f"{k}.kvt").read_all() for k in ("new", "old")]
     assert got[0].tobytes() == got[1].tobytes() == a.tobytes(), "recordings differ"
+    assert events_blocks(tmp / "new.kvt") == events_blocks(tmp / "old.kvt"), "blocks differ"
     stages: dict[str, Callable[[dict[str, ModuleType]], Callable[[], Any]]] = {
         "read+merge": lambda m: lambda: merged(m, calls),
         "loop": lambda m: lambda: looked(m, s_new),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
 import statistics
 import subprocess
 import sys
@@ -204,13 +205,91 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.process_time_ns() - t0
 
 
+def _cpu_ns(pid: int) -> int:
+    """CPU time of process ``pid``'s threads so far, ns (/proc/PID/task/*/schedstat: the
+    scheduler's own count, not 10 ms ticks)."""
+    total = 0
+    for f in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(f.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def live_once(tree: Path, out: Path, seconds: float) -> tuple[int, int]:
+    """``kvmtrace record -o OUT -- workload`` from the checkout ``tree``: (the recorder's
+    CPU ns from its output file appearing to its workload's exit, events recorded)."""
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "kvmtrace", "record", "-o", str(out), "--",
+           *reaper_workload(seconds)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
+    partial = out.with_name(f"{out.name}.{proc.pid}.partial")
+    cpu0 = cpu1 = None
+    kids: list[str] = []
+    while proc.poll() is None:
+        if cpu0 is None:
+            if partial.exists() and partial.stat().st_size:
+                cpu0 = _cpu_ns(proc.pid)
+        else:
+            try:
+                now = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            except OSError:
+                now = []
+            if kids and not set(kids) & set(now):
+                break  # the workload has exited: the recorder drains and closes from here
+            kids = kids or now
+            cpu1 = _cpu_ns(proc.pid)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode != 0 or cpu0 is None or cpu1 is None:
+        raise SystemExit(f"record from {tree}: exit {proc.returncode}: {err.decode()[-300:]}")
+    return cpu1 - cpu0, recording.open_recording(out).events
+
+
+def live(rev: str, rounds: int, seconds: float) -> None:
+    """The recorder's own CPU per event on real runs, this tree against ``rev``'s (a copy
+    made with git archive), alternated."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_recorder_live_"))
+    anchor = tmp / "anchor"
+    anchor.mkdir()
+    data = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "kvmtrace"],
+                          capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(anchor)], input=data, check=True)
+    res: dict[str, list[float]] = {"anchor": [], "new": []}
+    events: dict[str, int] = {"anchor": 0, "new": 0}
+    for r in range(rounds):
+        for which in ("anchor", "new") if r % 2 == 0 else ("new", "anchor"):
+            cpu, n = live_once(anchor if which == "anchor" else ROOT, tmp / "run.kvt", seconds)
+            res[which].append(cpu / max(1, n))
+            events[which] += n
+    ratios = [x / y for x, y in zip(res["new"], res["anchor"], strict=True)]
+    print(f"live: kvmtrace record -- workload (2 vCPUs, tight loop, reaper, 1 MiB rings, "
+          f"{seconds} s), {rounds} rounds alternated; the recorder's CPU while the "
+          f"workload ran (schedstat), per event recorded; a shared host")
+    for which in ("anchor", "new"):
+        v = res[which]
+        print(f"  {which:<7} ns/event median {statistics.median(v):6.0f}  "
+              f"({min(v):.0f} .. {max(v):.0f}), {events[which] / rounds:,.0f} events a run")
+    print(f"  new/anchor median {statistics.median(ratios):.3f}  spread "
+          f"{min(ratios):.3f} .. {max(ratios):.3f}")
+
+
 def main() -> int:
     ap = parser(__doc__, rounds=7)
     ap.add_argument("--capture", type=Path, metavar="NPZ", help="record a run into NPZ (root)")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--input", type=Path, metavar="NPZ", help="a capture to replay")
     ap.add_argument("--anchor", default="9338c90", help="revision whose code is the anchor")
+    ap.add_argument("--live", type=int, default=0, metavar="ROUNDS",
+                    help="also record real runs (root), this tree's recorder and the anchor's")
     args = ap.parse_args()
+    if args.live:
+        require_root("bench_recorder --live", "BPF and /dev/kvm", kvm=True)
+        live(args.anchor, args.live, args.seconds)
+        if not args.input:
+            return 0
     if args.capture:
         require_root("bench_recorder --capture", "BPF and /dev/kvm", kvm=True)
         capture(args.capture, args.seconds)

@@ -170,9 +170,11 @@ class _Look:
         self.pushes += len(batch) - len(other)
         at = other[_RARE[kind[other]]]
         # copied as opaque records (numpy's take of a few structured rows costs ~15 us)
+        if not len(at):
+            return learnt, {}
         rare = batch.view(_RECORD).take(at).view(batch.dtype)
         self.stuck.feed(rare)
-        return learnt, ring_sizes(rare)
+        return learnt, ring_sizes(rare) if (kind[at] == Kind.RING_SIZE).any() else {}
 
 
 def _buffer_meta(writer: RecordingWriter, source: LiveEvents) -> None:

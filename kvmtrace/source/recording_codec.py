@@ -253,18 +253,21 @@ def _choose(d: np.ndarray) -> tuple[int, int]:
 
 
 def _encode_delta(d: np.ndarray, out: list[bytes], level: int) -> None:
-    """A mode-0 column from its deltas ``d`` (column order)."""
+    """A mode-0 column from its deltas ``d`` (column order; made into the residuals in
+    place)."""
     n = len(d)
     full = d.dtype.itemsize
     lo, bits = _choose(d)
-    r = d - d.dtype.type(lo)
+    r = d
+    r -= d.dtype.type(lo)
     if bits < 8 * full:
         pos = np.flatnonzero(r >= d.dtype.type(1 << bits))
     else:
         pos = np.empty(0, np.intp)
     out.append(COLUMN_HEADER.pack(MODE_DELTA, bits, 0, len(pos), lo))
     if len(pos):
-        _put_stream(pos.astype("<u4").tobytes() + d[pos].tobytes(), out, level)
+        patches = r[pos] + d.dtype.type(lo)  # the full deltas (wrapping, as they were)
+        _put_stream(pos.astype("<u4").tobytes() + patches.tobytes(), out, level)
         r[pos] = 0
     planes = r.view(np.uint8).reshape(n, full)
     for j in range(bits // 8):

@@ -6,8 +6,9 @@ element c of map ``cpu_heads`` (struct kt_cpu_head; dirty_ring.bpf.c kt_emit()).
 c's programs write CPU c's ring, so a record costs no lock, no atomic and no cache line
 shared with another CPU's writers, and the reader is never woken: it polls.
 :class:`PerCpuReader` maps both arrays (BPF_F_MMAPABLE, Linux 5.5: older than the dirty
-ring itself, 5.11) and copies what each ring holds, and :class:`EventMerge` puts the events
-back into one stream:
+ring itself, 5.11) and hands what each ring holds, in place, to :class:`EventMerge`, which
+copies the records out of the rings once (then the reader moves the tails) and puts the
+events back into one stream:
 
 - **Time.** Events go by ``ts`` (``bpf_ktime_get_ns()``, CLOCK_MONOTONIC), a stable sort:
   one buffer's events keep their order among equal times. A buffer (a CPU's ring) holds

@@ -121,15 +121,28 @@ def tree_modules() -> dict[str, ModuleType]:
             "recording": recording}
 
 
-def merged(mods: dict[str, ModuleType],
-           calls: list[tuple[list[np.ndarray], int | None]]) -> list[np.ndarray]:
-    """Each read's merged batch, the records taken from the captured arrays as the
-    reader takes them from its rings (copied out first where the code did that)."""
+def merger(mods: dict[str, ModuleType]) -> Callable[[list[np.ndarray], int | None], Any]:
+    """The module's merge as the recorder calls it: the records taken from the captured
+    arrays as the reader takes them from its rings (copied out first where the code did
+    that); batches as records, or as columns (ColumnMerge)."""
     mod = mods["percpu"]
+    if hasattr(mod, "ColumnMerge"):
+        return mod.ColumnMerge().merge
     m = mod.EventMerge()
     if "sources" in inspect.signature(m.merge).parameters:  # merges from the rings' memory
-        return [m.merge(parts, lim) for parts, lim in calls]
-    return [m.merge([mod._copy(p) for p in parts], lim) for parts, lim in calls]
+        return m.merge
+    return lambda parts, lim: m.merge([mod._copy(p) for p in parts], lim)
+
+
+def merged(mods: dict[str, ModuleType],
+           calls: list[tuple[list[np.ndarray], int | None]]) -> list[Any]:
+    """Each read's merged batch."""
+    merge = merger(mods)
+    return [merge(parts, lim) for parts, lim in calls]
+
+
+def records(batch: Any) -> np.ndarray:
+    return batch if isinstance(batch, np.ndarray) else batch.events()
 
 
 def blocks(stream: list[np.ndarray], size: int = 1 << 16) -> list[np.ndarray]:
@@ -165,15 +178,14 @@ def pipeline(mods: dict[str, ModuleType], calls: list[tuple[list[np.ndarray], in
     """The whole recorder on the captured reads, as ``kvmtrace record`` runs it: each read
     merged, looked at by the loop and written (RecordingWriter, encoding with ``mods``'s
     codec) as it comes, so every stage works on what the one before just produced."""
-    mod, rec = mods["percpu"], mods["record"]
-    m = mod.EventMerge()
-    fresh = "sources" in inspect.signature(m.merge).parameters
+    rec = mods["record"]
+    merge = merger(mods)
     path.unlink(missing_ok=True)
     with mods["recording"].RecordingWriter(path, SourceMeta(kind="bench")) as w:
         look = rec._Look() if hasattr(rec, "_Look") else None
         names, stuck = rec._Names(), EventStuck()
         for parts, lim in calls:
-            batch = m.merge(parts if fresh else [mod._copy(p) for p in parts], lim)
+            batch = merge(parts, lim)
             if not len(batch):
                 continue
             if look is not None:
@@ -302,12 +314,12 @@ def main() -> int:
     new, old = tree_modules(), anchor_modules(args.anchor)
     # the outputs agree: merged stream event for event, blocks byte for byte
     s_new, s_old = merged(new, calls), merged(old, calls)
-    a, b = np.concatenate(s_new), np.concatenate(s_old)
+    a, b = (np.concatenate([records(x) for x in got]) for got in (s_new, s_old))
     assert len(a) == n and a.tobytes() == b.tobytes(), "merged streams differ"
-    blk = blocks(s_new)
+    blk = blocks([a])
     for ev in blk:
         assert new["codec"].encode_events(ev) == old["codec"].encode_events(ev), "blocks differ"
-    assert looked(new, s_new) == looked(old, s_new), "the loop's totals differ"
+    assert looked(new, s_new) == looked(old, s_old), "the loop's totals differ"
     pipeline(new, calls, tmp / "new.kvt")
     pipeline(old, calls, tmp / "old.kvt")
     got = [recording.open_recording(tmp / f"{k}.kvt").read_all() for k in ("new", "old")]
@@ -315,7 +327,7 @@ def main() -> int:
     assert events_blocks(tmp / "new.kvt") == events_blocks(tmp / "old.kvt"), "blocks differ"
     stages: dict[str, Callable[[dict[str, ModuleType]], Callable[[], Any]]] = {
         "read+merge": lambda m: lambda: merged(m, calls),
-        "loop": lambda m: lambda: looked(m, s_new),
+        "loop": lambda m: lambda: looked(m, s_new if m is new else s_old),
         "encode": lambda m: lambda: [m["codec"].encode_events(ev) for ev in blk],
         "all": lambda m: lambda: pipeline(m, calls, tmp / "run.kvt"),
     }

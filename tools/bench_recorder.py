@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import statistics
 import subprocess
@@ -229,13 +230,14 @@ def _cpu_ns(pid: int) -> int:
     return total
 
 
-def live_once(tree: Path, out: Path, seconds: float) -> tuple[int, int]:
+def live_once(tree: Path, out: Path, seconds: float) -> tuple[int, int, float]:
     """``kvmtrace record -o OUT -- workload`` from the checkout ``tree``: (the recorder's
-    CPU ns from its output file appearing to its workload's exit, events recorded)."""
+    CPU ns from its output file appearing to its workload's exit, events recorded, the
+    guest's page writes per second per vCPU from the workload's own report)."""
     out.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "kvmtrace", "record", "-o", str(out), "--",
            *reaper_workload(seconds)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
     partial = out.with_name(f"{out.name}.{proc.pid}.partial")
     cpu0 = cpu1 = None
@@ -254,10 +256,12 @@ def live_once(tree: Path, out: Path, seconds: float) -> tuple[int, int]:
             kids = kids or now
             cpu1 = _cpu_ns(proc.pid)
         time.sleep(0.02)
-    _, err = proc.communicate(timeout=120)
+    report, err = proc.communicate(timeout=120)
     if proc.returncode != 0 or cpu0 is None or cpu1 is None:
         raise SystemExit(f"record from {tree}: exit {proc.returncode}: {err.decode()[-300:]}")
-    return cpu1 - cpu0, recording.open_recording(out).events
+    rings = json.loads(report)["rings"]
+    rate = statistics.mean(r["pages_written"] / (r["run_ns"] / 1e9) for r in rings)
+    return cpu1 - cpu0, recording.open_recording(out).events, rate
 
 
 def live(rev: str, rounds: int, seconds: float) -> None:
@@ -270,11 +274,14 @@ def live(rev: str, rounds: int, seconds: float) -> None:
                           capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(anchor)], input=data, check=True)
     res: dict[str, list[float]] = {"anchor": [], "new": []}
+    rates: dict[str, list[float]] = {"anchor": [], "new": []}
     events: dict[str, int] = {"anchor": 0, "new": 0}
     for r in range(rounds):
         for which in ("anchor", "new") if r % 2 == 0 else ("new", "anchor"):
-            cpu, n = live_once(anchor if which == "anchor" else ROOT, tmp / "run.kvt", seconds)
+            cpu, n, rate = live_once(anchor if which == "anchor" else ROOT, tmp / "run.kvt",
+                                     seconds)
             res[which].append(cpu / max(1, n))
+            rates[which].append(rate)
             events[which] += n
     ratios = [x / y for x, y in zip(res["new"], res["anchor"], strict=True)]
     print(f"live: kvmtrace record -- workload (2 vCPUs, tight loop, reaper, 1 MiB rings, "
@@ -283,7 +290,8 @@ def live(rev: str, rounds: int, seconds: float) -> None:
     for which in ("anchor", "new"):
         v = res[which]
         print(f"  {which:<7} ns/event median {statistics.median(v):6.0f}  "
-              f"({min(v):.0f} .. {max(v):.0f}), {events[which] / rounds:,.0f} events a run")
+              f"({min(v):.0f} .. {max(v):.0f}), {events[which] / rounds:,.0f} events a run, "
+              f"guest writes/s/vCPU median {statistics.median(rates[which]):,.0f}")
     print(f"  new/anchor median {statistics.median(ratios):.3f}  spread "
           f"{min(ratios):.3f} .. {max(ratios):.3f}")
 

@@ -102,6 +102,10 @@ def test_a_ring_in_one_buffer_is_left_as_it_came() -> None:
     assert out["dirty_index"].tolist() == [1, 1, 3, 2]
     assert m.reordered == 0
     assert shared_rings(np.concatenate([a, b]), np.array([0, 0, 0, 1], np.int32)) is None
+    spread = np.zeros(8, EVENT_DTYPE)
+    spread[::2] = np.concatenate([a, b])  # a strided view of the same events reads the same
+    ids = shared_rings(spread[::2], np.array([0, 0, 1, 1], np.int32))
+    assert ids is not None and ids.tolist() == [0, 0, 0, -1]
 
 
 def test_held_events_count_as_their_buffers() -> None:

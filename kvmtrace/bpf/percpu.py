@@ -111,7 +111,7 @@ def _run_heads(ev: np.ndarray, src: np.ndarray) -> np.ndarray:
     n = len(ev)
     head = np.empty(n, bool)
     head[0] = True
-    words = ev.view(np.uint64).reshape(n, -1)
+    words = (ev if ev.flags.c_contiguous else _copy(ev)).view(np.uint64).reshape(n, -1)
     h = head[1:]
     np.not_equal(src[1:], src[:-1], out=h)
     for w in _KEY_U64:

@@ -13,12 +13,18 @@ tight loop, reaper, 1 MiB rings) -- through this tree's code and through the cod
 the ratio new / anchor (median and spread over the rounds). The outputs must agree: the
 merged streams event for event, the encoded blocks byte for byte.
 
+``--live N`` instead records real runs, this tree's ``kvmtrace record`` and the anchor's (a
+``git archive`` copy) alternated, and compares the recorder's CPU per event (schedstat) and
+the guest's own write rate.
+
     .venv/bin/python tools/bench_recorder.py --capture /tmp/run.npz [--seconds 4]  # root
     .venv/bin/python tools/bench_recorder.py --input /tmp/run.npz [--anchor REV] [--rounds 7]
+    .venv/bin/python tools/bench_recorder.py --live 6 [--seconds 4] [--anchor REV]  # root
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import inspect
 import json
@@ -93,11 +99,10 @@ def load_capture(path: Path) -> list[tuple[list[np.ndarray], int | None]]:
     return calls
 
 
-def anchor_modules(rev: str) -> dict[str, ModuleType]:
+def anchor_modules(rev: str, tmp: Path) -> dict[str, ModuleType]:
     """The modules of :data:`MODULES` as of ``rev``, loaded under private names inside
     their packages (so their relative imports resolve to this tree's other modules)."""
     out = {}
-    tmp = Path(tempfile.mkdtemp(prefix="bench_recorder_"))
     for key, (package, path) in MODULES.items():
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"],
                              capture_output=True, text=True, check=True).stdout
@@ -264,10 +269,9 @@ def live_once(tree: Path, out: Path, seconds: float) -> tuple[int, int, float]:
     return cpu1 - cpu0, recording.open_recording(out).events, rate
 
 
-def live(rev: str, rounds: int, seconds: float) -> None:
+def live(rev: str, rounds: int, seconds: float, tmp: Path) -> None:
     """The recorder's own CPU per event on real runs, this tree against ``rev``'s (a copy
     made with git archive), alternated."""
-    tmp = Path(tempfile.mkdtemp(prefix="bench_recorder_live_"))
     anchor = tmp / "anchor"
     anchor.mkdir()
     data = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "kvmtrace"],
@@ -301,13 +305,16 @@ def main() -> int:
     ap.add_argument("--capture", type=Path, metavar="NPZ", help="record a run into NPZ (root)")
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--input", type=Path, metavar="NPZ", help="a capture to replay")
-    ap.add_argument("--anchor", default="9338c90", help="revision whose code is the anchor")
+    ap.add_argument("--anchor", default="9338c90",
+                    help="revision whose code is the anchor (default: the tree before the "
+                    "recorder's CPU work of issue K)")
     ap.add_argument("--live", type=int, default=0, metavar="ROUNDS",
                     help="also record real runs (root), this tree's recorder and the anchor's")
     args = ap.parse_args()
     if args.live:
         require_root("bench_recorder --live", "BPF and /dev/kvm", kvm=True)
-        live(args.anchor, args.live, args.seconds)
+        with tempfile.TemporaryDirectory(prefix="bench_recorder_") as d:
+            live(args.anchor, args.live, args.seconds, Path(d))
         if not args.input:
             return 0
     if args.capture:
@@ -316,10 +323,15 @@ def main() -> int:
         return 0
     if not args.input:
         ap.error("give --capture NPZ or --input NPZ")
-    tmp = Path(tempfile.mkdtemp(prefix="bench_recorder_"))
+    with tempfile.TemporaryDirectory(prefix="bench_recorder_") as d:
+        return replay_capture(args, Path(d))
+
+
+def replay_capture(args: argparse.Namespace, tmp: Path) -> int:
+    """The capture's reads through both trees' code, stage by stage (see the docstring)."""
     calls = load_capture(args.input)
     n = sum(len(p) for parts, _ in calls for p in parts)
-    new, old = tree_modules(), anchor_modules(args.anchor)
+    new, old = tree_modules(), anchor_modules(args.anchor, tmp)
     # the outputs agree: merged stream event for event, blocks byte for byte
     s_new, s_old = merged(new, calls), merged(old, calls)
     a, b = (np.concatenate([records(x) for x in got]) for got in (s_new, s_old))

@@ -102,6 +102,10 @@ def test_a_ring_in_one_buffer_is_left_as_it_came() -> None:
     assert out["dirty_index"].tolist() == [1, 1, 3, 2]
     assert m.reordered == 0
     assert shared_rings(np.concatenate([a, b]), np.array([0, 0, 0, 1], np.int32)) is None
+    spread = np.zeros(8, EVENT_DTYPE)
+    spread[::2] = np.concatenate([a, b])  # a strided view of the same events reads the same
+    ids = shared_rings(spread[::2], np.array([0, 0, 1, 1], np.int32))
+    assert ids is not None and ids.tolist() == [0, 0, 0, -1]
 
 
 def test_held_events_count_as_their_buffers() -> None:
@@ -195,3 +199,53 @@ def test_merge_keeps_every_event_and_each_rings_index_order(
     for ring in range(4):
         di = out["dirty_index"][out["ring"] == ring]
         assert np.array_equal(di - np.uint32(base), np.arange(1, len(di) + 1))  # u32 wrap
+
+
+def test_reader_merges_from_the_rings_memory_and_frees_it_after() -> None:
+    """PerCpuReader over two rings in ordinary shared memory (memfd, laid out as the maps
+    cpu_heads and cpu_events): CPU 0's new records wrap around the end of its ring. A read
+    hands on exactly what EventMerge makes of copies of the records, sets each tail to its
+    head only then, and what it returned is a copy: records written over in the rings
+    afterwards do not change it."""
+    from kvmtrace.bpf.layout import CPU_HEAD_DTYPE
+    from kvmtrace.bpf.percpu import PerCpuReader
+
+    entries = 64
+    hfd, efd = os.memfd_create("heads"), os.memfd_create("events")
+    try:
+        os.ftruncate(hfd, 4096)  # whole pages, as BPF maps are mapped
+        os.ftruncate(efd, 8192)
+        cpu0 = ev(list(range(100, 140)), list(range(1, 41)))  # ring 0, 40 pushes
+        cpu1 = ev(list(range(105, 125)), list(range(1, 21)), ring=1, tid=6)
+        with PerCpuReader(hfd, efd, 2, entries) as reader:
+            heads = np.frombuffer(reader._hm, CPU_HEAD_DTYPE, count=2)
+            rings = np.frombuffer(reader._em, EVENT_DTYPE, count=2 * entries).reshape(2, -1)
+            tail0 = 50  # records 50..89: ring slots 50..63, then 0..25
+            at = (tail0 + np.arange(len(cpu0))) % entries
+            rings[0][at] = cpu0
+            rings[1][: len(cpu1)] = cpu1
+            heads["tail"] = [tail0, 0]
+            heads["head"] = [tail0 + len(cpu0), len(cpu1)]
+            want = EventMerge().merge([cpu0.copy(), cpu1.copy()], None)
+            got = reader.read(final=True)
+            assert got.tobytes() == want.tobytes() and len(got) == 60
+            assert heads["tail"].tolist() == heads["head"].tolist() == [90, 20]
+            assert reader.records == 60
+            rings[:] = np.zeros(1, EVENT_DTYPE)  # the programs write over the records
+            assert got.tobytes() == want.tobytes()
+            assert len(reader.read(final=True)) == 0
+            del heads, rings  # the maps close only once no view of them is left
+    finally:
+        os.close(hfd)
+        os.close(efd)
+
+
+def test_a_part_read_in_two_pieces_is_one_source() -> None:
+    """A ring read in two pieces (where it wraps) is one buffer for the index rule: its
+    ring's events are not reordered against each other, exactly as one piece."""
+    a = ev([10, 30, 20], [1, 3, 2])
+    b = ev([15], [1], ring=1, tid=6)
+    one = EventMerge().merge([a.copy(), b.copy()], None)
+    m = EventMerge()
+    two = m.merge([a[:2].copy(), a[2:].copy(), b.copy()], None, sources=[0, 0, 1])
+    assert two.tobytes() == one.tobytes() and m.reordered == 0

@@ -6,8 +6,9 @@ element c of map ``cpu_heads`` (struct kt_cpu_head; dirty_ring.bpf.c kt_emit()).
 c's programs write CPU c's ring, so a record costs no lock, no atomic and no cache line
 shared with another CPU's writers, and the reader is never woken: it polls.
 :class:`PerCpuReader` maps both arrays (BPF_F_MMAPABLE, Linux 5.5: older than the dirty
-ring itself, 5.11) and copies what each ring holds, and :class:`EventMerge` puts the events
-back into one stream:
+ring itself, 5.11) and hands what each ring holds, in place, to :class:`EventMerge`, which
+copies the records out of the rings once (then the reader moves the tails) and puts the
+events back into one stream:
 
 - **Time.** Events go by ``ts`` (``bpf_ktime_get_ns()``, CLOCK_MONOTONIC), a stable sort:
   one buffer's events keep their order among equal times. A buffer (a CPU's ring) holds
@@ -59,8 +60,8 @@ __all__ = ["HEAD_BYTES", "RING_PAGES", "SLACK_NS", "EventMerge", "PerCpuReader",
 SLACK_NS = 2_000_000
 
 _PUSH, _RESET = np.uint8(Kind.PUSH), np.uint8(Kind.RESET)
-#: u32 words of struct kt_event holding pid, ring, vm and kind (+ padding), in that order
-_KEY_WORDS = [EVENT_DTYPE.fields[f][1] // 4 for f in ("pid", "ring", "vm", "kind")]
+#: u64 words of struct kt_event holding pid, ring, vm and kind (and tid, slot, padding)
+_KEY_U64 = sorted({EVENT_DTYPE.fields[f][1] // 8 for f in ("pid", "ring", "vm", "kind")})
 
 
 def _take(ev: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -102,6 +103,23 @@ def _ring_keys(ev: np.ndarray) -> np.ndarray:
     return key
 
 
+def _run_heads(ev: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """Where a run of one (pid, vm, ring, kind) and one source starts, and maybe more
+    places (a run cut in two changes nothing): compared as the u64 words of struct
+    kt_event that hold those fields (with tid, slot and padding beside them), in place
+    (gathering the fields first costs several times more)."""
+    n = len(ev)
+    head = np.empty(n, bool)
+    head[0] = True
+    words = (ev if ev.flags.c_contiguous else _copy(ev)).view(np.uint64).reshape(n, -1)
+    h = head[1:]
+    np.not_equal(src[1:], src[:-1], out=h)
+    for w in _KEY_U64:
+        col = words[:, w]
+        h |= col[1:] != col[:-1]
+    return np.flatnonzero(head)
+
+
 def shared_rings(ev: np.ndarray, src: np.ndarray) -> np.ndarray | None:
     """Each event's number (-1: none) among the rings whose pushes (or whose resets) occur
     in more than one source (``src``: each event's); None when no ring's do. Found from
@@ -109,33 +127,29 @@ def shared_rings(ev: np.ndarray, src: np.ndarray) -> np.ndarray | None:
     pushes many in a row), so the work per event is a few vector operations."""
     if src.min() == src.max():
         return None
-    # (pid, vm, ring, kind) of each event gathered in one pass (four strided field reads
-    # cost 4 x as much): two u64 words per event, equal for equal fields
-    words = np.ascontiguousarray(ev.view(np.uint32).reshape(len(ev), -1)[:, _KEY_WORDS])
-    words[:, 3] &= 0xFF  # kind alone, not the padding after it
-    pair = words.view(np.uint64)
-    head = np.empty(len(ev), bool)
-    head[0] = True
-    np.not_equal(pair[1:, 0], pair[:-1, 0], out=head[1:])
-    head[1:] |= pair[1:, 1] != pair[:-1, 1]
-    head[1:] |= src[1:] != src[:-1]
-    at = np.flatnonzero(head)  # run starts
-    kind = words[at, 3]
+    at = _run_heads(ev, src)
+    kind = ev["kind"][at]
     ordered = (kind == _PUSH) | (kind == _RESET)
     if not ordered.any():
         return None
-    key = np.where(ordered, _ring_keys(_take(ev, at)), -1)
-    valid = key >= 0
-    rings, which = np.unique(key[valid], return_inverse=True)
-    which = which.reshape(-1)
-    seen = np.zeros((len(rings), int(src.max()) + 1), bool)
-    seen[which, src[at][valid]] = True
-    shared = seen.sum(axis=1) >= 2
+    sel = at[ordered]
+    # rings (sorted by key) and the sources of their runs: numpy's unique() costs tens of
+    # microseconds a call, a sort of these few hundred keys a few
+    key = _ring_keys(_take(ev, sel))
+    by_key = np.argsort(key, kind="stable")
+    sk, ss = key[by_key], src[sel][by_key]
+    first = np.empty(len(sk), bool)
+    first[0] = True
+    np.not_equal(sk[1:], sk[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    shared = np.minimum.reduceat(ss, starts) != np.maximum.reduceat(ss, starts)
     if not shared.any():
         return None
     number = np.where(shared, np.cumsum(shared) - 1, -1).astype(np.int32)
+    which = np.empty(len(sk), np.intp)
+    which[by_key] = np.cumsum(first) - 1
     run_id = np.full(len(at), -1, np.int32)
-    run_id[valid] = number[which]
+    run_id[ordered] = number[which]
     return np.repeat(run_id, np.diff(np.append(at, len(ev))))
 
 
@@ -191,36 +205,49 @@ class EventMerge:
         """Events waiting for a later call."""
         return len(self._held)
 
-    def merge(self, parts: Sequence[np.ndarray], limit: int | None) -> np.ndarray:
-        """The events of ``parts`` (one array per buffer, each in its buffer's order) and
-        of earlier calls that are complete: stamped up to ``limit`` ns (None: all), in
-        merged order."""
-        if self._done is not None:  # stamped at or before a time already handed on
-            done = np.uint64(self._done)
-            for p in parts:
-                if len(p) and p["ts"].min() <= done:
-                    self.late += int(np.count_nonzero(p["ts"] <= done))
-        arrays = [self._held, *parts]
-        live = [i for i, a in enumerate(arrays) if len(a)]
-        if not live:
+    def merge(self, parts: Sequence[np.ndarray], limit: int | None,
+              sources: Sequence[int] | None = None) -> np.ndarray:
+        """The events of ``parts`` (arrays in their buffer's order; ``sources``: each
+        part's buffer, default its index, so that a ring read in two pieces is one
+        source) and of earlier calls that are complete: stamped up to ``limit`` ns (None:
+        all), in merged order. The result and what is held are copies: ``parts`` may be
+        the rings' own memory, written over once the call returns."""
+        srcs = range(len(parts)) if sources is None else sources
+        live = [(p, s) for p, s in zip(parts, srcs, strict=True) if len(p)]
+        nheld = len(self._held)
+        if not live and not nheld:
             return np.empty(0, self.dtype)
         ring_id = None
-        if len(live) == 1:
-            ev = arrays[live[0]]
-            src = (self._held_src if live[0] == 0 else
-                   np.full(len(ev), live[0] - 1, np.int32))
+        if not live:  # only events held: already a private copy, in merged order
+            ev, src = self._held, self._held_src
             ts = ev["ts"]
             order = None if np.all(ts[1:] >= ts[:-1]) else np.argsort(ts, kind="stable")
         else:
-            ev = _opaque_concat([arrays[i] for i in live])
-            src = np.concatenate([self._held_src if i == 0 else
-                                  np.full(len(arrays[i]), i - 1, np.int32) for i in live])
-            order = np.argsort(ev["ts"], kind="stable")
-            ring_id = shared_rings(ev, src)
+            arrays = [p for p, _ in live]
+            if nheld:
+                arrays.insert(0, self._held)
+            # one pass over the parts (the rings' memory): everything after reads the copy
+            ev = _opaque_concat(arrays) if len(arrays) > 1 else _copy(arrays[0])
+            src = np.empty(len(ev), np.int32)
+            src[:nheld] = self._held_src
+            at = nheld
+            for p, s in live:
+                src[at : at + len(p)] = s
+                at += len(p)
+            ts = np.ascontiguousarray(ev["ts"])
+            if self._done is not None:  # stamped at or before a time already handed on
+                new = ts[nheld:]
+                done = np.uint64(self._done)
+                if new.min() <= done:
+                    self.late += int(np.count_nonzero(new <= done))
+            if len(arrays) == 1:
+                order = None if np.all(ts[1:] >= ts[:-1]) else np.argsort(ts, kind="stable")
+            else:
+                order = np.argsort(ts, kind="stable")
+                ring_id = shared_rings(ev, src)
         if order is not None:
-            ev, src = _take(ev, order), src[order]
+            ev, src, ts = _take(ev, order), src[order], ts[order]
             ring_id = None if ring_id is None else ring_id[order]
-        ts = ev["ts"]
         cut = len(ev) if limit is None else int(np.searchsorted(ts, np.uint64(max(0, limit)),
                                                                 "right"))
         done = int(ts[-1]) if limit is None else limit  # before ring_order() moves events
@@ -293,24 +320,31 @@ class PerCpuReader:
         self.max_fill = 0.0
         self._hurry = False
 
-    def _take(self, cpu: int) -> tuple[np.ndarray, bool]:
-        """CPU ``cpu``'s new records (copied) and whether its CPU was writing one."""
+    def _views(self, cpu: int) -> tuple[list[np.ndarray], bool, int]:
+        """CPU ``cpu``'s new records, as views of its ring (one piece, or two where they
+        wrap), whether its CPU was writing one, and the head to set its tail to once they
+        are copied."""
         row = self._heads[cpu]
         head = int(row[_HEAD])  # first: the records below it are complete
         busy = bool(row[_BUSY])
         tail = int(row[_TAIL])
         n = head - tail
         if n <= 0:
-            return _copy(self._events[cpu, :0]), busy
+            return [], busy, tail
         if n > self.entries:  # the program never moves head past tail + entries
             raise KvmtraceError(f"CPU {cpu}'s event ring is damaged (head {head}, tail {tail})")
         mask = self.entries - 1
         a, b = tail & mask, head & mask
         ring = self._events[cpu]
-        part = _copy(ring[a:b]) if a < b else _opaque_concat([ring[a:], ring[:b]])
-        row[_TAIL] = head  # last: the program may now write over these records
         self.records += n
         self.max_fill = max(self.max_fill, n / self.entries)
+        return ([ring[a:b]] if a < b else [ring[a:], ring[:b]][: 2 if b else 1]), busy, head
+
+    def _take(self, cpu: int) -> tuple[np.ndarray, bool]:
+        """CPU ``cpu``'s new records (copied) and whether its CPU was writing one."""
+        views, busy, head = self._views(cpu)
+        part = _opaque_concat(views) if views else _copy(self._events[cpu, :0])
+        self._heads[cpu, _TAIL] = head  # last: the program may now write over these records
         return part, busy
 
     def read(self, *, final: bool = False) -> np.ndarray:
@@ -318,18 +352,24 @@ class PerCpuReader:
         ``final``: every event read, complete or not (the producers are done)."""
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         limit: int | None = None if final else now - self.slack_ns
-        parts = []
-        fullest = 0.0
+        parts: list[np.ndarray] = []
+        sources: list[int] = []
+        heads = []
+        fullest = 0
         for cpu in range(self.ncpus):
-            part, busy = self._take(cpu)
-            parts.append(part)
-            fullest = max(fullest, len(part) / self.entries)
-            if len(part):
-                self._last_ts[cpu] = int(part["ts"].max())
+            views, busy, head = self._views(cpu)
+            heads.append(head)
+            if views:
+                parts += views
+                sources += [cpu] * len(views)
+                fullest = max(fullest, sum(len(v) for v in views))
+                self._last_ts[cpu] = max(int(v["ts"].max()) for v in views)
             if limit is not None and busy:  # a record being written
                 limit = min(limit, self._last_ts[cpu])
-        self._hurry = fullest > 1 / 8
-        return self.merger.merge(parts, limit)
+        self._hurry = fullest > self.entries / 8
+        out = self.merger.merge(parts, limit, sources)  # copies the records out of the rings
+        self._heads[:, _TAIL] = heads  # last: the programs may now write over them
+        return out
 
     def pending(self) -> int:
         """Records in the rings not read yet, summed."""

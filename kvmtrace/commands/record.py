@@ -17,7 +17,7 @@ from ..bpf.event_source import LiveEvents
 from ..bpf.percpu import RING_PAGES
 from ..bpf.vmident import VmmsBelow
 from ..core.counters import VmName
-from ..core.events import Kind, ring_sizes, vm_pairs
+from ..core.events import EVENT_DTYPE, Kind, ring_sizes, vm_pairs
 from ..errors import UsageError
 from ..host.child import PausedChild, check_command, exit_status
 from ..host.outfile import check_output
@@ -124,7 +124,11 @@ class _Names:
                 self.last[pid] = who
 
     def learn(self, batch: np.ndarray) -> dict[tuple[int, int], VmName]:
-        keys = set(vm_pairs(batch)) - self.seen
+        pid, vm = batch["pid"], batch["vm"]
+        if pid.min() == pid.max() and vm.min() == vm.max():  # one VM: 4 reductions
+            keys = {(int(pid[0]), int(vm[0]))} - self.seen
+        else:
+            keys = set(vm_pairs(batch)) - self.seen
         new: dict[tuple[int, int], VmName] = {}
         for pid, vm in keys:
             if pid <= 0:
@@ -139,6 +143,38 @@ class _Names:
             self.seen.add((pid, vm))
             new[(pid, vm)] = who
         return new
+
+
+#: by kind (u8): the events the loop looks at one by one (stuck rings, ring sizes)
+_RARE = np.zeros(256, bool)
+_RARE[[Kind.RESET, Kind.EXIT, Kind.RING_SIZE]] = True
+_RECORD = np.dtype((np.void, EVENT_DTYPE.itemsize))
+
+
+class _Look:
+    """What the loop takes from each batch, reading its kinds once: VM names (learnt once
+    per (pid, vm)), pushes, stuck rings (:class:`~kvmtrace.analysis.stuck.EventStuck`)
+    and ring sizes, both from the batch's few resets, exits and ring-size events."""
+
+    def __init__(self) -> None:
+        self.names = _Names()
+        self.stuck = EventStuck()
+        self.pushes = 0
+
+    def batch(self, batch: np.ndarray) -> tuple[dict[tuple[int, int], VmName],
+                                                 dict[tuple[int, int], int]]:
+        """The VMs newly named and the ring sizes (pid, vm) -> entries ``batch`` gives."""
+        learnt = self.names.learn(batch)
+        kind = np.ascontiguousarray(batch["kind"])
+        other = np.flatnonzero(kind != Kind.PUSH)  # a few in a thousand
+        self.pushes += len(batch) - len(other)
+        at = other[_RARE[kind[other]]]
+        # copied as opaque records (numpy's take of a few structured rows costs ~15 us)
+        if not len(at):
+            return learnt, {}
+        rare = batch.view(_RECORD).take(at).view(batch.dtype)
+        self.stuck.feed(rare)
+        return learnt, ring_sizes(rare) if (kind[at] == Kind.RING_SIZE).any() else {}
 
 
 def _buffer_meta(writer: RecordingWriter, source: LiveEvents) -> None:
@@ -179,8 +215,8 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
     stop = source.stop
     old = {s: signal.signal(s, lambda *_: stop()) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.monotonic()
-    pushes = events = 0
-    stuck = EventStuck()
+    events = 0
+    look = _Look()
     try:
         with source, RecordingWriter(output, source.meta, keep_old=True) as writer:
             writer.flush()  # the header and meta are on disk before the first event
@@ -189,21 +225,17 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
             elif not quiet:
                 print("Recording dirty-ring events... Hit Ctrl-C to end.", file=sys.stderr)
             last_flush = time.monotonic()
-            names = _Names()
+            names = look.names
             # a VMM below COMMAND that the probes cannot follow (no sched tracepoints)
             below = VmmsBelow(child.pid) \
                 if child is not None and not source.probes.follow else None
             for batch in source.batches():
                 if len(batch):
-                    learnt = names.learn(batch)
+                    learnt, sizes = look.batch(batch)
                     if learnt:
                         writer.update_meta(vms=learnt)
                     writer.write(batch)
                     events += len(batch)
-                    pushes += int(np.count_nonzero(np.ascontiguousarray(batch["kind"])
-                                                   == Kind.PUSH))
-                    stuck.feed(batch)
-                    sizes = ring_sizes(batch)
                     if sizes:
                         writer.update_meta(ring_entries=sizes)
                 now = time.monotonic()
@@ -235,9 +267,9 @@ def record(output: Path, *, pid: int = 0, duration: float | None = None,
         if child is not None:
             child.stop()
     return RecordSummary(events=events, lost=lost, bytes=output.stat().st_size,
-                         seconds=time.monotonic() - t0, pushes=pushes,
+                         seconds=time.monotonic() - t0, pushes=look.pushes,
                          child_status=own_status,
-                         stuck=stuck.stuck(), old=writer.old)
+                         stuck=look.stuck.stuck(), old=writer.old)
 
 
 def check_flags(args: argparse.Namespace) -> list[str]:

@@ -19,11 +19,15 @@ stored column by column:
   halves it, else stored: inflating barely compressible bytes costs more time than it
   saves space, and random low bytes stored as they are cost nothing to decode.
 
-Encoding costs about 45 ns per event of a live recording (it was ~190 with the recorder's
-copies): groups are numbered through a lookup table when the key fields span small ranges
+The encoder reads a block as columns (:class:`BlockBuffer`: the writer splits each batch
+into them while it is in the CPU's cache), never the 48-byte records of a whole block once
+per field. Groups are numbered through a lookup table when the key fields span small ranges
 (one VMM, a few vCPU threads), the widths are costed on a sample of about 8 Ki deltas (the
 patches are then found exactly), and zlib runs at level 2 with a window no larger than the
-stream. The byte layout: :mod:`.recording_format`. Decoding (:mod:`.recording_decode`)
+stream. On a captured run of the record workload (tools/bench_recorder.py) a block costs
+about 60 ns per event with its columns in cache, a quarter of it zlib deflating the second
+byte plane of ``ts`` (storing it instead saves about 10 ns per event for 0.6 more bytes).
+The byte layout: :mod:`.recording_format`. Decoding (:mod:`.recording_decode`)
 is a fixed number of numpy passes per column, no per-event Python. Arithmetic wraps
 modulo the field width, so every u32/u64 value round-trips. The ``pad`` bytes are not
 stored and decode as zeros.
@@ -52,13 +56,64 @@ from .recording_format import (
     STREAM_ZLIB,
 )
 
-__all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "encode_events"]
+__all__ = ["GROUP_DTYPE", "DELTA_COLUMNS", "MAX_BLOCK_EVENTS", "BlockBuffer", "encode_block",
+           "encode_events"]
 
 _SIGNED = {4: np.dtype("<i4"), 8: np.dtype("<i8")}
 _MAX_BIT_PLANES = 2  # 3..7 leftover bits take a byte plane: faster to decode
 _MIN_RATIO = 2.0  # compress a stream only if zlib at least halves it (inflate is slow)
 _SMALL_RADIX = 1 << 16  # largest product of key-field ranges numbered by lookup table
 _CHOOSE_SAMPLE = 8192  # bit widths are chosen from about this many deltas
+
+
+#: the columns a BlockBuffer keeps (dirty_index and reset_index as one u64, ``pair``)
+_BUFFER_FIELDS = ("ts", "value", "pid", "tid", "slot", "ring", "vm", "kind")
+
+
+class BlockBuffer:
+    """Up to ``capacity`` (at most :data:`MAX_BLOCK_EVENTS`) events of one block, field by
+    field in contiguous columns: what the encoder reads. :meth:`put` appends
+    :data:`~kvmtrace.core.events.EVENT_DTYPE` records, one strided read per field of a
+    batch the caller has just made (still in cache); the encoder then reads columns,
+    never the 48-byte records of a whole block (several MiB, past the CPU's own cache,
+    once per field). ``dirty_index`` and ``reset_index`` are kept as one u64 (``pair``,
+    adjacent in struct kt_event), so that one gather orders both."""
+
+    def __init__(self, capacity: int = MAX_BLOCK_EVENTS) -> None:
+        if not 0 < capacity <= MAX_BLOCK_EVENTS:
+            raise ValueError(f"a block holds 1 to {MAX_BLOCK_EVENTS} events, not {capacity}")
+        self.capacity = capacity
+        self._cols = {name: np.empty(capacity, EVENT_DTYPE.fields[name][0])
+                      for name in _BUFFER_FIELDS}
+        self._pair = np.empty(capacity, "<u8")
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def put(self, ev: np.ndarray) -> None:
+        """Append ``ev`` (EVENT_DTYPE, at most the room left)."""
+        a, b = self.n, self.n + len(ev)
+        if b > self.capacity:
+            raise ValueError(f"{len(ev)} events do not fit in {self.capacity - a}")
+        for name, col in self._cols.items():
+            col[a:b] = ev[name]
+        self._pair[a:b] = ev.view(DIRTY_RESET_DTYPE)["both"]
+        self.n = b
+
+    def clear(self) -> None:
+        self.n = 0
+
+    @property
+    def pair(self) -> np.ndarray:
+        """``dirty_index | reset_index << 32`` of each event (u64)."""
+        return self._pair[: self.n]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """One field's column (a view; dirty_index and reset_index strided in ``pair``)."""
+        if name in ("dirty_index", "reset_index"):
+            return self.pair.view("<u4")[name == "reset_index" :: 2]
+        return self._cols[name][: self.n]
 
 
 def _put_stream(data: bytes, out: list[bytes], level: int) -> None:
@@ -86,7 +141,7 @@ def _dense(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vals, idx.ravel()
 
 
-def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """:func:`_groups` when every key field spans a small range (a live stream: one VMM, a
     few vCPU threads): one mixed-radix key per event, numbered through a lookup table.
     None when the ranges are too wide."""
@@ -107,7 +162,8 @@ def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
             key *= span
             np.subtract(col, col.dtype.type(lo), out=tmp, casting="unsafe")
             key += tmp
-    present = np.bincount(key, minlength=radix).astype(bool)
+    counts = np.bincount(key, minlength=radix)
+    present = counts.astype(bool)
     keys = np.flatnonzero(present)
     lut = np.cumsum(present, dtype=np.int32) - 1
     table = np.zeros(len(keys), GROUP_DTYPE)
@@ -116,11 +172,12 @@ def _groups_small(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         table[name] = (rest % span + lo).astype(col.dtype)
         rest = rest // span
     gid_dtype = np.uint8 if len(table) <= 256 else np.uint16
-    return table, lut.astype(gid_dtype).take(key)
+    return table, lut.astype(gid_dtype).take(key), counts[keys]
 
 
-def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(group table, group number of each event): distinct (pid, tid, vm, ring, kind)."""
+def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(group table, group number of each event, events of each group): distinct (pid,
+    tid, vm, ring, kind)."""
     small = _groups_small(ev)
     if small is not None:
         return small
@@ -154,7 +211,8 @@ def _groups(ev: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         table, inverse = np.unique(heads.view("V20"), return_inverse=True)
         table = table.view(GROUP_DTYPE)
     gid_dtype = np.uint8 if len(table) <= 256 else np.uint16
-    return table, np.repeat(inverse.astype(gid_dtype).ravel(), runs)
+    gid = np.repeat(inverse.astype(gid_dtype).ravel(), runs)
+    return table, gid, np.bincount(gid, minlength=len(table))
 
 
 def _delta(v: np.ndarray) -> np.ndarray:
@@ -162,6 +220,12 @@ def _delta(v: np.ndarray) -> np.ndarray:
     d[0] = v[0]
     np.subtract(v[1:], v[:-1], out=d[1:])
     return d
+
+
+#: by field width in bytes, the widths a delta column may take (at most _MAX_BIT_PLANES
+#: bit planes), ascending
+_WIDTHS = {full: np.array([b for b in range(8 * full) if b % 8 <= _MAX_BIT_PLANES], np.int64)
+           for full in (4, 8)}
 
 
 def _choose(d: np.ndarray) -> tuple[int, int]:
@@ -177,34 +241,38 @@ def _choose(d: np.ndarray) -> tuple[int, int]:
     # the widths are costed on an evenly spaced sample: the patches are found exactly later
     step = max(1, n // _CHOOSE_SAMPLE)
     part = d[::step]
+    widths = _WIDTHS[full]
     for lo in sorted(cands):
         lo &= (1 << (8 * full)) - 1
         r = part - d.dtype.type(lo)
-        # bit length of each residual (frexp is exact enough to choose a width)
-        hist = np.bincount(np.frexp(r.astype(np.float64))[1], minlength=8 * full + 2)
-        above = (len(part) - np.cumsum(hist)) * (n / len(part))  # residuals > b bits
-        for bits in range(8 * full):
-            if bits % 8 > _MAX_BIT_PLANES:
-                continue
-            cost = n * bits // 8 + int(above[bits]) * (4 + full)
-            if cost < best[2]:
-                best = (lo, bits, cost)
+        # bit length of each residual (frexp is exact enough to choose a width), sorted:
+        # the residuals longer than b bits counted by a search (bincount is slower)
+        blen = np.sort(np.frexp(r.astype(np.float64))[1])
+        above = (len(part) - np.searchsorted(blen, widths, "right")) * (n / len(part))
+        # every allowed width at once; the first cheapest, as a loop over widths keeps it
+        cost = n * widths // 8 + above.astype(np.int64) * (4 + full)
+        at = int(np.argmin(cost))
+        if cost[at] < best[2]:
+            best = (lo, int(widths[at]), int(cost[at]))
     return best[0], best[1]
 
 
 def _encode_delta(d: np.ndarray, out: list[bytes], level: int) -> None:
-    """A mode-0 column from its deltas ``d`` (column order)."""
+    """A mode-0 column from its deltas ``d`` (column order; made into the residuals in
+    place)."""
     n = len(d)
     full = d.dtype.itemsize
     lo, bits = _choose(d)
-    r = d - d.dtype.type(lo)
+    r = d
+    r -= d.dtype.type(lo)
     if bits < 8 * full:
         pos = np.flatnonzero(r >= d.dtype.type(1 << bits))
     else:
         pos = np.empty(0, np.intp)
     out.append(COLUMN_HEADER.pack(MODE_DELTA, bits, 0, len(pos), lo))
     if len(pos):
-        _put_stream(pos.astype("<u4").tobytes() + d[pos].tobytes(), out, level)
+        patches = r[pos] + d.dtype.type(lo)  # the full deltas (wrapping, as they were)
+        _put_stream(pos.astype("<u4").tobytes() + patches.tobytes(), out, level)
         r[pos] = 0
     planes = r.view(np.uint8).reshape(n, full)
     for j in range(bits // 8):
@@ -215,9 +283,11 @@ def _encode_delta(d: np.ndarray, out: list[bytes], level: int) -> None:
             _put_stream(np.packbits((top >> k) & 1).tobytes(), out, level)
 
 
-def _encode_one(ev: np.ndarray, level: int) -> bytes:
+def encode_block(ev: BlockBuffer, level: int = 2) -> bytes:
+    """The EVENTS block payload holding the events of ``ev``. ``level``: zlib level of
+    the streams (0 = store)."""
     n = len(ev)
-    table, gid = _groups(ev)
+    table, gid, counts = _groups(ev)
     ngroups = len(table)
     gid_width = 0 if ngroups == 1 else gid.dtype.itemsize
     out: list[bytes] = [EVENTS_HEADER.pack(n, ngroups, gid_width, len(DELTA_COLUMNS), 0),
@@ -226,19 +296,17 @@ def _encode_one(ev: np.ndarray, level: int) -> bytes:
     if gid_width:
         _put_stream(gid.tobytes(), out, level)
         order = np.argsort(gid, kind="stable")
-        starts = np.concatenate(([0], np.cumsum(np.bincount(gid, minlength=ngroups))[:-1]))
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     bounds = starts if starts is not None else np.zeros(1, np.intp)
-    pair = None
-    if order is not None:  # adjacent u32 fields: one u64 gather instead of two
-        pair = ev.view(DIRTY_RESET_DTYPE)["both"].take(order).view("<u4")
+    # adjacent u32 fields: one u64 gather instead of two
+    pair = (ev.pair if order is None else ev.pair.take(order)).view("<u4")
     for name, dtype, grouped in DELTA_COLUMNS:
-        col = ev[name].view(dtype)
-        if pair is not None and name in ("dirty_index", "reset_index"):
+        if name in ("dirty_index", "reset_index"):
             col = pair[name == "reset_index" :: 2]
-        elif grouped and order is not None:
-            col = col.take(order)
         else:
-            col = np.ascontiguousarray(col)
+            col = ev[name].view(dtype)
+            if grouped and order is not None:
+                col = col.take(order)
         d = _delta(col)
         if grouped:
             # constant within every group: its only nonzero deltas are at group starts
@@ -255,5 +323,10 @@ def encode_events(ev: np.ndarray, level: int = 2) -> list[bytes]:
     ``level``: zlib level of the streams (0 = store)."""
     if ev.dtype != EVENT_DTYPE:
         raise UsageError(f"events have dtype {ev.dtype}, expected EVENT_DTYPE")
-    return [_encode_one(ev[i : i + MAX_BLOCK_EVENTS], level)
-            for i in range(0, len(ev), MAX_BLOCK_EVENTS)]
+    out = []
+    buf = BlockBuffer(max(1, min(len(ev), MAX_BLOCK_EVENTS)))
+    for i in range(0, len(ev), MAX_BLOCK_EVENTS):
+        buf.clear()
+        buf.put(ev[i : i + MAX_BLOCK_EVENTS])
+        out.append(encode_block(buf, level))
+    return out

@@ -252,7 +252,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int,
                 on_block(parts.n)
     finally:  # every worker stops at the same bad block; nobody waits for this one
         done.set(w, _FINISHED)
-    report = rp.finish(lost=source.lost, source_kind=meta.kind)
+    report = rp.finish(lost=source.lost, source_kind=meta.kind, hottest=False)  # merged
     if rp.ws is not None:
         rp.ws.strip()
     return _Share(report, rp.ws, blocks, tap)

@@ -148,3 +148,25 @@ def test_columns_agree_with_more_than_256_groups_per_block(tmp_path: Path):
     assert_same(cols, by_records(path, keep_harvest=True))
     assert ncol == 1 and cols.anomalies == []
     assert [(r.pushes, r.resets, r.entries_reset) for r in cols.rings] == [(40, 1, 37)] * 300
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_share_of_a_blocks_events_is_its_records(tmp_path: Path, seed: int):
+    """A share of the rings (replay -j N) building only its groups' records from a
+    block's columns gives exactly the records EventColumns.events() selects, field for
+    field, whatever groups it holds (none, some, all)."""
+    from kvmtrace.analysis.replay.colfeed import share_events
+
+    ev = random_stream(seed)
+    ev["pid"][::3] = PID + 1  # several VMs: more groups
+    path = write(tmp_path / "s.kvt", ev, block_events=512)
+    rng = np.random.default_rng(seed)
+    tried = 0
+    for parts in open_recording(path).column_batches():
+        ng = len(parts.groups)
+        for pick in (np.zeros(ng, bool), np.ones(ng, bool), rng.random(ng) < 0.5):
+            want = parts.events()
+            want = want[pick[parts.gid]] if parts.gid is not None else want[:len(want) * pick[0]]
+            assert share_events(parts, pick).tobytes() == want.tobytes()
+            tried += 1
+    assert tried == 3 * open_recording(path).blocks

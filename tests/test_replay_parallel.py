@@ -215,8 +215,10 @@ def test_arenas_reused_many_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                                                  int(size["value"]) // 16})
     path = write(tmp_path / "a.kvt", ev, meta, block_events=97)
     sizes = [(c, len(t)) for c, t in open_recording(path).group_tables()]
-    for jobs in (2, 3):
-        arena = arena_bytes(sizes[::jobs], 300 + 97, 0)
+    counts = [c for c, _ in sizes]
+    for jobs in (2, 3):  # as replay_parallel sizes them: the stream's events a block spans
+        spans = [sum(counts[b:b + jobs]) for b in range(len(sizes))]
+        arena = arena_bytes(sizes[::jobs], 300 + 97, 0, spans[::jobs])
         assert arena * 20 < sum(block_bytes(c, g) for c, g in sizes[::jobs])
         one, many = one_and_many(path, jobs, keep_harvest=True, window_ns=50_000)
         same_output(one, many)

@@ -14,14 +14,19 @@ ring sizes in its meta as ``kvmtrace record`` writes them. Each round runs, in t
   replay 1     ``replay_source(..., jobs=1)`` with the migration analysis's tap, as
                ``kvmtrace replay -j 1`` does
   replay N     the same with ``jobs=N`` (rings spread over N processes)
+  N x 1        N one-core replays at once in N processes (forked): what running N
+               processes side by side costs on this host alone (shared caches, memory,
+               clock), the part of replay N's extra CPU that no change to it removes
 
 and prints events/s and the ratios replay N / replay 1 (goal >= 1.7 on 2 cores) and
 replay N / decode (goal >= 0.5), per round, then the median and the spread (min..max) over
 the rounds. Wall time; the CPU seconds of every process (the workers' included) are
 printed too: on a machine shared with other work the wall time of N processes needs N
-idle cores, which the CPU time does not. ``--big N`` also writes an N-event recording
-(bounded memory) and replays it with N jobs in a child process, printing the peak RSS of
-the parent and of the largest worker (goal: 100 M events under 1 GiB in all).
+idle cores, which the CPU time does not. The CPU of replay N over N one-core replays
+side by side is the replay's own cost of spreading (forks, shared memory, pickles).
+``--big N`` also writes an N-event recording (bounded memory) and replays it with N jobs
+in a child process, printing the peak RSS of the parent and of the largest worker (goal:
+100 M events under 1 GiB in all).
 Prints figures; asserts nothing.
 """
 
@@ -72,29 +77,54 @@ def replay(path: Path, jobs: int) -> None:
     replay_source(open_recording(path), ExtrasTap(), jobs=jobs, min_events=0)
 
 
+def side_by_side(path: Path, jobs: int) -> None:
+    """``jobs`` one-core replays at once, each in a forked process."""
+    pids = []
+    for _ in range(jobs):
+        pid = os.fork()
+        if pid == 0:  # the child never returns
+            status = 1
+            try:
+                replay(path, 1)
+                status = 0
+            finally:
+                os._exit(status)
+        pids.append(pid)
+    for pid in pids:
+        if os.waitpid(pid, 0)[1]:
+            raise RuntimeError("a side-by-side replay failed")
+
+
 def spread(xs: list[float]) -> str:
     return f"median {statistics.median(xs):5.2f} (min {min(xs):5.2f}, max {max(xs):5.2f})"
 
 
 def rounds(path: Path, n: int, jobs: int, count: int) -> None:
     replay(path, jobs)  # warm: imports, page cache
+    pair = f"{jobs} x 1"
     rows: dict[str, list[tuple[float, float]]] = {"decode": [], "replay 1": [],
-                                                    f"replay {jobs}": []}
+                                                    f"replay {jobs}": [], pair: []}
     for r in range(count):
         got = {"decode": timed(lambda: decode(path)),
                "replay 1": timed(lambda: replay(path, 1)),
-               f"replay {jobs}": timed(lambda: replay(path, jobs))}
+               f"replay {jobs}": timed(lambda: replay(path, jobs)),
+               pair: timed(lambda: side_by_side(path, jobs))}
         for k, v in got.items():
             rows[k].append(v)
-        d, one, many = (got[k][0] for k in rows)
+        d, one, many, _ = (got[k][0] for k in rows)
+        host = got[pair][1] / (jobs * got["replay 1"][1])
+        own = got[f"replay {jobs}"][1] / got[pair][1] * jobs
         print(f"  round {r + 1}: decode {n / d / 1e6:6.2f}  replay 1 {n / one / 1e6:6.2f}  "
               f"replay {jobs} {n / many / 1e6:6.2f} M events/s;  N/1 {one / many:4.2f}  "
-              f"N/decode {d / many:4.2f}   load {os.getloadavg()[0]:.1f}", flush=True)
+              f"N/decode {d / many:4.2f};  CPU: host {host:4.2f}  own {own:4.2f}   "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
     walls = {k: [w for w, _ in v] for k, v in rows.items()}
     cpus = {k: [c for _, c in v] for k, v in rows.items()}
     many = f"replay {jobs}"
     print(f"over {count} rounds (wall time):")
     for k in rows:
+        if k == pair:  # its events/s: of one of them
+            continue
         print(f"  {k:<10} M events/s {spread([n / w / 1e6 for w in walls[k]])}   CPU s "
               f"{spread(cpus[k])}")
     r1 = [a / b for a, b in zip(walls["replay 1"], walls[many], strict=True)]
@@ -110,6 +140,10 @@ def rounds(path: Path, n: int, jobs: int, count: int) -> None:
     print(f"  CPU: replay {jobs} spends {spread(extra)} x the one-core CPU; on {jobs} idle "
           f"cores: replay {jobs} / replay 1 about {statistics.median(cpus['replay 1']) / cp:.2f}"
           f", / decode about {statistics.median(cpus['decode']) / cp:.2f}")
+    host = [p / (jobs * o) for p, o in zip(cpus[pair], cpus["replay 1"], strict=True)]
+    own = [jobs * m / p for m, p in zip(cpus[many], cpus[pair], strict=True)]
+    print(f"  of which this host: {jobs} one-core replays side by side spend {spread(host)} x "
+          f"the CPU of one alone; replay {jobs}'s own: {spread(own)} x theirs")
 
 
 def write_big(n: int, path: Path) -> None:

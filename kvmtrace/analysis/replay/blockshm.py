@@ -46,12 +46,15 @@ def block_bytes(n: int, ngroups: int) -> int:
     return n * _PER_EVENT + ngroups * _PER_GROUP + _ARRAYS * ALIGN
 
 
-def arena_bytes(blocks: list[tuple[int, int]], window_events: int, ahead: int) -> int:
+def arena_bytes(blocks: list[tuple[int, int]], window_events: int, ahead: int,
+                spans: list[int] | None = None) -> int:
     """Size of an arena for blocks of these (events, groups): room for any run of blocks
     that spans ``window_events`` events (what a replay may still hold, not yet done:
     :data:`.colfeed.COLUMN_BATCH` and one block), one more block and the bytes a ring
     wastes at its end (the largest block each), and ``ahead`` more (what a writer decodes
-    ahead of its readers).
+    ahead of its readers). ``spans``: per block, the events of the stream from it to the
+    arena's next block (its own and the other arenas' blocks between: what a replay
+    holds with it); default its own events.
 
     Without the ``ahead`` blocks this is the least that never deadlocks: a writer waiting
     for room to decode block b waits for readers (itself too) that hold blocks before b
@@ -60,13 +63,15 @@ def arena_bytes(blocks: list[tuple[int, int]], window_events: int, ahead: int) -
     if not blocks:
         return ALIGN
     sizes = [block_bytes(n, g) for n, g in blocks]
-    counts = [n for n, _ in blocks]
+    counts = [n for n, _ in blocks] if spans is None else spans
     most = 0  # the most bytes of consecutive blocks within the window (two pointers)
     lo = run_b = run_n = 0
     for hi in range(len(sizes)):
         run_b += sizes[hi]
         run_n += counts[hi]
-        while run_n - counts[lo] >= window_events and lo < hi:
+        # own events: all but the run's first within the window; spans: all but its
+        # last's (those are within the stream's run a replay holds)
+        while run_n - counts[lo if spans is None else hi] >= window_events and lo < hi:
             run_b -= sizes[lo]
             run_n -= counts[lo]
             lo += 1

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...core.columns import EventColumns
-from ...core.events import Kind
+from ...core.columns import GROUP_FIELDS, EventColumns
+from ...core.events import EVENT_DTYPE, Kind
 from ...model.results import RingId
 from .bulk import Cols
 from .workingset import PushTimes
@@ -239,9 +239,29 @@ def _cat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays)
 
 
-def share_events(parts: EventColumns, groups: np.ndarray) -> np.ndarray:
-    """The block's events of the ``groups`` (a bool per group) as records."""
-    ev = parts.events()
+def share_events(parts: EventColumns, groups: np.ndarray,
+                 starts: np.ndarray | None = None) -> np.ndarray:
+    """The block's events of the ``groups`` (a bool per group) as records: those of
+    ``parts.events()``, built for these events alone (a share of the rings builds its
+    share, not the block). ``starts``: :func:`group_starts` when known."""
     if parts.gid is None:
-        return ev if groups[0] else ev[:0]
-    return ev[groups[parts.gid]]
+        return parts.events() if groups[0] else parts.events()[:0]
+    gid, order = parts.gid, parts.order
+    assert order is not None
+    sel = np.flatnonzero(groups[gid])  # time positions of the share's events
+    if len(sel) == parts.n:
+        return parts.events()
+    tmpl = np.zeros(len(parts.groups), EVENT_DTYPE)
+    for key in GROUP_FIELDS:
+        tmpl[key] = parts.groups[key]
+    for name, v in parts.const.items():
+        tmpl[name] = v
+    ev = tmpl.take(gid[sel])
+    ev["ts"] = parts.ts[sel]
+    gstart = group_starts(parts) if starts is None else starts
+    gm = np.concatenate([np.arange(gstart[g], gstart[g + 1], dtype=np.intp)
+                         for g in np.flatnonzero(groups).tolist()] or [sel[:0]])
+    at = np.searchsorted(sel, np.take(order, gm))  # their places among the share's
+    for name, v in parts.grouped.items():
+        ev[name][at] = np.take(v, gm)
+    return ev

@@ -247,7 +247,7 @@ class Replay:
             if mine is None:
                 self.feed(ev)
                 return
-            self._feed(share_events(parts, mine), parts.n, int(parts.ts[0]))
+            self._feed(share_events(parts, mine, starts), parts.n, int(parts.ts[0]))
             return
         self._take_columns(parts.n, int(parts.ts[0]), t, ring_columns(
             parts, mine, rings=info.rings, starts=starts), info.keys)
@@ -418,7 +418,10 @@ class Replay:
                 for i, k in enumerate(uk.tolist())]
 
     # -- results ----------------------------------------------------------------------
-    def finish(self, lost: int = 0, source_kind: str | None = None) -> ReplayReport:
+    def finish(self, lost: int = 0, source_kind: str | None = None, *,
+               hottest: bool = True) -> ReplayReport:
+        """The report. ``hottest``: False leaves its hottest pages out (a share of the
+        rings, :mod:`.parallel`: they are chosen once the shares' counts are merged)."""
         self._flush_columns()
         for key in self.rings:
             self._feed_ring(key, _EMPTY, drain=True)
@@ -444,7 +447,7 @@ class Replay:
         if self.ws is not None:
             self.ws.finish()
             report.workingset = {k: self.ws.rings[k] for k in sorted(self.ws.rings)}
-            report.hottest = self.ws.hottest()
+            report.hottest = self.ws.hottest() if hottest else {}
         if self.sim is not None:
             report.simulation = self.sim.finish(keys, self._mean_stalls())
         if self.keep:

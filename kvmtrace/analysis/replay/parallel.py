@@ -274,7 +274,7 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int,
                 on_block(parts.n)
     finally:
         feed.close()
-    report = rp.finish(lost=source.lost, source_kind=meta.kind)
+    report = rp.finish(lost=source.lost, source_kind=meta.kind, hottest=False)  # merged
     if rp.ws is not None:
         rp.ws.strip()
     return _Share(report, rp.ws, blocks, tap)
@@ -379,7 +379,10 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
     _, _, shares, sizes = planned
     n = len(shares)
     top = max((c for c, _ in sizes), default=0)
-    arenas = [Arena(arena_bytes(sizes[w::n], COLUMN_BATCH + top, AHEAD)) for w in range(n)]
+    counts = [c for c, _ in sizes]
+    spans = [sum(counts[b:b + n]) for b in range(len(sizes))]  # a block to the writer's next
+    arenas = [Arena(arena_bytes(sizes[w::n], COLUMN_BATCH + top, AHEAD, spans[w::n]))
+              for w in range(n)]
     done = Done(n)
     fds: list[int] = []
 
@@ -446,6 +449,10 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
         while kids:
             parts.append(_receive(kids[0][1]))  # closes the fd
             kids.pop(0)
+        # joined while the workers exit (their memory unmapped), before they are reaped
+        if tap is not None:
+            tap.join([(p.blocks, p.tap) for p in parts if p.tap is not None])
+        report = _merge(source, parts, bool(options.get("keep_harvest")))
     finally:
         gc.unfreeze()
         for pid, rfd in kids:  # an error or an interrupt: stop the workers left
@@ -462,9 +469,7 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-    if tap is not None:
-        tap.join([(p.blocks, p.tap) for p in parts if p.tap is not None])
-    return _merge(source, parts, bool(options.get("keep_harvest")))
+    return report
 
 
 def _merge(source: EventSource, parts: list[_Share], keep: bool) -> ReplayReport:

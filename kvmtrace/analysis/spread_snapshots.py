@@ -136,20 +136,8 @@ class SpreadReplaySource(SnapshotSource):
         top = max((c for c, _ in sizes), default=1)
         arenas = [Arena(arena_bytes(sizes[w::n], top, parallel.AHEAD)) for w in range(n)]
         done = Done(n)
-        fds: list[int] = []
-
-        def pipe() -> tuple[int, int]:
-            r, w = os.pipe()
-            fds.extend((r, w))
-            return r, w
-
-        try:  # every pipe before any fork: each process then closes what is not its own
-            links = {(a, b): pipe() for a in range(n) for b in range(n) if a != b}
-            results = [pipe() for _ in range(n)]
-        except OSError:
-            for fd in fds:
-                os.close(fd)
-            raise
+        pipes = parallel.WorkerPipes(n, range(n))  # every worker reports to this process
+        fds, results = pipes.fds, [pipes.results[w] for w in range(n)]
         for r, _ in results:
             try:
                 fcntl.fcntl(r, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
@@ -161,18 +149,13 @@ class SpreadReplaySource(SnapshotSource):
             for w in range(n):
                 child = os.fork()
                 if child == 0:  # pragma: no cover - the child never returns
-                    own = ({links[(a, w)][0] for a in range(n) if a != w}
-                           | {links[(w, b)][1] for b in range(n) if b != w}
-                           | {results[w][1]})
+                    own = pipes.links_of(w) | {results[w][1]}
                     _child(fds, own, lambda w=w: _work(
-                        self.source, self.step_ns, pid, shares, w, sizes,
-                        {a: links[(a, w)][0] for a in range(n) if a != w},
-                        {b: links[(w, b)][1] for b in range(n) if b != w},
-                        arenas, done, me, results[w][1]))
+                        self.source, self.step_ns, pid, shares, w, sizes, pipes.inbox(w),
+                        pipes.outbox(w), arenas, done, me, results[w][1]))
                 self._pids.append(child)
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            pipes.close()  # every end, the workers' too
             self.close()
             raise
         finally:

@@ -39,7 +39,7 @@ import gc
 import os
 import pickle
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, NoReturn
 
@@ -56,7 +56,7 @@ from .colfeed import COLUMN_BATCH, group_starts
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
-__all__ = ["MIN_EVENTS", "Failed", "Forked", "default_jobs", "plan_blocks",
+__all__ = ["MIN_EVENTS", "Failed", "Forked", "WorkerPipes", "default_jobs", "plan_blocks",
            "plan_shares", "replay_parallel", "shared_blocks"]
 
 #: below this many events a replay stays in one process unless told otherwise (the
@@ -280,6 +280,44 @@ def _work(source: EventSource, shares: list[set[RingId]], w: int,
     return _Share(report, rp.ws, blocks, tap)
 
 
+class WorkerPipes:
+    """Every pipe of ``n`` workers, made before any fork (each process then closes what
+    is not its own): ``links[(a, b)]`` from worker ``a`` to worker ``b``, and
+    ``results[w]`` from each worker ``w`` of ``reporters`` to the parent; (read, write)
+    fds each. ``fds``: all their ends."""
+
+    def __init__(self, n: int, reporters: Iterable[int]) -> None:
+        self.n = n
+        self.fds: list[int] = []
+        try:
+            self.links = {(a, b): self._pipe() for a in range(n) for b in range(n) if a != b}
+            self.results = {w: self._pipe() for w in reporters}
+        except OSError:
+            self.close()
+            raise
+
+    def _pipe(self) -> tuple[int, int]:
+        r, w = os.pipe()
+        self.fds.extend((r, w))
+        return r, w
+
+    def inbox(self, w: int) -> dict[int, int]:
+        """Worker ``w``'s read ends, by the worker writing to it."""
+        return {a: self.links[(a, w)][0] for a in range(self.n) if a != w}
+
+    def outbox(self, w: int) -> dict[int, int]:
+        """Worker ``w``'s write ends, by the worker reading them."""
+        return {b: self.links[(w, b)][1] for b in range(self.n) if b != w}
+
+    def links_of(self, w: int) -> set[int]:
+        """Worker ``w``'s ends of the links: its inbox and its outbox."""
+        return {*self.inbox(w).values(), *self.outbox(w).values()}
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
 def _child(fds: list[int], keep: set[int], wfd: int, run: Any) -> NoReturn:
     """In the forked worker: close the pipe ends not its own, run, send the result (or
     the error) pickled to the parent through ``wfd``, exit."""
@@ -384,28 +422,12 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
     arenas = [Arena(arena_bytes(sizes[w::n], COLUMN_BATCH + top, AHEAD, spans[w::n]))
               for w in range(n)]
     done = Done(n)
-    fds: list[int] = []
-
-    def pipe() -> tuple[int, int]:
-        r, w = os.pipe()
-        fds.extend((r, w))
-        return r, w
-
-    try:  # every pipe before any fork: each process then closes what is not its own
-        links = {(a, b): pipe() for a in range(n) for b in range(n) if a != b}
-        results = {w: pipe() for w in range(1, n)}  # worker -> parent
-    except OSError:
-        for fd in fds:
-            os.close(fd)
-        raise
-
-    def own_fds(w: int) -> set[int]:
-        return ({links[(a, w)][0] for a in range(n) if a != w}
-                | {links[(w, b)][1] for b in range(n) if b != w})
+    pipes = WorkerPipes(n, range(1, n))  # worker 0 is this process
+    fds, results = pipes.fds, pipes.results
 
     def run(w: int, alive: Callable[[], None]) -> _Share:
-        inbox = {a: os.fdopen(links[(a, w)][0], "rb") for a in range(n) if a != w}
-        outbox = {b: os.fdopen(links[(w, b)][1], "wb") for b in range(n) if b != w}
+        inbox = {a: os.fdopen(fd, "rb") for a, fd in pipes.inbox(w).items()}
+        outbox = {b: os.fdopen(fd, "wb") for b, fd in pipes.outbox(w).items()}
         try:
             return _work(source, shares, w, sizes,
                          tap.share() if tap is not None else None, options, inbox, outbox,
@@ -437,10 +459,10 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
         for w in range(1, n):
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child never returns
-                _child(fds, own_fds(w), results[w][1],
+                _child(fds, pipes.links_of(w), results[w][1],
                        lambda w=w: run(w, parent_alive(me)))
             pids.append(pid)
-        keep = own_fds(0) | {r for r, _ in results.values()}
+        keep = pipes.links_of(0) | {r for r, _ in results.values()}
         for fd in fds:  # the children's ends: so that a dead worker's pipes end
             if fd not in keep:
                 os.close(fd)

@@ -49,7 +49,8 @@ READERS = ("recording", "recording-skip", "ftrace", "perf-script", "bundle")
 AS_CAP = 3 << 30  #: address-space cap of the worker (bytes)
 CASE_SECONDS = 20.0  #: time limit of one case
 
-__all__ = ["READERS", "Worker", "Outcome", "Tally", "case_strategy", "seeds"]
+__all__ = ["READERS", "Worker", "Outcome", "Tally", "case_strategy", "miscount_block", "seeds",
+           "spoil_block"]
 
 # --- the worker ----------------------------------------------------------------------------
 
@@ -278,6 +279,28 @@ def _recrc(data: bytearray) -> None:
         head = bytes(data[pos:pos + BLOCK.size - 4])
         crc = zlib.crc32(bytes(data[pos + BLOCK.size:end]), zlib.crc32(head))
         struct.pack_into("<I", data, pos + BLOCK.size - 4, crc)
+
+
+def spoil_block(path: Path, off: int) -> None:
+    """Flip a byte of the stored payload of the block at ``off`` of recording ``path``: its
+    CRC no longer matches."""
+    data = bytearray(path.read_bytes())
+    data[off + BLOCK.size + 20] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def miscount_block(path: Path, off: int, less: int) -> int:
+    """Make the header of the block at ``off`` of recording ``path`` declare ``less``
+    events fewer than its payload holds, CRC made right again (the decoder meets the
+    mismatch itself); returns the count it declared before."""
+    data = bytearray(path.read_bytes())
+    head = list(BLOCK.unpack_from(data, off))
+    count = head[6]
+    head[6] = count - less
+    BLOCK.pack_into(data, off, *head)
+    _recrc(data)
+    path.write_bytes(bytes(data))
+    return count
 
 
 @functools.lru_cache(maxsize=8)

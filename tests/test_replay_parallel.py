@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, kvmtrace_cmd, record_workload, require_kvm_bpf
+from fuzzing import miscount_block, spoil_block
 from test_recording import synthetic
 from test_replay_agree import PID, VM, random_stream
 from test_replay_columns import assert_same, write
@@ -139,10 +140,7 @@ def test_a_damaged_block_is_the_same_error(tmp_path: Path):
     ev = synthetic(40_000, vcpus=2, seed=3)
     path = write(tmp_path / "d.kvt", ev, block_events=2048)
     rec = open_recording(path)
-    off = rec._index[len(rec._index) // 2][0]  # a block in the middle
-    data = bytearray(path.read_bytes())
-    data[off + 60] ^= 0xFF
-    path.write_bytes(bytes(data))
+    spoil_block(path, rec._index[len(rec._index) // 2][0])  # a block in the middle
     outs = [cli("replay", str(path), "-j", j) for j in ("1", "2", "3")]
     assert outs[0].returncode == 2 and "CRC" in outs[0].stderr
     assert {(p.returncode, p.stdout, p.stderr) for p in outs} == \
@@ -230,9 +228,6 @@ def test_a_damaged_block_spread_is_the_same_error(tmp_path: Path, damage: str):
     header (CRC intact) declaring 1000 events fewer than its payload holds (a worker
     decodes it into its arena with room for the declared count only): the error is the
     one-process one, whatever -j."""
-    import struct
-    import zlib
-
     ev = synthetic(40_000, vcpus=2, seed=3)
     size = ev[ev["kind"] == Kind.RING_SIZE][0]
     meta = SourceMeta(kind="test", ring_entries={(int(size["pid"]), int(size["vm"])):
@@ -240,21 +235,14 @@ def test_a_damaged_block_spread_is_the_same_error(tmp_path: Path, damage: str):
     path = write(tmp_path / "h.kvt", ev, meta, block_events=2048)
     assert plan_shares(open_recording(path), 3) is not None  # spread: ring by ring
     off = open_recording(path)._index[9][0]
-    data = bytearray(path.read_bytes())
     if damage == "crc":
-        data[off + 60] ^= 0xFF
-        path.write_bytes(bytes(data))
+        spoil_block(path, off)
         outs = [cli("replay", str(path), "-j", j) for j in ("1", "2", "3")]
         assert outs[0].returncode == 2 and "CRC" in outs[0].stderr
         assert {(p.returncode, p.stdout, p.stderr) for p in outs} == \
             {(outs[0].returncode, outs[0].stdout, outs[0].stderr)}
         return
-    stored, count = struct.unpack_from("<I", data, off + 8)[0], \
-        struct.unpack_from("<I", data, off + 16)[0]
-    struct.pack_into("<I", data, off + 16, count - 1000)
-    struct.pack_into("<I", data, off + 36,
-                     zlib.crc32(bytes(data[off:off + 36] + data[off + 40:off + 40 + stored])))
-    path.write_bytes(bytes(data))
+    count = miscount_block(path, off, 1000)
     outs = [cli("replay", str(path), "-j", j) for j in ("1", "2", "3")]
     assert outs[0].returncode == 2 and f"{count} events, header says {count - 1000}" in \
         outs[0].stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, kvmtrace_cmd, record_workload, require_kvm_bpf
+from fuzzing import miscount_block, spoil_block
 from test_replay_agree import PID, VM, random_stream
 from test_replay_columns import write
 
@@ -225,21 +226,13 @@ def test_jobs_flag_is_checked():
 def damaged(tmp_path: Path, block: int, how: str) -> Path:
     """A recording (rings spread by -j) with block ``block`` damaged: its CRC, or its
     header (CRC intact) declaring 1000 events fewer than its payload holds."""
-    import zlib
-
     ev = workload_stream(40_000, vcpus=3, seed=3)
     path = write(tmp_path / f"d{block}{how}.kvt", ev, block_events=2048)
     off = open_recording(path)._index[block][0]
-    data = bytearray(path.read_bytes())
     if how == "crc":
-        data[off + 60] ^= 0xFF
+        spoil_block(path, off)
     else:
-        stored, count = struct.unpack_from("<I", data, off + 8)[0], \
-            struct.unpack_from("<I", data, off + 16)[0]
-        struct.pack_into("<I", data, off + 16, count - 1000)
-        struct.pack_into("<I", data, off + 36,
-                         zlib.crc32(bytes(data[off:off + 36] + data[off + 40:off + 40 + stored])))
-    path.write_bytes(bytes(data))
+        miscount_block(path, off, 1000)
     return path
 
 

@@ -290,16 +290,23 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write(tmp_path_factory.mktemp("big") / "big.kvt", ev, block_events=8192)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_ends_the_batch_and_its_workers(big: Path, sig: signal.Signals):
+def running_top(big: Path, stderr: int = subprocess.PIPE
+                ) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """``top -b --json -j 2 --replay big`` once its first window is out (running; its two
+    workers forked): the process and its workers' pids."""
     proc = subprocess.Popen(kvmtrace_cmd("top", "-b", "--json", "-d", "0.00001", "-j", "2",
                                          "--replay", str(big)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
-    assert proc.stdout.readline().startswith(b"{")  # running; the workers were forked
+    assert proc.stdout.readline().startswith(b"{")
     kids = workers_of(proc.pid)
     assert len(kids) == 2
+    return proc, kids
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_the_batch_and_its_workers(big: Path, sig: signal.Signals):
+    proc, kids = running_top(big)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and b"Traceback" not in err
@@ -356,14 +363,7 @@ def test_the_interactive_view_ends_its_workers(big: Path, keys: bytes | None,
 
 def test_the_parent_gone_ends_the_workers(big: Path):
     """A parent killed outright (SIGKILL: nothing of it runs) leaves no worker behind."""
-    proc = subprocess.Popen(kvmtrace_cmd("top", "-b", "--json", "-d", "0.00001", "-j", "2",
-                                         "--replay", str(big)),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().startswith(b"{")
-    kids = workers_of(proc.pid)
-    assert len(kids) == 2
+    proc, kids = running_top(big, stderr=subprocess.DEVNULL)
     proc.kill()
     proc.wait(timeout=30)
     proc.stdout.close()
@@ -421,14 +421,7 @@ def test_cut_and_trailing_bytes_cli(tmp_path: Path):
 def test_a_worker_killed_is_one_line(big: Path):
     """A worker killed from outside: top ends with one line (no traceback, no worker
     left)."""
-    proc = subprocess.Popen(kvmtrace_cmd("top", "-b", "--json", "-d", "0.00001", "-j", "2",
-                                         "--replay", str(big)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().startswith(b"{")
-    kids = workers_of(proc.pid)
-    assert len(kids) == 2
+    proc, kids = running_top(big)
     os.kill(kids[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err

@@ -25,7 +25,8 @@ for _path in (ROOT / "tests", ROOT):
         sys.path.insert(0, str(_path))
 
 __all__ = ["ROOT", "kvmtrace_cmd", "reaper_workload", "cpu_seconds", "require_root", "soak_tests",
-           "parser", "Outcome", "repeat", "soak_runs", "pytest_once", "Column", "Table"]
+           "parser", "Outcome", "repeat", "soak_runs", "seeded_soak", "pytest_once", "Column",
+           "Table"]
 
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
@@ -160,6 +161,18 @@ def soak_runs(label: str, runs: int, one: Callable[[Path], tuple[bool, str]]) ->
         failed += not ok
         print(f"{label}run {i + 1}: {'ok' if ok else 'FAIL'}: {line}", flush=True)
     return failed
+
+
+def seeded_soak(doc: str | None, label: str, first_seed: int,
+                one: Callable[[Path, int], tuple[bool, str]]) -> int:
+    """A soak's main: ``--runs N`` (20) runs of ``one(folder, seed)`` through
+    :func:`soak_runs`, seeds ``first_seed``, ``first_seed + 1``, ...; prints the tally and
+    returns the exit status (1 if any run failed)."""
+    args = parser(doc, runs=20).parse_args()
+    seeds = iter(range(first_seed, first_seed + args.runs))
+    failed = soak_runs(label, args.runs, lambda tmp: one(tmp, next(seeds)))
+    print(f"{args.runs - failed}/{args.runs} runs passed")
+    return 1 if failed else 0
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, parser, soak_runs
+from _common import ROOT, seeded_soak
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -96,11 +96,7 @@ def _one(tmp: Path, seed: int) -> tuple[bool, str]:
 
 
 def main() -> int:
-    args = parser(__doc__, runs=20).parse_args()
-    seeds = iter(range(1000, 1000 + args.runs))
-    failed = soak_runs("parallel ", args.runs, lambda tmp: one(tmp, next(seeds)))
-    print(f"{args.runs - failed}/{args.runs} runs passed")
-    return 1 if failed else 0
+    return seeded_soak(__doc__, "parallel ", 1000, one)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, kvmtrace_cmd, parser, soak_runs
+from _common import ROOT, kvmtrace_cmd, seeded_soak
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -120,11 +120,7 @@ def one(tmp: Path, seed: int) -> tuple[bool, str]:
 
 
 def main() -> int:
-    args = parser(__doc__, runs=20).parse_args()
-    seeds = iter(range(2000, 2000 + args.runs))
-    failed = soak_runs("top -j ", args.runs, lambda tmp: one(tmp, next(seeds)))
-    print(f"{args.runs - failed}/{args.runs} runs passed")
-    return 1 if failed else 0
+    return seeded_soak(__doc__, "top -j ", 2000, one)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ def test_push_program_fills_the_ring_of_its_cpu(bpf_root: None) -> None:
         assert lost[:2] == [runs[0] - fits, runs[1] - fits]
         assert sum(lost) == p.lost() == sum(runs.values()) - 2 * fits
         with p.event_reader() as reader:
-            parts = [reader._take(cpu)[0] for cpu in (0, 1)]
+            parts = [reader.read_cpu(cpu)[0] for cpu in (0, 1)]
             for cpu, got in enumerate(parts):
                 assert got["slot"].tolist() == [1000 * cpu + i for i in range(fits)]
                 assert set(got["kind"].tolist()) == {Kind.PUSH}

@@ -43,7 +43,7 @@ import numpy as np
 from _common import ROOT, parser, reaper_workload, require_root
 
 from kvmtrace.analysis.stuck import EventStuck
-from kvmtrace.core.events import EVENT_DTYPE, Kind, ring_sizes
+from kvmtrace.core.events import EVENT_DTYPE, Kind, concat_records, ring_sizes
 from kvmtrace.core.sources import SourceMeta
 from kvmtrace.source import recording
 
@@ -63,9 +63,15 @@ def capture(out: Path, seconds: float) -> None:
     calls: list[tuple[list[np.ndarray], int | None]] = []
     real = percpu.EventMerge.merge
 
-    def spy(self: Any, parts: Any, limit: int | None) -> np.ndarray:
-        calls.append(([percpu._copy(p) for p in parts], limit))
-        return real(self, parts, limit)
+    def spy(self: Any, parts: Any, limit: int | None, sources: Any = None) -> np.ndarray:
+        srcs = range(len(parts)) if sources is None else sources
+        by_cpu: dict[int, list[np.ndarray]] = {}  # a ring read in two pieces: one part
+        for p, s in zip(parts, srcs, strict=True):
+            by_cpu.setdefault(s, []).append(p)
+        ncpu = max(by_cpu, default=-1) + 1
+        calls.append(([concat_records(by_cpu[c]) if c in by_cpu else np.empty(0, EVENT_DTYPE)
+                       for c in range(ncpu)], limit))
+        return real(self, parts, limit, sources)
 
     percpu.EventMerge.merge = spy  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,7 +43,7 @@ from types import TracebackType
 
 import numpy as np
 
-from ..core.events import EVENT_DTYPE, Kind
+from ..core.events import EVENT_DTYPE, Kind, concat_records, copy_records, take_records
 from ..errors import KvmtraceError, MissingFeature, UsageError
 from .layout import CPU_HEAD_DTYPE
 
@@ -62,24 +62,6 @@ SLACK_NS = 2_000_000
 _PUSH, _RESET = np.uint8(Kind.PUSH), np.uint8(Kind.RESET)
 #: u64 words of struct kt_event holding pid, ring, vm and kind (and tid, slot, padding)
 _KEY_U64 = sorted({EVENT_DTYPE.fields[f][1] // 8 for f in ("pid", "ring", "vm", "kind")})
-
-
-def _take(ev: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """ev[index], copied as opaque fixed-size items (numpy copies those several times
-    faster than a structured dtype with fields)."""
-    return ev.view(np.dtype((np.void, ev.dtype.itemsize)))[index].view(ev.dtype)
-
-
-def _copy(ev: np.ndarray) -> np.ndarray:
-    """A copy of ``ev``, made as of opaque fixed-size items (15 x faster than numpy's copy of
-    a structured dtype, field by field)."""
-    return ev.view(np.dtype((np.void, ev.dtype.itemsize))).copy().view(ev.dtype)
-
-
-def _opaque_concat(arrays: list[np.ndarray]) -> np.ndarray:
-    dtype = arrays[0].dtype
-    raw = np.dtype((np.void, dtype.itemsize))
-    return np.concatenate([a.view(raw) for a in arrays]).view(dtype)
 
 
 def _ring_keys(ev: np.ndarray) -> np.ndarray:
@@ -111,7 +93,7 @@ def _run_heads(ev: np.ndarray, src: np.ndarray) -> np.ndarray:
     n = len(ev)
     head = np.empty(n, bool)
     head[0] = True
-    words = (ev if ev.flags.c_contiguous else _copy(ev)).view(np.uint64).reshape(n, -1)
+    words = (ev if ev.flags.c_contiguous else copy_records(ev)).view(np.uint64).reshape(n, -1)
     h = head[1:]
     np.not_equal(src[1:], src[:-1], out=h)
     for w in _KEY_U64:
@@ -135,7 +117,7 @@ def shared_rings(ev: np.ndarray, src: np.ndarray) -> np.ndarray | None:
     sel = at[ordered]
     # rings (sorted by key) and the sources of their runs: numpy's unique() costs tens of
     # microseconds a call, a sort of these few hundred keys a few
-    key = _ring_keys(_take(ev, sel))
+    key = _ring_keys(take_records(ev, sel))
     by_key = np.argsort(key, kind="stable")
     sk, ss = key[by_key], src[sel][by_key]
     first = np.empty(len(sk), bool)
@@ -181,7 +163,7 @@ def ring_order(ev: np.ndarray, ring_id: np.ndarray, src: np.ndarray | None = Non
     rel_ri[kind == _PUSH] = 0
     by_index = np.lexsort((rel_di, rel_ri, group))  # stable: ties keep their order
     moved = int(np.count_nonzero(by_index != np.arange(len(order))))
-    ev[at] = _take(ev, at[by_index])
+    ev[at] = take_records(ev, at[by_index])
     if src is not None:
         src[at] = src[at[by_index]]
     return moved
@@ -227,7 +209,7 @@ class EventMerge:
             if nheld:
                 arrays.insert(0, self._held)
             # one pass over the parts (the rings' memory): everything after reads the copy
-            ev = _opaque_concat(arrays) if len(arrays) > 1 else _copy(arrays[0])
+            ev = concat_records(arrays) if len(arrays) > 1 else copy_records(arrays[0])
             src = np.empty(len(ev), np.int32)
             src[:nheld] = self._held_src
             at = nheld
@@ -246,14 +228,14 @@ class EventMerge:
                 order = np.argsort(ts, kind="stable")
                 ring_id = shared_rings(ev, src)
         if order is not None:
-            ev, src, ts = _take(ev, order), src[order], ts[order]
+            ev, src, ts = take_records(ev, order), src[order], ts[order]
             ring_id = None if ring_id is None else ring_id[order]
         cut = len(ev) if limit is None else int(np.searchsorted(ts, np.uint64(max(0, limit)),
                                                                 "right"))
         done = int(ts[-1]) if limit is None else limit  # before ring_order() moves events
         if ring_id is not None:
             self.reordered += ring_order(ev, ring_id, src)
-        self._held, self._held_src = _copy(ev[cut:]), src[cut:].copy()
+        self._held, self._held_src = copy_records(ev[cut:]), src[cut:].copy()
         self._done = done if self._done is None else max(self._done, done)
         return ev[:cut]
 
@@ -340,10 +322,11 @@ class PerCpuReader:
         self.max_fill = max(self.max_fill, n / self.entries)
         return ([ring[a:b]] if a < b else [ring[a:], ring[:b]][: 2 if b else 1]), busy, head
 
-    def _take(self, cpu: int) -> tuple[np.ndarray, bool]:
-        """CPU ``cpu``'s new records (copied) and whether its CPU was writing one."""
+    def read_cpu(self, cpu: int) -> tuple[np.ndarray, bool]:
+        """CPU ``cpu``'s new records alone, copied, not merged (a check of one ring), and
+        whether its CPU was writing one."""
         views, busy, head = self._views(cpu)
-        part = _opaque_concat(views) if views else _copy(self._events[cpu, :0])
+        part = concat_records(views) if views else copy_records(self._events[cpu, :0])
         self._heads[cpu, _TAIL] = head  # last: the program may now write over these records
         return part, busy
 

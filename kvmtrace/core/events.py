@@ -19,8 +19,11 @@ __all__ = [
     "EVENT_DTYPE",
     "Kind",
     "RING_UNKNOWN",
+    "concat_records",
+    "copy_records",
     "empty",
     "ring_sizes",
+    "take_records",
     "vm_keys",
     "vm_pairs",
 ]
@@ -65,6 +68,28 @@ def empty(n: int = 0) -> np.ndarray:
     ev["ring"] = RING_UNKNOWN
     ev["vm"] = VM_UNKNOWN
     return ev
+
+
+def _opaque(dtype: np.dtype) -> np.dtype:
+    return np.dtype((np.void, dtype.itemsize))
+
+
+def take_records(ev: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``ev[index]`` (fancy indexing), copied as opaque fixed-size items: numpy copies a
+    structured dtype field by field, several times slower."""
+    return ev.view(_opaque(ev.dtype))[index].view(ev.dtype)
+
+
+def copy_records(ev: np.ndarray) -> np.ndarray:
+    """A copy of ``ev``, made as of opaque fixed-size items (about 15 x faster than
+    numpy's copy of a structured dtype)."""
+    return ev.view(_opaque(ev.dtype)).copy().view(ev.dtype)
+
+
+def concat_records(arrays: list[np.ndarray]) -> np.ndarray:
+    """``arrays`` (one structured dtype) joined, copied as opaque fixed-size items."""
+    raw = _opaque(arrays[0].dtype)
+    return np.concatenate([a.view(raw) for a in arrays]).view(arrays[0].dtype)
 
 
 def ring_sizes(ev: np.ndarray) -> dict[tuple[int, int], int]:

@@ -80,27 +80,12 @@ def open_replay(source: EventSource, step_ns: int, *, pid: int = 0, jobs: int | 
 
 def _plan(source: EventSource, jobs: int | None, min_events: int | None
           ) -> tuple[list[set[RingId]], list[tuple[int, int]]] | None:
-    from .replay.parallel import default_jobs, plan_blocks
+    from .replay.parallel import plan_spread
 
-    if min_events is None:
-        min_events = MIN_EVENTS
-    try:
-        cap = jobs if jobs is not None else len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cap = os.cpu_count() or 1
-    if cap < 2:
+    planned = plan_spread(source, jobs, MIN_EVENTS if min_events is None else min_events,
+                          by_ring=True)
+    if planned is None:
         return None
-    planned = plan_blocks(source, cap, by_ring=True)
-    if planned is None or planned[0] < min_events:
-        return None
-    if jobs is None:  # large enough: how many CPUs are idle now
-        jobs = default_jobs()
-        if jobs < 2:
-            return None
-        if jobs < cap:
-            planned = plan_blocks(source, jobs, by_ring=True)
-            if planned is None:
-                return None
     return planned[2], planned[3]
 
 

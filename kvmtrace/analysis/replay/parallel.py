@@ -57,7 +57,7 @@ from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
 __all__ = ["MIN_EVENTS", "Failed", "Forked", "WorkerPipes", "default_jobs", "plan_blocks",
-           "plan_shares", "replay_parallel", "shared_blocks"]
+           "plan_shares", "plan_spread", "replay_parallel", "shared_blocks"]
 
 #: below this many events a replay stays in one process unless told otherwise (the
 #: forks and the copies of block shares cost more than they save)
@@ -144,6 +144,28 @@ def plan_blocks(source: EventSource, jobs: int, *, by_ring: bool = False
         load[w] += weight[u]
         shares[w] |= rings[u]
     return events, len(blocks), shares, sizes
+
+
+def plan_spread(source: EventSource, jobs: int | None, min_events: int, *,
+                by_ring: bool = False
+                ) -> tuple[int, int, list[set[RingId]], list[tuple[int, int]]] | None:
+    """:func:`plan_blocks` over up to ``jobs`` processes, or None when one process is the
+    way (fewer than ``min_events`` events, or fewer than 2 processes). ``jobs`` None: the
+    CPUs this process may use, then, once the source is known to be large enough, those
+    idle now (:func:`default_jobs`, a 100 ms sample)."""
+    cap = jobs if jobs is not None else _allowed_cpus()
+    if cap < 2:
+        return None
+    planned = plan_blocks(source, cap, by_ring=by_ring)
+    if planned is None or planned[0] < min_events:
+        return None
+    if jobs is None:
+        jobs = default_jobs()
+        if jobs < 2:
+            return None
+        if jobs < cap:
+            planned = plan_blocks(source, jobs, by_ring=by_ring)
+    return planned
 
 
 @dataclass
@@ -402,18 +424,9 @@ def replay_parallel(source: EventSource, jobs: int | None, tap: SharedTap | None
     if (jobs is not None and jobs < 2) or options.get("simulate_entries") or (
             tap is not None and not isinstance(tap, SharedTap)):
         return None
-    cap = jobs if jobs is not None else _allowed_cpus()
-    planned = plan_blocks(source, cap)
-    if planned is None or planned[0] < min_events:
+    planned = plan_spread(source, jobs, min_events)
+    if planned is None:
         return None
-    if jobs is None:
-        jobs = default_jobs()
-        if jobs < 2:
-            return None
-        if jobs < cap:
-            planned = plan_blocks(source, jobs)
-            if planned is None:
-                return None
     _, _, shares, sizes = planned
     n = len(shares)
     top = max((c for c, _ in sizes), default=0)

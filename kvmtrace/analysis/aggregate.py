@@ -81,17 +81,6 @@ def log2_buckets(values: np.ndarray) -> np.ndarray:
     return np.bincount(idx, minlength=HIST_BUCKETS)[:HIST_BUCKETS]
 
 
-def group_bounds(parts: EventColumns) -> np.ndarray | None:
-    """Where each group's events start in the group-major columns, and their end (ngroups
-    + 1 values); None for a block of one group (no group numbers)."""
-    if parts.gid is None:
-        return None
-    if parts.order is not None:  # the group numbers in group-major order: sorted
-        return np.searchsorted(np.take(parts.gid, parts.order), np.arange(len(parts.groups) + 1))
-    return np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
-                                                      minlength=len(parts.groups)))))
-
-
 def record_columns(events: np.ndarray) -> EventColumns:
     """EVENT_DTYPE records (time order) as columns, grouped by (pid, vm, ring, kind) (the
     group table's ``tid`` is 0: no counter reads it)."""
@@ -165,7 +154,7 @@ class Aggregator:
         """Add one batch (EVENT_DTYPE, time order) to the counters."""
         if len(events):
             parts = record_columns(events)
-            self.feed_columns(parts, 0, parts.n, group_bounds(parts))
+            self.feed_columns(parts, 0, parts.n, parts.group_starts())
 
     def add_lost(self, n: int) -> None:
         """Lost events: events the producer could not deliver (a source's ``lost``)."""
@@ -174,7 +163,7 @@ class Aggregator:
     def feed_columns(self, parts: EventColumns, lo: int = 0, hi: int | None = None,
                      bounds: np.ndarray | None = None) -> None:
         """Add the events at time positions ``lo``..``hi`` of a block (its columns; ``hi``
-        None: to its end). ``bounds``: :func:`group_bounds` of the block, when known.
+        None: to its end). ``bounds``: its ``group_starts()``, when known.
 
         Per batch, the per-VM events come first (latencies, then ring sizes in time
         order: a size applies to the batch's pushes), then each ring's."""
@@ -234,7 +223,7 @@ class Aggregator:
         if parts.gid is None:
             return [(0, lo, hi)] if want is None or 0 in want else []
         if bounds is None:
-            bounds = group_bounds(parts)
+            bounds = parts.group_starts()
             assert bounds is not None
         order = parts.order
         assert order is not None
@@ -418,18 +407,18 @@ def _add_hist(dst: list[int], add: np.ndarray) -> None:
         dst[i] += int(add[i])
 
 
-Block = tuple[EventColumns, "np.ndarray | None"]  # a block's columns and group_bounds()
+Block = tuple[EventColumns, "np.ndarray | None"]  # a block's columns and its group_starts()
 Feed = Callable[[EventColumns, int, int, "np.ndarray | None"], None]
 
 
 def source_blocks(source: EventSource) -> Iterator[Block]:
     """A source's blocks as columns (a recording's as stored, a text trace's batches
-    grouped by :func:`record_columns`), each with its :func:`group_bounds`."""
+    grouped by :func:`record_columns`), each with its group_starts()."""
     columns: Iterable[EventColumns] | None = source.column_batches()
     if columns is None:
         columns = (record_columns(b) for b in source.batches() if len(b))
     for parts in columns:
-        yield parts, group_bounds(parts)
+        yield parts, parts.group_starts()
 
 
 class StepClock:

@@ -283,7 +283,7 @@ def _pushers_and_rest(cols: EventColumns) -> tuple[set[tuple[int, int, int]], np
     # group-major positions of the other groups' events (few), from the groups' sizes:
     # no pass over the block's pushes but counting them
     rest = np.flatnonzero(~push_g)
-    starts = np.concatenate(([0], np.cumsum(np.bincount(cols.gid, minlength=len(g)))))
+    starts = cols.group_starts()
     lo, hi = starts[rest], starts[rest + 1]
     sizes = hi - lo
     gm = np.repeat(hi - np.cumsum(sizes), sizes) + np.arange(int(sizes.sum()))

@@ -82,13 +82,27 @@ class EventColumns:
     grouped: dict[str, np.ndarray]
     const: dict[str, np.ndarray]
 
-    def events(self) -> np.ndarray:
-        """The events as EVENT_DTYPE records, in time order."""
+    def template(self) -> np.ndarray:
+        """One EVENT_DTYPE record per group: its group fields and its constant columns
+        (``ts`` and the ``grouped`` columns zero)."""
         tmpl = np.zeros(len(self.groups), EVENT_DTYPE)
         for key in GROUP_FIELDS:
             tmpl[key] = self.groups[key]
         for name, v in self.const.items():
             tmpl[name] = v
+        return tmpl
+
+    def group_starts(self) -> np.ndarray | None:
+        """Where each group's events start in the group-major columns, and their end
+        (ngroups + 1 values); None with one group (no group numbers)."""
+        if self.gid is None:
+            return None
+        assert self.order is not None  # the group numbers in group-major order: sorted
+        return np.searchsorted(np.take(self.gid, self.order), np.arange(len(self.groups) + 1))
+
+    def events(self) -> np.ndarray:
+        """The events as EVENT_DTYPE records, in time order."""
+        tmpl = self.template()
         gid, order = self.gid, self.order
         ev = tmpl.take(gid) if gid is not None else tmpl.take(np.zeros(self.n, np.intp))
         ev["ts"] = self.ts

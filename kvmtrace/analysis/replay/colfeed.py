@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...core.columns import GROUP_FIELDS, EventColumns
-from ...core.events import EVENT_DTYPE, Kind
+from ...core.columns import EventColumns
+from ...core.events import Kind
 from ...model.results import RingId
 from .bulk import Cols
 from .workingset import PushTimes
 
-__all__ = ["COLUMN_BATCH", "RingCols", "RingGroups", "group_starts", "join_ring_cols",
+__all__ = ["COLUMN_BATCH", "RingCols", "RingGroups", "join_ring_cols",
            "ring_columns", "ring_keys", "share_events"]
 
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
@@ -114,21 +114,13 @@ class RingGroups:
         return RingGroups(keys, [members[k] for k in keys], kinds)
 
 
-def group_starts(parts: EventColumns) -> np.ndarray:
-    """Where each group's events start in the group-major columns, and their end (ngroups
-    + 1 values; a block with group numbers)."""
-    assert parts.gid is not None
-    return np.concatenate(([0], np.cumsum(np.bincount(parts.gid,
-                                                      minlength=len(parts.groups)))))
-
-
 def ring_columns(parts: EventColumns, groups: np.ndarray | None = None, *,
                  rings: RingGroups | None = None, starts: np.ndarray | None = None
                  ) -> list[RingCols]:
     """Every ring's events of the block (kinds PUSH..STALL; others are left out), rings in
     (pid, vm, index) order; only those of the ``groups`` (a bool per group) when given.
     ``rings``: ``RingGroups.of(parts.groups, groups)`` when known; ``starts``:
-    :func:`group_starts` when known.
+    ``parts.group_starts()`` when known.
 
     Per ring, its largest group (its vCPU's pushes) is a slice of the group-major columns
     already in time order; the ring's other events (resets, exits, stalls: few) are put
@@ -144,7 +136,7 @@ def ring_columns(parts: EventColumns, groups: np.ndarray | None = None, *,
                     *(_grouped(parts, name, 0, 0, parts.n) for name in _COLS))
         return [RingCols(key, cols, (_push_times(parts, 0, parts.n), cols.slot, cols.off)
                          if kinds[0] == _PUSH else (cols.ts[:0], cols.slot[:0], cols.off[:0]))]
-    gstart = group_starts(parts) if starts is None else starts
+    gstart = parts.group_starts() if starts is None else starts
     out = []
     for key, gs in zip(rg.keys, rg.members, strict=True):
         gs = [g for g in gs if gstart[g + 1] > gstart[g]]
@@ -243,7 +235,7 @@ def share_events(parts: EventColumns, groups: np.ndarray,
                  starts: np.ndarray | None = None) -> np.ndarray:
     """The block's events of the ``groups`` (a bool per group) as records: those of
     ``parts.events()``, built for these events alone (a share of the rings builds its
-    share, not the block). ``starts``: :func:`group_starts` when known."""
+    share, not the block). ``starts``: ``parts.group_starts()`` when known."""
     if parts.gid is None:
         return parts.events() if groups[0] else parts.events()[:0]
     gid, order = parts.gid, parts.order
@@ -251,14 +243,9 @@ def share_events(parts: EventColumns, groups: np.ndarray,
     sel = np.flatnonzero(groups[gid])  # time positions of the share's events
     if len(sel) == parts.n:
         return parts.events()
-    tmpl = np.zeros(len(parts.groups), EVENT_DTYPE)
-    for key in GROUP_FIELDS:
-        tmpl[key] = parts.groups[key]
-    for name, v in parts.const.items():
-        tmpl[name] = v
-    ev = tmpl.take(gid[sel])
+    ev = parts.template().take(gid[sel])
     ev["ts"] = parts.ts[sel]
-    gstart = group_starts(parts) if starts is None else starts
+    gstart = parts.group_starts() if starts is None else starts
     gm = np.concatenate([np.arange(gstart[g], gstart[g + 1], dtype=np.intp)
                          for g in np.flatnonzero(groups).tolist()] or [sel[:0]])
     at = np.searchsorted(sel, np.take(order, gm))  # their places among the share's

@@ -236,7 +236,7 @@ class Replay:
         building EVENT_DTYPE records. Blocks
         with events taken one by one (ring sizes, exits of VMs of unknown size) and
         ``simulate_entries`` go through :meth:`feed`. ``starts``:
-        :func:`~.colfeed.group_starts` of ``parts`` when known."""
+        ``parts.group_starts()`` when known."""
         if not parts.n:
             return
         info = self._table_info(parts.groups)

@@ -52,7 +52,7 @@ from ...errors import KvmtraceError
 from ...host.cpuload import idle_cpus
 from ...model.results import RingId
 from .blockshm import Arena, Done, arena_bytes, block_bytes, parent_alive
-from .colfeed import COLUMN_BATCH, group_starts
+from .colfeed import COLUMN_BATCH
 from .engine import Replay, ReplayReport, SharedTap
 from .workingset import WorkingSet
 
@@ -246,7 +246,7 @@ def shared_blocks(source: EventSource, n: int, w: int, sizes: list[tuple[int, in
                 ready[nxt] = bad
                 nxt = nblocks  # nothing after it is read
                 return
-            starts = None if parts.gid is None else group_starts(parts)
+            starts = parts.group_starts()
             _send(outbox, ("ok", arenas[w].commit(room, parts, starts)))
             if tap is not None:
                 tap.columns(parts)

@@ -10,6 +10,9 @@ the workload's ns per push (vCPU run time / pushes) measured in the same run:
   empty   tests/bpf/empty_push.c: the floor of any probe (dispatch + statistics)
   clock   tests/bpf/clock_push.c: the floor of any probe that timestamps its events (empty
           + one bpf_ktime_get_ns() stored per CPU)
+  emit    tests/bpf/emit_push.c: the floor of any probe that records each push with what a
+          replay needs (clock + the ring's indices + the task, one 48-byte record per push
+          in this CPU's part of an array: kvmtrace's layout without identity or checks)
   top     kvmtrace's probes with in-kernel aggregation (what `kvmtrace top` loads): pushes
           counted by the fast path (an array slot found by the ring's address)
   top-hash the same without the fast path: every push reads the ring and looks up two hash
@@ -27,7 +30,7 @@ total run time divided by the pushes of the run (the whole probe cost per push).
 Modes alternate for --rounds rounds; medians are printed. Needs root; turns
 kernel.bpf_stats_enabled on for the run (announced, restored).
 
-    .venv/bin/python tools/bench_probe_cost.py [--rounds 3] [--seconds 3]
+    .venv/bin/python tools/bench_probe_cost.py [--rounds 3] [--seconds 3] [--modes M,M]
 """
 
 from __future__ import annotations
@@ -108,6 +111,10 @@ def run_clock(seconds: float) -> Row:
     return run_c("clock_push.c", seconds)
 
 
+def run_emit(seconds: float) -> Row:
+    return run_c("emit_push.c", seconds)
+
+
 def run_top(seconds: float) -> Row:
     from kvmtrace.bpf.loader import Probes
 
@@ -157,28 +164,35 @@ TABLE = Table([Column("round", ">5"), Column("mode", ">11"), Column("pushes", ">
                Column("push ns", ">8", ">8.1f"), Column("resets", ">7"),
                Column("rst ns", ">7", ">7.0f"), Column("all ns/push", ">11", ">11.1f"),
                Column("ns/push", ">8", ">8.0f"), Column("share", ">6")])
-MODES = {"empty": run_empty, "clock": run_clock, "top": run_top, "top-hash": run_top_hash,
-         "light": run_light, "record": run_record, "record-hash": run_record_hash}
+MODES = {"empty": run_empty, "clock": run_clock, "emit": run_emit, "top": run_top,
+         "top-hash": run_top_hash, "light": run_light, "record": run_record,
+         "record-hash": run_record_hash}
 
 
 def main() -> int:
     ap = parser(__doc__, rounds=3)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--modes", default=",".join(MODES), metavar="M,M",
+                    help="modes to run, of: %(default)s (empty is always run: the anchor)")
     args = ap.parse_args()
+    modes = ["empty", *(m for m in args.modes.split(",") if m and m != "empty")]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode {bad[0]!r}: use some of {', '.join(MODES)}")
     require_root("bench_probe_cost", "BPF")
-    got: dict[str, list[Row]] = {m: [] for m in MODES}
+    got: dict[str, list[Row]] = {m: [] for m in modes}
     with bpf_stats():
         print(TABLE.header())
         for i in range(args.rounds):
-            for mode, fn in MODES.items():
-                r = fn(args.seconds)
+            for mode in modes:
+                r = MODES[mode](args.seconds)
                 got[mode].append(r)
                 print(TABLE.row(i, mode, r.pushes, r.push_ns, r.reset_runs, r.reset_ns,
                                 r.all_per_push, r.ns_push,
                                 f"{100 * r.all_per_push / r.ns_push:.2f}%"), flush=True)
     print()
     floor = statistics.median(r.push_ns for r in got["empty"])
-    for mode in MODES:
+    for mode in modes:
         ns_run = statistics.median(r.push_ns for r in got[mode])
         ns_all = statistics.median(r.all_per_push for r in got[mode])
         ns_push = statistics.median(r.ns_push for r in got[mode])
@@ -191,7 +205,7 @@ def main() -> int:
                      " ns/reset")
         print(line)
     print("per round, push program / the same round's empty program: median (min-max)")
-    for mode in MODES:
+    for mode in modes:
         if mode in ("empty", "light"):
             continue
         ratios = [r.push_ns / e.push_ns for r, e in zip(got[mode], got["empty"], strict=True)

@@ -12,7 +12,9 @@ VMM's own counts, not the tracer's). Windows of ``--window`` seconds follow each
 
 where ``kvmtrace`` is ``kvmtrace record -p PID`` and ``perf`` is ``perf record -p PID -e
 kvm:kvm_dirty_ring_{push,reset,exit}`` (``--tracers`` may add ``top``: ``kvmtrace top -b -p
-PID``, the aggregating probes with no event stream), each attached before its window opens
+PID``, the aggregating probes with no event stream, and the floors ``clock`` and ``emit``:
+tests/bpf/clock_push.c and emit_push.c alone, the least any probe that timestamps, or
+records, each push costs, with no reader at all), each attached before its window opens
 (after its start-up, plus ``--settle`` s) and stopped with SIGINT after it closes. Each traced
 window's rate (guest writes/s/vCPU) is compared with the mean of the untraced windows either
 side of it, which cancels a drift slower than a window. Printed per traced window and as
@@ -27,6 +29,7 @@ smaller than that spread cannot be told from none.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import signal
@@ -39,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import kvmtrace_cmd, parser, reaper_workload, require_root
+from _common import ROOT, kvmtrace_cmd, parser, reaper_workload, require_root
 
 from kvmtrace.source.recording import open_recording
 
@@ -47,6 +50,9 @@ PERF_EVENTS = ["-e", "kvm:kvm_dirty_ring_push", "-e", "kvm:kvm_dirty_ring_reset"
                "-e", "kvm:kvm_dirty_ring_exit"]
 PROGRESS_MS = 50
 MAX_RUN_S = 3600  # the workload's --duration: it is stopped (SIGINT) when the windows end
+#: tracers that are one program of tests/bpf/ alone (loaded by this script as a child)
+FLOORS = {"clock": "clock_push.c", "emit": "emit_push.c"}
+TRACERS = ("kvmtrace", "perf", "top", *FLOORS)
 
 
 @dataclass
@@ -128,6 +134,8 @@ def traced(mode: str, pid: int, progress: Progress, args, tmp: Path) -> Window: 
         cmd = kvmtrace_cmd("record", "-p", str(pid), "-o", str(out))
     elif mode == "top":
         cmd = kvmtrace_cmd("top", "-b", "-p", str(pid), "-d", "1")
+    elif mode in FLOORS:
+        cmd = [sys.executable, __file__, "--floor-child", FLOORS[mode]]
     else:
         cmd = ["perf", "record", "-q", *PERF_EVENTS, "-p", str(pid), "-o", str(out)]
     with open(tmp / f"{mode}.err", "w+") as err:
@@ -181,6 +189,22 @@ def line(label: str, ratios: list[float], sign: float = 1.0) -> str:
             + f"   median {statistics.median(xs):+.1f}%, spread {min(xs):+.1f} .. {max(xs):+.1f}%")
 
 
+def floor_child(name: str) -> int:
+    """Load tests/bpf/NAME (bcc), say so as kvmtrace does, hold it until SIGINT."""
+    from bcc import BPF
+
+    from kvmtrace.host.headers import use_headers
+
+    use_headers()
+    b = BPF(src_file=str(ROOT / "tests/bpf" / name).encode())
+    print(f"{name} attached. Hit Ctrl-C to end.", file=sys.stderr, flush=True)
+    try:
+        signal.sigwait({signal.SIGINT})
+    finally:
+        b.cleanup()
+    return 0
+
+
 def main() -> int:
     ap = parser(__doc__, rounds=6)
     ap.add_argument("--window", type=float, default=3.0, help="seconds per window (3)")
@@ -188,12 +212,16 @@ def main() -> int:
                     help="seconds after a tracer attaches or stops, outside windows (0.5)")
     ap.add_argument("--vcpus", type=int, default=2)
     ap.add_argument("--tracers", default="kvmtrace,perf",
-                    help="comma-separated, in turn: kvmtrace (record), perf, top")
+                    help="comma-separated, in turn: kvmtrace (record), perf, top, clock, emit")
+    ap.add_argument("--floor-child", metavar="FILE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.floor_child:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        return floor_child(args.floor_child)
     require_root("bench_slowdown", "BPF and perf tracepoints")
     tracers = args.tracers.split(",")
-    if not tracers or set(tracers) - {"kvmtrace", "perf", "top"}:
-        ap.error("--tracers: a comma-separated list of kvmtrace, perf, top")
+    if not tracers or set(tracers) - set(TRACERS):
+        ap.error(f"--tracers: a comma-separated list of {', '.join(TRACERS)}")
     if "perf" in tracers and not shutil.which("perf"):
         ap.error("--tracers perf: perf is not installed (apt-get install linux-tools-common)")
     order = [t for _ in range(args.rounds) for t in tracers]

@@ -12,9 +12,10 @@ VMM's own counts, not the tracer's). Windows of ``--window`` seconds follow each
 
 where ``kvmtrace`` is ``kvmtrace record -p PID`` and ``perf`` is ``perf record -p PID -e
 kvm:kvm_dirty_ring_{push,reset,exit}`` (``--tracers`` may add ``top``: ``kvmtrace top -b -p
-PID``, the aggregating probes with no event stream, and the floors ``clock`` and ``emit``:
-tests/bpf/clock_push.c and emit_push.c alone, the least any probe that timestamps, or
-records, each push costs, with no reader at all), each attached before its window opens
+PID``, the aggregating probes with no event stream, and the floors ``empty``, ``clock`` and
+``emit``: tests/bpf/empty_push.c, clock_push.c and emit_push.c alone, the least any probe on
+the push tracepoint costs, and any that timestamps, or records, each push, with no reader at
+all), each attached before its window opens
 (after its start-up, plus ``--settle`` s) and stopped with SIGINT after it closes. Each traced
 window's rate (guest writes/s/vCPU) is compared with the mean of the untraced windows either
 side of it, which cancels a drift slower than a window. Printed per traced window and as
@@ -51,7 +52,7 @@ PERF_EVENTS = ["-e", "kvm:kvm_dirty_ring_push", "-e", "kvm:kvm_dirty_ring_reset"
 PROGRESS_MS = 50
 MAX_RUN_S = 3600  # the workload's --duration: it is stopped (SIGINT) when the windows end
 #: tracers that are one program of tests/bpf/ alone (loaded by this script as a child)
-FLOORS = {"clock": "clock_push.c", "emit": "emit_push.c"}
+FLOORS = {"empty": "empty_push.c", "clock": "clock_push.c", "emit": "emit_push.c"}
 TRACERS = ("kvmtrace", "perf", "top", *FLOORS)
 
 
@@ -212,7 +213,8 @@ def main() -> int:
                     help="seconds after a tracer attaches or stops, outside windows (0.5)")
     ap.add_argument("--vcpus", type=int, default=2)
     ap.add_argument("--tracers", default="kvmtrace,perf",
-                    help="comma-separated, in turn: kvmtrace (record), perf, top, clock, emit")
+                    help="comma-separated, in turn: kvmtrace (record), perf, top, empty, clock, "
+                         "emit")
     ap.add_argument("--floor-child", metavar="FILE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor_child:

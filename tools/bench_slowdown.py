@@ -191,8 +191,13 @@ def line(label: str, ratios: list[float], sign: float = 1.0) -> str:
 
 
 def floor_child(name: str) -> int:
-    """Load tests/bpf/NAME (bcc), say so as kvmtrace does, hold it until SIGINT."""
+    """Load tests/bpf/NAME (bcc), say so as kvmtrace does, hold it until SIGINT (sent
+    by the benchmark, or by the kernel when the benchmark dies: PR_SET_PDEATHSIG)."""
+    import ctypes
+
     from bcc import BPF
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGINT), 0, 0, 0)
 
     from kvmtrace.host.headers import use_headers
 

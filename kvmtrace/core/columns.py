@@ -81,6 +81,8 @@ class EventColumns:
     ts: np.ndarray
     grouped: dict[str, np.ndarray]
     const: dict[str, np.ndarray]
+    #: :meth:`group_starts` when the maker knows it (a recording's decoder), else None
+    starts: np.ndarray | None = None
 
     def template(self) -> np.ndarray:
         """One EVENT_DTYPE record per group: its group fields and its constant columns
@@ -97,6 +99,8 @@ class EventColumns:
         (ngroups + 1 values); None with one group (no group numbers)."""
         if self.gid is None:
             return None
+        if self.starts is not None:
+            return self.starts
         assert self.order is not None  # the group numbers in group-major order: sorted
         return np.searchsorted(np.take(self.gid, self.order), np.arange(len(self.groups) + 1))
 

@@ -81,7 +81,7 @@ class EventColumns:
     ts: np.ndarray
     grouped: dict[str, np.ndarray]
     const: dict[str, np.ndarray]
-    #: :meth:`group_starts` when the maker knows it (a recording's decoder), else None
+    #: :meth:`group_starts`, once computed (or given by the maker)
     starts: np.ndarray | None = None
 
     def template(self) -> np.ndarray:
@@ -99,10 +99,11 @@ class EventColumns:
         (ngroups + 1 values); None with one group (no group numbers)."""
         if self.gid is None:
             return None
-        if self.starts is not None:
-            return self.starts
-        assert self.order is not None  # the group numbers in group-major order: sorted
-        return np.searchsorted(np.take(self.gid, self.order), np.arange(len(self.groups) + 1))
+        if self.starts is None:  # computed once (a replay and its tap both ask)
+            assert self.order is not None  # the group numbers in group-major order: sorted
+            self.starts = np.searchsorted(np.take(self.gid, self.order),
+                                          np.arange(len(self.groups) + 1))
+        return self.starts
 
     def events(self) -> np.ndarray:
         """The events as EVENT_DTYPE records, in time order."""

@@ -101,32 +101,6 @@ def _decode_delta(rd: _Reader, n: int, dtype: np.dtype, bits: int, npatch: int,
     return np.cumsum(d, dtype=dtype, out=d)
 
 
-#: time positions of a block's events (<= MAX_BLOCK_EVENTS: 16 bits each)
-_POSITIONS = np.arange(MAX_BLOCK_EVENTS, dtype=np.uint32)
-assert MAX_BLOCK_EVENTS <= 1 << 16
-
-
-def _group_order(gid: np.ndarray, ngroups: int) -> tuple[np.ndarray, np.ndarray]:
-    """``argsort(gid, stable)`` (the time position of each group-major event) and where
-    each group starts in it (ngroups + 1 values, as
-    :meth:`~kvmtrace.core.columns.EventColumns.group_starts`). Sorted as one u32 key per
-    event, group number above time position (distinct keys: any sort is the stable one):
-    on the 64 Ki-event blocks of tools/bench_parallel.py 4.2 ns per event against the
-    stable argsort's 6.0, and the starts are binary searches in the keys."""
-    n = len(gid)
-    key = np.left_shift(gid, 16, dtype=np.uint32)
-    key |= _POSITIONS[:n]
-    key.sort()
-    alloc = column_alloc()  # e.g. a replay worker's shared memory
-    out = None if alloc is None else alloc(np.dtype(np.intp), n)
-    order = np.bitwise_and(key, np.uint32(0xFFFF), out=out, dtype=np.intp, casting="unsafe")
-    starts = np.empty(ngroups + 1, np.intp)
-    starts[:ngroups] = np.searchsorted(key, np.left_shift(
-        np.arange(ngroups, dtype=np.uint32), 16))
-    starts[ngroups] = n
-    return order, starts
-
-
 def decode_parts(payload: bytes | bytearray | memoryview) -> EventColumns:
     """The parts of one EVENTS block payload; ValueError if it is malformed."""
     rd = _Reader(payload)
@@ -137,12 +111,12 @@ def decode_parts(payload: bytes | bytearray | memoryview) -> EventColumns:
         if n > MAX_BLOCK_EVENTS or ngroups > max(n, 1):
             raise ValueError(f"{n} events in {ngroups} groups (at most {MAX_BLOCK_EVENTS})")
         table = rd.array(GROUP_DTYPE, ngroups)
-        gid = order = starts = None
+        gid = order = None
         if gid_width:
             gid = np.frombuffer(rd.stream(n * gid_width), f"<u{gid_width}")
             if len(gid) and int(gid.max()) >= ngroups:
                 raise ValueError("bad group number")
-            order, starts = _group_order(gid, ngroups)
+            order = np.argsort(gid, kind="stable")
         grouped: dict[str, np.ndarray] = {}
         const: dict[str, np.ndarray] = {}
         ts = None
@@ -162,10 +136,7 @@ def decode_parts(payload: bytes | bytearray | memoryview) -> EventColumns:
             raise ValueError("trailing bytes" if ts is not None else "no ts column")
     except (struct.error, ValueError, TypeError, IndexError) as err:
         raise ValueError(f"malformed EVENTS block: {err}") from None
-    cols = EventColumns(n, table, gid, order, ts, grouped, const)
-    if gid is not None:
-        cols.starts = starts
-    return cols
+    return EventColumns(n, table, gid, order, ts, grouped, const)
 
 
 def decode_events(payload: bytes | bytearray | memoryview) -> np.ndarray:

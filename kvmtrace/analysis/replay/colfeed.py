@@ -4,10 +4,12 @@
 The columns are group-major (a group is one (pid, tid, vm, ring, kind)). Instead of
 building 48-byte ``struct kt_event`` records and splitting them per ring again, the
 block's groups are mapped to rings (``struct kvm_dirty_ring``, keyed (pid, vm, vCPU
-index)) and each column is gathered once per block into ring-major, time-ordered arrays;
-a ring's events are then plain slices of them. The pushes of a ring written by one thread
-are one group, i.e. contiguous slices of the stored columns, which the working set reads
-directly.
+index)): per ring, its largest group (its vCPU's pushes, a slice of the stored columns
+already in time order) and where its few other events go in between
+(:class:`RingCols`). The ring's time-ordered columns are built only when read: those of
+consecutive blocks are written once, straight into the joined columns a replay feeds
+(:func:`join_ring_cols`). The pushes of a ring written by one thread are one group, i.e.
+contiguous slices of the stored columns, which the working set reads directly.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ __all__ = ["COLUMN_BATCH", "RingCols", "RingGroups", "join_ring_cols",
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
 _COLS = ("dirty_index", "reset_index", "slot", "value")
 #: Events of consecutive blocks a replay feeds a ring at once: larger steps cost less
-#: per event. Each block is split per ring on its own (its arrays stay in cache: split
-#: after merging blocks was slower), the rings' columns are then joined. 2**18: on the
-#: 8 M-event stream of tools/bench_parallel.py (blocks of ~65 k events) one core spent
-#: 0.66 s against 0.72 s at 2**17 and 0.74 s at 2**19 (min CPU of 8 rounds, alternated).
+#: per event. Each block is split per ring on its own, the rings' columns of the blocks
+#: then written into one (:func:`join_ring_cols`). 2**18: on the 8 M-event stream of
+#: tools/bench_parallel.py (blocks of ~65 k events) one core spent 0.66 s against 0.72 s
+#: at 2**17 and 0.74 s at 2**19 (min CPU of 8 rounds, alternated); again with the columns
+#: written straight into the joined ones: median 0.63 s against 0.69 (2**17), 0.67
+#: (2**19), 0.73 (2**20), 8 rounds alternated, shared host.
 COLUMN_BATCH = 1 << 18
 
 

@@ -342,12 +342,20 @@ def _joined(f: str, parts: list[RingCols], carry: Cols | None) -> np.ndarray:
     array."""
     head = getattr(carry, f) if carry is not None else None
     values = [p.const(f) for p in parts if p.n]
+    one = values[0] if values and all(
+        v is not None and v == values[0] for v in values) else None
     if head is not None and len(head):
-        values.append(head[0] if head.strides == (0,) else None)
+        if head.strides == (0,):
+            at_head = head[0]
+        elif one is not None and bool((head == one).all()):
+            at_head = one  # e.g. the held events of a ring fed as records: one value too
+        else:
+            at_head = None
+        one = at_head if not values else (one if at_head is not None and at_head == one
+                                          else None)
     total = sum(p.n for p in parts) + (len(head) if head is not None else 0)
-    if values and values[0] is not None and all(
-            v is not None and v == values[0] for v in values[1:]):
-        return _same(total, values[0])
+    if one is not None:
+        return _same(total, one)
     out = np.empty(total, _DTYPES[f])
     pos = 0
     if head is not None:

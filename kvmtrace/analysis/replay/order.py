@@ -126,9 +126,7 @@ def _split(ro: RingOrder, x: Cols, order: np.ndarray | None, cut: int) -> Cols |
     if order is None:
         if cut < n:
             ro.carry = x.slice(cut, n)
-            c = ro.carry
-            ro.carry = Cols(np.array(c.ts), np.array(c.kind),
-                            *(_own(getattr(c, f)) for f in _FIELDS[2:]))
+            ro.carry = Cols(*(_own(getattr(ro.carry, f)) for f in _FIELDS))
         out = x if cut == n else (x.slice(0, cut) if cut else None)
         ro.prev_push = _last_push(x, None, ro.prev_push, cut) if cut else ro.prev_push
         return out
@@ -139,11 +137,10 @@ def _split(ro: RingOrder, x: Cols, order: np.ndarray | None, cut: int) -> Cols |
 
 
 def _own(a: np.ndarray) -> np.ndarray:
-    """A copy of ``a`` (a few events: the hold; one of the columns a group may hold as
-    one value) that holds none of its memory (a block's, maybe shared); one value repeated
-    is a broadcast view of it, so that the ring's next columns joined to it stay one value
-    where theirs are (e.g. one memslot: see :func:`~.colfeed.join_ring_cols`)."""
-    if len(a) and (a.strides == (0,) or bool((a == a[0]).all())):
+    """A copy of ``a`` that holds none of its memory (a block's, maybe shared); one
+    value (a broadcast view) stays one, so that the ring's next columns joined to it stay
+    one value where theirs are (e.g. one memslot: see :func:`~.colfeed.join_ring_cols`)."""
+    if a.strides == (0,) and len(a):
         return np.broadcast_to(a[0], a.shape)
     return np.array(a)
 

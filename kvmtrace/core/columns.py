@@ -81,6 +81,8 @@ class EventColumns:
     ts: np.ndarray
     grouped: dict[str, np.ndarray]
     const: dict[str, np.ndarray]
+    #: :meth:`group_starts`, once computed (or given by the maker)
+    starts: np.ndarray | None = None
 
     def template(self) -> np.ndarray:
         """One EVENT_DTYPE record per group: its group fields and its constant columns
@@ -97,8 +99,11 @@ class EventColumns:
         (ngroups + 1 values); None with one group (no group numbers)."""
         if self.gid is None:
             return None
-        assert self.order is not None  # the group numbers in group-major order: sorted
-        return np.searchsorted(np.take(self.gid, self.order), np.arange(len(self.groups) + 1))
+        if self.starts is None:  # computed once (a replay and its tap both ask)
+            assert self.order is not None  # the group numbers in group-major order: sorted
+            self.starts = np.searchsorted(np.take(self.gid, self.order),
+                                          np.arange(len(self.groups) + 1))
+        return self.starts
 
     def events(self) -> np.ndarray:
         """The events as EVENT_DTYPE records, in time order."""

@@ -60,7 +60,7 @@ class _Pre:
     """What :func:`_clean_prefix` computed over the pushes and resets of ``c[a:]``, for
     :func:`_bulk` to reuse when the clean stretch is all of it."""
 
-    ib: np.ndarray | None  # positions of the pushes/resets; None: every event is one
+    ib: PushPos | None  # positions of the pushes/resets; None: every event is one
     di: np.ndarray  # u32, at ib
     ri: np.ndarray  # u32, at ib
     used: np.ndarray  # i32 dirty_index - reset_index (serial arithmetic), at ib
@@ -145,14 +145,18 @@ def _pushes_resets(ring: FastRing, c: Cols, a: int, b: int) -> _Pre | None:
         ib = None
         di, ri = c.di[a:b], c.ri[a:b]
     else:
-        ibm = push.copy()
-        ibm[rpos] = True
-        ib = np.flatnonzero(ibm)
+        # the pushes and resets: every event but the exits and stalls (few), by their
+        # positions (no array of theirs) and a mask (compressing by it is cheaper
+        # than gathering at their positions)
+        xs = other[okind != _RESET]
+        ib = PushPos(xs, len(kind))
         if not len(ib):
             return None
+        keep = np.ones(len(kind), dtype=bool)
+        keep[xs] = False
         # the resets' places among pushes and resets: minus the exits/stalls before them
-        rpos = rpos - np.searchsorted(np.union1d(xpos, spos), rpos)
-        di, ri = np.take(c.di[a:b], ib), np.take(c.ri[a:b], ib)
+        rpos = rpos - np.searchsorted(xs, rpos)
+        di, ri = c.di[a:b][keep], c.ri[a:b][keep]
         push = np.ones(len(ib), dtype=bool)
         push[rpos] = False
     return _Pre(ib, di, ri, _s32(di - ri), push, xpos=xpos, spos=spos, other=other,
@@ -178,7 +182,7 @@ def _clean_prefix(ring: FastRing, c: Cols, a: int) -> tuple[int, _Pre | None]:
     if not bad.any():
         return n, pre
     j = int(np.argmax(bad))
-    return (j if pre.ib is None else int(pre.ib[j])), None
+    return (j if pre.ib is None else pre.ib.at(j)), None
 
 
 def _all_clean(ring: FastRing, pre: _Pre) -> bool:
@@ -226,8 +230,8 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
         pp = PushPos(np.flatnonzero(kind != _PUSH), b - a)
     ppos = None if pushes is not None else np.flatnonzero(kind == _PUSH)
     if pre is not None and pre.ib is None:  # pushes and resets only
-        ib = np.arange(b - a)
-        xpos = spos = ib[:0]
+        xpos = spos = np.zeros(0, np.intp)
+        ib = PushPos(xpos, b - a)
         ring.seen(ts[0], ts[-1])
     else:
         if pre is not None and pre.xpos is not None and pre.spos is not None:
@@ -235,10 +239,12 @@ def _bulk(ring: FastRing, c: Cols, a: int, b: int, pre: _Pre | None,
         else:
             xpos = np.flatnonzero(kind == _EXIT)
             spos = np.flatnonzero(kind == _STALL)
-        ib = pre.ib if pre is not None else xpos[:0]
-        first = min(int(ib[0]) if len(ib) else b - a, int(xpos[0]) if len(xpos) else b - a)
+        ib = pre.ib if pre is not None and pre.ib is not None else PushPos(
+            np.arange(b - a), b - a)  # none
+        first = min(ib.at(0) if len(ib) else b - a, int(xpos[0]) if len(xpos) else b - a)
         if first < b - a:
-            last = max(int(ib[-1]) if len(ib) else -1, int(xpos[-1]) if len(xpos) else -1)
+            last = max(ib.at(len(ib) - 1) if len(ib) else -1,
+                       int(xpos[-1]) if len(xpos) else -1)
             ring.seen(ts[first], ts[last])
     d0, r0 = ring.dirty, ring.reset
     if pre is not None:

@@ -20,7 +20,9 @@ _PUSH, _EXIT = int(Kind.PUSH), int(Kind.EXIT)
 class PushPos:
     """Positions of the pushes among ``n`` events, from those of the others (few), without
     an array of them: ``at(p)`` is the p-th push's, ``before(x)`` counts pushes before the
-    (non-push) positions ``x``."""
+    (non-push) positions ``x``. The same for any events kept among ``n`` given the
+    positions of those left out (ascending), e.g. the pushes and resets of a stretch
+    (:mod:`.bulk`)."""
 
     def __init__(self, other: np.ndarray, n: int) -> None:
         self.other = other
@@ -41,14 +43,14 @@ class PushPos:
 
 
 def exits(ring: FastRing, ts: np.ndarray, pp: PushPos, xpos: np.ndarray,
-           ib: np.ndarray, dis: np.ndarray, ris: np.ndarray, d0: int, r0: int,
+           ib: PushPos, dis: np.ndarray, ris: np.ndarray, d0: int, r0: int,
            r1: int) -> None:
     """Soft-full exits: livelock episodes and exit -> next push times, in event order."""
     if ring.exit_ts is not None and len(pp) and (not len(xpos) or pp.at(0) < xpos[0]):
         ring.push_after_exit(int(ts[pp.at(0)]))
     if not len(xpos):
         return
-    j = np.searchsorted(ib, xpos) - 1
+    j = ib.before(xpos) - 1
     rxs = np.where(j >= 0, ris[np.maximum(j, 0)] if len(ris) else r0, r0).astype(np.int64)
     nxt = pp.before(xpos)
     # exit -> the next push, when it comes before the next exit (durations commute)
@@ -80,7 +82,7 @@ def exits(ring: FastRing, ts: np.ndarray, pp: PushPos, xpos: np.ndarray,
 
 
 def soft(ring: FastRing, kind: np.ndarray, ts: np.ndarray, cdi: np.ndarray,
-          cri: np.ndarray, ib: np.ndarray, xpos: np.ndarray, used_ib: np.ndarray,
+          cri: np.ndarray, ib: PushPos, xpos: np.ndarray, used_ib: np.ndarray,
           u0: int) -> None:
     """Soft-limit episodes (used >= soft_limit) over a clean stretch, as the reference:
     an episode opens at the push reaching the limit, closes when a reset brings used
@@ -97,11 +99,12 @@ def soft(ring: FastRing, kind: np.ndarray, ts: np.ndarray, cdi: np.ndarray,
     if not n_ev:
         return
     pi_in = np.flatnonzero(used_ib >= limit)
-    pos = [ib[pi_in]]
-    ranks = [pi_in + (np.searchsorted(xpos, ib[pi_in]) if len(xpos) else 0)]
+    at = ib.at_many(pi_in)
+    pos = [at]
+    ranks = [pi_in + (np.searchsorted(xpos, at) if len(xpos) else 0)]
     us = [used_ib[pi_in]]
     if len(xpos):
-        j = np.searchsorted(ib, xpos) - 1
+        j = ib.before(xpos) - 1
         ux = np.where(j >= 0, used_ib[np.maximum(j, 0)] if len(ib) else u0, u0)
         xin = np.flatnonzero(ux >= limit)
         pos.append(xpos[xin])

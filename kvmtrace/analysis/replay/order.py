@@ -126,7 +126,7 @@ def _split(ro: RingOrder, x: Cols, order: np.ndarray | None, cut: int) -> Cols |
     if order is None:
         if cut < n:
             ro.carry = x.slice(cut, n)
-            ro.carry = Cols(*(np.array(getattr(ro.carry, f)) for f in _FIELDS))
+            ro.carry = Cols(*(_own(getattr(ro.carry, f)) for f in _FIELDS))
         out = x if cut == n else (x.slice(0, cut) if cut else None)
         ro.prev_push = _last_push(x, None, ro.prev_push, cut) if cut else ro.prev_push
         return out
@@ -134,6 +134,15 @@ def _split(ro: RingOrder, x: Cols, order: np.ndarray | None, cut: int) -> Cols |
         ro.carry = _take(x, order[cut:])
     ro.prev_push = _last_push(x, order[:cut], ro.prev_push) if cut else ro.prev_push
     return _take(x, order[:cut]) if cut else None
+
+
+def _own(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` that holds none of its memory (a block's, maybe shared); one
+    value (a broadcast view) stays one, so that the ring's next columns joined to it stay
+    one value where theirs are (e.g. one memslot: see :func:`~.colfeed.join_ring_cols`)."""
+    if a.strides == (0,) and len(a):
+        return np.broadcast_to(a[0], a.shape)
+    return np.array(a)
 
 
 def _beyond(d: int, last: int | None) -> bool:

@@ -24,6 +24,10 @@ from ...model.results import RingId
 __all__ = ["WorkingSet", "RingWs", "HotPage", "PushTimes"]
 
 
+#: u64 offsets may be read as intp without a copy (64-bit intp, native order)
+_U64_AS_INTP = np.dtype(np.uint64) if np.dtype(np.intp).itemsize == 8 else None
+
+
 def _grow(arr: np.ndarray, need: int, limit: int) -> np.ndarray:
     if need <= len(arr):
         return arr
@@ -157,7 +161,8 @@ class WorkingSet:
                     self._count(key, s, small, int(small.max()) + 1)
                 parts.append((s, o, cuts, True, None))
                 continue
-            o = o.astype(np.intp)
+            # all below max_pages: a u64 column read as intp is the same numbers (no copy)
+            o = o.view(np.intp) if o.dtype == _U64_AS_INTP else o.astype(np.intp)
             self._count(key, s, o, hi)
             parts.append((s, o, cuts, False, (lo, hi) if len(wins) == 1 else None))
         for k, wi in enumerate(wins):

@@ -197,10 +197,9 @@ def floor_child(name: str) -> int:
 
     from bcc import BPF
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGINT), 0, 0, 0)
-
     from kvmtrace.host.headers import use_headers
 
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGINT), 0, 0, 0)  # PDEATHSIG
     use_headers()
     b = BPF(src_file=str(ROOT / "tests/bpf" / name).encode())
     print(f"{name} attached. Hit Ctrl-C to end.", file=sys.stderr, flush=True)

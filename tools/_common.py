@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT / "tests", ROOT):
@@ -45,6 +46,17 @@ def reaper_workload(seconds: float | None, *, vcpus: int = 2, pages: int = 16000
                         "--ring-bytes", "1048576", "--pages", str(pages), "--exit-every",
                         "0", "--harvest", "reaper", "--reaper-ms", "10",
                         *([] if seconds is None else ["--duration", str(seconds)]))
+
+
+def test_program(name: str) -> Any:
+    """The programs of tests/bpf/NAME (no kvmtrace code) compiled and attached by bcc (a
+    ``bcc.BPF``; the caller calls ``cleanup()``), with kvmtrace's kernel headers."""
+    from bcc import BPF
+
+    from kvmtrace.host.headers import use_headers
+
+    use_headers()
+    return BPF(src_file=str(ROOT / "tests/bpf" / name).encode())
 
 
 def cpu_seconds(pid: int) -> float:

@@ -44,7 +44,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import ROOT, Column, Table, parser, reaper_workload, require_root
+from _common import ROOT, Column, Table, parser, reaper_workload, require_root, test_program
 
 from kvmtrace.bpf.progstats import bpf_stats, prog_stats
 
@@ -91,12 +91,7 @@ def measure(funcs: dict, seconds: float) -> Row:
 
 def run_c(name: str, seconds: float) -> Row:
     """The programs of tests/bpf/NAME (no kvmtrace code) on the workload."""
-    from bcc import BPF
-
-    from kvmtrace.host.headers import use_headers
-
-    use_headers()
-    b = BPF(src_file=str(ROOT / "tests/bpf" / name).encode())
+    b = test_program(name)
     try:
         return measure(b.funcs, seconds)
     finally:

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import ROOT, kvmtrace_cmd, parser, reaper_workload, require_root
+from _common import kvmtrace_cmd, parser, reaper_workload, require_root, test_program
 
 from kvmtrace.source.recording import open_recording
 
@@ -195,13 +195,8 @@ def floor_child(name: str) -> int:
     by the benchmark, or by the kernel when the benchmark dies: PR_SET_PDEATHSIG)."""
     import ctypes
 
-    from bcc import BPF
-
-    from kvmtrace.host.headers import use_headers
-
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGINT), 0, 0, 0)  # PDEATHSIG
-    use_headers()
-    b = BPF(src_file=str(ROOT / "tests/bpf" / name).encode())
+    b = test_program(name)
     print(f"{name} attached. Hit Ctrl-C to end.", file=sys.stderr, flush=True)
     try:
         signal.sigwait({signal.SIGINT})

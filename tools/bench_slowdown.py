@@ -219,6 +219,9 @@ def main() -> int:
     if args.floor_child:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         return floor_child(args.floor_child)
+    if args.rounds < 2:  # else no untraced window has two untraced neighbours
+        ap.error("--rounds: at least 2 (the noise floor compares the untraced windows "
+                 "between the first and the last with their neighbours)")
     require_root("bench_slowdown", "BPF and perf tracepoints")
     tracers = args.tracers.split(",")
     if not tracers or set(tracers) - set(TRACERS):
@@ -255,8 +258,9 @@ def main() -> int:
     print(f"untraced rate: {statistics.median(nones):,.0f} writes/s/vCPU (median), "
           f"{min(nones):,.0f} .. {max(nones):,.0f}")
     k = [w for w in windows if w.mode == "kvmtrace"]
-    print(f"kvmtrace: {sum(w.events or 0 for w in k)} events recorded, "
-          f"{sum(w.lost or 0 for w in k)} lost, over {len(k)} windows")
+    if k:
+        print(f"kvmtrace: {sum(w.events or 0 for w in k)} events recorded, "
+              f"{sum(w.lost or 0 for w in k)} lost, over {len(k)} windows")
     return 0
 
 

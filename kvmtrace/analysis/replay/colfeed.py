@@ -28,7 +28,6 @@ __all__ = ["COLUMN_BATCH", "RingCols", "RingGroups", "join_ring_cols",
            "ring_columns", "ring_keys", "share_events"]
 
 _PUSH, _STALL = int(Kind.PUSH), int(Kind.STALL)
-_COLS = ("dirty_index", "reset_index", "slot", "value")
 #: Events of consecutive blocks a replay feeds a ring at once: larger steps cost less
 #: per event. Each block is split per ring on its own, the rings' columns of the blocks
 #: then written into one (:func:`join_ring_cols`). 2**18: on the 8 M-event stream of
@@ -43,6 +42,7 @@ COLUMN_BATCH = 1 << 18
 #: groups' kinds), their dtypes (EVENT_DTYPE's)
 _FIELDS = ("ts", "kind", "di", "ri", "slot", "off")
 _SOURCE = {"di": "dirty_index", "ri": "reset_index", "slot": "slot", "off": "value"}
+_COLS = tuple(_SOURCE.values())  # the grouped columns, in the Cols fields' order
 _DTYPES = {"ts": EVENT_DTYPE["ts"], "kind": np.dtype(np.uint8),
            **{f: EVENT_DTYPE[name] for f, name in _SOURCE.items()}}
 #: the pushes of a ring with none in a block
@@ -81,12 +81,11 @@ class RingCols:
     def const(self, f: str) -> np.generic | None:
         """The one value of field ``f`` when the ring's column holds one (a per-group
         constant), else None."""
-        c = getattr(self.cols, f)
-        return c[0] if c.strides == (0,) and len(c) else None
+        raise NotImplementedError
 
     def write(self, f: str, out: np.ndarray) -> None:
         """Field ``f`` of the events into ``out`` (``n`` values)."""
-        out[:] = getattr(self.cols, f)
+        raise NotImplementedError
 
 
 class _Built(RingCols):
@@ -97,6 +96,13 @@ class _Built(RingCols):
                  ) -> None:
         super().__init__(key, len(cols), pushes)
         self._cols = cols
+
+    def const(self, f: str) -> np.generic | None:
+        c = getattr(self.cols, f)
+        return c[0] if c.strides == (0,) and len(c) else None
+
+    def write(self, f: str, out: np.ndarray) -> None:
+        out[:] = getattr(self.cols, f)
 
 
 class _Slice(RingCols):
@@ -275,7 +281,7 @@ def ring_columns(parts: EventColumns, groups: np.ndarray | None = None, *,
         cols = Cols(parts.ts, np.full(parts.n, kinds[0], np.uint8),
                     *(_grouped(parts, name, 0, 0, parts.n) for name in _COLS))
         return [_Built(key, cols, (_push_times(parts, 0, parts.n), cols.slot, cols.off)
-                       if kinds[0] == _PUSH else (cols.ts[:0], cols.slot[:0], cols.off[:0]))]
+                       if kinds[0] == _PUSH else _NO_PUSHES)]
     gstart = parts.group_starts() if starts is None else starts
     out = []
     for key, gs in zip(rg.keys, rg.members, strict=True):
